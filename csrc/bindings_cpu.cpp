@@ -1,0 +1,35 @@
+// PYBIND11_MODULE(_C): numpy-facing wrappers of the CPU solvers. Validation lives in
+// loom_kernels/assign.py; the checks here are the cheap second line.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include "common/status.h"
+#include "cpu/lap_cpu.h"
+
+namespace py = pybind11;
+
+namespace {
+template <typename T>
+py::tuple solve_lap_t(py::array_t<T, py::array::c_style> cost, bool maximize, int threads) {
+  if (cost.ndim() != 3) throw std::invalid_argument("cost must be a 3-D (B, N, M) array");
+  const int64_t B = cost.shape(0), N = cost.shape(1), M = cost.shape(2);
+  if (N > M) throw std::invalid_argument("solve_lap needs N <= M (transpose first)");
+  py::array_t<int64_t> col4row({B, N});
+  py::array_t<int8_t> status(B);
+  const T* c = cost.data();
+  int64_t* out = col4row.mutable_data();
+  int8_t* st = status.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    loom::lap_solve_batch<T>(c, B, N, M, maximize, out, st, threads);
+  }
+  return py::make_tuple(col4row, status);
+}
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "loom_kernels CPU solvers";
+  m.def("solve_lap", &solve_lap_t<double>, py::arg("cost"), py::arg("maximize"), py::arg("threads") = 0,
+        "Exact dense assignment of a (B, N, M) float64 batch, N <= M -> (col4row int64 (B, N), status int8 (B,))");
+  m.def("solve_lap", &solve_lap_t<float>, py::arg("cost"), py::arg("maximize"), py::arg("threads") = 0);
+}

@@ -1,0 +1,40 @@
+"""loom_kernels: fast, exact data-noise couplings for flow matching.
+
+Submodules are imported lazily so ``import loom_kernels`` needs numpy only; torch and triton
+are loaded by the modules that use them.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "linear_sum_assignment": "assign",
+    "assign": "assign",
+    "pairwise_cost": "cost",
+    "gaussian_noise": "noise",
+    "IndependentCoupling": "coupling",
+    "MinibatchOTCoupling": "coupling",
+    "LoomCoupling": "coupling",
+    "sample": "sampler",
+    "w2": "metrics",
+    "straightness": "metrics",
+    "coupling_cost": "metrics",
+}
+__all__ = sorted(_LAZY) + ["has_cuda", "__version__"]
+
+
+def has_cuda() -> bool:
+    """True when the CUDA solver is built and a GPU is visible."""
+    from ._native import has_cuda as _has_cuda
+
+    return _has_cuda()
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        # `assign` is both a submodule and a function: the attribute means the function.
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'loom_kernels' has no attribute {name!r}")

@@ -1,0 +1,14 @@
+"""References and problem factories shared by tests and benchmarks.
+
+Every kernel has a plain numpy/scipy/float64-torch reference here; tests compare against it.
+Each section is owned by the module it serves.
+"""
+from __future__ import annotations
+
+# ---- assignment problems and references (loom_kernels.assign) --------------------------------
+
+# ---- pairwise cost and noise references (loom_kernels.cost, loom_kernels.noise) -------------
+
+# ---- couplings (loom_kernels.coupling) --------------------------------------------------------
+
+# ---- sampler / metrics ------------------------------------------------------------------------

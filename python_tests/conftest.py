@@ -1,0 +1,41 @@
+"""Shared fixtures: every test is seeded; `cuda` tests skip without a GPU and the CUDA build."""
+import os
+import random
+import zlib
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything(request):
+    # A per-test seed derived from the test id: reproducible, yet different across tests.
+    env = os.environ.get("LOOM_TEST_SEED")
+    seed = int(env) if env is not None else zlib.crc32(request.node.nodeid.encode()) % (2**31)
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+    except ImportError:
+        pass
+    else:
+        torch.manual_seed(seed)
+    yield
+
+
+def _gpu_available():
+    try:
+        import loom_kernels
+
+        return loom_kernels.has_cuda()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and loom_kernels built with CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
