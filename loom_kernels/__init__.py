@@ -1,7 +1,8 @@
 """loom_kernels: fast, exact data-noise couplings for flow matching.
 
 Submodules are imported lazily so ``import loom_kernels`` needs numpy only; torch and triton
-are loaded by the modules that use them.
+are loaded by the modules that use them. ``loom_kernels.assign`` and ``loom_kernels.sampler`` are
+modules (their functions ``assign`` and ``sample`` live inside them), so they are not re-exported.
 """
 from __future__ import annotations
 
@@ -11,13 +12,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "linear_sum_assignment": "assign",
-    "assign": "assign",
     "pairwise_cost": "cost",
     "gaussian_noise": "noise",
     "IndependentCoupling": "coupling",
     "MinibatchOTCoupling": "coupling",
     "LoomCoupling": "coupling",
-    "sample": "sampler",
     "w2": "metrics",
     "straightness": "metrics",
     "coupling_cost": "metrics",
@@ -34,7 +33,6 @@ def has_cuda() -> bool:
 
 def __getattr__(name):
     if name in _LAZY:
-        # `assign` is both a submodule and a function: the attribute means the function.
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
         return getattr(module, name)
     raise AttributeError(f"module 'loom_kernels' has no attribute {name!r}")

@@ -12,3 +12,17 @@ from __future__ import annotations
 # ---- couplings (loom_kernels.coupling) --------------------------------------------------------
 
 # ---- sampler / metrics ------------------------------------------------------------------------
+
+# ---- devices -------------------------------------------------------------------------------------
+
+
+def gpu_available() -> bool:
+    """True when CUDA tests can run: a visible GPU, torch with CUDA, and the CUDA build."""
+    try:
+        import torch
+
+        from loom_kernels._native import has_cuda
+
+        return torch.cuda.is_available() and has_cuda()
+    except Exception:
+        return False

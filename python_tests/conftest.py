@@ -23,17 +23,10 @@ def _seed_everything(request):
     yield
 
 
-def _gpu_available():
-    try:
-        import loom_kernels
-
-        return loom_kernels.has_cuda()
-    except Exception:
-        return False
-
-
 def pytest_collection_modifyitems(config, items):
-    if _gpu_available():
+    from loom_kernels.testing import gpu_available
+
+    if gpu_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU and loom_kernels built with CUDA")
     for item in items:
