@@ -6,6 +6,16 @@ import zlib
 import numpy as np
 import pytest
 
+# Without a GPU the Triton kernels can only run in the interpreter; it must be chosen before
+# triton is first imported, so it is decided here, once, for the whole session.
+try:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything(request):
