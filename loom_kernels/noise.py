@@ -1,0 +1,303 @@
+"""Standard normal noise as a pure function of a 64-bit seed, the same on every device.
+
+Philox4x32-10: J. K. Salmon, M. A. Moraes, R. O. Dror, D. E. Shaw, "Parallel random numbers:
+as easy as 1, 2, 3", SC'11 (the counter-based generator of the Random123 library).
+Box-Muller: G. E. P. Box, M. E. Muller, Ann. Math. Statist. 29 (1958) 610-611.
+
+The stream (a persistence format: ``LoomCoupling`` stores seeds, not noise, so this definition
+must never change). For a seed ``s`` and a row of ``n = prod(shape)`` elements:
+
+1. key ``(k0, k1)``: the 64 bits of ``s`` as two's complement, ``k0`` = low 32 bits, ``k1`` =
+   high 32 bits (so negative seeds are as good as any).
+2. For each block ``j = 0, 1, ..., ceil(n / 4) - 1``: counter ``(j, 0, 0, 0)`` and
+   ``(x0, x1, x2, x3) = Philox4x32-10(counter, key)`` (Random123's round function and key
+   schedule, multipliers 0xD2511F53 / 0xCD9E8D57, Weyl increments 0x9E3779B9 / 0xBB67AE85;
+   checked against Random123's known-answer vectors in the tests).
+3. Uniforms in (0, 1], exact in float32 (never 0, so the logarithm is finite):
+   ``u(x) = ((x >> 8) + 1) * 2**-24``.
+4. Box-Muller in float32, ``2pi`` rounded to float32:
+   ``r0 = sqrt(-2 ln u(x0))``, ``t0 = 2pi * u(x1)``: element ``4j`` = ``r0 cos t0``, ``4j+1`` = ``r0 sin t0``;
+   ``r1 = sqrt(-2 ln u(x2))``, ``t1 = 2pi * u(x3)``: element ``4j+2`` = ``r1 cos t1``, ``4j+3`` = ``r1 sin t1``.
+   Elements past ``n`` in the last block are dropped; the row is reshaped to ``shape`` (C order).
+
+The integers are bit-identical on every device and library version; the floats differ only by
+the last-ulp rounding of log/sqrt/sin/cos between CPU and GPU math libraries (< 1e-5). The
+value of row i depends on ``seeds[i]`` and ``shape`` only: not on the batch, the position or
+the dtype requested (float32 is computed, then cast).
+"""
+from __future__ import annotations
+
+import math
+import os
+import numbers
+
+import numpy as np
+import torch
+
+try:  # the CPU path needs no triton; CUDA tensors do
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+__all__ = ["gaussian_noise"]
+
+# Philox4x32 constants (Salmon et al. 2011, Random123 philox.h).
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+_TWO_PI_F32 = float(np.float32(2.0 * math.pi))
+_MAX_ELEMENTS = 4 * 2**32  # the block counter j is one 32-bit word
+_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ---- Triton kernel: math only -------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _gaussian_noise_kernel(
+        SEEDS,  # [S] int64
+        OUT,  # [S, n] float (NORMAL) or [S, n] int64 holding uint32 values (raw stream)
+        n,  # elements per row
+        blocks_per_program_row,  # programs per row
+        BLOCK: tl.constexpr,  # Philox counters per program
+        RAW: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        row = pid // blocks_per_program_row
+        chunk = pid - row * blocks_per_program_row
+        seed = tl.load(SEEDS + row).to(tl.uint64, bitcast=True)
+        k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+        k1 = (seed >> 32).to(tl.uint32)
+        j = chunk * BLOCK + tl.arange(0, BLOCK)
+        c0 = j.to(tl.uint32)
+        c1 = tl.zeros((BLOCK,), dtype=tl.uint32)
+        c2 = tl.zeros((BLOCK,), dtype=tl.uint32)
+        c3 = tl.zeros((BLOCK,), dtype=tl.uint32)
+        m0 = tl.full((BLOCK,), 0xD2511F53, dtype=tl.uint32)
+        m1 = tl.full((BLOCK,), 0xCD9E8D57, dtype=tl.uint32)
+        for r in tl.static_range(10):
+            if r > 0:
+                k0 = k0 + 0x9E3779B9  # uint32 arithmetic wraps, as the key schedule wants
+                k1 = k1 + 0xBB67AE85
+            hi0 = tl.umulhi(c0, m0)
+            lo0 = c0 * m0
+            hi1 = tl.umulhi(c2, m1)
+            lo1 = c2 * m1
+            c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+
+        row_base = OUT + row.to(tl.int64) * n
+        e = j.to(tl.int64) * 4
+        if RAW:
+            tl.store(row_base + e, c0.to(tl.int64), mask=e < n)
+            tl.store(row_base + e + 1, c1.to(tl.int64), mask=e + 1 < n)
+            tl.store(row_base + e + 2, c2.to(tl.int64), mask=e + 2 < n)
+            tl.store(row_base + e + 3, c3.to(tl.int64), mask=e + 3 < n)
+        else:
+            scale = 1.0 / 16777216.0
+            u0 = ((c0 >> 8) + 1).to(tl.float32) * scale
+            u1 = ((c1 >> 8) + 1).to(tl.float32) * scale
+            u2 = ((c2 >> 8) + 1).to(tl.float32) * scale
+            u3 = ((c3 >> 8) + 1).to(tl.float32) * scale
+            r0 = tl.sqrt(-2.0 * tl.log(u0))
+            r1 = tl.sqrt(-2.0 * tl.log(u2))
+            t0 = u1 * 6.2831854820251465  # float32(2 pi), exactly
+            t1 = u3 * 6.2831854820251465
+            ty = OUT.dtype.element_ty
+            tl.store(row_base + e, (r0 * tl.cos(t0)).to(ty), mask=e < n)
+            tl.store(row_base + e + 1, (r0 * tl.sin(t0)).to(ty), mask=e + 1 < n)
+            tl.store(row_base + e + 2, (r1 * tl.cos(t1)).to(ty), mask=e + 2 < n)
+            tl.store(row_base + e + 3, (r1 * tl.sin(t1)).to(ty), mask=e + 3 < n)
+
+
+# ---- launcher -----------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _block_config(num_blocks: int, interpret: bool):
+    """The one launch policy: (Philox counters per program, num_warps).
+
+    512 counters (2048 outputs) per program keeps 16 outputs per thread at 4 warps: enough
+    independent work to hide the multiply latency, few enough programs to launch cheaply.
+    """
+    block = 1024 if interpret else 512
+    block = max(16, min(block, 1 << max(0, (int(num_blocks) - 1).bit_length())))
+    return block, 4
+
+
+def _launch(seeds: torch.Tensor, n: int, out: torch.Tensor, raw: bool) -> torch.Tensor:
+    """One launch of ``_gaussian_noise_kernel``: ``out`` (S, n) gets the stream of every seed."""
+    if triton is None:
+        raise RuntimeError(
+            "gaussian_noise on a CUDA device needs triton (CUDA builds of PyTorch ship it); "
+            "`pip install triton`, or ask for device='cpu'"
+        )
+    interpret = _interpreting()
+    if out.device.type != "cuda" and not interpret:
+        raise RuntimeError(
+            f"the Triton noise kernel runs on CUDA tensors, or on CPU tensors only under "
+            f"TRITON_INTERPRET=1 (set before triton is imported); got device {out.device}"
+        )
+    S = seeds.numel()
+    num_blocks = -(-n // 4)
+    if S == 0 or n == 0:
+        return out
+    block, warps = _block_config(num_blocks, interpret)
+    per_row = -(-num_blocks // block)
+    _gaussian_noise_kernel[(S * per_row,)](seeds, out, n, per_row, BLOCK=block, RAW=raw, num_warps=warps)
+    return out
+
+
+# ---- CPU path: the same stream with numpy's exact unsigned arithmetic ----------------------------
+
+
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on numpy uint64 arrays holding uint32 values (broadcasting) -> 4 words.
+
+    Holding uint32 in uint64 makes the 32x32-bit products exact (< 2**64) and well defined:
+    no signed overflow, no emulation of the high half.
+    """
+    mask = np.uint64(0xFFFFFFFF)
+    s32 = np.uint64(32)
+    m0, m1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
+    w0, w1 = np.uint64(PHILOX_W0), np.uint64(PHILOX_W1)
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0 = (k0 + w0) & mask
+            k1 = (k1 + w1) & mask
+        p0 = c0 * m0
+        p1 = c2 * m1
+        n0 = (p1 >> s32) ^ c1 ^ k0
+        n2 = (p0 >> s32) ^ c3 ^ k1
+        p1 &= mask
+        p0 &= mask
+        c0, c1, c2, c3 = n0, p1, n2, p0
+    return c0, c1, c2, c3
+
+
+def _philox_numpy(seeds: np.ndarray, num_blocks: int):
+    """The stream's words for counters (j, 0, 0, 0), j < num_blocks: 4 arrays [S, nb] uint64."""
+    u = seeds.astype(np.int64).view(np.uint64)
+    k0 = (u & np.uint64(0xFFFFFFFF))[:, None]
+    k1 = (u >> np.uint64(32))[:, None]
+    c0 = np.arange(num_blocks, dtype=np.uint64)[None, :]
+    zero = np.zeros((1, 1), dtype=np.uint64)  # broadcasting: round 1 needs no full-size zeros
+    words = _philox4x32_10(c0, zero, zero, zero, k0, k1)
+    return [np.broadcast_to(w, (u.shape[0], num_blocks)) for w in words]
+
+
+def _normals_torch(words) -> torch.Tensor:
+    """Box-Muller on the 4 Philox words [S, nb] -> [S, 4 * nb] float32, in the stream's order."""
+    u = [torch.from_numpy(((w >> np.uint64(8)) + np.uint64(1)).astype(np.float32)).mul_(2.0**-24) for w in words]
+    r0 = u[0].log_().mul_(-2.0).sqrt_()
+    r1 = u[2].log_().mul_(-2.0).sqrt_()
+    t0 = u[1].mul_(_TWO_PI_F32)
+    t1 = u[3].mul_(_TWO_PI_F32)
+    z = torch.stack((r0 * torch.cos(t0), r0 * torch.sin(t0), r1 * torch.cos(t1), r1 * torch.sin(t1)), dim=-1)
+    return z.reshape(z.shape[0], -1)
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+
+def _as_seed_tensor(seeds) -> torch.Tensor:
+    if isinstance(seeds, torch.Tensor):
+        t = seeds
+    else:
+        arr = np.asarray(seeds)
+        if arr.dtype == object or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+            raise TypeError(f"seeds must hold integers, got {arr.dtype}")
+        if arr.dtype == np.uint64:  # keep the 64 bits: two's complement view
+            arr = arr.view(np.int64)
+        t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64, copy=False)))
+    if t.dtype in (torch.bool,) or t.dtype.is_floating_point or t.dtype.is_complex:
+        raise TypeError(f"seeds must be an integer (int64) tensor, got {t.dtype}")
+    if t.ndim != 1:
+        raise ValueError(f"seeds must be 1-D (S,), got shape {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+def _as_shape(shape) -> tuple:
+    if isinstance(shape, numbers.Integral):
+        shape = (shape,)
+    try:
+        shape = tuple(int(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"shape must have non-negative sizes, got {shape}")
+    return shape
+
+
+def _prepare(seeds, shape, device):
+    t = _as_seed_tensor(seeds)
+    shape = _as_shape(shape)
+    device = torch.device(device) if device is not None else (t.device if isinstance(seeds, torch.Tensor) else torch.device("cpu"))
+    n = math.prod(shape)
+    if n > _MAX_ELEMENTS:
+        raise ValueError(f"shape must have at most 4 * 2**32 elements per row, got {n}")
+    return t, shape, n, device
+
+
+def _use_triton(device: torch.device, backend: str) -> bool:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"_backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        return device.type == "cuda"
+    if backend == "torch" and device.type != "cpu":
+        raise ValueError(f"_backend='torch' computes on the CPU, got device {device}")
+    return backend == "triton"
+
+
+# ---- public function ----------------------------------------------------------------------------
+
+
+def gaussian_noise(seeds, shape, *, device=None, dtype=torch.float32, _backend: str = "auto") -> torch.Tensor:
+    """Standard normal noise, row i a pure function of ``seeds[i]`` (Philox4x32-10 + Box-Muller).
+
+    Args:
+        seeds: ``(S,)`` int64: a list, numpy array or torch integer tensor; any 64-bit value
+            (negative ones too) is a valid seed.
+        shape: shape of one sample, e.g. ``(3, 32, 32)`` (an int is a 1-D shape).
+        device: where the noise is made; ``None`` means the seeds' device for a tensor, else CPU.
+        dtype: float32 (computed), float16, bfloat16 or float64 (cast from the float32 values).
+
+    Returns:
+        ``(S, *shape)`` tensor on ``device``. The same seed gives the same row on CPU and CUDA
+        (integers bit-identical, floats to 1e-5), in any batch and position; the exact stream is
+        defined in this module's docstring. CUDA: one Triton launch for the whole batch.
+
+    Example:
+        >>> x0 = gaussian_noise(torch.tensor([7, -3]), (3, 32, 32))     # (2, 3, 32, 32)
+        >>> torch.equal(x0[1], gaussian_noise([-3], (3, 32, 32))[0])    # True
+    """
+    if dtype not in _OUT_DTYPES:
+        raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {dtype}")
+    t, shape, n, device = _prepare(seeds, shape, device)
+    S = t.numel()
+    if _use_triton(device, _backend):
+        out = torch.empty((S, n), device=device, dtype=dtype)
+        _launch(t.to(device).contiguous(), n, out, raw=False)
+        return out.view(S, *shape)
+    nb = -(-n // 4)
+    z = _normals_torch(_philox_numpy(t.cpu().numpy(), nb))[:, :n]
+    return z.to(dtype).reshape(S, *shape)
+
+
+def _philox_uint32(seeds, n: int, *, device=None, _backend: str = "auto") -> torch.Tensor:
+    """The raw stream: ``(S, n)`` int64 holding the uint32 words ``x0, x1, x2, x3`` of blocks 0, 1, ..."""
+    t, _, n, device = _prepare(seeds, (n,), device)
+    S = t.numel()
+    if _use_triton(device, _backend):
+        out = torch.empty((S, n), device=device, dtype=torch.int64)
+        return _launch(t.to(device).contiguous(), n, out, raw=True)
+    words = _philox_numpy(t.cpu().numpy(), -(-n // 4))
+    stacked = np.stack(words, axis=-1).reshape(S, -1)[:, :n]
+    return torch.from_numpy(stacked.astype(np.int64))
