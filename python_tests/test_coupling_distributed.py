@@ -1,0 +1,146 @@
+"""LoomCoupling under torch.distributed: 2 CPU processes with gloo, compared with one process.
+
+One spawn runs both scopes and the error paths (process start-up dominates the cost); the workers
+write their results to files that the test compares with a single-process run.
+"""
+import multiprocessing
+import os
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from loom_kernels.coupling import LoomCoupling
+from loom_kernels.testing import reference_loom_step
+
+pytestmark = pytest.mark.distributed
+
+WORLD, B, P, SHAPE, CACHES, SEED, STEPS = 2, 8, 64, (2, 3), 3, 13, 12
+TIMEOUT_S = 120
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((P, *SHAPE), generator=g) * 0.5
+    x[: P // 2] += 2.0
+    return x
+
+
+def _global_batches():
+    g = torch.Generator().manual_seed(1)
+    out = []
+    while len(out) < STEPS:
+        perm = torch.randperm(P, generator=g)
+        out += [perm[a:a + WORLD * B] for a in range(0, P - WORLD * B + 1, WORLD * B)]
+    return out[:STEPS]
+
+
+def _worker(rank, store, out_dir):
+    try:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        torch.set_num_threads(1)
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                                timeout=datetime.timedelta(seconds=60))
+        data, result = _data(), {}
+        for scope in ("global", "local"):
+            c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope)
+            x0s, stats = [], []
+            for gidx in _global_batches():
+                idx = gidx[rank * B:(rank + 1) * B]
+                x0, x1 = c(data[idx], idx)
+                assert torch.equal(x1, data[idx])
+                x0s.append(x0)
+                stats.append([float(c.stats[k]) for k in ("pre_cost", "post_cost", "swaps")])
+            result[scope] = {"seeds": c.seeds.clone(), "x0": torch.stack(x0s), "gen": c._gen.get_state(),
+                             "stats": torch.tensor(stats)}
+        # error paths: every rank must raise the same error (no rank left waiting in a collective)
+        c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED)
+        before = c.seeds.clone()
+        errors = []
+        for idx in (torch.tensor([5, 6, 7]) + rank,  # index 6 and 7 on both ranks: duplicates globally
+                    torch.tensor([1, 2, 3, 4, 5])[: 3 + rank]):  # batch sizes differ across ranks
+            try:
+                c(data[idx], idx)
+                errors.append("no error")
+            except ValueError as exc:
+                errors.append(str(exc))
+        idx = torch.tensor([10, 20]) + rank
+        c(data[idx], idx)  # the group still works after the errors
+        result["errors"] = errors
+        result["untouched"] = bool(torch.equal(c.seeds[[5, 6, 7, 8]], before[[5, 6, 7, 8]]))
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(r, str(out / "store"), str(out))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+        p.join()
+    errs = [(out / f"rank{r}.err").read_text() for r in range(WORLD) if (out / f"rank{r}.err").exists()]
+    assert not alive, f"distributed workers timed out after {TIMEOUT_S}s"
+    assert not errs and all(p.exitcode == 0 for p in procs), errs
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_global_scope_equals_one_process_on_the_global_batch(ranks):
+    data = _data()
+    single = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED)
+    x0s, stats = [], []
+    for gidx in _global_batches():
+        x0, _ = single(data[gidx], gidx)
+        x0s.append(x0)
+        stats.append([float(single.stats[k]) for k in ("pre_cost", "post_cost", "swaps")])
+    x0s = torch.stack(x0s)
+    for r, res in enumerate(ranks):
+        g = res["global"]
+        assert torch.equal(g["seeds"], single.seeds), f"rank {r} table differs from the single process"
+        assert torch.equal(g["gen"], single._gen.get_state())
+        np.testing.assert_allclose(g["x0"].numpy(), x0s[:, r * B:(r + 1) * B].numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(g["stats"].numpy(), np.array(stats), rtol=1e-5)
+    assert not torch.equal(single.seeds, LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED).seeds)
+
+
+def test_local_scope_tables_agree_and_apply_every_local_solution(ranks):
+    data = _data()
+    table = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED).seeds.clone()
+    g = torch.Generator().manual_seed(SEED)
+    for step, gidx in enumerate(_global_batches()):
+        slots = torch.randint(CACHES, (WORLD * B,), generator=g)  # one shared stream over the global batch
+        new = table.clone()
+        for r in range(WORLD):
+            sl = slice(r * B, (r + 1) * B)
+            upd, x0, _ = reference_loom_step(table, data[gidx[sl]], gidx[sl], slots[sl])
+            rows = gidx[sl]
+            new[rows] = torch.from_numpy(upd)[rows]
+            np.testing.assert_allclose(ranks[r]["local"]["x0"][step].double().numpy(), x0, rtol=0, atol=1e-6)
+        table = new
+    for r, res in enumerate(ranks):
+        assert torch.equal(res["local"]["seeds"], table), f"rank {r} local-scope table is wrong"
+        assert torch.equal(res["local"]["gen"], g.get_state())
+    assert not torch.equal(ranks[0]["local"]["seeds"], ranks[0]["global"]["seeds"])
+
+
+def test_errors_are_raised_on_every_rank(ranks):
+    for res in ranks:
+        dup, size = res["errors"]
+        assert "indices must be distinct within the global batch of all 2 ranks: index 6 appears 2 times" in dup
+        assert "every rank must pass a batch of the same size" in size and "[3, 4]" in size
+        assert res["untouched"]
