@@ -85,7 +85,9 @@ if triton is not None:
             y_ptrs += BLOCK_K * syd
 
         cost = xx[:, None] + yy[None, :] - 2.0 * dot
-        cost = tl.maximum(cost, 0.0)  # rounding can make near-duplicates slightly negative
+        # Rounding can make near-duplicates slightly negative. Not tl.maximum: it drops NaN,
+        # and a NaN from a non-finite input must reach the caller (assign rejects it).
+        cost = tl.where(cost < 0.0, 0.0, cost)
         if SQRT:
             cost = tl.sqrt(cost)
         o_ptrs = OUT + b * sob + rn[:, None].to(tl.int64) * son + rm[None, :] * som

@@ -201,7 +201,7 @@ def _normals_torch(words) -> torch.Tensor:
     t0 = u[1].mul_(_TWO_PI_F32)
     t1 = u[3].mul_(_TWO_PI_F32)
     z = torch.stack((r0 * torch.cos(t0), r0 * torch.sin(t0), r1 * torch.cos(t1), r1 * torch.sin(t1)), dim=-1)
-    return z.reshape(z.shape[0], -1)
+    return z.reshape(z.shape[0], 4 * z.shape[1])
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -228,8 +228,10 @@ def _as_shape(shape) -> tuple:
     if isinstance(shape, numbers.Integral):
         shape = (shape,)
     try:
+        if isinstance(shape, (str, bytes)):
+            raise TypeError
         shape = tuple(int(d) for d in shape)
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"shape must be an int or a sequence of ints, got {shape!r}") from None
     if any(d < 0 for d in shape):
         raise ValueError(f"shape must have non-negative sizes, got {shape}")
@@ -299,5 +301,5 @@ def _philox_uint32(seeds, n: int, *, device=None, _backend: str = "auto") -> tor
         out = torch.empty((S, n), device=device, dtype=torch.int64)
         return _launch(t.to(device).contiguous(), n, out, raw=True)
     words = _philox_numpy(t.cpu().numpy(), -(-n // 4))
-    stacked = np.stack(words, axis=-1).reshape(S, -1)[:, :n]
+    stacked = np.stack(words, axis=-1).reshape(S, 4 * words[0].shape[1])[:, :n]
     return torch.from_numpy(stacked.astype(np.int64))

@@ -9,6 +9,80 @@ from __future__ import annotations
 
 # ---- pairwise cost and noise references (loom_kernels.cost, loom_kernels.noise) -------------
 
+PHILOX4X32_10_KAT = (
+    # (counter[4], key[2], expected[4]) from Random123's tests/kat_vectors ("philox4x32 10" lines).
+    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
+     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
+     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+)
+
+
+def philox4x32_10_ref(counter, key):
+    """Philox4x32-10 on Python ints, written from the paper (Salmon et al., SC'11): 4 words."""
+    mask = 0xFFFFFFFF
+    c = list(counter)
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & mask, p1 & mask, ((p0 >> 32) ^ c[3] ^ k1) & mask, p0 & mask]
+    return tuple(c)
+
+
+def noise_stream_ref(seed: int, n: int):
+    """``(words, normals)`` of one seed, the stream of ``loom_kernels.noise`` in plain Python
+    (float64 math): ``n`` uint32 words and ``n`` normals, as lists."""
+    import math
+
+    bits = int(seed) & (2**64 - 1)
+    key = (bits & 0xFFFFFFFF, bits >> 32)
+    words, normals = [], []
+    for j in range(-(-n // 4)):
+        w = philox4x32_10_ref((j, 0, 0, 0), key)
+        u = [((x >> 8) + 1) / 2.0**24 for x in w]
+        for a, b in ((0, 1), (2, 3)):
+            r = math.sqrt(-2.0 * math.log(u[a]))
+            t = 2.0 * math.pi * u[b]
+            normals += [r * math.cos(t), r * math.sin(t)]
+        words += list(w)
+    return words[:n], normals[:n]
+
+
+def pairwise_cost_ref(x, y, metric="sqeuclidean"):
+    """float64 cost by explicit differences (no Gram identity): ``(N, M)`` or ``(B, N, M)``.
+
+    The independent reference for ``loom_kernels.cost.pairwise_cost``; small inputs only.
+    """
+    import torch
+
+    x = torch.as_tensor(x).double().cpu()
+    y = torch.as_tensor(y).double().cpu()
+    d = ((x.unsqueeze(-2) - y.unsqueeze(-3)) ** 2).sum(-1)
+    return d if metric == "sqeuclidean" else d.sqrt()
+
+
+def pairwise_cost_atol(x, y, metric="sqeuclidean", eps=2.0**-24):
+    """Per-entry absolute tolerance for the Gram-identity cost with float32 accumulation.
+
+    The product and norms round at ``eps`` relative to ``|x|^2 + |y|^2`` per accumulation step
+    (~sqrt(D) steps in a blocked sum); the square root turns an absolute error e in the square into
+    at most sqrt(e). ``eps`` is 2**-24 for IEEE float32 and 2**-11 for TF32 products.
+    """
+    import math
+
+    import torch
+
+    x = torch.as_tensor(x).double().cpu()
+    y = torch.as_tensor(y).double().cpu()
+    scale = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2)
+    tol = 8.0 * math.sqrt(max(1, x.shape[-1])) * eps * scale + 1e-30
+    return tol if metric == "sqeuclidean" else tol.sqrt()
+
+
 # ---- couplings (loom_kernels.coupling) --------------------------------------------------------
 
 

@@ -1,0 +1,245 @@
+"""loom_kernels.noise.gaussian_noise: the Philox4x32-10 stream against Random123's known answers
+and a plain-Python reference, CPU vs Triton (interpreter / CUDA) agreement, the pure-function
+contract (batch/position independence) and statistical sanity."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from loom_kernels.noise import _philox4x32_10, _philox_uint32, gaussian_noise
+from loom_kernels.testing import PHILOX4X32_10_KAT, noise_stream_ref, philox4x32_10_ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+needs_interpreter = pytest.mark.skipif(
+    not (HAS_TRITON and INTERPRET),
+    reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 set before triton is "
+    "imported (python_tests/conftest.py sets it on machines without CUDA)",
+)
+BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
+# Corner seeds: zero, the int64 extremes, -1 (all ones), seeds differing only in the high word.
+EDGE_SEEDS = [0, 1, -1, 2**63 - 1, -(2**63), 2**32, 2**32 + 1, 123456789012345]
+
+
+# ---- the integer stream -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ctr, key, expect", PHILOX4X32_10_KAT)
+def test_philox_known_answers(ctr, key, expect):
+    assert philox4x32_10_ref(ctr, key) == expect
+    words = _philox4x32_10(*(np.array([v], dtype=np.uint64) for v in (*ctr, *key)))
+    assert tuple(int(w[0]) for w in words) == expect
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stream_starts_with_the_zero_vector(backend):
+    # seed 0, block 0 is counter 0 / key 0: Random123's first known answer.
+    got = _philox_uint32([0], 4, _backend=backend)[0].tolist()
+    assert tuple(got) == PHILOX4X32_10_KAT[0][2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n", [1, 3, 13, 70])
+def test_stream_matches_python_reference(backend, n):
+    words = _philox_uint32(EDGE_SEEDS, n, _backend=backend)
+    normals = gaussian_noise(EDGE_SEEDS, (n,), _backend=backend)
+    for i, s in enumerate(EDGE_SEEDS):
+        ref_words, ref_normals = noise_stream_ref(s, n)
+        assert words[i].tolist() == ref_words
+        torch.testing.assert_close(normals[i].double(), torch.tensor(ref_normals, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n", [1, 5, 2051])  # 2051: past one program's block, ragged
+def test_triton_kernel_matches_cpu_path(n):
+    seeds = torch.randint(-(2**63), 2**63 - 1, (5,), dtype=torch.int64)
+    assert torch.equal(_philox_uint32(seeds, n, _backend="triton"), _philox_uint32(seeds, n))
+    a = gaussian_noise(seeds, (n,), _backend="triton")
+    b = gaussian_noise(seeds, (n,))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_triton_kernel_output_dtypes(dtype):
+    seeds = [3, -7]
+    a = gaussian_noise(seeds, (2, 9), dtype=dtype, _backend="triton")
+    assert a.dtype == dtype and a.shape == (2, 2, 9)
+    b = gaussian_noise(seeds, (2, 9), dtype=torch.float32)
+    tol = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-5}[dtype]
+    torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=tol)
+
+
+# ---- pure function of the seed ------------------------------------------------------------------
+
+
+def test_row_independent_of_batch_and_position():
+    seeds = torch.randint(-(2**63), 2**63 - 1, (16,), dtype=torch.int64)
+    full = gaussian_noise(seeds, (3, 4, 5))
+    perm = torch.randperm(16)
+    assert torch.equal(gaussian_noise(seeds[perm], (3, 4, 5)), full[perm])
+    assert torch.equal(gaussian_noise(seeds[5:6], (3, 4, 5))[0], full[5])
+    # the same seed twice gives the same row twice
+    twice = gaussian_noise(torch.stack([seeds[2], seeds[2]]), (3, 4, 5))
+    assert torch.equal(twice[0], twice[1])
+
+
+def test_shape_is_a_prefix_of_the_stream():
+    # The row is the stream reshaped: a longer row starts with the shorter one.
+    a = gaussian_noise([42], (10,))
+    b = gaussian_noise([42], (2, 3, 5))
+    assert torch.equal(b.reshape(1, -1)[:, :10], a)
+
+
+def test_seed_forms_agree():
+    ref = gaussian_noise(torch.tensor([5, -1, 2**40]), 8)
+    assert torch.equal(gaussian_noise([5, -1, 2**40], 8), ref)
+    assert torch.equal(gaussian_noise(np.array([5, -1, 2**40]), 8), ref)
+    assert torch.equal(gaussian_noise(np.array([5, 2**64 - 1, 2**40], dtype=np.uint64), 8), ref)  # same 64 bits
+    assert torch.equal(gaussian_noise(torch.tensor([5, -1, 2**40]).numpy(), 8), ref)
+    assert torch.equal(gaussian_noise(torch.tensor([5], dtype=torch.int32), 8), ref[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_is_a_cast_of_float32(dtype):
+    a = gaussian_noise([1, 2], (3, 7), dtype=dtype)
+    assert a.dtype == dtype and a.shape == (2, 3, 7)
+    assert torch.equal(a, gaussian_noise([1, 2], (3, 7)).to(dtype))
+
+
+def test_empty_and_default_device():
+    assert gaussian_noise([], (3, 2)).shape == (0, 3, 2)
+    assert gaussian_noise([1, 2], (0, 4)).shape == (2, 0, 4)
+    assert gaussian_noise([1, 2], ()).shape == (2,)
+    assert gaussian_noise(torch.tensor([1]), 3).device.type == "cpu"
+    assert _philox_uint32([], 5).shape == (0, 5)
+
+
+@pytest.mark.parametrize(
+    "seeds, shape, kwargs, exc, match",
+    [
+        ([1.5, 2.0], 3, {}, TypeError, "seeds must hold integers"),
+        (torch.tensor([1.0]), 3, {}, TypeError, "seeds must be an integer"),
+        (torch.ones(2, 2, dtype=torch.int64), 3, {}, ValueError, r"seeds must be 1-D \(S,\), got shape \(2, 2\)"),
+        ([1], (3, -1), {}, ValueError, "non-negative"),
+        ([1], "abc", {}, TypeError, "shape must be an int or a sequence of ints"),
+        ([1], 3, {"dtype": torch.int32}, TypeError, "dtype must be one of"),
+        ([1], 3, {"_backend": "cuda"}, ValueError, "_backend must be"),
+        ([1], 2**35, {}, ValueError, "at most 4 \\* 2\\*\\*32"),
+    ],
+)
+def test_bad_input(seeds, shape, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        gaussian_noise(seeds, shape, **kwargs)
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="checks the error raised outside the interpreter")
+def test_triton_on_cpu_without_interpreter_raises():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        gaussian_noise([1], 4, _backend="triton")
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+
+
+def _noise_block():
+    # Consecutive seeds: the adversarial case for a weak key schedule.
+    return gaussian_noise(torch.arange(256), 3072).double()
+
+
+def test_moments():
+    z = _noise_block().flatten()
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(z.var().item() - 1) < 5 * math.sqrt(2 / n)
+    skew = (z**3).mean().item()
+    kurt = (z**4).mean().item()
+    assert abs(skew) < 5 * math.sqrt(15 / n)
+    assert abs(kurt - 3) < 5 * math.sqrt(96 / n)
+    # tails: P(|z| > 3) = 0.0026998
+    p = (z.abs() > 3).double().mean().item()
+    assert abs(p - 0.0026998) < 5 * math.sqrt(0.0027 / n)
+
+
+def test_normality_ks():
+    stats = pytest.importorskip("scipy.stats")
+    z = _noise_block().flatten()[:200_000].numpy()
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+
+
+def test_independence_across_seeds_and_elements():
+    z = _noise_block()  # (256, 3072)
+    n_bound = 5 / math.sqrt(z.shape[1])
+
+    def corr(a, b):
+        a = a - a.mean(-1, keepdim=True)
+        b = b - b.mean(-1, keepdim=True)
+        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+    # neighbouring seeds (s, s+1): every one of 255 pairs small, and no systematic sign
+    c = corr(z[:-1], z[1:])
+    assert c.abs().max() < n_bound
+    assert abs(c.mean().item()) < 5 / math.sqrt(z.shape[1] * c.numel())
+    # neighbouring elements inside a row: every lane of the 4-word block against the next one,
+    # the Box-Muller partners (cos, sin) and the same lane in the next block
+    blocks = z.reshape(256, -1, 4)
+    m = 5 / math.sqrt(blocks.shape[0] * blocks.shape[1])
+    for a, b in ((0, 1), (1, 2), (2, 3), (0, 2), (1, 3)):
+        assert abs(corr(blocks[..., a].flatten(), blocks[..., b].flatten()).item()) < m
+    assert abs(corr(z[:, :-4].flatten(), z[:, 4:].flatten()).item()) < 5 / math.sqrt(z.numel())
+    # squares too: Box-Muller partners share the radius, which a wrong mapping would couple
+    for a, b in ((0, 1), (2, 3), (1, 2)):
+        assert abs(corr(blocks[..., a].flatten() ** 2, blocks[..., b].flatten() ** 2).item()) < m
+
+
+def test_seeds_differing_in_high_word_are_independent():
+    lo = gaussian_noise(torch.arange(64), 4096).double()
+    hi = gaussian_noise(torch.arange(64) + 2**32, 4096).double()
+    neg = gaussian_noise(-torch.arange(1, 65), 4096).double()
+    for other in (hi, neg):
+        c = ((lo - lo.mean(1, keepdim=True)) * (other - other.mean(1, keepdim=True))).mean(1)
+        assert c.abs().max() < 5 / math.sqrt(4096)
+
+
+# ---- compiled kernel on the GPU -----------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [1, 7, 3072, 4 * 513 + 3])
+def test_cuda_integers_bit_identical(n):
+    seeds = torch.cat([torch.tensor(EDGE_SEEDS), torch.randint(-(2**63), 2**63 - 1, (200,))])
+    gpu = _philox_uint32(seeds.cuda(), n)
+    assert gpu.device.type == "cuda"
+    assert torch.equal(gpu.cpu(), _philox_uint32(seeds, n))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cuda_noise_matches_cpu(dtype):
+    seeds = torch.randint(-(2**63), 2**63 - 1, (256,))
+    gpu = gaussian_noise(seeds.cuda(), (3, 32, 32), dtype=dtype)
+    assert gpu.device.type == "cuda" and gpu.dtype == dtype and gpu.shape == (256, 3, 32, 32)
+    cpu32 = gaussian_noise(seeds, (3, 32, 32))
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(gpu.double().cpu(), cpu32.double(), rtol=0, atol=1e-5)
+    else:  # both round the float32 value: at most one ulp apart where it sits near a tie
+        torch.testing.assert_close(gpu.cpu().float(), cpu32.to(dtype).float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_device_argument_and_seed_device():
+    seeds = [1, 2, 3]
+    a = gaussian_noise(seeds, 100, device="cuda")
+    b = gaussian_noise(torch.tensor(seeds, device="cuda"), 100)
+    assert a.device.type == "cuda" and torch.equal(a, b)
+    c = gaussian_noise(torch.tensor(seeds, device="cuda"), 100, device="cpu")
+    assert c.device.type == "cpu"
+    torch.testing.assert_close(a.cpu(), c, rtol=0, atol=1e-5)
