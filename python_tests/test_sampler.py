@@ -1,0 +1,481 @@
+"""loom_kernels.sampler: accuracy against analytic solutions and a float64 reference, measured
+convergence orders, exact NFE counts, time handling, errors, the Triton update kernel under the
+interpreter, and (on a GPU) CPU/CUDA agreement and CUDA-graph replay."""
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from loom_kernels import sampler
+from loom_kernels.sampler import METHODS, clear_graph_cache, sample
+from loom_kernels.testing import (
+    CountingModel,
+    convergence_order,
+    linear_field,
+    ode_reference,
+    time_field,
+)
+
+ALL = sorted(METHODS)
+ORDER = {"euler": 1.0, "midpoint": 2.0, "heun": 2.0}
+
+
+def cos_field(x, t):
+    # dx/dt = cos(t) x  ->  x(t) = x0 exp(sin t - sin t0): time-dependent, so a wrong stage time
+    # (midpoint t + h/2, heun t + h) drops the measured order to 1.
+    return torch.cos(t).reshape((-1,) + (1,) * (x.ndim - 1)) * x
+
+
+def cos_exact(x0, t0, t1):
+    return x0 * math.exp(math.sin(t1) - math.sin(t0))
+
+
+def uniform(t0, t1, steps):
+    return [t0 + (t1 - t0) * k / steps for k in range(steps + 1)]
+
+
+# ---- accuracy -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_matches_float64_reference(method, dtype, tol):
+    x0 = torch.randn(33, 3, dtype=dtype)
+    nfe = 12
+    out = sample(cos_field, x0, nfe, method=method)
+    ref = ode_reference(cos_field, x0, uniform(0.0, 1.0, nfe // METHODS[method]), method)[-1]
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    assert out.dtype == dtype and out.shape == x0.shape
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_convergence_order(method):
+    x0 = torch.randn(16, 2, dtype=torch.float64)
+    exact = cos_exact(x0, 0.0, 1.5)
+    nfes = [8, 16, 32, 64, 128]
+    errors = [(sample(cos_field, x0, n, method=method, t1=1.5) - exact).abs().max().item() for n in nfes]
+    order = convergence_order(nfes, errors)
+    assert abs(order - ORDER[method]) < 0.12, (method, order, errors)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_linear_field_converges_to_exp(method):
+    model, exact = linear_field(-0.7)
+    x0 = torch.randn(8, 4, dtype=torch.float64)
+    err = (sample(model, x0, 256, method=method) - exact(x0, 0.0, 1.0)).abs().max().item()
+    assert err < (5e-3 if method == "euler" else 3e-5)
+    # and the order-1 and order-2 errors are the textbook ones for one step of size 1
+    one = sample(model, x0, METHODS[method], method=method)
+    growth = {"euler": 1 - 0.7, "midpoint": 1 - 0.7 + 0.7**2 / 2, "heun": 1 - 0.7 + 0.7**2 / 2}
+    torch.testing.assert_close(one, x0 * growth[method], rtol=1e-14, atol=1e-14)
+
+
+def test_time_field_quadratic():
+    c = 3.0
+    model, exact = time_field(c)
+    x0 = torch.randn(5, 2, dtype=torch.float64)
+    # second-order methods integrate a linear-in-t velocity exactly
+    for method in ("midpoint", "heun"):
+        torch.testing.assert_close(sample(model, x0, 6, method=method), exact(x0, 0.0, 1.0), rtol=0, atol=1e-14)
+    # euler's left Riemann sum misses exactly c h / 2 (h = 1/steps)
+    steps = 5
+    torch.testing.assert_close(
+        sample(model, x0, steps), exact(x0, 0.0, 1.0) - c / (2 * steps), rtol=0, atol=1e-14
+    )
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_straight_field_is_exact(method):
+    x0 = torch.randn(64, 3)
+    x1 = torch.randn(64, 3)
+    model = lambda x, t: x1 - x0  # noqa: E731  - the velocity of a known straight coupling
+    out = sample(model, x0, METHODS[method], method=method)
+    torch.testing.assert_close(out, x0 + (x1 - x0), rtol=0, atol=0)
+    torch.testing.assert_close(sample(model, x0, 8, method=method), x1, rtol=1e-6, atol=1e-6)
+
+
+def test_image_shaped_and_noncontiguous_input():
+    x0 = torch.randn(6, 1, 8, 8).transpose(2, 3)  # non-contiguous
+    keep = x0.clone()
+    model, exact = linear_field(0.5)
+    out = sample(model, x0, 64, method="heun")
+    assert out.shape == (6, 1, 8, 8) and out.is_contiguous()
+    torch.testing.assert_close(out, exact(x0, 0.0, 1.0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x0, keep, rtol=0, atol=0)  # x0 is never written
+
+
+def test_backwards_integration_inverts():
+    model, exact = linear_field(1.2)
+    x0 = torch.randn(10, 2, dtype=torch.float64)
+    x1 = sample(model, x0, 64, method="midpoint")
+    back = sample(model, x1, 64, method="midpoint", t0=1.0, t1=0.0)
+    # midpoint's error is ~1e-4 here; a sign slip in h would be off by O(1)
+    torch.testing.assert_close(back, x0, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(back, exact(x1, 1.0, 0.0), rtol=1e-3, atol=1e-3)
+
+
+def test_empty_batch():
+    x0 = torch.zeros(0, 3)
+    assert sample(lambda x, t: x, x0, 4, method="heun").shape == (0, 3)
+
+
+# ---- NFE counts and the t handed to the model ----------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("nfe", [2, 4, 10])
+@pytest.mark.parametrize("trajectory", [False, True])
+def test_exact_nfe(method, nfe, trajectory):
+    model = CountingModel(lambda x, t: -x)
+    sample(model, torch.randn(3, 2), nfe, method=method, return_trajectory=trajectory)
+    assert model.calls == nfe
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_t_shape_dtype_and_values(method, dtype):
+    model = CountingModel(lambda x, t: torch.zeros_like(x))
+    B, nfe, t0, t1 = 7, 8, 0.25, 0.75
+    sample(model, torch.randn(B, 2, 3).to(dtype), nfe, method=method, t0=t0, t1=t1)
+    for t in model.ts:
+        assert t.shape == (B,) and t.dtype == dtype and t.device.type == "cpu"
+        assert bool((t == t[0]).all())
+    got = [float(t[0]) for t in model.ts]
+    g = uniform(t0, t1, nfe // METHODS[method])
+    h = g[1] - g[0]
+    want = {
+        "euler": g[:-1],
+        "midpoint": [s for a in g[:-1] for s in (a, a + h / 2)],
+        "heun": [s for a, b in zip(g[:-1], g[1:]) for s in (a, b)],
+    }[method]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 if dtype == torch.float16 else 1e-7)
+
+
+def test_time_grid_nonuniform_matches_reference():
+    grid = [0.0, 0.05, 0.2, 0.5, 0.9, 1.0]
+    x0 = torch.randn(9, 2, dtype=torch.float64)
+    for method in ALL:
+        nfe = 5 * METHODS[method]
+        for g in (grid, torch.tensor(grid), np.asarray(grid, np.float32), torch.tensor(grid, dtype=torch.float32)):
+            out = sample(cos_field, x0, nfe, method=method, time_grid=g)
+            gref = torch.as_tensor(g, dtype=torch.float64).tolist()
+            ref = ode_reference(cos_field, x0, gref, method)[-1]
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        model = CountingModel(lambda x, t: -x)
+        sample(model, x0, nfe, method=method, time_grid=grid)
+        assert model.calls == nfe
+
+
+def test_time_grid_uniform_equals_default_and_other_interval():
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        sample(cos_field, x0, 8, method="heun", time_grid=torch.linspace(0, 1, 5, dtype=torch.float64)),
+        sample(cos_field, x0, 8, method="heun"),
+        rtol=1e-14, atol=1e-14,
+    )
+    grid = [0.2, 0.4, 0.9]
+    out = sample(cos_field, x0, 2, time_grid=grid, t0=0.2, t1=0.9)
+    torch.testing.assert_close(out, ode_reference(cos_field, x0, grid, "euler")[-1], rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_trajectory(method):
+    x0 = torch.randn(5, 2, 2, dtype=torch.float64)
+    nfe = 6
+    traj = sample(cos_field, x0, nfe, method=method, return_trajectory=True)
+    steps = nfe // METHODS[method]
+    assert traj.shape == (steps + 1, 5, 2, 2)
+    torch.testing.assert_close(traj[0], x0, rtol=0, atol=0)
+    torch.testing.assert_close(traj[-1], sample(cos_field, x0, nfe, method=method), rtol=0, atol=0)
+    ref = ode_reference(cos_field, x0, uniform(0.0, 1.0, steps), method)
+    torch.testing.assert_close(traj, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_progress_bar_same_result(capsys):
+    x0 = torch.randn(4, 2)
+    a = sample(cos_field, x0, 4, method="midpoint", progress=True)
+    b = sample(cos_field, x0, 4, method="midpoint")
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ---- model handling ------------------------------------------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.drop = torch.nn.Dropout(0.5)
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append((self.training, self.drop.training, torch.is_grad_enabled()))
+        return self.drop(self.lin(torch.cat([x, t[:, None]], 1)))
+
+
+def test_eval_mode_no_grad_and_mode_restored():
+    net = _Net()
+    net.train()
+    net.lin.eval()  # a mixed state must come back as it was
+    x0 = torch.randn(8, 2, requires_grad=True)
+    out = sample(net, x0, 4, method="heun")
+    assert all(s == (False, False, False) for s in net.seen)
+    assert net.training and net.drop.training and not net.lin.training
+    assert not out.requires_grad
+    # eval mode means dropout is off: deterministic
+    torch.testing.assert_close(out, sample(net, x0, 4, method="heun"), rtol=0, atol=0)
+    net.eval()
+    sample(net, x0, 2)
+    assert not net.training and not net.drop.training
+
+
+def test_mode_restored_when_model_raises():
+    net = _Net()
+    net.train()
+
+    def boom(x, t):
+        net(x, t)
+        raise KeyError("inside the model")
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t):
+            return boom(x, t)
+
+    w = Wrapper().train()
+    with pytest.raises(KeyError, match="inside the model"):
+        sample(w, torch.randn(3, 2), 2)
+    assert w.training and net.training and net.drop.training
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(nfe=0), ValueError, "nfe must be a positive integer"),
+        (dict(nfe=-2), ValueError, "nfe must be a positive integer"),
+        (dict(nfe=3, method="midpoint"), ValueError, "nfe must be a positive multiple of 2.*midpoint.*got 3"),
+        (dict(nfe=5, method="heun"), ValueError, "multiple of 2.*heun"),
+        (dict(nfe=4.0), TypeError, "nfe must be an int, got float"),
+        (dict(nfe=True), TypeError, "nfe must be an int, got bool"),
+        (dict(nfe=4, method="rk4"), ValueError, "method must be one of"),
+        (dict(nfe=4, method=None), ValueError, "method must be one of"),
+        (dict(nfe=4, t0=0.5, t1=0.5), ValueError, "t0 and t1 must differ"),
+        (dict(nfe=4, t1=float("nan")), ValueError, "t1 must be finite"),
+        (dict(nfe=4, t0="0"), TypeError, "t0 must be a real number"),
+        (dict(nfe=2, time_grid=[0.0, 1.0]), ValueError, "time_grid must be 1-D with nfe/1 \\+ 1 = 3 points"),
+        (dict(nfe=4, method="heun", time_grid=[0.0, 0.5, 0.7, 1.0]), ValueError, "3 points.*got shape \\(4,\\)"),
+        (dict(nfe=2, time_grid=[[0.0, 0.5, 1.0]]), ValueError, "time_grid must be 1-D"),
+        (dict(nfe=2, time_grid=[0.0, 0.7, 0.5, 1.0][:1] + [0.7, 0.5]), ValueError, "strictly increasing"),
+        (dict(nfe=2, time_grid=[0.0, 0.0, 1.0]), ValueError, "strictly increasing"),
+        (dict(nfe=2, time_grid=[0.0, float("nan"), 1.0]), ValueError, "finite"),
+        (dict(nfe=2, time_grid=[0.0, 0.5, 0.9]), ValueError, "from t0=0.0 to t1=1.0.*0.9"),
+        (dict(nfe=2, time_grid=[0.1, 0.5, 1.0]), ValueError, "from t0=0.0 to t1=1.0"),
+        (dict(nfe=2, cuda_graph="yes"), ValueError, "cuda_graph must be 'auto', True or False"),
+        (dict(nfe=2, cuda_graph=1), ValueError, "cuda_graph must be"),
+        (dict(nfe=2, cuda_graph=True), ValueError, "cuda_graph=True needs x0 on a CUDA device, got x0 on cpu"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        sample(lambda x, t: x, torch.randn(4, 2), **kwargs)
+
+
+def test_bad_model_and_input():
+    x0 = torch.randn(4, 2)
+    with pytest.raises(TypeError, match="model must be callable"):
+        sample(3, x0, 2)
+    with pytest.raises(TypeError, match="x0 must be a torch.Tensor"):
+        sample(lambda x, t: x, np.zeros((4, 2)), 2)
+    with pytest.raises(TypeError, match="x0 must be a floating tensor, got torch.int64"):
+        sample(lambda x, t: x, torch.zeros(4, 2, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="0-d"):
+        sample(lambda x, t: x, torch.tensor(1.0), 2)
+    with pytest.raises(ValueError, match=r"shaped like x \(4, 2\).*got \(4, 1\)"):
+        sample(lambda x, t: x[:, :1], x0, 2)
+    with pytest.raises(TypeError, match="must return a torch.Tensor, got tuple"):
+        sample(lambda x, t: (x,), x0, 2)
+
+
+# ---- the Triton update kernel, through the interpreter on CPU -----------------------------------
+
+needs_interpreter = pytest.mark.skipif(
+    sampler.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton update kernel runs on CPU only with triton installed and TRITON_INTERPRET=1 "
+    "set before triton is imported (CI sets it for the whole run)",
+)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize("n", [1, 1000, 2500])
+def test_update_kernel_interpreter(monkeypatch, dtype, tol, n):
+    monkeypatch.setattr(sampler, "_TRITON_ON_CPU", True)
+    x = torch.randn(n).to(dtype)
+    v1 = torch.randn(n).to(dtype)
+    v2 = torch.randn(n).to(dtype)
+    ref1 = (x.double() + 0.3 * v1.double()).to(dtype)
+    ref2 = (x.double() + 0.3 * v1.double() - 1.7 * v2.double()).to(dtype)
+    out = torch.empty_like(x)
+    sampler._update(x, v1, None, 0.3, 0.0, out)
+    torch.testing.assert_close(out, ref1, rtol=tol, atol=tol)
+    sampler._update(x, v1, v2, 0.3, -1.7, out)
+    torch.testing.assert_close(out, ref2, rtol=tol, atol=tol)
+    # in place, with the velocity aliasing the state
+    y = x.clone()
+    sampler._update(y, y, None, 0.5, 0.0, y)
+    torch.testing.assert_close(y, (1.5 * x.double()).to(dtype), rtol=tol, atol=tol)
+    # non-contiguous velocity
+    vv = torch.randn(2 * n).to(dtype)[::2]
+    sampler._update(x, vv, None, 2.0, 0.0, out)
+    torch.testing.assert_close(out, (x.double() + 2.0 * vv.double()).to(dtype), rtol=tol, atol=tol)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("method", ALL)
+def test_sample_through_triton_matches_torch(monkeypatch, method):
+    x0 = torch.randn(40, 3, 5)
+    want = sample(cos_field, x0, 4, method=method, return_trajectory=True)
+    monkeypatch.setattr(sampler, "_TRITON_ON_CPU", True)
+    calls = []
+    real = sampler._ode_update_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(sampler, "_ode_update_kernel", Spy())
+    got = sample(cos_field, x0, 4, method=method, return_trajectory=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert len(calls) == 4  # one fused launch per stage update: euler 4 steps, 2-stage 2x2
+    # float64 states keep the torch path (Triton would round h to fp32)
+    calls.clear()
+    sample(cos_field, x0.double(), 4, method=method)
+    assert calls == []
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    if sampler.triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setattr(sampler, "_TRITON_ON_CPU", True)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        sample(lambda x, t: x, torch.randn(4, 2), 2)
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------------
+
+
+def _mlp(device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Linear(3, 64)
+            self.l2 = torch.nn.Linear(64, 2)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+        def forward(self, x, t):
+            return self.l2(torch.tanh(self.l1(torch.cat([x, t[:, None]], 1))))
+
+    return MLP().to(device, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 5e-2)])
+def test_cuda_matches_cpu(method, dtype, tol):
+    clear_graph_cache()
+    net = _mlp("cpu", dtype)
+    x0 = torch.randn(513, 2).to(dtype)
+    want = sample(net, x0, 8, method=method, return_trajectory=True)
+    netc = _mlp("cuda", dtype)
+    for graph in (False, True):
+        got = sample(netc, x0.cuda(), 8, method=method, return_trajectory=True, cuda_graph=graph)
+        assert got.device.type == "cuda" and got.dtype == dtype
+        torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("method", ALL)
+def test_cuda_graph_replay_matches_eager(method):
+    clear_graph_cache()
+    net = _mlp("cuda")
+    count = CountingModel(net)
+    for trajectory in (False, True):
+        for _ in range(4):  # auto: eager, capture (2x calls), replay, replay
+            x0 = torch.randn(300, 2, device="cuda")
+            want = sample(net, x0, 6, method=method, cuda_graph=False, return_trajectory=trajectory)
+            got = sample(count, x0, 6, method=method, return_trajectory=trajectory)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # per trajectory flag: eager (6) + warm-up (6) + capture (6), then replays make no Python calls
+    assert count.calls == 2 * 18
+    assert len(sampler._GRAPHS) == 2
+
+
+@pytest.mark.cuda
+def test_cuda_graph_sees_inplace_updates_and_new_models():
+    clear_graph_cache()
+    net = _mlp("cuda", seed=1)
+    x0 = torch.randn(64, 2, device="cuda")
+    for _ in range(3):
+        sample(net, x0, 4, cuda_graph=True)
+    with torch.no_grad():
+        net.l2.weight.mul_(-2.0)  # in place: same address, the graph must read the new values
+    torch.testing.assert_close(sample(net, x0, 4), sample(net, x0, 4, cuda_graph=False), rtol=1e-6, atol=1e-6)
+    net.l2.weight = torch.nn.Parameter(net.l2.weight.detach() * 0.5)  # rebinding: new address
+    torch.testing.assert_close(sample(net, x0, 4), sample(net, x0, 4, cuda_graph=False), rtol=1e-6, atol=1e-6)
+    other = _mlp("cuda", seed=2)  # a different model must never hit net's graph
+    for _ in range(3):
+        torch.testing.assert_close(
+            sample(other, x0, 4), sample(other, x0, 4, cuda_graph=False), rtol=1e-6, atol=1e-6
+        )
+
+
+@pytest.mark.cuda
+def test_cuda_graph_fallback_for_uncapturable_model():
+    clear_graph_cache()
+    net = _mlp("cuda")
+
+    def syncing(x, t):
+        scale = float(x.abs().max().item() > -1)  # a host sync: cannot be captured
+        return scale * net(x, t)
+
+    x0 = torch.randn(64, 2, device="cuda")
+    want = sample(net, x0, 4, cuda_graph=False)
+    default = torch.cuda.current_stream()
+    sampler._warned_capture = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            torch.testing.assert_close(sample(syncing, x0, 4), want, rtol=1e-6, atol=1e-6)
+    assert sum("CUDA-graph capture failed" in str(w.message) for w in caught) == 1
+    assert torch.cuda.current_stream() == default  # the capture stream was not left current
+    with pytest.raises(RuntimeError, match="could not be captured"):
+        sample(syncing, x0, 4, cuda_graph=True)
+    assert torch.cuda.current_stream() == default
+    torch.testing.assert_close(sample(net, x0, 4, cuda_graph=True), want, rtol=1e-6, atol=1e-6)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_update_kernel_cuda(dtype):
+    n = 3 * 1024 + 7
+    x, v1, v2 = (torch.randn(n, device="cuda").to(dtype) for _ in range(3))
+    out = torch.empty_like(x)
+    sampler._update(x, v1, v2, 0.25, 0.75, out)
+    ref = (x.double() + 0.25 * v1.double() + 0.75 * v2.double()).to(dtype)
+    torch.testing.assert_close(out, ref, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
