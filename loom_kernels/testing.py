@@ -7,6 +7,114 @@ from __future__ import annotations
 
 # ---- assignment problems and references (loom_kernels.assign) --------------------------------
 
+import numpy as _np
+
+ASSIGN_FAMILIES = ("uniform", "int_ties", "sq_low", "sq_high", "huge_range", "negative")
+BENCH_FAMILIES = ("unif", "sq3072", "sq2")
+
+
+def _sq_dists(x, y):
+    """Squared Euclidean distances in float64, clipped at 0 (the expansion can round below it)."""
+    x = _np.asarray(x, _np.float64)
+    y = _np.asarray(y, _np.float64)
+    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
+    return _np.maximum(d, 0.0)
+
+
+def ring_points(n, rng, k=8, radius=4.0, std=0.5):
+    """``n`` points of the 2-D ring of ``k`` Gaussians (the classic toy data set)."""
+    angle = 2 * _np.pi * rng.integers(0, k, n) / k
+    centers = radius * _np.stack([_np.cos(angle), _np.sin(angle)], 1)
+    return centers + std * rng.standard_normal((n, 2))
+
+
+def datalike_points(n, d, rng, rank=32, noise=0.1):
+    """``n`` image-like points in ``d`` dims: rank-``rank`` structure + ``noise``, tanh-squashed."""
+    z = rng.standard_normal((n, rank)) @ (rng.standard_normal((rank, d)) / _np.sqrt(rank))
+    return _np.tanh(z + noise * rng.standard_normal((n, d)))
+
+
+def assignment_problem(family, n, m=None, *, batch=None, rng=None, dtype=_np.float64, d=None):
+    """A random cost matrix ``(n, m)`` (or ``(batch, n, m)``) of a named family.
+
+    Families (tests): ``uniform`` U[0,1); ``int_ties`` integers in [0, 4) (many optima);
+    ``sq_low`` / ``sq_high`` squared Euclidean, standard-normal rows vs ring / data-like
+    columns in ``d`` dims (2 / 64 by default); ``huge_range`` U[0,1) times 10^U[-8, 8) per
+    entry; ``negative`` standard normal (negative entries). Benchmarks: ``unif``, ``sq3072``
+    (noise vs data-like points in 3072 dims, ``d`` overrides) and ``sq2`` (noise vs ring).
+    """
+    rng = _np.random.default_rng() if rng is None else rng
+    m = n if m is None else m
+    if batch is not None:
+        return _np.stack([assignment_problem(family, n, m, rng=rng, dtype=dtype, d=d) for _ in range(batch)])
+    if family in ("uniform", "unif"):
+        c = rng.random((n, m))
+    elif family == "int_ties":
+        c = rng.integers(0, 4, (n, m)).astype(_np.float64)
+    elif family in ("sq_low", "sq2"):
+        dim = 2 if d is None else d
+        c = _sq_dists(rng.standard_normal((n, dim)), ring_points(m, rng) if dim == 2 else datalike_points(m, dim, rng))
+    elif family in ("sq_high", "sq3072"):
+        dim = (64 if family == "sq_high" else 3072) if d is None else d
+        c = _sq_dists(rng.standard_normal((n, dim)), datalike_points(m, dim, rng))
+    elif family == "huge_range":
+        c = rng.random((n, m)) * 10.0 ** rng.uniform(-8, 8, (n, m))
+    elif family == "negative":
+        c = rng.standard_normal((n, m))
+    else:
+        raise ValueError(f"family must be one of {ASSIGN_FAMILIES + BENCH_FAMILIES}, got {family!r}")
+    return c.astype(dtype)
+
+
+def assignment_total(cost, rows, cols):
+    """Float64 total of the chosen pairs; ``cost (..., N, M)``, ``rows``/``cols`` ``(..., K)``."""
+    cost = _np.asarray(cost, _np.float64)
+    rows, cols = _np.asarray(rows), _np.asarray(cols)
+    if cost.ndim == 2:
+        return float(cost[rows, cols].sum())
+    b = _np.arange(cost.shape[0])[:, None]
+    return cost[b, rows, cols].sum(-1)
+
+
+def scipy_assignment(cost, maximize=False):
+    """scipy reference on the float64 value of ``cost``: ``(rows, cols, total)``; batches loop.
+    Raises scipy's ValueError for invalid or infeasible problems."""
+    from scipy.optimize import linear_sum_assignment as lsa
+
+    c = _np.asarray(cost, _np.float64)
+    if c.ndim == 2:
+        r, k = lsa(c, maximize=maximize)
+        return r, k, float(c[r, k].sum())
+    out = [scipy_assignment(ci, maximize) for ci in c]
+    K = min(c.shape[1:])
+    rows = _np.array([o[0] for o in out], _np.int64).reshape(len(out), K)
+    cols = _np.array([o[1] for o in out], _np.int64).reshape(len(out), K)
+    return rows, cols, _np.array([o[2] for o in out])
+
+
+def check_assignment(cost, rows, cols, maximize=False, rtol=1e-9, atol=0.0):
+    """Assert that ``(rows, cols)`` is a valid optimal assignment of ``cost`` (2-D or batched):
+    K = min(N, M) pairs, rows sorted, rows and columns distinct, total equal to scipy's within
+    ``rtol * |total| + atol`` (use rtol=0 for exact integer costs)."""
+    c = _np.asarray(cost, _np.float64)
+    rows, cols = _np.asarray(rows), _np.asarray(cols)
+    if c.ndim == 3:
+        assert rows.shape == cols.shape == (c.shape[0], min(c.shape[1:])), (rows.shape, c.shape)
+        for b in range(c.shape[0]):
+            check_assignment(c[b], rows[b], cols[b], maximize, rtol, atol)
+        return
+    N, M = c.shape
+    K = min(N, M)
+    assert rows.shape == cols.shape == (K,), (rows.shape, cols.shape, c.shape)
+    assert rows.dtype == _np.int64 and cols.dtype == _np.int64, (rows.dtype, cols.dtype)
+    assert _np.all(_np.diff(rows) > 0), "row_ind must be strictly increasing"
+    assert len(_np.unique(cols)) == K, "a column is used twice"
+    assert K == 0 or (rows.min() >= 0 and rows.max() < N and cols.min() >= 0 and cols.max() < M)
+    ours = float(c[rows, cols].sum())
+    ref = scipy_assignment(c, maximize)[2]
+    assert abs(ours - ref) <= rtol * abs(ref) + atol, (ours, ref, ours - ref)
+
+
 # ---- pairwise cost and noise references (loom_kernels.cost, loom_kernels.noise) -------------
 
 PHILOX4X32_10_KAT = (
