@@ -5,6 +5,7 @@
 
 #include "common/status.h"
 #include "cpu/lap_cpu.h"
+#include "cpu/auction_cpu.h"
 
 namespace py = pybind11;
 
@@ -25,6 +26,30 @@ py::tuple solve_lap_t(py::array_t<T, py::array::c_style> cost, bool maximize, in
   }
   return py::make_tuple(col4row, status);
 }
+
+// The auction's CPU twin (owned with cuda/auction_cuda.cu). with_rounds adds the bidding-round
+// count per problem, which tests compare with the GPU's.
+template <typename T>
+py::tuple solve_auction_t(py::array_t<T, py::array::c_style> cost, bool maximize, double tol, int threads,
+                          bool with_rounds) {
+  if (cost.ndim() != 3) throw std::invalid_argument("cost must be a 3-D (B, N, M) array");
+  const int64_t B = cost.shape(0), N = cost.shape(1), M = cost.shape(2);
+  if (N > M) throw std::invalid_argument("solve_auction needs N <= M (transpose first)");
+  if (M > 0x7ffffffe) throw std::invalid_argument("solve_auction needs M < 2^31 - 1");
+  py::array_t<int64_t> col4row({B, N});
+  py::array_t<int8_t> status(B);
+  py::array_t<int64_t> rounds(B);
+  const T* c = cost.data();
+  int64_t* out = col4row.mutable_data();
+  int8_t* st = status.mutable_data();
+  int64_t* rd = rounds.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    loom::auction_solve_batch<T>(c, B, N, M, maximize, tol, out, st, rd, threads);
+  }
+  if (with_rounds) return py::make_tuple(col4row, status, rounds);
+  return py::make_tuple(col4row, status);
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -32,4 +57,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("solve_lap", &solve_lap_t<double>, py::arg("cost"), py::arg("maximize"), py::arg("threads") = 0,
         "Exact dense assignment of a (B, N, M) float64 batch, N <= M -> (col4row int64 (B, N), status int8 (B,))");
   m.def("solve_lap", &solve_lap_t<float>, py::arg("cost"), py::arg("maximize"), py::arg("threads") = 0);
+  m.def("solve_auction", &solve_auction_t<double>, py::arg("cost"), py::arg("maximize"), py::arg("tol"),
+        py::arg("threads") = 0, py::arg("with_rounds") = false,
+        "ε-scaling auction (CPU twin of the CUDA solver) of a (B, N, M) float32/float64 batch, N <= M -> "
+        "(col4row int64 (B, N), status int8 (B,)[, rounds int64 (B,)])");
+  m.def("solve_auction", &solve_auction_t<float>, py::arg("cost"), py::arg("maximize"), py::arg("tol"),
+        py::arg("threads") = 0, py::arg("with_rounds") = false);
 }

@@ -325,12 +325,32 @@ def _solve_cpu(c3, maximize, tol, method, threads, batched):
     return col4row
 
 
-def _solve_cuda(t, maximize, tol):
+def _solve_cuda(t, maximize, tol, *, mode=0, rounds=None):
     """t: [B, N, M] contiguous float32/float64 CUDA tensor, N <= M, B >= 1, N >= 1.
 
     Returns ``(col4row int64 [B, N], status int8 [B])`` on ``t.device`` (status codes as in
     csrc/common/status.h), launched on the current stream without synchronizing; the caller
-    syncs once to raise errors.
+    syncs once to raise errors. ``mode`` forces a kernel (0 auto, 1 one block per problem, 2 the
+    same with its state in global memory, 3 the multi-block cooperative kernel) and ``rounds``
+    (int64 [B] on t.device) receives the bidding rounds per problem: both for tests/benchmarks.
     """
-    _native.cuda()  # raises the "built without CUDA" error on a CPU-only build
-    raise NotImplementedError("the CUDA assignment solver is not wired in yet")
+    import torch
+
+    mod = _native.cuda()  # raises the "built without CUDA" error on a CPU-only build
+    B, N, M = (int(s) for s in t.shape)
+    dev = t.device
+    with torch.cuda.device(dev):
+        idx = torch.cuda.current_device()
+        col4row = torch.empty((B, N), dtype=torch.int64, device=dev)
+        status = torch.empty((B,), dtype=torch.int8, device=dev)
+        nbytes = int(mod.workspace_bytes(B, N, M, mode, idx))
+        # Freed when this returns: the caching allocator hands the block out again only to
+        # work queued after the kernel on this same stream.
+        ws = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=dev)
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        mod.solve_auction(
+            t.data_ptr(), "float64" if t.dtype == torch.float64 else "float32", B, N, M, bool(maximize),
+            float(tol), col4row.data_ptr(), status.data_ptr(), ws.data_ptr(), nbytes,
+            0 if rounds is None else rounds.data_ptr(), stream, idx, int(mode),
+        )
+    return col4row, status

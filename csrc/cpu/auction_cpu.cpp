@@ -1,1 +1,194 @@
-// CPU twin of the CUDA auction (placeholder).
+// CPU twin of the CUDA ε-scaling auction (Bertsekas 1988; Bertsekas & Castañón 1991, Jacobi
+// rounds). Every step mirrors cuda/auction_cuda.cu: in a round all unassigned bidders bid
+// against the same prices, each object takes the highest bid (ties to the lowest bidder), then
+// assignments and prices change at once. The math lives in common/auction.h; this file only
+// orders it sequentially. Batches run one problem per std::thread task.
+#include "cpu/auction_cpu.h"
+
+#include <algorithm>
+#include <atomic>
+#include <thread>
+#include <vector>
+
+#include "common/auction.h"
+#include "common/status.h"
+
+namespace loom {
+namespace {
+using namespace auction;
+
+struct Workspace {
+  std::vector<double> price, x;
+  std::vector<uint64_t> best_key;
+  std::vector<int> best_bidder, owner, assigned;
+  std::vector<int> touched;
+  void resize(int64_t m) {
+    price.assign(m, 0.0);
+    x.assign(m, 0.0);
+    best_key.assign(m, kKeyNone);
+    best_bidder.assign(m, kNoIndex);
+    owner.assign(m, -1);
+    assigned.assign(m, -1);
+    touched.clear();
+    touched.reserve(m);
+  }
+};
+
+// The canonical 32-lane order of auction.h (the GPU sums in exactly this order).
+double canon_sum(const double* x, int64_t n, bool absolute) {
+  double part[kSumLanes] = {0.0};
+  for (int64_t i = 0; i < n; ++i) part[i % kSumLanes] += absolute ? std::fabs(x[i]) : x[i];
+  double total = 0.0;
+  for (int l = 0; l < kSumLanes; ++l) total += part[l];
+  return total;
+}
+
+template <typename T>
+int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, int64_t* col4row,
+                 int64_t* rounds_out, Workspace& ws) {
+  int64_t rounds = 0;
+  if (rounds_out) *rounds_out = 0;
+  if (N == 0) return kOk;
+  std::fill(col4row, col4row + N, int64_t(-1));
+
+  // One pass: range, integrality, invalid entries, rows without a finite entry.
+  double lo = HUGE_VAL, hi = -HUGE_VAL;
+  bool invalid = false, has_inf = false, integral = true, empty_row = false;
+  for (int64_t i = 0; i < N; ++i) {
+    bool any_finite = false;
+    for (int64_t j = 0; j < M; ++j) {
+      double x = static_cast<double>(c[i * M + j]);
+      if (maximize) x = -x;
+      scan_entry(x, lo, hi, invalid, has_inf, integral);
+      any_finite |= std::isfinite(x);
+    }
+    empty_row |= !any_finite;
+  }
+  if (invalid) return kInvalid;
+  if (empty_row) return kInfeasible;
+
+  const double big = has_inf ? big_cost(lo, hi, N) : hi;
+  const int64_t m = M;  // bidders after padding with M - N zero-cost dummies
+  ws.resize(m);
+  double* p = ws.price.data();
+  auto cost = [&](int64_t i, int64_t j) -> double {
+    return i < N ? load_cost(c[i * M + j], maximize, big) : 0.0;
+  };
+
+  double eps = eps_initial(lo, big > hi ? big : hi);
+  int64_t unassigned = m;  // owner/assigned start empty (ws.resize)
+  for (int phase = 0; phase < kMaxPhases; ++phase) {
+    if (phase > 0) {
+      // Keep the pairs that still satisfy ε-CS at the new ε (ws.x holds u_i = min_j c_ij + p_j
+      // from the certificate); only the others bid again.
+      for (int64_t i = 0; i < m; ++i) {
+        const int j = ws.assigned[i];
+        if (!keeps_pair(cost(i, j), p[j], ws.x[i], eps)) {
+          ws.assigned[i] = -1;
+          ws.owner[j] = -1;
+          ++unassigned;
+        }
+      }
+    }
+    while (unassigned > 0) {
+      if (++rounds > kMaxRounds) {
+        if (rounds_out) *rounds_out = rounds - 1;
+        return kNotConverged;
+      }
+      // Bids against the prices of the start of the round.
+      for (int64_t i = 0; i < m; ++i) {
+        if (ws.assigned[i] >= 0) continue;
+        Top2 t = top2_empty();
+        for (int64_t j = 0; j < M; ++j) top2_push(t, value(cost(i, j), p[j]), static_cast<int>(j));
+        const int j = t.j1;
+        const uint64_t k = key_of(bid_price(t, p[j], eps));
+        if (ws.best_bidder[j] == kNoIndex) ws.touched.push_back(j);
+        if (k > ws.best_key[j]) {  // bidders come in ascending order: ties keep the lowest
+          ws.best_key[j] = k;
+          ws.best_bidder[j] = static_cast<int>(i);
+        }
+      }
+      // Every object that got a bid goes to its best bidder at the bid price.
+      for (int j : ws.touched) {
+        const int w = ws.best_bidder[j];
+        const int old = ws.owner[j];
+        if (old >= 0) ws.assigned[old] = -1; else --unassigned;
+        ws.owner[j] = w;
+        ws.assigned[w] = j;
+        p[j] = double_of(ws.best_key[j]);
+        ws.best_key[j] = kKeyNone;
+        ws.best_bidder[j] = kNoIndex;
+      }
+      ws.touched.clear();
+    }
+
+    // Certificate: primal of the current assignment, dual of the current prices.
+    bool uses_big = false;
+    for (int64_t i = 0; i < m; ++i) {
+      if (i < N) {
+        double raw = static_cast<double>(c[i * M + ws.assigned[i]]);
+        if (maximize) raw = -raw;
+        uses_big |= raw == HUGE_VAL;
+        ws.x[i] = cost(i, ws.assigned[i]);
+      } else {
+        ws.x[i] = 0.0;
+      }
+    }
+    const double P = canon_sum(ws.x.data(), m, false);
+    const double sum_abs = canon_sum(ws.x.data(), m, true);
+    for (int64_t i = 0; i < m; ++i) {
+      double u = HUGE_VAL;
+      for (int64_t j = 0; j < M; ++j) {
+        double v = cost(i, j) + p[j];
+        u = v < u ? v : u;
+      }
+      ws.x[i] = u;
+    }
+    const double sum_u = canon_sum(ws.x.data(), m, false);
+    const double sum_p = canon_sum(p, M, false);
+    const double D = sum_u - sum_p;
+    const double thr = gap_threshold(tol, sum_abs, sum_p, m);
+    if (certified(P, D, thr, integral)) {
+      if (rounds_out) *rounds_out = rounds;
+      if (uses_big) return kInfeasible;
+      for (int64_t i = 0; i < N; ++i) col4row[i] = ws.assigned[i];
+      return kOk;
+    }
+    eps = eps_next(eps, thr, integral, m);
+  }
+  if (rounds_out) *rounds_out = rounds;
+  return kNotConverged;
+}
+}  // namespace
+
+template <typename T>
+void auction_solve_batch(const T* cost, int64_t B, int64_t N, int64_t M, bool maximize, double tol,
+                         int64_t* col4row, int8_t* status, int64_t* rounds, int threads) {
+  if (B <= 0) return;
+  int hw = static_cast<int>(std::thread::hardware_concurrency());
+  int nt = threads > 0 ? threads : (hw > 0 ? hw : 1);
+  nt = static_cast<int>(std::min<int64_t>(nt, B));
+  std::atomic<int64_t> next{0};
+  auto work = [&]() {
+    Workspace ws;
+    for (int64_t b = next++; b < B; b = next++) {
+      status[b] = solve_one<T>(cost + b * N * M, N, M, maximize, tol, col4row + b * N,
+                               rounds ? rounds + b : nullptr, ws);
+    }
+  };
+  if (nt <= 1) {
+    work();
+    return;
+  }
+  std::vector<std::thread> pool;
+  pool.reserve(nt - 1);
+  for (int t = 0; t < nt - 1; ++t) pool.emplace_back(work);
+  work();
+  for (auto& th : pool) th.join();
+}
+
+template void auction_solve_batch<float>(const float*, int64_t, int64_t, int64_t, bool, double,
+                                         int64_t*, int8_t*, int64_t*, int);
+template void auction_solve_batch<double>(const double*, int64_t, int64_t, int64_t, bool, double,
+                                          int64_t*, int8_t*, int64_t*, int);
+}  // namespace loom

@@ -1,7 +1,478 @@
+// CUDA ε-scaling auction (Bertsekas 1988; Jacobi rounds: Bertsekas & Castañón 1991), the twin
+// of cpu/auction_cpu.cpp: the per-bidder math, ties, ε schedule and certificate come from
+// common/auction.h, so a float64 run matches the CPU twin's assignment and round count.
+//
+// One "team" of threads solves one problem:
+// * BlockTeam: one thread block per problem, all B problems in one launch. The per-problem
+//   state (prices, owners, bids: 64 + 40*M bytes) lives in shared memory when it fits, else
+//   in a global workspace slice.
+// * GridTeam: every block of a cooperative launch works on one problem (large M, small B),
+//   state in global memory, cg::this_grid().sync() between the steps of a round.
+// A round: (A) each warp takes unassigned bidders, scans the row with coalesced loads, reduces
+// the top-2 values with shuffles and atomicMax-es the order-preserving key of its bid on the
+// object; (B) bidders whose key equals the object's best atomicMin their index (ties -> lowest
+// bidder); (C) objects that got bids move to their winner at the bid price.
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
-int loom_cuda_device_count() {
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/auction.h"
+#include "common/status.h"
+#include "cuda/auction_cuda.h"
+
+namespace cg = cooperative_groups;
+
+namespace loom {
+namespace {
+using namespace auction;
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kBlockThreads = 512;
+constexpr int kGridThreads = 512;
+
+enum Flag : int { kFlagInvalid = 1, kFlagHasInf = 2, kFlagNotIntegral = 4, kFlagEmptyRow = 8, kFlagUsesBig = 16 };
+
+// Per-problem scalars shared by the team (64 bytes, first in the state).
+struct Header {
+  unsigned long long lo_key, hi_key;  // key_of(min / max finite entry)
+  int flags;
+  int unassigned;
+  double sums[4];  // P, sum |c_i,s(i)|, sum p_j, sum u_i
+};
+static_assert(sizeof(Header) <= 64, "header must fit its 64-byte slot");
+
+__host__ __device__ inline size_t state_bytes(int64_t M) { return 64 + 40 * static_cast<size_t>(M); }
+
+struct State {
+  Header* h;
+  double* price;                 // [M]
+  unsigned long long* best_key;  // [M] best bid key per object this round
+  double* x;                     // [M] bids' keys during rounds (as bits) / row sums at phase end
+  int* best_bidder;              // [M]
+  int* owner;                    // [M] bidder owning object j, -1
+  int* assigned;                 // [M] object of bidder i (dummies i >= N included), -1
+  int* bid_obj;                  // [M] object bidder i bid on this round
+};
+
+__device__ inline State carve(char* base, int M) {
+  State s;
+  s.h = reinterpret_cast<Header*>(base);
+  char* p = base + 64;
+  s.price = reinterpret_cast<double*>(p); p += 8 * static_cast<size_t>(M);
+  s.best_key = reinterpret_cast<unsigned long long*>(p); p += 8 * static_cast<size_t>(M);
+  s.x = reinterpret_cast<double*>(p); p += 8 * static_cast<size_t>(M);
+  s.best_bidder = reinterpret_cast<int*>(p); p += 4 * static_cast<size_t>(M);
+  s.owner = reinterpret_cast<int*>(p); p += 4 * static_cast<size_t>(M);
+  s.assigned = reinterpret_cast<int*>(p); p += 4 * static_cast<size_t>(M);
+  s.bid_obj = reinterpret_cast<int*>(p);
+  return s;
+}
+
+// ld(): loads of state other threads write. In a block team plain loads suffice (shared memory,
+// or a global slice only this block touches); a grid team reads through L2 (__ldcg) so no SM
+// sees a stale L1 line of another block's write.
+struct BlockTeam {
+  template <typename U>
+  __device__ U ld(const U* p) const { return *p; }
+  __device__ int rank() const { return threadIdx.x; }
+  __device__ int size() const { return blockDim.x; }
+  __device__ bool leader_warp() const { return threadIdx.x < 32; }
+  __device__ void sync() const { __syncthreads(); }
+};
+
+struct GridTeam {
+  template <typename U>
+  __device__ U ld(const U* p) const { return __ldcg(p); }
+  __device__ int rank() const { return blockIdx.x * blockDim.x + threadIdx.x; }
+  __device__ int size() const { return gridDim.x * blockDim.x; }
+  __device__ bool leader_warp() const { return blockIdx.x == 0 && threadIdx.x < 32; }
+  // grid.sync() fences memory at device scope: plain loads after it see the other blocks' writes.
+  __device__ void sync() const { cg::this_grid().sync(); }
+};
+
+__device__ inline Top2 shfl_xor_top2(const Top2& t, int off) {
+  Top2 o;
+  o.v1 = __shfl_xor_sync(kFull, t.v1, off);
+  o.v2 = __shfl_xor_sync(kFull, t.v2, off);
+  o.j1 = __shfl_xor_sync(kFull, t.j1, off);
+  return o;
+}
+
+// Canonical 32-lane sum of x[0..n) (auction.h); the whole warp calls it, every lane gets it.
+template <typename Team>
+__device__ inline double warp_canon_sum(const Team& team, const double* x, int n, bool absolute) {
+  const int lane = threadIdx.x & 31;
+  double part = 0.0;
+  for (int i = lane; i < n; i += kSumLanes) {
+    const double v = team.ld(&x[i]);
+    part += absolute ? fabs(v) : v;
+  }
+  double total = 0.0;
+  for (int l = 0; l < kSumLanes; ++l) total += __shfl_sync(kFull, part, l);
+  return total;
+}
+
+__device__ inline int volatile_load(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+__device__ inline double volatile_load(const double* p) { return *reinterpret_cast<const volatile double*>(p); }
+
+// Solves one problem with the threads of `team`. Every thread runs the same control flow (all
+// loop bounds and branches below depend only on values read after a team sync), so every
+// team.sync() is reached by all threads.
+template <typename T, typename Team>
+__device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, int M, bool maximize,
+                              double tol, State s, int64_t* __restrict__ col4row, int8_t* __restrict__ status,
+                              int64_t* __restrict__ rounds_out) {
+  const int tid = team.rank();
+  const int nthr = team.size();
+  const int lane = threadIdx.x & 31;
+  const int warp = tid >> 5;
+  const int nwarps = nthr >> 5;
+  const int m = M;  // bidders after padding with M - N zero-cost dummies
+  Header* h = s.h;
+
+  // ---- init + scan ----
+  if (tid == 0) {
+    h->lo_key = key_of(HUGE_VAL);
+    h->hi_key = key_of(-HUGE_VAL);
+    h->flags = 0;
+    h->unassigned = m;
+  }
+  for (int j = tid; j < M; j += nthr) {
+    s.price[j] = 0.0;
+    s.best_key[j] = kKeyNone;
+    s.best_bidder[j] = kNoIndex;
+    s.owner[j] = -1;
+    s.assigned[j] = -1;
+  }
+  team.sync();
+  {
+    double lo = HUGE_VAL, hi = -HUGE_VAL;
+    bool invalid = false, has_inf = false, integral = true, empty_row = false;
+    for (int i = warp; i < N; i += nwarps) {  // warp-uniform loop: the vote below sees 32 lanes
+      const T* row = c + static_cast<int64_t>(i) * M;
+      bool any_finite = false;
+      for (int j = lane; j < M; j += 32) {
+        double x = static_cast<double>(row[j]);
+        if (maximize) x = -x;
+        scan_entry(x, lo, hi, invalid, has_inf, integral);
+        any_finite |= isfinite(x);
+      }
+      if (!__any_sync(kFull, any_finite)) empty_row = true;
+    }
+    if (lo != HUGE_VAL) atomicMin(&h->lo_key, key_of(lo));
+    if (hi != -HUGE_VAL) atomicMax(&h->hi_key, key_of(hi));
+    int f = (invalid ? kFlagInvalid : 0) | (has_inf ? kFlagHasInf : 0) | (integral ? 0 : kFlagNotIntegral) |
+            (empty_row ? kFlagEmptyRow : 0);
+    if (f) atomicOr(&h->flags, f);
+  }
+  team.sync();
+  const int flags = volatile_load(&h->flags);
+  const double lo = double_of(*reinterpret_cast<volatile unsigned long long*>(&h->lo_key));
+  const double hi = double_of(*reinterpret_cast<volatile unsigned long long*>(&h->hi_key));
+  if (flags & (kFlagInvalid | kFlagEmptyRow)) {
+    for (int i = tid; i < N; i += nthr) col4row[i] = -1;
+    if (tid == 0) {
+      *status = (flags & kFlagInvalid) ? kInvalid : kInfeasible;
+      if (rounds_out) *rounds_out = 0;
+    }
+    return;
+  }
+  const bool integral = !(flags & kFlagNotIntegral);
+  const double big = (flags & kFlagHasInf) ? big_cost(lo, hi, N) : hi;
+  unsigned long long* bid_key = reinterpret_cast<unsigned long long*>(s.x);
+
+  double eps = eps_initial(lo, big > hi ? big : hi);
+  int64_t rounds = 0;
+  int8_t st = kNotConverged;
+  bool certified_ok = false;
+  for (int phase = 0; phase < kMaxPhases && !certified_ok; ++phase) {
+    if (phase > 0) {
+      // Keep the pairs still in ε-CS at the new ε; s.x holds u_i from the last certificate.
+      int freed = 0;
+      for (int i = tid; i < m; i += nthr) {
+        const int j = team.ld(&s.assigned[i]);
+        const double ci = i < N ? load_cost(c[static_cast<int64_t>(i) * M + j], maximize, big) : 0.0;
+        if (!keeps_pair(ci, team.ld(&s.price[j]), team.ld(&s.x[i]), eps)) {
+          s.assigned[i] = -1;
+          s.owner[j] = -1;
+          ++freed;
+        }
+      }
+      if (freed) atomicAdd(&h->unassigned, freed);
+      team.sync();
+    }
+
+    bool out_of_rounds = false;
+    while (volatile_load(&h->unassigned) > 0) {
+      if (++rounds > kMaxRounds) {
+        out_of_rounds = true;
+        break;
+      }
+      // (A) bids against the prices of the start of the round.
+      for (int i = warp; i < m; i += nwarps) {
+        if (team.ld(&s.assigned[i]) >= 0) continue;  // same value for all lanes: the warp stays converged
+        Top2 t = top2_empty();
+        if (i < N) {
+          const T* row = c + static_cast<int64_t>(i) * M;
+          for (int j = lane; j < M; j += 32) top2_push(t, value(load_cost(row[j], maximize, big), team.ld(&s.price[j])), j);
+        } else {
+          for (int j = lane; j < M; j += 32) top2_push(t, value(0.0, team.ld(&s.price[j])), j);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) t = top2_merge(t, shfl_xor_top2(t, off));
+        if (lane == 0) {
+          const unsigned long long k = key_of(bid_price(t, team.ld(&s.price[t.j1]), eps));
+          s.bid_obj[i] = t.j1;
+          bid_key[i] = k;
+          atomicMax(&s.best_key[t.j1], k);
+        }
+      }
+      team.sync();
+      // (B) among equal best bids the lowest bidder wins.
+      for (int i = tid; i < m; i += nthr) {
+        if (team.ld(&s.assigned[i]) >= 0) continue;
+        const int j = team.ld(&s.bid_obj[i]);
+        if (team.ld(&bid_key[i]) == team.ld(&s.best_key[j])) atomicMin(&s.best_bidder[j], i);
+      }
+      team.sync();
+      // (C) objects move to their winners. Winners were unassigned and previous owners were
+      // not bidding, so the assigned[] writes of different objects never collide.
+      int taken = 0;
+      for (int j = tid; j < M; j += nthr) {
+        const int w = team.ld(&s.best_bidder[j]);
+        if (w == kNoIndex) continue;
+        const int old = team.ld(&s.owner[j]);
+        if (old >= 0) s.assigned[old] = -1; else ++taken;
+        s.owner[j] = w;
+        s.assigned[w] = j;
+        s.price[j] = double_of(team.ld(&s.best_key[j]));
+        s.best_key[j] = kKeyNone;
+        s.best_bidder[j] = kNoIndex;
+      }
+      if (taken) atomicSub(&h->unassigned, taken);
+      team.sync();
+    }
+    if (out_of_rounds) break;
+
+    // ---- certificate: P of the assignment, D of the prices ----
+    for (int i = tid; i < m; i += nthr)
+      s.x[i] = i < N ? load_cost(c[static_cast<int64_t>(i) * M + team.ld(&s.assigned[i])], maximize, big) : 0.0;
+    team.sync();
+    if (team.leader_warp()) {
+      const double P = warp_canon_sum(team, s.x, m, false);
+      const double A = warp_canon_sum(team, s.x, m, true);
+      const double Sp = warp_canon_sum(team, s.price, M, false);
+      if (lane == 0) {
+        h->sums[0] = P;
+        h->sums[1] = A;
+        h->sums[2] = Sp;
+      }
+    }
+    team.sync();  // the leader has read s.x before rows overwrite it
+    for (int i = warp; i < m; i += nwarps) {
+      double u = HUGE_VAL;
+      if (i < N) {
+        const T* row = c + static_cast<int64_t>(i) * M;
+        for (int j = lane; j < M; j += 32) {
+          const double v = load_cost(row[j], maximize, big) + team.ld(&s.price[j]);
+          u = v < u ? v : u;
+        }
+      } else {
+        for (int j = lane; j < M; j += 32) {
+          const double v = 0.0 + team.ld(&s.price[j]);
+          u = v < u ? v : u;
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const double o = __shfl_xor_sync(kFull, u, off);
+        u = o < u ? o : u;
+      }
+      if (lane == 0) s.x[i] = u;
+    }
+    team.sync();
+    if (team.leader_warp()) {
+      const double Su = warp_canon_sum(team, s.x, m, false);
+      if (lane == 0) h->sums[3] = Su;
+    }
+    team.sync();
+    const double P = volatile_load(&h->sums[0]);
+    const double A = volatile_load(&h->sums[1]);
+    const double Sp = volatile_load(&h->sums[2]);
+    const double Su = volatile_load(&h->sums[3]);
+    const double D = Su - Sp;
+    const double thr = gap_threshold(tol, A, Sp, m);
+    if (certified(P, D, thr, integral)) {
+      certified_ok = true;
+    } else {
+      eps = eps_next(eps, thr, integral, m);
+    }
+  }
+
+  if (certified_ok) {
+    // The modified problem's optimum uses a stand-in for +inf iff the original is infeasible.
+    for (int i = tid; i < N; i += nthr) {
+      double raw = static_cast<double>(c[static_cast<int64_t>(i) * M + team.ld(&s.assigned[i])]);
+      if (maximize) raw = -raw;
+      if (raw == HUGE_VAL) atomicOr(&h->flags, kFlagUsesBig);
+    }
+    team.sync();
+    st = (volatile_load(&h->flags) & kFlagUsesBig) ? kInfeasible : kOk;
+  }
+  for (int i = tid; i < N; i += nthr) col4row[i] = st == kOk ? team.ld(&s.assigned[i]) : -1;
+  if (tid == 0) {
+    *status = st;
+    if (rounds_out) *rounds_out = rounds > kMaxRounds ? kMaxRounds : rounds;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlockThreads) auction_block_kernel(
+    const T* __restrict__ cost,  // [B, N, M]
+    int N, int M, bool maximize, double tol, bool in_shared,
+    char* __restrict__ workspace,  // [B, state_bytes(M)] when !in_shared
+    int64_t* __restrict__ col4row, int8_t* __restrict__ status, int64_t* __restrict__ rounds) {
+  extern __shared__ __align__(16) char smem[];
+  const int64_t b = blockIdx.x;
+  char* base = in_shared ? smem : workspace + b * state_bytes(M);
+  solve_problem<T>(BlockTeam{}, cost + b * N * static_cast<int64_t>(M), N, M, maximize, tol, carve(base, M),
+                   col4row + b * N, status + b, rounds ? rounds + b : nullptr);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kGridThreads) auction_grid_kernel(
+    const T* __restrict__ cost,  // [N, M], one problem
+    int N, int M, bool maximize, double tol,
+    char* __restrict__ workspace,  // [state_bytes(M)]
+    int64_t* __restrict__ col4row, int8_t* __restrict__ status, int64_t* __restrict__ rounds) {
+  solve_problem<T>(GridTeam{}, cost, N, M, maximize, tol, carve(workspace, M), col4row, status, rounds);
+}
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("loom_kernels CUDA auction: ") + what + " failed: " + cudaGetErrorString(e));
+}
+
+struct Plan {
+  bool grid;
+  bool in_shared;
+  int blocks;  // grid path: cooperative blocks
+  size_t workspace;
+};
+
+template <typename T>
+Plan make_plan(int64_t B, int64_t M, int mode, int device) {
+  int sms = 0, smem_optin = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "cudaDeviceGetAttribute");
+  Plan plan{false, false, 0, 0};
+  plan.grid = mode == kModeGrid || (mode == kModeAuto && B <= kGridMaxB && M >= kGridMinM);
+  if (plan.grid) {
+    int per_sm = 0;
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, auction_grid_kernel<T>, kGridThreads, 0),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    if (per_sm < 1) throw std::runtime_error("loom_kernels CUDA auction: the grid kernel cannot be resident");
+    // A warp per bidder of a full round, but never more blocks than are resident at once.
+    const int64_t want = (M * 32 + kGridThreads - 1) / kGridThreads;
+    const int64_t cap = static_cast<int64_t>(sms) * (per_sm < 2 ? per_sm : 2);
+    plan.blocks = static_cast<int>(want < cap ? want : cap);
+    if (plan.blocks < 1) plan.blocks = 1;
+    plan.workspace = state_bytes(M);  // problems run one after another on the stream
+    return plan;
+  }
+  plan.in_shared = mode != kModeBlockGlobal && state_bytes(M) <= static_cast<size_t>(smem_optin);
+  plan.workspace = plan.in_shared ? 0 : static_cast<size_t>(B) * state_bytes(M);
+  return plan;
+}
+
+template <typename T>
+void launch(const void* cost, int64_t B, int64_t N, int64_t M, bool maximize, double tol, void* workspace,
+            size_t workspace_bytes, int64_t* col4row, int8_t* status, int64_t* rounds, cudaStream_t stream,
+            int device, int mode) {
+  const int n = static_cast<int>(N), mm = static_cast<int>(M);
+  const T* c = static_cast<const T*>(cost);
+  char* ws = static_cast<char*>(workspace);
+  const Plan plan = make_plan<T>(B, M, mode, device);
+  if (workspace_bytes < plan.workspace || (plan.workspace > 0 && ws == nullptr))
+    throw std::invalid_argument("auction_cuda_solve: workspace of " + std::to_string(workspace_bytes) +
+                                " bytes, needs " + std::to_string(plan.workspace));
+  if (plan.grid) {
+    auto kern = auction_grid_kernel<T>;
+    for (int64_t b = 0; b < B; ++b) {
+      const T* cb = c + b * N * M;
+      int64_t* ob = col4row + b * N;
+      int8_t* sb = status + b;
+      int64_t* rb = rounds ? rounds + b : nullptr;
+      void* args[] = {(void*)&cb, (void*)&n, (void*)&mm, (void*)&maximize, (void*)&tol, (void*)&ws,
+                      (void*)&ob, (void*)&sb, (void*)&rb};
+      check(cudaLaunchCooperativeKernel((const void*)kern, dim3(plan.blocks), dim3(kGridThreads), args, 0, stream),
+            "cudaLaunchCooperativeKernel");
+    }
+    return;
+  }
+  const size_t dyn = plan.in_shared ? state_bytes(M) : 0;
+  auto kern = auction_block_kernel<T>;
+  if (dyn > 48 * 1024)
+    check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn)),
+          "cudaFuncSetAttribute");
+  kern<<<static_cast<unsigned>(B), kBlockThreads, dyn, stream>>>(c, n, mm, maximize, tol, plan.in_shared, ws, col4row,
+                                                                  status, rounds);
+  check(cudaGetLastError(), "auction kernel launch");
+}
+
+// Runs f with `device` current, restoring the caller's device.
+template <typename F>
+void on_device(int device, F&& f) {
+  int cur = -1;
+  check(cudaGetDevice(&cur), "cudaGetDevice");
+  if (cur != device) check(cudaSetDevice(device), "cudaSetDevice");
+  try {
+    f();
+  } catch (...) {
+    if (cur != device) cudaSetDevice(cur);
+    throw;
+  }
+  if (cur != device) check(cudaSetDevice(cur), "cudaSetDevice");
+}
+}  // namespace
+
+size_t auction_cuda_workspace_bytes(int64_t B, int64_t N, int64_t M, int mode, int device) {
+  (void)N;
+  if (B <= 0 || N <= 0) return 0;
+  size_t bytes = 0;
+  on_device(device, [&] { bytes = make_plan<float>(B, M, mode, device).workspace; });
+  return bytes;
+}
+
+void auction_cuda_solve(const void* cost, bool is_double, int64_t B, int64_t N, int64_t M, bool maximize,
+                        double tol, void* workspace, size_t workspace_bytes, int64_t* col4row, int8_t* status,
+                        int64_t* rounds, cudaStream_t stream, int device, int mode) {
+  if (B <= 0) return;
+  if (N > M) throw std::invalid_argument("auction_cuda_solve needs N <= M (transpose first)");
+  if (M > (int64_t(1) << 30)) throw std::invalid_argument("auction_cuda_solve needs M <= 2^30");
+  if (mode < kModeAuto || mode > kModeGrid) throw std::invalid_argument("auction_cuda_solve: unknown mode");
+  on_device(device, [&] {
+    if (N == 0) {
+      check(cudaMemsetAsync(status, 0, static_cast<size_t>(B), stream), "cudaMemsetAsync");
+      if (rounds) check(cudaMemsetAsync(rounds, 0, static_cast<size_t>(B) * sizeof(int64_t), stream), "cudaMemsetAsync");
+      return;
+    }
+    if (is_double)
+      launch<double>(cost, B, N, M, maximize, tol, workspace, workspace_bytes, col4row, status, rounds, stream,
+                     device, mode);
+    else
+      launch<float>(cost, B, N, M, maximize, tol, workspace, workspace_bytes, col4row, status, rounds, stream,
+                    device, mode);
+  });
+}
+
+int auction_cuda_device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
   return n;
 }
+}  // namespace loom
