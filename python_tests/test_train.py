@@ -1,0 +1,315 @@
+"""The thin trainer: learning, logging, checkpoints, exact resume, EMA, errors, DDP, and the CLIs."""
+import csv
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from loom_kernels import data
+from loom_kernels.coupling import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
+from loom_kernels.models import MLPVelocity
+from loom_kernels.train import (LOG_COLUMNS, TrainConfig, load_checkpoint, load_model, make_coupling, train)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup(coupling="loom", n=96, caches=2, hidden=16, seed=0):
+    torch.manual_seed(seed)
+    ds = data.IndexedDataset(data.load("8gaussians", n=n, seed=seed))
+    model = MLPVelocity((2,), hidden=hidden, depth=2, time_dim=8)
+    return model, ds, make_coupling(coupling, n, (2,), num_caches=caches, seed=seed)
+
+
+def _cfg(**kw):
+    base = dict(steps=10, batch_size=16, lr=3e-3, warmup=3, progress=False, log_every=1, seed=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _params(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_loss_decreases_on_a_toy_set():
+    model, ds, coupling = _setup("ot", n=512, hidden=32)
+    res = train(model, ds, coupling, _cfg(steps=100, batch_size=64, lr=3e-3, warmup=10))
+    losses = [r["loss"] for r in res.history]
+    assert res.step == 100 and len(losses) == 100
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5])
+    # The logged coupling stats are the minibatch OT's: re-pairing lowers the cost.
+    assert all(r["post_cost"] <= r["pre_cost"] + 1e-6 for r in res.history)
+    assert res.history[-1]["lr"] == pytest.approx(3e-3)
+    assert res.history[0]["lr"] == pytest.approx(3e-3 / 10)  # linear warm-up
+
+
+def test_csv_log_columns_and_rows(tmp_path):
+    model, ds, coupling = _setup("loom")
+    train(model, ds, coupling, _cfg(steps=12, log_every=4, out_dir=str(tmp_path)))
+    with open(tmp_path / "log.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == LOG_COLUMNS
+    assert [int(r["step"]) for r in rows] == [4, 8, 12]
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 1]  # 96 points / batch 16: steps 7-12 are epoch 1
+    for r in rows:
+        assert float(r["post_cost"]) <= float(r["pre_cost"]) + 1e-6
+        assert 0 <= float(r["swaps"]) <= 16 and np.isfinite(float(r["loss"]))
+
+
+def test_checkpoint_round_trip_and_ema_is_saved(tmp_path):
+    model, ds, coupling = _setup("loom")
+    res = train(model, ds, coupling, _cfg(steps=30, out_dir=str(tmp_path), ema_decay=0.9),
+                metadata={"model": model.spec, "note": "x"})
+    ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ck["step"] == 30 and ck["epoch"] == 4 and ck["metadata"]["note"] == "x"
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "coupling", "rng", "config"):
+        assert key in ck
+    assert set(ck["rng"][0]) >= {"torch", "numpy", "python"}
+    assert torch.equal(ck["coupling"]["seeds"], coupling.seeds)
+    raw, ema = res.model.state_dict(), res.ema.state_dict()
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw), "the EMA must differ from the raw weights"
+    # model.pt (what sampling uses) holds the EMA, and load_model rebuilds the net from the spec.
+    for path in ("model.pt", "checkpoint.pt"):
+        net = load_model(str(tmp_path / path))
+        for k, v in net.state_dict().items():
+            assert torch.equal(v, ema[k])
+    raw_net = load_model(str(tmp_path / "checkpoint.pt"), weights="raw")
+    for k, v in raw_net.state_dict().items():
+        assert torch.equal(v, raw[k])
+    with pytest.raises(ValueError, match="only the EMA"):
+        load_model(str(tmp_path / "model.pt"), weights="raw")
+
+
+@pytest.mark.parametrize("coupling", ["independent", "ot", "loom"])
+def test_exact_resume(tmp_path, coupling):
+    # 96 points / 16 per batch = 6 steps per epoch: the split at step 9 is mid-epoch, and the run crosses
+    # three epoch boundaries, so a restarted epoch counter or data order would show.
+    k, half = 20, 9
+    kw = dict(sigma=1e-3, ema_decay=0.9)
+    model_a, ds, coup_a = _setup(coupling)
+    res_a = train(model_a, ds, coup_a, _cfg(steps=k, **kw))
+
+    model_b, ds, coup_b = _setup(coupling)
+    out = str(tmp_path / "run")
+    train(model_b, ds, coup_b, _cfg(steps=half, out_dir=out, **kw))
+    ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert (ck["step"], ck["epoch"], ck["seen"]) == (9, 1, 48)
+    torch.manual_seed(1234)  # resume must not depend on the state of the caller's RNG
+    # A different initialization: the weights must come from the checkpoint (the coupling's
+    # configuration must match the saved one; its table and generator state come from the checkpoint).
+    model_c, _, coup_c = _setup(coupling, seed=77)
+    coup_c = make_coupling(coupling, 96, (2,), num_caches=2, seed=0)
+    res_c = train(model_c, ds, coup_c, _cfg(steps=k, out_dir=out, resume=True, **kw))
+
+    assert res_c.step == k
+    for name, a, c in (("raw", res_a.model, res_c.model), ("ema", res_a.ema, res_c.ema)):
+        pa, pc = _params(a), _params(c)
+        for key in pa:
+            assert torch.equal(pa[key], pc[key]), f"{name} parameter {key} differs after resume"
+    if coupling == "loom":
+        assert torch.equal(coup_a.seeds, coup_c.seeds)
+    assert [r["loss"] for r in res_a.history[half:]] == [r["loss"] for r in res_c.history]
+    with open(os.path.join(out, "log.csv"), newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, k + 1))
+
+
+def test_resume_drops_log_rows_past_the_checkpoint(tmp_path):
+    model, ds, coupling = _setup("independent")
+    out = str(tmp_path)
+    train(model, ds, coupling, _cfg(steps=6, out_dir=out))
+    with open(os.path.join(out, "log.csv"), "a", newline="") as f:  # rows of a run that died after step 6
+        f.write("7,1,0.5,1,1,0,0.001\n8,1,0.5,1,1,0,0.001\n")
+    model, ds, coupling = _setup("independent")
+    train(model, ds, coupling, _cfg(steps=10, out_dir=out, resume=True))
+    with open(os.path.join(out, "log.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 11))
+    assert float(rows[6]["loss"]) != 0.5
+
+
+def test_periodic_checkpoints_and_no_overwrite(tmp_path):
+    model, ds, coupling = _setup("loom")
+    out = str(tmp_path)
+    seen = []
+    train(model, ds, coupling, _cfg(steps=8, out_dir=out, ckpt_every=3),
+          callback=lambda step, **kw: seen.append((step, sorted(kw))), callback_every=4)
+    assert seen == [(4, ["coupling", "ema", "model"]), (8, ["coupling", "ema", "model"])]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.csv", "model.pt"]  # no temp files left
+    with pytest.raises(FileExistsError, match="resume"):
+        train(model, ds, coupling, _cfg(steps=8, out_dir=out))
+
+
+def test_generic_dataset_matches_indexed_dataset():
+    class Items(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return i, self.x[i].numpy()
+
+    model_a, ds, coup = _setup("independent")
+    res_a = train(model_a, ds, coup, _cfg(steps=5))
+    model_b, _, coup = _setup("independent")
+    res_b = train(model_b, Items(ds.data), coup, _cfg(steps=5))
+    for k, v in _params(res_a.model).items():
+        assert torch.equal(v, _params(res_b.model)[k])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(batch_size=2.5), "batch_size must be an integer"),
+        (dict(lr=-1.0), "lr must be a positive"),
+        (dict(lr=float("nan")), "lr must be a positive"),
+        (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\)"),
+        (dict(grad_clip=0.0), "grad_clip must be positive"),
+        (dict(precision="fp8"), "precision must be one of"),
+        (dict(ckpt_every=5), "ckpt_every needs out_dir"),
+        (dict(resume=True), "resume needs out_dir"),
+        (dict(sigma=-1.0), "sigma must be >= 0"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_train_errors():
+    model, ds, coupling = _setup("independent")
+    with pytest.raises(ValueError, match="fewer than one global batch of 128"):
+        train(model, ds, coupling, _cfg(batch_size=128))
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        train(model, ds, coupling, _cfg(precision="bf16", device="cpu"))
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        train(model, ds, coupling, {"steps": 3})
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        train(lambda x, t: x, ds, coupling, _cfg())
+    with pytest.raises(ValueError, match="callback_every"):
+        train(model, ds, coupling, _cfg(), callback=print)
+
+    class Bad(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            return torch.zeros(2)
+
+    with pytest.raises(ValueError, match=r"\(index, x\) pairs"):
+        train(model, Bad(), coupling, _cfg())
+    with pytest.raises(ValueError, match="coupling must be one of"):
+        make_coupling("sinkhorn", 10, (2,))
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint("/no/such/checkpoint.pt")
+
+
+# ---- distributed (2 processes, gloo, CPU) -----------------------------------------------------------
+
+_DDP_WORKER = textwrap.dedent(
+    """
+    import os, sys, datetime, torch
+    import torch.distributed as dist
+    from loom_kernels import data
+    from loom_kernels.coupling import LoomCoupling
+    from loom_kernels.models import MLPVelocity
+    from loom_kernels.train import TrainConfig, train
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=rank,
+                            world_size=2, timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    ds = data.IndexedDataset(data.load("8gaussians", n=64, seed=0))
+    model = MLPVelocity((2,), hidden=16, depth=2, time_dim=8)
+    coupling = LoomCoupling(64, (2,), num_caches=2, seed=0, process_group=dist.group.WORLD)
+    initial = coupling.seeds.clone()
+    res = train(model, ds, coupling, TrainConfig(steps=10, batch_size=8, log_every=1, progress=False, seed=3,
+                                                 out_dir=sys.argv[1] if rank == 0 else sys.argv[1]))
+    torch.save({"step": res.step, "params": res.model.state_dict(), "ema": res.ema.state_dict(),
+                "seeds": coupling.seeds.clone(), "initial": initial, "history": res.history},
+               os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    dist.destroy_process_group()
+    """
+)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_gloo(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_DDP_WORKER)
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    # The global step counts optimizer steps (not steps x ranks); 64 points / (2 x 8) = 4 steps per epoch.
+    assert r0["step"] == r1["step"] == 10
+    assert [h["step"] for h in r0["history"]] == list(range(1, 11))
+    assert r0["history"][-1]["epoch"] == 2
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), f"rank parameters differ: {k}"
+        assert torch.equal(r0["ema"][k], r1["ema"][k])
+    assert torch.equal(r0["seeds"], r1["seeds"]), "seed tables differ across ranks"
+    assert not torch.equal(r0["seeds"], r0["initial"])
+    assert torch.equal(r0["seeds"].flatten().sort().values, r0["initial"].flatten().sort().values)
+    # The loss logged is the mean over ranks: the same row on both ranks.
+    assert [h["loss"] for h in r0["history"]] == [h["loss"] for h in r1["history"]]
+    ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2 and ck["step"] == 10
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+
+def _cli(*args, timeout=180):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p.stdout
+
+
+def test_cli_train_resume_and_sample(tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--data", "moons", "--coupling", "loom", "--n", "256", "--batch-size", "32", "--hidden", "16",
+              "--depth", "1", "--out", out, "--no-progress", "--log-every", "1", "--num-caches", "2"]
+    assert "trained 6 steps" in _cli("loom_kernels.train", *common, "--steps", "6")
+    assert "trained 10 steps" in _cli("loom_kernels.train", *common, "--steps", "10", "--resume")
+    with open(os.path.join(out, "log.csv")) as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 11))
+    npy, png = str(tmp_path / "s.npy"), str(tmp_path / "s.png")
+    _cli("loom_kernels.sample", "--ckpt", os.path.join(out, "model.pt"), "--nfe", "2", "--n", "100", "--out", npy,
+         "--plot", png, "--method", "midpoint")
+    x = np.load(npy)
+    assert x.shape == (100, 2) and np.isfinite(x).all()
+    assert os.path.getsize(png) > 1000
+
+
+def test_cli_help_and_errors(tmp_path):
+    assert "--coupling" in _cli("loom_kernels.train", "--help")
+    assert "--nfe" in _cli("loom_kernels.sample", "--help")
+    p = subprocess.run([sys.executable, "-m", "loom_kernels.train", "--data", "moons", "--coupling", "sinkhorn",
+                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "invalid choice" in p.stderr
