@@ -159,49 +159,64 @@ def _launch(seeds: torch.Tensor, n: int, out: torch.Tensor, raw: bool) -> torch.
 
 
 def _philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Philox4x32-10 on numpy uint64 arrays holding uint32 values (broadcasting) -> 4 words.
+    """Philox4x32-10 on numpy arrays of uint32 values (any broadcastable shapes) -> 4 uint32 arrays.
 
-    Holding uint32 in uint64 makes the 32x32-bit products exact (< 2**64) and well defined:
-    no signed overflow, no emulation of the high half.
+    The 32x32-bit products are formed in uint64, where they are exact (< 2**64) and well
+    defined: no signed overflow, no emulation of the high half. The state is updated in place
+    in uint32 buffers, so each round is ~10 passes over 4-byte words.
     """
-    mask = np.uint64(0xFFFFFFFF)
-    s32 = np.uint64(32)
-    m0, m1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
-    w0, w1 = np.uint64(PHILOX_W0), np.uint64(PHILOX_W1)
-    for r in range(PHILOX_ROUNDS):
-        if r:
-            k0 = (k0 + w0) & mask
-            k1 = (k1 + w1) & mask
-        p0 = c0 * m0
-        p1 = c2 * m1
-        n0 = (p1 >> s32) ^ c1 ^ k0
-        n2 = (p0 >> s32) ^ c3 ^ k1
-        p1 &= mask
-        p0 &= mask
-        c0, c1, c2, c3 = n0, p1, n2, p0
+    shape = np.broadcast_shapes(*(np.shape(v) for v in (c0, c1, c2, c3, k0, k1)))
+    c0, c1, c2, c3 = (np.array(np.broadcast_to(np.asarray(v, np.uint64), shape), dtype=np.uint32) for v in (c0, c1, c2, c3))
+    k0 = np.array(k0, dtype=np.uint64).astype(np.uint32)
+    k1 = np.array(k1, dtype=np.uint64).astype(np.uint32)
+    p0 = np.empty(shape, np.uint64)
+    p1 = np.empty(shape, np.uint64)
+    m0, m1, s32 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1), np.uint64(32)
+    with np.errstate(over="ignore"):  # the key schedule wraps modulo 2**32 by definition
+        for r in range(PHILOX_ROUNDS):
+            if r:
+                k0 += np.uint32(PHILOX_W0)
+                k1 += np.uint32(PHILOX_W1)
+            np.multiply(c0, m0, out=p0, dtype=np.uint64)
+            np.multiply(c2, m1, out=p1, dtype=np.uint64)
+            # c2's buffer takes the new c0 = hi(M1 c2) ^ c1 ^ k0, c0's the new c2 = hi(M0 c0) ^ c3 ^ k1
+            np.right_shift(p1, s32, out=c2, casting="unsafe")
+            c2 ^= c1
+            c2 ^= k0
+            np.right_shift(p0, s32, out=c0, casting="unsafe")
+            c0 ^= c3
+            c0 ^= k1
+            np.copyto(c1, p1, casting="unsafe")  # lo(M1 c2): the cast keeps the low 32 bits
+            np.copyto(c3, p0, casting="unsafe")  # lo(M0 c0)
+            c0, c2 = c2, c0
     return c0, c1, c2, c3
 
 
-def _philox_numpy(seeds: np.ndarray, num_blocks: int):
-    """The stream's words for counters (j, 0, 0, 0), j < num_blocks: 4 arrays [S, nb] uint64."""
+_CHUNK_WORDS = 1 << 16  # Philox blocks per chunk: the working set stays in the L2 cache
+
+
+def _stream_numpy(seeds: np.ndarray, num_blocks: int, normals: bool) -> np.ndarray:
+    """The stream of every seed: [S, 4 * num_blocks] uint32 words, or float32 normals."""
     u = seeds.astype(np.int64).view(np.uint64)
-    k0 = (u & np.uint64(0xFFFFFFFF))[:, None]
-    k1 = (u >> np.uint64(32))[:, None]
-    c0 = np.arange(num_blocks, dtype=np.uint64)[None, :]
-    zero = np.zeros((1, 1), dtype=np.uint64)  # broadcasting: round 1 needs no full-size zeros
-    words = _philox4x32_10(c0, zero, zero, zero, k0, k1)
-    return [np.broadcast_to(w, (u.shape[0], num_blocks)) for w in words]
-
-
-def _normals_torch(words) -> torch.Tensor:
-    """Box-Muller on the 4 Philox words [S, nb] -> [S, 4 * nb] float32, in the stream's order."""
-    u = [torch.from_numpy(((w >> np.uint64(8)) + np.uint64(1)).astype(np.float32)).mul_(2.0**-24) for w in words]
-    r0 = u[0].log_().mul_(-2.0).sqrt_()
-    r1 = u[2].log_().mul_(-2.0).sqrt_()
-    t0 = u[1].mul_(_TWO_PI_F32)
-    t1 = u[3].mul_(_TWO_PI_F32)
-    z = torch.stack((r0 * torch.cos(t0), r0 * torch.sin(t0), r1 * torch.cos(t1), r1 * torch.sin(t1)), dim=-1)
-    return z.reshape(z.shape[0], 4 * z.shape[1])
+    S = u.shape[0]
+    out = np.empty((S, num_blocks, 4), np.float32 if normals else np.uint32)
+    j = np.arange(num_blocks, dtype=np.uint64)[None, :]
+    rows = max(1, _CHUNK_WORDS // max(1, num_blocks))
+    for r0 in range(0, S, rows):
+        part = u[r0:r0 + rows, None]
+        words = _philox4x32_10(j, 0, 0, 0, part & np.uint64(0xFFFFFFFF), part >> np.uint64(32))
+        dst = out[r0:r0 + rows]
+        if not normals:
+            for lane in range(4):
+                dst[..., lane] = words[lane]
+            continue
+        uni = [((w >> np.uint32(8)) + np.uint32(1)).astype(np.float32) * np.float32(2.0**-24) for w in words]
+        for a, b, lane in ((0, 1, 0), (2, 3, 2)):
+            radius = np.sqrt(np.float32(-2.0) * np.log(uni[a]))
+            theta = uni[b] * np.float32(_TWO_PI_F32)
+            np.multiply(radius, np.cos(theta), out=dst[..., lane])
+            np.multiply(radius, np.sin(theta), out=dst[..., lane + 1])
+    return out.reshape(S, 4 * num_blocks)
 
 
 # ---- validation ---------------------------------------------------------------------------------
@@ -288,8 +303,7 @@ def gaussian_noise(seeds, shape, *, device=None, dtype=torch.float32, _backend: 
         out = torch.empty((S, n), device=device, dtype=dtype)
         _launch(t.to(device).contiguous(), n, out, raw=False)
         return out.view(S, *shape)
-    nb = -(-n // 4)
-    z = _normals_torch(_philox_numpy(t.cpu().numpy(), nb))[:, :n]
+    z = torch.from_numpy(_stream_numpy(t.cpu().numpy(), -(-n // 4), normals=True)[:, :n])
     return z.to(dtype).reshape(S, *shape)
 
 
@@ -300,6 +314,5 @@ def _philox_uint32(seeds, n: int, *, device=None, _backend: str = "auto") -> tor
     if _use_triton(device, _backend):
         out = torch.empty((S, n), device=device, dtype=torch.int64)
         return _launch(t.to(device).contiguous(), n, out, raw=True)
-    words = _philox_numpy(t.cpu().numpy(), -(-n // 4))
-    stacked = np.stack(words, axis=-1).reshape(S, 4 * words[0].shape[1])[:, :n]
-    return torch.from_numpy(stacked.astype(np.int64))
+    words = _stream_numpy(t.cpu().numpy(), -(-n // 4), normals=False)[:, :n]
+    return torch.from_numpy(words.astype(np.int64))
