@@ -270,7 +270,8 @@ class LoomCoupling:
 
     Memory-mapped tables: ``mmap_path`` keeps the table in a ``.npy`` file on disk (numpy memmap); each
     call reads and writes only the batch's rows, so 10^8+ points fit. The file is (re)created by the
-    constructor; resume with ``LoomCoupling.load(checkpoint, mmap_path=...)``.
+    constructor; resume with ``LoomCoupling.load(checkpoint, mmap_path=...)``. Under DDP give each rank
+    its own file (e.g. ``f"table.rank{rank}.npy"`` or a node-local disk): every rank holds a full table.
 
     ``stats`` after each call (0-dim tensors on the device, read with ``float()``): ``pre_cost`` and
     ``post_cost`` (mean pair cost before/after, over the coupled batch), ``swaps`` (items whose noise
@@ -466,7 +467,6 @@ class LoomCoupling:
         else:
             cdev = None
             g_idx = indices
-        g_idx = g_idx.to(tdev)
         n = world * b
         # One shared slot stream over the global batch: identical generator states on all ranks.
         g_slots = self._draw_slots(n).to(tdev, non_blocking=True)
@@ -474,18 +474,20 @@ class LoomCoupling:
             self.stats = {}
             return x1.new_empty(x1.shape), x1
 
-        # Validation: on the CPU now; on a device after the assignment's own sync (no extra stall).
+        # Validation: host indices are checked at once; device ones after the assignment's own sync,
+        # when the queue is empty (no extra stall). Clamped indices keep the gathers in bounds meanwhile.
         flags = self._index_flags(g_idx)
         where = "the batch" if world == 1 else f"the global batch of all {world} ranks"
         if g_idx.device.type == "cpu" and bool(flags.any()):
             self._raise_index_error(g_idx, where)
-        safe_idx = g_idx.clamp(0, self.num_points - 1) if g_idx.device.type != "cpu" else g_idx
+        safe_idx = g_idx if g_idx.device.type == "cpu" else g_idx.clamp(0, self.num_points - 1)
+        safe_idx = safe_idx.to(tdev, non_blocking=True)
 
         dt = _cost_dtype(x1.dtype)
         x1f = x1.flatten(1).to(dt)
         lo, hi = rank * b, (rank + 1) * b
         if self.scope == "local" and world > 1:
-            seeds = self.seeds[safe_idx[lo:hi], g_slots[lo:hi]].to(self.device)
+            seeds = self.seeds[safe_idx[lo:hi], g_slots[lo:hi]].to(self.device, non_blocking=True)
             noise = gaussian_noise(seeds, self.shape, device=self.device, dtype=dt)
             cost = pairwise_cost(x1f, noise.flatten(1), metric=self.metric)
             col = assign(cost)
@@ -497,7 +499,7 @@ class LoomCoupling:
             self.stats = stats
             return noise[col].to(x1.dtype), x1
 
-        g_seeds = self.seeds[safe_idx, g_slots].to(self.device)
+        g_seeds = self.seeds[safe_idx, g_slots].to(self.device, non_blocking=True)
         noise = gaussian_noise(g_seeds, self.shape, device=self.device, dtype=dt)
         rows = pairwise_cost(x1f, noise.flatten(1), metric=self.metric)  # (b, W*b) float32
         cost = _all_gather(rows, group, world, cdev).to(self.device) if world > 1 else rows
