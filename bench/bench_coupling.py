@@ -36,11 +36,13 @@ def _problem(b, shape, device="cpu", batches=4):
 
 
 def _cycle_step(coupling, data, batches, sync=None):
-    it = itertools.cycle(batches)
+    # Batches are sliced beforehand: the timed step is the coupling alone (indices stay on the host,
+    # as a DataLoader yields them).
+    it = itertools.cycle([(data[idx.to(data.device)], idx) for idx in batches])
 
     def step():
-        idx = next(it)
-        x0, _ = coupling(data[idx.to(data.device)], idx)
+        x1, idx = next(it)
+        x0, _ = coupling(x1, idx)
         if sync is not None:
             sync()
         return x0

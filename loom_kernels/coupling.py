@@ -522,8 +522,10 @@ class LoomCoupling:
         ar = torch.arange(n, device=cost.device)
         pre = cost.diagonal().double().sum()
         post = cost.gather(1, col[:, None]).double().sum()
-        col = torch.where(post <= pre, col, ar)
-        return col, _pair_stats(cost, col)
+        keep = post <= pre
+        col = torch.where(keep, col, ar)
+        stats = {"pre_cost": pre / n, "post_cost": torch.where(keep, post, pre) / n, "swaps": (col != ar).sum()}
+        return col, stats
 
     # -- resampling -----------------------------------------------------------------------------
 

@@ -96,6 +96,8 @@ def test_minibatch_ot_errors():
         c(torch.rand(8, 2), torch.rand(7, 2))
     with pytest.raises(ValueError, match="x0 must have shape"):
         c(torch.rand(8, 2), torch.rand(8, 3))
+    with pytest.raises(ValueError, match="x0 must be on x1's device cpu, got meta"):
+        c(torch.rand(8, 2), torch.rand(8, 2, device="meta"))
     with pytest.raises(TypeError, match="x1 must be a torch.Tensor"):
         c(np.zeros((4, 2)))
     with pytest.raises(ValueError, match="at least one feature dim"):
@@ -257,6 +259,25 @@ def test_loom_augmentation_indices_example():
     assert x0.shape == x1.shape
     with pytest.raises(ValueError, match=r"i \+ len\(dataset\)"):
         LoomCoupling(n, shape)(x1, idx + n * flip.long() + n)
+
+
+def test_loom_ties_and_invalid_data():
+    p, shape = 12, (3,)
+    c = LoomCoupling(p, shape, num_caches=2, seed=1)
+    multiset = np.sort(c.seeds.numpy().ravel())
+    # identical data points: every pairing costs the same; the invariants still hold
+    x1 = torch.zeros(6, 3)
+    idx = torch.tensor([0, 2, 4, 6, 8, 10])
+    x0, _ = c(x1, idx)
+    assert float(c.stats["post_cost"]) == pytest.approx(float(c.stats["pre_cost"]), rel=1e-6)
+    np.testing.assert_array_equal(np.sort(c.seeds.numpy().ravel()), multiset)
+    # NaN data: the solver refuses it and the table is left as it was
+    before = c.seeds.clone()
+    bad = torch.rand(4, 3)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="invalid numeric entries"):
+        c(bad, torch.arange(4))
+    assert torch.equal(c.seeds, before)
 
 
 # ---- resample ----------------------------------------------------------------------------------------
