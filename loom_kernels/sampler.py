@@ -58,15 +58,16 @@ if triton is not None:
         TWO: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        # out = x + a*v1 (+ b*v2), accumulated in fp32, rounded once to the state's dtype.
+        # out = x + (a*v1 + b*v2) in fp32, rounded once to the state's dtype. The velocities are
+        # combined first: it keeps x + (h/2)(v + v) == x + h v exactly, as in the torch path.
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        acc = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
-        acc += a * tl.load(v1_ptr + offs, mask=mask).to(tl.float32)
+        step = a * tl.load(v1_ptr + offs, mask=mask).to(tl.float32)
         if TWO:
-            acc += b * tl.load(v2_ptr + offs, mask=mask).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            step += b * tl.load(v2_ptr + offs, mask=mask).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(out_ptr + offs, (x + step).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -102,10 +103,10 @@ def _update(x, v1, v2, a: float, b: float, out) -> None:
             TWO=v2 is not v1, BLOCK=_BLOCK, num_warps=4,
         )
         return
-    step = v1.mul(a)
-    if v2 is not None:
-        step.add_(v2, alpha=b)
-    torch.add(x, step, out=out)
+    if v2 is not None:  # velocities first, as in the kernel: x + (a v1 + b v2)
+        v1 = torch.add(v1 * a, v2, alpha=b)
+        a = 1.0
+    torch.add(x, v1, alpha=a, out=out)
 
 
 # ---- the time grid -----------------------------------------------------------------------------
@@ -215,9 +216,26 @@ def _alloc(x0: torch.Tensor, plan: _Plan, return_trajectory: bool) -> _Buffers:
     traj = torch.empty((plan.steps + 1,) + shape, **opts) if return_trajectory else None
     state = None if return_trajectory else torch.empty(shape, **opts)
     stage = torch.empty(shape, **opts) if METHODS[plan.method] == 2 else None
-    times = torch.tensor(plan.eval_times, dtype=torch.float64).to(**opts)
-    times = times[:, None].expand(-1, shape[0]).contiguous()
+    times = _eval_times(plan.eval_times, x0.dtype, x0.device)[:, None].expand(-1, shape[0]).contiguous()
     return _Buffers(state, traj, stage, times)
+
+
+_TIMES: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+
+
+def _eval_times(values: tuple, dtype, device) -> torch.Tensor:
+    """(nfe,) evaluation times on `device`, cached: a host-to-device copy from pageable memory
+    waits for the stream, so repeated calls must not pay it. Callers copy before handing it out."""
+    key = (values, dtype, device)
+    t = _TIMES.get(key)
+    if t is None:
+        t = torch.tensor(values, dtype=torch.float64).to(device=device, dtype=dtype)
+        _TIMES[key] = t
+        while len(_TIMES) > 64:
+            _TIMES.popitem(last=False)
+    else:
+        _TIMES.move_to_end(key)
+    return t
 
 
 def _velocity(model, x, t, hook=None):
@@ -334,6 +352,12 @@ def _graph_key(model, x0, plan, return_trajectory):
     return (id(model), tensors, tuple(x0.shape), x0.dtype, x0.device, plan, return_trajectory, autocast)
 
 
+def _drop_graph(key, ref):
+    entry = _GRAPHS.get(key)
+    if entry is not None and entry.model_ref is ref:
+        del _GRAPHS[key]
+
+
 def _remember(table, key, limit):
     table[key] = None
     table.move_to_end(key)
@@ -410,6 +434,8 @@ def _run_graphed(model, x0, plan, return_trajectory, cuda_graph):
             )
         return result
     if key is not None:
+        # Free the graph's memory pool as soon as its model is garbage-collected.
+        entry.model_ref = weakref.ref(model, lambda ref, k=key: _drop_graph(k, ref))
         _GRAPHS[key] = entry
         _GRAPHS.move_to_end(key)
         while len(_GRAPHS) > _MAX_GRAPHS:
