@@ -30,7 +30,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -40,6 +40,9 @@ namespace loom {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+// Augmenting row reduction gets at most this many row scans per row; past that its evictions
+// assign rows more slowly than Dijkstra does (measured on uniform and squared-Euclidean costs).
+constexpr int64_t kRowReductionSteps = 4;
 
 template <typename T, bool MAX>
 inline double load1(const T* p) {
@@ -52,22 +55,133 @@ inline bool lex_less(double a, int64_t ia, double b, int64_t ib) {
   return a < b || (a == b && ia < ib);
 }
 
-#if defined(__AVX2__)
-template <typename T>
-inline __m256d load4(const T* p);
-template <>
-inline __m256d load4<double>(const double* p) { return _mm256_loadu_pd(p); }
-template <>
-inline __m256d load4<float>(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+// ---- SIMD layer -------------------------------------------------------------------------------
+// One vector type per target (AVX-512, AVX2); the kernels below are written once against it.
+// Lanes hold doubles and int64 column indices side by side.
+#if defined(__AVX512F__)
+#define LOOM_LAP_SIMD 1
+struct V {
+  static constexpr int W = 8;
+  using D = __m512d;
+  using I = __m512i;
+  using Mk = __mmask8;
+  static D set1(double x) { return _mm512_set1_pd(x); }
+  static I set1i(int64_t x) { return _mm512_set1_epi64(x); }
+  static I iota() { return _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7); }
+  static I addi(I a, int64_t k) { return _mm512_add_epi64(a, _mm512_set1_epi64(k)); }
+  static D load(const double* p) { return _mm512_loadu_pd(p); }
+  static D loadc(const double* p) { return _mm512_loadu_pd(p); }
+  static D loadc(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
+  static D neg(D x) {
+    return _mm512_castsi512_pd(_mm512_xor_si512(_mm512_castpd_si512(x), _mm512_set1_epi64(INT64_MIN)));
+  }
+  static D add(D a, D b) { return _mm512_add_pd(a, b); }
+  static D sub(D a, D b) { return _mm512_sub_pd(a, b); }
+  static Mk lt(D a, D b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ); }
+  static Mk eq(D a, D b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
+  static Mk ngt(D a, D b) { return _mm512_cmp_pd_mask(a, b, _CMP_NGT_UQ); }
+  static Mk lt_and(Mk m, D a, D b) { return _mm512_mask_cmp_pd_mask(m, a, b, _CMP_LT_OQ); }
+  static Mk mnot(Mk m) { return static_cast<Mk>(~m); }
+  static Mk mor(Mk a, Mk b) { return a | b; }
+  static Mk mzero() { return 0; }
+  static bool any(Mk m) { return m != 0; }
+  static D sel(Mk m, D a, D b) { return _mm512_mask_blend_pd(m, a, b); }  // m ? b : a
+  static I seli(Mk m, I a, I b) { return _mm512_mask_blend_epi64(m, a, b); }
+  static void store(double* p, D x) { _mm512_storeu_pd(p, x); }
+  static void storei(int64_t* p, I x) { _mm512_storeu_si512(p, x); }
+  static void store_if(double* p, Mk m, D x) { _mm512_mask_storeu_pd(p, m, x); }
+  static void storei_if(int64_t* p, Mk m, I x) { _mm512_mask_storeu_epi64(p, m, x); }
+  static Mk mand(Mk a, Mk b) { return a & b; }
+  static Mk ilt(I a, I b) { return _mm512_cmplt_epi64_mask(a, b); }
+  static Mk ieq(I a, I b) { return _mm512_cmpeq_epi64_mask(a, b); }
+  static double hmin(D x) { return _mm512_reduce_min_pd(x); }
+  static int64_t hmin_idx(Mk m, I x) { return _mm512_mask_reduce_min_epi64(m, x); }
+};
+constexpr int kUnroll = 4;  // 32 registers: four independent compare-blend chains
+#elif defined(__AVX2__)
+#define LOOM_LAP_SIMD 1
+struct V {
+  static constexpr int W = 4;
+  using D = __m256d;
+  using I = __m256i;
+  using Mk = __m256d;  // all-ones / all-zeros lanes
+  static D set1(double x) { return _mm256_set1_pd(x); }
+  static I set1i(int64_t x) { return _mm256_set1_epi64x(x); }
+  static I iota() { return _mm256_setr_epi64x(0, 1, 2, 3); }
+  static I addi(I a, int64_t k) { return _mm256_add_epi64(a, _mm256_set1_epi64x(k)); }
+  static D load(const double* p) { return _mm256_loadu_pd(p); }
+  static D loadc(const double* p) { return _mm256_loadu_pd(p); }
+  static D loadc(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+  static D neg(D x) { return _mm256_xor_pd(x, _mm256_set1_pd(-0.0)); }
+  static D add(D a, D b) { return _mm256_add_pd(a, b); }
+  static D sub(D a, D b) { return _mm256_sub_pd(a, b); }
+  static Mk lt(D a, D b) { return _mm256_cmp_pd(a, b, _CMP_LT_OQ); }
+  static Mk eq(D a, D b) { return _mm256_cmp_pd(a, b, _CMP_EQ_OQ); }
+  static Mk ngt(D a, D b) { return _mm256_cmp_pd(a, b, _CMP_NGT_UQ); }
+  static Mk lt_and(Mk m, D a, D b) { return _mm256_and_pd(m, _mm256_cmp_pd(a, b, _CMP_LT_OQ)); }
+  static Mk mnot(Mk m) { return _mm256_xor_pd(m, _mm256_castsi256_pd(_mm256_set1_epi64x(-1))); }
+  static Mk mor(Mk a, Mk b) { return _mm256_or_pd(a, b); }
+  static Mk mzero() { return _mm256_setzero_pd(); }
+  static bool any(Mk m) { return _mm256_movemask_pd(m) != 0; }
+  static D sel(Mk m, D a, D b) { return _mm256_blendv_pd(a, b, m); }
+  static I seli(Mk m, I a, I b) {
+    return _mm256_castpd_si256(_mm256_blendv_pd(_mm256_castsi256_pd(a), _mm256_castsi256_pd(b), m));
+  }
+  static void store(double* p, D x) { _mm256_storeu_pd(p, x); }
+  static void storei(int64_t* p, I x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x); }
+  static void store_if(double* p, Mk m, D x) {
+    if (any(m)) store(p, sel(m, load(p), x));
+  }
+  static void storei_if(int64_t* p, Mk m, I x) {
+    if (!any(m)) return;
+    __m256i* q = reinterpret_cast<__m256i*>(p);
+    _mm256_storeu_si256(q, seli(m, _mm256_loadu_si256(q), x));
+  }
+  static Mk mand(Mk a, Mk b) { return _mm256_and_pd(a, b); }
+  static Mk ilt(I a, I b) { return _mm256_castsi256_pd(_mm256_cmpgt_epi64(b, a)); }
+  static Mk ieq(I a, I b) { return _mm256_castsi256_pd(_mm256_cmpeq_epi64(a, b)); }
+  static double hmin(D x) {
+    const __m128d m = _mm_min_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+    return _mm_cvtsd_f64(_mm_min_sd(m, _mm_unpackhi_pd(m, m)));
+  }
+  static int64_t hmin_idx(Mk m, I x) {
+    alignas(32) int64_t a[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(a), x);
+    const int bits = _mm256_movemask_pd(m);
+    int64_t r = INT64_MAX;
+    for (int l = 0; l < 4; ++l)
+      if (bits >> l & 1) r = std::min(r, a[l]);
+    return r;
+  }
+};
+constexpr int kUnroll = 2;  // 16 registers: more chains would spill
+#endif
 
+#ifdef LOOM_LAP_SIMD
 template <typename T, bool MAX>
-inline __m256d load4s(const T* p) {
-  const __m256d c = load4<T>(p);
-  if constexpr (MAX) return _mm256_xor_pd(c, _mm256_set1_pd(-0.0));
+inline V::D loadcs(const T* p) {
+  const V::D c = V::loadc(p);
+  if constexpr (MAX) return V::neg(c);
   return c;
 }
-inline __m256d as_pd(__m256i x) { return _mm256_castsi256_pd(x); }
-inline __m256i as_si(__m256d x) { return _mm256_castpd_si256(x); }
+// (a, ia) < (b, ib) lexicographically, lane by lane.
+inline V::Mk lex_lt(V::D a, V::I ia, V::D b, V::I ib) {
+  return V::mor(V::lt(a, b), V::mand(V::eq(a, b), V::ilt(ia, ib)));
+}
+// Lexicographic minimum over U accumulators and their lanes; index -1 when every value is +inf.
+// Unrecorded slots hold (+inf, -1); recorded ones are finite, so only they can win.
+template <int U>
+inline void lex_min_reduce(const V::D* val, const V::I* idx, double& best, int64_t& bj) {
+  V::D b = val[0];
+  V::I bi = idx[0];
+  for (int u = 1; u < U; ++u) {
+    const V::Mk take = lex_lt(val[u], idx[u], b, bi);
+    b = V::sel(take, b, val[u]), bi = V::seli(take, bi, idx[u]);
+  }
+  best = V::hmin(b);
+  bj = best < kInf ? V::hmin_idx(V::eq(b, V::set1(best)), bi) : -1;
+  if (bj < 0) best = kInf;
+}
 #endif
 
 // Best and second best of h[j] = c[j] - v[j] over a row, in lexicographic (value, index) order.
@@ -89,42 +203,50 @@ inline void top2_push(Top2& t, double h, int64_t j) {
 
 template <typename T, bool MAX, bool CHECK>
 Top2 row_top2(const T* row, const double* v, int64_t M) {
-  // Index M+1 stands for "none" so that lex_less prefers any real entry of equal value (only
-  // +inf can be equal to the initial value, and +inf entries are rejected below).
   Top2 t{kInf, kInf, -1, -1, false};
   int64_t j = 0;
-#if defined(__AVX2__)
-  if (M >= 8) {
-    __m256d m1 = _mm256_set1_pd(kInf), m2 = m1;
-    __m256i i1 = _mm256_set1_epi64x(-1), i2 = i1;
-    __m256i jv = _mm256_setr_epi64x(0, 1, 2, 3);
-    const __m256i four = _mm256_set1_epi64x(4);
-    const __m256d ninf = _mm256_set1_pd(-kInf);
-    __m256d bad = _mm256_setzero_pd();
-    for (; j + 4 <= M; j += 4) {
-      const __m256d c = load4s<T, MAX>(row + j);
-      if constexpr (CHECK) bad = _mm256_or_pd(bad, _mm256_cmp_pd(c, ninf, _CMP_NGT_UQ));
-      const __m256d h = _mm256_sub_pd(c, _mm256_loadu_pd(v + j));
-      // Within a lane indices increase, so strict < keeps the first occurrence.
-      const __m256d lt1 = _mm256_cmp_pd(h, m1, _CMP_LT_OQ);
-      const __m256d lt2 = _mm256_cmp_pd(h, m2, _CMP_LT_OQ);
-      m2 = _mm256_blendv_pd(_mm256_blendv_pd(m2, h, lt2), m1, lt1);
-      i2 = as_si(_mm256_blendv_pd(_mm256_blendv_pd(as_pd(i2), as_pd(jv), lt2), as_pd(i1), lt1));
-      m1 = _mm256_blendv_pd(m1, h, lt1);
-      i1 = as_si(_mm256_blendv_pd(as_pd(i1), as_pd(jv), lt1));
-      jv = _mm256_add_epi64(jv, four);
+#ifdef LOOM_LAP_SIMD
+  constexpr int W = V::W, U = 2, S = W * U;
+  if (M >= S) {
+    V::D m1[U], m2[U];
+    V::I i1[U], i2[U], jv[U];
+    V::Mk bad = V::mzero();
+    const V::D ninf = V::set1(-kInf);
+    for (int u = 0; u < U; ++u)
+      m1[u] = m2[u] = V::set1(kInf), i1[u] = i2[u] = V::set1i(-1), jv[u] = V::addi(V::iota(), u * W);
+    for (; j + S <= M; j += S) {
+      for (int u = 0; u < U; ++u) {
+        const V::D c = loadcs<T, MAX>(row + j + u * W);
+        if constexpr (CHECK) bad = V::mor(bad, V::ngt(c, ninf));
+        const V::D h = V::sub(c, V::load(v + j + u * W));
+        // Within a lane indices increase, so strict < keeps the first occurrence.
+        const V::Mk lt1 = V::lt(h, m1[u]), lt2 = V::lt(h, m2[u]);
+        m2[u] = V::sel(lt1, V::sel(lt2, m2[u], h), m1[u]);
+        i2[u] = V::seli(lt1, V::seli(lt2, i2[u], jv[u]), i1[u]);
+        m1[u] = V::sel(lt1, m1[u], h);
+        i1[u] = V::seli(lt1, i1[u], jv[u]);
+        jv[u] = V::addi(jv[u], S);
+      }
     }
-    alignas(32) double a1[4], a2[4];
-    alignas(32) int64_t b1[4], b2[4];
-    _mm256_store_pd(a1, m1);
-    _mm256_store_pd(a2, m2);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(b1), i1);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(b2), i2);
-    for (int l = 0; l < 4; ++l) {
-      if (b1[l] >= 0) top2_push(t, a1[l], b1[l]);
-      if (b2[l] >= 0) top2_push(t, a2[l], b2[l]);
+    // Merge the accumulators lane by lane: the first is the smaller first, the second the
+    // smaller of the other first and the winner's second.
+    for (int u = 1; u < U; ++u) {
+      const V::Mk bw = lex_lt(m1[u], i1[u], m1[0], i1[0]);
+      const V::D lose1 = V::sel(bw, m1[u], m1[0]), win2 = V::sel(bw, m2[0], m2[u]);
+      const V::I lose1i = V::seli(bw, i1[u], i1[0]), win2i = V::seli(bw, i2[0], i2[u]);
+      m1[0] = V::sel(bw, m1[0], m1[u]), i1[0] = V::seli(bw, i1[0], i1[u]);
+      const V::Mk sw = lex_lt(win2, win2i, lose1, lose1i);
+      m2[0] = V::sel(sw, lose1, win2), i2[0] = V::seli(sw, lose1i, win2i);
     }
-    if constexpr (CHECK) t.bad = _mm256_movemask_pd(bad) != 0;
+    // Across lanes: the best first; then the best among the other lanes' firsts and its lane's second.
+    lex_min_reduce<1>(&m1[0], &i1[0], t.m1, t.j1);
+    if (t.j1 >= 0) {
+      const V::Mk lane = V::ieq(i1[0], V::set1i(t.j1));
+      const V::D rest = V::sel(lane, m1[0], m2[0]);
+      const V::I resti = V::seli(lane, i1[0], i2[0]);
+      lex_min_reduce<1>(&rest, &resti, t.m2, t.j2);
+    }
+    if constexpr (CHECK) t.bad = V::any(bad);
   }
 #endif
   for (; j < M; ++j) {
@@ -148,47 +270,38 @@ void relax(const T* row, const double* v, double* d, int64_t* pred, int64_t M, d
   double best = kInf;
   int64_t bj = -1;
   int64_t j = 0;
-#if defined(__AVX2__)
-  if (M >= 8) {
-    __m256d vb = _mm256_set1_pd(kInf);
-    __m256i vbj = _mm256_set1_epi64x(-1);
-    __m256i jv = _mm256_setr_epi64x(0, 1, 2, 3);
-    const __m256i four = _mm256_set1_epi64x(4);
-    const __m256i vi = _mm256_set1_epi64x(i);
-    const __m256d vs = _mm256_set1_pd(shift);
-    const __m256d ninf = _mm256_set1_pd(-kInf);
-    const __m256d pinf = _mm256_set1_pd(kInf);
-    for (; j + 4 <= M; j += 4) {
-      const __m256d h = _mm256_add_pd(_mm256_sub_pd(load4s<T, MAX>(row + j), _mm256_loadu_pd(v + j)), vs);
-      __m256d key;
-      if constexpr (INIT) {
-        _mm256_storeu_pd(d + j, h);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pred + j), vi);
-        key = h;
-      } else {
-        const __m256d dj = _mm256_loadu_pd(d + j);
-        const __m256d lt = _mm256_cmp_pd(h, dj, _CMP_LT_OQ);
-        __m256d dn = dj;
-        if (_mm256_movemask_pd(lt)) {
-          dn = _mm256_blendv_pd(dj, h, lt);
-          _mm256_storeu_pd(d + j, dn);
-          __m256i* pp = reinterpret_cast<__m256i*>(pred + j);
-          _mm256_storeu_si256(pp, as_si(_mm256_blendv_pd(as_pd(_mm256_loadu_si256(pp)), as_pd(vi), lt)));
+#ifdef LOOM_LAP_SIMD
+  constexpr int W = V::W, U = kUnroll, S = W * U;
+  if (M >= S) {
+    V::D vb[U];
+    V::I vbj[U], jv[U];
+    for (int u = 0; u < U; ++u) vb[u] = V::set1(kInf), vbj[u] = V::set1i(-1), jv[u] = V::addi(V::iota(), u * W);
+    const V::I vi = V::set1i(i);
+    const V::D vs = V::set1(shift), ninf = V::set1(-kInf);
+    for (; j + S <= M; j += S) {
+      for (int u = 0; u < U; ++u) {
+        const int64_t o = j + u * W;
+        const V::D h = V::add(V::sub(loadcs<T, MAX>(row + o), V::load(v + o)), vs);
+        V::Mk kl;
+        if constexpr (INIT) {
+          V::store(d + o, h);
+          V::storei(pred + o, vi);
+          kl = V::lt(h, vb[u]);
+          vb[u] = V::sel(kl, vb[u], h);
+        } else {
+          const V::D dj = V::load(d + o);
+          const V::Mk upd = V::lt(h, dj);  // never true for columns out of the search (-inf)
+          V::store_if(d + o, upd, h);
+          V::storei_if(pred + o, upd, vi);
+          const V::D dn = V::sel(upd, dj, h);
+          kl = V::lt_and(V::mnot(V::eq(dn, ninf)), dn, vb[u]);
+          vb[u] = V::sel(kl, vb[u], dn);
         }
-        // Columns that left the search hold -inf: keep them out of the minimum.
-        key = _mm256_blendv_pd(dn, pinf, _mm256_cmp_pd(dn, ninf, _CMP_EQ_OQ));
+        vbj[u] = V::seli(kl, vbj[u], jv[u]);
+        jv[u] = V::addi(jv[u], S);
       }
-      const __m256d kl = _mm256_cmp_pd(key, vb, _CMP_LT_OQ);
-      vb = _mm256_blendv_pd(vb, key, kl);
-      vbj = as_si(_mm256_blendv_pd(as_pd(vbj), as_pd(jv), kl));
-      jv = _mm256_add_epi64(jv, four);
     }
-    alignas(32) double a[4];
-    alignas(32) int64_t b[4];
-    _mm256_store_pd(a, vb);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(b), vbj);
-    for (int l = 0; l < 4; ++l)
-      if (b[l] >= 0 && (bj < 0 || lex_less(a[l], b[l], best, bj))) best = a[l], bj = b[l];
+    lex_min_reduce<U>(vb, vbj, best, bj);
   }
 #endif
   for (; j < M; ++j) {
@@ -321,7 +434,7 @@ class Solver {
   // global step cap so that float price wars with tiny decrements cannot run for long.
   bool row_reduction(int64_t& nfree) {
     int64_t steps = 0;
-    const int64_t cap = 8 * N_ + 64;
+    const int64_t cap = kRowReductionSteps * N_ + 64;
     for (int pass = 0; pass < 2 && nfree > 0; ++pass) {
       int64_t k = 0;
       const int64_t prv = nfree;
