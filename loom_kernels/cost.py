@@ -147,7 +147,9 @@ def _launch(x: torch.Tensor, y: torch.Tensor, sqrt: bool, allow_tf32: bool) -> t
     if out.numel() == 0:
         return out
     bn, bm, bk, warps, stages = _block_config(N, M, D, x.dtype, interpret)
-    precision = "tf32" if (allow_tf32 and x.dtype == torch.float32) else "ieee"
+    # "ieee" keeps float32 products exact (FMA units); 16-bit operands always take tensor cores,
+    # and get the default setting, which only concerns float32.
+    precision = "ieee" if (x.dtype == torch.float32 and not allow_tf32) else "tf32"
     # The interpreter's tl.dot multiplies bfloat16 bit patterns (triton issue #11584, "not
     # supported yet"): feed it the exact float32 values instead; products of bf16 are exact in fp32.
     upcast = interpret and x.dtype == torch.bfloat16

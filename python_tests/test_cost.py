@@ -218,3 +218,27 @@ def test_cuda_agrees_with_cpu_path():
     cpu = pairwise_cost(x, y)
     gpu = pairwise_cost(x.cuda(), y.cuda()).cpu()
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-2)
+
+
+def test_cpu_paths_work_without_triton():
+    # A fresh interpreter where `import triton` fails: both CPU paths must still run, and the
+    # Triton path must say what is missing.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from loom_kernels.cost import pairwise_cost\n"
+        "from loom_kernels.noise import gaussian_noise\n"
+        "assert pairwise_cost(torch.randn(3, 4), torch.randn(2, 4)).shape == (3, 2)\n"
+        "assert gaussian_noise([1, 2], 5).shape == (2, 5)\n"
+        "try:\n"
+        "    pairwise_cost(torch.randn(3, 4), torch.randn(2, 4), _backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'needs triton' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error without triton')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
