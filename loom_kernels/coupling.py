@@ -258,7 +258,10 @@ class LoomCoupling:
     Indices: each data point may appear at most once per (global) batch, else two items would write
     the same table entry: duplicates raise ``ValueError``. Augmented views (flips, crops) get their
     own index, e.g. ``i + len(dataset)`` with ``num_points = 2 * len(dataset)``. ``indices`` may be on
-    the table's device or on the CPU (validated there without a device sync).
+    the table's device or on the CPU (validated there without a device sync). A refused batch (bad
+    indices, NaN data) leaves the table unchanged; the slot generator has advanced, as on every rank.
+    If the solver's float tolerance ever returned a matching costlier than the current pairs, the
+    current pairs are kept, so the monotone total is exact for the float32 costs.
 
     Distributed: with a process group of size ``W > 1`` (``process_group`` or the default group),
     every rank calls the coupling with its own batch of the same size ``b``. ``scope="global"`` couples
@@ -457,12 +460,7 @@ class LoomCoupling:
 
         if world > 1:
             cdev = _comm_device(group)
-            sizes = _all_gather(torch.tensor([b], dtype=torch.int64), group, world, cdev).cpu()
-            if (sizes != b).any():
-                raise ValueError(
-                    f"every rank must pass a batch of the same size to LoomCoupling, got sizes {sizes.tolist()} "
-                    f"(use drop_last=True in the DataLoader/DistributedSampler)"
-                )
+            self._check_ranks_agree(b, group, world, cdev)
             g_idx = _all_gather(indices, group, world, cdev)
         else:
             cdev = None
@@ -509,6 +507,34 @@ class LoomCoupling:
         self.seeds[safe_idx, g_slots] = g_seeds[col].to(tdev)
         self.stats = stats
         return noise[col[lo:hi]].to(x1.dtype), x1
+
+    def _fingerprint(self) -> torch.Tensor:
+        """What must agree on every rank: config, slot-generator state, a checksum of the table's head."""
+        state = self._gen.get_state().to(torch.int64)
+        gen_hash = int((state * torch.arange(1, len(state) + 1)).sum())
+        head = (self.seeds[: min(self.num_points, 4096)] % 1000003).sum().to(torch.int64).reshape(1).cpu()
+        cfg = torch.tensor([self.seed, self.num_points, self.num_caches, _SCOPES.index(self.scope),
+                            _METRICS.index(self.metric), gen_hash], dtype=torch.int64)
+        return torch.cat([cfg, head])
+
+    def _check_ranks_agree(self, b, group, world, cdev):
+        # One small all-gather per call (a host sync under NCCL): equal batch sizes are needed by the
+        # next collectives, and a rank built with another seed (or resumed from another checkpoint)
+        # would otherwise couple garbage silently. Every rank sees the same rows, so all raise together.
+        mine = torch.cat([torch.tensor([b], dtype=torch.int64), self._fingerprint()])
+        rows = _all_gather(mine[None], group, world, cdev).cpu()
+        if (rows[:, 0] != b).any():
+            raise ValueError(
+                f"every rank must pass a batch of the same size to LoomCoupling, got sizes {rows[:, 0].tolist()} "
+                f"(use drop_last=True in the DataLoader/DistributedSampler)"
+            )
+        if (rows != rows[0]).any():
+            names = ["seed", "num_points", "num_caches", "scope", "metric", "slot generator", "seed table"]
+            bad = [nm for j, nm in enumerate(names) if (rows[:, j + 1] != rows[0, j + 1]).any()]
+            raise ValueError(
+                f"LoomCoupling differs across ranks ({', '.join(bad)}): build it with the same arguments on "
+                f"every rank and resume every rank from the same checkpoint"
+            )
 
     def _check_flags_after_sync(self, flags, g_idx, where):
         if flags.device.type != "cpu" and bool(flags.any()):  # the queue is empty after assign: cheap

@@ -71,6 +71,19 @@ def _worker(rank, store, out_dir):
                 errors.append(str(exc))
         idx = torch.tensor([10, 20]) + rank
         c(data[idx], idx)  # the group still works after the errors
+        for bad in (LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED + rank),  # seed=rank: a classic
+                    LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=("global", "local")[rank])):
+            try:
+                bad(data[idx], idx)
+                errors.append("no error")
+            except ValueError as exc:
+                errors.append(str(exc))
+        c.resample(torch.tensor([rank]))  # tables now differ: refused, not silently coupled
+        try:
+            c(data[idx], idx)
+            errors.append("no error")
+        except ValueError as exc:
+            errors.append(str(exc))
         result["errors"] = errors
         result["untouched"] = bool(torch.equal(c.seeds[[5, 6, 7, 8]], before[[5, 6, 7, 8]]))
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -140,7 +153,10 @@ def test_local_scope_tables_agree_and_apply_every_local_solution(ranks):
 
 def test_errors_are_raised_on_every_rank(ranks):
     for res in ranks:
-        dup, size = res["errors"]
+        dup, size, seed, scope, table = res["errors"]
         assert "indices must be distinct within the global batch of all 2 ranks: index 6 appears 2 times" in dup
         assert "every rank must pass a batch of the same size" in size and "[3, 4]" in size
+        assert "LoomCoupling differs across ranks (seed, slot generator, seed table)" in seed
+        assert "LoomCoupling differs across ranks (scope)" in scope
+        assert "LoomCoupling differs across ranks (seed table)" in table
         assert res["untouched"]
