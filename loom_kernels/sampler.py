@@ -255,7 +255,7 @@ def _velocity(model, x, t, hook=None):
 def _loop(model, bufs: _Buffers, plan: _Plan, steps_iter=None, hook=None) -> None:
     """Runs every step, writing into `bufs`; launches only, never reads a value back."""
     x = bufs.input
-    tt = bufs.times
+    tt = bufs.times.unbind(0)  # all t views at once: indexing a tensor per call costs microseconds
     grid = plan.grid
     for k in steps_iter if steps_iter is not None else range(plan.steps):
         h = grid[k + 1] - grid[k]
@@ -288,7 +288,8 @@ def _eval_mode(model):
         yield
     finally:
         for m, flag in saved:
-            m.training = flag
+            if m.training != flag:  # nn.Module.__setattr__ is slow; most flags did not change
+                m.training = flag
 
 
 def _run_eager(model, x0, plan, return_trajectory, progress=False, hook=None) -> torch.Tensor:
