@@ -17,6 +17,7 @@ Non-finite inputs give non-finite (NaN) costs in their rows/columns, which ``ass
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -32,6 +33,7 @@ __all__ = ["pairwise_cost"]
 
 _METRICS = ("sqeuclidean", "euclidean")
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension, which indexes the problems
 
 
 # ---- Triton kernel: math only -------------------------------------------------------------------
@@ -153,18 +155,26 @@ def _launch(x: torch.Tensor, y: torch.Tensor, sqrt: bool, allow_tf32: bool) -> t
     # The interpreter's tl.dot multiplies bfloat16 bit patterns (triton issue #11584, "not
     # supported yet"): feed it the exact float32 values instead; products of bf16 are exact in fp32.
     upcast = interpret and x.dtype == torch.bfloat16
-    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), B)
-    _pairwise_cost_kernel[grid](
-        x, y, out,
-        N, M, D,
-        x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk,
-        SQRT=sqrt, INPUT_PRECISION=precision, UPCAST=upcast,
-        num_warps=warps, num_stages=stages,
-    )
+    # Launch on the inputs' GPU, not whichever is current; grid axis 2 holds at most 65535 problems.
+    with _on_device(x.device):
+        for b0 in range(0, B, _MAX_GRID_Z):
+            xb, yb, ob = x[b0:b0 + _MAX_GRID_Z], y[b0:b0 + _MAX_GRID_Z], out[b0:b0 + _MAX_GRID_Z]
+            grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), xb.shape[0])
+            _pairwise_cost_kernel[grid](
+                xb, yb, ob,
+                N, M, D,
+                xb.stride(0), xb.stride(1), xb.stride(2),
+                yb.stride(0), yb.stride(1), yb.stride(2),
+                ob.stride(0), ob.stride(1), ob.stride(2),
+                BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk,
+                SQRT=sqrt, INPUT_PRECISION=precision, UPCAST=upcast,
+                num_warps=warps, num_stages=stages,
+            )
     return out
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # ---- CPU path -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ the dtype requested (float32 is computed, then cast).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import numbers
@@ -151,7 +152,9 @@ def _launch(seeds: torch.Tensor, n: int, out: torch.Tensor, raw: bool) -> torch.
         return out
     block, warps = _block_config(num_blocks, interpret)
     per_row = -(-num_blocks // block)
-    _gaussian_noise_kernel[(S * per_row,)](seeds, out, n, per_row, BLOCK=block, RAW=raw, num_warps=warps)
+    # Launch on the output's GPU, not whichever is current.
+    with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
+        _gaussian_noise_kernel[(S * per_row,)](seeds, out, n, per_row, BLOCK=block, RAW=raw, num_warps=warps)
     return out
 
 

@@ -87,6 +87,16 @@ def test_batch_equals_per_problem(backend):
         torch.testing.assert_close(out[b], pairwise_cost(x[b], y[b], _backend=backend), rtol=1e-6, atol=1e-5)
 
 
+@needs_interpreter
+def test_batches_beyond_the_grid_limit_are_split(monkeypatch):
+    import loom_kernels.cost as cost
+
+    monkeypatch.setattr(cost, "_MAX_GRID_Z", 2)  # 5 problems -> launches of 2, 2 and 1
+    x = torch.randn(5, 6, 8)
+    y = torch.randn(7, 8)  # shared operand: stride-0 batch, sliced with the others
+    _check(pairwise_cost(x, y, _backend="triton"), x, y.expand(5, -1, -1), "sqeuclidean")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_offset_and_duplicates(backend):
     # Points far from the origin make the Gram identity cancel; the error must stay within
