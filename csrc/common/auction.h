@@ -43,17 +43,17 @@ namespace auction {
 
 // ε shrinks by this factor per phase; ε0 = (effective cost range) / kEps0Div.
 #ifndef LOOM_AUCTION_THETA
-#define LOOM_AUCTION_THETA 8.0
+#define LOOM_AUCTION_THETA 4.0
 #endif
 #ifndef LOOM_AUCTION_EPS0_DIV
-#define LOOM_AUCTION_EPS0_DIV 16.0
+#define LOOM_AUCTION_EPS0_DIV 64.0
 #endif
 constexpr double kTheta = LOOM_AUCTION_THETA;
 constexpr double kEps0Div = LOOM_AUCTION_EPS0_DIV;
 // Hang guards: a run that needs more phases or bidding rounds (summed over phases) stops with
 // kNotConverged instead of looping. Both sides count rounds identically.
 constexpr int kMaxPhases = 64;
-constexpr int64_t kMaxRounds = 4000000;
+constexpr int64_t kMaxRounds = 2000000;
 // Canonical summation: lane l sums x[l], x[l+32], ... in order, then lanes are added 0..31.
 constexpr int kSumLanes = 32;
 constexpr int kNoIndex = 0x7fffffff;

@@ -118,6 +118,28 @@ __device__ inline double warp_canon_sum(const Team& team, const double* x, int n
 __device__ inline int volatile_load(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
 __device__ inline double volatile_load(const double* p) { return *reinterpret_cast<const volatile double*>(p); }
 
+// Visits (c_ij as double in min form, j) for j = lane, lane + 32, ... < M, issuing kUnroll loads
+// per lane before the first use so a row scan costs one memory latency, not M / 32 of them.
+// row == nullptr is a dummy row (cost 0). The caller's f only folds (order-independent).
+constexpr int kUnroll = 8;
+template <typename T, typename F>
+__device__ __forceinline__ void scan_row(const T* __restrict__ row, int M, bool maximize, double big, F&& f) {
+  const int lane = threadIdx.x & 31;
+  for (int base = 0; base < M; base += 32 * kUnroll) {
+    T v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = base + u * 32 + lane;
+      v[u] = (row != nullptr && j < M) ? __ldg(row + j) : T(0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int j = base + u * 32 + lane;
+      if (j < M) f(row != nullptr ? load_cost(v[u], maximize, big) : 0.0, j);
+    }
+  }
+}
+
 // Solves one problem with the threads of `team`. Every thread runs the same control flow (all
 // loop bounds and branches below depend only on values read after a team sync), so every
 // team.sync() is reached by all threads.
@@ -215,12 +237,8 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
       for (int i = warp; i < m; i += nwarps) {
         if (team.ld(&s.assigned[i]) >= 0) continue;  // same value for all lanes: the warp stays converged
         Top2 t = top2_empty();
-        if (i < N) {
-          const T* row = c + static_cast<int64_t>(i) * M;
-          for (int j = lane; j < M; j += 32) top2_push(t, value(load_cost(row[j], maximize, big), team.ld(&s.price[j])), j);
-        } else {
-          for (int j = lane; j < M; j += 32) top2_push(t, value(0.0, team.ld(&s.price[j])), j);
-        }
+        scan_row(i < N ? c + static_cast<int64_t>(i) * M : nullptr, M, maximize, big,
+                 [&](double cij, int j) { top2_push(t, value(cij, team.ld(&s.price[j])), j); });
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) t = top2_merge(t, shfl_xor_top2(t, off));
         if (lane == 0) {
@@ -274,18 +292,10 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     team.sync();  // the leader has read s.x before rows overwrite it
     for (int i = warp; i < m; i += nwarps) {
       double u = HUGE_VAL;
-      if (i < N) {
-        const T* row = c + static_cast<int64_t>(i) * M;
-        for (int j = lane; j < M; j += 32) {
-          const double v = load_cost(row[j], maximize, big) + team.ld(&s.price[j]);
-          u = v < u ? v : u;
-        }
-      } else {
-        for (int j = lane; j < M; j += 32) {
-          const double v = 0.0 + team.ld(&s.price[j]);
-          u = v < u ? v : u;
-        }
-      }
+      scan_row(i < N ? c + static_cast<int64_t>(i) * M : nullptr, M, maximize, big, [&](double cij, int j) {
+        const double v = cij + team.ld(&s.price[j]);
+        u = v < u ? v : u;
+      });
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) {
         const double o = __shfl_xor_sync(kFull, u, off);
@@ -343,7 +353,7 @@ __global__ void __launch_bounds__(kBlockThreads) auction_block_kernel(
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kGridThreads) auction_grid_kernel(
+__global__ void __launch_bounds__(kGridThreads, 1) auction_grid_kernel(
     const T* __restrict__ cost,  // [N, M], one problem
     int N, int M, bool maximize, double tol,
     char* __restrict__ workspace,  // [state_bytes(M)]
