@@ -20,8 +20,11 @@ must never change). For a seed ``s`` and a row of ``n = prod(shape)`` elements:
    ``r1 = sqrt(-2 ln u(x2))``, ``t1 = 2pi * u(x3)``: element ``4j+2`` = ``r1 cos t1``, ``4j+3`` = ``r1 sin t1``.
    Elements past ``n`` in the last block are dropped; the row is reshaped to ``shape`` (C order).
 
-The integers are bit-identical on every device and library version; the floats differ only by
-the last-ulp rounding of log/sqrt/sin/cos between CPU and GPU math libraries (< 1e-5). The
+CUDA runs one Triton kernel (``_gaussian_noise_kernel``) for the whole batch, with the rounds
+written out in uint32 (``tl.umulhi`` for the high half of the products); the CPU runs the same
+rounds with numpy's exact unsigned arithmetic. The integers are bit-identical on every device
+and library version; the floats differ only by the last-ulp rounding of log/sqrt/sin/cos
+between CPU and GPU math libraries (< 1e-5). The
 value of row i depends on ``seeds[i]`` and ``shape`` only: not on the batch, the position or
 the dtype requested (float32 is computed, then cast).
 """
@@ -29,8 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import numbers
+import os
 
 import numpy as np
 import torch
@@ -231,7 +234,7 @@ def _as_seed_tensor(seeds) -> torch.Tensor:
     else:
         arr = np.asarray(seeds)
         if arr.dtype == object or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-            raise TypeError(f"seeds must hold integers, got {arr.dtype}")
+            raise TypeError(f"seeds must hold integers that fit in int64 (or uint64 bit patterns), got dtype {arr.dtype}")
         if arr.dtype == np.uint64:  # keep the 64 bits: two's complement view
             arr = arr.view(np.int64)
         t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64, copy=False)))
