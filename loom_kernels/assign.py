@@ -104,6 +104,8 @@ class _Solution:
 
     def row_col(self):
         lib, c4r = self.lib, self.col4row
+        if not self.transposed and not self.batched and lib is _NumpyOps:  # the common case, kept lean
+            return np.arange(c4r.shape[1], dtype=np.int64), c4r[0]
         if not self.transposed:
             rows = lib.arange_like(c4r)
             cols = c4r
@@ -120,7 +122,8 @@ class _Solution:
 class _NumpyOps:
     @staticmethod
     def arange_like(a):
-        return np.broadcast_to(np.arange(a.shape[-1], dtype=np.int64), a.shape).copy()
+        r = np.arange(a.shape[-1], dtype=np.int64)
+        return r[None] if a.shape[0] == 1 else np.tile(r, (a.shape[0], 1))
 
     @staticmethod
     def argsort(a):
@@ -218,10 +221,9 @@ def _torch_cost(t):
 
 def _raise_for_status(status, batched, maximize):
     """status: int8 numpy [B] from a native solver; raises like scipy on the first bad problem."""
-    bad = np.flatnonzero(status)
-    if bad.size == 0:
+    if not np.count_nonzero(status):
         return
-    b = int(bad[0])
+    b = int(np.flatnonzero(status)[0])
     where = f" (problem {b} of the batch)" if batched else ""
     if status[b] == 2:
         extra = " (NaN or -inf; +inf is also invalid when maximize=True)" if maximize else " (NaN or -inf)"
@@ -278,7 +280,7 @@ def _solve(cost, maximize, backend, tol, method, threads, caller):
     tol = _DEFAULT_TOL[prec] if tol is None else float(tol)
     batched = data.ndim == 3
     c3 = data if batched else data[None]
-    B, N, M = (int(s) for s in c3.shape)
+    B, N, M = c3.shape
     transposed = N > M
     if transposed and caller == "assign":
         raise ValueError(

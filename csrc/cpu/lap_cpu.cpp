@@ -528,13 +528,15 @@ void lap_solve_batch(const T* cost, int64_t B, int64_t N, int64_t M, bool maximi
                      int64_t* col4row, int8_t* status, int threads) {
   if (B <= 0) return;
   if (N > M) throw std::invalid_argument("lap_solve_batch needs N <= M (transpose first)");
-  int64_t nt = threads > 0 ? threads : static_cast<int64_t>(std::thread::hardware_concurrency());
+  // hardware_concurrency() reads /sys on every call: ask once.
+  static const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  int64_t nt = threads > 0 ? threads : hw;
   nt = std::max<int64_t>(1, std::min<int64_t>(nt, B));
   auto solve = [&](int64_t b, Work& w) {
     status[b] = solve_one<T>(cost + b * N * M, N, M, maximize, col4row + b * N, w);
   };
   if (nt == 1) {
-    Work w;
+    thread_local Work w;  // reused across calls: small problems are dominated by setup
     for (int64_t b = 0; b < B; ++b) solve(b, w);
     return;
   }
