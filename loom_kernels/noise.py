@@ -94,13 +94,8 @@ if triton is not None:
             lo1 = c2 * m1
             c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
 
-        row_base = OUT + row.to(tl.int64) * n
-        e = j.to(tl.int64) * 4
         if RAW:
-            tl.store(row_base + e, c0.to(tl.int64), mask=e < n)
-            tl.store(row_base + e + 1, c1.to(tl.int64), mask=e + 1 < n)
-            tl.store(row_base + e + 2, c2.to(tl.int64), mask=e + 2 < n)
-            tl.store(row_base + e + 3, c3.to(tl.int64), mask=e + 3 < n)
+            v0, v1, v2, v3 = c0.to(tl.int64), c1.to(tl.int64), c2.to(tl.int64), c3.to(tl.int64)
         else:
             scale = 1.0 / 16777216.0
             u0 = ((c0 >> 8) + 1).to(tl.float32) * scale
@@ -112,10 +107,13 @@ if triton is not None:
             t0 = u1 * 6.2831854820251465  # float32(2 pi), exactly
             t1 = u3 * 6.2831854820251465
             ty = OUT.dtype.element_ty
-            tl.store(row_base + e, (r0 * tl.cos(t0)).to(ty), mask=e < n)
-            tl.store(row_base + e + 1, (r0 * tl.sin(t0)).to(ty), mask=e + 1 < n)
-            tl.store(row_base + e + 2, (r1 * tl.cos(t1)).to(ty), mask=e + 2 < n)
-            tl.store(row_base + e + 3, (r1 * tl.sin(t1)).to(ty), mask=e + 3 < n)
+            v0, v1 = (r0 * tl.cos(t0)).to(ty), (r0 * tl.sin(t0)).to(ty)
+            v2, v3 = (r1 * tl.cos(t1)).to(ty), (r1 * tl.sin(t1)).to(ty)
+        # Element 4j + lane in stream order, so the store is one contiguous run per program
+        # (join(join(v0, v2), join(v1, v3))[j, p, q] is lane 2p + q) instead of four strided ones.
+        vals = tl.reshape(tl.join(tl.join(v0, v2), tl.join(v1, v3)), (4 * BLOCK,))
+        e = chunk.to(tl.int64) * (4 * BLOCK) + tl.arange(0, 4 * BLOCK)
+        tl.store(OUT + row.to(tl.int64) * n + e, vals, mask=e < n)
 
 
 # ---- launcher -----------------------------------------------------------------------------------
