@@ -58,6 +58,12 @@ def _worker(rank, store, out_dir):
                 stats.append([float(c.stats[k]) for k in ("pre_cost", "post_cost", "swaps")])
             result[scope] = {"seeds": c.seeds.clone(), "x0": torch.stack(x0s), "gen": c._gen.get_state(),
                              "stats": torch.tensor(stats)}
+        # an explicit process group behaves like the default one
+        c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, process_group=dist.new_group(list(range(WORLD))))
+        for gidx in _global_batches():
+            idx = gidx[rank * B:(rank + 1) * B]
+            c(data[idx], idx)
+        assert torch.equal(c.seeds, result["global"]["seeds"]), "explicit process_group differs from the default"
         # error paths: every rank must raise the same error (no rank left waiting in a collective)
         c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED)
         before = c.seeds.clone()
