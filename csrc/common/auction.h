@@ -19,8 +19,10 @@
 //   problem is infeasible iff the optimum of the modified one uses a B entry. The solvers report
 //   kInfeasible when a real row has no finite entry, or when the certified answer uses a B entry.
 // * Certificate: after every phase P and D are computed; the solve stops when P - D <= thr with
-//   thr = tol * max(sum_i |c_i,s(i)|, tiny) (floored at the rounding noise of the sums), or when
-//   P - D < 1 and every finite cost is an integer (the optimum is then an integer, so P = opt).
+//   thr = tol * max(sum_i |c_i,s(i)|, tiny), or when P - D < 1 and every finite cost is an
+//   integer (the optimum is then an integer, so P = opt). When ε would drop below the
+//   resolution of the prices (eps_below_resolution) or the round/phase bounds are hit, the
+//   solve reports kNotConverged instead of an uncertified answer.
 // * Determinism: the per-bidder math below is the only place where bids are computed, every
 //   tie goes to the lowest index, and all sums use the canonical 32-lane order (canon_sum), so
 //   the CPU twin and the GPU give bit-identical runs in float64 (and in float32, whose entries
@@ -165,21 +167,29 @@ LOOM_HD double big_cost(double lo, double hi, int64_t n_rows) {
   return fma(static_cast<double>(n_rows + 1), range, hi + m);
 }
 
-// Initial ε from the effective range (costs after +inf -> B, and the dummies' 0).
-LOOM_HD double eps_initial(double lo, double hi_eff) {
+// Initial ε: the largest best-vs-second-best gap of any row at zero prices (the size of the
+// first bids), capped by the effective range / kEps0Div. A range-based ε alone lifts prices to
+// the scale of the range, which on huge-range costs leaves too few bits to resolve a small
+// optimum; row_gap_max <= 0 (no row with two finite entries, or all ties) uses the range.
+LOOM_HD double eps_initial(double lo, double hi_eff, double row_gap_max) {
   double lo0 = lo < 0.0 ? lo : 0.0;  // dummy bidders see cost 0
   double hi0 = hi_eff > 0.0 ? hi_eff : 0.0;
   double r = hi0 - lo0;
-  return r > 0.0 ? r / kEps0Div : 1.0;
+  double e = r > 0.0 ? r / kEps0Div : 1.0;
+  return (row_gap_max > 0.0 && row_gap_max < e) ? row_gap_max : e;
 }
 
-// Stopping threshold on P - D: tol relative to sum |c_i,s(i)|, floored at the rounding noise
-// of the sums (so tol = 0 on float data still terminates).
-LOOM_HD double gap_threshold(double tol, double sum_abs, double sum_price, int64_t m) {
+// The row's contribution to row_gap_max: v1 - v2 of top2 over finite entries at zero prices.
+LOOM_HD double row_gap(const Top2& t) {
+  return (t.v2 == neg_inf() || t.v1 == neg_inf()) ? 0.0 : t.v1 - t.v2;
+}
+
+// Stopping threshold on P - D: tol relative to sum |c_i,s(i)|. No floor for rounding noise: a
+// gap the doubles cannot resolve must end in kNotConverged (see below), never in a false
+// certificate (huge-range costs whose optimum is tiny compared with the prices).
+LOOM_HD double gap_threshold(double tol, double sum_abs) {
   double scale = sum_abs > DBL_MIN ? sum_abs : DBL_MIN;
-  double t = tol * scale;
-  double noise = 8.0 * static_cast<double>(m) * DBL_EPSILON * (sum_abs + sum_price);
-  return t > noise ? t : noise;
+  return tol * scale;
 }
 
 LOOM_HD bool certified(double P, double D, double thr, bool integral) {
@@ -198,6 +208,10 @@ LOOM_HD double eps_next(double eps, double thr, bool integral, int64_t m) {
   if (eps <= floor_eps) return e;
   return e > floor_eps ? e : floor_eps;
 }
+
+// True when ε has fallen below what bids on prices of magnitude `scale` (max price + the
+// largest |c_i,s(i)| of the assignment, the magnitude of the competing values) can resolve: further phases cannot improve the certificate, the solve stops (kNotConverged).
+LOOM_HD bool eps_below_resolution(double eps, double scale) { return eps < 8.0 * DBL_EPSILON * scale; }
 
 }  // namespace auction
 }  // namespace loom

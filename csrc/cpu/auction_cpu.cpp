@@ -54,15 +54,20 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
   // One pass: range, integrality, invalid entries, rows without a finite entry.
   double lo = HUGE_VAL, hi = -HUGE_VAL;
   bool invalid = false, has_inf = false, integral = true, empty_row = false;
+  double gap_max = 0.0;
   for (int64_t i = 0; i < N; ++i) {
     bool any_finite = false;
+    Top2 t = top2_empty();
     for (int64_t j = 0; j < M; ++j) {
       double x = static_cast<double>(c[i * M + j]);
       if (maximize) x = -x;
       scan_entry(x, lo, hi, invalid, has_inf, integral);
       any_finite |= std::isfinite(x);
+      if (std::isfinite(x)) top2_push(t, value(x, 0.0), static_cast<int>(j));
     }
     empty_row |= !any_finite;
+    const double g = row_gap(t);
+    gap_max = g > gap_max ? g : gap_max;
   }
   if (invalid) return kInvalid;
   if (empty_row) return kInfeasible;
@@ -75,7 +80,7 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
     return i < N ? load_cost(c[i * M + j], maximize, big) : 0.0;
   };
 
-  double eps = eps_initial(lo, big > hi ? big : hi);
+  double eps = eps_initial(lo, big > hi ? big : hi, gap_max);
   int64_t unassigned = m;  // owner/assigned start empty (ws.resize)
   for (int phase = 0; phase < kMaxPhases; ++phase) {
     if (phase > 0) {
@@ -135,6 +140,9 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
       }
     }
     const double P = canon_sum(ws.x.data(), m, false);
+    double p_max = 0.0, c_max = 0.0;  // exact maxima: any order gives the GPU's value
+    for (int64_t j = 0; j < M; ++j) p_max = p[j] > p_max ? p[j] : p_max;
+    for (int64_t i = 0; i < m; ++i) c_max = std::fabs(ws.x[i]) > c_max ? std::fabs(ws.x[i]) : c_max;
     const double sum_abs = canon_sum(ws.x.data(), m, true);
     for (int64_t i = 0; i < m; ++i) {
       double u = HUGE_VAL;
@@ -147,7 +155,7 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
     const double sum_u = canon_sum(ws.x.data(), m, false);
     const double sum_p = canon_sum(p, M, false);
     const double D = sum_u - sum_p;
-    const double thr = gap_threshold(tol, sum_abs, sum_p, m);
+    const double thr = gap_threshold(tol, sum_abs);
     if (certified(P, D, thr, integral)) {
       if (rounds_out) *rounds_out = rounds;
       if (uses_big) return kInfeasible;
@@ -155,6 +163,7 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
       return kOk;
     }
     eps = eps_next(eps, thr, integral, m);
+    if (eps_below_resolution(eps, p_max + c_max)) break;
   }
   if (rounds_out) *rounds_out = rounds;
   return kNotConverged;

@@ -38,13 +38,15 @@ enum Flag : int { kFlagInvalid = 1, kFlagHasInf = 2, kFlagNotIntegral = 4, kFlag
 // Per-problem scalars shared by the team (64 bytes, first in the state).
 struct Header {
   unsigned long long lo_key, hi_key;  // key_of(min / max finite entry)
+  unsigned long long gap_key;         // key_of(max row gap at zero prices), see eps_initial
   int flags;
   int unassigned;
-  double sums[4];  // P, sum |c_i,s(i)|, sum p_j, sum u_i
+  double sums[5];  // P, sum |c_i,s(i)|, sum p_j, sum u_i, max p_j + max |c_i,s(i)|
 };
-static_assert(sizeof(Header) <= 64, "header must fit its 64-byte slot");
+constexpr size_t kHeaderBytes = 128;
+static_assert(sizeof(Header) <= kHeaderBytes, "header must fit its slot");
 
-__host__ __device__ inline size_t state_bytes(int64_t M) { return 64 + 40 * static_cast<size_t>(M); }
+__host__ __device__ inline size_t state_bytes(int64_t M) { return kHeaderBytes + 40 * static_cast<size_t>(M); }
 
 struct State {
   Header* h;
@@ -60,7 +62,7 @@ struct State {
 __device__ inline State carve(char* base, int M) {
   State s;
   s.h = reinterpret_cast<Header*>(base);
-  char* p = base + 64;
+  char* p = base + kHeaderBytes;
   s.price = reinterpret_cast<double*>(p); p += 8 * static_cast<size_t>(M);
   s.best_key = reinterpret_cast<unsigned long long*>(p); p += 8 * static_cast<size_t>(M);
   s.x = reinterpret_cast<double*>(p); p += 8 * static_cast<size_t>(M);
@@ -159,6 +161,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
   if (tid == 0) {
     h->lo_key = key_of(HUGE_VAL);
     h->hi_key = key_of(-HUGE_VAL);
+    h->gap_key = key_of(0.0);
     h->flags = 0;
     h->unassigned = m;
   }
@@ -176,13 +179,21 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     for (int i = warp; i < N; i += nwarps) {  // warp-uniform loop: the vote below sees 32 lanes
       const T* row = c + static_cast<int64_t>(i) * M;
       bool any_finite = false;
+      Top2 t = top2_empty();
       for (int j = lane; j < M; j += 32) {
         double x = static_cast<double>(row[j]);
         if (maximize) x = -x;
         scan_entry(x, lo, hi, invalid, has_inf, integral);
         any_finite |= isfinite(x);
+        if (isfinite(x)) top2_push(t, value(x, 0.0), j);
       }
       if (!__any_sync(kFull, any_finite)) empty_row = true;
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) t = top2_merge(t, shfl_xor_top2(t, off));
+      if (lane == 0) {
+        const double g = row_gap(t);
+        if (g > 0.0) atomicMax(&h->gap_key, key_of(g));
+      }
     }
     if (lo != HUGE_VAL) atomicMin(&h->lo_key, key_of(lo));
     if (hi != -HUGE_VAL) atomicMax(&h->hi_key, key_of(hi));
@@ -194,6 +205,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
   const int flags = volatile_load(&h->flags);
   const double lo = double_of(*reinterpret_cast<volatile unsigned long long*>(&h->lo_key));
   const double hi = double_of(*reinterpret_cast<volatile unsigned long long*>(&h->hi_key));
+  const double gap_max = double_of(*reinterpret_cast<volatile unsigned long long*>(&h->gap_key));
   if (flags & (kFlagInvalid | kFlagEmptyRow)) {
     for (int i = tid; i < N; i += nthr) col4row[i] = -1;
     if (tid == 0) {
@@ -206,7 +218,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
   const double big = (flags & kFlagHasInf) ? big_cost(lo, hi, N) : hi;
   unsigned long long* bid_key = reinterpret_cast<unsigned long long*>(s.x);
 
-  double eps = eps_initial(lo, big > hi ? big : hi);
+  double eps = eps_initial(lo, big > hi ? big : hi, gap_max);
   int64_t rounds = 0;
   int8_t st = kNotConverged;
   bool certified_ok = false;
@@ -283,10 +295,27 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
       const double P = warp_canon_sum(team, s.x, m, false);
       const double A = warp_canon_sum(team, s.x, m, true);
       const double Sp = warp_canon_sum(team, s.price, M, false);
+      double pm = 0.0, cm = 0.0;  // maxima are exact: any order gives the CPU's values
+      for (int j = lane; j < M; j += 32) {
+        const double v = team.ld(&s.price[j]);
+        pm = v > pm ? v : pm;
+      }
+      for (int i = lane; i < m; i += 32) {
+        const double v = fabs(team.ld(&s.x[i]));
+        cm = v > cm ? v : cm;
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const double o = __shfl_xor_sync(kFull, pm, off);
+        pm = o > pm ? o : pm;
+        const double q = __shfl_xor_sync(kFull, cm, off);
+        cm = q > cm ? q : cm;
+      }
       if (lane == 0) {
         h->sums[0] = P;
         h->sums[1] = A;
         h->sums[2] = Sp;
+        h->sums[4] = pm + cm;
       }
     }
     team.sync();  // the leader has read s.x before rows overwrite it
@@ -313,12 +342,14 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     const double A = volatile_load(&h->sums[1]);
     const double Sp = volatile_load(&h->sums[2]);
     const double Su = volatile_load(&h->sums[3]);
+    const double scale = volatile_load(&h->sums[4]);  // max p_j + max |c_i,s(i)|
     const double D = Su - Sp;
-    const double thr = gap_threshold(tol, A, Sp, m);
+    const double thr = gap_threshold(tol, A);
     if (certified(P, D, thr, integral)) {
       certified_ok = true;
     } else {
       eps = eps_next(eps, thr, integral, m);
+      if (eps_below_resolution(eps, scale)) break;
     }
   }
 
