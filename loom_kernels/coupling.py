@@ -546,8 +546,8 @@ class LoomCoupling:
         # keeping the current pairs; keeping them then makes "the total cost never increases" exact.
         n = cost.shape[0]
         ar = torch.arange(n, device=cost.device)
-        pre = cost.diagonal().double().sum()
-        post = cost.gather(1, col[:, None]).double().sum()
+        pre = cost.diagonal().sum(dtype=torch.float64)
+        post = cost.gather(1, col[:, None]).sum(dtype=torch.float64)
         keep = post <= pre
         col = torch.where(keep, col, ar)
         stats = {"pre_cost": pre / n, "post_cost": torch.where(keep, post, pre) / n, "swaps": (col != ar).sum()}
