@@ -106,6 +106,16 @@ def _default_group(process_group):
     return process_group, world, rank
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move ``t`` to ``device``; host -> GPU goes through pinned memory so the copy never stalls the host
+    (a pageable source lets the driver synchronize with the stream)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _comm_device(group):
     # NCCL moves CUDA tensors only; gloo (and the rest) are happy with CPU tensors.
     backend = str(torch.distributed.get_backend(group)).lower()
@@ -116,7 +126,7 @@ def _comm_device(group):
 
 def _all_gather(t: torch.Tensor, group, world: int, device) -> torch.Tensor:
     """Concatenate along dim 0 the same-shaped tensor from every rank (rank order)."""
-    src = t.to(device).contiguous()
+    src = _to(t, device).contiguous()
     out = [torch.empty_like(src) for _ in range(world)]
     torch.distributed.all_gather(out, src, group=group)
     return torch.cat(out, 0)
@@ -467,7 +477,7 @@ class LoomCoupling:
             g_idx = indices
         n = world * b
         # One shared slot stream over the global batch: identical generator states on all ranks.
-        g_slots = self._draw_slots(n).to(tdev, non_blocking=True)
+        g_slots = _to(self._draw_slots(n), tdev)
         if b == 0:
             self.stats = {}
             return x1.new_empty(x1.shape), x1
@@ -479,13 +489,13 @@ class LoomCoupling:
         if g_idx.device.type == "cpu" and bool(flags.any()):
             self._raise_index_error(g_idx, where)
         safe_idx = g_idx if g_idx.device.type == "cpu" else g_idx.clamp(0, self.num_points - 1)
-        safe_idx = safe_idx.to(tdev, non_blocking=True)
+        safe_idx = _to(safe_idx, tdev)
 
         dt = _cost_dtype(x1.dtype)
         x1f = x1.flatten(1).to(dt)
         lo, hi = rank * b, (rank + 1) * b
         if self.scope == "local" and world > 1:
-            seeds = self.seeds[safe_idx[lo:hi], g_slots[lo:hi]].to(self.device, non_blocking=True)
+            seeds = _to(self.seeds[safe_idx[lo:hi], g_slots[lo:hi]], self.device)
             noise = gaussian_noise(seeds, self.shape, device=self.device, dtype=dt)
             cost = pairwise_cost(x1f, noise.flatten(1), metric=self.metric)
             col = assign(cost)
@@ -497,7 +507,7 @@ class LoomCoupling:
             self.stats = stats
             return noise[col].to(x1.dtype), x1
 
-        g_seeds = self.seeds[safe_idx, g_slots].to(self.device, non_blocking=True)
+        g_seeds = _to(self.seeds[safe_idx, g_slots], self.device)
         noise = gaussian_noise(g_seeds, self.shape, device=self.device, dtype=dt)
         rows = pairwise_cost(x1f, noise.flatten(1), metric=self.metric)  # (b, W*b) float32
         cost = _all_gather(rows, group, world, cdev).to(self.device) if world > 1 else rows
