@@ -106,6 +106,14 @@ def _default_group(process_group):
     return process_group, world, rank
 
 
+def _as_device(device) -> torch.device:
+    """``None`` -> cpu; a bare "cuda" gets the current device's index, so it compares equal to tensors'."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move ``t`` to ``device``; host -> GPU goes through pinned memory so the copy never stalls the host
     (a pageable source lets the driver synchronize with the stream)."""
@@ -329,7 +337,7 @@ class LoomCoupling:
         self.shape = tuple(int(s) for s in shape)
         self.seed = int(seed)
         self.metric = _check_metric(metric)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = _as_device(device)
         self.process_group = process_group
         self.scope = scope
         self.mmap_path = os.fspath(mmap_path) if mmap_path is not None else None
