@@ -177,8 +177,9 @@ def pairwise_cost_atol(x, y, metric="sqeuclidean", eps=2.0**-24):
     """Per-entry absolute tolerance for the Gram-identity cost with float32 accumulation.
 
     The product and norms round at ``eps`` relative to ``|x|^2 + |y|^2`` per accumulation step
-    (~sqrt(D) steps in a blocked sum); the square root turns an absolute error e in the square into
-    at most sqrt(e). ``eps`` is 2**-24 for IEEE float32 and 2**-11 for TF32 products.
+    (a few ulps, growing like sqrt(D) in a blocked sum); the square root turns an absolute error
+    e in the square d into at most min(sqrt(e), e / sqrt(d)). ``eps`` is 2**-24 for IEEE float32
+    and 2**-11 for TF32 products.
     """
     import math
 
@@ -187,8 +188,12 @@ def pairwise_cost_atol(x, y, metric="sqeuclidean", eps=2.0**-24):
     x = torch.as_tensor(x).double().cpu()
     y = torch.as_tensor(y).double().cpu()
     scale = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2)
-    tol = 8.0 * math.sqrt(max(1, x.shape[-1])) * eps * scale + 1e-30
-    return tol if metric == "sqeuclidean" else tol.sqrt()
+    tol = (4.0 + 2.0 * math.sqrt(x.shape[-1])) * eps * scale + 1e-30
+    if metric == "sqeuclidean":
+        return tol
+    # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(b)), plus the rounding of the root.
+    root = pairwise_cost_ref(x, y, "euclidean")
+    return torch.minimum(tol.sqrt(), tol / root) + 2.0 * eps * root
 
 
 # ---- couplings (loom_kernels.coupling) --------------------------------------------------------
