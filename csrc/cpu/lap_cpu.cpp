@@ -11,9 +11,9 @@
 //
 // Implementation notes (why the code looks the way it does):
 // * The cost is read in place, row-major, and every inner loop is a contiguous sweep over one row
-//   (SIMD with AVX2 where the compiler targets it, scalar otherwise). Dijkstra keeps a dense
-//   distance array; a column leaves the search by having its distance set to -inf, so the relax
-//   step needs no index list and no gathers.
+//   (AVX-512 or AVX2 where the compiler targets them, scalar otherwise). Dijkstra keeps a dense
+//   distance array; a column leaves the search by having its potential set to -inf (restored at
+//   the end of the search), so the relax step needs no index list, no gathers and no test.
 // * maximize negates each entry as it is loaded; float input is widened as it is loaded.
 // * NaN / -inf entries are detected inside the first full sweep the algorithm makes anyway (the
 //   column reduction for square problems, the greedy row reduction for rectangular ones).
@@ -90,8 +90,11 @@ struct V {
   static void store(double* p, D x) { _mm512_storeu_pd(p, x); }
   static void storei(int64_t* p, I x) { _mm512_storeu_si512(p, x); }
   static void store_if(double* p, Mk m, D x) { _mm512_mask_storeu_pd(p, m, x); }
+  static void store_upd(double* p, Mk m, D x) { _mm512_mask_storeu_pd(p, m, x); }
   static void storei_if(int64_t* p, Mk m, I x) { _mm512_mask_storeu_epi64(p, m, x); }
   static Mk mand(Mk a, Mk b) { return a & b; }
+  static D min(D a, D b) { return _mm512_min_pd(a, b); }  // a < b ? a : b
+  static unsigned bits(Mk m) { return m; }
   static Mk ilt(I a, I b) { return _mm512_cmplt_epi64_mask(a, b); }
   static Mk ieq(I a, I b) { return _mm512_cmpeq_epi64_mask(a, b); }
   static double hmin(D x) { return _mm512_reduce_min_pd(x); }
@@ -132,12 +135,16 @@ struct V {
   static void store_if(double* p, Mk m, D x) {
     if (any(m)) store(p, sel(m, load(p), x));
   }
+  // x already holds the old values outside m: store it whole, without a branch.
+  static void store_upd(double* p, Mk, D x) { store(p, x); }
   static void storei_if(int64_t* p, Mk m, I x) {
     if (!any(m)) return;
     __m256i* q = reinterpret_cast<__m256i*>(p);
     _mm256_storeu_si256(q, seli(m, _mm256_loadu_si256(q), x));
   }
   static Mk mand(Mk a, Mk b) { return _mm256_and_pd(a, b); }
+  static D min(D a, D b) { return _mm256_min_pd(a, b); }  // a < b ? a : b
+  static unsigned bits(Mk m) { return static_cast<unsigned>(_mm256_movemask_pd(m)); }
   static Mk ilt(I a, I b) { return _mm256_castsi256_pd(_mm256_cmpgt_epi64(b, a)); }
   static Mk ieq(I a, I b) { return _mm256_castsi256_pd(_mm256_cmpeq_epi64(a, b)); }
   static double hmin(D x) {
@@ -260,10 +267,11 @@ Top2 row_top2(const T* row, const double* v, int64_t M) {
   return t;
 }
 
-// One Dijkstra relaxation through row i: for every column still in the search (d[j] > -inf),
-// d[j] = min(d[j], c[i][j] - v[j] + shift), recording pred[j] = i on improvement. With INIT the
-// distances are written unconditionally (the first row of a search). Returns the smallest
-// remaining distance and its column (smallest index on ties); jm = -1 when all are +inf.
+// One Dijkstra relaxation through row i: d[j] = min(d[j], c[i][j] - v[j] + shift), recording
+// pred[j] = i on improvement. Columns that left the search carry v = -inf and d = +inf, so they
+// are neither updated nor chosen. With INIT the distances are written unconditionally (the first
+// row of a search). Returns the smallest distance and its column (smallest index on ties);
+// jm = -1 when all are +inf.
 template <typename T, bool MAX, bool INIT>
 void relax(const T* row, const double* v, double* d, int64_t* pred, int64_t M, double shift,
            int64_t i, double& mn, int64_t& jm) {
@@ -271,37 +279,38 @@ void relax(const T* row, const double* v, double* d, int64_t* pred, int64_t M, d
   int64_t bj = -1;
   int64_t j = 0;
 #ifdef LOOM_LAP_SIMD
+  // Two passes: the sweep keeps only the running minimum (one min per vector, no index
+  // bookkeeping in the hot loop); a short search then finds the first column holding it.
   constexpr int W = V::W, U = kUnroll, S = W * U;
+  double simd_best = kInf;
+  int64_t simd_end = 0;
   if (M >= S) {
     V::D vb[U];
-    V::I vbj[U], jv[U];
-    for (int u = 0; u < U; ++u) vb[u] = V::set1(kInf), vbj[u] = V::set1i(-1), jv[u] = V::addi(V::iota(), u * W);
+    for (int u = 0; u < U; ++u) vb[u] = V::set1(kInf);
     const V::I vi = V::set1i(i);
-    const V::D vs = V::set1(shift), ninf = V::set1(-kInf);
+    const V::D vs = V::set1(shift);
     for (; j + S <= M; j += S) {
       for (int u = 0; u < U; ++u) {
         const int64_t o = j + u * W;
         const V::D h = V::add(V::sub(loadcs<T, MAX>(row + o), V::load(v + o)), vs);
-        V::Mk kl;
         if constexpr (INIT) {
           V::store(d + o, h);
           V::storei(pred + o, vi);
-          kl = V::lt(h, vb[u]);
-          vb[u] = V::sel(kl, vb[u], h);
+          vb[u] = V::min(h, vb[u]);
         } else {
+          // Columns out of the search have v = -inf, so h = +inf never updates them.
           const V::D dj = V::load(d + o);
-          const V::Mk upd = V::lt(h, dj);  // never true for columns out of the search (-inf)
-          V::store_if(d + o, upd, h);
+          const V::Mk upd = V::lt(h, dj);
+          const V::D dn = V::min(h, dj);
+          V::store_upd(d + o, upd, dn);
           V::storei_if(pred + o, upd, vi);
-          const V::D dn = V::sel(upd, dj, h);
-          kl = V::lt_and(V::mnot(V::eq(dn, ninf)), dn, vb[u]);
-          vb[u] = V::sel(kl, vb[u], dn);
+          vb[u] = V::min(dn, vb[u]);
         }
-        vbj[u] = V::seli(kl, vbj[u], jv[u]);
-        jv[u] = V::addi(jv[u], S);
       }
     }
-    lex_min_reduce<U>(vb, vbj, best, bj);
+    for (int u = 1; u < U; ++u) vb[0] = V::min(vb[u], vb[0]);
+    simd_best = V::hmin(vb[0]);
+    simd_end = j;
   }
 #endif
   for (; j < M; ++j) {
@@ -313,21 +322,34 @@ void relax(const T* row, const double* v, double* d, int64_t* pred, int64_t M, d
     } else {
       dj = d[j];
       if (h < dj) d[j] = dj = h, pred[j] = i;
-      if (dj == -kInf) continue;
     }
     if (dj < best) best = dj, bj = j;  // later indices only win on a strictly smaller value
   }
+#ifdef LOOM_LAP_SIMD
+  if (simd_best < kInf && simd_best <= best) {
+    // The smallest index holding the minimum lies in the vector part.
+    const V::D target = V::set1(simd_best);
+    for (int64_t k = 0;; k += W) {
+      const unsigned hit = V::bits(V::eq(V::load(d + k), target));
+      if (hit) {
+        bj = k + __builtin_ctz(hit);
+        break;
+      }
+    }
+    best = simd_best;
+  }
+#endif
   mn = best;
   jm = bj;
 }
 
 // Per-thread scratch, reused across the problems a worker solves.
 struct Work {
-  std::vector<double> v, d, fin_d, colmin;
+  std::vector<double> v, d, fin_d, fin_v, colmin;
   std::vector<int64_t> pred, y, fin, free_rows, argrow;
   std::vector<int32_t> matches;
   void resize(int64_t N, int64_t M) {
-    v.resize(M), d.resize(M), fin_d.resize(M), colmin.resize(M);
+    v.resize(M), d.resize(M), fin_d.resize(M), fin_v.resize(M), colmin.resize(M);
     pred.resize(M), y.resize(M), fin.resize(M), argrow.resize(M);
     free_rows.resize(N), matches.resize(N);
   }
@@ -337,7 +359,7 @@ template <typename T, bool MAX>
 class Solver {
  public:
   Solver(const T* cost, int64_t N, int64_t M, int64_t* x, Work& w)
-      : c_(cost), N_(N), M_(M), x_(x), v_(w.v.data()), d_(w.d.data()), fin_d_(w.fin_d.data()),
+      : c_(cost), N_(N), M_(M), x_(x), v_(w.v.data()), d_(w.d.data()), fin_d_(w.fin_d.data()), fin_v_(w.fin_v.data()),
         pred_(w.pred.data()), y_(w.y.data()), fin_(w.fin.data()), free_(w.free_rows.data()), w_(w) {}
 
   Status run() {
@@ -480,17 +502,20 @@ class Solver {
     int64_t nfin = 0;
     for (;;) {
       if (jm < 0 || !(mn < kInf)) return false;
-      fin_[nfin] = jm, fin_d_[nfin] = mn, ++nfin;
-      d_[jm] = -kInf;
+      const double vj = v_[jm];
+      fin_[nfin] = jm, fin_d_[nfin] = mn, fin_v_[nfin] = vj, ++nfin;
+      // The column leaves the search: with v = -inf every later path to it costs +inf, so the
+      // relax step needs no membership test. Its potential is restored below.
+      v_[jm] = -kInf, d_[jm] = kInf;
       if (y_[jm] < 0) break;
       const int64_t i = y_[jm];
       // Row i is tight at column jm: its potential is u = c[i][jm] - v[jm], and a path through
       // it reaches column j at mn + (c[i][j] - v[j] - u).
-      const double shift = mn - (load1<T, MAX>(row(i) + jm) - v_[jm]);
+      const double shift = mn - (load1<T, MAX>(row(i) + jm) - vj);
       relax<T, MAX, false>(row(i), v_, d_, pred_, M_, shift, i, mn, jm);
     }
     // mn is now the length of the path; jm its free end.
-    for (int64_t k = 0; k < nfin; ++k) v_[fin_[k]] += fin_d_[k] - mn;
+    for (int64_t k = 0; k < nfin; ++k) v_[fin_[k]] = fin_v_[k] + (fin_d_[k] - mn);
     int64_t j = fin_[nfin - 1];
     for (;;) {
       const int64_t i = pred_[j];
@@ -506,7 +531,7 @@ class Solver {
   const T* c_;
   int64_t N_, M_;
   int64_t* x_;
-  double *v_, *d_, *fin_d_;
+  double *v_, *d_, *fin_d_, *fin_v_;
   int64_t *pred_, *y_, *fin_, *free_;
   Work& w_;
 };
