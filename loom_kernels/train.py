@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import IndexedDataset
+
 CHECKPOINT = "checkpoint.pt"  # everything needed to resume
 MODEL = "model.pt"  # the EMA weights and metadata, for sampling
 LOG = "log.csv"
@@ -158,11 +160,8 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def _fetch(dataset, idx: torch.Tensor) -> torch.Tensor:
-    data = getattr(dataset, "data", None)
-    from .data import IndexedDataset
-
-    if isinstance(dataset, IndexedDataset) and isinstance(data, torch.Tensor):
-        return data[idx]
+    if isinstance(dataset, IndexedDataset):  # one gather instead of b item calls
+        return dataset.data[idx]
     xs = []
     for i in idx.tolist():
         item = dataset[i]
@@ -543,7 +542,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--sigma", type=float, default=0.0, help="std of the noise added to x_t")
     p.add_argument("--num-caches", type=int, default=1, help="LOOM noise caches per data point")
-    p.add_argument("--n", type=int, default=None, help="points of a 2-D set (default 4096) / rows kept otherwise")
+    p.add_argument("--points", type=int, default=None, help="points of a 2-D set (default 4096) / rows kept otherwise")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction of digits / .npy data")
     p.add_argument("--hidden", type=int, default=256, help="MLP width")
     p.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
@@ -570,7 +569,7 @@ def main(argv=None) -> int:
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     device = str(resolve_device(args.device if not distributed or not use_cuda else "cuda"))
     try:
-        x = data_mod.load(args.data, "train", n=args.n, seed=args.seed, holdout=args.holdout)
+        x = data_mod.load(args.data, "train", n=args.points, seed=args.seed, holdout=args.holdout)
         dataset = data_mod.IndexedDataset(x)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         model = MLPVelocity(dataset.shape, hidden=args.hidden, depth=args.depth)
@@ -583,7 +582,7 @@ def main(argv=None) -> int:
         coupling = make_coupling(args.coupling, len(dataset), dataset.shape, num_caches=args.num_caches,
                                  seed=args.seed, device=device,
                                  process_group=torch.distributed.group.WORLD if distributed else None)
-        meta = {"model": model.spec, "data": args.data, "n": args.n, "holdout": args.holdout, "seed": args.seed,
+        meta = {"model": model.spec, "data": args.data, "n": args.points, "holdout": args.holdout, "seed": args.seed,
                 "coupling": args.coupling, "num_caches": args.num_caches}
         res = train(model, dataset, coupling, cfg, metadata=meta)
         if _dist()[0] == 0:

@@ -211,6 +211,23 @@ def test_train_errors():
         load_checkpoint("/no/such/checkpoint.pt")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_training_with_autocast(tmp_path, precision):
+    model, ds, _ = _setup("loom")
+    coupling = make_coupling("loom", 96, (2,), num_caches=2, seed=0, device="cuda")
+    res = train(model, ds, coupling, _cfg(steps=12, precision=precision, device="cuda", out_dir=str(tmp_path)))
+    assert res.step == 12 and all(np.isfinite(r["loss"]) for r in res.history)
+    assert next(res.ema.parameters()).is_cuda and coupling.seeds.is_cuda
+    ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert "cuda" in ck["rng"][0]
+    model2, _, _ = _setup("loom")
+    coupling2 = make_coupling("loom", 96, (2,), num_caches=2, seed=0, device="cuda")
+    res2 = train(model2, ds, coupling2, _cfg(steps=16, precision=precision, device="cuda", out_dir=str(tmp_path),
+                                             resume=True))
+    assert res2.step == 16 and [r["step"] for r in res2.history] == [13, 14, 15, 16]
+
+
 # ---- distributed (2 processes, gloo, CPU) -----------------------------------------------------------
 
 _DDP_WORKER = textwrap.dedent(
@@ -280,6 +297,21 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2 and ck["step"] == 10
 
 
+@pytest.mark.distributed
+def test_cli_under_torchrun(tmp_path):
+    out = str(tmp_path / "run")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "loom_kernels.train", "--data", "moons", "--coupling", "loom", "--points", "128",
+                        "--batch-size", "16", "--hidden", "16", "--depth", "1", "--steps", "6", "--log-every", "1",
+                        "--device", "cpu", "--out", out, "--no-progress"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("trained 6 steps") == 1  # rank 0 reports
+    ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ck["world_size"] == 2 and ck["step"] == 6 and ck["epoch"] == 1  # 128 / (2 x 16) = 4 steps per epoch
+
+
 # ---- command line ---------------------------------------------------------------------------------------
 
 
@@ -293,7 +325,7 @@ def _cli(*args, timeout=180):
 
 def test_cli_train_resume_and_sample(tmp_path):
     out = str(tmp_path / "run")
-    common = ["--data", "moons", "--coupling", "loom", "--n", "256", "--batch-size", "32", "--hidden", "16",
+    common = ["--data", "moons", "--coupling", "loom", "--points", "256", "--batch-size", "32", "--hidden", "16",
               "--depth", "1", "--out", out, "--no-progress", "--log-every", "1", "--num-caches", "2"]
     assert "trained 6 steps" in _cli("loom_kernels.train", *common, "--steps", "6")
     assert "trained 10 steps" in _cli("loom_kernels.train", *common, "--steps", "10", "--resume")
