@@ -332,8 +332,8 @@ def _solve_cuda(t, maximize, tol, *, mode=0, rounds=None):
 
     Returns ``(col4row int64 [B, N], status int8 [B])`` on ``t.device`` (status codes as in
     csrc/common/status.h), launched on the current stream without synchronizing; the caller
-    syncs once to raise errors. ``mode`` forces a kernel (0 auto, 1 one block per problem, 2 the
-    same with its state in global memory, 3 the multi-block cooperative kernel) and ``rounds``
+    syncs once to raise errors. ``mode`` forces a kernel (0 auto = 1, one block per problem; 2 the
+    same with its state in global memory; 3 the multi-block cooperative kernel) and ``rounds``
     (int64 [B] on t.device) receives the bidding rounds per problem: both for tests/benchmarks.
     """
     import torch

@@ -244,7 +244,7 @@ def test_cuda_auction_mixed_batch(rng):
 @pytest.mark.cuda
 def test_cuda_auction_large_single_problem(rng):
     cost = assignment_problem("sq_high", 1024, batch=1, rng=rng, dtype=np.float32)
-    col, st, _ = _gpu(cost, tol=1e-6, mode=0)  # auto: the cooperative kernel
+    col, st, _ = _assert_same_as_twin(cost, tol=1e-6, mode=3)  # the cooperative kernel
     assert st.tolist() == [0]
     _check_total(cost, col, 1e-6)
 

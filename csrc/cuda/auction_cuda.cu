@@ -6,8 +6,8 @@
 // * BlockTeam: one thread block per problem, all B problems in one launch. The per-problem
 //   state (prices, owners, bids: 64 + 40*M bytes) lives in shared memory when it fits, else
 //   in a global workspace slice.
-// * GridTeam: every block of a cooperative launch works on one problem (large M, small B),
-//   state in global memory, cg::this_grid().sync() between the steps of a round.
+// * GridTeam: every block of a cooperative launch works on one problem, state in global
+//   memory, cg::this_grid().sync() between the steps of a round (opt-in: see auction_cuda.h).
 // A round: (A) each warp takes unassigned bidders, scans the row with coalesced loads, reduces
 // the top-2 values with shuffles and atomicMax-es the order-preserving key of its bid on the
 // object; (B) bidders whose key equals the object's best atomicMin their index (ties -> lowest
@@ -246,18 +246,25 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
         break;
       }
       // (A) bids against the prices of the start of the round.
-      for (int i = warp; i < m; i += nwarps) {
-        if (team.ld(&s.assigned[i]) >= 0) continue;  // same value for all lanes: the warp stays converged
-        Top2 t = top2_empty();
-        scan_row(i < N ? c + static_cast<int64_t>(i) * M : nullptr, M, maximize, big,
-                 [&](double cij, int j) { top2_push(t, value(cij, team.ld(&s.price[j])), j); });
+      // Warp w owns bidders w, w + nwarps, ...; its lanes read 32 of their flags at once and the
+      // ballot lists the unassigned ones (a warp-uniform mask: shuffles below see all 32 lanes).
+      for (int k0 = 0; k0 * nwarps < m; k0 += 32) {
+        const int mine = warp + nwarps * (k0 + lane);
+        unsigned pending = __ballot_sync(kFull, mine < m && team.ld(&s.assigned[mine]) < 0);
+        while (pending) {
+          const int i = warp + nwarps * (k0 + __ffs(pending) - 1);
+          pending &= pending - 1;
+          Top2 t = top2_empty();
+          scan_row(i < N ? c + static_cast<int64_t>(i) * M : nullptr, M, maximize, big,
+                   [&](double cij, int j) { top2_push(t, value(cij, team.ld(&s.price[j])), j); });
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) t = top2_merge(t, shfl_xor_top2(t, off));
-        if (lane == 0) {
-          const unsigned long long k = key_of(bid_price(t, team.ld(&s.price[t.j1]), eps));
-          s.bid_obj[i] = t.j1;
-          bid_key[i] = k;
-          atomicMax(&s.best_key[t.j1], k);
+          for (int off = 16; off > 0; off >>= 1) t = top2_merge(t, shfl_xor_top2(t, off));
+          if (lane == 0) {
+            const unsigned long long k = key_of(bid_price(t, team.ld(&s.price[t.j1]), eps));
+            s.bid_obj[i] = t.j1;
+            bid_key[i] = k;
+            atomicMax(&s.best_key[t.j1], k);
+          }
         }
       }
       team.sync();
@@ -371,7 +378,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kBlockThreads) auction_block_kernel(
+__global__ void __launch_bounds__(kBlockThreads, 1) auction_block_kernel(
     const T* __restrict__ cost,  // [B, N, M]
     int N, int M, bool maximize, double tol, bool in_shared,
     char* __restrict__ workspace,  // [B, state_bytes(M)] when !in_shared
@@ -411,7 +418,7 @@ Plan make_plan(int64_t B, int64_t M, int mode, int device) {
   check(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
         "cudaDeviceGetAttribute");
   Plan plan{false, false, 0, 0};
-  plan.grid = mode == kModeGrid || (mode == kModeAuto && B <= kGridMaxB && M >= kGridMinM);
+  plan.grid = mode == kModeGrid;  // auto: one block per problem (see auction_cuda.h)
   if (plan.grid) {
     int per_sm = 0;
     check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, auction_grid_kernel<T>, kGridThreads, 0),

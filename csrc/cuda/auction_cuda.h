@@ -6,11 +6,11 @@
 #include <cstdint>
 
 namespace loom {
-// Dispatch: auto picks the cooperative multi-block kernel for a few large problems and one
-// block per problem otherwise; the others force a path (tests, benchmarks).
+// Dispatch: auto = one block per problem (state in shared memory when it fits). The cooperative
+// multi-block kernel is opt-in (kModeGrid): measured on an H200 (2026-11-26, sq3072 float32) it
+// was slower at N = 1024..4096 (35 vs 26 ms, 133 vs 105 ms, 542 vs 476 ms) and even at 8192
+// (2.23 s both): rounds are latency-bound and grid syncs cost more than the extra warps save.
 enum AuctionMode : int { kModeAuto = 0, kModeBlock = 1, kModeBlockGlobal = 2, kModeGrid = 3 };
-constexpr int64_t kGridMinM = 1024;  // auto: smallest M for the multi-block kernel
-constexpr int64_t kGridMaxB = 2;     // auto: largest batch for the multi-block kernel
 
 // Bytes of device workspace auction_cuda_solve needs for this shape and mode (0 when all the
 // state fits in shared memory).
