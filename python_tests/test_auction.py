@@ -250,14 +250,6 @@ def test_cuda_auction_large_single_problem(rng):
 
 
 @pytest.mark.cuda
-def test_cuda_auction_large_m_global_state(rng):
-    # M too large for shared memory: the one-block kernel keeps its state in global memory.
-    cost = rng.random((2, 40, 6000)).astype(np.float32)
-    col, st, _ = _assert_same_as_twin(cost, tol=1e-6, mode=1)
-    _check_total(cost, col, 1e-6)
-
-
-@pytest.mark.cuda
 def test_cuda_auction_non_default_stream(rng):
     import torch
 
