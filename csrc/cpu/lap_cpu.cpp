@@ -31,6 +31,10 @@
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
+// GCC 12 flags its own _mm512_undefined_* helpers (GCC bug 105593): silence that false positive.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #endif
 
@@ -42,7 +46,7 @@ namespace {
 constexpr double kInf = std::numeric_limits<double>::infinity();
 // Augmenting row reduction gets at most this many row scans per row; past that its evictions
 // assign rows more slowly than Dijkstra does (measured on uniform and squared-Euclidean costs).
-constexpr int64_t kRowReductionSteps = 4;
+constexpr int64_t kRowReductionSteps = 2;
 
 template <typename T, bool MAX>
 inline double load1(const T* p) {
@@ -70,6 +74,7 @@ struct V {
   static I iota() { return _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7); }
   static I addi(I a, int64_t k) { return _mm512_add_epi64(a, _mm512_set1_epi64(k)); }
   static D load(const double* p) { return _mm512_loadu_pd(p); }
+  static I loadi(const int64_t* p) { return _mm512_loadu_si512(p); }
   static D loadc(const double* p) { return _mm512_loadu_pd(p); }
   static D loadc(const float* p) { return _mm512_cvtps_pd(_mm256_loadu_ps(p)); }
   static D neg(D x) {
@@ -80,8 +85,6 @@ struct V {
   static Mk lt(D a, D b) { return _mm512_cmp_pd_mask(a, b, _CMP_LT_OQ); }
   static Mk eq(D a, D b) { return _mm512_cmp_pd_mask(a, b, _CMP_EQ_OQ); }
   static Mk ngt(D a, D b) { return _mm512_cmp_pd_mask(a, b, _CMP_NGT_UQ); }
-  static Mk lt_and(Mk m, D a, D b) { return _mm512_mask_cmp_pd_mask(m, a, b, _CMP_LT_OQ); }
-  static Mk mnot(Mk m) { return static_cast<Mk>(~m); }
   static Mk mor(Mk a, Mk b) { return a | b; }
   static Mk mzero() { return 0; }
   static bool any(Mk m) { return m != 0; }
@@ -89,7 +92,6 @@ struct V {
   static I seli(Mk m, I a, I b) { return _mm512_mask_blend_epi64(m, a, b); }
   static void store(double* p, D x) { _mm512_storeu_pd(p, x); }
   static void storei(int64_t* p, I x) { _mm512_storeu_si512(p, x); }
-  static void store_if(double* p, Mk m, D x) { _mm512_mask_storeu_pd(p, m, x); }
   static void store_upd(double* p, Mk m, D x) { _mm512_mask_storeu_pd(p, m, x); }
   static void storei_if(int64_t* p, Mk m, I x) { _mm512_mask_storeu_epi64(p, m, x); }
   static Mk mand(Mk a, Mk b) { return a & b; }
@@ -113,6 +115,7 @@ struct V {
   static I iota() { return _mm256_setr_epi64x(0, 1, 2, 3); }
   static I addi(I a, int64_t k) { return _mm256_add_epi64(a, _mm256_set1_epi64x(k)); }
   static D load(const double* p) { return _mm256_loadu_pd(p); }
+  static I loadi(const int64_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static D loadc(const double* p) { return _mm256_loadu_pd(p); }
   static D loadc(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
   static D neg(D x) { return _mm256_xor_pd(x, _mm256_set1_pd(-0.0)); }
@@ -121,8 +124,6 @@ struct V {
   static Mk lt(D a, D b) { return _mm256_cmp_pd(a, b, _CMP_LT_OQ); }
   static Mk eq(D a, D b) { return _mm256_cmp_pd(a, b, _CMP_EQ_OQ); }
   static Mk ngt(D a, D b) { return _mm256_cmp_pd(a, b, _CMP_NGT_UQ); }
-  static Mk lt_and(Mk m, D a, D b) { return _mm256_and_pd(m, _mm256_cmp_pd(a, b, _CMP_LT_OQ)); }
-  static Mk mnot(Mk m) { return _mm256_xor_pd(m, _mm256_castsi256_pd(_mm256_set1_epi64x(-1))); }
   static Mk mor(Mk a, Mk b) { return _mm256_or_pd(a, b); }
   static Mk mzero() { return _mm256_setzero_pd(); }
   static bool any(Mk m) { return _mm256_movemask_pd(m) != 0; }
@@ -132,9 +133,6 @@ struct V {
   }
   static void store(double* p, D x) { _mm256_storeu_pd(p, x); }
   static void storei(int64_t* p, I x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x); }
-  static void store_if(double* p, Mk m, D x) {
-    if (any(m)) store(p, sel(m, load(p), x));
-  }
   // x already holds the old values outside m: store it whole, without a branch.
   static void store_upd(double* p, Mk, D x) { store(p, x); }
   static void storei_if(int64_t* p, Mk m, I x) {
@@ -283,7 +281,6 @@ void relax(const T* row, const double* v, double* d, int64_t* pred, int64_t M, d
   // bookkeeping in the hot loop); a short search then finds the first column holding it.
   constexpr int W = V::W, U = kUnroll, S = W * U;
   double simd_best = kInf;
-  int64_t simd_end = 0;
   if (M >= S) {
     V::D vb[U];
     for (int u = 0; u < U; ++u) vb[u] = V::set1(kInf);
@@ -310,7 +307,6 @@ void relax(const T* row, const double* v, double* d, int64_t* pred, int64_t M, d
     }
     for (int u = 1; u < U; ++u) vb[0] = V::min(vb[u], vb[0]);
     simd_best = V::hmin(vb[0]);
-    simd_end = j;
   }
 #endif
   for (; j < M; ++j) {
@@ -341,6 +337,36 @@ void relax(const T* row, const double* v, double* d, int64_t* pred, int64_t M, d
 #endif
   mn = best;
   jm = bj;
+}
+
+// Column reduction, one row at a time: colmin[j] = min(colmin[j], c[j]) with argrow[j] = i on a
+// strict improvement (the first row attaining each minimum). Returns whether the row holds NaN
+// or -inf: !(c > -inf) is true exactly for those, one compare per entry in the same sweep.
+template <typename T, bool MAX>
+bool col_min_sweep(const T* row, int64_t i, double* colmin, int64_t* argrow, int64_t M) {
+  int64_t j = 0;
+  bool bad = false;
+#ifdef LOOM_LAP_SIMD
+  constexpr int W = V::W;
+  const V::D ninf = V::set1(-kInf);
+  const V::I vi = V::set1i(i);
+  V::Mk vbad = V::mzero();
+  for (; j + W <= M; j += W) {
+    const V::D c = loadcs<T, MAX>(row + j);
+    const V::D m = V::load(colmin + j);
+    vbad = V::mor(vbad, V::ngt(c, ninf));
+    const V::Mk lt = V::lt(c, m);
+    V::store(colmin + j, V::min(c, m));
+    V::storei(argrow + j, V::seli(lt, V::loadi(argrow + j), vi));
+  }
+  bad = V::any(vbad);
+#endif
+  for (; j < M; ++j) {
+    const double c = load1<T, MAX>(row + j);
+    bad |= !(c > -kInf);
+    if (c < colmin[j]) colmin[j] = c, argrow[j] = i;
+  }
+  return bad;
 }
 
 // Per-thread scratch, reused across the problems a worker solves.
@@ -387,17 +413,8 @@ class Solver {
     std::fill(argrow, argrow + M_, int64_t{0});
     // Row-major sweep: strict < keeps the first row attaining each column minimum. The
     // validity check rides along: !(c > -inf) is true exactly for NaN and -inf.
-    int bad = 0;
-    for (int64_t i = 0; i < N_; ++i) {
-      const T* r = row(i);
-      for (int64_t j = 0; j < M_; ++j) {
-        const double c = load1<T, MAX>(r + j);
-        bad |= !(c > -kInf);
-        const bool lt = c < colmin[j];
-        colmin[j] = lt ? c : colmin[j];
-        argrow[j] = lt ? i : argrow[j];
-      }
-    }
+    bool bad = false;
+    for (int64_t i = 0; i < N_; ++i) bad |= col_min_sweep<T, MAX>(row(i), i, colmin, argrow, M_);
     if (bad) return kInvalid;
     std::fill(matches, matches + N_, 0);
     for (int64_t j = M_ - 1; j >= 0; --j) {
