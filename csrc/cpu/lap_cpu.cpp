@@ -339,6 +339,23 @@ void relax(const T* row, const double* v, double* d, int64_t* pred, int64_t M, d
   jm = bj;
 }
 
+// The first unassigned column (y[j] < 0) whose distance equals x, or -1.
+inline int64_t first_free_at(const double* d, const int64_t* y, int64_t M, double x) {
+  int64_t j = 0;
+#ifdef LOOM_LAP_SIMD
+  constexpr int W = V::W;
+  const V::D vx = V::set1(x);
+  const V::I zero = V::set1i(0);
+  for (; j + W <= M; j += W) {
+    const unsigned hit = V::bits(V::mand(V::eq(V::load(d + j), vx), V::ilt(V::loadi(y + j), zero)));
+    if (hit) return j + __builtin_ctz(hit);
+  }
+#endif
+  for (; j < M; ++j)
+    if (d[j] == x && y[j] < 0) return j;
+  return -1;
+}
+
 // Column reduction, one row at a time: colmin[j] = min(colmin[j], c[j]) with argrow[j] = i on a
 // strict improvement (the first row attaining each minimum). Returns whether the row holds NaN
 // or -inf: !(c > -inf) is true exactly for those, one compare per entry in the same sweep.
@@ -517,8 +534,16 @@ class Solver {
     int64_t jm;
     relax<T, MAX, true>(row(f), v_, d_, pred_, M_, 0.0, f, mn, jm);
     int64_t nfin = 0;
+    double prev = kInf;
     for (;;) {
       if (jm < 0 || !(mn < kInf)) return false;
+      // Among columns tied at the minimum, a free one ends the search at once. Integer costs
+      // tie all the time, continuous ones almost never past the first step, hence the gate.
+      if (y_[jm] >= 0 && (nfin == 0 || mn == prev)) {
+        const int64_t jf = first_free_at(d_, y_, M_, mn);
+        if (jf >= 0) jm = jf;
+      }
+      prev = mn;
       const double vj = v_[jm];
       fin_[nfin] = jm, fin_d_[nfin] = mn, fin_v_[nfin] = vj, ++nfin;
       // The column leaves the search: with v = -inf every later path to it costs +inf, so the
