@@ -102,7 +102,6 @@ struct V {
   static double hmin(D x) { return _mm512_reduce_min_pd(x); }
   static int64_t hmin_idx(Mk m, I x) { return _mm512_mask_reduce_min_epi64(m, x); }
 };
-constexpr int kUnroll = 4;  // 32 registers: four independent compare-blend chains
 #elif defined(__AVX2__)
 #define LOOM_LAP_SIMD 1
 struct V {
@@ -135,8 +134,8 @@ struct V {
   static void storei(int64_t* p, I x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), x); }
   // x already holds the old values outside m: store it whole, without a branch.
   static void store_upd(double* p, Mk, D x) { store(p, x); }
+  // Branch-free read-blend-write: the update pattern is data dependent, a branch mispredicts.
   static void storei_if(int64_t* p, Mk m, I x) {
-    if (!any(m)) return;
     __m256i* q = reinterpret_cast<__m256i*>(p);
     _mm256_storeu_si256(q, seli(m, _mm256_loadu_si256(q), x));
   }
@@ -159,10 +158,12 @@ struct V {
     return r;
   }
 };
-constexpr int kUnroll = 2;  // 16 registers: more chains would spill
 #endif
 
 #ifdef LOOM_LAP_SIMD
+// Independent running minima per sweep, so the min chains of consecutive vectors overlap.
+constexpr int kUnroll = 4;
+
 template <typename T, bool MAX>
 inline V::D loadcs(const T* p) {
   const V::D c = V::loadc(p);
