@@ -6,6 +6,7 @@
 #include "common/status.h"
 #include "cpu/lap_cpu.h"
 #include "cpu/auction_cpu.h"
+#include "cpu/philox_cpu.h"
 
 namespace py = pybind11;
 
@@ -50,6 +51,26 @@ py::tuple solve_auction_t(py::array_t<T, py::array::c_style> cost, bool maximize
   if (with_rounds) return py::make_tuple(col4row, status, rounds);
   return py::make_tuple(col4row, status);
 }
+
+// The noise stream of loom_kernels/noise.py: [n_rows, row_len] float32 normals or uint32 words.
+template <typename T>
+py::array_t<T> philox_t(py::array_t<int64_t, py::array::c_style> seeds, int64_t row_len, int threads) {
+  if (seeds.ndim() != 1) throw std::invalid_argument("seeds must be a 1-D (S,) int64 array");
+  if (row_len < 0 || row_len > (int64_t{4} << 32))
+    throw std::invalid_argument("row_len must be in [0, 4 * 2**32], got " + std::to_string(row_len));
+  const int64_t S = seeds.shape(0);
+  py::array_t<T> out({S, row_len});
+  const int64_t* s = seeds.data();
+  T* o = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    if constexpr (std::is_same_v<T, float>)
+      loom::philox_normal(s, S, row_len, o, threads);
+    else
+      loom::philox_uint32(s, S, row_len, o, threads);
+  }
+  return out;
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -63,4 +84,8 @@ PYBIND11_MODULE(_C, m) {
         "(col4row int64 (B, N), status int8 (B,)[, rounds int64 (B,)])");
   m.def("solve_auction", &solve_auction_t<float>, py::arg("cost"), py::arg("maximize"), py::arg("tol"),
         py::arg("threads") = 0, py::arg("with_rounds") = false);
+  m.def("philox_normal", &philox_t<float>, py::arg("seeds"), py::arg("row_len"), py::arg("threads") = 0,
+        "Philox4x32-10 + Box-Muller normals of loom_kernels.noise: int64 seeds (S,) -> float32 (S, row_len)");
+  m.def("philox_uint32", &philox_t<uint32_t>, py::arg("seeds"), py::arg("row_len"), py::arg("threads") = 0,
+        "The raw Philox4x32-10 words of loom_kernels.noise: int64 seeds (S,) -> uint32 (S, row_len)");
 }

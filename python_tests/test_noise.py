@@ -243,3 +243,122 @@ def test_cuda_device_argument_and_seed_device():
     c = gaussian_noise(torch.tensor(seeds, device="cuda"), 100, device="cpu")
     assert c.device.type == "cpu"
     torch.testing.assert_close(a.cpu(), c, rtol=0, atol=1e-5)
+
+
+# ---- the compiled CPU stream (loom_kernels._C.philox_normal / philox_uint32) -------------------
+
+from loom_kernels.noise import _compiled_cpu, _stream_numpy  # noqa: E402
+
+needs_compiled = pytest.mark.skipif(
+    _compiled_cpu() is None, reason="loom_kernels._C is not built (or predates philox_normal): the numpy path serves"
+)
+# Row lengths around every boundary of the C++ loop: a block (4), a step of 32 counters (128
+# elements), a work chunk (16384 elements), and odd lengths that are multiples of none.
+RAGGED_LENGTHS = [1, 2, 3, 5, 127, 128, 129, 131, 16384 - 1, 16384 + 13]
+
+
+def _edge_and_random_seeds(k):
+    rnd = torch.randint(-(2**63), 2**63 - 1, (k,), dtype=torch.int64).numpy()
+    return np.concatenate([np.array(EDGE_SEEDS, dtype=np.int64), rnd])
+
+
+def _box_muller_f64(words):
+    """float64 normals from the uint32 words (``(S, 4 m)``): the stream's formulas, exact angle."""
+    u = ((words.astype(np.int64) >> 8) + 1) / 2.0**24
+    b = u.reshape(words.shape[0], -1, 4)
+    out = np.empty_like(b)
+    for a, t, lane in ((0, 1, 0), (2, 3, 2)):
+        r = np.sqrt(-2.0 * np.log(b[..., a]))
+        out[..., lane] = r * np.cos(2.0 * np.pi * b[..., t])
+        out[..., lane + 1] = r * np.sin(2.0 * np.pi * b[..., t])
+    return out.reshape(words.shape)
+
+
+@needs_compiled
+@pytest.mark.parametrize("n", RAGGED_LENGTHS)
+def test_compiled_stream_matches_numpy_path(n):
+    C = _compiled_cpu()
+    seeds = _edge_and_random_seeds(4 if n > 1000 else 24)
+    words = C.philox_uint32(seeds, n)
+    assert words.dtype == np.uint32 and words.shape == (len(seeds), n)
+    ref_words = _stream_numpy(seeds, -(-n // 4), normals=False)[:, :n]
+    assert np.array_equal(words, ref_words)  # bit for bit
+    z = C.philox_normal(seeds, n)
+    assert z.dtype == np.float32 and z.shape == (len(seeds), n)
+    ref_z = _stream_numpy(seeds, -(-n // 4), normals=True)[:, :n]
+    np.testing.assert_allclose(z, ref_z, rtol=0, atol=1e-5)
+
+
+@needs_compiled
+@pytest.mark.parametrize("n", [1, 3, 131])
+def test_compiled_stream_matches_python_reference(n):
+    C = _compiled_cpu()
+    words, z = C.philox_uint32(np.array(EDGE_SEEDS), n), C.philox_normal(np.array(EDGE_SEEDS), n)
+    for i, s in enumerate(EDGE_SEEDS):
+        ref_words, ref_normals = noise_stream_ref(s, n)
+        assert words[i].tolist() == ref_words
+        np.testing.assert_allclose(z[i], ref_normals, rtol=0, atol=1e-5)
+
+
+@needs_compiled
+def test_compiled_normals_accuracy_on_many_words():
+    # 1.3M normals against float64 math on the same words: the polynomials' error, over the
+    # whole (0, 1] range of the uniforms (radius up to ~5.3 here). Observed max ~1e-6.
+    C = _compiled_cpu()
+    seeds = torch.randint(-(2**63), 2**63 - 1, (64,), dtype=torch.int64).numpy()
+    n = 20_000
+    z = C.philox_normal(seeds, n).astype(np.float64)
+    ref = _box_muller_f64(C.philox_uint32(seeds, n))
+    assert np.abs(z - ref).max() < 1e-5
+    # relative to the radius too: no systematic error hiding under the absolute bound
+    assert np.abs(z - ref).max() < 4e-6 * max(1.0, np.abs(ref).max())
+    assert np.isfinite(z).all()
+
+
+@needs_compiled
+def test_compiled_empty_shapes():
+    C = _compiled_cpu()
+    for seeds, n in ((np.zeros(0, np.int64), 5), (np.array([1, 2]), 0), (np.zeros(0, np.int64), 0)):
+        for fn, dt in ((C.philox_normal, np.float32), (C.philox_uint32, np.uint32)):
+            out = fn(seeds, n)
+            assert out.shape == (len(seeds), n) and out.dtype == dt
+    one = C.philox_normal(np.array([-5]), 9)
+    assert one.shape == (1, 9)
+    np.testing.assert_allclose(one[0], noise_stream_ref(-5, 9)[1], rtol=0, atol=1e-5)
+
+
+@needs_compiled
+@pytest.mark.parametrize("rows, n", [(9, 40_003), (1, 200_001)])  # threads over rows; one long row over chunks
+def test_compiled_thread_count_does_not_change_the_stream(rows, n):
+    C = _compiled_cpu()
+    seeds = torch.randint(-(2**63), 2**63 - 1, (rows,), dtype=torch.int64).numpy()
+    z1, w1 = C.philox_normal(seeds, n, 1), C.philox_uint32(seeds, n, 1)
+    for threads in (2, 3, 7, 0):
+        assert np.array_equal(C.philox_normal(seeds, n, threads), z1)
+        assert np.array_equal(C.philox_uint32(seeds, n, threads), w1)
+    # the long row's tail against the numpy path (the last chunk, ragged)
+    assert np.array_equal(w1[:, -300:], _stream_numpy(seeds, -(-n // 4), normals=False)[:, n - 300:n])
+
+
+@needs_compiled
+def test_compiled_bad_input():
+    C = _compiled_cpu()
+    with pytest.raises(ValueError, match="row_len must be in"):
+        C.philox_normal(np.array([1]), -1)
+    with pytest.raises(ValueError, match="seeds must be a 1-D"):
+        C.philox_uint32(np.ones((2, 2), np.int64), 3)
+
+
+@needs_compiled
+def test_public_path_uses_the_compiled_stream(monkeypatch):
+    # gaussian_noise on the CPU is the compiled stream, and the numpy fallback gives the same
+    import loom_kernels.noise as noise_mod
+
+    seeds = torch.tensor(EDGE_SEEDS)
+    fast, fast_words = gaussian_noise(seeds, (3, 7)), _philox_uint32(seeds, 21)
+    assert torch.equal(fast.reshape(len(EDGE_SEEDS), -1), torch.from_numpy(_compiled_cpu().philox_normal(seeds.numpy(), 21)))
+    monkeypatch.setattr(noise_mod, "_compiled_cpu", lambda: None)
+    slow = gaussian_noise(seeds, (3, 7))
+    assert not torch.equal(slow, fast)  # really the other path (last-ulp differences somewhere)
+    torch.testing.assert_close(slow, fast, rtol=0, atol=1e-5)
+    assert torch.equal(_philox_uint32(seeds, 21), fast_words)
