@@ -329,12 +329,17 @@ def _figure(path, args, s, results, x_test, w2_floor, is_2d) -> None:
                 ax.set_ylim(-lim, lim)
                 ax.set_aspect("equal")
 
-    ax = fig.add_subplot(gs[3, 0:2] if not is_2d else gs[3, 0:3])
+    from matplotlib.ticker import FormatStrFormatter
+
+    bottom = gs[3, :].subgridspec(1, 2 if is_2d else 3, wspace=0.3)
+    ax = fig.add_subplot(bottom[0])
     for c in COUPLINGS:
         ax.plot(NFES, [results[c]["w2"][k] for k in NFES], "o-", color=COLORS[c], label=LABELS[c])
     ax.axhline(w2_floor, color="black", ls=":", label="data floor (train vs held-out)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     ax.set_xticks(NFES)
     ax.set_xticklabels([str(k) for k in NFES])
     ax.set_xlabel("NFE (Euler steps)")
@@ -342,7 +347,7 @@ def _figure(path, args, s, results, x_test, w2_floor, is_2d) -> None:
     ax.set_title("sample quality vs NFE", fontsize=10)
     ax.legend(fontsize=8)
 
-    ax = fig.add_subplot(gs[3, 2:4] if not is_2d else gs[3, 3:6])
+    ax = fig.add_subplot(bottom[1])
     window = max(1, s["steps"] // 50)
     for c in ("independent", "ot"):
         st, val = _smooth(*results[c]["cost_curve"], window)
@@ -353,6 +358,8 @@ def _figure(path, args, s, results, x_test, w2_floor, is_2d) -> None:
     if loom.get("global_optimum") is not None:
         ax.axhline(loom["global_optimum"], color=COLORS["loom"], ls="--", lw=1, label="global OT optimum (LOOM's noise)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(0, s["steps"])
     ax.set_xlabel("training step (log scale)")
@@ -361,7 +368,7 @@ def _figure(path, args, s, results, x_test, w2_floor, is_2d) -> None:
     ax.legend(fontsize=8)
 
     if not is_2d:
-        ax = fig.add_subplot(gs[3, 4:6])
+        ax = fig.add_subplot(bottom[2])
         ax.imshow(_image_grid(x_test, 8, 8), cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
