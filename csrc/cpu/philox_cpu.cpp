@@ -20,14 +20,14 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <exception>
+#include <memory>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 #include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <type_traits>
-#include <vector>
 
 namespace loom {
 namespace {
@@ -92,8 +92,10 @@ constexpr int kVec = sizeof(Vec) / sizeof(uint64_t);
 constexpr int kInFlight = kVec == 8 ? 4 : 2;  // see philox_lanes
 static_assert(kLanes % (kVec * kInFlight) == 0, "kLanes must be a multiple of the vectors in flight");
 
-inline void philox_lanes(uint32_t j0, uint32_t k0, uint32_t k1, uint32_t (&y0)[kLanes], uint32_t (&y1)[kLanes],
-                         uint32_t (&y2)[kLanes], uint32_t (&y3)[kLanes]) {
+// w[k][i] holds word x_k of counter j0 + i in its low 32 bits. Consumers read it as 64-bit
+// lanes, the width it was stored in: narrowing it into a uint32 array first would make the next
+// loop's loads straddle the stores, which stalls store-to-load forwarding.
+inline void philox_lanes(uint32_t j0, uint32_t k0, uint32_t k1, uint64_t (&w)[4][kLanes]) {
   constexpr int G = kLanes / kVec;
   const Vec m0 = v_set1(kM0), m1 = v_set1(kM1), zero = v_set1(0);
   Vec x0[G], x1[G], x2[G], x3[G];
@@ -119,23 +121,18 @@ inline void philox_lanes(uint32_t j0, uint32_t k0, uint32_t k1, uint32_t (&y0)[k
       kb += kW1;
     }
   }
-  alignas(64) uint64_t w[4][kLanes];
   for (int g = 0; g < G; ++g) {
     v_store(w[0] + g * kVec, x0[g]);
     v_store(w[1] + g * kVec, x1[g]);
     v_store(w[2] + g * kVec, x2[g]);
     v_store(w[3] + g * kVec, x3[g]);
   }
-  for (int i = 0; i < kLanes; ++i) {
-    y0[i] = static_cast<uint32_t>(w[0][i]);
-    y1[i] = static_cast<uint32_t>(w[1][i]);
-    y2[i] = static_cast<uint32_t>(w[2][i]);
-    y3[i] = static_cast<uint32_t>(w[3][i]);
-  }
 }
 
 // u(x) = ((x >> 8) + 1) 2^-24 in (0, 1], exact in float32 (the integer is <= 2^24).
-inline float uniform(uint32_t x) { return static_cast<float>(static_cast<int32_t>((x >> 8) + 1)) * 0x1p-24f; }
+inline float uniform(uint64_t x) {
+  return static_cast<float>(static_cast<int32_t>((static_cast<uint32_t>(x) >> 8) + 1)) * 0x1p-24f;
+}
 
 // ln u for u in (0, 1] (normal floats only, which every u(x) is).
 inline float log_unit(float u) {
@@ -173,15 +170,15 @@ inline void sincos_turn(float t, float& s_out, float& c_out) {
 
 // kLanes blocks of the stream (4 kLanes elements, in stream order) starting at block j0.
 inline void normal_lanes(uint32_t j0, uint32_t k0, uint32_t k1, float* out) {
-  uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
-  philox_lanes(j0, k0, k1, x0, x1, x2, x3);
+  alignas(64) uint64_t w[4][kLanes];
+  philox_lanes(j0, k0, k1, w);
   float v0[kLanes], v1[kLanes], v2[kLanes], v3[kLanes];
   for (int i = 0; i < kLanes; ++i) {
-    const float r0 = std::sqrt(std::max(-2.0f * log_unit(uniform(x0[i])), 0.0f));
-    const float r1 = std::sqrt(std::max(-2.0f * log_unit(uniform(x2[i])), 0.0f));
+    const float r0 = std::sqrt(std::max(-2.0f * log_unit(uniform(w[0][i])), 0.0f));
+    const float r1 = std::sqrt(std::max(-2.0f * log_unit(uniform(w[2][i])), 0.0f));
     float s0, c0, s1, c1;
-    sincos_turn(uniform(x1[i]) * 6.2831854820251465f, s0, c0);  // float32(2 pi), as the reference
-    sincos_turn(uniform(x3[i]) * 6.2831854820251465f, s1, c1);
+    sincos_turn(uniform(w[1][i]) * 6.2831854820251465f, s0, c0);  // float32(2 pi), as the reference
+    sincos_turn(uniform(w[3][i]) * 6.2831854820251465f, s1, c1);
     v0[i] = r0 * c0;
     v1[i] = r0 * s0;
     v2[i] = r1 * c1;
@@ -196,13 +193,13 @@ inline void normal_lanes(uint32_t j0, uint32_t k0, uint32_t k1, float* out) {
 }
 
 inline void word_lanes(uint32_t j0, uint32_t k0, uint32_t k1, uint32_t* out) {
-  uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
-  philox_lanes(j0, k0, k1, x0, x1, x2, x3);
+  alignas(64) uint64_t w[4][kLanes];
+  philox_lanes(j0, k0, k1, w);
   for (int i = 0; i < kLanes; ++i) {
-    out[4 * i] = x0[i];
-    out[4 * i + 1] = x1[i];
-    out[4 * i + 2] = x2[i];
-    out[4 * i + 3] = x3[i];
+    out[4 * i] = static_cast<uint32_t>(w[0][i]);
+    out[4 * i + 1] = static_cast<uint32_t>(w[1][i]);
+    out[4 * i + 2] = static_cast<uint32_t>(w[2][i]);
+    out[4 * i + 3] = static_cast<uint32_t>(w[3][i]);
   }
 }
 
@@ -237,7 +234,7 @@ void fill_batch(const int64_t* seeds, int64_t n_rows, int64_t row_len, T* out, i
   constexpr int64_t kChunk = int64_t{1} << 14;  // 64 KiB of output: well above a dispatch's cost
   const int64_t chunks = (row_len + kChunk - 1) / kChunk;
   const int64_t items = n_rows * chunks;
-  auto run = [&](int64_t it) {
+  auto run = [=](int64_t it) {  // by value: helpers that start late copy it (see below)
     const int64_t row = it / chunks, e0 = (it - row * chunks) * kChunk;
     fill_range<T>(seeds[row], e0, std::min(row_len, e0 + kChunk), out + row * row_len);
   };
@@ -250,24 +247,29 @@ void fill_batch(const int64_t* seeds, int64_t n_rows, int64_t row_len, T* out, i
     return;
   }
   // Each item is written by exactly one thread with the same code: the output does not depend
-  // on the scheduling or the thread count.
-  std::atomic<int64_t> next{0};
-  std::vector<std::exception_ptr> errors(nt);
-  auto worker = [&](int64_t t) {
-    try {
-      for (int64_t it = next.fetch_add(1); it < items; it = next.fetch_add(1)) run(it);
-    } catch (...) {
-      errors[t] = std::current_exception();
-      next.store(items);
+  // on the scheduling or the thread count. The helpers are detached and the caller waits for
+  // the items, not for the threads: on a busy machine a helper that the OS starts late finds
+  // no work left and exits without touching the output (the counters it reads are shared-owned),
+  // instead of holding the call for a scheduler time slice. fill_range throws nothing.
+  struct Progress {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  const auto progress = std::make_shared<Progress>();
+  auto drain = [progress, items, run] {
+    for (int64_t it = progress->next.fetch_add(1); it < items; it = progress->next.fetch_add(1)) {
+      run(it);
+      progress->done.fetch_add(1, std::memory_order_release);
     }
   };
-  std::vector<std::thread> pool;
-  pool.reserve(nt - 1);
-  for (int64_t t = 1; t < nt; ++t) pool.emplace_back(worker, t);
-  worker(0);
-  for (auto& th : pool) th.join();
-  for (auto& err : errors)
-    if (err) std::rethrow_exception(err);
+  for (int64_t t = 1; t < nt; ++t) {
+    try {
+      std::thread(drain).detach();
+    } catch (const std::system_error&) {  // no thread to be had: the caller does the work
+      break;
+    }
+  }
+  drain();
+  while (progress->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
 }  // namespace
