@@ -91,18 +91,23 @@ def assign(cost, *, backend="auto", tol=None, method="auto", maximize=False, thr
 class _Solution:
     """A solved batch in the N <= M orientation, turned into the public outputs."""
 
-    def __init__(self, col4row, transposed, batched, shape, lib):
+    def __init__(self, col4row, transposed, batched, lib, wrap=None):
         self.col4row = col4row  # [B, N'] int64, N' = min(N, M)
         self.transposed = transposed  # the caller's problem was (M', N') with more rows than columns
         self.batched = batched
-        self.shape = shape  # the caller's (B, N, M)
-        self.lib = lib  # _NumpyOps or _TorchOps
+        self.lib = lib  # _NumpyOps or _TorchOps: how col4row is held
+        self.wrap = wrap  # torch.from_numpy for CPU tensors solved through numpy, else None
 
     def col_for_row(self):
         out = self.col4row
-        return out if self.batched else out[0]
+        out = out if self.batched else out[0]
+        return out if self.wrap is None else self.wrap(out)
 
     def row_col(self):
+        rows, cols = self._row_col()
+        return (rows, cols) if self.wrap is None else (self.wrap(rows), self.wrap(cols))
+
+    def _row_col(self):
         lib, c4r = self.lib, self.col4row
         if not self.transposed and not self.batched and lib is _NumpyOps:  # the common case, kept lean
             return np.arange(c4r.shape[1], dtype=np.int64), c4r[0]
@@ -214,6 +219,8 @@ def _torch_cost(t):
     t = t.detach()
     if t.dtype == torch.float64:
         return t, "float64"
+    if t.dtype == torch.float32:
+        return t, "float32"
     if t.is_floating_point():
         return t.to(torch.float32), "float32"
     return t.to(torch.float64), "exact"
@@ -266,7 +273,11 @@ def _solve(cost, maximize, backend, tol, method, threads, caller):
                 f"method='lap' (exact Jonker-Volgenant) runs on the CPU but cost is on {t.device}: "
                 f"use method='auto'/'auction' on the GPU, or pass cost.cpu()"
             )
-        lib, data, is_gpu = _TorchOps, t, on_gpu
+        if on_gpu:
+            lib, data, is_gpu, wrap = _TorchOps, t, True, None
+        else:
+            # A CPU tensor is solved through its zero-copy numpy view; outputs go back to torch.
+            lib, data, is_gpu, wrap = _NumpyOps, t.numpy(), False, torch.from_numpy
     else:
         if backend == "cuda":
             _native.cuda()  # raises the "built without CUDA" error on a CPU-only build
@@ -275,7 +286,7 @@ def _solve(cost, maximize, backend, tol, method, threads, caller):
                 f"pass torch.as_tensor(cost, device='cuda')"
             )
         data, prec = _numpy_cost(cost)
-        lib, is_gpu = _NumpyOps, False
+        lib, is_gpu, wrap = _NumpyOps, False, None
 
     tol = _DEFAULT_TOL[prec] if tol is None else float(tol)
     batched = data.ndim == 3
@@ -297,15 +308,8 @@ def _solve(cost, maximize, backend, tol, method, threads, caller):
         col4row, status = _solve_cuda(c3.contiguous(), maximize, tol)
         _raise_for_status(status.cpu().numpy(), batched, maximize)  # the one host sync
     else:
-        if lib is _TorchOps:
-            c3 = c3.contiguous().numpy()
-        c3 = np.ascontiguousarray(c3)
-        col4row = _solve_cpu(c3, maximize, tol, method, threads, batched)
-        if lib is _TorchOps:
-            import torch
-
-            col4row = torch.from_numpy(col4row)
-    return _Solution(col4row, transposed, batched, (B, N, M), lib)
+        col4row = _solve_cpu(np.ascontiguousarray(c3), maximize, tol, method, threads, batched)
+    return _Solution(col4row, transposed, batched, lib, wrap)
 
 
 def _empty(lib, data, B, K):

@@ -609,6 +609,8 @@ void lap_solve_batch(const T* cost, int64_t B, int64_t N, int64_t M, bool maximi
   // hardware_concurrency() reads /sys on every call: ask once.
   static const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
   int64_t nt = threads > 0 ? threads : hw;
+  // Starting a thread costs tens of microseconds: by default give each at least ~64k entries.
+  if (threads <= 0) nt = std::min<int64_t>(nt, (B * N * M) >> 16);
   nt = std::max<int64_t>(1, std::min<int64_t>(nt, B));
   auto solve = [&](int64_t b, Work& w) {
     status[b] = solve_one<T>(cost + b * N * M, N, M, maximize, col4row + b * N, w);

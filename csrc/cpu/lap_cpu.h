@@ -8,8 +8,9 @@ namespace loom {
 // status:  [B] int8, a loom::Status per problem (kOk, kInfeasible, kInvalid).
 // maximize flips the sign of every entry as it is read (no copy). Distances and potentials are
 // accumulated in double, so float input is solved exactly with respect to its float64 value.
-// threads <= 0 uses all hardware threads; a single problem (or threads == 1) runs on the calling
-// thread. The result does not depend on the thread count. The caller handles the GIL.
+// threads <= 0 uses all hardware threads (fewer for small batches, where starting threads would
+// cost more than it saves); a single problem (or threads == 1) runs on the calling thread. The
+// result does not depend on the thread count. The caller handles the GIL.
 template <typename T>
 void lap_solve_batch(const T* cost, int64_t B, int64_t N, int64_t M, bool maximize,
                      int64_t* col4row, int8_t* status, int threads);
