@@ -193,7 +193,7 @@ def _check_shape(shape):
 
 
 def _numpy_cost(cost):
-    """numpy/list input -> (C-contiguous float32/float64 array, precision class)."""
+    """numpy/list input -> (float32/float64 array in any layout, precision class)."""
     try:
         a = np.asarray(cost)
     except ValueError as exc:  # ragged nested lists
@@ -233,7 +233,7 @@ def _raise_for_status(status, batched, maximize):
     b = int(np.flatnonzero(status)[0])
     where = f" (problem {b} of the batch)" if batched else ""
     if status[b] == 2:
-        extra = " (NaN or -inf; +inf is also invalid when maximize=True)" if maximize else " (NaN or -inf)"
+        extra = " (NaN or +inf; with maximize=True -inf marks a forbidden pair)" if maximize else " (NaN or -inf)"
         raise ValueError(f"cost matrix contains invalid numeric entries{extra}{where}")
     if status[b] == 1:
         raise ValueError(f"cost matrix is infeasible: no complete assignment avoids the +inf entries{where}")
