@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ._io import atomic_write, fsync_dir
 from .assign import assign
 from .cost import pairwise_cost
 from .noise import gaussian_noise
@@ -138,42 +139,6 @@ def _all_gather(t: torch.Tensor, group, world: int, device) -> torch.Tensor:
     out = [torch.empty_like(src) for _ in range(world)]
     torch.distributed.all_gather(out, src, group=group)
     return torch.cat(out, 0)
-
-
-def _fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path, write_fn, suffix=".tmp"):
-    """Write ``path`` through a temp file in the same directory, fsync, rename, fsync the directory.
-
-    A crash at any point leaves either the previous file or the complete new one, never a torn one.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
 
 
 # ---- the simple couplings ----------------------------------------------------------------------
@@ -394,7 +359,7 @@ class LoomCoupling:
             except OSError:
                 pass
             raise
-        _fsync_dir(directory)
+        fsync_dir(directory)
         self._memmap = np.load(path, mmap_mode="r+")
         self.seeds = torch.from_numpy(self._memmap)
 
@@ -664,7 +629,7 @@ class LoomCoupling:
         """
         self.flush()
         state = self.state_dict()
-        _atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: torch.save(state, f))
 
     @classmethod
     def load(

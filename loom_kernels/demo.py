@@ -25,6 +25,8 @@ import time
 import numpy as np
 import torch
 
+from ._io import atomic_write
+
 COUPLINGS = ("independent", "ot", "loom")
 LABELS = {"independent": "independent", "ot": "minibatch OT", "loom": "LOOM-CFM"}
 COLORS = {"independent": "tab:gray", "ot": "tab:blue", "loom": "tab:red"}
@@ -221,10 +223,7 @@ def run(args) -> dict:
     _figure(fig_path, args, s, results, x_test_eval.cpu(), w2_floor, is_2d)
     summary["figure"] = fig_path
     json_path = os.path.join(args.out, f"demo_{args.data}.json")
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, json_path)
+    atomic_write(json_path, lambda f: json.dump(summary, f, indent=2), mode="w")
     print(f"figure: {fig_path}\nnumbers: {json_path}\nmodels: {os.path.join(args.out, args.data + '_{' + ','.join(COUPLINGS) + '}', 'model.pt')}")
     return summary
 
@@ -378,10 +377,8 @@ def _figure(path, args, s, results, x_test, w2_floor, is_2d) -> None:
     top = max(a.get_position().y1 for a in fig.axes)
     fig.text(0.5, top + 0.025, f"Independent vs minibatch OT vs LOOM-CFM on {args.data}: same model, "
              f"{s['steps']} steps, batch {s['batch_size']}, seed {args.seed}", ha="center", fontsize=12)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90, bbox_inches="tight")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

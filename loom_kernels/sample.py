@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import torch
 
+from ._io import atomic_write
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -55,10 +57,8 @@ def _plot(path: str, x: np.ndarray, title: str) -> None:
     else:
         raise SystemExit(f"--plot handles 2-D points (n, 2) or images (n, C, H, W) with C in (1, 3), got {x.shape}")
     ax.set_title(title, fontsize=9)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -84,10 +84,7 @@ def main(argv=None) -> int:
         x0 = torch.randn(m, *shape, generator=gen).to(device)
         chunks.append(sample(model, x0, args.nfe, method=args.method).cpu())
     x = torch.cat(chunks).numpy()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out[:-4] + ".tmp.npy"
-    np.save(tmp, x)
-    os.replace(tmp, args.out)
+    atomic_write(args.out, lambda f: np.save(f, x))
     print(f"wrote {args.n} samples of shape {shape} ({args.method}, NFE {args.nfe}) to {args.out}")
     if args.plot:
         _plot(args.plot, x, f"{os.path.basename(args.ckpt)}: {args.method}, NFE {args.nfe}")

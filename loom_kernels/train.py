@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._io import atomic_write
 from .data import IndexedDataset
 
 CHECKPOINT = "checkpoint.pt"  # everything needed to resume
@@ -190,25 +191,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _atomic_save(obj, path: str) -> None:
-    """torch.save to a temp file in the same folder, fsync, then os.replace: a crash keeps the old file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    with contextlib.suppress(OSError):  # persist the rename itself (not possible on every OS)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 @torch.no_grad()
@@ -234,14 +217,13 @@ class _CsvLog:
         if resume_step is not None and os.path.exists(path):
             with open(path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-            tmp = path + ".tmp"
-            with open(tmp, "w", newline="") as f:
+
+            def write(f):
                 w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
                 w.writeheader()
                 w.writerows(rows)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+
+            atomic_write(path, write, mode="w")
             self.f = open(path, "a", newline="")
             self.w = csv.DictWriter(self.f, fieldnames=LOG_COLUMNS)
         else:

@@ -16,7 +16,6 @@ from loom_kernels.testing import (
     assignment_problem,
     assignment_total,
     check_assignment,
-    gpu_available,
     scipy_assignment,
 )
 

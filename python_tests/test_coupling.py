@@ -130,7 +130,7 @@ def test_loom_step_matches_reference(metric, num_caches):
 
 
 def test_loom_x0_pairs_with_x1_and_stats():
-    p, b, shape = 40, 40, (5,)
+    p, shape = 40, (5,)
     data = _data(p, shape)
     c = LoomCoupling(p, shape, seed=2)
     idx = torch.randperm(p)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from loom_kernels import data
-from loom_kernels.coupling import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
 from loom_kernels.models import MLPVelocity
 from loom_kernels.train import (LOG_COLUMNS, TrainConfig, load_checkpoint, load_model, make_coupling, train)
 
