@@ -19,7 +19,9 @@ def cpu():
     if mod is None:
         raise ImportError(
             "loom_kernels._C is not built: install the package with `pip install .` "
-            f"(or `python setup.py build_ext --inplace` in a checkout); import failed with: {exc}"
+            "(or `pip install -e .` in a checkout). If it is installed and you run Python from the "
+            "source checkout, the uncompiled tree on sys.path shadows it: run from another directory. "
+            f"Import failed with: {exc}"
         )
     return mod
 

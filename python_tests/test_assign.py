@@ -408,9 +408,10 @@ def test_method_auction_dispatch(rng):
     check_assignment(cost, rows, cols, rtol=1e-6)
 
 
-def test_import_needs_no_torch():
+def test_import_needs_no_torch(tmp_path):
     code = "import sys, loom_kernels.assign as a; a.assign([[1.0, 2.0], [2.0, 1.0]]); print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # cwd outside the checkout: `python -c` puts it first on sys.path, and the source tree has no _C.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False"
 
 

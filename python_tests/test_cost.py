@@ -230,7 +230,7 @@ def test_cuda_agrees_with_cpu_path():
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-2)
 
 
-def test_cpu_paths_work_without_triton():
+def test_cpu_paths_work_without_triton(tmp_path):
     # A fresh interpreter where `import triton` fails: both CPU paths must still run, and the
     # Triton path must say what is missing.
     import subprocess
@@ -250,5 +250,5 @@ def test_cpu_paths_work_without_triton():
         "else:\n"
         "    raise AssertionError('no error without triton')\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr

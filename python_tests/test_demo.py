@@ -9,7 +9,6 @@ import pytest
 
 from loom_kernels import demo
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_quick_in_process(tmp_path, capsys):
@@ -43,7 +42,7 @@ def test_demo_quick_in_process(tmp_path, capsys):
 def test_demo_quick_digits_cli(tmp_path):
     out = str(tmp_path / "d")
     p = subprocess.run([sys.executable, "-m", "loom_kernels.demo", "--quick", "--data", "digits", "--out", out,
-                        "--no-progress", "--steps", "20"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                        "--no-progress", "--steps", "20"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "W2@NFE1" in p.stdout and "total wall time" in p.stdout

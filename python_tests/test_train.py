@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import numpy as np
@@ -14,7 +15,6 @@ from loom_kernels import data
 from loom_kernels.models import MLPVelocity
 from loom_kernels.train import (LOG_COLUMNS, TrainConfig, load_checkpoint, load_model, make_coupling, train)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _setup(coupling="loom", n=96, caches=2, hidden=16, seed=0):
@@ -269,7 +269,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), PORT=port, OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, cwd=REPO,
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outs = [p.communicate(timeout=180)[0] for p in procs]
@@ -304,7 +304,7 @@ def test_cli_under_torchrun(tmp_path):
                         "-m", "loom_kernels.train", "--data", "moons", "--coupling", "loom", "--points", "128",
                         "--batch-size", "16", "--hidden", "16", "--depth", "1", "--steps", "6", "--log-every", "1",
                         "--device", "cpu", "--out", out, "--no-progress"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("trained 6 steps") == 1  # rank 0 reports
     ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
@@ -316,7 +316,9 @@ def test_cli_under_torchrun(tmp_path):
 
 def _cli(*args, timeout=180):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+    # Run outside the checkout: `python -m` puts the cwd first on sys.path, and the source tree of a
+    # non-editable install has no compiled modules.
+    p = subprocess.run([sys.executable, "-m", *args], cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout
@@ -342,5 +344,5 @@ def test_cli_help_and_errors(tmp_path):
     assert "--coupling" in _cli("loom_kernels.train", "--help")
     assert "--nfe" in _cli("loom_kernels.sample", "--help")
     p = subprocess.run([sys.executable, "-m", "loom_kernels.train", "--data", "moons", "--coupling", "sinkhorn",
-                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                        "--out", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "invalid choice" in p.stderr
