@@ -18,16 +18,10 @@ Non-finite inputs give non-finite (NaN) costs in their rows/columns, which ``ass
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-try:  # the CPU path needs no triton; CUDA tensors do
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
+from ._triton import check_launchable, interpreting, tl, triton
 
 __all__ = ["pairwise_cost"]
 
@@ -123,23 +117,10 @@ def _block_config(n: int, m: int, d: int, dtype: torch.dtype, interpret: bool):
     return bn, bm, bk, warps, stages
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _launch(x: torch.Tensor, y: torch.Tensor, sqrt: bool, allow_tf32: bool) -> torch.Tensor:
     """Run ``_pairwise_cost_kernel`` on 3-D ``x`` (B, N, D) and ``y`` (B, M, D) -> (B, N, M) float32."""
-    if triton is None:
-        raise RuntimeError(
-            "pairwise_cost on CUDA tensors needs triton (CUDA builds of PyTorch ship it); "
-            "`pip install triton`, or pass CPU tensors"
-        )
-    interpret = _interpreting()
-    if x.device.type != "cuda" and not interpret:
-        raise RuntimeError(
-            f"the Triton pairwise-cost kernel runs on CUDA tensors, or on CPU tensors only under "
-            f"TRITON_INTERPRET=1 (set before triton is imported); got device {x.device}"
-        )
+    check_launchable("pairwise_cost", x.device, "pass CPU tensors")
+    interpret = interpreting()
     # dtype rules: tl.dot wants both operands in one dtype; float64 has no fast tensor-core path.
     if x.dtype != y.dtype or x.dtype == torch.float64:
         x, y = x.float(), y.float()

@@ -34,19 +34,12 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import os
 
 import numpy as np
 import torch
 
 from . import _native
-
-try:  # the CPU path needs no triton; CUDA tensors do
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
+from ._triton import check_launchable, interpreting, tl, triton
 
 __all__ = ["gaussian_noise"]
 
@@ -122,10 +115,6 @@ if triton is not None:
 # ---- launcher -----------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _block_config(num_blocks: int, interpret: bool):
     """The one launch policy: (Philox counters per program, num_warps).
 
@@ -139,17 +128,8 @@ def _block_config(num_blocks: int, interpret: bool):
 
 def _launch(seeds: torch.Tensor, n: int, out: torch.Tensor, raw: bool) -> torch.Tensor:
     """One launch of ``_gaussian_noise_kernel``: ``out`` (S, n) gets the stream of every seed."""
-    if triton is None:
-        raise RuntimeError(
-            "gaussian_noise on a CUDA device needs triton (CUDA builds of PyTorch ship it); "
-            "`pip install triton`, or ask for device='cpu'"
-        )
-    interpret = _interpreting()
-    if out.device.type != "cuda" and not interpret:
-        raise RuntimeError(
-            f"the Triton noise kernel runs on CUDA tensors, or on CPU tensors only under "
-            f"TRITON_INTERPRET=1 (set before triton is imported); got device {out.device}"
-        )
+    check_launchable("gaussian_noise", out.device, "ask for device='cpu'")
+    interpret = interpreting()
     S = seeds.numel()
     num_blocks = -(-n // 4)
     if S == 0 or n == 0:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import math
 import operator
-import os
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -26,12 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:  # triton is optional: the CPU path and the torch fallback do not need it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None
-    tl = None
+from ._triton import interpreting, tl, triton
 
 __all__ = ["sample", "clear_graph_cache", "METHODS"]
 
@@ -81,7 +75,7 @@ def _use_triton(x: torch.Tensor) -> bool:
     if x.is_cuda:
         return True
     if _TRITON_ON_CPU:
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpreting():
             raise RuntimeError(
                 "loom_kernels.sampler._TRITON_ON_CPU needs TRITON_INTERPRET=1 set before triton "
                 "is imported"

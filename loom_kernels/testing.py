@@ -391,6 +391,14 @@ def w2_reference(x, y):
 # ---- devices -------------------------------------------------------------------------------------
 
 
+def interpreter_available() -> bool:
+    """True when Triton kernels can run on CPU tensors: triton importable and TRITON_INTERPRET=1
+    set before its import (python_tests/conftest.py sets it on machines without CUDA)."""
+    from loom_kernels._triton import interpreting, triton
+
+    return triton is not None and interpreting()
+
+
 def gpu_available() -> bool:
     """True when CUDA tests can run: a visible GPU, torch with CUDA, and the CUDA build."""
     try:

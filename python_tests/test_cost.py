@@ -1,23 +1,19 @@
 """loom_kernels.cost.pairwise_cost: the torch CPU path, the Triton kernel (interpreter on CPU,
 compiled on CUDA), against a float64 explicit-difference reference with per-entry tolerances."""
-import os
 
 import pytest
 import torch
 
+from loom_kernels import _triton
 from loom_kernels.cost import pairwise_cost
-from loom_kernels.testing import pairwise_cost_atol, pairwise_cost_ref
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
+from loom_kernels.testing import (
+    interpreter_available,
+    pairwise_cost_atol,
+    pairwise_cost_ref,
+)
 
 needs_interpreter = pytest.mark.skipif(
-    not (HAS_TRITON and INTERPRET),
+    not interpreter_available(),
     reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 set before triton is "
     "imported (python_tests/conftest.py sets it on machines without CUDA)",
 )
@@ -185,7 +181,8 @@ def test_bad_metric_and_backend():
         pairwise_cost(x, x, _backend="numpy")
 
 
-@pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="checks the error raised outside the interpreter")
+@pytest.mark.skipif(_triton.triton is None or _triton.interpreting(),
+                    reason="checks the error raised outside the interpreter")
 def test_triton_on_cpu_without_interpreter_raises():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         pairwise_cost(torch.randn(2, 3), torch.randn(2, 3), _backend="triton")

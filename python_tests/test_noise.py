@@ -2,25 +2,22 @@
 and a plain-Python reference, CPU vs Triton (interpreter / CUDA) agreement, the pure-function
 contract (batch/position independence) and statistical sanity."""
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
+from loom_kernels import _triton
 from loom_kernels.noise import _philox4x32_10, _philox_uint32, gaussian_noise
-from loom_kernels.testing import PHILOX4X32_10_KAT, noise_stream_ref, philox4x32_10_ref
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
+from loom_kernels.testing import (
+    PHILOX4X32_10_KAT,
+    interpreter_available,
+    noise_stream_ref,
+    philox4x32_10_ref,
+)
 
 needs_interpreter = pytest.mark.skipif(
-    not (HAS_TRITON and INTERPRET),
+    not interpreter_available(),
     reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 set before triton is "
     "imported (python_tests/conftest.py sets it on machines without CUDA)",
 )
@@ -141,7 +138,8 @@ def test_bad_input(seeds, shape, kwargs, exc, match):
         gaussian_noise(seeds, shape, **kwargs)
 
 
-@pytest.mark.skipif(not HAS_TRITON or INTERPRET, reason="checks the error raised outside the interpreter")
+@pytest.mark.skipif(_triton.triton is None or _triton.interpreting(),
+                    reason="checks the error raised outside the interpreter")
 def test_triton_on_cpu_without_interpreter_raises():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         gaussian_noise([1], 4, _backend="triton")
