@@ -34,4 +34,8 @@ timeout ${BENCH_TIMEOUT:-240} $py -m pytest "$root/bench" -m cuda -q -p no:cache
 echo "bench exit: ${PIPESTATUS[0]}"
 
 stage "summary"
-$py "$root/bench/summary.py" "$out/bench.json" --gpu "$(head -n1 "$out/gpu.txt")" | tee "$out/summary.md"
+if [ -s "$out/bench.json" ]; then
+  $py "$root/bench/summary.py" "$out/bench.json" --gpu "$(head -n1 "$out/gpu.txt")" | tee "$out/summary.md"
+else
+  echo "no benchmark ran (no GPU, or the bench stage failed: see $out/bench.log)"
+fi
