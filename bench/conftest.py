@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from loom_kernels.testing import skip_cuda_items_without_gpu
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -14,11 +16,4 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
-    from loom_kernels.testing import gpu_available
-
-    if gpu_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and loom_kernels built with CUDA")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    skip_cuda_items_without_gpu(items)

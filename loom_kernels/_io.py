@@ -1,7 +1,9 @@
-"""Atomic file writes: every file the package persists (couplings, checkpoints, logs, figures,
-samples) goes through :func:`atomic_write`, so a crash mid-write leaves the previous file intact."""
+"""Atomic file writes: every file the package persists (couplings, memory-mapped tables,
+checkpoints, logs, figures, samples) goes through :func:`atomic_path`, so a crash mid-write leaves
+the previous file intact."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -20,9 +22,33 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_path(path, *, suffix: str = ".tmp"):
+    """Yield a temp path beside ``path``; when the block succeeds, rename it over ``path`` and fsync
+    the directory, otherwise remove it. The block must write (and sync) the temp file itself.
+
+    Example::
+
+        with atomic_path("table.npy", suffix=".npy") as tmp:
+            np.save(tmp, table)
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
 def atomic_write(path, write_fn, *, mode: str = "wb", suffix: str = ".tmp") -> None:
-    """Write ``path`` through a temp file in the same directory: ``write_fn(f)``, flush, fsync,
-    rename over ``path``, fsync the directory. Readers see the old file or the complete new one.
+    """Write ``path`` atomically: ``write_fn(f)`` on a temp file, flush, fsync, rename.
 
     Example::
 
@@ -30,20 +56,8 @@ def atomic_write(path, write_fn, *, mode: str = "wb", suffix: str = ".tmp") -> N
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=suffix, dir=directory)
-    try:
-        with os.fdopen(fd, mode, **({"newline": ""} if mode == "w" else {})) as f:
+    with atomic_path(path, suffix=suffix) as tmp:
+        with open(tmp, mode, **({"newline": ""} if mode == "w" else {})) as f:
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(directory)

@@ -21,13 +21,12 @@ Example::
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from ._io import atomic_write, fsync_dir
+from ._io import atomic_path, atomic_write
 from .assign import assign
 from .cost import pairwise_cost
 from .noise import gaussian_noise
@@ -336,13 +335,9 @@ class LoomCoupling:
 
     def _create_memmap(self, fill: bool):
         path = self.mmap_path
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
         # Build the new table beside the target and rename it into place: a crash while filling a
         # 10^8-row table never leaves a half-initialized file under the final name.
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".init.npy", dir=directory)
-        os.close(fd)
-        try:
+        with atomic_path(path, suffix=".init.npy") as tmp:
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(self.num_points, self.num_caches))
             if fill:
                 for a in range(0, self.num_points, _INIT_CHUNK):
@@ -352,14 +347,6 @@ class LoomCoupling:
                     )
             mm.flush()
             del mm
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        fsync_dir(directory)
         self._memmap = np.load(path, mmap_mode="r+")
         self.seeds = torch.from_numpy(self._memmap)
 

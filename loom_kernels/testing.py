@@ -399,6 +399,18 @@ def interpreter_available() -> bool:
     return triton is not None and interpreting()
 
 
+def skip_cuda_items_without_gpu(items) -> None:
+    """The conftest hook of tests and benches: mark every `cuda` item skipped when no GPU can run it."""
+    if gpu_available():
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and loom_kernels built with CUDA")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def gpu_available() -> bool:
     """True when CUDA tests can run: a visible GPU, torch with CUDA, and the CUDA build."""
     try:

@@ -16,6 +16,8 @@ try:
 except ImportError:
     pass
 
+from loom_kernels.testing import skip_cuda_items_without_gpu  # noqa: E402 - after the choice above
+
 
 @pytest.fixture(autouse=True)
 def _seed_everything(request):
@@ -34,11 +36,4 @@ def _seed_everything(request):
 
 
 def pytest_collection_modifyitems(config, items):
-    from loom_kernels.testing import gpu_available
-
-    if gpu_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and loom_kernels built with CUDA")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+    skip_cuda_items_without_gpu(items)
