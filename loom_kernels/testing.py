@@ -6,7 +6,6 @@ Each section is owned by the module it serves.
 from __future__ import annotations
 
 # ---- assignment problems and references (loom_kernels.assign) --------------------------------
-
 import numpy as _np
 
 ASSIGN_FAMILIES = ("uniform", "int_ties", "sq_low", "sq_high", "huge_range", "negative")
@@ -397,6 +396,24 @@ def interpreter_available() -> bool:
     from loom_kernels._triton import interpreting, triton
 
     return triton is not None and interpreting()
+
+
+def needs_interpreter_mark():
+    """pytest mark: skip unless Triton kernels can run on CPU tensors (see interpreter_available)."""
+    import pytest
+
+    return pytest.mark.skipif(
+        not interpreter_available(),
+        reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 set before triton is "
+        "imported (python_tests/conftest.py sets it on machines without CUDA)",
+    )
+
+
+def cpu_tensor_backends():
+    """Every backend that runs on CPU tensors: the torch path always, Triton through the interpreter."""
+    import pytest
+
+    return ["torch", pytest.param("triton", marks=needs_interpreter_mark())]
 
 
 def skip_cuda_items_without_gpu(items) -> None:

@@ -7,18 +7,14 @@ import torch
 from loom_kernels import _triton
 from loom_kernels.cost import pairwise_cost
 from loom_kernels.testing import (
-    interpreter_available,
+    cpu_tensor_backends,
+    needs_interpreter_mark,
     pairwise_cost_atol,
     pairwise_cost_ref,
 )
 
-needs_interpreter = pytest.mark.skipif(
-    not interpreter_available(),
-    reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 set before triton is "
-    "imported (python_tests/conftest.py sets it on machines without CUDA)",
-)
-# Every CPU-tensor backend: the torch path always, the Triton kernel through the interpreter.
-BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
+needs_interpreter = needs_interpreter_mark()
+BACKENDS = cpu_tensor_backends()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

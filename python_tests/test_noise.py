@@ -11,17 +11,14 @@ from loom_kernels import _triton
 from loom_kernels.noise import _philox4x32_10, _philox_uint32, gaussian_noise
 from loom_kernels.testing import (
     PHILOX4X32_10_KAT,
-    interpreter_available,
+    cpu_tensor_backends,
+    needs_interpreter_mark,
     noise_stream_ref,
     philox4x32_10_ref,
 )
 
-needs_interpreter = pytest.mark.skipif(
-    not interpreter_available(),
-    reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 set before triton is "
-    "imported (python_tests/conftest.py sets it on machines without CUDA)",
-)
-BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
+needs_interpreter = needs_interpreter_mark()
+BACKENDS = cpu_tensor_backends()
 # Corner seeds: zero, the int64 extremes, -1 (all ones), seeds differing only in the high word.
 EDGE_SEEDS = [0, 1, -1, 2**63 - 1, -(2**63), 2**32, 2**32 + 1, 123456789012345]
 
