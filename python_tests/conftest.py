@@ -35,5 +35,11 @@ def _seed_everything(request):
     yield
 
 
+@pytest.fixture
+def rng(_seed_everything):
+    """A numpy Generator drawn from the test's seed."""
+    return np.random.default_rng(np.random.randint(2**31))
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda_items_without_gpu(items)

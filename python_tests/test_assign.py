@@ -28,11 +28,6 @@ def _rtol(family):
     return 0.0 if family == "int_ties" else 1e-9
 
 
-@pytest.fixture
-def rng():
-    return np.random.default_rng(np.random.randint(2**31))
-
-
 # ---- optimality on random families ------------------------------------------------------------
 
 

@@ -5,7 +5,11 @@
 // assignment problem", Annals of OR 14 (1988); ε-scaling: Bertsekas & Eckstein, "Dual coordinate
 // step methods for linear network flow problems", Math. Prog. 42 (1988). Jacobi (parallel-bid)
 // rounds as in Bertsekas & Castañón, "Parallel synchronous and asynchronous implementations of
-// the auction algorithm", Parallel Computing 17 (1991).
+// the auction algorithm", Parallel Computing 17 (1991). Phase finish by shortest augmenting
+// paths from the auction's prices: R. Jonker & A. Volgenant, "A shortest augmenting path
+// algorithm for dense and sparse linear assignment problems", Computing 38 (1987), with the
+// labels computed by synchronous (Jacobi) Bellman-Ford sweeps so that a team of threads can
+// relax many rows at once.
 //
 // Conventions (everything below is in MINIMIZATION form; maximize flips the sign on load):
 // * The problem is made square by M - N virtual dummy bidders whose cost is 0 for every object
@@ -28,6 +32,25 @@
 //   the CPU twin and the GPU give bit-identical runs in float64 (and in float32, whose entries
 //   are widened exactly to double). The only mul-add (big_cost) is an explicit fma so compiler
 //   contraction cannot make the two sides differ.
+// * Phase finish (SAP): a phase's Jacobi rounds end in long chains of one or two bidders (price
+//   wars raise a price by about ε per round). Once at most kSapSwitch bidders are left (or the
+//   phase has used its jacobi_budget of rounds), each one is placed by a shortest augmenting
+//   path instead. Treating every assigned pair as tight
+//   (lowering its cost by its slack, at most ε) makes the prices exact duals of a problem that
+//   differs from the real one by at most ε per pair; a JV augmentation on it keeps every
+//   reduced cost >= 0, makes the new pairs tight and only raises prices, so ε-CS holds
+//   afterwards and the phase ends exactly as an auction phase would. Labels of the search (from
+//   the free bidder s, over columns): d_k = min over tree rows i (the source, or the owner of a
+//   labelled column j) of d_j + (c_ik + p_k - u_i), u_i = min_l c_il + p_l, d_source = 0; the
+//   sweeps stop when no label below the best free column's label D changed; then
+//   p_j += D - d_j for d_j < D and the path to the best free column (lowest index on ties) is
+//   flipped. Every label is a min and every tie goes to the lowest index, so the result does not
+//   depend on the order of the relaxations (the GPU relaxes rows concurrently).
+// * Clearly rectangular problems (sap_only: N <= 0.7 M) skip the auction: the M - N identical
+//   dummy bidders fight price wars among themselves (tens of thousands of rounds at 64 x 1024),
+//   so the N real rows are placed by augmenting paths alone from zero prices, then the dummies
+//   take the objects nobody holds (whose prices were never raised, so they are the cheapest).
+//   The pairs are then tight and the first certificate normally succeeds.
 #pragma once
 
 #include <cfloat>
@@ -43,15 +66,23 @@
 namespace loom {
 namespace auction {
 
-// ε shrinks by this factor per phase; ε0 = (effective cost range) / kEps0Div.
+// ε shrinks by this factor per phase; ε0 = (effective cost range) / kEps0Div. θ = 8 with the
+// SAP finish (kSapSwitch = 3) minimised the rounds of the slowest problem of a 64 x 256
+// squared-Euclidean batch (sweep over θ in 4..32, kSapSwitch in 0..6; bench/RESULTS.md).
 #ifndef LOOM_AUCTION_THETA
-#define LOOM_AUCTION_THETA 4.0
+#define LOOM_AUCTION_THETA 8.0
 #endif
 #ifndef LOOM_AUCTION_EPS0_DIV
 #define LOOM_AUCTION_EPS0_DIV 64.0
 #endif
+#ifndef LOOM_AUCTION_SAP_SWITCH
+#define LOOM_AUCTION_SAP_SWITCH 3
+#endif
 constexpr double kTheta = LOOM_AUCTION_THETA;
 constexpr double kEps0Div = LOOM_AUCTION_EPS0_DIV;
+// Bidders left in a phase at which Jacobi rounds give way to shortest augmenting paths (0: the
+// pure auction).
+constexpr int kSapSwitch = LOOM_AUCTION_SAP_SWITCH;
 // Hang guards: a run that needs more phases or bidding rounds (summed over phases) stops with
 // kNotConverged instead of looping. Both sides count rounds identically.
 constexpr int kMaxPhases = 64;
@@ -133,6 +164,26 @@ constexpr uint64_t kKeyNone = 0;  // below the key of every double (key_of(-inf)
 // ε-CS at the start of a phase: bidder i keeps object j when c_ij + p_j <= u_i + ε, where
 // u_i = min_k c_ik + p_k (the dual row value computed by the certificate with the same prices).
 LOOM_HD bool keeps_pair(double c, double p, double u, double eps) { return c + p <= u + eps; }
+
+// ---- shortest-augmenting-path finish (see the header) -------------------------------------------
+
+// Label of column k reached from a tree row with label `base`, x = c_ik + p_k, u = min_l x_l.
+// x - u >= 0 exactly (u is one of the x), so labels never decrease along a path.
+LOOM_HD double sap_label(double base, double x, double u) { return base + (x - u); }
+
+// Price after the augmentation: columns labelled below the free column's label D rise to make
+// the tree's pairs and the path tight.
+LOOM_HD double sap_price(double p, double d, double D) { return d < D ? p + (D - d) : p; }
+
+// Bidding rounds a phase may spend before the path finish takes every remaining bidder. Rounds
+// stall when ε is tiny against the price moves a phase needs (identical rows over costs that
+// span 1e-8..1e8 took millions of rounds); a path costs at most m sweeps, so a phase stays
+// bounded. Normal phases need far fewer (30-150 rounds at 256 x 256, a few hundred at 2048).
+LOOM_HD int64_t jacobi_budget(int64_t m) { return 2 * m + 64; }
+
+// Augmenting paths only, no bidding rounds: the crossover measured on 256-column squared-
+// Euclidean problems lies near N = 0.7 M (N = 128: 787 rounds vs 3954; N = 200: 1856 vs 1306).
+LOOM_HD bool sap_only(int64_t n, int64_t m) { return 10 * n <= 7 * m; }
 
 // ---- schedule ---------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 // CPU twin of the CUDA ε-scaling auction (Bertsekas 1988; Bertsekas & Castañón 1991, Jacobi
-// rounds). Every step mirrors cuda/auction_cuda.cu: in a round all unassigned bidders bid
-// against the same prices, each object takes the highest bid (ties to the lowest bidder), then
-// assignments and prices change at once. The math lives in common/auction.h; this file only
-// orders it sequentially. Batches run one problem per std::thread task.
+// rounds; shortest-augmenting-path phase finish after Jonker & Volgenant 1987). Every step
+// mirrors cuda/auction_cuda.cu: in a round all unassigned bidders bid against the same prices,
+// each object takes the highest bid (ties to the lowest bidder), then assignments and prices
+// change at once; a sweep of the phase finish relaxes every frontier row against the labels of
+// the sweep's start. The math lives in common/auction.h; this file only orders it
+// sequentially. Batches run one problem per std::thread task.
 #include "cpu/auction_cpu.h"
 
 #include <algorithm>
@@ -22,6 +24,10 @@ struct Workspace {
   std::vector<uint64_t> best_key;
   std::vector<int> best_bidder, owner, assigned;
   std::vector<int> touched;
+  // Phase finish: labels d, their sweep minima dn, predecessor rows, frontier rows.
+  std::vector<double> d, dn;
+  std::vector<int> pred, pred_new;
+  std::vector<char> frontier;
   void resize(int64_t m) {
     price.assign(m, 0.0);
     x.assign(m, 0.0);
@@ -31,6 +37,11 @@ struct Workspace {
     assigned.assign(m, -1);
     touched.clear();
     touched.reserve(m);
+    d.assign(m, 0.0);
+    dn.assign(m, 0.0);
+    pred.assign(m, kNoIndex);
+    pred_new.assign(m, kNoIndex);
+    frontier.assign(m, 0);
   }
 };
 
@@ -41,6 +52,80 @@ double canon_sum(const double* x, int64_t n, bool absolute) {
   double total = 0.0;
   for (int l = 0; l < kSumLanes; ++l) total += part[l];
   return total;
+}
+
+// Places the lowest-index free bidder by a shortest augmenting path (common/auction.h, "Phase
+// finish"). cost(i, j) is the bidders' cost in minimization form; m = M bidders and objects.
+// Returns false when the round bound is hit first.
+template <typename Cost>
+bool sap_augment(const Cost& cost, int64_t m, Workspace& ws, int64_t& rounds) {
+  double* p = ws.price.data();
+  int64_t i0 = 0;
+  while (ws.assigned[i0] >= 0) ++i0;
+  std::fill(ws.d.begin(), ws.d.end(), HUGE_VAL);
+  std::fill(ws.dn.begin(), ws.dn.end(), HUGE_VAL);
+  std::fill(ws.pred.begin(), ws.pred.end(), kNoIndex);
+  double D = HUGE_VAL;  // label of the best free object so far
+  bool source = true;   // the first sweep relaxes the free bidder's row (label 0)
+  for (;;) {
+    if (++rounds > kMaxRounds) return false;
+    // Every frontier row relaxes its row against the labels of the sweep's start (dn starts
+    // equal to d). Rows come in ascending order and only a strictly lower label replaces one,
+    // so each improved object gets the lowest row reaching its new label: the GPU's two passes
+    // (label minima, then atomicMin of the rows that reach them) in one.
+    auto relax = [&](int64_t i, double base) {
+      double u = HUGE_VAL;
+      for (int64_t k = 0; k < m; ++k) {
+        const double x = cost(i, k) + p[k];
+        u = x < u ? x : u;
+      }
+      for (int64_t k = 0; k < m; ++k) {
+        const double cand = sap_label(base, cost(i, k) + p[k], u);
+        if (cand < ws.dn[k]) {
+          ws.dn[k] = cand;
+          ws.pred_new[k] = static_cast<int>(i);
+        }
+      }
+    };
+    if (source) {
+      relax(i0, 0.0);
+    } else {
+      for (int64_t i = 0; i < m; ++i)
+        if (ws.frontier[i]) relax(i, ws.d[ws.assigned[i]]);
+    }
+    std::fill(ws.frontier.begin(), ws.frontier.end(), 0);
+    source = false;
+    // Improved labels take their lowest-index predecessor; D follows the free objects.
+    for (int64_t j = 0; j < m; ++j) {
+      if (ws.pred_new[j] == kNoIndex) continue;
+      ws.d[j] = ws.dn[j];
+      ws.pred[j] = ws.pred_new[j];
+      if (ws.owner[j] < 0 && ws.d[j] < D) D = ws.d[j];
+    }
+    // The next frontier: owners of improved objects labelled below D.
+    int64_t count = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      if (ws.pred_new[j] == kNoIndex) continue;
+      ws.pred_new[j] = kNoIndex;
+      if (ws.owner[j] >= 0 && ws.d[j] < D) {
+        ws.frontier[ws.owner[j]] = 1;
+        ++count;
+      }
+    }
+    if (count == 0) break;
+  }
+  int64_t jf = 0;
+  while (!(ws.owner[jf] < 0 && ws.d[jf] == D)) ++jf;
+  for (int64_t j = 0; j < m; ++j) p[j] = sap_price(p[j], ws.d[j], D);
+  for (int64_t j = jf;;) {  // flip the path
+    const int i = ws.pred[j];
+    const int next = ws.assigned[i];
+    ws.assigned[i] = static_cast<int>(j);
+    ws.owner[j] = i;
+    if (i == i0) break;
+    j = next;
+  }
+  return true;
 }
 
 template <typename T>
@@ -82,6 +167,7 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
 
   double eps = eps_initial(lo, big > hi ? big : hi, gap_max);
   int64_t unassigned = m;  // owner/assigned start empty (ws.resize)
+  const bool only_paths = sap_only(N, M);
   for (int phase = 0; phase < kMaxPhases; ++phase) {
     if (phase > 0) {
       // Keep the pairs that still satisfy ε-CS at the new ε (ws.x holds u_i = min_j c_ij + p_j
@@ -95,7 +181,8 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
         }
       }
     }
-    while (unassigned > 0) {
+    const int64_t round_limit = rounds + jacobi_budget(m);
+    while (!only_paths && unassigned > kSapSwitch && rounds < round_limit) {
       if (++rounds > kMaxRounds) {
         if (rounds_out) *rounds_out = rounds - 1;
         return kNotConverged;
@@ -125,6 +212,24 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
         ws.best_bidder[j] = kNoIndex;
       }
       ws.touched.clear();
+    }
+    // Paths place the rest (the real rows first: they have the lowest indices); in the
+    // paths-only first phase the dummies then take the free objects in index order.
+    const int64_t seat_dummies = only_paths && phase == 0 ? m - N : 0;
+    for (; unassigned > seat_dummies; --unassigned) {
+      if (!sap_augment(cost, m, ws, rounds)) {
+        if (rounds_out) *rounds_out = kMaxRounds;
+        return kNotConverged;
+      }
+    }
+    if (seat_dummies > 0) {
+      int64_t i = N;
+      for (int64_t j = 0; j < M; ++j) {
+        if (ws.owner[j] >= 0) continue;
+        ws.owner[j] = static_cast<int>(i);
+        ws.assigned[i++] = static_cast<int>(j);
+      }
+      unassigned = 0;
     }
 
     // Certificate: primal of the current assignment, dual of the current prices.

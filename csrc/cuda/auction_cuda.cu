@@ -1,6 +1,7 @@
-// CUDA ε-scaling auction (Bertsekas 1988; Jacobi rounds: Bertsekas & Castañón 1991), the twin
-// of cpu/auction_cpu.cpp: the per-bidder math, ties, ε schedule and certificate come from
-// common/auction.h, so a float64 run matches the CPU twin's assignment and round count.
+// CUDA ε-scaling auction (Bertsekas 1988; Jacobi rounds: Bertsekas & Castañón 1991) with a
+// shortest-augmenting-path phase finish (Jonker & Volgenant 1987), the twin of
+// cpu/auction_cpu.cpp: the per-bidder math, ties, ε schedule, phase finish and certificate come
+// from common/auction.h, so a float64 run matches the CPU twin's assignment and round count.
 //
 // One "team" of threads solves one problem:
 // * BlockTeam: one thread block per problem, all B problems in one launch. The per-problem
@@ -12,6 +13,9 @@
 // the top-2 values with shuffles and atomicMax-es the order-preserving key of its bid on the
 // object; (B) bidders whose key equals the object's best atomicMin their index (ties -> lowest
 // bidder); (C) objects that got bids move to their winner at the bid price.
+// A sweep of the phase finish (sap_augment) has the same shape: (1) each warp relaxes frontier
+// rows, atomicMin-ing label keys; (2) rows whose label equals the new minimum atomicMin their
+// index as predecessor; (3) labels move, D (best free label) follows; (4) the next frontier.
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -42,11 +46,14 @@ struct Header {
   int flags;
   int unassigned;
   double sums[5];  // P, sum |c_i,s(i)|, sum p_j, sum u_i, max p_j + max |c_i,s(i)|
+  // Phase finish: key_of(D), the source bidder, the best free object, the next frontier's size.
+  unsigned long long sap_d_key;
+  int sap_source, sap_free, sap_frontier;
 };
 constexpr size_t kHeaderBytes = 128;
 static_assert(sizeof(Header) <= kHeaderBytes, "header must fit its slot");
 
-__host__ __device__ inline size_t state_bytes(int64_t M) { return kHeaderBytes + 40 * static_cast<size_t>(M); }
+__host__ __device__ inline size_t state_bytes(int64_t M) { return kHeaderBytes + 60 * static_cast<size_t>(M); }
 
 struct State {
   Header* h;
@@ -56,7 +63,10 @@ struct State {
   int* best_bidder;              // [M]
   int* owner;                    // [M] bidder owning object j, -1
   int* assigned;                 // [M] object of bidder i (dummies i >= N included), -1
-  int* bid_obj;                  // [M] object bidder i bid on this round
+  int* bid_obj;                  // [M] object bidder i bid on this round / frontier flag of row i
+  double* label;                 // [M] phase finish: label d_j of object j
+  unsigned long long* label_key; // [M] phase finish: key_of(sweep minimum of d_j)
+  int* pred;                     // [M] phase finish: predecessor row of object j
 };
 
 __device__ inline State carve(char* base, int M) {
@@ -69,7 +79,10 @@ __device__ inline State carve(char* base, int M) {
   s.best_bidder = reinterpret_cast<int*>(p); p += 4 * static_cast<size_t>(M);
   s.owner = reinterpret_cast<int*>(p); p += 4 * static_cast<size_t>(M);
   s.assigned = reinterpret_cast<int*>(p); p += 4 * static_cast<size_t>(M);
-  s.bid_obj = reinterpret_cast<int*>(p);
+  s.bid_obj = reinterpret_cast<int*>(p); p += 4 * static_cast<size_t>(M);
+  s.label = reinterpret_cast<double*>(p); p += 8 * static_cast<size_t>(M);
+  s.label_key = reinterpret_cast<unsigned long long*>(p); p += 8 * static_cast<size_t>(M);
+  s.pred = reinterpret_cast<int*>(p);
   return s;
 }
 
@@ -140,6 +153,133 @@ __device__ __forceinline__ void scan_row(const T* __restrict__ row, int M, bool 
       if (j < M) f(row != nullptr ? load_cost(v[u], maximize, big) : 0.0, j);
     }
   }
+}
+
+// Places the lowest-index free bidder by a shortest augmenting path (common/auction.h, "Phase
+// finish"), step for step as sap_augment in cpu/auction_cpu.cpp. The whole team calls it;
+// returns false when the round bound is hit first (rounds counts the sweeps).
+template <typename T, typename Team>
+__device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, int M, bool maximize, double big,
+                            State s, int64_t& rounds) {
+  const int tid = team.rank();
+  const int nthr = team.size();
+  const int lane = threadIdx.x & 31;
+  const int warp = tid >> 5;
+  const int nwarps = nthr >> 5;
+  const int m = M;
+  Header* h = s.h;
+  const unsigned long long inf_key = key_of(HUGE_VAL);
+  if (tid == 0) {
+    h->sap_source = kNoIndex;
+    h->sap_free = kNoIndex;
+    h->sap_d_key = inf_key;
+    h->sap_frontier = 0;
+  }
+  team.sync();
+  for (int j = tid; j < M; j += nthr) {
+    s.label[j] = HUGE_VAL;
+    s.label_key[j] = inf_key;
+    s.pred[j] = kNoIndex;
+    s.bid_obj[j] = 0;  // frontier flags of rows
+    if (team.ld(&s.assigned[j]) < 0) atomicMin(&h->sap_source, j);
+  }
+  team.sync();
+  const int i0 = volatile_load(&h->sap_source);
+  const T* row0 = i0 < N ? c + static_cast<int64_t>(i0) * M : nullptr;
+  for (bool source = true;; source = false) {
+    if (++rounds > kMaxRounds) return false;
+    // (1) label minima, (2) lowest predecessor among the rows that reach them. Warp w takes rows
+    // w, w + nwarps, ...; the source sweep relaxes only the free bidder's row (label 0).
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int k0 = 0; k0 * nwarps < m; k0 += 32) {
+        const int mine = warp + nwarps * (k0 + lane);
+        const bool in = mine < m && (source ? mine == i0 : team.ld(&s.bid_obj[mine]) != 0);
+        unsigned pending = __ballot_sync(kFull, in);
+        while (pending) {
+          const int i = warp + nwarps * (k0 + __ffs(pending) - 1);
+          pending &= pending - 1;
+          const T* row = source ? row0 : (i < N ? c + static_cast<int64_t>(i) * M : nullptr);
+          const double base = source ? 0.0 : team.ld(&s.label[team.ld(&s.assigned[i])]);
+          double u;
+          if (pass == 0) {
+            u = HUGE_VAL;
+            scan_row(row, M, maximize, big, [&](double cij, int j) {
+              const double x = cij + team.ld(&s.price[j]);
+              u = x < u ? x : u;
+            });
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+              const double o = __shfl_xor_sync(kFull, u, off);
+              u = o < u ? o : u;
+            }
+            if (lane == 0) s.x[i] = u;
+            scan_row(row, M, maximize, big, [&](double cij, int j) {
+              atomicMin(&s.label_key[j], key_of(sap_label(base, cij + team.ld(&s.price[j]), u)));
+            });
+          } else {
+            u = team.ld(&s.x[i]);
+            scan_row(row, M, maximize, big, [&](double cij, int j) {
+              const double cand = sap_label(base, cij + team.ld(&s.price[j]), u);
+              if (key_of(cand) == team.ld(&s.label_key[j]) && cand < team.ld(&s.label[j]))
+                atomicMin(&s.best_bidder[j], i);
+            });
+          }
+        }
+      }
+      team.sync();
+    }
+    // (3) improved labels (those that got a predecessor) move; D follows the free objects.
+    // Frontier flags are cleared for (4).
+    if (tid == 0) h->sap_frontier = 0;  // last read before this sweep's first sync
+    for (int j = tid; j < M; j += nthr) {
+      s.bid_obj[j] = 0;
+      const int w = team.ld(&s.best_bidder[j]);
+      if (w == kNoIndex) continue;
+      const unsigned long long k = team.ld(&s.label_key[j]);
+      s.label[j] = double_of(k);
+      s.pred[j] = w;
+      if (team.ld(&s.owner[j]) < 0) atomicMin(&h->sap_d_key, k);
+    }
+    team.sync();
+    // (4) the next frontier: owners of improved objects labelled below D.
+    {
+      const double D = double_of(*reinterpret_cast<volatile unsigned long long*>(&h->sap_d_key));
+      int count = 0;
+      for (int j = tid; j < M; j += nthr) {
+        if (team.ld(&s.best_bidder[j]) == kNoIndex) continue;
+        s.best_bidder[j] = kNoIndex;
+        const int o = team.ld(&s.owner[j]);
+        if (o >= 0 && team.ld(&s.label[j]) < D) {
+          s.bid_obj[o] = 1;
+          ++count;
+        }
+      }
+      if (count) atomicAdd(&h->sap_frontier, count);
+    }
+    team.sync();
+    if (volatile_load(&h->sap_frontier) == 0) break;
+  }
+  // Prices rise below D; the path to the lowest-index free object labelled D is flipped.
+  const unsigned long long d_key = *reinterpret_cast<volatile unsigned long long*>(&h->sap_d_key);
+  const double D = double_of(d_key);
+  for (int j = tid; j < M; j += nthr) {
+    if (team.ld(&s.owner[j]) < 0 && team.ld(&s.label_key[j]) == d_key) atomicMin(&h->sap_free, j);
+  }
+  team.sync();
+  for (int j = tid; j < M; j += nthr) s.price[j] = sap_price(team.ld(&s.price[j]), team.ld(&s.label[j]), D);
+  if (tid == 0) {
+    for (int j = volatile_load(&h->sap_free);;) {
+      const int i = team.ld(&s.pred[j]);
+      const int next = team.ld(&s.assigned[i]);
+      s.assigned[i] = j;
+      s.owner[j] = i;
+      if (i == i0) break;
+      j = next;
+    }
+    h->unassigned -= 1;
+  }
+  team.sync();
+  return true;
 }
 
 // Solves one problem with the threads of `team`. Every thread runs the same control flow (all
@@ -222,6 +362,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
   int64_t rounds = 0;
   int8_t st = kNotConverged;
   bool certified_ok = false;
+  const bool only_paths = sap_only(N, M);
   for (int phase = 0; phase < kMaxPhases && !certified_ok; ++phase) {
     if (phase > 0) {
       // Keep the pairs still in ε-CS at the new ε; s.x holds u_i from the last certificate.
@@ -240,7 +381,8 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     }
 
     bool out_of_rounds = false;
-    while (volatile_load(&h->unassigned) > 0) {
+    const int64_t round_limit = rounds + jacobi_budget(m);
+    while (!only_paths && volatile_load(&h->unassigned) > kSapSwitch && rounds < round_limit) {
       if (++rounds > kMaxRounds) {
         out_of_rounds = true;
         break;
@@ -292,7 +434,30 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
       if (taken) atomicSub(&h->unassigned, taken);
       team.sync();
     }
+    // Paths place the rest (the real rows first: they have the lowest indices); in the
+    // paths-only first phase the dummies then take the free objects in index order.
+    const int seat_dummies = only_paths && phase == 0 ? m - N : 0;
+    while (!out_of_rounds && volatile_load(&h->unassigned) > seat_dummies)
+      out_of_rounds = !sap_augment<T>(team, c, N, M, maximize, big, s, rounds);
     if (out_of_rounds) break;
+    if (seat_dummies > 0) {
+      if (team.leader_warp()) {
+        int next = N;
+        for (int j0 = 0; j0 < M; j0 += 32) {
+          const int j = j0 + lane;
+          const bool free_obj = j < M && team.ld(&s.owner[j]) < 0;
+          const unsigned mask = __ballot_sync(kFull, free_obj);
+          if (free_obj) {
+            const int i = next + __popc(mask & ((1u << lane) - 1u));
+            s.owner[j] = i;
+            s.assigned[i] = j;
+          }
+          next += __popc(mask);
+        }
+        if (lane == 0) h->unassigned = 0;
+      }
+      team.sync();
+    }
 
     // ---- certificate: P of the assignment, D of the prices ----
     for (int i = tid; i < m; i += nthr)
@@ -383,7 +548,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) auction_block_kernel(
     int N, int M, bool maximize, double tol, bool in_shared,
     char* __restrict__ workspace,  // [B, state_bytes(M)] when !in_shared
     int64_t* __restrict__ col4row, int8_t* __restrict__ status, int64_t* __restrict__ rounds) {
+#ifdef LOOM_CUDA_EMULATION  // python_tests/cuda_emu: the state always lives in the workspace
+  char* smem = nullptr;
+#else
   extern __shared__ __align__(16) char smem[];
+#endif
   const int64_t b = blockIdx.x;
   char* base = in_shared ? smem : workspace + b * state_bytes(M);
   solve_problem<T>(BlockTeam{}, cost + b * N * static_cast<int64_t>(M), N, M, maximize, tol, carve(base, M),
@@ -399,6 +568,7 @@ __global__ void __launch_bounds__(kGridThreads, 1) auction_grid_kernel(
   solve_problem<T>(GridTeam{}, cost, N, M, maximize, tol, carve(workspace, M), col4row, status, rounds);
 }
 
+#ifndef LOOM_CUDA_EMULATION  // the host side below needs the real runtime
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess)
     throw std::runtime_error(std::string("loom_kernels CUDA auction: ") + what + " failed: " + cudaGetErrorString(e));
@@ -486,8 +656,10 @@ void on_device(int device, F&& f) {
   }
   if (cur != device) check(cudaSetDevice(cur), "cudaSetDevice");
 }
+#endif  // LOOM_CUDA_EMULATION
 }  // namespace
 
+#ifndef LOOM_CUDA_EMULATION
 size_t auction_cuda_workspace_bytes(int64_t B, int64_t N, int64_t M, int mode, int device) {
   (void)N;
   if (B <= 0 || N <= 0) return 0;
@@ -523,4 +695,5 @@ int auction_cuda_device_count() {
   if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
   return n;
 }
+#endif  // LOOM_CUDA_EMULATION
 }  // namespace loom

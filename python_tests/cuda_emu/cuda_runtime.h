@@ -1,0 +1,121 @@
+// A CPU stand-in for the CUDA runtime, just enough to run csrc/cuda/auction_cuda.cu's device
+// code with one std::thread per CUDA thread (test_auction_emulated.py). Barriers stand in for
+// __syncthreads, grid syncs and the implicit warp synchronisation of shuffles and votes, so a
+// branch that is not warp- or block-uniform deadlocks here as it would misbehave on a GPU.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+using std::isfinite;  // CUDA's math functions live in the global namespace
+
+#define __host__
+#define __device__
+#define __global__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(...)
+
+using cudaError_t = int;
+using cudaStream_t = void*;
+constexpr cudaError_t cudaSuccess = 0;
+
+struct emu_uint3 {
+  unsigned x, y, z;
+};
+inline thread_local emu_uint3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace emu {
+struct Warp {
+  std::barrier<> bar{32};
+  uint64_t slot[32];
+};
+struct Block {
+  explicit Block(int threads) : bar(threads), warps(threads / 32) {}
+  std::barrier<> bar;
+  std::vector<Warp> warps;
+};
+inline thread_local Block* tl_block = nullptr;
+inline thread_local std::barrier<>* tl_grid = nullptr;
+
+// Every lane publishes v, then reads lane `src`'s value; the second wait keeps the slots
+// stable until all lanes have read them.
+template <typename T>
+T exchange(T v, int src) {
+  static_assert(sizeof(T) <= 8, "one slot per lane");
+  Warp& w = tl_block->warps[threadIdx.x / 32];
+  const int lane = threadIdx.x % 32;
+  std::memcpy(&w.slot[lane], &v, sizeof(T));
+  w.bar.arrive_and_wait();
+  T r;
+  std::memcpy(&r, &w.slot[src & 31], sizeof(T));
+  w.bar.arrive_and_wait();
+  return r;
+}
+
+// Runs fn on blocks x threads std::threads (threads a multiple of 32).
+inline void launch(int blocks, int threads, const std::function<void()>& fn) {
+  std::barrier<> grid(blocks * threads);
+  std::vector<std::unique_ptr<Block>> bs;
+  for (int b = 0; b < blocks; ++b) bs.push_back(std::make_unique<Block>(threads));
+  std::vector<std::thread> pool;
+  for (int b = 0; b < blocks; ++b)
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, b, t] {
+        threadIdx = {static_cast<unsigned>(t), 0, 0};
+        blockIdx = {static_cast<unsigned>(b), 0, 0};
+        blockDim = {static_cast<unsigned>(threads), 1, 1};
+        gridDim = {static_cast<unsigned>(blocks), 1, 1};
+        tl_block = bs[b].get();
+        tl_grid = &grid;
+        fn();
+      });
+  for (auto& th : pool) th.join();
+}
+
+template <typename T, typename F>
+T atomic_update(T* a, F f) {
+  T old = __atomic_load_n(a, __ATOMIC_SEQ_CST);
+  while (!__atomic_compare_exchange_n(a, &old, f(old), false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+  }
+  return old;
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::tl_block->bar.arrive_and_wait(); }
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int off) { return emu::exchange(v, static_cast<int>(threadIdx.x % 32) ^ off); }
+template <typename T>
+T __shfl_sync(unsigned, T v, int src) { return emu::exchange(v, src); }
+inline unsigned __ballot_sync(unsigned, int pred) {
+  unsigned mask = 0;
+  for (int l = 0; l < 32; ++l) mask |= (emu::exchange(pred ? 1u : 0u, l) ? 1u : 0u) << l;
+  return mask;
+}
+inline int __any_sync(unsigned m, int pred) { return __ballot_sync(m, pred) != 0; }
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+template <typename T>
+T __ldg(const T* p) { return *p; }
+template <typename T>
+T __ldcg(const T* p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+inline double __ldcg(const double* p) {
+  uint64_t u = __atomic_load_n(reinterpret_cast<const uint64_t*>(p), __ATOMIC_SEQ_CST);
+  double d;
+  std::memcpy(&d, &u, 8);
+  return d;
+}
+
+template <typename T>
+T atomicMin(T* a, std::type_identity_t<T> v) { return emu::atomic_update(a, [v](T o) { return v < o ? v : o; }); }
+template <typename T>
+T atomicMax(T* a, std::type_identity_t<T> v) { return emu::atomic_update(a, [v](T o) { return v > o ? v : o; }); }
+inline int atomicAdd(int* a, int v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }
+inline int atomicSub(int* a, int v) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); }
+inline int atomicOr(int* a, int v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }
