@@ -65,6 +65,7 @@ bool sap_augment(const Cost& cost, int64_t m, Workspace& ws, int64_t& rounds) {
   std::fill(ws.d.begin(), ws.d.end(), HUGE_VAL);
   std::fill(ws.dn.begin(), ws.dn.end(), HUGE_VAL);
   std::fill(ws.pred.begin(), ws.pred.end(), kNoIndex);
+  std::fill(ws.x.begin(), ws.x.end(), HUGE_VAL);  // u_i = min_k c_ik + p_k, filled on demand
   double D = HUGE_VAL;  // label of the best free object so far
   bool source = true;   // the first sweep relaxes the free bidder's row (label 0)
   for (;;) {
@@ -74,10 +75,13 @@ bool sap_augment(const Cost& cost, int64_t m, Workspace& ws, int64_t& rounds) {
     // so each improved object gets the lowest row reaching its new label: the GPU's two passes
     // (label minima, then atomicMin of the rows that reach them) in one.
     auto relax = [&](int64_t i, double base) {
-      double u = HUGE_VAL;
-      for (int64_t k = 0; k < m; ++k) {
-        const double x = cost(i, k) + p[k];
-        u = x < u ? x : u;
+      double u = ws.x[i];
+      if (u == HUGE_VAL) {  // first visit in this search: prices do not move until its end
+        for (int64_t k = 0; k < m; ++k) {
+          const double x = cost(i, k) + p[k];
+          u = x < u ? x : u;
+        }
+        ws.x[i] = u;
       }
       for (int64_t k = 0; k < m; ++k) {
         const double cand = sap_label(base, cost(i, k) + p[k], u);

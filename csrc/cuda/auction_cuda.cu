@@ -180,7 +180,8 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
     s.label[j] = HUGE_VAL;
     s.label_key[j] = inf_key;
     s.pred[j] = kNoIndex;
-    s.bid_obj[j] = 0;  // frontier flags of rows
+    s.bid_obj[j] = 0;     // frontier flags of rows
+    s.x[j] = HUGE_VAL;    // u_i of row j, computed on its first visit (prices hold still here)
     if (team.ld(&s.assigned[j]) < 0) atomicMin(&h->sap_source, j);
   }
   team.sync();
@@ -202,17 +203,19 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
           const double base = source ? 0.0 : team.ld(&s.label[team.ld(&s.assigned[i])]);
           double u;
           if (pass == 0) {
-            u = HUGE_VAL;
-            scan_row(row, M, maximize, big, [&](double cij, int j) {
-              const double x = cij + team.ld(&s.price[j]);
-              u = x < u ? x : u;
-            });
+            u = team.ld(&s.x[i]);
+            if (u == HUGE_VAL) {  // warp-uniform: every lane read the same slot
+              scan_row(row, M, maximize, big, [&](double cij, int j) {
+                const double x = cij + team.ld(&s.price[j]);
+                u = x < u ? x : u;
+              });
 #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-              const double o = __shfl_xor_sync(kFull, u, off);
-              u = o < u ? o : u;
+              for (int off = 16; off > 0; off >>= 1) {
+                const double o = __shfl_xor_sync(kFull, u, off);
+                u = o < u ? o : u;
+              }
+              if (lane == 0) s.x[i] = u;
             }
-            if (lane == 0) s.x[i] = u;
             scan_row(row, M, maximize, big, [&](double cij, int j) {
               atomicMin(&s.label_key[j], key_of(sap_label(base, cij + team.ld(&s.price[j]), u)));
             });
