@@ -5,8 +5,8 @@
 //
 // One "team" of threads solves one problem:
 // * BlockTeam: one thread block per problem, all B problems in one launch. The per-problem
-//   state (prices, owners, bids: 64 + 40*M bytes) lives in shared memory when it fits, else
-//   in a global workspace slice.
+//   state (prices, owners, bids, path labels: 128 + 52*M bytes) lives in shared memory when it
+//   fits, else in a global workspace slice.
 // * GridTeam: every block of a cooperative launch works on one problem, state in global
 //   memory, cg::this_grid().sync() between the steps of a round (opt-in: see auction_cuda.h).
 // A round: (A) each warp takes unassigned bidders, scans the row with coalesced loads, reduces
@@ -53,7 +53,8 @@ struct Header {
 constexpr size_t kHeaderBytes = 128;
 static_assert(sizeof(Header) <= kHeaderBytes, "header must fit its slot");
 
-__host__ __device__ inline size_t state_bytes(int64_t M) { return kHeaderBytes + 60 * static_cast<size_t>(M); }
+// 52 bytes per object: M = 4096 still fits the 227 KiB of shared memory of an H100/H200 block.
+__host__ __device__ inline size_t state_bytes(int64_t M) { return kHeaderBytes + 52 * static_cast<size_t>(M); }
 
 struct State {
   Header* h;
@@ -65,8 +66,9 @@ struct State {
   int* assigned;                 // [M] object of bidder i (dummies i >= N included), -1
   int* bid_obj;                  // [M] object bidder i bid on this round / frontier flag of row i
   double* label;                 // [M] phase finish: label d_j of object j
-  unsigned long long* label_key; // [M] phase finish: key_of(sweep minimum of d_j)
   int* pred;                     // [M] phase finish: predecessor row of object j
+  // The phase finish borrows best_key as key_of(sweep minimum of d_j) and best_bidder as the
+  // sweep's predecessor candidates; both are back to "no bid" when it returns.
 };
 
 __device__ inline State carve(char* base, int M) {
@@ -81,7 +83,6 @@ __device__ inline State carve(char* base, int M) {
   s.assigned = reinterpret_cast<int*>(p); p += 4 * static_cast<size_t>(M);
   s.bid_obj = reinterpret_cast<int*>(p); p += 4 * static_cast<size_t>(M);
   s.label = reinterpret_cast<double*>(p); p += 8 * static_cast<size_t>(M);
-  s.label_key = reinterpret_cast<unsigned long long*>(p); p += 8 * static_cast<size_t>(M);
   s.pred = reinterpret_cast<int*>(p);
   return s;
 }
@@ -178,7 +179,7 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
   team.sync();
   for (int j = tid; j < M; j += nthr) {
     s.label[j] = HUGE_VAL;
-    s.label_key[j] = inf_key;
+    s.best_key[j] = inf_key;
     s.pred[j] = kNoIndex;
     s.bid_obj[j] = 0;     // frontier flags of rows
     s.x[j] = HUGE_VAL;    // u_i of row j, computed on its first visit (prices hold still here)
@@ -217,13 +218,13 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
               if (lane == 0) s.x[i] = u;
             }
             scan_row(row, M, maximize, big, [&](double cij, int j) {
-              atomicMin(&s.label_key[j], key_of(sap_label(base, cij + team.ld(&s.price[j]), u)));
+              atomicMin(&s.best_key[j], key_of(sap_label(base, cij + team.ld(&s.price[j]), u)));
             });
           } else {
             u = team.ld(&s.x[i]);
             scan_row(row, M, maximize, big, [&](double cij, int j) {
               const double cand = sap_label(base, cij + team.ld(&s.price[j]), u);
-              if (key_of(cand) == team.ld(&s.label_key[j]) && cand < team.ld(&s.label[j]))
+              if (key_of(cand) == team.ld(&s.best_key[j]) && cand < team.ld(&s.label[j]))
                 atomicMin(&s.best_bidder[j], i);
             });
           }
@@ -238,7 +239,7 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
       s.bid_obj[j] = 0;
       const int w = team.ld(&s.best_bidder[j]);
       if (w == kNoIndex) continue;
-      const unsigned long long k = team.ld(&s.label_key[j]);
+      const unsigned long long k = team.ld(&s.best_key[j]);
       s.label[j] = double_of(k);
       s.pred[j] = w;
       if (team.ld(&s.owner[j]) < 0) atomicMin(&h->sap_d_key, k);
@@ -266,10 +267,13 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
   const unsigned long long d_key = *reinterpret_cast<volatile unsigned long long*>(&h->sap_d_key);
   const double D = double_of(d_key);
   for (int j = tid; j < M; j += nthr) {
-    if (team.ld(&s.owner[j]) < 0 && team.ld(&s.label_key[j]) == d_key) atomicMin(&h->sap_free, j);
+    if (team.ld(&s.owner[j]) < 0 && team.ld(&s.best_key[j]) == d_key) atomicMin(&h->sap_free, j);
   }
   team.sync();
-  for (int j = tid; j < M; j += nthr) s.price[j] = sap_price(team.ld(&s.price[j]), team.ld(&s.label[j]), D);
+  for (int j = tid; j < M; j += nthr) {
+    s.price[j] = sap_price(team.ld(&s.price[j]), team.ld(&s.label[j]), D);
+    s.best_key[j] = kKeyNone;
+  }
   if (tid == 0) {
     for (int j = volatile_load(&h->sap_free);;) {
       const int i = team.ld(&s.pred[j]);
