@@ -172,19 +172,21 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
   double eps = eps_initial(lo, big > hi ? big : hi, gap_max);
   int64_t unassigned = m;  // owner/assigned start empty (ws.resize)
   const bool only_paths = sap_only(N, M);
+  double thr = -1.0;  // the certificate's threshold, from the last phase
   for (int phase = 0; phase < kMaxPhases; ++phase) {
     if (phase > 0) {
       // Keep the pairs that still satisfy ε-CS at the new ε (ws.x holds u_i = min_j c_ij + p_j
       // from the certificate); only the others bid again.
       for (int64_t i = 0; i < m; ++i) {
         const int j = ws.assigned[i];
-        if (!keeps_pair(cost(i, j), p[j], ws.x[i], eps)) {
+        if (j >= 0 && !keeps_pair(cost(i, j), p[j], ws.x[i], eps)) {
           ws.assigned[i] = -1;
           ws.owner[j] = -1;
           ++unassigned;
         }
       }
     }
+    const bool early = phase_is_early(eps, thr, integral, N, M, unassigned);
     const int64_t round_limit = rounds + jacobi_budget(m);
     while (!only_paths && unassigned > kSapSwitch && rounds < round_limit) {
       if (++rounds > kMaxRounds) {
@@ -218,9 +220,10 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
       ws.touched.clear();
     }
     // Paths place the rest (the real rows first: they have the lowest indices); in the
-    // paths-only first phase the dummies then take the free objects in index order.
+    // paths-only first phase the dummies then take the free objects in index order. Early
+    // phases leave the rest to the next phase.
     const int64_t seat_dummies = only_paths && phase == 0 ? m - N : 0;
-    for (; unassigned > seat_dummies; --unassigned) {
+    for (; !early && unassigned > seat_dummies; --unassigned) {
       if (!sap_augment(cost, m, ws, rounds)) {
         if (rounds_out) *rounds_out = kMaxRounds;
         return kNotConverged;
@@ -236,10 +239,11 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
       unassigned = 0;
     }
 
-    // Certificate: primal of the current assignment, dual of the current prices.
+    // Certificate: primal of the current assignment, dual of the current prices (unplaced
+    // bidders of an early phase count 0 in the sums; such a phase cannot be certified).
     bool uses_big = false;
     for (int64_t i = 0; i < m; ++i) {
-      if (i < N) {
+      if (i < N && ws.assigned[i] >= 0) {
         double raw = static_cast<double>(c[i * M + ws.assigned[i]]);
         if (maximize) raw = -raw;
         uses_big |= raw == HUGE_VAL;
@@ -264,8 +268,8 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
     const double sum_u = canon_sum(ws.x.data(), m, false);
     const double sum_p = canon_sum(p, M, false);
     const double D = sum_u - sum_p;
-    const double thr = gap_threshold(tol, sum_abs);
-    if (certified(P, D, thr, integral)) {
+    thr = gap_threshold(tol, sum_abs);
+    if (unassigned == 0 && certified(P, D, thr, integral)) {
       if (rounds_out) *rounds_out = rounds;
       if (uses_big) return kInfeasible;
       for (int64_t i = 0; i < N; ++i) col4row[i] = ws.assigned[i];

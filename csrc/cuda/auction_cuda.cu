@@ -370,12 +370,14 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
   int8_t st = kNotConverged;
   bool certified_ok = false;
   const bool only_paths = sap_only(N, M);
+  double thr = -1.0;  // the certificate's threshold, from the last phase
   for (int phase = 0; phase < kMaxPhases && !certified_ok; ++phase) {
     if (phase > 0) {
       // Keep the pairs still in ε-CS at the new ε; s.x holds u_i from the last certificate.
       int freed = 0;
       for (int i = tid; i < m; i += nthr) {
         const int j = team.ld(&s.assigned[i]);
+        if (j < 0) continue;  // left unplaced by an early phase
         const double ci = i < N ? load_cost(c[static_cast<int64_t>(i) * M + j], maximize, big) : 0.0;
         if (!keeps_pair(ci, team.ld(&s.price[j]), team.ld(&s.x[i]), eps)) {
           s.assigned[i] = -1;
@@ -388,6 +390,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     }
 
     bool out_of_rounds = false;
+    const bool early = phase_is_early(eps, thr, integral, N, M, volatile_load(&h->unassigned));
     const int64_t round_limit = rounds + jacobi_budget(m);
     while (!only_paths && volatile_load(&h->unassigned) > kSapSwitch && rounds < round_limit) {
       if (++rounds > kMaxRounds) {
@@ -442,9 +445,10 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
       team.sync();
     }
     // Paths place the rest (the real rows first: they have the lowest indices); in the
-    // paths-only first phase the dummies then take the free objects in index order.
+    // paths-only first phase the dummies then take the free objects in index order. Early
+    // phases leave the rest to the next phase.
     const int seat_dummies = only_paths && phase == 0 ? m - N : 0;
-    while (!out_of_rounds && volatile_load(&h->unassigned) > seat_dummies)
+    while (!early && !out_of_rounds && volatile_load(&h->unassigned) > seat_dummies)
       out_of_rounds = !sap_augment<T>(team, c, N, M, maximize, big, s, rounds);
     if (out_of_rounds) break;
     if (seat_dummies > 0) {
@@ -466,9 +470,12 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
       team.sync();
     }
 
-    // ---- certificate: P of the assignment, D of the prices ----
-    for (int i = tid; i < m; i += nthr)
-      s.x[i] = i < N ? load_cost(c[static_cast<int64_t>(i) * M + team.ld(&s.assigned[i])], maximize, big) : 0.0;
+    // ---- certificate: P of the assignment, D of the prices (unplaced bidders of an early
+    // phase count 0 in the sums; such a phase cannot be certified) ----
+    for (int i = tid; i < m; i += nthr) {
+      const int j = team.ld(&s.assigned[i]);
+      s.x[i] = i < N && j >= 0 ? load_cost(c[static_cast<int64_t>(i) * M + j], maximize, big) : 0.0;
+    }
     team.sync();
     if (team.leader_warp()) {
       const double P = warp_canon_sum(team, s.x, m, false);
@@ -523,8 +530,8 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     const double Su = volatile_load(&h->sums[3]);
     const double scale = volatile_load(&h->sums[4]);  // max p_j + max |c_i,s(i)|
     const double D = Su - Sp;
-    const double thr = gap_threshold(tol, A);
-    if (certified(P, D, thr, integral)) {
+    thr = gap_threshold(tol, A);
+    if (volatile_load(&h->unassigned) == 0 && certified(P, D, thr, integral)) {
       certified_ok = true;
     } else {
       eps = eps_next(eps, thr, integral, m);
