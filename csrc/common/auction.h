@@ -73,17 +73,17 @@
 namespace loom {
 namespace auction {
 
-// ε shrinks by this factor per phase; ε0 = (effective cost range) / kEps0Div. θ = 8 with the
-// SAP finish (kSapSwitch = 3) minimised the rounds of the slowest problem of a 64 x 256
-// squared-Euclidean batch (sweep over θ in 4..32, kSapSwitch in 0..6; bench/RESULTS.md).
+// ε shrinks by this factor per phase; ε0 = (effective cost range) / kEps0Div. θ = 4 with
+// kSapSwitch = 4 is a compromise between the step counts of the slowest problems of several
+// families and the row scans the path finish adds (bench/RESULTS.md, bench/auction_tuning.py).
 #ifndef LOOM_AUCTION_THETA
-#define LOOM_AUCTION_THETA 8.0
+#define LOOM_AUCTION_THETA 4.0
 #endif
 #ifndef LOOM_AUCTION_EPS0_DIV
 #define LOOM_AUCTION_EPS0_DIV 64.0
 #endif
 #ifndef LOOM_AUCTION_SAP_SWITCH
-#define LOOM_AUCTION_SAP_SWITCH 3
+#define LOOM_AUCTION_SAP_SWITCH 4
 #endif
 constexpr double kTheta = LOOM_AUCTION_THETA;
 constexpr double kEps0Div = LOOM_AUCTION_EPS0_DIV;
