@@ -55,10 +55,10 @@ double canon_sum(const double* x, int64_t n, bool absolute) {
 }
 
 // Places the lowest-index free bidder by a shortest augmenting path (common/auction.h, "Phase
-// finish"). cost(i, j) is the bidders' cost in minimization form; m = M bidders and objects.
-// Returns false when the round bound is hit first.
+// finish"). cost(i, j) is the bidders' cost in minimization form; m = M bidders and objects;
+// eps: the phase's ε (for the sweeps' Δ). Returns false when the round bound is hit first.
 template <typename Cost>
-bool sap_augment(const Cost& cost, int64_t m, Workspace& ws, int64_t& rounds) {
+bool sap_augment(const Cost& cost, int64_t m, double eps, Workspace& ws, int64_t& rounds) {
   double* p = ws.price.data();
   int64_t i0 = 0;
   while (ws.assigned[i0] >= 0) ++i0;
@@ -66,8 +66,10 @@ bool sap_augment(const Cost& cost, int64_t m, Workspace& ws, int64_t& rounds) {
   std::fill(ws.dn.begin(), ws.dn.end(), HUGE_VAL);
   std::fill(ws.pred.begin(), ws.pred.end(), kNoIndex);
   std::fill(ws.x.begin(), ws.x.end(), HUGE_VAL);  // u_i = min_k c_ik + p_k, filled on demand
-  double D = HUGE_VAL;  // label of the best free object so far
-  bool source = true;   // the first sweep relaxes the free bidder's row (label 0)
+  std::fill(ws.frontier.begin(), ws.frontier.end(), 0);
+  double D = HUGE_VAL;     // label of the best free object so far
+  double lmin = HUGE_VAL;  // lowest label of the frontier
+  bool source = true;      // the first sweep relaxes the free bidder's row (label 0)
   for (;;) {
     if (++rounds > kMaxRounds) return false;
     // Every frontier row relaxes its row against the labels of the sweep's start (dn starts
@@ -94,10 +96,13 @@ bool sap_augment(const Cost& cost, int64_t m, Workspace& ws, int64_t& rounds) {
     if (source) {
       relax(i0, 0.0);
     } else {
-      for (int64_t i = 0; i < m; ++i)
-        if (ws.frontier[i]) relax(i, ws.d[ws.assigned[i]]);
+      const double limit = sap_limit(lmin, eps);
+      for (int64_t i = 0; i < m; ++i) {
+        if (!ws.frontier[i] || ws.d[ws.assigned[i]] > limit) continue;
+        ws.frontier[i] = 0;
+        relax(i, ws.d[ws.assigned[i]]);
+      }
     }
-    std::fill(ws.frontier.begin(), ws.frontier.end(), 0);
     source = false;
     // Improved labels take their lowest-index predecessor; D follows the free objects.
     for (int64_t j = 0; j < m; ++j) {
@@ -106,14 +111,19 @@ bool sap_augment(const Cost& cost, int64_t m, Workspace& ws, int64_t& rounds) {
       ws.pred[j] = ws.pred_new[j];
       if (ws.owner[j] < 0 && ws.d[j] < D) D = ws.d[j];
     }
-    // The next frontier: owners of improved objects labelled below D.
+    // The next frontier: owners of improved objects and rows still waiting, labelled below D.
     int64_t count = 0;
+    lmin = HUGE_VAL;
     for (int64_t j = 0; j < m; ++j) {
-      if (ws.pred_new[j] == kNoIndex) continue;
+      const bool improved = ws.pred_new[j] != kNoIndex;
       ws.pred_new[j] = kNoIndex;
-      if (ws.owner[j] >= 0 && ws.d[j] < D) {
-        ws.frontier[ws.owner[j]] = 1;
+      const int o = ws.owner[j];
+      if (o < 0) continue;
+      const bool keep = (improved || ws.frontier[o]) && ws.d[j] < D;
+      ws.frontier[o] = keep;
+      if (keep) {
         ++count;
+        lmin = ws.d[j] < lmin ? ws.d[j] : lmin;
       }
     }
     if (count == 0) break;
@@ -224,7 +234,7 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
     // phases leave the rest to the next phase.
     const int64_t seat_dummies = only_paths && phase == 0 ? m - N : 0;
     for (; !early && unassigned > seat_dummies; --unassigned) {
-      if (!sap_augment(cost, m, ws, rounds)) {
+      if (!sap_augment(cost, m, eps, ws, rounds)) {
         if (rounds_out) *rounds_out = kMaxRounds;
         return kNotConverged;
       }

@@ -46,8 +46,9 @@ struct Header {
   int flags;
   int unassigned;
   double sums[5];  // P, sum |c_i,s(i)|, sum p_j, sum u_i, max p_j + max |c_i,s(i)|
-  // Phase finish: key_of(D), the source bidder, the best free object, the next frontier's size.
-  unsigned long long sap_d_key;
+  // Phase finish: key_of(D), key_of(the frontier's lowest label), the source bidder, the best
+  // free object, the next frontier's size.
+  unsigned long long sap_d_key, sap_lmin_key;
   int sap_source, sap_free, sap_frontier;
 };
 constexpr size_t kHeaderBytes = 128;
@@ -156,12 +157,29 @@ __device__ __forceinline__ void scan_row(const T* __restrict__ row, int M, bool 
   }
 }
 
+// u_i = min_j c_ij + p_j of one row (nullptr: a dummy), in every lane of the calling warp.
+template <typename T, typename Team>
+__device__ inline double row_value(const Team& team, const T* __restrict__ row, int M, bool maximize, double big,
+                                   const double* price) {
+  double u = HUGE_VAL;
+  scan_row(row, M, maximize, big, [&](double cij, int j) {
+    const double x = cij + team.ld(&price[j]);
+    u = x < u ? x : u;
+  });
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const double o = __shfl_xor_sync(kFull, u, off);
+    u = o < u ? o : u;
+  }
+  return u;
+}
+
 // Places the lowest-index free bidder by a shortest augmenting path (common/auction.h, "Phase
 // finish"), step for step as sap_augment in cpu/auction_cpu.cpp. The whole team calls it;
 // returns false when the round bound is hit first (rounds counts the sweeps).
 template <typename T, typename Team>
 __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, int M, bool maximize, double big,
-                            State s, int64_t& rounds) {
+                            double eps, State s, int64_t& rounds) {
   const int tid = team.rank();
   const int nthr = team.size();
   const int lane = threadIdx.x & 31;
@@ -174,6 +192,7 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
     h->sap_source = kNoIndex;
     h->sap_free = kNoIndex;
     h->sap_d_key = inf_key;
+    h->sap_lmin_key = inf_key;
     h->sap_frontier = 0;
   }
   team.sync();
@@ -190,12 +209,17 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
   const T* row0 = i0 < N ? c + static_cast<int64_t>(i0) * M : nullptr;
   for (bool source = true;; source = false) {
     if (++rounds > kMaxRounds) return false;
+    const double limit =
+        sap_limit(double_of(*reinterpret_cast<volatile unsigned long long*>(&h->sap_lmin_key)), eps);
     // (1) label minima, (2) lowest predecessor among the rows that reach them. Warp w takes rows
-    // w, w + nwarps, ...; the source sweep relaxes only the free bidder's row (label 0).
+    // w, w + nwarps, ...; the source sweep relaxes only the free bidder's row (label 0), later
+    // sweeps the frontier rows labelled within the limit (they leave the frontier in pass 2).
     for (int pass = 0; pass < 2; ++pass) {
       for (int k0 = 0; k0 * nwarps < m; k0 += 32) {
         const int mine = warp + nwarps * (k0 + lane);
-        const bool in = mine < m && (source ? mine == i0 : team.ld(&s.bid_obj[mine]) != 0);
+        const bool in = mine < m && (source ? mine == i0
+                                            : team.ld(&s.bid_obj[mine]) != 0 &&
+                                                  team.ld(&s.label[team.ld(&s.assigned[mine])]) <= limit);
         unsigned pending = __ballot_sync(kFull, in);
         while (pending) {
           const int i = warp + nwarps * (k0 + __ffs(pending) - 1);
@@ -206,15 +230,7 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
           if (pass == 0) {
             u = team.ld(&s.x[i]);
             if (u == HUGE_VAL) {  // warp-uniform: every lane read the same slot
-              scan_row(row, M, maximize, big, [&](double cij, int j) {
-                const double x = cij + team.ld(&s.price[j]);
-                u = x < u ? x : u;
-              });
-#pragma unroll
-              for (int off = 16; off > 0; off >>= 1) {
-                const double o = __shfl_xor_sync(kFull, u, off);
-                u = o < u ? o : u;
-              }
+              u = row_value(team, row, M, maximize, big, s.price);
               if (lane == 0) s.x[i] = u;
             }
             scan_row(row, M, maximize, big, [&](double cij, int j) {
@@ -227,16 +243,18 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
               if (key_of(cand) == team.ld(&s.best_key[j]) && cand < team.ld(&s.label[j]))
                 atomicMin(&s.best_bidder[j], i);
             });
+            if (lane == 0) s.bid_obj[i] = 0;
           }
         }
       }
       team.sync();
     }
     // (3) improved labels (those that got a predecessor) move; D follows the free objects.
-    // Frontier flags are cleared for (4).
-    if (tid == 0) h->sap_frontier = 0;  // last read before this sweep's first sync
+    if (tid == 0) {  // both last read before this sweep's first sync
+      h->sap_frontier = 0;
+      h->sap_lmin_key = inf_key;
+    }
     for (int j = tid; j < M; j += nthr) {
-      s.bid_obj[j] = 0;
       const int w = team.ld(&s.best_bidder[j]);
       if (w == kNoIndex) continue;
       const unsigned long long k = team.ld(&s.best_key[j]);
@@ -245,20 +263,29 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
       if (team.ld(&s.owner[j]) < 0) atomicMin(&h->sap_d_key, k);
     }
     team.sync();
-    // (4) the next frontier: owners of improved objects labelled below D.
+    // (4) the next frontier: owners of improved objects and rows still waiting, labelled below
+    // D (each row owns one object, so one thread decides each flag), and its lowest label.
     {
       const double D = double_of(*reinterpret_cast<volatile unsigned long long*>(&h->sap_d_key));
       int count = 0;
+      double lmin = HUGE_VAL;
       for (int j = tid; j < M; j += nthr) {
-        if (team.ld(&s.best_bidder[j]) == kNoIndex) continue;
-        s.best_bidder[j] = kNoIndex;
+        const bool improved = team.ld(&s.best_bidder[j]) != kNoIndex;
+        if (improved) s.best_bidder[j] = kNoIndex;
         const int o = team.ld(&s.owner[j]);
-        if (o >= 0 && team.ld(&s.label[j]) < D) {
-          s.bid_obj[o] = 1;
+        if (o < 0) continue;
+        const double l = team.ld(&s.label[j]);
+        const bool keep = (improved || team.ld(&s.bid_obj[o]) != 0) && l < D;
+        s.bid_obj[o] = keep ? 1 : 0;
+        if (keep) {
           ++count;
+          lmin = l < lmin ? l : lmin;
         }
       }
-      if (count) atomicAdd(&h->sap_frontier, count);
+      if (count) {
+        atomicAdd(&h->sap_frontier, count);
+        atomicMin(&h->sap_lmin_key, key_of(lmin));
+      }
     }
     team.sync();
     if (volatile_load(&h->sap_frontier) == 0) break;
@@ -449,7 +476,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     // phases leave the rest to the next phase.
     const int seat_dummies = only_paths && phase == 0 ? m - N : 0;
     while (!early && !out_of_rounds && volatile_load(&h->unassigned) > seat_dummies)
-      out_of_rounds = !sap_augment<T>(team, c, N, M, maximize, big, s, rounds);
+      out_of_rounds = !sap_augment<T>(team, c, N, M, maximize, big, eps, s, rounds);
     if (out_of_rounds) break;
     if (seat_dummies > 0) {
       if (team.leader_warp()) {
@@ -506,16 +533,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     }
     team.sync();  // the leader has read s.x before rows overwrite it
     for (int i = warp; i < m; i += nwarps) {
-      double u = HUGE_VAL;
-      scan_row(i < N ? c + static_cast<int64_t>(i) * M : nullptr, M, maximize, big, [&](double cij, int j) {
-        const double v = cij + team.ld(&s.price[j]);
-        u = v < u ? v : u;
-      });
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        const double o = __shfl_xor_sync(kFull, u, off);
-        u = o < u ? o : u;
-      }
+      const double u = row_value(team, i < N ? c + static_cast<int64_t>(i) * M : nullptr, M, maximize, big, s.price);
       if (lane == 0) s.x[i] = u;
     }
     team.sync();
