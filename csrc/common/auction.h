@@ -43,9 +43,9 @@
 //   the free bidder s, over columns): d_k = min over tree rows i (the source, or the owner of a
 //   labelled column j) of d_j + (c_ik + p_k - u_i), u_i = min_l c_il + p_l, d_source = 0; a
 //   sweep relaxes the frontier rows (owners of improved columns labelled below the best free
-//   column's label D) whose label is within kSapDelta ε of the frontier's lowest (Δ-stepping:
-//   the others wait, so a row is rarely relaxed twice); the sweeps stop with an empty frontier;
-//   then
+//   column's label D), on problems of at least kSapWindowRows rows only those whose label lies
+//   in the lower kSapWindow of [lowest frontier label, D] (Δ-stepping: the others wait, so a
+//   row is rarely relaxed twice); the sweeps stop with an empty frontier; then
 //   p_j += D - d_j for d_j < D and the path to the best free column (lowest index on ties) is
 //   flipped. Every label is a min and every tie goes to the lowest index, so the result does not
 //   depend on the order of the relaxations (the GPU relaxes rows concurrently).
@@ -177,16 +177,24 @@ LOOM_HD bool keeps_pair(double c, double p, double u, double eps) { return c + p
 
 // ---- shortest-augmenting-path finish (see the header) -------------------------------------------
 
-// Δ of the sweeps' Δ-stepping in units of ε (<= 0: every frontier row in every sweep). 1024
-// left the step counts of the benchmark families unchanged and relaxed ~6x fewer rows than no
-// limit (64: ~10x fewer rows but 13% more steps at 256 x 256).
-#ifndef LOOM_AUCTION_SAP_DELTA
-#define LOOM_AUCTION_SAP_DELTA 1024.0
+// The sweeps' Δ-stepping window as a fraction of D - (lowest frontier label) (<= 0: every
+// frontier row in every sweep), used from kSapWindowRows rows up. At 2048 x 2048 a window of
+// 0.5 relaxed ~4x fewer rows for the same step count; below ~1000 rows a sweep's frontier
+// mostly fits the team's warps anyway, and the window cost 2-19% more steps there.
+#ifndef LOOM_AUCTION_SAP_WINDOW
+#define LOOM_AUCTION_SAP_WINDOW 0.5
 #endif
-constexpr double kSapDelta = LOOM_AUCTION_SAP_DELTA;
+#ifndef LOOM_AUCTION_SAP_WINDOW_ROWS
+#define LOOM_AUCTION_SAP_WINDOW_ROWS 1024
+#endif
+constexpr double kSapWindow = LOOM_AUCTION_SAP_WINDOW;
+constexpr int64_t kSapWindowRows = LOOM_AUCTION_SAP_WINDOW_ROWS;
 
-// Highest label of a frontier row relaxed in this sweep; lmin is the frontier's lowest label.
-LOOM_HD double sap_limit(double lmin, double eps) { return kSapDelta > 0.0 ? fma(kSapDelta, eps, lmin) : HUGE_VAL; }
+// Highest label of a frontier row relaxed in this sweep of an n-row problem (lmin: the
+// frontier's lowest label, D: the best free object's label so far).
+LOOM_HD double sap_limit(double lmin, double D, int64_t n) {
+  return kSapWindow > 0.0 && n >= kSapWindowRows ? fma(kSapWindow, D - lmin, lmin) : HUGE_VAL;
+}
 
 // Label of column k reached from a tree row with label `base`, x = c_ik + p_k, u = min_l x_l.
 // x - u >= 0 exactly (u is one of the x), so labels never decrease along a path.

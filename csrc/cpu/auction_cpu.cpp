@@ -55,10 +55,11 @@ double canon_sum(const double* x, int64_t n, bool absolute) {
 }
 
 // Places the lowest-index free bidder by a shortest augmenting path (common/auction.h, "Phase
-// finish"). cost(i, j) is the bidders' cost in minimization form; m = M bidders and objects;
-// eps: the phase's ε (for the sweeps' Δ). Returns false when the round bound is hit first.
+// finish"). cost(i, j) is the bidders' cost in minimization form; n_rows = N real rows;
+// m = M bidders and objects.
+// Returns false when the round bound is hit first.
 template <typename Cost>
-bool sap_augment(const Cost& cost, int64_t m, double eps, Workspace& ws, int64_t& rounds) {
+bool sap_augment(const Cost& cost, int64_t n_rows, int64_t m, Workspace& ws, int64_t& rounds) {
   double* p = ws.price.data();
   int64_t i0 = 0;
   while (ws.assigned[i0] >= 0) ++i0;
@@ -96,7 +97,7 @@ bool sap_augment(const Cost& cost, int64_t m, double eps, Workspace& ws, int64_t
     if (source) {
       relax(i0, 0.0);
     } else {
-      const double limit = sap_limit(lmin, eps);
+      const double limit = sap_limit(lmin, D, n_rows);
       for (int64_t i = 0; i < m; ++i) {
         if (!ws.frontier[i] || ws.d[ws.assigned[i]] > limit) continue;
         ws.frontier[i] = 0;
@@ -234,7 +235,7 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
     // phases leave the rest to the next phase.
     const int64_t seat_dummies = only_paths && phase == 0 ? m - N : 0;
     for (; !early && unassigned > seat_dummies; --unassigned) {
-      if (!sap_augment(cost, m, eps, ws, rounds)) {
+      if (!sap_augment(cost, N, m, ws, rounds)) {
         if (rounds_out) *rounds_out = kMaxRounds;
         return kNotConverged;
       }

@@ -179,7 +179,7 @@ __device__ inline double row_value(const Team& team, const T* __restrict__ row, 
 // returns false when the round bound is hit first (rounds counts the sweeps).
 template <typename T, typename Team>
 __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, int M, bool maximize, double big,
-                            double eps, State s, int64_t& rounds) {
+                            State s, int64_t& rounds) {
   const int tid = team.rank();
   const int nthr = team.size();
   const int lane = threadIdx.x & 31;
@@ -209,8 +209,8 @@ __device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, in
   const T* row0 = i0 < N ? c + static_cast<int64_t>(i0) * M : nullptr;
   for (bool source = true;; source = false) {
     if (++rounds > kMaxRounds) return false;
-    const double limit =
-        sap_limit(double_of(*reinterpret_cast<volatile unsigned long long*>(&h->sap_lmin_key)), eps);
+    const double limit = sap_limit(double_of(*reinterpret_cast<volatile unsigned long long*>(&h->sap_lmin_key)),
+                                   double_of(*reinterpret_cast<volatile unsigned long long*>(&h->sap_d_key)), N);
     // (1) label minima, (2) lowest predecessor among the rows that reach them. Warp w takes rows
     // w, w + nwarps, ...; the source sweep relaxes only the free bidder's row (label 0), later
     // sweeps the frontier rows labelled within the limit (they leave the frontier in pass 2).
@@ -476,7 +476,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     // phases leave the rest to the next phase.
     const int seat_dummies = only_paths && phase == 0 ? m - N : 0;
     while (!early && !out_of_rounds && volatile_load(&h->unassigned) > seat_dummies)
-      out_of_rounds = !sap_augment<T>(team, c, N, M, maximize, big, eps, s, rounds);
+      out_of_rounds = !sap_augment<T>(team, c, N, M, maximize, big, s, rounds);
     if (out_of_rounds) break;
     if (seat_dummies > 0) {
       if (team.leader_warp()) {

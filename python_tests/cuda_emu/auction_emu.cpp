@@ -1,6 +1,9 @@
 // Runs the CUDA auction's device code (csrc/cuda/auction_cuda.cu) on the CPU through the
-// stand-in runtime of this folder, for test_auction_emulated.py (loaded with ctypes).
+// stand-in runtime of this folder, for test_auction_emulated.py (loaded with ctypes). Linked
+// with csrc/cpu/auction_cpu.cpp, so twin_solve is the CPU twin built with the same constants
+// (the tests also build variants with other -DLOOM_AUCTION_* values).
 #define LOOM_CUDA_EMULATION 1
+#include "cpu/auction_cpu.h"
 #include "cuda/auction_cuda.cu"
 
 extern "C" {
@@ -30,6 +33,17 @@ int emu_solve(const void* cost, int is_double, int64_t B, int64_t N, int64_t M, 
     run(static_cast<const double*>(cost));
   else
     run(static_cast<const float*>(cost));
+  return 0;
+}
+
+int twin_solve(const void* cost, int is_double, int64_t B, int64_t N, int64_t M, int maximize, double tol,
+               int64_t* col4row, int8_t* status, int64_t* rounds) {
+  if (is_double)
+    loom::auction_solve_batch<double>(static_cast<const double*>(cost), B, N, M, maximize != 0, tol, col4row, status,
+                                      rounds, 1);
+  else
+    loom::auction_solve_batch<float>(static_cast<const float*>(cost), B, N, M, maximize != 0, tol, col4row, status,
+                                     rounds, 1);
   return 0;
 }
 }
