@@ -176,9 +176,11 @@ __device__ inline double row_value(const Team& team, const T* __restrict__ row, 
 
 // Places the lowest-index free bidder by a shortest augmenting path (common/auction.h, "Phase
 // finish"), step for step as sap_augment in cpu/auction_cpu.cpp. The whole team calls it;
-// returns false when the round bound is hit first (rounds counts the sweeps).
+// returns false when the round bound is hit first (rounds counts the sweeps). Not inlined:
+// the block kernel sits at its 128-register cap, and a separate allocation keeps the finish's
+// locals out of the bidding loop's registers (ptxas: fewer spills in the kernel, none here).
 template <typename T, typename Team>
-__device__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, int M, bool maximize, double big,
+__device__ __noinline__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, int M, bool maximize, double big,
                             State s, int64_t& rounds) {
   const int tid = team.rank();
   const int nthr = team.size();
