@@ -1,14 +1,20 @@
 // A CPU stand-in for the CUDA runtime, just enough to run csrc/cuda/auction_cuda.cu's device
 // code with one std::thread per CUDA thread (test_auction_emulated.py). Barriers stand in for
 // __syncthreads, grid syncs and the implicit warp synchronisation of shuffles and votes, so a
-// branch that is not warp- or block-uniform deadlocks here as it would misbehave on a GPU.
+// branch that is not warp- or block-uniform deadlocks here as it would misbehave on a GPU; a
+// watchdog then ends the process with a message instead of hanging the test run.
 #pragma once
 #include <barrier>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -33,6 +39,10 @@ struct emu_uint3 {
   unsigned x, y, z;
 };
 inline thread_local emu_uint3 threadIdx, blockIdx, blockDim, gridDim;
+
+#ifndef EMU_WATCHDOG_SECONDS
+#define EMU_WATCHDOG_SECONDS 600
+#endif
 
 namespace emu {
 struct Warp {
@@ -62,8 +72,19 @@ T exchange(T v, int src) {
   return r;
 }
 
-// Runs fn on blocks x threads std::threads (threads a multiple of 32).
+// Runs fn on blocks x threads std::threads (threads a multiple of 32); a launch that has not
+// finished after EMU_WATCHDOG_SECONDS is a deadlock (a sync not reached by every thread).
 inline void launch(int blocks, int threads, const std::function<void()>& fn) {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread watchdog([&] {
+    std::unique_lock<std::mutex> lock(mu);
+    if (!cv.wait_for(lock, std::chrono::seconds(EMU_WATCHDOG_SECONDS), [&] { return done; })) {
+      std::fprintf(stderr, "cuda_emu: the emulated kernel deadlocked (a barrier not reached by all threads)\n");
+      std::_Exit(3);
+    }
+  });
   std::barrier<> grid(blocks * threads);
   std::vector<std::unique_ptr<Block>> bs;
   for (int b = 0; b < blocks; ++b) bs.push_back(std::make_unique<Block>(threads));
@@ -80,6 +101,12 @@ inline void launch(int blocks, int threads, const std::function<void()>& fn) {
         fn();
       });
   for (auto& th : pool) th.join();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    done = true;
+  }
+  cv.notify_one();
+  watchdog.join();
 }
 
 template <typename T, typename F>
