@@ -24,22 +24,23 @@
 //   kInfeasible when a real row has no finite entry, or when the certified answer uses a B entry.
 // * Certificate: after every phase P and D are computed; the solve stops when P - D <= thr with
 //   thr = tol * max(sum_i |c_i,s(i)|, tiny), or when P - D < 1 and every finite cost is an
-//   integer (the optimum is then an integer, so P = opt). When ε would drop below the
-//   resolution of the prices (eps_below_resolution) or the round/phase bounds are hit, the
-//   solve reports kNotConverged instead of an uncertified answer.
+//   integer (the optimum is then an integer, so P = opt); a phase that left bidders unplaced
+//   (an early phase, below) is never certified. When ε would drop below the resolution of the
+//   prices (eps_below_resolution) or the round/phase bounds are hit, the solve reports
+//   kNotConverged instead of an uncertified answer.
 // * Determinism: the per-bidder math below is the only place where bids are computed, every
 //   tie goes to the lowest index, and all sums use the canonical 32-lane order (canon_sum), so
 //   the CPU twin and the GPU give bit-identical runs in float64 (and in float32, whose entries
-//   are widened exactly to double). The only mul-add (big_cost) is an explicit fma so compiler
-//   contraction cannot make the two sides differ.
+//   are widened exactly to double). The mul-adds (big_cost, sap_limit) are explicit fma so
+//   compiler contraction cannot make the two sides differ.
 // * Phase finish (SAP): a phase's Jacobi rounds end in long chains of one or two bidders (price
 //   wars raise a price by about ε per round). Once at most kSapSwitch bidders are left (or the
 //   phase has used its jacobi_budget of rounds), each one is placed by a shortest augmenting
-//   path instead. Treating every assigned pair as tight
-//   (lowering its cost by its slack, at most ε) makes the prices exact duals of a problem that
-//   differs from the real one by at most ε per pair; a JV augmentation on it keeps every
-//   reduced cost >= 0, makes the new pairs tight and only raises prices, so ε-CS holds
-//   afterwards and the phase ends exactly as an auction phase would. Labels of the search (from
+//   path instead. Treating every assigned pair as tight (lowering its cost by its slack, at
+//   most ε) makes the prices exact duals of a problem that differs from the real one by at
+//   most ε per pair; a JV augmentation on it keeps every reduced cost >= 0, makes the new
+//   pairs tight and only raises prices, so ε-CS holds afterwards and the phase ends exactly as
+//   an auction phase would. Labels of the search (from
 //   the free bidder s, over columns): d_k = min over tree rows i (the source, or the owner of a
 //   labelled column j) of d_j + (c_ik + p_k - u_i), u_i = min_l c_il + p_l, d_source = 0; a
 //   sweep relaxes the frontier rows (owners of improved columns labelled below the best free
