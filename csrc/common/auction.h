@@ -57,6 +57,10 @@
 //   widest (their labels span many ε): at 256 x 256 this cuts the steps by a third and the
 //   finish's row scans by half. With dummy bidders (N < M) it backfires (2-4x more steps):
 //   the finish's paths leave the pairs tight, which keeps them through the next ε cut.
+// * Dummy bidders never bid (the rounds go on while more than kSapSwitch real bidders are
+//   unplaced); the finish places them, usually in one sweep each (a dummy's path ends at the
+//   cheapest free object). Identical dummies bidding against each other fought price wars:
+//   uniform 190 x 256 took 3265 steps with them bidding and 776 without.
 // * Clearly rectangular problems (sap_only: N <= 0.7 M) skip the auction: the M - N identical
 //   dummy bidders fight price wars among themselves (tens of thousands of rounds at 64 x 1024),
 //   so the N real rows are placed by augmenting paths alone from zero prices, then the dummies

@@ -182,6 +182,7 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
 
   double eps = eps_initial(lo, big > hi ? big : hi, gap_max);
   int64_t unassigned = m;  // owner/assigned start empty (ws.resize)
+  int64_t real_unassigned = N;  // of them, rows i < N (dummies do not bid)
   const bool only_paths = sap_only(N, M);
   double thr = -1.0;  // the certificate's threshold, from the last phase
   for (int phase = 0; phase < kMaxPhases; ++phase) {
@@ -194,18 +195,19 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
           ws.assigned[i] = -1;
           ws.owner[j] = -1;
           ++unassigned;
+          if (i < N) ++real_unassigned;
         }
       }
     }
     const bool early = phase_is_early(eps, thr, integral, N, M, unassigned);
     const int64_t round_limit = rounds + jacobi_budget(m);
-    while (!only_paths && unassigned > kSapSwitch && rounds < round_limit) {
+    while (!only_paths && real_unassigned > kSapSwitch && rounds < round_limit) {
       if (++rounds > kMaxRounds) {
         if (rounds_out) *rounds_out = rounds - 1;
         return kNotConverged;
       }
-      // Bids against the prices of the start of the round.
-      for (int64_t i = 0; i < m; ++i) {
+      // Bids of the real rows against the prices of the start of the round.
+      for (int64_t i = 0; i < N; ++i) {
         if (ws.assigned[i] >= 0) continue;
         Top2 t = top2_empty();
         for (int64_t j = 0; j < M; ++j) top2_push(t, value(cost(i, j), p[j]), static_cast<int>(j));
@@ -222,6 +224,8 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
         const int w = ws.best_bidder[j];
         const int old = ws.owner[j];
         if (old >= 0) ws.assigned[old] = -1; else --unassigned;
+        if (old >= 0 && old < N) ++real_unassigned;
+        --real_unassigned;
         ws.owner[j] = w;
         ws.assigned[w] = j;
         p[j] = double_of(ws.best_key[j]);
@@ -239,6 +243,7 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
         if (rounds_out) *rounds_out = kMaxRounds;
         return kNotConverged;
       }
+      if (real_unassigned > 0) --real_unassigned;  // the lowest free bidder was placed
     }
     if (seat_dummies > 0) {
       int64_t i = N;
@@ -248,6 +253,7 @@ int8_t solve_one(const T* c, int64_t N, int64_t M, bool maximize, double tol, in
         ws.assigned[i++] = static_cast<int>(j);
       }
       unassigned = 0;
+      real_unassigned = 0;
     }
 
     // Certificate: primal of the current assignment, dual of the current prices (unplaced

@@ -44,7 +44,8 @@ struct Header {
   unsigned long long lo_key, hi_key;  // key_of(min / max finite entry)
   unsigned long long gap_key;         // key_of(max row gap at zero prices), see eps_initial
   int flags;
-  int unassigned;
+  int unassigned;       // bidders without an object (dummies included)
+  int unassigned_real;  // of them, rows i < N: only these bid
   double sums[5];  // P, sum |c_i,s(i)|, sum p_j, sum u_i, max p_j + max |c_i,s(i)|
   // Phase finish: key_of(D), key_of(the frontier's lowest label), the source bidder, the best
   // free object, the next frontier's size.
@@ -313,6 +314,7 @@ __device__ __noinline__ bool sap_augment(const Team& team, const T* __restrict__
       j = next;
     }
     h->unassigned -= 1;
+    if (i0 < N) h->unassigned_real -= 1;
   }
   team.sync();
   return true;
@@ -340,6 +342,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
     h->gap_key = key_of(0.0);
     h->flags = 0;
     h->unassigned = m;
+    h->unassigned_real = N;
   }
   for (int j = tid; j < M; j += nthr) {
     s.price[j] = 0.0;
@@ -403,7 +406,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
   for (int phase = 0; phase < kMaxPhases && !certified_ok; ++phase) {
     if (phase > 0) {
       // Keep the pairs still in ε-CS at the new ε; s.x holds u_i from the last certificate.
-      int freed = 0;
+      int freed = 0, freed_real = 0;
       for (int i = tid; i < m; i += nthr) {
         const int j = team.ld(&s.assigned[i]);
         if (j < 0) continue;  // left unplaced by an early phase
@@ -412,31 +415,33 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
           s.assigned[i] = -1;
           s.owner[j] = -1;
           ++freed;
+          freed_real += i < N;
         }
       }
       if (freed) atomicAdd(&h->unassigned, freed);
+      if (freed_real) atomicAdd(&h->unassigned_real, freed_real);
       team.sync();
     }
 
     bool out_of_rounds = false;
     const bool early = phase_is_early(eps, thr, integral, N, M, volatile_load(&h->unassigned));
     const int64_t round_limit = rounds + jacobi_budget(m);
-    while (!only_paths && volatile_load(&h->unassigned) > kSapSwitch && rounds < round_limit) {
+    while (!only_paths && volatile_load(&h->unassigned_real) > kSapSwitch && rounds < round_limit) {
       if (++rounds > kMaxRounds) {
         out_of_rounds = true;
         break;
       }
-      // (A) bids against the prices of the start of the round.
+      // (A) bids of the real rows against the prices of the start of the round.
       // Warp w owns bidders w, w + nwarps, ...; its lanes read 32 of their flags at once and the
       // ballot lists the unassigned ones (a warp-uniform mask: shuffles below see all 32 lanes).
-      for (int k0 = 0; k0 * nwarps < m; k0 += 32) {
+      for (int k0 = 0; k0 * nwarps < N; k0 += 32) {
         const int mine = warp + nwarps * (k0 + lane);
-        unsigned pending = __ballot_sync(kFull, mine < m && team.ld(&s.assigned[mine]) < 0);
+        unsigned pending = __ballot_sync(kFull, mine < N && team.ld(&s.assigned[mine]) < 0);
         while (pending) {
           const int i = warp + nwarps * (k0 + __ffs(pending) - 1);
           pending &= pending - 1;
           Top2 t = top2_empty();
-          scan_row(i < N ? c + static_cast<int64_t>(i) * M : nullptr, M, maximize, big,
+          scan_row(c + static_cast<int64_t>(i) * M, M, maximize, big,
                    [&](double cij, int j) { top2_push(t, value(cij, team.ld(&s.price[j])), j); });
 #pragma unroll
           for (int off = 16; off > 0; off >>= 1) t = top2_merge(t, shfl_xor_top2(t, off));
@@ -450,7 +455,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
       }
       team.sync();
       // (B) among equal best bids the lowest bidder wins.
-      for (int i = tid; i < m; i += nthr) {
+      for (int i = tid; i < N; i += nthr) {
         if (team.ld(&s.assigned[i]) >= 0) continue;
         const int j = team.ld(&s.bid_obj[i]);
         if (team.ld(&bid_key[i]) == team.ld(&s.best_key[j])) atomicMin(&s.best_bidder[j], i);
@@ -458,12 +463,13 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
       team.sync();
       // (C) objects move to their winners. Winners were unassigned and previous owners were
       // not bidding, so the assigned[] writes of different objects never collide.
-      int taken = 0;
+      int taken = 0, real_delta = 0;
       for (int j = tid; j < M; j += nthr) {
         const int w = team.ld(&s.best_bidder[j]);
         if (w == kNoIndex) continue;
         const int old = team.ld(&s.owner[j]);
         if (old >= 0) s.assigned[old] = -1; else ++taken;
+        real_delta += (old >= 0 && old < N) - 1;  // the winner is real; so may the loser be
         s.owner[j] = w;
         s.assigned[w] = j;
         s.price[j] = double_of(team.ld(&s.best_key[j]));
@@ -471,6 +477,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
         s.best_bidder[j] = kNoIndex;
       }
       if (taken) atomicSub(&h->unassigned, taken);
+      if (real_delta) atomicAdd(&h->unassigned_real, real_delta);
       team.sync();
     }
     // Paths place the rest (the real rows first: they have the lowest indices); in the
@@ -494,7 +501,7 @@ __device__ void solve_problem(const Team& team, const T* __restrict__ c, int N, 
           }
           next += __popc(mask);
         }
-        if (lane == 0) h->unassigned = 0;
+        if (lane == 0) h->unassigned = 0;  // the real rows were all placed by paths
       }
       team.sync();
     }
