@@ -1,0 +1,26 @@
+"""Data-noise couplings for flow matching: independent, minibatch OT and LOOM-CFM.
+
+All couplings return ``(x0, x1)`` with the source first: ``x0[i]`` is the noise paired with the data
+item ``x1[i]``. The heavy lifting lives elsewhere: ``loom_kernels.noise.gaussian_noise`` (noise as a
+pure function of an int64 seed), ``loom_kernels.cost.pairwise_cost`` and ``loom_kernels.assign.assign``.
+This package holds only the bookkeeping:
+
+- ``independent.py``, ``minibatch.py``, ``loom.py``: the couplings, one per file;
+- ``table.py``: LOOM's seed table (the seed stream, storage in memory or memory-mapped);
+- ``distributed.py``: the collectives every coupling uses under ``torch.distributed``;
+- ``_common.py``: argument checks, metric names, devices, pair statistics.
+
+Example::
+
+    coupling = LoomCoupling(len(dataset), (3, 32, 32), num_caches=4, device="cuda")
+    for idx, x1 in loader:                          # the dataset yields (index, image)
+        x0, x1 = coupling(x1.cuda(), idx)           # x0[i] is x1[i]'s noise
+        t = torch.rand(len(x1), device=x1.device)
+        ...                                          # flow-matching loss on (1-t) x0 + t x1
+"""
+from ._common import METRICS
+from .independent import IndependentCoupling
+from .loom import LoomCoupling
+from .minibatch import MinibatchOTCoupling
+
+__all__ = ["IndependentCoupling", "MinibatchOTCoupling", "LoomCoupling", "METRICS"]

@@ -1,0 +1,55 @@
+"""Helpers shared by every coupling: argument checks, metric names, devices, pair statistics."""
+from __future__ import annotations
+
+import torch
+
+METRICS = ("sqeuclidean", "euclidean")
+_COST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_metric(metric):
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return metric
+
+
+def _check_x1(x1, name="x1"):
+    if not isinstance(x1, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (b, *shape), got {type(x1).__name__}")
+    if not x1.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x1.dtype}")
+    if x1.dim() < 2:
+        raise ValueError(f"{name} must have shape (b, *shape) with at least one feature dim, got {tuple(x1.shape)}")
+
+
+def _cost_dtype(dtype):
+    # pairwise_cost takes float32/float16/bfloat16; float64 data is compared in float32.
+    return dtype if dtype in _COST_DTYPES else torch.float32
+
+
+def _pair_stats(cost, col):
+    """pre_cost (mean diagonal), post_cost (mean matched), swaps; 0-dim tensors, no host sync."""
+    n = cost.shape[0]
+    ar = torch.arange(n, device=cost.device)
+    pre = cost.diagonal()[:n].double().sum() / max(n, 1)
+    post = cost.gather(1, col[:, None]).double().sum() / max(n, 1)
+    return {"pre_cost": pre, "post_cost": post, "swaps": (col != ar).sum()}
+
+
+def _as_device(device) -> torch.device:
+    """``None`` -> cpu; a bare "cuda" gets the current device's index, so it compares equal to tensors'."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Move ``t`` to ``device``; host -> GPU goes through pinned memory so the copy never stalls the host
+    (a pageable source lets the driver synchronize with the stream)."""
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+

@@ -1,0 +1,471 @@
+"""LOOM-CFM: a persistent data-noise assignment improved by every minibatch.
+
+Davtyan, Dadi, Cevher, Favaro, "Faster Inference of Flow-Based Generative Models via Improved
+Data-Noise Coupling" (LOOM-CFM, "Looking Out Of Minibatch"), ICLR 2025: keep the minibatch
+assignments and compose them, tau_k = omega_k o tau_{k-1} (their Algorithm 1).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .._io import atomic_path, atomic_write
+from ..assign import assign
+from ..cost import pairwise_cost
+from ..noise import gaussian_noise
+from ._common import METRICS as _METRICS
+from ._common import _as_device, _check_metric, _check_x1, _cost_dtype, _to
+from .distributed import _all_gather, _comm_device, _default_group
+from .table import _INIT_CHUNK, _seed_values
+
+_SCOPES = ("global", "local")
+_FORMAT_VERSION = 1
+
+
+class LoomCoupling:
+    """LOOM-CFM: a persistent data-noise assignment, improved by every minibatch (exact, fast, DDP-aware).
+
+    The coupling owns a seed table ``seeds`` of shape ``(num_points, num_caches)`` (int64): data point
+    ``i`` owns the noises ``gaussian_noise(seeds[i, k])``, ``k < num_caches``. Each call
+
+    1. picks one cache slot per item uniformly with the coupling's own ``torch.Generator`` (seeded by
+       ``seed``; its state is checkpointed, so runs are reproducible and resumable),
+    2. regenerates those noises from their seeds (no noise is ever stored),
+    3. solves the exact assignment between the data items (rows) and the noises (columns) under
+       ``metric`` ("sqeuclidean", the default, or "euclidean", the reference code's choice),
+    4. writes the permuted seeds back, so item ``i`` now owns the noise it was matched with.
+
+    Invariants: the seeds in the table are a fixed set (distinct, only permuted) until ``resample()``;
+    the total cost ``sum_{i,k} c(x1_i, noise(seeds[i, k]))`` never increases (with ``num_caches=1``
+    the per-cache total; with several caches noises move between caches, so only the total over all
+    caches is monotone); on a small data set the table approaches the global optimal assignment.
+
+    Indices: each data point may appear at most once per (global) batch, else two items would write
+    the same table entry: duplicates raise ``ValueError``. Augmented views (flips, crops) get their
+    own index, e.g. ``i + len(dataset)`` with ``num_points = 2 * len(dataset)``. ``indices`` may be on
+    the table's device or on the CPU (validated there without a device sync). A refused batch (bad
+    indices, NaN data) leaves the table unchanged; the slot generator has advanced, as on every rank.
+    If the solver's float tolerance ever returned a matching costlier than the current pairs, the
+    current pairs are kept, so the monotone total is exact for the float32 costs.
+
+    Distributed: with a process group of size ``W > 1`` (``process_group`` or the default group),
+    every rank calls the coupling with its own batch of the same size ``b``. ``scope="global"`` couples
+    the global batch of ``W * b`` items: ranks all-gather the indices and their cost rows
+    (``b x W*b`` floats each), every rank regenerates the global noise from the (identical) tables,
+    solves the same assignment and keeps its slice. ``scope="local"`` solves each rank's minibatch and
+    all-gathers the ``(index, slot, seed)`` updates. Tables and generator states stay identical on all
+    ranks; images and noise are never sent. Call ``resample`` with the same arguments on every rank.
+
+    Memory-mapped tables: ``mmap_path`` keeps the table in a ``.npy`` file on disk (numpy memmap); each
+    call reads and writes only the batch's rows, so 10^8+ points fit. The file is (re)created by the
+    constructor; resume with ``LoomCoupling.load(checkpoint, mmap_path=...)``. Under DDP give each rank
+    its own file (e.g. ``f"table.rank{rank}.npy"`` or a node-local disk): every rank holds a full table.
+
+    ``stats`` after each call (0-dim tensors on the device, read with ``float()``): ``pre_cost`` and
+    ``post_cost`` (mean pair cost before/after, over the coupled batch), ``swaps`` (items whose noise
+    changed).
+
+    Shapes: ``x1 (b, *shape)`` floating, ``indices (b,)`` integer -> ``(x0, x1)``, ``x0`` like ``x1``.
+
+    Example::
+
+        coupling = LoomCoupling(1000, (2,), num_caches=2, seed=0)
+        x0, x1 = coupling(torch.randn(64, 2), torch.randperm(1000)[:64])
+        coupling.save("coupling.pt"); coupling = LoomCoupling.load("coupling.pt")
+    """
+
+    def __init__(
+        self,
+        num_points: int,
+        shape: Union[int, Sequence[int]],
+        *,
+        num_caches: int = 1,
+        seed: int = 0,
+        metric: str = "sqeuclidean",
+        device: Union[str, torch.device, None] = None,
+        process_group=None,
+        scope: str = "global",
+        mmap_path: Union[str, os.PathLike, None] = None,
+        _init_table: bool = True,
+    ):
+        if isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer)) or num_points < 1:
+            raise ValueError(f"num_points must be a positive int, got {num_points!r}")
+        if isinstance(num_caches, bool) or not isinstance(num_caches, (int, np.integer)) or num_caches < 1:
+            raise ValueError(f"num_caches must be a positive int, got {num_caches!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        if len(shape) == 0 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
+            raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape!r}")
+        if scope not in _SCOPES:
+            raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+        self.num_points = int(num_points)
+        self.num_caches = int(num_caches)
+        self.shape = tuple(int(s) for s in shape)
+        self.seed = int(seed)
+        self.metric = _check_metric(metric)
+        self.device = _as_device(device)
+        self.process_group = process_group
+        self.scope = scope
+        self.mmap_path = os.fspath(mmap_path) if mmap_path is not None else None
+        # The slot generator lives on the CPU: its state is a portable byte tensor, the same on every
+        # device and rank, which keeps checkpoints and DDP ranks in lockstep.
+        self._gen = torch.Generator(device="cpu")
+        self._gen.manual_seed(self.seed)
+        self._next_counter = self.num_points * self.num_caches  # first unused seed number
+        self._memmap = None
+        self.stats = {}
+        if self.mmap_path is not None:
+            self._create_memmap(fill=_init_table)
+        else:
+            self.seeds = torch.empty((self.num_points, self.num_caches), dtype=torch.int64, device=self.device)
+            if _init_table:
+                self._fill_initial()
+
+    # -- table storage --------------------------------------------------------------------------
+
+    @property
+    def table_device(self) -> torch.device:
+        """Where ``seeds`` lives: ``device``, or the CPU for a memory-mapped table."""
+        return self.seeds.device
+
+    def _fill_initial(self):
+        rows = self.num_points
+        for a in range(0, rows, _INIT_CHUNK):
+            b = min(rows, a + _INIT_CHUNK)
+            vals = _seed_values(self.seed, a * self.num_caches, (b - a) * self.num_caches)
+            self.seeds[a:b] = torch.from_numpy(vals.reshape(b - a, self.num_caches)).to(self.table_device)
+
+    def _create_memmap(self, fill: bool):
+        path = self.mmap_path
+        # Build the new table beside the target and rename it into place: a crash while filling a
+        # 10^8-row table never leaves a half-initialized file under the final name.
+        with atomic_path(path, suffix=".init.npy") as tmp:
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(self.num_points, self.num_caches))
+            if fill:
+                for a in range(0, self.num_points, _INIT_CHUNK):
+                    b = min(self.num_points, a + _INIT_CHUNK)
+                    mm[a:b] = _seed_values(self.seed, a * self.num_caches, (b - a) * self.num_caches).reshape(
+                        b - a, self.num_caches
+                    )
+            mm.flush()
+            del mm
+        self._memmap = np.load(path, mmap_mode="r+")
+        self.seeds = torch.from_numpy(self._memmap)
+
+    def flush(self):
+        """Flush a memory-mapped table to disk (no-op for an in-memory table)."""
+        if self._memmap is not None:
+            self._memmap.flush()
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _check_inputs(self, x1, indices):
+        _check_x1(x1)
+        if tuple(x1.shape[1:]) != self.shape:
+            raise ValueError(f"x1 must have shape (b, {', '.join(map(str, self.shape))}), got {tuple(x1.shape)}")
+        if x1.device != self.device:
+            raise ValueError(
+                f"x1 is on {x1.device} but the coupling computes on {self.device}; "
+                f"build it with LoomCoupling(..., device={str(x1.device)!r}) or move x1"
+            )
+        if indices is None:
+            raise ValueError("LoomCoupling needs the dataset indices of the batch: call coupling(x1, indices)")
+        if not isinstance(indices, torch.Tensor):
+            indices = torch.as_tensor(np.asarray(indices))
+        if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+            raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
+        if indices.dim() != 1 or indices.shape[0] != x1.shape[0]:
+            raise ValueError(
+                f"indices must have shape (b,) = ({x1.shape[0]},) to match x1 {tuple(x1.shape)}, "
+                f"got {tuple(indices.shape)}"
+            )
+        if indices.device.type != "cpu" and indices.device != self.table_device:
+            raise ValueError(
+                f"indices must be on the table's device {self.table_device} (or on the CPU), got {indices.device}"
+            )
+        return indices.to(torch.int64)
+
+    def _index_flags(self, idx):
+        """Device tensor [any out of range, any duplicate] (no host sync)."""
+        n = idx.shape[0]
+        out = ((idx < 0) | (idx >= self.num_points)).any()
+        if n > 1:
+            s = torch.sort(idx).values
+            dup = (s[1:] == s[:-1]).any()
+        else:
+            dup = torch.zeros((), dtype=torch.bool, device=idx.device)
+        return torch.stack([out, dup])
+
+    def _raise_index_error(self, idx, where="the batch"):
+        idx = idx.cpu()
+        bad = idx[(idx < 0) | (idx >= self.num_points)]
+        if len(bad):
+            raise ValueError(
+                f"indices must lie in [0, num_points) = [0, {self.num_points}), got {int(bad[0])} "
+                f"({len(bad)} out of range, min {int(idx.min())}, max {int(idx.max())}); for data augmentation "
+                f"give each augmented view its own index (e.g. i + len(dataset) for flipped images) and size "
+                f"num_points for all views"
+            )
+        vals, counts = torch.unique(idx, return_counts=True)
+        rep = vals[counts > 1]
+        if len(rep):
+            raise ValueError(
+                f"indices must be distinct within {where}: index {int(rep[0])} appears "
+                f"{int(counts[counts > 1][0])} times ({len(rep)} repeated); two items would overwrite the same "
+                f"noise slot. Sample without replacement (drop_last=True with DistributedSampler), or give "
+                f"augmented views their own index (i + len(dataset))"
+            )
+
+    # -- the coupling ---------------------------------------------------------------------------
+
+    def _draw_slots(self, n: int) -> torch.Tensor:
+        if self.num_caches == 1:
+            return torch.zeros(n, dtype=torch.int64)
+        return torch.randint(self.num_caches, (n,), generator=self._gen, dtype=torch.int64)
+
+    def __call__(self, x1: torch.Tensor, indices) -> tuple:
+        """Couple the batch ``x1 (b, *shape)`` with dataset indices ``indices (b,)``; returns ``(x0, x1)``."""
+        indices = self._check_inputs(x1, indices)
+        group, world, rank = _default_group(self.process_group)
+        b = x1.shape[0]
+        tdev = self.table_device
+
+        if world > 1:
+            cdev = _comm_device(group)
+            self._check_ranks_agree(b, group, world, cdev)
+            g_idx = _all_gather(indices, group, world, cdev)
+        else:
+            cdev = None
+            g_idx = indices
+        n = world * b
+        # One shared slot stream over the global batch: identical generator states on all ranks.
+        g_slots = _to(self._draw_slots(n), tdev)
+        if b == 0:
+            self.stats = {}
+            return x1.new_empty(x1.shape), x1
+
+        # Validation: host indices are checked at once; device ones after the assignment's own sync,
+        # when the queue is empty (no extra stall). Clamped indices keep the gathers in bounds meanwhile.
+        flags = self._index_flags(g_idx)
+        where = "the batch" if world == 1 else f"the global batch of all {world} ranks"
+        if g_idx.device.type == "cpu" and bool(flags.any()):
+            self._raise_index_error(g_idx, where)
+        safe_idx = g_idx if g_idx.device.type == "cpu" else g_idx.clamp(0, self.num_points - 1)
+        safe_idx = _to(safe_idx, tdev)
+
+        dt = _cost_dtype(x1.dtype)
+        x1f = x1.flatten(1).to(dt)
+        lo, hi = rank * b, (rank + 1) * b
+        if self.scope == "local" and world > 1:
+            seeds = _to(self.seeds[safe_idx[lo:hi], g_slots[lo:hi]], self.device)
+            noise = gaussian_noise(seeds, self.shape, device=self.device, dtype=dt)
+            cost = pairwise_cost(x1f, noise.flatten(1), metric=self.metric)
+            col = assign(cost)
+            self._check_flags_after_sync(flags, g_idx, where)
+            col, stats = self._guard(cost, col)
+            new = seeds[col]
+            g_new = _all_gather(new, group, world, cdev).to(tdev)
+            self.seeds[safe_idx, g_slots] = g_new
+            self.stats = stats
+            return noise[col].to(x1.dtype), x1
+
+        g_seeds = _to(self.seeds[safe_idx, g_slots], self.device)
+        noise = gaussian_noise(g_seeds, self.shape, device=self.device, dtype=dt)
+        rows = pairwise_cost(x1f, noise.flatten(1), metric=self.metric)  # (b, W*b) float32
+        cost = _all_gather(rows, group, world, cdev).to(self.device) if world > 1 else rows
+        col = assign(cost)  # the single host sync on CUDA
+        self._check_flags_after_sync(flags, g_idx, where)
+        col, stats = self._guard(cost, col)
+        self.seeds[safe_idx, g_slots] = g_seeds[col].to(tdev)
+        self.stats = stats
+        return noise[col[lo:hi]].to(x1.dtype), x1
+
+    def _fingerprint(self) -> torch.Tensor:
+        """What must agree on every rank: config, slot-generator state, a checksum of the table's head."""
+        state = self._gen.get_state().to(torch.int64)
+        gen_hash = int((state * torch.arange(1, len(state) + 1)).sum())
+        head = (self.seeds[: min(self.num_points, 4096)] % 1000003).sum().to(torch.int64).reshape(1).cpu()
+        cfg = torch.tensor([self.seed, self.num_points, self.num_caches, _SCOPES.index(self.scope),
+                            _METRICS.index(self.metric), gen_hash], dtype=torch.int64)
+        return torch.cat([cfg, head])
+
+    def _check_ranks_agree(self, b, group, world, cdev):
+        # One small all-gather per call (a host sync under NCCL): equal batch sizes are needed by the
+        # next collectives, and a rank built with another seed (or resumed from another checkpoint)
+        # would otherwise couple garbage silently. Every rank sees the same rows, so all raise together.
+        mine = torch.cat([torch.tensor([b], dtype=torch.int64), self._fingerprint()])
+        rows = _all_gather(mine[None], group, world, cdev).cpu()
+        if (rows[:, 0] != b).any():
+            raise ValueError(
+                f"every rank must pass a batch of the same size to LoomCoupling, got sizes {rows[:, 0].tolist()} "
+                f"(use drop_last=True in the DataLoader/DistributedSampler)"
+            )
+        if (rows != rows[0]).any():
+            names = ["seed", "num_points", "num_caches", "scope", "metric", "slot generator", "seed table"]
+            bad = [nm for j, nm in enumerate(names) if (rows[:, j + 1] != rows[0, j + 1]).any()]
+            raise ValueError(
+                f"LoomCoupling differs across ranks ({', '.join(bad)}): build it with the same arguments on "
+                f"every rank and resume every rank from the same checkpoint"
+            )
+
+    def _check_flags_after_sync(self, flags, g_idx, where):
+        if flags.device.type != "cpu" and bool(flags.any()):  # the queue is empty after assign: cheap
+            self._raise_index_error(g_idx, where)
+
+    @staticmethod
+    def _guard(cost, col):
+        # An assignment within the solver's float tolerance could, in a near-tie, cost a hair more than
+        # keeping the current pairs; keeping them then makes "the total cost never increases" exact.
+        n = cost.shape[0]
+        ar = torch.arange(n, device=cost.device)
+        pre = cost.diagonal().sum(dtype=torch.float64)
+        post = cost.gather(1, col[:, None]).sum(dtype=torch.float64)
+        keep = post <= pre
+        col = torch.where(keep, col, ar)
+        stats = {"pre_cost": pre / n, "post_cost": torch.where(keep, post, pre) / n, "swaps": (col != ar).sum()}
+        return col, stats
+
+    # -- resampling -----------------------------------------------------------------------------
+
+    def resample(self, indices=None):
+        """Draw fresh seeds for the rows ``indices`` (all rows when ``None``), every cache slot.
+
+        New seeds come from the same deterministic stream as the initial ones (keyed by ``seed``), so
+        they are distinct from every seed the coupling has ever held, and every DDP rank that makes
+        the same call gets the same table. Rows not named keep their seeds.
+
+        Example::
+
+            coupling.resample(torch.tensor([3, 7]))   # rows 3 and 7 get new noise
+        """
+        if indices is None:
+            rows = None
+            count = self.num_points
+        else:
+            idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
+            if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+                raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
+            idx = idx.reshape(-1).to(torch.int64).cpu()
+            if len(idx) and bool(self._index_flags(idx).any()):
+                self._raise_index_error(idx, where="a resample call")
+            rows = idx
+            count = len(idx)
+        start = self._next_counter
+        self._next_counter += count * self.num_caches
+        k = self.num_caches
+        if rows is None:
+            for a in range(0, count, _INIT_CHUNK):
+                b = min(count, a + _INIT_CHUNK)
+                vals = _seed_values(self.seed, start + a * k, (b - a) * k).reshape(b - a, k)
+                self.seeds[a:b] = torch.from_numpy(vals).to(self.table_device)
+        elif count:
+            vals = _seed_values(self.seed, start, count * k).reshape(count, k)
+            self.seeds[rows.to(self.table_device)] = torch.from_numpy(vals).to(self.table_device)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    def _config(self):
+        return {
+            "num_points": self.num_points,
+            "shape": list(self.shape),
+            "num_caches": self.num_caches,
+            "seed": self.seed,
+            "metric": self.metric,
+        }
+
+    def state_dict(self) -> dict:
+        """Seeds, slot-generator state, seed counter and config (tensors, ints, strings only).
+
+        ``seeds`` is the live table (not a copy), as in ``nn.Module.state_dict``.
+        """
+        return {
+            "version": _FORMAT_VERSION,
+            "config": self._config(),
+            "seeds": self.seeds,
+            "generator": self._gen.get_state(),
+            "next_counter": int(self._next_counter),
+            "scope": self.scope,
+            "mmap_path": self.mmap_path,
+        }
+
+    def load_state_dict(self, state: dict):
+        """Restore a ``state_dict()``; refuses one made for another configuration (names what differs)."""
+        missing = [k for k in ("config", "seeds", "generator", "next_counter") if k not in state]
+        if missing:
+            raise ValueError(f"not a LoomCoupling state_dict: missing keys {missing}")
+        theirs, ours = dict(state["config"]), self._config()
+        theirs["shape"] = list(theirs.get("shape", []))
+        diff = {k: (theirs.get(k), ours[k]) for k in ours if theirs.get(k) != ours[k]}
+        if diff:
+            detail = ", ".join(f"{k}: saved {a!r} vs this coupling {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"LoomCoupling state_dict does not match this coupling's configuration ({detail})")
+        seeds = state["seeds"]
+        expected = (self.num_points, self.num_caches)
+        if not isinstance(seeds, torch.Tensor) or tuple(seeds.shape) != expected or seeds.dtype != torch.int64:
+            got = (tuple(seeds.shape), seeds.dtype) if isinstance(seeds, torch.Tensor) else type(seeds).__name__
+            raise ValueError(f"state_dict['seeds'] must be an int64 tensor of shape {expected}, got {got}")
+        for a in range(0, self.num_points, _INIT_CHUNK):
+            b = min(self.num_points, a + _INIT_CHUNK)
+            self.seeds[a:b].copy_(seeds[a:b])
+        self._gen.set_state(state["generator"].cpu())
+        self._next_counter = int(state["next_counter"])
+        self.flush()
+
+    def save(self, path: Union[str, os.PathLike]):
+        """Write ``state_dict()`` to ``path`` atomically (temp file, fsync, rename, fsync of the directory).
+
+        A crash mid-save leaves the previous file intact. Example: ``coupling.save("ckpt/coupling.pt")``.
+        """
+        self.flush()
+        state = self.state_dict()
+        atomic_write(path, lambda f: torch.save(state, f))
+
+    @classmethod
+    def load(
+        cls,
+        path: Union[str, os.PathLike],
+        device: Union[str, torch.device, None] = None,
+        *,
+        process_group=None,
+        scope: Optional[str] = None,
+        mmap_path: Union[str, os.PathLike, None] = "auto",
+    ) -> "LoomCoupling":
+        """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
+
+        ``mmap_path="auto"`` memory-maps the table again at the path it was saved from (None: in memory);
+        the checkpoint file itself is never modified. Example::
+
+            coupling = LoomCoupling.load("ckpt/coupling.pt", device="cuda")
+        """
+        try:
+            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        cfg = state["config"]
+        if mmap_path == "auto":
+            mmap_path = state.get("mmap_path")
+        coupling = cls(
+            cfg["num_points"],
+            tuple(cfg["shape"]),
+            num_caches=cfg["num_caches"],
+            seed=cfg["seed"],
+            metric=cfg["metric"],
+            device=device,
+            process_group=process_group,
+            scope=scope if scope is not None else state.get("scope", "global"),
+            mmap_path=mmap_path,
+            _init_table=False,
+        )
+        coupling.load_state_dict(state)
+        return coupling
+
+    def __repr__(self):
+        where = f"mmap_path={self.mmap_path!r}" if self.mmap_path else f"device={str(self.device)!r}"
+        return (
+            f"LoomCoupling(num_points={self.num_points}, shape={self.shape}, num_caches={self.num_caches}, "
+            f"seed={self.seed}, metric={self.metric!r}, scope={self.scope!r}, {where})"
+        )
