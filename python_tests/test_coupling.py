@@ -476,7 +476,8 @@ def test_mmap_table_matches_memory_and_survives_save_load(tmp_path):
     for idx in batches[6:]:
         m(data[idx], idx)
         r(data[idx], idx)
-    # resume: the live file is restored from the checkpoint, the checkpoint itself untouched
+    # resume (the live coupling released first): the file is restored from the checkpoint, which is untouched
+    m.close()
     m2 = LoomCoupling.load(tmp_path / "ckpt.pt")
     assert m2.mmap_path == os.fspath(table) and torch.equal(m2.seeds, snapshot)
     np.testing.assert_array_equal(np.load(table), snapshot.numpy())

@@ -6,23 +6,34 @@ assignments and compose them, tau_k = omega_k o tau_{k-1} (their Algorithm 1).
 """
 from __future__ import annotations
 
+import functools
 import os
+import threading
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .._io import atomic_path, atomic_write
+from ..checkpoint import atomic_save, load_verified
 from ..assign import assign
 from ..cost import pairwise_cost
 from ..noise import gaussian_noise
 from ._common import METRICS as _METRICS
 from ._common import _as_device, _check_metric, _check_x1, _cost_dtype, _to
 from .distributed import _all_gather, _comm_device, _default_group
-from .table import _INIT_CHUNK, _seed_values
+from .table import SeedTable, _seed_values, check_seed_table
 
 _SCOPES = ("global", "local")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: save() stores a checksum (load() verifies it)
+
+
+def _serialized(method):
+    """Run ``method`` under the coupling's lock: threads sharing one coupling take turns on the table."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 class LoomCoupling:
@@ -60,9 +71,16 @@ class LoomCoupling:
     ranks; images and noise are never sent. Call ``resample`` with the same arguments on every rank.
 
     Memory-mapped tables: ``mmap_path`` keeps the table in a ``.npy`` file on disk (numpy memmap); each
-    call reads and writes only the batch's rows, so 10^8+ points fit. The file is (re)created by the
-    constructor; resume with ``LoomCoupling.load(checkpoint, mmap_path=...)``. Under DDP give each rank
-    its own file (e.g. ``f"table.rank{rank}.npy"`` or a node-local disk): every rank holds a full table.
+    call reads and writes only the batch's rows, so 10^8+ points fit. The constructor creates the file
+    (preallocated: a full disk is an error now, not a SIGBUS later) and refuses an existing one unless
+    ``overwrite=True``; resume with ``LoomCoupling.load(checkpoint, mmap_path=...)``. The file is locked
+    while the coupling lives (``close()`` releases it) and every call is journaled, so a crash at any
+    instant leaves the table of the last completed call or the one before (see ``table.SeedTable`` and
+    docs/guarantees.md). Under DDP give each rank its own file (e.g. ``f"table.rank{rank}.npy"`` or a
+    node-local disk): every rank holds a full table.
+
+    Threads: calls, ``resample``, ``save`` and ``load_state_dict`` take a lock, so threads sharing one
+    coupling take turns.
 
     ``stats`` after each call (0-dim tensors on the device, read with ``float()``): ``pre_cost`` and
     ``post_cost`` (mean pair cost before/after, over the coupled batch), ``swaps`` (items whose noise
@@ -89,6 +107,7 @@ class LoomCoupling:
         process_group=None,
         scope: str = "global",
         mmap_path: Union[str, os.PathLike, None] = None,
+        overwrite: bool = False,
         _init_table: bool = True,
     ):
         if isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer)) or num_points < 1:
@@ -116,50 +135,43 @@ class LoomCoupling:
         self._gen = torch.Generator(device="cpu")
         self._gen.manual_seed(self.seed)
         self._next_counter = self.num_points * self.num_caches  # first unused seed number
-        self._memmap = None
+        self._lock = threading.Lock()
         self.stats = {}
-        if self.mmap_path is not None:
-            self._create_memmap(fill=_init_table)
-        else:
-            self.seeds = torch.empty((self.num_points, self.num_caches), dtype=torch.int64, device=self.device)
-            if _init_table:
-                self._fill_initial()
+        # load() attaches the checkpoint's table itself (a file is built from its rows, then renamed in).
+        self._table: Optional[SeedTable] = self._create_table(overwrite) if _init_table else None
 
     # -- table storage --------------------------------------------------------------------------
 
     @property
+    def seeds(self) -> torch.Tensor:
+        """The live ``(num_points, num_caches)`` int64 table (write through calls and ``resample`` only)."""
+        return self._table.seeds
+
+    @property
     def table_device(self) -> torch.device:
         """Where ``seeds`` lives: ``device``, or the CPU for a memory-mapped table."""
-        return self.seeds.device
+        return self._table.device
 
-    def _fill_initial(self):
-        rows = self.num_points
-        for a in range(0, rows, _INIT_CHUNK):
-            b = min(rows, a + _INIT_CHUNK)
-            vals = _seed_values(self.seed, a * self.num_caches, (b - a) * self.num_caches)
-            self.seeds[a:b] = torch.from_numpy(vals.reshape(b - a, self.num_caches)).to(self.table_device)
+    def _initial_rows(self, a: int, b: int) -> np.ndarray:
+        k = self.num_caches
+        return _seed_values(self.seed, a * k, (b - a) * k).reshape(b - a, k)
 
-    def _create_memmap(self, fill: bool):
-        path = self.mmap_path
-        # Build the new table beside the target and rename it into place: a crash while filling a
-        # 10^8-row table never leaves a half-initialized file under the final name.
-        with atomic_path(path, suffix=".init.npy") as tmp:
-            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(self.num_points, self.num_caches))
-            if fill:
-                for a in range(0, self.num_points, _INIT_CHUNK):
-                    b = min(self.num_points, a + _INIT_CHUNK)
-                    mm[a:b] = _seed_values(self.seed, a * self.num_caches, (b - a) * self.num_caches).reshape(
-                        b - a, self.num_caches
-                    )
-            mm.flush()
-            del mm
-        self._memmap = np.load(path, mmap_mode="r+")
-        self.seeds = torch.from_numpy(self._memmap)
+    def _create_table(self, overwrite: bool, rows=None) -> SeedTable:
+        rows = rows or self._initial_rows
+        shape = (self.num_points, self.num_caches)
+        if self.mmap_path is None:
+            return SeedTable.in_memory(shape, self.device, rows)
+        return SeedTable.create(self.mmap_path, shape, rows, overwrite=overwrite)
 
     def flush(self):
-        """Flush a memory-mapped table to disk (no-op for an in-memory table)."""
-        if self._memmap is not None:
-            self._memmap.flush()
+        """Persist a memory-mapped table to disk and fold its journal in (no-op for an in-memory table)."""
+        if self._table is not None:
+            self._table.flush()
+
+    def close(self):
+        """Flush a memory-mapped table and release its file lock (another coupling may then open it)."""
+        if self._table is not None:
+            self._table.close()
 
     # -- validation -----------------------------------------------------------------------------
 
@@ -227,6 +239,7 @@ class LoomCoupling:
             return torch.zeros(n, dtype=torch.int64)
         return torch.randint(self.num_caches, (n,), generator=self._gen, dtype=torch.int64)
 
+    @_serialized
     def __call__(self, x1: torch.Tensor, indices) -> tuple:
         """Couple the batch ``x1 (b, *shape)`` with dataset indices ``indices (b,)``; returns ``(x0, x1)``."""
         indices = self._check_inputs(x1, indices)
@@ -269,7 +282,7 @@ class LoomCoupling:
             col, stats = self._guard(cost, col)
             new = seeds[col]
             g_new = _all_gather(new, group, world, cdev).to(tdev)
-            self.seeds[safe_idx, g_slots] = g_new
+            self._table.write(safe_idx, g_slots, g_new)
             self.stats = stats
             return noise[col].to(x1.dtype), x1
 
@@ -280,7 +293,7 @@ class LoomCoupling:
         col = assign(cost)  # the single host sync on CUDA
         self._check_flags_after_sync(flags, g_idx, where)
         col, stats = self._guard(cost, col)
-        self.seeds[safe_idx, g_slots] = g_seeds[col].to(tdev)
+        self._table.write(safe_idx, g_slots, g_seeds[col].to(tdev))
         self.stats = stats
         return noise[col[lo:hi]].to(x1.dtype), x1
 
@@ -331,6 +344,7 @@ class LoomCoupling:
 
     # -- resampling -----------------------------------------------------------------------------
 
+    @_serialized
     def resample(self, indices=None):
         """Draw fresh seeds for the rows ``indices`` (all rows when ``None``), every cache slot.
 
@@ -342,29 +356,23 @@ class LoomCoupling:
 
             coupling.resample(torch.tensor([3, 7]))   # rows 3 and 7 get new noise
         """
+        k, start = self.num_caches, self._next_counter
         if indices is None:
-            rows = None
-            count = self.num_points
-        else:
-            idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
-            if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
-                raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
-            idx = idx.reshape(-1).to(torch.int64).cpu()
-            if len(idx) and bool(self._index_flags(idx).any()):
-                self._raise_index_error(idx, where="a resample call")
-            rows = idx
-            count = len(idx)
-        start = self._next_counter
-        self._next_counter += count * self.num_caches
-        k = self.num_caches
-        if rows is None:
-            for a in range(0, count, _INIT_CHUNK):
-                b = min(count, a + _INIT_CHUNK)
-                vals = _seed_values(self.seed, start + a * k, (b - a) * k).reshape(b - a, k)
-                self.seeds[a:b] = torch.from_numpy(vals).to(self.table_device)
-        elif count:
-            vals = _seed_values(self.seed, start, count * k).reshape(count, k)
-            self.seeds[rows.to(self.table_device)] = torch.from_numpy(vals).to(self.table_device)
+            self._table.replace(lambda a, b: _seed_values(self.seed, start + a * k, (b - a) * k).reshape(b - a, k))
+            self._next_counter += self.num_points * k
+            return
+        idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
+        if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+            raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
+        idx = idx.reshape(-1).to(torch.int64).cpu()
+        if len(idx) and bool(self._index_flags(idx).any()):
+            self._raise_index_error(idx, where="a resample call")
+        if len(idx):
+            vals = torch.from_numpy(_seed_values(self.seed, start, len(idx) * k))
+            rows = idx.repeat_interleave(k).to(self.table_device)
+            slots = torch.arange(k).repeat(len(idx)).to(self.table_device)
+            self._table.write(rows, slots, vals.to(self.table_device))
+        self._next_counter += len(idx) * k
 
     # -- persistence ----------------------------------------------------------------------------
 
@@ -392,8 +400,14 @@ class LoomCoupling:
             "mmap_path": self.mmap_path,
         }
 
+    @_serialized
     def load_state_dict(self, state: dict):
-        """Restore a ``state_dict()``; refuses one made for another configuration (names what differs)."""
+        """Restore a ``state_dict()``; refuses one made for another configuration (names what differs)
+        and a corrupt one (zeroed, negative or duplicated seeds, seeds the stream has not handed out,
+        a counter that would hand seeds out again). A memory-mapped table gets a new file, filled
+        before it is renamed over the old one."""
+        if not isinstance(state, dict):
+            raise ValueError(f"not a LoomCoupling state_dict: expected a dict, got {type(state).__name__}")
         missing = [k for k in ("config", "seeds", "generator", "next_counter") if k not in state]
         if missing:
             raise ValueError(f"not a LoomCoupling state_dict: missing keys {missing}")
@@ -408,21 +422,28 @@ class LoomCoupling:
         if not isinstance(seeds, torch.Tensor) or tuple(seeds.shape) != expected or seeds.dtype != torch.int64:
             got = (tuple(seeds.shape), seeds.dtype) if isinstance(seeds, torch.Tensor) else type(seeds).__name__
             raise ValueError(f"state_dict['seeds'] must be an int64 tensor of shape {expected}, got {got}")
-        for a in range(0, self.num_points, _INIT_CHUNK):
-            b = min(self.num_points, a + _INIT_CHUNK)
-            self.seeds[a:b].copy_(seeds[a:b])
-        self._gen.set_state(state["generator"].cpu())
+        gen = state["generator"]
+        if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
+            raise ValueError(f"state_dict['generator'] must be a uint8 tensor (torch.Generator.get_state()), got {gen!r:.80}")
+        check_seed_table(seeds, self.seed, state["next_counter"])
+        self._gen.set_state(gen.cpu())
         self._next_counter = int(state["next_counter"])
+        rows = lambda a, b: seeds[a:b]  # noqa: E731
+        if self._table is None:  # from load(): nothing to keep
+            self._table = self._create_table(overwrite=True, rows=rows)
+        else:
+            self._table.replace(rows)
         self.flush()
 
+    @_serialized
     def save(self, path: Union[str, os.PathLike]):
-        """Write ``state_dict()`` to ``path`` atomically (temp file, fsync, rename, fsync of the directory).
+        """Write ``state_dict()`` and its checksum to ``path`` atomically (temp file, fsync, rename, fsync
+        of the directory). A crash mid-save leaves the previous file intact; ``load`` verifies the checksum.
 
-        A crash mid-save leaves the previous file intact. Example: ``coupling.save("ckpt/coupling.pt")``.
+        Example: ``coupling.save("ckpt/coupling.pt")``.
         """
         self.flush()
-        state = self.state_dict()
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_save(self.state_dict(), path)
 
     @classmethod
     def load(
@@ -436,15 +457,16 @@ class LoomCoupling:
     ) -> "LoomCoupling":
         """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
 
-        ``mmap_path="auto"`` memory-maps the table again at the path it was saved from (None: in memory);
-        the checkpoint file itself is never modified. Example::
+        ``mmap_path="auto"`` memory-maps the table again at the path it was saved from (None: in memory):
+        that file is replaced by the checkpoint's table (a new file, renamed in once filled), unless a
+        live coupling holds it (``TableInUseError``). The checkpoint file itself is never modified;
+        its checksum and contents are verified first. Example::
 
             coupling = LoomCoupling.load("ckpt/coupling.pt", device="cuda")
         """
-        try:
-            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        state = load_verified(path, "LoomCoupling file", mmap=True)
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise ValueError(f"{os.fspath(path)!r} is not a LoomCoupling file (no 'config' entry)")
         cfg = state["config"]
         if mmap_path == "auto":
             mmap_path = state.get("mmap_path")

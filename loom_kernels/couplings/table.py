@@ -1,7 +1,22 @@
-"""The seed stream of the LOOM seed table: distinct non-negative int64 seeds, a pure function of (seed, number)."""
+"""LOOM's seed table: the seed stream and the table's storage (in memory, or a crash-consistent memory-mapped file).
+
+The stream: distinct non-negative int64 seeds, a pure function of (seed, number), invertible (so a table can
+be checked against the counter). The storage: :class:`SeedTable`.
+"""
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+import shutil
+import struct
+import zlib
+from typing import Callable, Optional
+
 import numpy as np
+import torch
+
+from .._io import atomic_path, fsync_dir
 
 # Seeds live in [0, 2**63): non-negative int64 on every backend.
 _MASK63 = np.uint64((1 << 63) - 1)
@@ -28,3 +43,358 @@ def _seed_values(seed: int, start: int, count: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         return _mix63((counter + key) & _MASK63).astype(np.int64)
 
+
+
+_MOD63 = 1 << 63
+_MULS = (0x7FB5D329728EA185, 0x41C64E6DA3BC0075)
+
+
+def _unxorshift(x: np.ndarray, s: int) -> np.ndarray:
+    y = x.copy()
+    for _ in range(63 // s + 1):  # x = y ^ (x >> s) converges in ceil(63 / s) rounds
+        y = x ^ (y >> np.uint64(s))
+    return y
+
+
+def _unmix63(x: np.ndarray) -> np.ndarray:
+    """The inverse of ``_mix63`` on [0, 2**63)."""
+    x = x.astype(np.uint64) & _MASK63
+    inv0, inv1 = (np.uint64(pow(m, -1, _MOD63)) for m in _MULS)
+    with np.errstate(over="ignore"):
+        x = _unxorshift(x, 33)
+        x = (x * inv1) & _MASK63
+        x = _unxorshift(x, 27)
+        x = (x * inv0) & _MASK63
+        x = _unxorshift(x, 31)
+    return x
+
+
+def _seed_numbers(seed: int, values: np.ndarray) -> np.ndarray:
+    """The stream positions of ``values`` (the inverse of ``_seed_values``), uint64; values must be >= 0."""
+    key = _mix63(np.array([(seed + 0x9E3779B97F4A7C15) & ((1 << 63) - 1)], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        return (_unmix63(values.astype(np.uint64)) - key) & _MASK63
+
+
+def check_seed_table(seeds, seed: int, next_counter: int, where: str = "state_dict") -> None:
+    """Refuse a table the stream keyed by ``seed`` cannot have produced before ``next_counter``.
+
+    Every legitimate table holds distinct seeds numbered ``[0, next_counter)`` in the stream (they are
+    only permuted, and ``resample`` draws numbers from ``next_counter`` on), so a zeroed, negative,
+    duplicated or foreign table, or a counter that would hand out a seed again, is a corrupt state.
+    ``seeds``: ``(P, K)`` int64 tensor or array (any device; checked in chunks).
+    """
+    if isinstance(next_counter, bool) or not isinstance(next_counter, (int, np.integer)):
+        raise ValueError(f"{where}['next_counter'] must be an int, got {next_counter!r}")
+    total = int(np.prod(seeds.shape))
+    if next_counter < max(total, 1):
+        raise ValueError(
+            f"{where}['next_counter'] must be at least the table size {total} (the seeds handed out so far), "
+            f"got {next_counter}: resample() would hand out seeds again"
+        )
+    numbers = np.empty(total, dtype=np.uint64)
+    flat = seeds.reshape(-1)
+    for a in range(0, total, _INIT_CHUNK):
+        b = min(total, a + _INIT_CHUNK)
+        chunk = flat[a:b]
+        chunk = chunk.cpu().numpy() if hasattr(chunk, "cpu") else np.asarray(chunk)
+        if (chunk < 0).any():
+            raise ValueError(f"{where}['seeds'] holds negative seeds (e.g. {int(chunk[chunk < 0][0])}): seeds lie in [0, 2**63)")
+        if a == 0 and total > 1 and not chunk.any():
+            raise ValueError(f"{where}['seeds'] is all zeros (a zeroed or never-written table)")
+        numbers[a:b] = _seed_numbers(seed, chunk)
+    bad = numbers >= np.uint64(next_counter)
+    if bad.any():
+        raise ValueError(
+            f"{where}['seeds'] holds {int(bad.sum())} seeds that the stream of seed={seed} did not hand out "
+            f"before next_counter={next_counter} (a foreign, corrupted or hand-edited table)"
+        )
+    numbers.sort()
+    dup = numbers[1:] == numbers[:-1]
+    if dup.any():
+        raise ValueError(
+            f"{where}['seeds'] holds {int(dup.sum())} duplicated seeds: a torn or corrupted table "
+            f"(noise would be lost and doubled)"
+        )
+
+
+# ---- storage -----------------------------------------------------------------------------------------
+
+# A journal record: magic, entry count, crc32 of the payload, then the payload: int64 flat indices
+# (row * K + slot) and their int64 new seeds. Appended and fdatasync'ed before the table is touched.
+_REC = struct.Struct("<4sQI")
+_MAGIC = b"LJR1"
+_JOURNAL_LIMIT = 64 << 20  # journal bytes before they are folded into the table (msync, truncate)
+
+RowsFn = Callable[[int, int], np.ndarray]  # (a, b) -> rows a..b-1 of the table, int64 (b - a, K)
+
+
+class TableInUseError(RuntimeError):
+    """The table file is held (``flock``) by another process or another open ``SeedTable``."""
+
+
+def journal_path(path: str) -> str:
+    return path + ".journal"
+
+
+def _lock(path: str) -> Optional[int]:
+    """An fd holding an exclusive ``flock`` on the existing file ``path``; None when there is no file."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TableInUseError(
+                f"seed table {path!r} is in use by another LoomCoupling (another process, or another coupling in "
+                f"this process: close() it first); two writers would corrupt it. Load with mmap_path=None or "
+                f"another path to inspect a checkpoint while training runs"
+            ) from None
+        try:  # a rename may have replaced the file between open and flock: lock the new one
+            st, cur = os.fstat(fd), os.stat(path)
+            if (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _check_space(directory: str, nbytes: int, path: str) -> None:
+    free = shutil.disk_usage(directory).free
+    if nbytes > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough disk space for the seed table {path!r}: it needs {nbytes:,} bytes, {directory!r} has "
+            f"{free:,} free (a sparse file would die with SIGBUS when the disk fills): free space or choose "
+            f"another mmap_path",
+        )
+
+
+def _preallocate(fd: int, nbytes: int, path: str) -> None:
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise OSError(
+                exc.errno, f"cannot allocate {nbytes:,} bytes for the seed table {path!r}: {os.strerror(exc.errno)}"
+            ) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
+def _recover(path: str) -> int:
+    """Redo the journaled calls of a crashed writer into ``path``; returns how many were applied.
+
+    A record is applied only when complete and its crc matches: a torn last record belongs to a call
+    that never touched the table (records are synced first), so the table is left as before that call.
+    """
+    jpath = journal_path(path)
+    try:
+        with open(jpath, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    applied = 0
+    if data:
+        mm = np.load(path, mmap_mode="r+")
+        flat = mm.reshape(-1)
+        pos = 0
+        while pos + _REC.size <= len(data):
+            magic, count, crc = _REC.unpack_from(data, pos)
+            end = pos + _REC.size + 16 * count
+            if magic != _MAGIC or end > len(data):
+                break
+            payload = memoryview(data)[pos + _REC.size:end]
+            if zlib.crc32(payload) != crc:
+                break
+            idx = np.frombuffer(payload, np.int64, count)
+            if count and (idx.min() < 0 or idx.max() >= flat.size):
+                break
+            flat[idx] = np.frombuffer(payload, np.int64, count, offset=8 * count)
+            pos, applied = end, applied + 1
+        mm.flush()
+        del flat, mm
+    os.unlink(jpath)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    return applied
+
+
+class SeedTable:
+    """The ``(P, K)`` int64 seed table's storage: a tensor in memory, or a memory-mapped ``.npy`` file.
+
+    A file table is
+
+    - exclusive: an ``flock`` on the file, held while the table is open; a second process or a second
+      table on the same file raises :class:`TableInUseError`;
+    - crash-consistent: every :meth:`write` appends its ``(index, new seed)`` pairs to ``PATH.journal``
+      and fdatasyncs them before the rows change; opening the file again redoes the journal, so a
+      ``kill -9`` (or a power loss) at any instant leaves the table of the last completed write or the
+      one before, never a mix. :meth:`flush` folds the journal into the file (msync, then unlink);
+    - replaced whole (:meth:`replace`) by building a new file beside it (preallocated, filled, synced)
+      and renaming it into place: the previous table survives a crash at any instant.
+
+    Shapes: ``seeds (P, K)`` int64 (``self.seeds``, a tensor on ``device``; on the CPU for a file).
+
+    Example::
+
+        t = SeedTable.create("table.npy", (1000, 2), rows)   # rows(a, b) -> int64 (b - a, 2)
+        t.write(torch.tensor([3]), torch.tensor([1]), torch.tensor([42]))
+        t.close(); t = SeedTable.open("table.npy")
+    """
+
+    def __init__(self, seeds: torch.Tensor, *, path: Optional[str] = None, memmap=None, lock_fd: Optional[int] = None):
+        self.seeds = seeds
+        self.path = path
+        self._memmap = memmap
+        self._lock_fd = lock_fd
+        self._jfd: Optional[int] = None
+        self._jbytes = 0
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def in_memory(cls, shape: tuple, device, rows: Optional[RowsFn] = None) -> "SeedTable":
+        t = cls(torch.empty(shape, dtype=torch.int64, device=device))
+        if rows is not None:
+            t._fill(t.seeds, rows)
+        return t
+
+    @classmethod
+    def create(cls, path, shape: tuple, rows: RowsFn, *, overwrite: bool = False) -> "SeedTable":
+        """A new table file at ``path`` holding ``rows``; an existing file is replaced only with ``overwrite``."""
+        path = os.fspath(path)
+        old = _lock(path)
+        try:
+            if old is not None:
+                if not overwrite:
+                    raise FileExistsError(
+                        f"seed table {path!r} already exists; LoomCoupling never resets a table silently: resume it "
+                        f"with LoomCoupling.load(checkpoint, mmap_path={path!r}), pass overwrite=True to start a "
+                        f"fresh table, or choose another mmap_path"
+                    )
+                _recover(path)  # the old table stays whole until the new one is renamed over it
+            fd, mm = cls._build(path, shape, rows)
+        finally:
+            if old is not None:
+                os.close(old)
+        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd)
+
+    @classmethod
+    def open(cls, path) -> "SeedTable":
+        """Open an existing table file (locked), first redoing the journal of a writer that crashed."""
+        path = os.fspath(path)
+        fd = _lock(path)
+        if fd is None:
+            raise FileNotFoundError(f"seed table {path!r} does not exist")
+        try:
+            _recover(path)
+            mm = np.load(path, mmap_mode="r+")
+            if mm.dtype != np.int64 or mm.ndim != 2:
+                raise ValueError(f"{path!r} is not a seed table: expected int64 (P, K), got {mm.dtype} {mm.shape}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd)
+
+    @staticmethod
+    def _build(path: str, shape: tuple, rows: RowsFn):
+        """A new file at ``path`` (temp, locked, preallocated, filled, synced, renamed): ``(lock fd, memmap)``."""
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        nbytes = 128 + 8 * int(np.prod(shape))  # the .npy header is 128 bytes for any 2-D int64 shape
+        _check_space(directory, nbytes, path)
+        with atomic_path(path, suffix=".npy") as tmp:
+            mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=tuple(shape))
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before it appears under its name
+                _preallocate(fd, os.fstat(fd).st_size, path)
+                SeedTable._fill(mm, rows)
+                mm.flush()
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd, mm
+
+    @staticmethod
+    def _fill(dst, rows: RowsFn) -> None:
+        """``dst[a:b] = rows(a, b)`` in chunks (bounded memory for 10^8-row tables)."""
+        n = dst.shape[0]
+        for a in range(0, n, _INIT_CHUNK):
+            b = min(n, a + _INIT_CHUNK)
+            r = rows(a, b)
+            if isinstance(dst, torch.Tensor):
+                dst[a:b].copy_(torch.as_tensor(r))
+            else:
+                dst[a:b] = r.cpu().numpy() if isinstance(r, torch.Tensor) else r
+
+    # -- access ---------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.seeds.device
+
+    def _journal(self) -> int:
+        if self._jfd is None:
+            self._jfd = os.open(journal_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            self._jbytes = 0
+        return self._jfd
+
+    def write(self, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """``seeds[rows, slots] = values`` (all ``(n,)`` int64), all-or-nothing under a crash for a file."""
+        if self._memmap is None:
+            self.seeds[rows, slots] = values
+            return
+        k = self.seeds.shape[1]
+        flat = rows.cpu().numpy().astype(np.int64) * k + slots.cpu().numpy()
+        vals = np.ascontiguousarray(values.cpu().numpy(), dtype=np.int64)
+        payload = flat.tobytes() + vals.tobytes()
+        record = _REC.pack(_MAGIC, len(flat), zlib.crc32(payload)) + payload
+        fd = self._journal()
+        view = memoryview(record)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fdatasync(fd)
+        self._memmap.reshape(-1)[flat] = vals
+        self._jbytes += len(record)
+        if self._jbytes > _JOURNAL_LIMIT:
+            self.flush()
+
+    def replace(self, rows: RowsFn) -> None:
+        """Replace every row with ``rows(a, b)``; a file table gets a new file, renamed into place when full."""
+        if self._memmap is None:
+            self._fill(self.seeds, rows)
+            return
+        self.flush()  # the journal describes the old file: fold it in before that file is replaced
+        fd, mm = self._build(self.path, tuple(self.seeds.shape), rows)
+        os.close(self._lock_fd)
+        self._lock_fd, self._memmap, self.seeds = fd, mm, torch.from_numpy(mm)
+
+    def flush(self) -> None:
+        """Persist a file table (msync) and fold its journal in (no-op in memory)."""
+        if self._memmap is None:
+            return
+        self._memmap.flush()
+        if self._jfd is not None:
+            os.close(self._jfd)
+            self._jfd = None
+            os.unlink(journal_path(self.path))
+
+    def close(self) -> None:
+        """Flush and release the file's lock; the table must not be used afterwards."""
+        if self._lock_fd is None:
+            return
+        self.flush()
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown, a deleted directory: the journal recovers on open
+            pass
