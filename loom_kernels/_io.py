@@ -82,16 +82,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _out_of_space(exc: BaseException, directory: str) -> bool:
+def _space_errno(exc: BaseException, directory: str):
+    """ENOSPC / EDQUOT / EFBIG when ``exc`` comes from running out of room, else None."""
     seen = exc
     while seen is not None:  # torch.save wraps the OSError in a RuntimeError ("unexpected pos")
         if isinstance(seen, OSError) and seen.errno in _SPACE_ERRNOS:
-            return True
+            return seen.errno
         seen = seen.__cause__ or seen.__context__
     if isinstance(exc, (OSError, RuntimeError)):
         with contextlib.suppress(OSError):
-            return shutil.disk_usage(directory).free < _LOW_SPACE
-    return False
+            if shutil.disk_usage(directory).free < _LOW_SPACE:
+                return errno.ENOSPC
+    return None
 
 
 @contextlib.contextmanager
@@ -119,12 +121,13 @@ def atomic_path(path, *, suffix: str = ".tmp"):
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if _out_of_space(exc, directory):
+        code = _space_errno(exc, directory)
+        if code is not None:
             free = shutil.disk_usage(directory).free
             raise OSError(
-                errno.ENOSPC,
-                f"out of disk space writing {path!r} ({free:,} bytes free in {directory!r}; the write failed "
-                f"with {type(exc).__name__}: {str(exc)[:200]}); the previous {os.path.basename(path)!r} is intact",
+                code,
+                f"no room to write {path!r}: {os.strerror(code)} ({free:,} bytes free in {directory!r}; the write "
+                f"failed with {type(exc).__name__}: {str(exc)[:200]}); the previous {os.path.basename(path)!r} is intact",
             ) from exc
         raise
     fsync_dir(directory)

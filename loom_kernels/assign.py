@@ -192,6 +192,54 @@ def _check_shape(shape):
         )
 
 
+def _exact_limit(shape) -> int:
+    # The solvers work in float64: integers stay exact while every potential and path length they form
+    # (sums of up to ~2 max(N, M) entries, with margin) stays below 2**53.
+    return 2**53 // (4 * max(int(shape[-2]), int(shape[-1]), 1))
+
+
+def _int_range_error(span, shape, limit):
+    return ValueError(
+        f"integer cost entries span {span} (after subtracting each {'row' if shape[-2] <= shape[-1] else 'column'}'s "
+        f"minimum, which keeps every optimum), but the solver is exact only for spans below "
+        f"2**53 / (4 * max(N, M)) = {limit} for cost of shape {tuple(shape)}: float64 would round them and "
+        f"return a suboptimal assignment. Scale the costs down, or pass cost.astype(float64) to accept rounding"
+    )
+
+
+def _exact_numpy(a: np.ndarray) -> np.ndarray:
+    """Integer costs -> float64 holding them exactly: each row (each column when N > M) is shifted by its
+    minimum (every assignment's total moves by the same constant), then the span must fit (else ValueError)."""
+    if a.size == 0:
+        return a.astype(np.float64)
+    axis = -1 if a.shape[-2] <= a.shape[-1] else -2
+    u = a.astype(np.uint64)
+    lo = a.min(axis=axis, keepdims=True).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        shifted = u - lo  # the true difference lies in [0, 2**64): exact modulo 2**64
+    span, limit = int(shifted.max()), _exact_limit(a.shape)
+    if span >= limit:
+        raise _int_range_error(span, a.shape, limit)
+    return shifted.astype(np.float64)
+
+
+def _exact_torch(t):
+    """``_exact_numpy`` for an integer/bool tensor on any device (int64 wrap-around is the uint64 difference)."""
+    import torch
+
+    if t.numel() == 0:
+        return t.to(torch.float64)
+    t = t.to(torch.int64)
+    dim = -1 if t.shape[-2] <= t.shape[-1] else -2
+    shifted = t - t.amin(dim=dim, keepdim=True)
+    limit = _exact_limit(t.shape)
+    bad = (shifted < 0) | (shifted >= limit)  # < 0: a span of 2**63 or more wrapped around
+    if bool(bad.any()):
+        span = int(shifted[shifted >= 0].max()) if bool((shifted >= 0).all()) else "2**63 or more"
+        raise _int_range_error(span, t.shape, limit)
+    return shifted.to(torch.float64)
+
+
 def _numpy_cost(cost):
     """numpy/list input -> (float32/float64 array in any layout, precision class)."""
     try:
@@ -206,7 +254,7 @@ def _numpy_cost(cost):
         return a.astype(np.float32, copy=False), "float32"
     if kind == "f":
         return a.astype(np.float64, copy=False), "float64"
-    return a.astype(np.float64), "exact"
+    return _exact_numpy(a), "exact"
 
 
 def _torch_cost(t):
@@ -223,7 +271,7 @@ def _torch_cost(t):
         return t, "float32"
     if t.is_floating_point():
         return t.to(torch.float32), "float32"
-    return t.to(torch.float64), "exact"
+    return _exact_torch(t), "exact"
 
 
 def _raise_for_status(status, batched, maximize):

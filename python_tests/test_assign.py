@@ -84,6 +84,49 @@ def test_integer_totals_exact(rng):
     assert int(cost[rows, cols].sum()) == int(scipy_assignment(cost)[2])
 
 
+def _exact_total(cost, rows, cols):
+    return sum(int(cost[r, c]) for r, c in zip(rows.tolist(), cols.tolist()))  # python ints: no rounding
+
+
+@pytest.mark.parametrize("shape", [(60, 60), (40, 70), (70, 40)])
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("torch_input", [False, True])
+def test_int64_beyond_2_53_exact(rng, shape, maximize, torch_input):
+    # Entries near 2**60 are not float64-exact; shifting each row (column when N > M) by its minimum is
+    # exact in int64 and keeps every optimum. The reference solves the small offsets, exact in float64.
+    small = rng.integers(0, 1000, shape)
+    base = rng.integers(2**59, 2**60, (shape[0], 1) if shape[0] <= shape[1] else (1, shape[1]))
+    cost = base + small
+    if torch_input:
+        torch = pytest.importorskip("torch")
+        rows, cols = (x.numpy() for x in linear_sum_assignment(torch.from_numpy(cost), maximize))
+    else:
+        rows, cols = linear_sum_assignment(cost, maximize)
+    ref_rows, ref_cols, _ = scipy_assignment(small, maximize)
+    assert _exact_total(cost, rows, cols) == _exact_total(cost, ref_rows, ref_cols)
+    if shape[0] == shape[1]:
+        assert _exact_total(cost, np.arange(shape[0]), assign(cost, maximize=maximize)) == _exact_total(
+            cost, ref_rows, ref_cols)
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 2**62), (-(2**62), 2**62), (0, 2**53)])
+def test_int64_span_beyond_exact_range_is_an_error(rng, lo, hi):
+    cost = rng.integers(lo, hi, (60, 60), dtype=np.int64)
+    cost[0, 0], cost[0, 1] = lo, hi - 1  # the span reaches the range whatever was drawn
+    with pytest.raises(ValueError, match=r"span .* exact only for spans below 2\*\*53 / \(4 \* max\(N, M\)\)"):
+        linear_sum_assignment(cost)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match="exact only for spans"):
+        assign(torch.from_numpy(cost))
+
+
+def test_uint64_above_2_63_exact(rng):
+    small = rng.integers(0, 500, (30, 30)).astype(np.uint64)
+    cost = small + np.uint64(2**63 + 2**62)
+    rows, cols = linear_sum_assignment(cost)
+    assert _exact_total(cost, rows, cols) == _exact_total(cost, *scipy_assignment(small.astype(np.int64))[:2])
+
+
 def test_float32_solved_exactly_on_its_float64_value(rng):
     cost = assignment_problem("sq_high", 120, rng=rng, dtype=np.float32)
     rows, cols = linear_sum_assignment(cost)
