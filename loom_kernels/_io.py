@@ -127,7 +127,7 @@ def atomic_path(path, *, suffix: str = ".tmp"):
             raise OSError(
                 code,
                 f"no room to write {path!r}: {os.strerror(code)} ({free:,} bytes free in {directory!r}; the write "
-                f"failed with {type(exc).__name__}: {str(exc)[:200]}); the previous {os.path.basename(path)!r} is intact",
+                f"failed with {type(exc).__name__}: {str(exc)[:200]}); {os.path.basename(path)!r} was not replaced",
             ) from exc
         raise
     fsync_dir(directory)

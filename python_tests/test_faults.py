@@ -462,3 +462,12 @@ def test_preallocation_failure_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"cannot allocate [\d,]+ bytes for the seed table .*t.npy.*No space left"):
         LoomCoupling(100, (2,), mmap_path=tmp_path / "t.npy")
     assert os.listdir(tmp_path) == []
+
+
+def test_huge_data_names_x1_and_the_overflow():
+    c = LoomCoupling(16, (3,), seed=0)
+    x1 = torch.full((8, 3), 1e30)
+    before = c.seeds.clone()
+    with pytest.raises(ValueError, match="x1 is too large for float32 costs: .* overflow to \\+inf"):
+        c(x1, torch.arange(8))
+    assert torch.equal(c.seeds, before)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_save, load_verified
-from ..assign import assign
+from ..assign import assign as _assign
 from ..cost import pairwise_cost
 from ..noise import gaussian_noise
 from ._common import METRICS as _METRICS
@@ -25,6 +25,21 @@ from .table import SeedTable, _seed_values, check_seed_table
 
 _SCOPES = ("global", "local")
 _FORMAT_VERSION = 2  # 2: save() stores a checksum (load() verifies it)
+
+
+def assign(cost: torch.Tensor) -> torch.Tensor:
+    """``loom_kernels.assign.assign``, naming x1 when its costs overflow float32 (data near 1e19 and up)."""
+    try:
+        return _assign(cost)
+    except ValueError as exc:
+        inf = torch.isinf(cost)
+        if not bool(inf.any()):
+            raise
+        raise ValueError(
+            f"x1 is too large for float32 costs: {int(inf.sum())} of the {cost.numel()} (data, noise) pair costs "
+            f"overflow to +inf (a squared distance above 3.4e38); rescale the data (e.g. to unit variance) "
+            f"before coupling"
+        ) from exc
 
 
 def _serialized(method):
