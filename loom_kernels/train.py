@@ -471,7 +471,7 @@ def _step(run: _Run):
     finite = bool(torch.isfinite(loss))
     if not finite and cfg.nonfinite == "stop":
         raise FloatingPointError(
-            f"non-finite loss ({float(loss)}) at step {run.step + 1}: training stopped without writing a checkpoint"
+            f"non-finite loss ({float(loss.detach())}) at step {run.step + 1}: training stopped without writing a checkpoint"
             + (f" (the last good one is {run.ckpt_path})" if run.ckpt_path and os.path.exists(run.ckpt_path) else "")
             + "; lower --lr, or pass nonfinite='skip' to skip such steps")
     if finite:
@@ -643,17 +643,21 @@ def train(model: nn.Module, dataset, coupling, config: TrainConfig | None = None
 
 
 def make_coupling(name: str, num_points: int, shape, *, num_caches: int = 1, seed: int = 0, device=None,
-                  process_group=None):
-    """The coupling named ``"independent"``, ``"ot"`` or ``"loom"`` (the CLI and the demo use this)."""
+                  process_group=None, metric: str = "sqeuclidean"):
+    """The coupling named ``"independent"``, ``"ot"`` or ``"loom"`` (the CLI and the demo use this).
+
+    ``metric``: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's).
+    With flips, ``num_points`` is ``2 * len(data)`` (each view keeps its own noise).
+    """
     from .coupling import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
 
     if name == "independent":
-        return IndependentCoupling()
+        return IndependentCoupling(metric=metric)
     if name == "ot":
-        return MinibatchOTCoupling()
+        return MinibatchOTCoupling(metric=metric)
     if name == "loom":
         return LoomCoupling(num_points, tuple(shape), num_caches=num_caches, seed=seed, device=device,
-                            process_group=process_group)
+                            process_group=process_group, metric=metric)
     raise ValueError(f"coupling must be one of ('independent', 'ot', 'loom'), got {name!r}")
 
 
@@ -664,7 +668,8 @@ def _parser() -> argparse.ArgumentParser:
                     "Writes DIR/checkpoint.pt (resume), DIR/model.pt (EMA weights, for "
                     "`python -m loom_kernels.sample`) and DIR/log.csv. Runs under torchrun (DDP).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="8gaussians, moons, checkerboard, digits, or PATH.npy of shape (N, *shape)")
+    p.add_argument("--data", required=True, help="8gaussians, moons, checkerboard, digits, PATH.npy (N, *shape) or "
+                   "PATH.npz with x (N, *shape) and optional integer labels y (N,)")
     p.add_argument("--coupling", required=True, choices=("independent", "ot", "loom"))
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--steps", type=int, default=5000, help="optimizer steps (global)")
@@ -674,7 +679,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (<= 0 disables)")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--sigma", type=float, default=0.0, help="std of the noise added to x_t")
-    p.add_argument("--num-caches", type=int, default=1, help="LOOM noise caches per data point")
+    p.add_argument("--num-caches", "--caches", type=int, default=1, help="LOOM noise caches per data point")
+    p.add_argument("--metric", default="sqeuclidean", choices=("sqeuclidean", "euclidean"),
+                   help="pair cost of the coupling (the LOOM-CFM code uses euclidean)")
+    p.add_argument("--flip", action="store_true", help="horizontal-flip augmentation (item i + N is item i flipped)")
+    p.add_argument("--model", default="mlp", choices=("mlp", "unet"), help="velocity network")
+    p.add_argument("--channels", type=int, default=64, help="UNet width of its first level")
+    p.add_argument("--channel-mult", default="1,2", help="UNet width multipliers per level")
+    p.add_argument("--conditional", action="store_true", help="class-conditional model (data with labels)")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="with --conditional: labels dropped to the null label")
+    p.add_argument("--schedule", default="constant", choices=SCHEDULES, help="LR schedule after the warm-up")
+    p.add_argument("--nonfinite", default="stop", choices=NONFINITE, help="what a NaN/inf loss does")
     p.add_argument("--points", type=int, default=None, help="points of a 2-D set (default 4096) / rows kept otherwise")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction of digits / .npy data")
     p.add_argument("--hidden", type=int, default=256, help="MLP width")
@@ -689,10 +704,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _dataset(args, data_mod):
+    """The training set of the CLI arguments (labelled with --conditional, flipped with --flip), and its classes."""
+    x, y = data_mod.load_labeled(args.data, "train", n=args.points, seed=args.seed, holdout=args.holdout)
+    if args.conditional and y is None:
+        raise SystemExit(f"--conditional needs labels: {args.data!r} has none (a .npz with 'y', or digits)")
+    ds = data_mod.LabeledDataset(x, y) if args.conditional else data_mod.IndexedDataset(x)
+    if args.flip:
+        if x.ndim < 3:
+            raise SystemExit(f"--flip needs images (N, C, H, W), got data of shape {tuple(x.shape)}")
+        ds = data_mod.FlipDataset(ds)
+    return ds, (ds.num_classes if args.conditional else None)
+
+
+def _model(args, shape, num_classes):
+    from .models import MLPVelocity, UNet
+
+    if args.model == "unet":
+        if len(shape) != 3:
+            raise SystemExit(f"--model unet needs images (C, H, W), got items of shape {shape}")
+        mult = tuple(int(m) for m in args.channel_mult.split(","))
+        return UNet(shape, channels=args.channels, channel_mult=mult, num_classes=num_classes)
+    if num_classes:
+        raise SystemExit("--conditional needs --model unet (the MLP takes no labels)")
+    return MLPVelocity(shape, hidden=args.hidden, depth=args.depth)
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from . import data as data_mod
-    from .models import MLPVelocity
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
@@ -702,21 +742,21 @@ def main(argv=None) -> int:
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     device = str(resolve_device(args.device if not distributed or not use_cuda else "cuda"))
     try:
-        x = data_mod.load(args.data, "train", n=args.points, seed=args.seed, holdout=args.holdout)
-        dataset = data_mod.IndexedDataset(x)
+        dataset, n_classes = _dataset(args, data_mod)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
-        model = MLPVelocity(dataset.shape, hidden=args.hidden, depth=args.depth)
+        model = _model(args, dataset.shape, n_classes)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                          grad_clip=args.grad_clip if args.grad_clip > 0 else None, ema_decay=args.ema_decay,
-                          sigma=args.sigma, seed=args.seed, precision=args.precision, device=device,
-                          out_dir=args.out, resume=args.resume, log_every=args.log_every,
+                          schedule=args.schedule, grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+                          ema_decay=args.ema_decay, sigma=args.sigma, seed=args.seed, precision=args.precision,
+                          label_dropout=args.label_dropout if n_classes else 0.0, nonfinite=args.nonfinite,
+                          device=device, out_dir=args.out, resume=args.resume, log_every=args.log_every,
                           ckpt_every=args.ckpt_every if args.ckpt_every < args.steps else 0,
                           progress=not args.no_progress)
         coupling = make_coupling(args.coupling, len(dataset), dataset.shape, num_caches=args.num_caches,
-                                 seed=args.seed, device=device,
+                                 seed=args.seed, device=device, metric=args.metric,
                                  process_group=torch.distributed.group.WORLD if distributed else None)
         meta = {"model": model.spec, "data": args.data, "n": args.points, "holdout": args.holdout, "seed": args.seed,
-                "coupling": args.coupling, "num_caches": args.num_caches}
+                "coupling": args.coupling, "num_caches": args.num_caches, "flip": args.flip, "metric": args.metric}
         res = train(model, dataset, coupling, cfg, metadata=meta)
         if _dist()[0] == 0:
             last = res.history[-1] if res.history else {}
