@@ -527,7 +527,7 @@ def test_cli_unet_flip_and_sample_refuses_nan(tmp_path):
          "--flip", "--steps", "4", "--batch-size", "32", "--points", "128", "--out", out, "--no-progress",
          "--metric", "euclidean", "--schedule", "cosine", "--caches", "2")
     ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
-    assert ck["metadata"]["model"]["kind"] == "unet" and ck["coupling"]["num_points"] == 256  # 2 x 128 views
+    assert ck["metadata"]["model"]["kind"] == "unet" and ck["coupling"]["config"]["num_points"] == 256  # 2 x 128 views
     npy = str(tmp_path / "s.npy")
     _cli("loom_kernels.sample", "--ckpt", os.path.join(out, "model.pt"), "--nfe", "2", "--n", "8", "--out", npy)
     assert np.load(npy).shape == (8, 1, 8, 8)
