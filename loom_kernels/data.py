@@ -3,8 +3,13 @@
 2-D toy sets (``8gaussians``, ``moons``, ``checkerboard``) are a fixed number of points drawn from
 a seed, so a "data set" is a finite set of points, which is what LOOM-CFM couples globally; the
 held-out split is a second draw with another seed. ``digits`` is scikit-learn's bundled
-``load_digits`` (1797 8x8 images) scaled to [-1, 1]; a user's ``.npy`` file holds ``(N, *shape)``.
-Those two hold out a fixed, seeded fraction of the rows.
+``load_digits`` (1797 8x8 images) scaled to [-1, 1], with its labels 0-9; a user's ``.npy`` file
+holds ``(N, *shape)``, a ``.npz`` file ``x`` ``(N, *shape)`` and optionally integer labels ``y`` ``(N,)``.
+Those hold out a fixed, seeded fraction of the rows. :func:`load_labeled` returns the labels too.
+
+Datasets for the trainer: :class:`IndexedDataset` yields ``(i, x_i)``, :class:`LabeledDataset`
+``(i, x_i, y_i)``; :class:`FlipDataset` adds the horizontally flipped view of item ``i`` as item
+``i + N`` (``2 N`` items), as the LOOM-CFM code does, so each view keeps its own noise.
 
 Checkerboard follows the FFJORD toy set (Grathwohl et al., 2019); moons is scikit-learn's.
 """
@@ -60,29 +65,69 @@ def _holdout_split(x: np.ndarray, split: str, holdout: float, seed: int) -> np.n
     return x[rows]
 
 
-def load(
+def _check_array(x: np.ndarray, name: str, what: str = "an array of shape (N, *shape)") -> np.ndarray:
+    if x.ndim < 2:
+        raise ValueError(f"data file {name!r} must hold {what}, got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise TypeError(f"data file {name!r} must hold real numbers, got dtype {x.dtype}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise ValueError(f"data file {name!r} contains NaN or inf entries")
+    return x
+
+
+def _read_npz(name: str):
+    with np.load(name, allow_pickle=False) as z:
+        keys = list(z.keys())
+        if "x" not in keys and len(keys) != 1:
+            raise ValueError(f"data file {name!r} must hold an array 'x' (N, *shape) and optionally labels 'y' (N,), "
+                             f"got arrays {keys}")
+        x = _check_array(z["x"] if "x" in keys else z[keys[0]], name, "'x' of shape (N, *shape)")
+        y = z["y"] if "y" in keys else None
+    if y is not None:
+        if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"data file {name!r}: labels 'y' must be integers of shape ({x.shape[0]},) matching 'x' "
+                             f"{x.shape}, got {y.dtype} {y.shape}")
+        if y.size and y.min() < 0:
+            raise ValueError(f"data file {name!r}: labels 'y' must be >= 0 (class indices), got min {y.min()}")
+        y = y.astype(np.int64)
+    return x, y
+
+
+def _load_arrays(name: str):
+    """(x, y or None) of a named set or file, before any split."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = d.images.astype(np.float32)  # (1797, 8, 8), values 0..16
+        return (images / 8.0 - 1.0)[:, None], d.target.astype(np.int64)
+    if str(name).endswith((".npy", ".npz")):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"data file {name!r} does not exist")
+        if str(name).endswith(".npz"):
+            return _read_npz(name)
+        return _check_array(np.load(name, allow_pickle=False), name), None
+    raise ValueError(f"data must be one of {BUILTIN} or a path ending in .npy or .npz, got {name!r}")
+
+
+def load_labeled(
     name: str,
     split: str = "train",
     *,
     n: int | None = None,
     seed: int = 0,
     holdout: float = 0.2,
-) -> torch.Tensor:
-    """A finite data set as a float32 tensor ``(N, *shape)``.
+):
+    """A finite data set and its labels: ``(x float32 (N, *shape), y int64 (N,) or None)``.
 
-    Args:
-        name: ``"8gaussians"``, ``"moons"``, ``"checkerboard"`` (shape ``(2,)``), ``"digits"``
-            (shape ``(1, 8, 8)``, values in [-1, 1]) or a path to a ``.npy`` file ``(N, *shape)``.
-        split: ``"train"``, ``"test"`` (held out) or ``"all"``.
-        n: number of points of a 2-D set (default 4096 for train, the same for test); for
-            digits and ``.npy`` files, keeps the first ``n`` rows of the split.
-        seed: the draw of a 2-D set, and the held-out permutation of digits / ``.npy``.
-        holdout: held-out fraction for digits and ``.npy`` files.
+    Same arguments as :func:`load`; ``y`` is None for the 2-D sets, ``.npy`` files and ``.npz``
+    files without ``y``.
 
     Example:
-        >>> x = load("8gaussians", n=1000, seed=0)
-        >>> x.shape
-        torch.Size([1000, 2])
+        >>> x, y = load_labeled("digits")
+        >>> x.shape[1:], int(y.max())
+        (torch.Size([1, 8, 8]), 9)
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -95,33 +140,44 @@ def load(
         if split == "all":
             raise ValueError(f"split='all' is not defined for the 2-D set {name!r}: use 'train' or 'test'")
         draw_seed = seed + (_TEST_SEED_OFFSET if split == "test" else 0)
-        return torch.from_numpy(_toy_2d(name, 4096 if n is None else int(n), draw_seed))
+        return torch.from_numpy(_toy_2d(name, 4096 if n is None else int(n), draw_seed)), None
 
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        images = load_digits().images.astype(np.float32)  # (1797, 8, 8), values 0..16
-        x = (images / 8.0 - 1.0)[:, None]
-    elif str(name).endswith(".npy"):
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"data file {name!r} does not exist")
-        x = np.load(name, allow_pickle=False)
-        if x.ndim < 2:
-            raise ValueError(f"data file {name!r} must hold an array of shape (N, *shape), got shape {x.shape}")
-        if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise TypeError(f"data file {name!r} must hold real numbers, got dtype {x.dtype}")
-        x = x.astype(np.float32)
-        if not np.isfinite(x).all():
-            raise ValueError(f"data file {name!r} contains NaN or inf entries")
-    else:
-        raise ValueError(f"data must be one of {BUILTIN} or a path ending in .npy, got {name!r}")
-
+    x, y = _load_arrays(name)
     x = _holdout_split(x, split, holdout, seed)
+    y = None if y is None else _holdout_split(y, split, holdout, seed)
     if n is not None:
-        x = x[: int(n)]
+        x, y = x[: int(n)], (None if y is None else y[: int(n)])
     if x.shape[0] == 0:
         raise ValueError(f"data set {name!r} split {split!r} is empty")
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(np.ascontiguousarray(x)), (None if y is None else torch.from_numpy(np.ascontiguousarray(y)))
+
+
+def load(
+    name: str,
+    split: str = "train",
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    holdout: float = 0.2,
+) -> torch.Tensor:
+    """A finite data set as a float32 tensor ``(N, *shape)`` (labels, if any, dropped: see :func:`load_labeled`).
+
+    Args:
+        name: ``"8gaussians"``, ``"moons"``, ``"checkerboard"`` (shape ``(2,)``), ``"digits"``
+            (shape ``(1, 8, 8)``, values in [-1, 1]), a ``.npy`` file ``(N, *shape)`` or a ``.npz``
+            file with ``x`` ``(N, *shape)`` (and optional labels ``y``).
+        split: ``"train"``, ``"test"`` (held out) or ``"all"``.
+        n: number of points of a 2-D set (default 4096 for train, the same for test); for
+            digits and files, keeps the first ``n`` rows of the split.
+        seed: the draw of a 2-D set, and the held-out permutation of digits / files.
+        holdout: held-out fraction for digits and files.
+
+    Example:
+        >>> x = load("8gaussians", n=1000, seed=0)
+        >>> x.shape
+        torch.Size([1000, 2])
+    """
+    return load_labeled(name, split, n=n, seed=seed, holdout=holdout)[0]
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -149,3 +205,79 @@ class IndexedDataset(torch.utils.data.Dataset):
     def shape(self) -> tuple:
         """Shape of one item."""
         return tuple(self.data.shape[1:])
+
+    def batch(self, idx: torch.Tensor):
+        """Items ``idx`` at once: ``(x (b, *shape), None)``."""
+        return self.data[idx], None
+
+
+class LabeledDataset(IndexedDataset):
+    """Item ``i`` is ``(i, data[i], labels[i])``: the trainer passes the labels to the model and the coupling.
+
+    Example:
+        >>> ds = LabeledDataset(torch.zeros(10, 2), torch.arange(10) % 3)
+        >>> ds[4][2]
+        tensor(1)
+    """
+
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor):
+        super().__init__(data)
+        if not isinstance(labels, torch.Tensor) or labels.shape != (data.shape[0],) or labels.is_floating_point():
+            got = (labels.dtype, tuple(labels.shape)) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be an integer tensor of shape ({data.shape[0]},) matching data, got {got}")
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0 (class indices), got min {int(labels.min())}")
+        self.labels = labels.long()
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if self.labels.numel() else 0
+
+    def __getitem__(self, i):
+        return i, self.data[i], self.labels[i]
+
+    def batch(self, idx: torch.Tensor):
+        """Items ``idx`` at once: ``(x (b, *shape), y (b,))``."""
+        return self.data[idx], self.labels[idx]
+
+
+class FlipDataset(torch.utils.data.Dataset):
+    """Horizontal-flip augmentation as LOOM-CFM does it: item ``i + N`` is item ``i`` flipped (last axis).
+
+    ``len = 2 N``; give the coupling ``num_points = 2 * N`` so each view keeps its own noise.
+
+    Example:
+        >>> ds = FlipDataset(IndexedDataset(torch.arange(8.0).reshape(2, 1, 1, 4)))
+        >>> len(ds), ds[2][1].flatten().tolist()
+        (4, [3.0, 2.0, 1.0, 0.0])
+    """
+
+    def __init__(self, base):
+        if not isinstance(base, IndexedDataset) or base.data.ndim < 3:
+            raise ValueError("FlipDataset needs an IndexedDataset / LabeledDataset of images (N, C, H, W) or (N, H, W)")
+        self.base = base
+
+    def __len__(self) -> int:
+        return 2 * len(self.base)
+
+    @property
+    def shape(self) -> tuple:
+        return self.base.shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.base.num_classes
+
+    def __getitem__(self, i):
+        n = len(self.base)
+        if not 0 <= i < 2 * n:
+            raise IndexError(f"index {i} out of range for {2 * n} items")
+        item = self.base[i % n]
+        x = item[1].flip(-1) if i >= n else item[1]
+        return (i, x) + tuple(item[2:])
+
+    def batch(self, idx: torch.Tensor):
+        n = len(self.base)
+        x, y = self.base.batch(idx % n)
+        flip = (idx >= n).view(-1, *([1] * (x.ndim - 1)))
+        return torch.where(flip, x.flip(-1), x), y

@@ -25,7 +25,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="DIR/model.pt (EMA weights) or DIR/checkpoint.pt")
     p.add_argument("--nfe", type=int, default=4, help="model evaluations (even for midpoint / heun)")
-    p.add_argument("--method", default="euler", choices=("euler", "midpoint", "heun"))
+    p.add_argument("--method", default="euler", choices=("euler", "midpoint", "heun", "dopri5"))
+    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 only")
+    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 only")
+    p.add_argument("--label", type=int, default=None,
+                   help="class-conditional models: the class of every sample (default: classes in turn)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="class-conditional models: classifier-free guidance scale w (1 = plain conditional)")
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--batch-size", type=int, default=4096, help="samples per sampler call")
     p.add_argument("--out", default="samples.npy", help="output .npy path")
@@ -61,9 +67,37 @@ def _plot(path: str, x: np.ndarray, title: str) -> None:
     plt.close(fig)
 
 
+def _labels(model, args, start, m, device):
+    n_classes = getattr(model, "num_classes", None)
+    if n_classes is None:
+        if args.label is not None or args.guidance is not None:
+            raise SystemExit("--label/--guidance need a class-conditional model; this one has no classes")
+        return {}
+    if args.label is not None:
+        if not 0 <= args.label < n_classes:
+            raise SystemExit(f"--label must be in [0, {n_classes - 1}] (the model's classes), got {args.label}")
+        y = torch.full((m,), args.label, dtype=torch.long)
+    else:
+        y = torch.arange(start, start + m) % n_classes
+    return {"y": y.to(device)}
+
+
+def _draw(model, shape, args, device) -> np.ndarray:
+    from .sampler import sample
+
+    gen = torch.Generator().manual_seed(args.seed)
+    nfe = None if args.method == "dopri5" else args.nfe
+    chunks = []
+    for start in range(0, args.n, args.batch_size):
+        m = min(args.batch_size, args.n - start)
+        x0 = torch.randn(m, *shape, generator=gen).to(device)
+        chunks.append(sample(model, x0, nfe, method=args.method, model_kwargs=_labels(model, args, start, m, device),
+                             guidance=args.guidance, rtol=args.rtol, atol=args.atol).cpu())
+    return torch.cat(chunks).numpy()
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .sampler import sample
     from .train import load_model, resolve_device
 
     if args.n <= 0:
@@ -77,13 +111,10 @@ def main(argv=None) -> int:
     shape = tuple(model.spec["shape"]) if hasattr(model, "spec") else None
     if shape is None:
         raise SystemExit(f"{args.ckpt!r}: the model has no spec with its input shape")
-    gen = torch.Generator().manual_seed(args.seed)
-    chunks = []
-    for start in range(0, args.n, args.batch_size):
-        m = min(args.batch_size, args.n - start)
-        x0 = torch.randn(m, *shape, generator=gen).to(device)
-        chunks.append(sample(model, x0, args.nfe, method=args.method).cpu())
-    x = torch.cat(chunks).numpy()
+    x = _draw(model, shape, args, device)
+    if not np.isfinite(x).all():
+        raise SystemExit(f"the samples contain NaN or inf ({int((~np.isfinite(x)).sum())} entries): nothing "
+                         f"written to {args.out}; the model in {args.ckpt!r} is broken (a diverged run?)")
     atomic_write(args.out, lambda f: np.save(f, x))
     print(f"wrote {args.n} samples of shape {shape} ({args.method}, NFE {args.nfe}) to {args.out}")
     if args.plot:

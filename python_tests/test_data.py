@@ -111,3 +111,43 @@ def test_indexed_dataset():
         data.IndexedDataset(torch.zeros(5))
     with pytest.raises(ValueError, match=r"shape \(N, \*shape\)"):
         data.IndexedDataset(np.zeros((5, 2)))
+
+
+def test_npz_with_labels_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 1, 4, 4)).astype(np.float32), rng.integers(0, 3, 20)
+    p = str(tmp_path / "d.npz")
+    np.savez(p, x=x, y=y)
+    xs, ys = data.load_labeled(p, "all")
+    assert torch.equal(xs, torch.from_numpy(x)) and ys.tolist() == y.tolist()
+    xt, yt = data.load_labeled(p, "train", seed=3)
+    assert torch.equal(xt, data.load(p, "train", seed=3)) and len(yt) == len(xt)
+    for i in range(len(xt)):  # labels follow their rows through the split
+        j = int(np.flatnonzero((x == xt[i].numpy()).all(axis=(1, 2, 3)))[0])
+        assert yt[i] == y[j]
+    np.savez(str(tmp_path / "bad.npz"), x=x, y=y[:5])
+    with pytest.raises(ValueError, match=r"labels 'y' must be integers of shape \(20,\) matching 'x'"):
+        data.load_labeled(str(tmp_path / "bad.npz"))
+    np.savez(str(tmp_path / "badf.npz"), x=x, y=y.astype(np.float32))
+    with pytest.raises(ValueError, match="labels 'y' must be integers"):
+        data.load_labeled(str(tmp_path / "badf.npz"))
+    np.savez(str(tmp_path / "two.npz"), a=x, b=x)
+    with pytest.raises(ValueError, match="must hold an array 'x'"):
+        data.load(str(tmp_path / "two.npz"))
+    np.savez(str(tmp_path / "nolab.npz"), x=x)
+    assert data.load_labeled(str(tmp_path / "nolab.npz"))[1] is None
+
+
+def test_labeled_and_flip_datasets():
+    x, y = data.load_labeled("digits", n=10)
+    assert y.dtype == torch.int64 and int(y.max()) <= 9
+    ds = data.FlipDataset(data.LabeledDataset(x, y))
+    assert len(ds) == 20
+    i, xi, yi = ds[13]
+    assert i == 13 and torch.equal(xi, x[3].flip(-1)) and yi == y[3]
+    xb, yb = ds.batch(torch.tensor([3, 13]))
+    assert torch.equal(xb[0], x[3]) and torch.equal(xb[1], x[3].flip(-1)) and yb.tolist() == [y[3], y[3]]
+    with pytest.raises(ValueError, match=r"labels must be an integer tensor of shape \(10,\)"):
+        data.LabeledDataset(x, y[:4])
+    with pytest.raises(ValueError, match="FlipDataset needs"):
+        data.FlipDataset(data.IndexedDataset(torch.zeros(4, 2)))

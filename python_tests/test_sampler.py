@@ -490,3 +490,247 @@ def test_update_kernel_cuda(dtype):
     sampler._update(x, v1, v2, 0.25, 0.75, out)
     ref = (x.double() + 0.25 * v1.double() + 0.75 * v2.double()).to(dtype)
     torch.testing.assert_close(out, ref, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
+
+
+# ---- model_kwargs, guidance and calling conventions ----------------------------------------------
+
+
+class LabelField(torch.nn.Module):
+    """v = W[y] x + b[y] t, with a distinct field per label (the last label is the 'null' class)."""
+
+    num_classes = 3
+    null_label = 3
+
+    def __init__(self, dim=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.w = torch.nn.Parameter(torch.randn(4, dim, dim, generator=g) * 0.5)
+        self.b = torch.nn.Parameter(torch.randn(4, dim, generator=g))
+        self.calls = []
+
+    def forward(self, x, t, y, scale=1.0):
+        self.calls.append((x.shape[0], y.clone(), scale))
+        return scale * (torch.einsum("bij,bj->bi", self.w[y], x) + self.b[y] * t[:, None])
+
+
+def _euler(field, x0, nfe):
+    x, h = x0.clone(), 1.0 / nfe
+    for k in range(nfe):
+        x = x + h * field(x, torch.full((x.shape[0],), k * h, dtype=x.dtype))
+    return x
+
+
+@pytest.mark.parametrize("w", [0.0, 1.0, 2.5, -0.5])
+def test_guidance_formula_and_one_batched_call_per_evaluation(w):
+    net = LabelField()
+    x0 = torch.randn(5, 2, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    net.double()
+    info = {}
+    got = sample(net, x0, 6, model_kwargs={"y": y, "scale": 0.7}, guidance=w, info=info)
+    assert info["nfe"] == 6 and len(net.calls) == 6  # one call per evaluation, counted as one NFE
+    for b, labels, scale in net.calls:
+        assert b == 10 and scale == 0.7
+        assert labels[:5].tolist() == y.tolist() and labels[5:].tolist() == [3] * 5
+    null = torch.full_like(y, 3)
+    want = _euler(lambda x, t: (1 - w) * net(x, t, null, 0.7) + w * net(x, t, y, 0.7), x0, 6)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if w == 1.0:  # w = 1 is the conditional model itself
+        torch.testing.assert_close(got, sample(net, x0, 6, model_kwargs={"y": y, "scale": 0.7}), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_model_kwargs_reach_every_call(method):
+    net = LabelField().double()
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    y = torch.tensor([2, 0, 1, 1])
+    got = sample(net, x0, 4, method=method, model_kwargs={"y": y, "scale": 2.0})
+    assert len(net.calls) == 4 and all(c[1].tolist() == y.tolist() and c[2] == 2.0 for c in net.calls)
+    want = sample(lambda x, t: net(x, t, y, 2.0), x0, 4, method=method)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_signatures_match_the_default_convention():
+    net = LabelField().double()
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    y = torch.tensor([2, 0, 1, 1])
+    want = sample(net, x0, 4, method="heun", model_kwargs={"y": y})
+    seen = []
+
+    def tcfm(t, x, y=None):
+        seen.append(("torchcfm", tuple(t.shape)))
+        return net(x, t, y)
+
+    def tdiffeq(t, x, y):
+        seen.append(("torchdiffeq", tuple(t.shape)))
+        return net(x, t.expand(x.shape[0]), y)
+
+    def fm(*, x, t, y):
+        seen.append(("flow_matching", tuple(t.shape)))
+        return net(x, t.expand(x.shape[0]), y)
+
+    for sig, fn in (("torchcfm", tcfm), ("torchdiffeq", tdiffeq), ("flow_matching", fm)):
+        got = sample(fn, x0, 4, method="heun", model_kwargs={"y": y}, signature=sig)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert set(seen) == {("torchcfm", (4,)), ("torchdiffeq", ()), ("flow_matching", ())}
+
+
+def test_torchcfm_unet_runs_unchanged():
+    unet = pytest.importorskip("torchcfm.models.unet")  # imports without torchdyn
+    model = unet.UNetModel(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, num_classes=4, class_cond=True,
+                           attention_resolutions="4", channel_mult=(1, 2), num_heads=1)
+    x0 = torch.randn(3, 1, 8, 8)
+    y = torch.tensor([0, 3, 1])
+    got = sample(model, x0, 2, signature="torchcfm", model_kwargs={"y": y})
+    with torch.no_grad():
+        want = x0 + 0.5 * model(torch.zeros(3), x0, y=y)
+        want = want + 0.5 * model(torch.full((3,), 0.5), want, y=y)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kwargs_and_guidance_errors():
+    net = LabelField()
+    x0 = torch.randn(4, 2)
+    y = torch.tensor([0, 1, 2, 1])
+    with pytest.raises(TypeError, match=r"calling the model as model\(x, t_B, \*\*kw\) with model_kwargs \['y', 'z'\].*unexpected keyword argument 'z'"):
+        sample(net, x0, 2, model_kwargs={"y": y, "z": 1})
+    with pytest.raises(ValueError, match=r"labels in \[0, 3\], outside the model's 3 classes"):
+        sample(net, x0, 2, model_kwargs={"y": torch.tensor([0, 1, 3, 1])})
+    with pytest.raises(ValueError, match=r"labels in \[-1, 2\]"):
+        sample(net, x0, 2, model_kwargs={"y": torch.tensor([0, -1, 2, 1])})
+    with pytest.raises(ValueError, match=r"must have shape \(4,\)"):
+        sample(net, x0, 2, model_kwargs={"y": y[:3]})
+    with pytest.raises(TypeError, match="integer tensor, got torch.float32"):
+        sample(net, x0, 2, model_kwargs={"y": y.float()})
+    with pytest.raises(ValueError, match="guidance needs the class labels"):
+        sample(net, x0, 2, guidance=2.0)
+    with pytest.raises(ValueError, match="guidance needs null_label"):
+        sample(lambda x, t, y: x, x0, 2, model_kwargs={"y": y}, guidance=2.0)
+    with pytest.raises(ValueError, match="guidance must be finite"):
+        sample(net, x0, 2, model_kwargs={"y": y}, guidance=float("inf"))
+    with pytest.raises(ValueError, match="signature must be one of"):
+        sample(net, x0, 2, signature="tx")
+    with pytest.raises(TypeError, match="model_kwargs must be a dict"):
+        sample(net, x0, 2, model_kwargs=[y])
+    with pytest.raises(ValueError, match=r"must not contain \['x'\]"):
+        sample(net, x0, 2, model_kwargs={"x": x0}, signature="flow_matching")
+
+
+# ---- dopri5 -----------------------------------------------------------------------------------------
+
+
+def test_dopri5_accuracy_follows_the_tolerance_and_nfe_shrinks():
+    x0 = torch.randn(32, 3, dtype=torch.float64)
+    errors, nfes = [], []
+    for tol in (1e-10, 1e-8, 1e-6, 1e-4):
+        info = {}
+        got = sample(cos_field, x0, method="dopri5", rtol=tol, atol=tol, info=info)
+        err = (got - cos_exact(x0, 0.0, 1.0)).abs().max().item()
+        errors.append(err)
+        nfes.append(info["nfe"])
+        assert err < 100 * tol * (1 + x0.abs().max().item())
+        assert info["nfe"] == 2 + 6 * (info["steps"] + info["rejected"])  # f0, the initial-step probe, 6 per trial
+    assert nfes == sorted(nfes, reverse=True) and nfes[0] > 2 * nfes[-1]
+    assert errors[0] < errors[-1]
+
+
+def test_dopri5_time_grid_trajectory_and_backwards():
+    x0 = torch.randn(8, 2, dtype=torch.float64)
+    grid = [0.0, 0.2, 0.7, 1.0]
+    traj = sample(cos_field, x0, method="dopri5", time_grid=grid, return_trajectory=True, rtol=1e-9, atol=1e-9)
+    assert traj.shape == (4, 8, 2)
+    for k, t in enumerate(grid):
+        torch.testing.assert_close(traj[k], cos_exact(x0, 0.0, t), rtol=1e-7, atol=1e-7)
+    back = sample(cos_field, traj[-1], method="dopri5", t0=1.0, t1=0.0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(back, x0, rtol=1e-7, atol=1e-7)
+
+
+def test_dopri5_matches_torchdiffeq():
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+    net = _mlp("cpu", torch.float64)
+    x0 = torch.randn(64, 2, dtype=torch.float64)
+    info = {}
+    got = sample(net, x0, method="dopri5", rtol=1e-8, atol=1e-8, info=info)
+    calls = []
+
+    def f(t, x):
+        calls.append(t)
+        return net(x, t.expand(x.shape[0]))
+
+    with torch.no_grad():
+        want = torchdiffeq.odeint(f, x0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5",
+                                  rtol=1e-8, atol=1e-8)[-1]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert 0.5 * len(calls) <= info["nfe"] <= 2 * len(calls)  # the same control, within a few steps
+
+
+def test_dopri5_errors():
+    x0 = torch.randn(4, 2)
+    with pytest.raises(RuntimeError, match=r"exceed max_nfe=20 .*loosen rtol/atol"):
+        sample(cos_field, x0, method="dopri5", rtol=1e-12, atol=1e-12, max_nfe=20)
+    with pytest.raises(ValueError, match="nfe must be None for method='dopri5'"):
+        sample(cos_field, x0, 8, method="dopri5")
+    with pytest.raises(ValueError, match="rtol must be positive"):
+        sample(cos_field, x0, method="dopri5", rtol=0.0)
+    with pytest.raises(ValueError, match="max_nfe must be an int >= 8"):
+        sample(cos_field, x0, method="dopri5", max_nfe=3)
+    with pytest.raises(FloatingPointError, match="NaN or inf"):
+        sample(lambda x, t: x * float("nan"), x0, method="dopri5")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        sample(cos_field, x0, method="dopri5", time_grid=[0.0, 0.6, 0.5, 1.0])
+
+
+# ---- the CUDA-graph key and static inputs (CPU-testable parts) ------------------------------------
+
+
+def _field(model, kwargs, guidance=None):
+    return sampler._Field(model, "xt", kwargs, guidance, "y", 3, 4)
+
+
+def test_graph_key_depends_on_kwargs_layout_not_values():
+    net = LabelField()
+    x0 = torch.randn(4, 2)
+    plan = sampler._make_plan("euler", 4, 0.0, 1.0, None)
+    key = lambda kw, g=None: sampler._graph_key(_field(net, kw, g), x0, plan, False)  # noqa: E731
+    y = torch.tensor([0, 1, 2, 1])
+    base = key({"y": y, "scale": 1.0})
+    assert base is not None
+    assert key({"y": torch.tensor([2, 2, 0, 0]), "scale": 1.0}) == base  # new values: same graph, copied in
+    assert key({"y": y[:3], "scale": 1.0}) != base  # new shape
+    assert key({"y": y.int(), "scale": 1.0}) != base  # new dtype
+    assert key({"y": y, "scale": 2.0}) != base  # a Python value is baked into the graph
+    assert key({"y": y, "scale": 1.0}, 2.0) != base  # guidance
+    assert key({"y": y, "scale": [1.0]}) is None  # unhashable: never cached
+
+
+def test_static_inputs_are_owned_and_refreshed():
+    x0 = torch.randn(4, 2)
+    y = torch.tensor([0, 1, 2, 1])
+    plan = sampler._make_plan("midpoint", 4, 0.0, 1.0, None)
+    assert sampler._alloc(x0, plan, False, {}, 8).times.shape == (4, 8)  # guided: W = 2B rows per call
+    bufs = sampler._alloc(x0, plan, False, {"y": y, "scale": 1.0}, 4, static=True)
+    assert bufs.kwargs["y"].data_ptr() != y.data_ptr()
+    y2 = torch.tensor([2, 2, 0, 1])
+    sampler._load_inputs(bufs, x0, {"y": y2, "scale": 1.0})
+    assert bufs.kwargs["y"].tolist() == y2.tolist() and torch.equal(bufs.input, x0)
+    # the loop reads the static copy: eager and graphed paths share _loop
+    net = LabelField()
+    field = _field(net, {"y": y2, "scale": 1.0})
+    with torch.no_grad():
+        sampler._loop(field, bufs, plan)
+    assert all(c[1].tolist() == y2.tolist() for c in net.calls)
+    torch.testing.assert_close(bufs.output, sample(net, x0, 4, method="midpoint", model_kwargs={"y": y2}))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("guidance", [None, 2.0])
+def test_cuda_graph_with_kwargs_matches_eager(guidance):
+    clear_graph_cache()
+    net = LabelField().cuda()
+    for _ in range(4):  # eager, capture, replay, replay: new labels each call
+        x0 = torch.randn(64, 2, device="cuda")
+        y = torch.randint(0, 3, (64,), device="cuda")
+        kw = dict(model_kwargs={"y": y}, guidance=guidance)
+        want = sample(net, x0, 4, method="heun", cuda_graph=False, **kw)
+        torch.testing.assert_close(sample(net, x0, 4, method="heun", **kw), want, rtol=1e-6, atol=1e-6)
+    assert len(sampler._GRAPHS) == 1

@@ -346,3 +346,198 @@ def test_cli_help_and_errors(tmp_path):
     p = subprocess.run([sys.executable, "-m", "loom_kernels.train", "--data", "moons", "--coupling", "sinkhorn",
                         "--out", str(tmp_path)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "invalid choice" in p.stderr
+
+
+# ---- real data: labels, flips, UNet, schedules, metric ----------------------------------------------------
+
+from loom_kernels.coupling import IndependentCoupling  # noqa: E402
+from loom_kernels.models import UNet  # noqa: E402
+
+
+class LabelledIndependent(IndependentCoupling):
+    """IndependentCoupling that takes labels= (as the couplings do once the drop-in issue lands) and records them."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen = []
+
+    def __call__(self, x1, indices=None, labels=None):
+        self.seen.append((indices.clone(), None if labels is None else labels.clone(), x1.clone()))
+        return super().__call__(x1, indices=indices)
+
+
+class Recording(UNet):
+    def forward(self, x, t, y=None):
+        self.ys = getattr(self, "ys", []) + [None if y is None else y.clone()]
+        return super().forward(x, t, y)
+
+
+def _digits(n=256, flip=False):
+    x, y = data.load_labeled("digits", n=n)
+    ds = data.LabeledDataset(x, y)
+    return data.FlipDataset(ds) if flip else ds
+
+
+def test_class_conditional_digits_end_to_end_and_resume_with_labels(tmp_path):
+    def run(out, steps, resume=False):
+        torch.manual_seed(0)
+        model = Recording((1, 8, 8), channels=8, num_classes=10)
+        coupling = LabelledIndependent()  # global RNG: checkpointed
+        res = train(model, _digits(), coupling, _cfg(steps=steps, batch_size=32, out_dir=out, resume=resume,
+                                                     label_dropout=0.25, ckpt_every=0))
+        return res, model, coupling
+
+    res, model, coupling = run(str(tmp_path / "a"), 8)
+    ds = _digits()
+    for idx, labels, x1 in coupling.seen:  # the coupling gets the true labels of its items
+        assert torch.equal(labels, ds.labels[idx]) and torch.equal(x1, ds.data[idx])
+    ys = torch.cat(model.ys)
+    assert ((ys == 10).float().mean() - 0.25).abs() < 0.1  # label dropout to the null label
+    assert all(np.isfinite(r["loss"]) for r in res.history)
+    run(str(tmp_path / "b"), 4)
+    with pytest.warns(UserWarning, match="steps: 4 -> 8"):
+        res_b, _, _ = run(str(tmp_path / "b"), 8, resume=True)
+    for k, v in _params(res.ema).items():  # resume with labels is exact
+        assert torch.equal(v, _params(res_b.ema)[k]), k
+
+
+def test_flip_indices_and_views():
+    torch.manual_seed(0)
+    ds = _digits(n=64, flip=True)
+    coupling = LabelledIndependent()
+    train(Recording((1, 8, 8), channels=8, num_classes=10), ds, coupling, _cfg(steps=8, batch_size=32))
+    idx = torch.cat([s[0] for s in coupling.seen])
+    assert idx.max() >= 64 and idx.max() < 128  # the flipped view of item i is item i + N
+    for i, _, x1 in coupling.seen:
+        base = ds.base.data[i % 64]
+        want = torch.where((i >= 64).view(-1, 1, 1, 1), base.flip(-1), base)
+        assert torch.equal(x1, want)
+    assert sorted(torch.cat([s[0] for s in coupling.seen[:4]]).tolist()) == list(range(128))  # one epoch = 2N items
+
+
+def test_cosine_schedule_and_metric():
+    model, ds, _ = _setup("independent")
+    res = train(model, ds, make_coupling("ot", 96, (2,), metric="euclidean"),
+                _cfg(steps=12, warmup=2, schedule="cosine", lr=1e-2))
+    lrs = [r["lr"] for r in res.history]
+    assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)
+    assert lrs[6] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 4 / 10)))  # step 6: 4 of the 10 post-warm-up steps done
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert make_coupling("loom", 10, (2,), metric="euclidean").metric == "euclidean"
+
+
+# ---- resume with other arguments, non-finite losses, SIGTERM, torn logs --------------------------------------
+
+
+def test_resume_refuses_other_data_and_batch_size_and_states_overrides(tmp_path):
+    out = str(tmp_path)
+    model, ds, coupling = _setup("independent")
+    train(model, ds, coupling, _cfg(steps=4, out_dir=out))
+    other = data.IndexedDataset(data.load("8gaussians", n=96, seed=9))
+    with pytest.raises(ValueError, match="another data set"):
+        train(model, other, coupling, _cfg(steps=8, out_dir=out, resume=True))
+    with pytest.raises(ValueError, match="batch_size: 16 -> 32"):
+        train(model, ds, coupling, _cfg(steps=8, batch_size=32, out_dir=out, resume=True))
+    with pytest.raises(ValueError, match="seed: 5 -> 6"):
+        train(model, ds, coupling, _cfg(steps=8, seed=6, out_dir=out, resume=True))
+    with pytest.warns(UserWarning, match=r"lr: 0.003 -> 0.0005.*warmup: 3 -> 0"):
+        res = train(model, ds, coupling, _cfg(steps=8, lr=5e-4, warmup=0, out_dir=out, resume=True))
+    assert all(r["lr"] == pytest.approx(5e-4) for r in res.history)  # the override applies
+
+
+class NaNAfter(IndependentCoupling):
+    def __init__(self, after):
+        super().__init__()
+        self.calls, self.after = 0, after
+
+    def __call__(self, x1, indices=None):
+        self.calls += 1
+        x0, x1 = super().__call__(x1, indices=indices)
+        return (x0 * float("nan") if self.calls in self.after else x0), x1
+
+
+def test_nonfinite_loss_stops_without_overwriting_or_skips(tmp_path):
+    out = str(tmp_path)
+    model, ds, _ = _setup("independent")
+    train(model, ds, IndependentCoupling(), _cfg(steps=4, out_dir=out))
+    with pytest.raises(FloatingPointError, match="non-finite loss.*at step 6.*without writing a checkpoint"):
+        train(model, ds, NaNAfter({2}), _cfg(steps=8, out_dir=out, resume=True, ckpt_every=1))
+    # step 5 was checkpointed (finite), step 6 stopped the run: nothing NaN was written
+    ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ck["step"] == 5 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    mk = load_checkpoint(os.path.join(out, "model.pt"))
+    assert mk["step"] == 5 and all(torch.isfinite(v).all() for v in mk["model"].values())
+    model, ds, _ = _setup("independent")
+    with pytest.warns(RuntimeWarning, match="2 of the steps had a non-finite loss"):
+        res = train(model, ds, NaNAfter({3, 5}), _cfg(steps=8, nonfinite="skip"))
+    assert res.skipped == 2 and res.step == 8
+    assert all(torch.isfinite(v).all() for v in _params(res.model).values())
+
+
+def test_sigterm_saves_then_exits(tmp_path):
+    out, flag = str(tmp_path / "run"), str(tmp_path / "started")
+    script = textwrap.dedent(f"""
+        import torch
+        from loom_kernels import data
+        from loom_kernels.models import MLPVelocity
+        from loom_kernels.train import TrainConfig, make_coupling, train
+        ds = data.IndexedDataset(data.load("moons", n=64))
+        def cb(step, **kw):
+            if step == 3:
+                open({flag!r}, "w").close()
+            import time; time.sleep(0.05)
+        train(MLPVelocity((2,), hidden=8, depth=1), ds, make_coupling("loom", 64, (2,)),
+              TrainConfig(steps=100000, batch_size=16, progress=False, out_dir={out!r}), callback=cb, callback_every=1)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stderr=subprocess.PIPE, text=True)
+    import time
+
+    deadline = time.time() + 120
+    while not os.path.exists(flag) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(15)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "SIGTERM at step" in err, err
+    ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert 3 <= ck["step"] < 100000 and ck["coupling"] is not None
+    with open(os.path.join(out, "log.csv")) as f:
+        assert all(int(r["step"]) <= ck["step"] for r in csv.DictReader(f))
+
+
+def test_torn_last_log_row_is_dropped_with_a_warning(tmp_path):
+    out = str(tmp_path)
+    model, ds, coupling = _setup("independent")
+    train(model, ds, coupling, _cfg(steps=4, out_dir=out))
+    with open(os.path.join(out, "log.csv"), "a") as f:
+        f.write("\0\0\0\0")  # a crash after the file grew but before the bytes landed
+    with pytest.warns(RuntimeWarning, match="torn last row"):
+        train(model, ds, coupling, _cfg(steps=6, out_dir=out, resume=True))
+    with open(os.path.join(out, "log.csv")) as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 7))
+    with open(os.path.join(out, "log.csv"), "a") as f:
+        f.write("x,1,2,3,4,5,6\n7,1,0.5,1,1,0,0.001\n")  # damage inside the file: a clear error
+    with pytest.raises(ValueError, match="row 8 is not a log row"):
+        train(model, ds, coupling, _cfg(steps=8, out_dir=out, resume=True))
+
+
+def test_cli_unet_flip_and_sample_refuses_nan(tmp_path):
+    out = str(tmp_path / "run")
+    _cli("loom_kernels.train", "--data", "digits", "--coupling", "loom", "--model", "unet", "--channels", "8",
+         "--flip", "--steps", "4", "--batch-size", "32", "--points", "128", "--out", out, "--no-progress",
+         "--metric", "euclidean", "--schedule", "cosine", "--caches", "2")
+    ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ck["metadata"]["model"]["kind"] == "unet" and ck["coupling"]["config"]["num_points"] == 256  # 2 x 128 views
+    npy = str(tmp_path / "s.npy")
+    _cli("loom_kernels.sample", "--ckpt", os.path.join(out, "model.pt"), "--nfe", "2", "--n", "8", "--out", npy)
+    assert np.load(npy).shape == (8, 1, 8, 8)
+    net = load_model(os.path.join(out, "model.pt"))
+    with torch.no_grad():
+        net.conv_out.bias.fill_(float("nan"))
+    from loom_kernels.checkpoint import save_model
+
+    save_model(str(tmp_path / "nan.pt"), net, metadata={"model": net.spec})
+    p = subprocess.run([sys.executable, "-m", "loom_kernels.sample", "--ckpt", str(tmp_path / "nan.pt"), "--n", "4",
+                        "--out", str(tmp_path / "nan.npy")], capture_output=True, text=True, timeout=120,
+                       cwd=tempfile.gettempdir())
+    assert p.returncode != 0 and "NaN or inf" in p.stderr and not os.path.exists(tmp_path / "nan.npy")
