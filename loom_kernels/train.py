@@ -512,7 +512,7 @@ def _state(run: _Run) -> dict:
     else:
         rngs[0] = mine
     return {
-        "format": "loom_kernels.checkpoint", "version": 1,
+        "format": "loom_kernels.checkpoint", "version": 2,  # 2: carries a checksum (checkpoint.atomic_save)
         "step": run.step, "epoch": run.epoch, "seen": run.seen, "world_size": run.world,
         "model": run.model.state_dict(), "ema": run.ema.state_dict(),
         "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "scaler": run.scaler.state_dict(),
