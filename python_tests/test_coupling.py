@@ -63,7 +63,7 @@ def test_independent_shapes_generator_and_stats():
 def test_minibatch_ot_is_optimal(metric, b, m):
     x1 = _data(b, (3, 2), seed=b)
     x0 = torch.randn(m, 3, 2)
-    out0, out1 = MinibatchOTCoupling(metric)(x1, x0)
+    out0, out1 = MinibatchOTCoupling(metric)(x1, x0=x0)
     assert out1 is x1 and out0.shape == x1.shape
     # out0 is made of distinct rows of x0
     rows = [int(torch.nonzero((x0 == r).flatten(1).all(1))[0]) for r in out0]
@@ -93,11 +93,11 @@ def test_minibatch_ot_errors():
     with pytest.raises(ValueError, match="metric must be one of"):
         MinibatchOTCoupling("cosine")
     with pytest.raises(ValueError, match=r"x0 must have shape \(m, \*x1.shape\[1:\]\) with m >= b = 8"):
-        c(torch.rand(8, 2), torch.rand(7, 2))
+        c(torch.rand(8, 2), x0=torch.rand(7, 2))
     with pytest.raises(ValueError, match="x0 must have shape"):
-        c(torch.rand(8, 2), torch.rand(8, 3))
+        c(torch.rand(8, 2), x0=torch.rand(8, 3))
     with pytest.raises(ValueError, match="x0 must be on x1's device cpu, got meta"):
-        c(torch.rand(8, 2), torch.rand(8, 2, device="meta"))
+        c(torch.rand(8, 2), x0=torch.rand(8, 2, device="meta"))
     with pytest.raises(TypeError, match="x1 must be a torch.Tensor"):
         c(np.zeros((4, 2)))
     with pytest.raises(ValueError, match="at least one feature dim"):
@@ -271,13 +271,17 @@ def test_loom_ties_and_invalid_data():
     x0, _ = c(x1, idx)
     assert float(c.stats["post_cost"]) == pytest.approx(float(c.stats["pre_cost"]), rel=1e-6)
     np.testing.assert_array_equal(np.sort(c.seeds.numpy().ravel()), multiset)
-    # NaN data: the solver refuses it and the table is left as it was
+    # NaN or inf data (or costs that overflow): refused naming x1, and the table is left as it was
     before = c.seeds.clone()
-    bad = torch.rand(4, 3)
-    bad[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="invalid numeric entries"):
-        c(bad, torch.arange(4))
-    assert torch.equal(c.seeds, before)
+    for v in (float("nan"), float("inf"), -float("inf"), 1e30):
+        bad = torch.rand(4, 3)
+        bad[1, 2] = v
+        with pytest.raises(ValueError, match="x1 contains NaN or inf"):
+            c(bad, torch.arange(4))
+        assert torch.equal(c.seeds, before)
+        with pytest.raises(ValueError, match="x1 contains NaN or inf"):
+            c(bad, torch.arange(4), labels=torch.tensor([0, 1, 0, 1]))
+        assert torch.equal(c.seeds, before)
 
 
 # ---- resample ----------------------------------------------------------------------------------------

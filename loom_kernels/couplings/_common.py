@@ -1,7 +1,11 @@
-"""Helpers shared by every coupling: argument checks, metric names, devices, pair statistics."""
+"""Helpers shared by every coupling: argument checks, metric names, devices, pair statistics, the solve."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from ..assign import assign
 
 METRICS = ("sqeuclidean", "euclidean")
 _COST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,3 +57,49 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
+
+
+def _check_labels(labels, b: int, device: torch.device):
+    """``labels`` as given (``None`` or an integer ``(b,)`` tensor on ``device``), or a clear error."""
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor of shape (b,), got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != b:
+        raise ValueError(f"labels must have shape (b,) = ({b},) to match x1, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on x1's device {device}, got {labels.device}")
+    return labels
+
+
+def _solve(cost: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``assign(cost)`` with the pairs of different labels forbidden; ``col (n,)`` int64.
+
+    ``cost (n, m)``: rows are data items, columns noises; with ``labels (n,)`` (square cost) column
+    ``j`` is item ``j``'s noise, so forbidding cross-label pairs (+inf) solves exact OT per class in
+    one batched solve (the identity stays feasible). A non-finite cost can only come from the data
+    (noise is finite), so it is reported as ``x1``'s, before any caller changes its state.
+    """
+    finite = torch.isfinite(cost).all()  # a device scalar: read after assign's own sync on CUDA
+    if cost.device.type == "cpu" and not bool(finite):
+        _raise_bad_x1()
+    if labels is not None:
+        cost = cost.masked_fill(labels[:, None] != labels[None, :], float("inf"))
+    try:
+        col = assign(cost)
+    except ValueError:
+        if not bool(finite):
+            _raise_bad_x1()
+        raise
+    if not bool(finite):
+        _raise_bad_x1()
+    return col
+
+
+def _raise_bad_x1():
+    raise ValueError(
+        "x1 contains NaN or inf (or values so large that the pair costs overflow float32): "
+        "the coupling refused the batch and left its state unchanged"
+    ) from None
