@@ -74,32 +74,32 @@ def _check_labels(labels, b: int, device: torch.device):
     return labels
 
 
-def _solve(cost: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _solve(cost: torch.Tensor, labels: Optional[torch.Tensor] = None, data: str = "x1") -> torch.Tensor:
     """``assign(cost)`` with the pairs of different labels forbidden; ``col (n,)`` int64.
 
     ``cost (n, m)``: rows are data items, columns noises; with ``labels (n,)`` (square cost) column
     ``j`` is item ``j``'s noise, so forbidding cross-label pairs (+inf) solves exact OT per class in
     one batched solve (the identity stays feasible). A non-finite cost can only come from the data
-    (noise is finite), so it is reported as ``x1``'s, before any caller changes its state.
+    (noise is finite), so it is reported as the argument ``data``'s, before any caller changes its state.
     """
     finite = torch.isfinite(cost).all()  # a device scalar: read after assign's own sync on CUDA
     if cost.device.type == "cpu" and not bool(finite):
-        _raise_bad_x1()
+        _raise_bad_data(data)
     if labels is not None:
         cost = cost.masked_fill(labels[:, None] != labels[None, :], float("inf"))
     try:
         col = assign(cost)
     except ValueError:
         if not bool(finite):
-            _raise_bad_x1()
+            _raise_bad_data(data)
         raise
     if not bool(finite):
-        _raise_bad_x1()
+        _raise_bad_data(data)
     return col
 
 
-def _raise_bad_x1():
+def _raise_bad_data(data):
     raise ValueError(
-        "x1 contains NaN or inf (or values so large that the pair costs overflow float32): "
-        "the coupling refused the batch and left its state unchanged"
+        f"{data} contains NaN or inf (or values so large that the pair costs overflow float32): "
+        "the batch was refused and the coupling's state left unchanged"
     ) from None

@@ -1,0 +1,1 @@
+"""Compatibility layers: one module per peer library whose contract we honour."""
