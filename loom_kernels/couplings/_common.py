@@ -82,20 +82,21 @@ def _solve(cost: torch.Tensor, labels: Optional[torch.Tensor] = None, data: str 
     one batched solve (the identity stays feasible). A non-finite cost can only come from the data
     (noise is finite), so it is reported as the argument ``data``'s, before any caller changes its state.
     """
-    finite = torch.isfinite(cost).all()  # a device scalar: read after assign's own sync on CUDA
-    if cost.device.type == "cpu" and not bool(finite):
-        _raise_bad_data(data)
+    if cost.device.type == "cpu":
+        if not bool(torch.isfinite(cost).all()):
+            _raise_bad_data(data)
+    else:
+        # No host read of our own: a non-finite cost becomes NaN, which assign refuses inside its own
+        # sync. A bad x1 row keeps its NaN on the diagonal, which the label mask never covers.
+        cost = torch.where(torch.isfinite(cost), cost, cost.new_full((), float("nan")))
     if labels is not None:
         cost = cost.masked_fill(labels[:, None] != labels[None, :], float("inf"))
     try:
-        col = assign(cost)
+        return assign(cost)
     except ValueError:
-        if not bool(finite):
+        if cost.device.type != "cpu" and bool(torch.isnan(cost).any()):
             _raise_bad_data(data)
         raise
-    if not bool(finite):
-        _raise_bad_data(data)
-    return col
 
 
 def _raise_bad_data(data):

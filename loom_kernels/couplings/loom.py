@@ -60,8 +60,8 @@ class LoomCoupling(Coupling):
     the global batch of ``W * b`` items: ranks all-gather the indices (and labels) and their cost rows
     (``b x W*b`` floats each; their data instead when it is smaller, ``D < W*b``), every rank
     regenerates the global noise from the (identical) tables, solves the same assignment and keeps
-    its slice. ``scope="local"`` solves each rank's minibatch and
-    all-gathers the ``(index, slot, seed)`` updates. Tables and generator states stay identical on all
+    its slice. ``scope="local"`` solves each rank's minibatch and all-gathers the ``(index, slot,
+    seed)`` updates. Tables and generator states stay identical on all
     ranks; noise is never sent. Call ``resample`` with the same arguments on every rank.
 
     Memory-mapped tables: ``mmap_path`` keeps the table in a ``.npy`` file on disk (numpy memmap); each
@@ -238,13 +238,15 @@ class LoomCoupling(Coupling):
         try:
             indices, labels = self._check_inputs(x1, indices, labels)
         except (TypeError, ValueError):
-            grp.agree("LoomCoupling", {"batch size": -1}, {"labels": False}, self._fingerprint(), failed=True)
+            if grp.world > 1:  # the other ranks raise too instead of waiting in a collective
+                grp.agree("LoomCoupling", {"batch size": -1}, {"labels": False}, self._fingerprint(), failed=True)
             raise
         world, rank = grp.world, grp.rank
         b = x1.shape[0]
         tdev = self.table_device
-        grp.agree("LoomCoupling", {"batch size": b}, {"labels": labels is not None}, self._fingerprint())
-        g_idx = grp.gather(indices)
+        if world > 1:  # the fingerprint reads the table: only when there is something to agree on
+            grp.agree("LoomCoupling", {"batch size": b}, {"labels": labels is not None}, self._fingerprint())
+        g_idx = grp.gather(indices, grp.cdev)  # left on the comm device: validated after the solve's sync
         n = world * b
         # One shared slot stream over the global batch: identical generator states on all ranks.
         g_slots = _to(self._draw_slots(n), tdev)
