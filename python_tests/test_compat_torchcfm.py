@@ -43,11 +43,12 @@ def _sq(x0, x1):
 # ---- the exact plan: POT's, on the tensors' device ------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("b,dims", SHAPES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_get_map_equals_pot_emd(b, dims, seed):
+def test_get_map_equals_pot_emd(b, dims, seed, dtype):
     ot = pytest.importorskip("ot")
-    x0, x1 = _pair(b, dims, seed)
+    x0, x1 = (x.to(dtype) for x in _pair(b, dims, seed))
     M = torch.cdist(x0.reshape(b, -1), x1.reshape(b, -1)) ** 2
     pot_pi = ot.emd(ot.unif(b), ot.unif(b), M.numpy())
     pi = OTPlanSampler("exact").get_map(x0, x1)

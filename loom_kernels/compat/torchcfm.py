@@ -106,8 +106,12 @@ class OTPlanSampler:
                 f"x0 and x1 must have the same shape (b, *dim) and device, got x0 {tuple(x0.shape)} on {x0.device} "
                 f"and x1 {tuple(x1.shape)} on {x1.device}"
             )
-        dt = _cost_dtype(x1.dtype)
-        cost = pairwise_cost(_flat(x1).detach().to(dt), _flat(x0).detach().to(dt), metric="sqeuclidean")
+        a, b = _flat(x1).detach(), _flat(x0).detach()
+        if a.dtype == torch.float64:  # keep TorchCFM's float64 cost (our kernels compute in float32)
+            cost = torch.cdist(a, b) ** 2
+        else:
+            dt = _cost_dtype(a.dtype)
+            cost = pairwise_cost(a.to(dt), b.to(dt), metric="sqeuclidean")
         return _solve(cost, labels, data="x0 or x1")
 
     @staticmethod
