@@ -29,7 +29,8 @@ class MinibatchOTCoupling(Coupling):
     couple the concatenated batch (with ``x0`` the concatenation of every rank's noise); each rank
     gets its own rows' noise. Ranks all-gather their noise and then their cost rows, or their data
     when ``D < W*m``. Seed each rank's ``generator`` (or global RNG) differently. ``scope="local"``
-    couples each rank's batch on its own (no communication).
+    couples each rank's batch on its own (no communication, so no cross-rank checks). ``indices`` is
+    accepted for the common protocol and not used.
 
     Shapes: ``x1 (b, *shape)``, ``x0 (m, *shape)`` with ``m >= b`` -> ``(x0 (b, *shape), x1)``.
 
