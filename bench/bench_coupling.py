@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 
-from loom_kernels.coupling import LoomCoupling
+from loom_kernels.coupling import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.testing import ReferencePaperCoupling
 
 SHAPES = {"cifar": ((3, 32, 32), 6), "latent": ((4, 32, 32), 4)}
@@ -86,3 +86,21 @@ def test_coupling_step_cuda(benchmark, b, metric):
     x0 = benchmark(step)
     assert x0.shape == (b, *shape)
     assert float(coupling.stats["post_cost"]) <= float(coupling.stats["pre_cost"])
+
+
+@pytest.mark.parametrize("classes", [0, 10, 1000])
+@pytest.mark.parametrize("d", [2, 3072])
+def test_minibatch_ot_labels_cpu(benchmark, d, classes):
+    """Class-conditional minibatch OT (one batched solve, cross-class pairs forbidden) vs the unconditional
+    solve (``classes=0``) on the same batch and noise, b=256, one thread (a multi-threaded torch op on the
+    small b x b cost only adds thread wake-ups, which dominate on a shared machine)."""
+    b = 256
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(d)
+    x1, x0 = torch.rand(b, d, generator=g), torch.randn(b, d, generator=g)
+    labels = torch.randint(classes, (b,), generator=g) if classes else None
+    coupling = MinibatchOTCoupling()
+    benchmark.group = f"minibatch OT cpu b={b} D={d} labels"
+    benchmark.extra_info.update(provider=f"classes={classes}" if classes else "unconditional", threads=1)
+    out, _ = benchmark(lambda: coupling(x1, x0=x0, labels=labels))
+    assert out.shape == x1.shape

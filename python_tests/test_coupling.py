@@ -63,7 +63,7 @@ def test_independent_shapes_generator_and_stats():
 def test_minibatch_ot_is_optimal(metric, b, m):
     x1 = _data(b, (3, 2), seed=b)
     x0 = torch.randn(m, 3, 2)
-    out0, out1 = MinibatchOTCoupling(metric)(x1, x0)
+    out0, out1 = MinibatchOTCoupling(metric)(x1, x0=x0)
     assert out1 is x1 and out0.shape == x1.shape
     # out0 is made of distinct rows of x0
     rows = [int(torch.nonzero((x0 == r).flatten(1).all(1))[0]) for r in out0]
@@ -93,11 +93,11 @@ def test_minibatch_ot_errors():
     with pytest.raises(ValueError, match="metric must be one of"):
         MinibatchOTCoupling("cosine")
     with pytest.raises(ValueError, match=r"x0 must have shape \(m, \*x1.shape\[1:\]\) with m >= b = 8"):
-        c(torch.rand(8, 2), torch.rand(7, 2))
+        c(torch.rand(8, 2), x0=torch.rand(7, 2))
     with pytest.raises(ValueError, match="x0 must have shape"):
-        c(torch.rand(8, 2), torch.rand(8, 3))
+        c(torch.rand(8, 2), x0=torch.rand(8, 3))
     with pytest.raises(ValueError, match="x0 must be on x1's device cpu, got meta"):
-        c(torch.rand(8, 2), torch.rand(8, 2, device="meta"))
+        c(torch.rand(8, 2), x0=torch.rand(8, 2, device="meta"))
     with pytest.raises(TypeError, match="x1 must be a torch.Tensor"):
         c(np.zeros((4, 2)))
     with pytest.raises(ValueError, match="at least one feature dim"):
@@ -271,13 +271,17 @@ def test_loom_ties_and_invalid_data():
     x0, _ = c(x1, idx)
     assert float(c.stats["post_cost"]) == pytest.approx(float(c.stats["pre_cost"]), rel=1e-6)
     np.testing.assert_array_equal(np.sort(c.seeds.numpy().ravel()), multiset)
-    # NaN data: the solver refuses it and the table is left as it was
+    # NaN or inf data (or costs that overflow): refused naming x1, and the table is left as it was
     before = c.seeds.clone()
-    bad = torch.rand(4, 3)
-    bad[1, 2] = float("nan")
-    with pytest.raises(ValueError, match="invalid numeric entries"):
-        c(bad, torch.arange(4))
-    assert torch.equal(c.seeds, before)
+    for v in (float("nan"), float("inf"), -float("inf"), 1e30):
+        bad = torch.rand(4, 3)
+        bad[1, 2] = v
+        with pytest.raises(ValueError, match="x1 contains NaN or inf"):
+            c(bad, torch.arange(4))
+        assert torch.equal(c.seeds, before)
+        with pytest.raises(ValueError, match="x1 contains NaN or inf"):
+            c(bad, torch.arange(4), labels=torch.tensor([0, 1, 0, 1]))
+        assert torch.equal(c.seeds, before)
 
 
 # ---- resample ----------------------------------------------------------------------------------------
@@ -542,6 +546,153 @@ def test_loom_cuda_step_has_no_host_sync_of_its_own():
             c(x1, idx)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    ours = [str(w.message) for w in caught if w.filename.endswith("coupling.py")]
+    pkg = os.path.join("loom_kernels", "couplings") + os.sep
+    ours = [str(w.message) for w in caught if pkg in w.filename or w.filename.endswith("coupling.py")]
     assert not ours, ours
     assert float(c.stats["post_cost"]) <= float(c.stats["pre_cost"])
+
+
+# ---- the protocol, keyword-only x0, labels -----------------------------------------------------------
+
+
+def test_every_coupling_follows_the_protocol():
+    from loom_kernels.couplings.base import Coupling
+
+    x1, idx = _data(8, (2,)), torch.arange(8)
+    for c in (IndependentCoupling(), MinibatchOTCoupling(), LoomCoupling(8, (2,))):
+        assert isinstance(c, Coupling)
+        x0, out = c(x1, indices=idx, labels=idx % 2)
+        assert out is x1 and x0.shape == x1.shape
+        c.load_state_dict(c.state_dict())
+    assert MinibatchOTCoupling().state_dict() == {}
+    with pytest.raises(ValueError, match="MinibatchOTCoupling has no state to load"):
+        MinibatchOTCoupling().load_state_dict({"seeds": 1})
+
+
+def test_minibatch_ot_refuses_a_second_positional_tensor():
+    x0, x1 = torch.randn(8, 2), torch.rand(8, 2)
+    with pytest.raises(TypeError, match=r"data first .* keyword x0: coupling\(x1, x0=noise\).*TorchCFM's order is "
+                                        r"\(x0, x1\).*reverse flow"):
+        MinibatchOTCoupling()(x0, x1)
+    out0, _ = MinibatchOTCoupling()(x1, x0=x0)
+    assert sorted(_rows(out0, x0)) == list(range(8))
+
+
+def _rows(out, src):
+    """Index of each row of ``out`` in ``src`` (rows of ``src`` are distinct)."""
+    eq = (out.flatten(1)[:, None] == src.flatten(1)[None]).all(-1)
+    assert (eq.sum(1) == 1).all()
+    return eq.float().argmax(1).tolist()
+
+
+def _per_class_best(x1, x0, y, metric):
+    """Sum over classes of the exact OT cost within each class (scipy, float64)."""
+    total = 0.0
+    for c in torch.unique(y).tolist():
+        m = torch.nonzero(y == c).flatten()
+        r, col = linear_sum_assignment(cost_matrix_np(x1[m], x0[m], metric))
+        total += cost_matrix_np(x1[m], x0[m], metric)[r, col].sum()
+    return total
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("classes", [1, 3, 10, 1000])
+def test_minibatch_ot_labels_equal_per_class_ot(metric, classes):
+    b = 96
+    x1, x0 = _data(b, (3,), seed=classes), torch.randn(b, 3)
+    y = torch.randint(classes, (b,))
+    c = MinibatchOTCoupling(metric)
+    out0, _ = c(x1, x0=x0, labels=y)
+    col = torch.tensor(_rows(out0, x0))
+    assert sorted(col.tolist()) == list(range(b))
+    assert torch.equal(y[col], y), "a noise crossed classes"  # noise j starts as item j's, in j's class
+    got = coupling_cost_np(x1, out0, metric).sum()
+    assert got == pytest.approx(_per_class_best(x1, x0, y, metric), rel=1e-5, abs=1e-6)
+    assert float(c.stats["post_cost"]) <= float(c.stats["pre_cost"]) + 1e-6
+    if classes == 1:  # one class is the unconditional problem
+        ref, _ = MinibatchOTCoupling(metric)(x1, x0=x0)
+        assert torch.equal(ref, out0)
+
+
+def test_label_errors_name_labels():
+    x1 = torch.rand(8, 2)
+    y = torch.arange(8) % 2
+    for c in (MinibatchOTCoupling(), IndependentCoupling()):
+        with pytest.raises(TypeError, match="labels must have an integer dtype, got torch.float32"):
+            c(x1, labels=y.float())
+        with pytest.raises(TypeError, match="labels must have an integer dtype, got torch.bool"):
+            c(x1, labels=y.bool())
+        with pytest.raises(TypeError, match="labels must be an integer torch.Tensor"):
+            c(x1, labels=[0, 1] * 4)
+        with pytest.raises(ValueError, match=r"labels must have shape \(b,\) = \(8,\) to match x1, got \(7,\)"):
+            c(x1, labels=y[:7])
+        with pytest.raises(ValueError, match="labels must be on x1's device cpu, got meta"):
+            c(x1, labels=y.to("meta"))
+    with pytest.raises(ValueError, match="labels need x0 with exactly b = 8 rows"):
+        MinibatchOTCoupling()(x1, x0=torch.rand(9, 2), labels=y)
+    with pytest.raises(ValueError, match="x1 contains NaN or inf"):
+        MinibatchOTCoupling()(torch.full((4, 2), float("nan")))
+    with pytest.raises(ValueError, match="scope must be one of"):
+        MinibatchOTCoupling(scope="world")
+
+
+@pytest.mark.parametrize("num_caches", [1, 3])
+def test_loom_labels_keep_each_class_seeds_and_equal_per_class_steps(num_caches):
+    p, shape, b = 60, (2, 2), 24
+    data = _data(p, shape)
+    y = torch.randint(4, (p,), generator=torch.Generator().manual_seed(1))
+    c = LoomCoupling(p, shape, num_caches=num_caches, seed=2)
+    owned = {k: sorted(c.seeds[y == k].flatten().tolist()) for k in range(4)}
+    table = c.seeds.clone()
+    slots = _slots_stream(2, num_caches)
+    swaps = 0
+    for idx in _batches(p, b, 4, seed=3):
+        sl = slots(b)
+        x0, _ = c(data[idx], idx, labels=y[idx])
+        # reference: one exact LOOM step per class on the same slots
+        for k in torch.unique(y[idx]).tolist():
+            m = torch.nonzero(y[idx] == k).flatten()
+            new, x0k, _ = reference_loom_step(table, data[idx][m], idx[m], sl[m])
+            table = torch.from_numpy(new)
+            np.testing.assert_allclose(x0[m].double().numpy(), x0k, rtol=0, atol=1e-5)
+        swaps += int(c.stats["swaps"])
+        assert torch.equal(c.seeds, table)
+        assert {k: sorted(c.seeds[y == k].flatten().tolist()) for k in range(4)} == owned, "a seed changed class"
+    assert swaps > 0
+
+
+def test_loom_label_errors_leave_the_table_unchanged():
+    c = LoomCoupling(16, (2,), num_caches=2)
+    before = c.seeds.clone()
+    x1, idx = torch.rand(8, 2), torch.arange(8)
+    for bad, err in ((idx.float(), TypeError), (idx[:7], ValueError), (idx.to("meta"), ValueError)):
+        with pytest.raises(err, match="labels must"):
+            c(x1, idx, labels=bad)
+        assert torch.equal(c.seeds, before)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_labels_on_cuda_match_cpu(classes):
+    p, b, shape = 512, 256, (3, 8, 8)
+    data = _data(p, shape)
+    y = torch.randint(classes, (p,))
+    x0 = torch.randn(b, *shape)
+    og, _ = MinibatchOTCoupling()(data[:b].cuda(), x0=x0.cuda(), labels=y[:b].cuda())
+    oc, _ = MinibatchOTCoupling()(data[:b], x0=x0, labels=y[:b])
+    assert torch.equal(y[:b][torch.tensor(_rows(og.cpu(), x0))], y[:b]), "a noise crossed classes on CUDA"
+    np.testing.assert_allclose(coupling_cost_np(data[:b], og.cpu()).sum(), coupling_cost_np(data[:b], oc).sum(),
+                               rtol=1e-5)
+    g = LoomCoupling(p, shape, num_caches=2, seed=1, device="cuda")
+    owned = {k: sorted(g.seeds.cpu()[y == k].flatten().tolist()) for k in torch.unique(y).tolist()}
+    for idx in _batches(p, b, 2):
+        g(data[idx].cuda(), idx, labels=y[idx].cuda())
+    assert {k: sorted(g.seeds.cpu()[y == k].flatten().tolist()) for k in owned} == owned
+    bad = data[:4].cuda().clone()
+    bad[0, 0, 0, 0] = float("nan")
+    before = g.seeds.clone()
+    with pytest.raises(ValueError, match="x1 contains NaN or inf"):
+        g(bad, torch.arange(4), labels=y[:4].cuda())
+    assert torch.equal(g.seeds, before)
+    with pytest.raises(ValueError, match="labels must be on x1's device"):
+        g(data[:4].cuda(), torch.arange(4), labels=y[:4])

@@ -1,4 +1,4 @@
-"""LoomCoupling under torch.distributed: 2 CPU processes with gloo, compared with one process.
+"""LoomCoupling and MinibatchOTCoupling under torch.distributed: 2 CPU processes with gloo, compared with one process.
 
 One spawn runs both scopes and the error paths (process start-up dominates the cost); the workers
 write their results to files that the test compares with a single-process run.
@@ -11,13 +11,78 @@ import numpy as np
 import pytest
 import torch
 
-from loom_kernels.coupling import LoomCoupling
+from loom_kernels.coupling import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.testing import reference_loom_step
 
 pytestmark = pytest.mark.distributed
 
 WORLD, B, P, SHAPE, CACHES, SEED, STEPS = 2, 8, 64, (2, 3), 3, 13, 12
 TIMEOUT_S = 120
+MB_DIMS = (6, 40)  # D < W*B: ranks exchange their data; D > W*B: their cost rows
+CLASSES = 3
+
+
+def _labels():
+    return torch.randint(CLASSES, (P,), generator=torch.Generator().manual_seed(2))
+
+
+def _mb_data(dim):
+    g = torch.Generator().manual_seed(dim)
+    return torch.randn(WORLD * B, dim, generator=g), torch.randint(CLASSES, (WORLD * B,), generator=g)
+
+
+def _mb_gen(rank):
+    return torch.Generator().manual_seed(100 + rank)
+
+
+def _minibatch_runs(rank):
+    """Two calls per (dim, labels?, scope), each rank with its own noise generator."""
+    out, sl = {}, slice(rank * B, (rank + 1) * B)
+    for dim in MB_DIMS:
+        x1, y = _mb_data(dim)
+        for lab in (False, True):
+            for scope in ("global", "local"):
+                c = MinibatchOTCoupling(generator=_mb_gen(rank), scope=scope)
+                x0s = [c(x1[sl], labels=y[sl] if lab else None)[0] for _ in range(2)]
+                out[dim, lab, scope] = (torch.stack(x0s), float(c.stats["post_cost"]))
+    return out
+
+
+def _loom_label_runs(rank, data):
+    out, y = {}, _labels()
+    for scope in ("global", "local"):
+        c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope)
+        x0s = []
+        for gidx in _global_batches():
+            idx = gidx[rank * B:(rank + 1) * B]
+            x0s.append(c(data[idx], idx, labels=y[idx])[0])
+        out[scope] = {"seeds": c.seeds.clone(), "x0": torch.stack(x0s)}
+    return out
+
+
+def _label_errors(rank, data):
+    """Labels on one rank only, bad labels on one rank, unequal MinibatchOT batches: every rank raises."""
+    errors, idx = [], torch.tensor([10, 20]) + rank
+    c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED)
+    before = c.seeds.clone()
+    mb = MinibatchOTCoupling()
+    y = torch.tensor([0, 1])
+    calls = [
+        lambda: c(data[idx], idx, labels=y if rank == 0 else None),
+        lambda: mb(data[idx], labels=y if rank == 0 else None),
+        lambda: c(data[idx], idx, labels=y if rank == 0 else y.float()),
+        lambda: mb(data[idx], labels=y if rank == 0 else y[:1]),
+        lambda: mb(data[: 2 + rank]),
+    ]
+    for call in calls:
+        try:
+            call()
+            errors.append("no error")
+        except (TypeError, ValueError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    c(data[idx], idx, labels=y)  # the group still works after the errors
+    mb(data[idx], labels=y)
+    return errors, bool(torch.equal(c.seeds[:10], before[:10]))
 
 
 def _data():
@@ -92,6 +157,9 @@ def _worker(rank, store, out_dir):
             errors.append(str(exc))
         result["errors"] = errors
         result["untouched"] = bool(torch.equal(c.seeds[[5, 6, 7, 8]], before[[5, 6, 7, 8]]))
+        result["mb"] = _minibatch_runs(rank)
+        result["loom_labels"] = _loom_label_runs(rank, data)
+        result["label_errors"] = _label_errors(rank, data)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
@@ -166,3 +234,61 @@ def test_errors_are_raised_on_every_rank(ranks):
         assert "LoomCoupling differs across ranks (scope)" in scope
         assert "LoomCoupling differs across ranks (seed table)" in table
         assert res["untouched"]
+
+
+# ---- labels and MinibatchOTCoupling (issue 11) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lab", [False, True])
+@pytest.mark.parametrize("dim", MB_DIMS)
+def test_minibatch_global_scope_equals_one_process_on_the_concatenated_batch(ranks, dim, lab):
+    x1, y = _mb_data(dim)
+    gens = [_mb_gen(r) for r in range(WORLD)]
+    for step in range(2):
+        x0 = torch.cat([torch.randn((B, dim), generator=g) for g in gens])  # what each rank drew
+        single = MinibatchOTCoupling()
+        ref, _ = single(x1, x0=x0, labels=y if lab else None)
+        for r, res in enumerate(ranks):
+            got, post = res["mb"][dim, lab, "global"]
+            assert torch.equal(got[step], ref[r * B:(r + 1) * B]), f"rank {r} differs from one process"
+            if step == 1:
+                assert post == pytest.approx(float(single.stats["post_cost"]), rel=1e-6)
+        if lab:
+            col = torch.tensor([int(torch.nonzero((x0 == row).all(1))[0]) for row in ref])
+            assert torch.equal(y[col], y)
+        for r, res in enumerate(ranks):  # scope="local": each rank alone
+            sl = slice(r * B, (r + 1) * B)
+            loc, _ = MinibatchOTCoupling()(x1[sl], x0=x0[sl], labels=y[sl] if lab else None)
+            assert torch.equal(res["mb"][dim, lab, "local"][0][step], loc)
+    assert not torch.equal(ranks[0]["mb"][dim, lab, "global"][0], ranks[0]["mb"][dim, lab, "local"][0])
+
+
+def test_loom_labels_global_equals_one_process_and_classes_keep_their_seeds(ranks):
+    data, y = _data(), _labels()
+    single = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED)
+    owned = {k: sorted(single.seeds[y == k].flatten().tolist()) for k in range(CLASSES)}
+    x0s = torch.stack([single(data[g], g, labels=y[g])[0] for g in _global_batches()])
+    for r, res in enumerate(ranks):
+        assert torch.equal(res["loom_labels"]["global"]["seeds"], single.seeds), f"rank {r} table differs"
+        np.testing.assert_allclose(res["loom_labels"]["global"]["x0"].numpy(), x0s[:, r * B:(r + 1) * B].numpy(),
+                                   rtol=0, atol=1e-6)
+        for scope in ("global", "local"):
+            seeds = res["loom_labels"][scope]["seeds"]
+            assert torch.equal(seeds, ranks[0]["loom_labels"][scope]["seeds"])
+            assert {k: sorted(seeds[y == k].flatten().tolist()) for k in range(CLASSES)} == owned, scope
+    assert not torch.equal(ranks[0]["loom_labels"]["global"]["seeds"], ranks[0]["global"]["seeds"])
+
+
+def test_label_errors_are_raised_on_every_rank(ranks):
+    one_rank = "labels must be passed on every rank or on none: rank(s) [0] passed labels, rank(s) [1] did not"
+    for r, res in enumerate(ranks):
+        (loom_one, mb_one, loom_bad, mb_bad, mb_size), untouched = res["label_errors"]
+        assert one_rank in loom_one and one_rank in mb_one
+        if r == 1:  # the rank with bad labels raises its own error, the other is told which rank refused
+            assert "TypeError: labels must have an integer dtype" in loom_bad
+            assert "labels must have shape (b,) = (2,)" in mb_bad
+        else:
+            assert "rank(s) [1] refused their input to LoomCoupling" in loom_bad
+            assert "rank(s) [1] refused their input to MinibatchOTCoupling" in mb_bad
+        assert "every rank must pass a batch of the same size to MinibatchOTCoupling, got sizes [2, 3]" in mb_size
+        assert untouched

@@ -1,14 +1,18 @@
 """Data-noise couplings for flow matching: independent, minibatch OT and LOOM-CFM.
 
-All couplings return ``(x0, x1)`` with the source first: ``x0[i]`` is the noise paired with the data
-item ``x1[i]``. The heavy lifting lives elsewhere: ``loom_kernels.noise.gaussian_noise`` (noise as a
-pure function of an int64 seed), ``loom_kernels.cost.pairwise_cost`` and ``loom_kernels.assign.assign``.
+All couplings follow one protocol (``base.Coupling``): ``coupling(x1, *, indices=None, labels=None)``
+returns ``(x0, x1)`` with the source first: ``x0[i]`` is the noise paired with the data item ``x1[i]``;
+``labels`` keep every exchange of noise within a class. The heavy lifting lives elsewhere:
+``loom_kernels.noise.gaussian_noise`` (noise as a pure function of an int64 seed),
+``loom_kernels.cost.pairwise_cost`` and ``loom_kernels.assign.assign``.
 This package holds only the bookkeeping:
 
+- ``base.py``: the protocol (``Coupling``: ``__call__``, ``stats``, ``state_dict``/``load_state_dict``);
 - ``independent.py``, ``minibatch.py``, ``loom.py``: the couplings, one per file;
 - ``table.py``: LOOM's seed table (the seed stream, storage in memory or memory-mapped);
-- ``distributed.py``: the collectives every coupling uses under ``torch.distributed``;
-- ``_common.py``: argument checks, metric names, devices, pair statistics.
+- ``distributed.py``: the exchange both OT couplings use under ``torch.distributed`` (rank agreement,
+  gathers, the global batch's cost);
+- ``_common.py``: argument checks, metric names, devices, pair statistics, the label-aware solve.
 
 Example::
 
@@ -19,8 +23,9 @@ Example::
         ...                                          # flow-matching loss on (1-t) x0 + t x1
 """
 from ._common import METRICS
+from .base import Coupling
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
 
-__all__ = ["IndependentCoupling", "MinibatchOTCoupling", "LoomCoupling", "METRICS"]
+__all__ = ["Coupling", "IndependentCoupling", "MinibatchOTCoupling", "LoomCoupling", "METRICS"]

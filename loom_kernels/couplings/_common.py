@@ -1,7 +1,11 @@
-"""Helpers shared by every coupling: argument checks, metric names, devices, pair statistics."""
+"""Helpers shared by every coupling: argument checks, metric names, devices, pair statistics, the solve."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from ..assign import assign
 
 METRICS = ("sqeuclidean", "euclidean")
 _COST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,3 +57,50 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
+
+
+def _check_labels(labels, b: int, device: torch.device):
+    """``labels`` as given (``None`` or an integer ``(b,)`` tensor on ``device``), or a clear error."""
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be an integer torch.Tensor of shape (b,), got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != b:
+        raise ValueError(f"labels must have shape (b,) = ({b},) to match x1, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on x1's device {device}, got {labels.device}")
+    return labels
+
+
+def _solve(cost: torch.Tensor, labels: Optional[torch.Tensor] = None, data: str = "x1") -> torch.Tensor:
+    """``assign(cost)`` with the pairs of different labels forbidden; ``col (n,)`` int64.
+
+    ``cost (n, m)``: rows are data items, columns noises; with ``labels (n,)`` (square cost) column
+    ``j`` is item ``j``'s noise, so forbidding cross-label pairs (+inf) solves exact OT per class in
+    one batched solve (the identity stays feasible). A non-finite cost can only come from the data
+    (noise is finite), so it is reported as the argument ``data``'s, before any caller changes its state.
+    """
+    if cost.device.type == "cpu":
+        if not bool(torch.isfinite(cost).all()):
+            _raise_bad_data(data)
+    else:
+        # No host read of our own: a non-finite cost becomes NaN, which assign refuses inside its own
+        # sync. A bad x1 row keeps its NaN on the diagonal, which the label mask never covers.
+        cost = torch.where(torch.isfinite(cost), cost, cost.new_full((), float("nan")))
+    if labels is not None:
+        cost = cost.masked_fill(labels[:, None] != labels[None, :], float("inf"))
+    try:
+        return assign(cost)
+    except ValueError:
+        if cost.device.type != "cpu" and bool(torch.isnan(cost).any()):
+            _raise_bad_data(data)
+        raise
+
+
+def _raise_bad_data(data):
+    raise ValueError(
+        f"{data} contains NaN or inf (or values so large that the pair costs overflow float32): "
+        "the batch was refused and the coupling's state left unchanged"
+    ) from None

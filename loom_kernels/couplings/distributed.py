@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cost import pairwise_cost
 from ._common import _to
 
 
@@ -32,3 +33,78 @@ def _all_gather(t: torch.Tensor, group, world: int, device) -> torch.Tensor:
     torch.distributed.all_gather(out, src, group=group)
     return torch.cat(out, 0)
 
+
+
+class _Group:
+    """The process group as one coupling call sees it: the exchange shared by both OT couplings.
+
+    ``world == 1`` (no group, or a group of one) makes every method a no-op or a local computation, so
+    the couplings have one code path. Collectives run on ``cdev`` (the CUDA device under NCCL).
+    """
+
+    def __init__(self, process_group, local: bool = False):
+        # local: the call couples this rank's batch alone, as without a group
+        self.group, self.world, self.rank = (None, 1, 0) if local else _default_group(process_group)
+        self.cdev = _comm_device(self.group) if self.world > 1 else None
+
+    def gather(self, t: torch.Tensor, device=None) -> torch.Tensor:
+        """Every rank's ``t`` concatenated along dim 0 (rank order) on ``device`` (``t``'s by default)."""
+        if self.world == 1:
+            return t
+        return _to(_all_gather(t, self.group, self.world, self.cdev), t.device if device is None else device)
+
+    def agree(self, who: str, sizes: dict, inputs: dict, config: dict, failed: bool = False):
+        """One small all-gather that every rank makes before the call's collectives.
+
+        Raises on every rank at once (none is left waiting in a collective) when: a rank ``failed`` its
+        own input checks (that rank then raises its own error), the ``sizes`` differ (the first one is
+        the batch size), an optional input (``inputs``: name -> given) is passed on some ranks only, or
+        the coupling's ``config`` (name -> int) differs.
+        """
+        if self.world == 1:
+            return
+        vals = [int(failed), *sizes.values(), *(int(v) for v in inputs.values()), *config.values()]
+        rows = _all_gather(torch.tensor([vals], dtype=torch.int64), self.group, self.world, self.cdev).cpu()
+        bad_ranks = torch.nonzero(rows[:, 0]).flatten().tolist()
+        if bad_ranks:
+            if failed:
+                return  # the caller raises its own error
+            raise ValueError(
+                f"rank(s) {bad_ranks} refused their input to {who} (see the error raised there); every rank "
+                f"raises so that none waits in a collective"
+            )
+        col = 1
+        for j, (name, _) in enumerate(sizes.items()):
+            got = rows[:, col + j]
+            if (got != got[0]).any():
+                hint = " (use drop_last=True in the DataLoader/DistributedSampler)" if j == 0 else ""
+                what = "a batch of the same size" if j == 0 else f"the same {name}"
+                raise ValueError(f"every rank must pass {what} to {who}, got sizes {got.tolist()}{hint}")
+        col += len(sizes)
+        for j, name in enumerate(inputs):
+            got = rows[:, col + j]
+            if (got != got[0]).any():
+                given = torch.nonzero(got).flatten().tolist()
+                raise ValueError(
+                    f"{name} must be passed on every rank or on none: rank(s) {given} passed {name}, "
+                    f"rank(s) {torch.nonzero(got == 0).flatten().tolist()} did not"
+                )
+        col += len(inputs)
+        cfg = rows[:, col:]
+        bad = [name for j, name in enumerate(config) if (cfg[:, j] != cfg[0, j]).any()]
+        if bad:
+            raise ValueError(
+                f"{who} differs across ranks ({', '.join(bad)}): build it with the same arguments on "
+                f"every rank and resume every rank from the same checkpoint"
+            )
+
+    def global_cost(self, x1f: torch.Tensor, noise: torch.Tensor, metric: str) -> torch.Tensor:
+        """The ``(W*b, N)`` cost between every rank's data and ``noise (N, D)``, the same on every rank.
+
+        ``x1f (b, D)`` is this rank's data. Ranks send what is smaller: their cost rows (``b x N``
+        floats) or their data (``b x D``), never both; ``noise`` must already be the same on every rank.
+        """
+        if self.world == 1 or x1f.shape[1] >= noise.shape[0]:
+            rows = pairwise_cost(x1f, noise, metric=metric)
+            return self.gather(rows)
+        return pairwise_cost(self.gather(x1f), noise, metric=metric)

@@ -5,15 +5,17 @@ from typing import Optional
 
 import torch
 
-from ._common import _check_metric, _check_x1
+from ._common import _check_labels, _check_metric, _check_x1
+from .base import Coupling
 
 
-class IndependentCoupling:
+class IndependentCoupling(Coupling):
     """Fresh Gaussian noise for every data item (plain CFM / rectified flow).
 
     ``x0 = torch.randn(x1.shape)`` on ``x1``'s device and dtype, drawn from ``generator`` when given
     (it must live on ``x1``'s device) and otherwise from torch's global RNG (so ``torch.manual_seed``
-    makes runs reproducible). ``stats`` holds the mean pair cost under ``metric`` (``pre_cost ==
+    makes runs reproducible). ``labels`` are checked and change nothing: independent noise never
+    crosses classes. ``stats`` holds the mean pair cost under ``metric`` (``pre_cost ==
     post_cost``, ``swaps == 0``) so the three couplings can be logged side by side.
 
     Shapes: ``x1 (b, *shape)`` -> ``(x0, x1)``, both ``(b, *shape)``.
@@ -28,8 +30,9 @@ class IndependentCoupling:
         self.metric = _check_metric(metric)
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, indices=None):
+    def __call__(self, x1: torch.Tensor, indices=None, *, labels=None):
         _check_x1(x1)
+        _check_labels(labels, x1.shape[0], x1.device)
         x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         d = (x1 - x0).flatten(1).double().pow(2).sum(1)
         c = d if self.metric == "sqeuclidean" else d.sqrt()

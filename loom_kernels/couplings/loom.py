@@ -15,31 +15,16 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_save, load_verified
-from ..assign import assign as _assign
 from ..cost import pairwise_cost
 from ..noise import gaussian_noise
 from ._common import METRICS as _METRICS
-from ._common import _as_device, _check_metric, _check_x1, _cost_dtype, _to
-from .distributed import _all_gather, _comm_device, _default_group
+from ._common import _as_device, _check_labels, _check_metric, _check_x1, _cost_dtype, _solve, _to
+from .base import Coupling
+from .distributed import _Group
 from .table import SeedTable, _seed_values, check_seed_table
 
 _SCOPES = ("global", "local")
 _FORMAT_VERSION = 2  # 2: save() stores a checksum (load() verifies it)
-
-
-def assign(cost: torch.Tensor) -> torch.Tensor:
-    """``loom_kernels.assign.assign``, naming x1 when its costs overflow float32 (data near 1e19 and up)."""
-    try:
-        return _assign(cost)
-    except ValueError as exc:
-        inf = torch.isinf(cost)
-        if not bool(inf.any()):
-            raise
-        raise ValueError(
-            f"x1 is too large for float32 costs: {int(inf.sum())} of the {cost.numel()} (data, noise) pair costs "
-            f"overflow to +inf (a squared distance above 3.4e38); rescale the data (e.g. to unit variance) "
-            f"before coupling"
-        ) from exc
 
 
 def _serialized(method):
@@ -51,7 +36,7 @@ def _serialized(method):
     return locked
 
 
-class LoomCoupling:
+class LoomCoupling(Coupling):
     """LOOM-CFM: a persistent data-noise assignment, improved by every minibatch (exact, fast, DDP-aware).
 
     The coupling owns a seed table ``seeds`` of shape ``(num_points, num_caches)`` (int64): data point
@@ -69,6 +54,10 @@ class LoomCoupling:
     the per-cache total; with several caches noises move between caches, so only the total over all
     caches is monotone); on a small data set the table approaches the global optimal assignment.
 
+    Labels: with ``labels (b,)`` (integer, on ``x1``'s device) noise is only exchanged between items of
+    the same label (cross-label pairs are forbidden in one batched solve), so the set of seeds owned by
+    each class never changes; give a data point the same label on every call.
+
     Indices: each data point may appear at most once per (global) batch, else two items would write
     the same table entry: duplicates raise ``ValueError``. Augmented views (flips, crops) get their
     own index, e.g. ``i + len(dataset)`` with ``num_points = 2 * len(dataset)``. ``indices`` may be on
@@ -79,11 +68,12 @@ class LoomCoupling:
 
     Distributed: with a process group of size ``W > 1`` (``process_group`` or the default group),
     every rank calls the coupling with its own batch of the same size ``b``. ``scope="global"`` couples
-    the global batch of ``W * b`` items: ranks all-gather the indices and their cost rows
-    (``b x W*b`` floats each), every rank regenerates the global noise from the (identical) tables,
-    solves the same assignment and keeps its slice. ``scope="local"`` solves each rank's minibatch and
-    all-gathers the ``(index, slot, seed)`` updates. Tables and generator states stay identical on all
-    ranks; images and noise are never sent. Call ``resample`` with the same arguments on every rank.
+    the global batch of ``W * b`` items: ranks all-gather the indices (and labels) and their cost rows
+    (``b x W*b`` floats each; their data instead when it is smaller, ``D < W*b``), every rank
+    regenerates the global noise from the (identical) tables, solves the same assignment and keeps
+    its slice. ``scope="local"`` solves each rank's minibatch and all-gathers the ``(index, slot,
+    seed)`` updates. Tables and generator states stay identical on all
+    ranks; noise is never sent. Call ``resample`` with the same arguments on every rank.
 
     Memory-mapped tables: ``mmap_path`` keeps the table in a ``.npy`` file on disk (numpy memmap); each
     call reads and writes only the batch's rows, so 10^8+ points fit. The constructor creates the file
@@ -190,7 +180,7 @@ class LoomCoupling:
 
     # -- validation -----------------------------------------------------------------------------
 
-    def _check_inputs(self, x1, indices):
+    def _check_inputs(self, x1, indices, labels):
         _check_x1(x1)
         if tuple(x1.shape[1:]) != self.shape:
             raise ValueError(f"x1 must have shape (b, {', '.join(map(str, self.shape))}), got {tuple(x1.shape)}")
@@ -214,7 +204,7 @@ class LoomCoupling:
             raise ValueError(
                 f"indices must be on the table's device {self.table_device} (or on the CPU), got {indices.device}"
             )
-        return indices.to(torch.int64)
+        return indices.to(torch.int64), _check_labels(labels, x1.shape[0], x1.device)
 
     def _index_flags(self, idx):
         """Device tensor [any out of range, any duplicate] (no host sync)."""
@@ -255,20 +245,21 @@ class LoomCoupling:
         return torch.randint(self.num_caches, (n,), generator=self._gen, dtype=torch.int64)
 
     @_serialized
-    def __call__(self, x1: torch.Tensor, indices) -> tuple:
-        """Couple the batch ``x1 (b, *shape)`` with dataset indices ``indices (b,)``; returns ``(x0, x1)``."""
-        indices = self._check_inputs(x1, indices)
-        group, world, rank = _default_group(self.process_group)
+    def __call__(self, x1: torch.Tensor, indices=None, *, labels=None) -> tuple:
+        """Couple ``x1 (b, *shape)`` with dataset indices ``indices (b,)`` (and ``labels (b,)``); returns ``(x0, x1)``."""
+        grp = _Group(self.process_group)
+        try:
+            indices, labels = self._check_inputs(x1, indices, labels)
+        except (TypeError, ValueError):
+            if grp.world > 1:  # the other ranks raise too instead of waiting in a collective
+                grp.agree("LoomCoupling", {"batch size": -1}, {"labels": False}, self._fingerprint(), failed=True)
+            raise
+        world, rank = grp.world, grp.rank
         b = x1.shape[0]
         tdev = self.table_device
-
-        if world > 1:
-            cdev = _comm_device(group)
-            self._check_ranks_agree(b, group, world, cdev)
-            g_idx = _all_gather(indices, group, world, cdev)
-        else:
-            cdev = None
-            g_idx = indices
+        if world > 1:  # the fingerprint reads the table: only when there is something to agree on
+            grp.agree("LoomCoupling", {"batch size": b}, {"labels": labels is not None}, self._fingerprint())
+        g_idx = grp.gather(indices, grp.cdev)  # left on the comm device: validated after the solve's sync
         n = world * b
         # One shared slot stream over the global batch: identical generator states on all ranks.
         g_slots = _to(self._draw_slots(n), tdev)
@@ -292,53 +283,31 @@ class LoomCoupling:
             seeds = _to(self.seeds[safe_idx[lo:hi], g_slots[lo:hi]], self.device)
             noise = gaussian_noise(seeds, self.shape, device=self.device, dtype=dt)
             cost = pairwise_cost(x1f, noise.flatten(1), metric=self.metric)
-            col = assign(cost)
+            col = _solve(cost, labels)
             self._check_flags_after_sync(flags, g_idx, where)
             col, stats = self._guard(cost, col)
-            new = seeds[col]
-            g_new = _all_gather(new, group, world, cdev).to(tdev)
-            self._table.write(safe_idx, g_slots, g_new)
+            self._table.write(safe_idx, g_slots, grp.gather(seeds[col], tdev))
             self.stats = stats
             return noise[col].to(x1.dtype), x1
 
         g_seeds = _to(self.seeds[safe_idx, g_slots], self.device)
         noise = gaussian_noise(g_seeds, self.shape, device=self.device, dtype=dt)
-        rows = pairwise_cost(x1f, noise.flatten(1), metric=self.metric)  # (b, W*b) float32
-        cost = _all_gather(rows, group, world, cdev).to(self.device) if world > 1 else rows
-        col = assign(cost)  # the single host sync on CUDA
+        cost = grp.global_cost(x1f, noise.flatten(1), self.metric)  # (W*b, W*b) float32
+        col = _solve(cost, None if labels is None else grp.gather(labels))  # the single host sync on CUDA
         self._check_flags_after_sync(flags, g_idx, where)
         col, stats = self._guard(cost, col)
         self._table.write(safe_idx, g_slots, g_seeds[col].to(tdev))
         self.stats = stats
         return noise[col[lo:hi]].to(x1.dtype), x1
 
-    def _fingerprint(self) -> torch.Tensor:
+    def _fingerprint(self) -> dict:
         """What must agree on every rank: config, slot-generator state, a checksum of the table's head."""
         state = self._gen.get_state().to(torch.int64)
         gen_hash = int((state * torch.arange(1, len(state) + 1)).sum())
-        head = (self.seeds[: min(self.num_points, 4096)] % 1000003).sum().to(torch.int64).reshape(1).cpu()
-        cfg = torch.tensor([self.seed, self.num_points, self.num_caches, _SCOPES.index(self.scope),
-                            _METRICS.index(self.metric), gen_hash], dtype=torch.int64)
-        return torch.cat([cfg, head])
-
-    def _check_ranks_agree(self, b, group, world, cdev):
-        # One small all-gather per call (a host sync under NCCL): equal batch sizes are needed by the
-        # next collectives, and a rank built with another seed (or resumed from another checkpoint)
-        # would otherwise couple garbage silently. Every rank sees the same rows, so all raise together.
-        mine = torch.cat([torch.tensor([b], dtype=torch.int64), self._fingerprint()])
-        rows = _all_gather(mine[None], group, world, cdev).cpu()
-        if (rows[:, 0] != b).any():
-            raise ValueError(
-                f"every rank must pass a batch of the same size to LoomCoupling, got sizes {rows[:, 0].tolist()} "
-                f"(use drop_last=True in the DataLoader/DistributedSampler)"
-            )
-        if (rows != rows[0]).any():
-            names = ["seed", "num_points", "num_caches", "scope", "metric", "slot generator", "seed table"]
-            bad = [nm for j, nm in enumerate(names) if (rows[:, j + 1] != rows[0, j + 1]).any()]
-            raise ValueError(
-                f"LoomCoupling differs across ranks ({', '.join(bad)}): build it with the same arguments on "
-                f"every rank and resume every rank from the same checkpoint"
-            )
+        head = int((self.seeds[: min(self.num_points, 4096)] % 1000003).sum())
+        return {"seed": self.seed, "num_points": self.num_points, "num_caches": self.num_caches,
+                "scope": _SCOPES.index(self.scope), "metric": _METRICS.index(self.metric),
+                "slot generator": gen_hash, "seed table": head}
 
     def _check_flags_after_sync(self, flags, g_idx, where):
         if flags.device.type != "cpu" and bool(flags.any()):  # the queue is empty after assign: cheap

@@ -5,35 +5,87 @@ from typing import Optional
 
 import torch
 
-from ..assign import assign
-from ..cost import pairwise_cost
-from ._common import _check_metric, _check_x1, _cost_dtype, _pair_stats
+from ._common import METRICS, _check_labels, _check_metric, _check_x1, _cost_dtype, _pair_stats, _solve
+from .base import Coupling
+from .distributed import _Group
+
+_SCOPES = ("global", "local")
 
 
-class MinibatchOTCoupling:
+class MinibatchOTCoupling(Coupling):
     """Exact minibatch optimal transport: the noise of each batch is permuted to the optimal pairing.
 
     ``x0`` is drawn like ``IndependentCoupling`` when not given. With ``x0`` of ``m >= b`` rows, the
     ``b`` best-matching rows are kept (rectangular assignment). The assignment is exact (``assign``).
+    The data comes first and ``x0`` is keyword-only: TorchCFM's order is ``(x0, x1)``, and calling
+    ``coupling(x0, x1)`` would treat the noise as data and train the reverse flow, so a second
+    positional tensor is refused.
+
+    ``labels (b,)`` (integer, on ``x1``'s device; needs ``m == b``): noise is only exchanged between
+    items of the same label, which equals exact OT solved per class (one batched solve).
+
+    Distributed: with a process group of size ``W > 1`` (``process_group`` or the default group) and
+    ``scope="global"``, one call couples the ``W*b`` items of all ranks exactly as one process would
+    couple the concatenated batch (with ``x0`` the concatenation of every rank's noise); each rank
+    gets its own rows' noise. Ranks all-gather their noise and then their cost rows, or their data
+    when ``D < W*m``. Seed each rank's ``generator`` (or global RNG) differently. ``scope="local"``
+    couples each rank's batch on its own (no communication, so no cross-rank checks). ``indices`` is
+    accepted for the common protocol and not used.
 
     Shapes: ``x1 (b, *shape)``, ``x0 (m, *shape)`` with ``m >= b`` -> ``(x0 (b, *shape), x1)``.
 
     Example::
 
-        x0, x1 = MinibatchOTCoupling()(torch.rand(64, 2))
+        coupling = MinibatchOTCoupling()
+        x0, x1 = coupling(torch.rand(64, 2), labels=torch.randint(10, (64,)))
         # x0[i] is the noise paired with x1[i]; coupling.stats["post_cost"] <= ["pre_cost"]
     """
 
-    def __init__(self, metric: str = "sqeuclidean", *, generator: Optional[torch.Generator] = None):
+    def __init__(self, metric: str = "sqeuclidean", *, generator: Optional[torch.Generator] = None,
+                 process_group=None, scope: str = "global"):
+        if scope not in _SCOPES:
+            raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
         self.metric = _check_metric(metric)
         self.generator = generator
+        self.process_group = process_group
+        self.scope = scope
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, x0: Optional[torch.Tensor] = None, indices=None):
-        _check_x1(x1)
+    def __call__(self, x1: torch.Tensor, *args, x0: Optional[torch.Tensor] = None, indices=None, labels=None):
+        if args:
+            raise TypeError(
+                "MinibatchOTCoupling takes the data first and the noise only as the keyword x0: "
+                "coupling(x1, x0=noise). A second positional argument is refused because TorchCFM's order is "
+                "(x0, x1): coupling(x0, x1) would treat the noise as data and train the reverse flow"
+            )
+        grp = _Group(self.process_group, local=self.scope == "local")
+        try:
+            labels = self._check_inputs(x1, x0, labels)
+        except (TypeError, ValueError):
+            grp.agree(type(self).__name__, {"batch size": -1, "x0 rows": -1}, {"labels": 0}, self._config(), failed=True)
+            raise
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
-        else:
+        b = x1.shape[0]
+        grp.agree(type(self).__name__, {"batch size": b, "x0 rows": x0.shape[0]}, {"labels": labels is not None},
+                  self._config())
+        if b == 0:
+            self.stats = {}
+            return x0[:0], x1
+        dt = _cost_dtype(x1.dtype)
+        g_x0 = grp.gather(x0)  # every rank's noise: rank r's rows may be matched with it
+        cost = grp.global_cost(x1.flatten(1).to(dt), g_x0.flatten(1).to(dt), self.metric)
+        col = _solve(cost, None if labels is None else grp.gather(labels))
+        self.stats = _pair_stats(cost, col)
+        return g_x0[col[grp.rank * b:(grp.rank + 1) * b]], x1
+
+    def _config(self) -> dict:
+        return {"metric": METRICS.index(self.metric), "scope": _SCOPES.index(self.scope)}
+
+    @staticmethod
+    def _check_inputs(x1, x0, labels):
+        _check_x1(x1)
+        if x0 is not None:
             _check_x1(x0, "x0")
             if x0.shape[1:] != x1.shape[1:] or x0.shape[0] < x1.shape[0]:
                 raise ValueError(
@@ -42,12 +94,9 @@ class MinibatchOTCoupling:
                 )
             if x0.device != x1.device:
                 raise ValueError(f"x0 must be on x1's device {x1.device}, got {x0.device}")
-        b = x1.shape[0]
-        if b == 0:
-            self.stats = {}
-            return x0[:0], x1
-        dt = _cost_dtype(x1.dtype)
-        cost = pairwise_cost(x1.flatten(1).to(dt), x0.flatten(1).to(dt), metric=self.metric)
-        col = assign(cost)
-        self.stats = _pair_stats(cost, col)
-        return x0[col], x1
+        labels = _check_labels(labels, x1.shape[0], x1.device)
+        if labels is not None and x0 is not None and x0.shape[0] != x1.shape[0]:
+            raise ValueError(
+                f"labels need x0 with exactly b = {x1.shape[0]} rows (row i is item i's noise), got {x0.shape[0]}"
+            )
+        return labels

@@ -1,0 +1,35 @@
+"""The protocol every coupling follows, so a trainer calls any of them the same way (no ``hasattr``)."""
+from __future__ import annotations
+
+import torch
+
+
+class Coupling:
+    """A data-noise coupling: ``coupling(x1, *, indices=None, labels=None) -> (x0, x1)``.
+
+    ``x0[i]`` is the noise paired with the data item ``x1[i]``. ``indices (b,)`` are the dataset
+    indices of the batch (needed by couplings with memory, ignored by the others); ``labels (b,)``
+    (integer) make the coupling class-conditional: noise is only exchanged between items of the same
+    label. ``stats`` holds the last call's ``pre_cost``, ``post_cost`` and ``swaps`` (0-dim tensors).
+    ``state_dict``/``load_state_dict`` default to "no state", so every coupling can be checkpointed.
+
+    Example::
+
+        class Identity(Coupling):
+            def __call__(self, x1, *, indices=None, labels=None):
+                return torch.zeros_like(x1), x1
+    """
+
+    stats: dict
+
+    def __call__(self, x1: torch.Tensor, *, indices=None, labels=None):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """The state to checkpoint (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict):
+        """Restore ``state_dict()``; a coupling without state accepts only an empty one."""
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state to load, got a state with keys {sorted(state)}")
