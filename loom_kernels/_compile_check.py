@@ -323,34 +323,49 @@ def problems(row: dict) -> list:
 
 
 def _work(item):
-    kernel_name, arch, label_list, spec = item
+    kernel_name, arch, label_list, spec, control = item
     module, name, _, _ = CASES[kernel_name]()
     kernel = getattr(module, name)
-    return {"kernel": kernel_name, "arch": arch, "cases": label_list,
+    return {"kernel": kernel_name, "arch": arch, "cases": label_list, "control": control,
             "signature": spec[0], "constexprs": {k: str(v) for k, v in spec[1].items()},
             "options": spec[3], **compile_case(kernel, arch, spec)}
 
 
-def plan(kernels=None, archs=ARCHS) -> list:
-    """The distinct compiles: ``[(kernel, arch, [case labels], spec)]`` (launches that the JIT
-    would compile identically share one entry)."""
+def _control():
+    """The launch that spilled before the fix (issue 14): 16-bit rows of D=37 with the aligned
+    rows' 128x128x64 tile. Compiled beside the cases so a test can show the check sees spills."""
+    import torch
+    from . import cost
+
+    patches = dict(check_launchable=lambda *a: None, interpreting=lambda: False, _rows_aligned=lambda t: True)
+    with _recording(cost, "_pairwise_cost_kernel", **patches) as rec:
+        x = _meta(64, 256, 37, dtype=torch.bfloat16)
+        cost._launch(x, x, False, False)
+    (_, args, kw), = rec.calls
+    spec = specialize(rec.kernel, args, kw)
+    return ("loom_kernels.cost:_pairwise_cost_kernel", 90, ["control: pre-fix bf16 64x256x37 at 128x128x64"], spec, True)
+
+
+def plan(kernels=None, archs=ARCHS, control=False) -> list:
+    """The distinct compiles: ``[(kernel, arch, [case labels], spec, is_control)]`` (launches
+    that the JIT would compile identically share one entry)."""
     items = {}
     for kernel_name in kernels or sorted(CASES):
         for label, kernel, args, kw in record(kernel_name):
             spec = specialize(kernel, args, kw)
             for arch in archs:
                 key = _key(kernel_name, arch, spec)
-                items.setdefault(key, (kernel_name, arch, [], spec))[2].append(label)
-    return list(items.values())
+                items.setdefault(key, (kernel_name, arch, [], spec, False))[2].append(label)
+    return list(items.values()) + ([_control()] if control else [])
 
 
-def run(kernels=None, archs=ARCHS, jobs: int = 1) -> list:
+def run(kernels=None, archs=ARCHS, jobs: int = 1, control: bool = False) -> list:
     """Compile every distinct case (``jobs`` processes) into a fresh cache; one dict per compile."""
     missing = api_missing()
     if missing:
         raise RuntimeError(missing)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="loom-compile-")  # no stale hits
-    items = plan(kernels, archs)
+    items = plan(kernels, archs, control)
     if jobs > 1:
         import multiprocessing as mp
 
@@ -359,17 +374,52 @@ def run(kernels=None, archs=ARCHS, jobs: int = 1) -> list:
     return [_work(item) for item in items]
 
 
+# ---- the CUDA module: nvcc -Xptxas -v ----------------------------------------------------------
+
+CUDA_SOURCE = "csrc/cuda/auction_cuda.cu"
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
+_PROPS = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                    r"(\d+) bytes spill loads")
+
+
+def nvcc_command(nvcc: str, root: Path, arch: int, out: Path) -> list:
+    """The CUDA module's device compile for ``sm_<arch>`` (CMakeLists' flags), ptxas reporting."""
+    return [nvcc, "-std=c++17", "-O3", f"-I{root / 'csrc'}", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v",
+            "-o", str(out), str(root / CUDA_SOURCE)]
+
+
+def parse_nvcc_ptxas(log: str) -> dict:
+    """``{function: {"regs", "stack", "spill_stores", "spill_loads"}}`` from an ``-Xptxas -v`` log:
+    every entry kernel and every function ptxas kept separate (``__noinline__``)."""
+    out = {}
+    for name, stack, st, ld in _PROPS.findall(log):
+        out[name] = {"regs": None, "stack": int(stack), "spill_stores": int(st), "spill_loads": int(ld)}
+    # "Used N registers" follows the properties of the entry it belongs to
+    for block in re.split(r"(?=ptxas info\s*: Compiling entry function)", log):
+        m, regs = _ENTRY.search(block), _PTXAS_REGS.search(block)
+        if m and regs and m.group(1) in out:
+            out[m.group(1)]["regs"] = int(regs.group(1))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable)")
     ap.add_argument("--kernel", action="append", help="module:function (repeatable); default every case")
+    ap.add_argument("--control", action="store_true", help="also compile the pre-fix spilling cost launch")
     args = ap.parse_args(argv)
+    missing = api_missing()
+    if missing:  # the test reads this and skips with the reason
+        if args.json:
+            Path(args.json).write_text(json.dumps({"missing": missing}))
+        print(missing)
+        return []
     import triton
 
     t0 = time.perf_counter()
-    rows = run(args.kernel, tuple(args.arch or ARCHS), args.jobs)
+    rows = run(args.kernel, tuple(args.arch or ARCHS), args.jobs, args.control)
     wall = time.perf_counter() - t0
     if args.json:
         Path(args.json).write_text(json.dumps({"triton": triton.__version__, "seconds": wall, "rows": rows,
