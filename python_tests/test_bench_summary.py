@@ -89,4 +89,4 @@ def test_cli_prints_one_table_even_without_results(summary, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("| not run |") == len(summary.TARGETS)
     summary.main([str(path)])  # the per-group table still works
-    assert "| cost gpu B=64 256x256 D=3072 bf16 | loom.pairwise_cost(tf32) |" in capsys.readouterr().out
+    assert "| cost gpu B=64 256x256 D=3072 bfloat16 | loom.pairwise_cost(tf32) |" in capsys.readouterr().out
