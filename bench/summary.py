@@ -1,8 +1,8 @@
 """pytest-benchmark JSON as markdown: every group's providers with their ratio to ours (providers
 named ``loom*``), or with ``--targets`` one table of every GPU target of bench/RESULTS.md.
 
-    python bench/summary.py bench.json [--gpu NAME]       # per-group table
-    python bench/summary.py bench.json --targets          # the targets: met / missed / not run
+    python bench/summary.py bench.json [more.json ...] [--gpu NAME]   # per-group table
+    python bench/summary.py out/bench_*.json --targets                # met / missed / not run
 
 A target finds its benchmarks by group and provider names (regular expressions), so
 a benchmark that did not run (missing module, skipped, failed) gives a "not run" row instead of
@@ -133,18 +133,30 @@ def print_targets(data):
         print(f"| {r['name']} | {r['group']} | {r['ours']} | {r['other']} | {r['value']} | {r['status']} |")
 
 
+def load(paths):
+    """The benchmarks of every readable JSON file, one dict (the first file's machine and date);
+    unreadable or missing files are reported and skipped (their benchmarks did not run)."""
+    data = {"benchmarks": []}
+    for path in paths:
+        try:
+            with open(path) as f:
+                part = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"(no benchmark results in {path}: {e})")
+            continue
+        data.setdefault("machine_info", part.get("machine_info", {}))
+        data.setdefault("datetime", part.get("datetime"))
+        data["benchmarks"] += part.get("benchmarks", [])
+    return data
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON file(s), merged")
     ap.add_argument("--gpu", default="", help="device name to print in the header")
     ap.add_argument("--targets", action="store_true", help="print the targets table instead of the groups")
     args = ap.parse_args(argv)
-    try:
-        with open(args.json) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:  # no benchmark ran: every target is "not run"
-        print(f"(no benchmark results: {e})\n")
-        data = {"benchmarks": []}
+    data = load(args.json)
     info = data.get("machine_info", {})
     print(f"machine: {info.get('cpu', {}).get('brand_raw', '?')} {args.gpu}".rstrip())
     print(f"date: {data.get('datetime', '?')}\n")

@@ -80,7 +80,9 @@ def test_targets_met_missed_not_run(summary):
 def test_cli_prints_one_table_even_without_results(summary, tmp_path, capsys):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(FAKE))
-    summary.main([str(path), "--targets", "--gpu", "H200"])
+    empty = tmp_path / "bench_other.json"
+    empty.write_text(json.dumps({"benchmarks": []}))
+    summary.main([str(path), str(empty), "--targets", "--gpu", "H200"])  # several files merge
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("|")]
     assert len(table) == 2 + len(summary.evaluate(FAKE))
