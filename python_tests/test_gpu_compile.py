@@ -160,8 +160,22 @@ def test_checker_sees_the_spill_it_was_written_for(compiled):
 # ---- the CUDA module ----------------------------------------------------------------------------
 
 
-#: deliberate spills in the CUDA module: {kernel name fragment: reason}. Empty: none allowed.
-CUDA_ALLOWED_SPILLS: dict = {}
+#: Deliberate spills in the CUDA module: {kernel name fragment: ceiling on spill stores, bytes per
+#: thread, any arch}. The kernels run 512 threads (16 warps) at a 128-register cap and spill a
+#: little outside their row-scan loops (sm_90 at 6131692: block float 44 B, block double 100 B,
+#: grid double 56 B, grid float 12 B); 256 threads would remove that but halve the warps of every
+#: step (csrc/cuda/auction_cuda.cu, kBlockThreads; bench/RESULTS.md). A spill above its ceiling,
+#: or in any other function, fails.
+CUDA_ALLOWED_SPILLS = {
+    "auction_block_kernelIf": 64,
+    "auction_block_kernelId": 128,
+    "auction_grid_kernelIf": 32,
+    "auction_grid_kernelId": 80,
+}
+
+
+def _spill_ceiling(function: str) -> int:
+    return max([c for k, c in CUDA_ALLOWED_SPILLS.items() if k in function], default=0)
 
 
 @pytest.mark.parametrize("arch", cc.ARCHS)
@@ -171,7 +185,8 @@ def test_cuda_module_compiles_without_spills(compiled, arch):
     rc, log = compiled["cuda"][arch]
     assert rc == 0, f"nvcc sm_{arch} failed:\n{log[-4000:]}"
     funcs = cc.parse_nvcc_ptxas(log)
-    assert any("auction_block_kernel" in f for f in funcs) and any("auction_grid_kernel" in f for f in funcs), log[-2000:]
-    bad = {f: v for f, v in funcs.items() if (v["spill_stores"] or v["spill_loads"])
-           and not any(k in f for k in CUDA_ALLOWED_SPILLS)}
-    assert not bad, f"sm_{arch} spills (bytes per thread): " + json.dumps(bad, indent=1)
+    for kernel in CUDA_ALLOWED_SPILLS:
+        assert any(kernel in f for f in funcs), f"sm_{arch}: no {kernel} in the ptxas report:\n{log[-2000:]}"
+    bad = {f: v for f, v in funcs.items() if v["spill_stores"] > _spill_ceiling(f)
+           or (v["spill_loads"] and not _spill_ceiling(f))}
+    assert not bad, f"sm_{arch} spills (bytes per thread) above CUDA_ALLOWED_SPILLS: " + json.dumps(bad, indent=1)

@@ -34,15 +34,15 @@ namespace {
 using namespace auction;
 
 constexpr unsigned kFull = 0xffffffffu;
-// Threads per block: the most that leave each kernel the registers it needs without spilling
-// (__launch_bounds__(T, 1) caps a thread at 65536 / T registers). At 512 (a 128-register cap)
-// ptxas spilled 44-100 B per thread in the block kernel and up to 56 B in the grid kernel on
-// sm_90; the block kernel needs 182-202 registers (256 threads), the grid kernel 144-155 (384
-// threads: its cooperative grid keeps 3/4 of the 512-thread width at one block per SM).
-// python_tests/test_gpu_compile.py compiles both for sm_80/sm_90 and fails on a spill; the
-// numbers and the step-count argument are in bench/RESULTS.md ("CUDA auction: launch bounds").
-constexpr int kBlockThreads = 256;
-constexpr int kGridThreads = 384;
+// 512 threads (16 warps) per block, which caps a thread at 128 registers. ptxas spills a little
+// there (sm_90 float: 44 B stores / 80 B loads per thread; 11 STL + 17 LDL instructions, in the
+// row scans' tail prologues and around the path-finish call, none in the unrolled scan loop).
+// Kept on purpose: 256 threads remove the spills (182-202 registers) but halve the warps, and a
+// step's critical path is ceil(active rows / warps) row scans: path-finish sweeps relax tens of
+// rows at 256x256, so they would take up to 2x the scans. python_tests/test_gpu_compile.py
+// holds these spills under ceilings (CUDA_ALLOWED_SPILLS); bench/RESULTS.md has the numbers.
+constexpr int kBlockThreads = 512;
+constexpr int kGridThreads = 512;
 
 enum Flag : int { kFlagInvalid = 1, kFlagHasInf = 2, kFlagNotIntegral = 4, kFlagEmptyRow = 8, kFlagUsesBig = 16 };
 
@@ -185,7 +185,7 @@ __device__ inline double row_value(const Team& team, const T* __restrict__ row, 
 // Places the lowest-index free bidder by a shortest augmenting path (common/auction.h, "Phase
 // finish"), step for step as sap_augment in cpu/auction_cpu.cpp. The whole team calls it;
 // returns false when the round bound is hit first (rounds counts the sweeps). Not inlined:
-// the bidding loop keeps many values in registers, and a separate allocation keeps the finish's
+// the block kernel sits at its 128-register cap, and a separate allocation keeps the finish's
 // locals out of the bidding loop's registers (ptxas: fewer spills in the kernel, none here).
 template <typename T, typename Team>
 __device__ __noinline__ bool sap_augment(const Team& team, const T* __restrict__ c, int N, int M, bool maximize, double big,
