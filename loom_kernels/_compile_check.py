@@ -367,6 +367,7 @@ def run(kernels=None, archs=ARCHS, jobs: int = 1, control: bool = False) -> list
     if missing:
         raise RuntimeError(missing)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="loom-compile-")  # no stale hits
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit (two equal cases) would print no ptxas log
     items = plan(kernels, archs, control)
     if jobs > 1:
         import multiprocessing as mp
