@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import importlib
 import json
 import os
 import re
@@ -270,7 +269,7 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
 def parse_ptxas(log: str) -> dict:
-    """``{"regs", "spill_stores", "spill_loads"}`` summed over the entries of a ``ptxas -v`` log
+    """``{"ptxas_regs", "spill_stores", "spill_loads"}`` over the entries of a ``ptxas -v`` log
     (None where the log has no such line)."""
     spills = [tuple(map(int, m)) for m in _PTXAS_SPILL.findall(log)]
     regs = [int(m) for m in _PTXAS_REGS.findall(log)]
@@ -345,7 +344,8 @@ def _control():
         cost._launch(x, x, False, False)
     (_, args, kw), = rec.calls
     spec = specialize(rec.kernel, args, kw)
-    return ("loom_kernels.cost:_pairwise_cost_kernel", 90, ["control: pre-fix bf16 64x256x37 at 128x128x64"], spec, True)
+    label = "control: pre-fix bf16 64x256x37 at 128x128x64"
+    return ("loom_kernels.cost:_pairwise_cost_kernel", 90, [label], spec, True)
 
 
 def plan(kernels=None, archs=ARCHS, control=False) -> list:
