@@ -366,15 +366,16 @@ def run(kernels=None, archs=ARCHS, jobs: int = 1, control: bool = False) -> list
     missing = api_missing()
     if missing:
         raise RuntimeError(missing)
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="loom-compile-")  # no stale hits
-    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit (two equal cases) would print no ptxas log
     items = plan(kernels, archs, control)
-    if jobs > 1:
-        import multiprocessing as mp
+    with tempfile.TemporaryDirectory(prefix="loom-compile-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # no stale hits, nothing left behind
+        os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit (two equal cases) would print no ptxas log
+        if jobs > 1:
+            import multiprocessing as mp
 
-        with mp.get_context("fork").Pool(jobs) as pool:
-            return pool.map(_work, items, chunksize=1)
-    return [_work(item) for item in items]
+            with mp.get_context("fork").Pool(jobs) as pool:
+                return pool.map(_work, items, chunksize=1)
+        return [_work(item) for item in items]
 
 
 # ---- the CUDA module: nvcc -Xptxas -v ----------------------------------------------------------
