@@ -38,8 +38,8 @@ constexpr unsigned kFull = 0xffffffffu;
 // there (sm_90 float: 44 B stores / 80 B loads per thread; 11 STL + 17 LDL instructions, in the
 // row scans' tail prologues and around the path-finish call, none in the unrolled scan loop).
 // Kept on purpose: 256 threads remove the spills (182-202 registers) but halve the warps, and a
-// step's critical path is ceil(active rows / warps) row scans: path-finish sweeps relax tens of
-// rows at 256x256, so they would take up to 2x the scans. python_tests/test_gpu_compile.py
+// step's critical path is ceil(active rows / warps) row scans: counted on the CPU twin, 8 warps
+// need 1.8x the serial row scans of 16 (sq3072 64x256: 1240 vs 689). python_tests/test_gpu_compile.py
 // holds these spills under ceilings (CUDA_ALLOWED_SPILLS); bench/RESULTS.md has the numbers.
 constexpr int kBlockThreads = 512;
 constexpr int kGridThreads = 512;
