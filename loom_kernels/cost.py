@@ -97,20 +97,31 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _block_config(n: int, m: int, d: int, dtype: torch.dtype, interpret: bool):
+def _rows_aligned(t: torch.Tensor) -> bool:
+    """True when Triton's JIT will see 16-aligned rows: a unit feature stride, the row and batch
+    strides multiples of 16 elements and a 16-byte aligned start (what lets it vectorize loads)."""
+    return t.stride(2) == 1 and t.stride(1) % 16 == 0 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def _block_config(n: int, m: int, d: int, dtype: torch.dtype, interpret: bool, aligned: bool = True):
     """The one block-size policy: (BLOCK_N, BLOCK_M, BLOCK_K, num_warps, num_stages).
 
     16-bit inputs take 128x128 tiles with K=64 (an H100 tensor-core shape with 3 stages in
-    shared memory); IEEE fp32 runs on FMA units, where 64x64 tiles keep registers in bounds.
+    shared memory); IEEE fp32 runs on FMA units, where 64x64x16 tiles keep registers in bounds.
+    Rows that are not 16-aligned (D not a multiple of 16, sliced or transposed inputs) are
+    loaded element by element, which needs more registers: 16-bit inputs then take K=16, or the
+    128x128x64 tile spills ~0.8 KB per thread (ptxas, sm_80/sm_90; K=32 sits at 255 registers),
+    and float32 one stage (triton 3.9's ptxas spilled 16-24 B at two or three).
+    python_tests/test_gpu_compile.py compiles these choices for sm_80/sm_90 and fails on spills.
     Small problems shrink the tile (16 is tl.dot's minimum) so fewer lanes are masked.
     The interpreter runs tiles as numpy arrays, so it gets big tiles (fewer programs).
     """
     if interpret:
         bn, bm, bk, warps, stages = 64, 64, 64, 4, 1
     elif dtype in (torch.float16, torch.bfloat16):
-        bn, bm, bk, warps, stages = 128, 128, 64, 8, 3
-    else:
-        bn, bm, bk, warps, stages = 64, 64, 32, 4, 3
+        bn, bm, bk, warps, stages = 128, 128, (64 if aligned else 16), 8, 3
+    else:  # float32 at K=32 sat at 255 registers on sm_80; unaligned rows spilled at 2-3 stages
+        bn, bm, bk, warps, stages = 64, 64, 16, 4, (3 if aligned else 1)
     bn = max(16, min(bn, _next_pow2(n)))
     bm = max(16, min(bm, _next_pow2(m)))
     bk = max(16, min(bk, _next_pow2(d)))
@@ -129,7 +140,8 @@ def _launch(x: torch.Tensor, y: torch.Tensor, sqrt: bool, allow_tf32: bool) -> t
     out = torch.empty((B, N, M), device=x.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
-    bn, bm, bk, warps, stages = _block_config(N, M, D, x.dtype, interpret)
+    aligned = _rows_aligned(x) and _rows_aligned(y)
+    bn, bm, bk, warps, stages = _block_config(N, M, D, x.dtype, interpret, aligned)
     # "ieee" keeps float32 products exact (FMA units); 16-bit operands always take tensor cores,
     # and get the default setting, which only concerns float32.
     precision = "ieee" if (x.dtype == torch.float32 and not allow_tf32) else "tf32"

@@ -34,6 +34,13 @@ namespace {
 using namespace auction;
 
 constexpr unsigned kFull = 0xffffffffu;
+// 512 threads (16 warps) per block, which caps a thread at 128 registers. ptxas spills a little
+// there (sm_90 float: 44 B stores / 80 B loads per thread; 11 STL + 17 LDL instructions, in the
+// row scans' tail prologues and around the path-finish call, none in the unrolled scan loop).
+// Kept on purpose: 256 threads remove the spills (182-202 registers) but halve the warps, and a
+// step's critical path is ceil(active rows / warps) row scans: counted on the CPU twin, 8 warps
+// need 1.8x the serial row scans of 16 (sq3072 64x256: 1240 vs 689). python_tests/test_gpu_compile.py
+// holds these spills under ceilings (CUDA_ALLOWED_SPILLS); bench/RESULTS.md has the numbers.
 constexpr int kBlockThreads = 512;
 constexpr int kGridThreads = 512;
 
