@@ -1,5 +1,6 @@
-"""The portable CPU build: every instruction-set path of the exact solver and of the noise stream
-gives the same results, a forced path runs in a fresh process (what a wheel built here does on an
+"""The portable CPU build: every instruction-set path of the exact solver gives the same
+assignment and of the noise stream the same integers (the normals: bit-identical among the FMA
+paths avx2 / avx512, within NORMAL_ATOL of the plain build's), a forced path runs in a fresh process (what a wheel built here does on an
 AVX2-only or pre-AVX2 CPU), bad choices are refused, and the vector code lives only in the per-ISA
 namespaces of ``_C`` (objdump over its symbol table).
 
@@ -23,6 +24,9 @@ from loom_kernels.testing import ASSIGN_FAMILIES, assignment_problem, check_assi
 ALL_ISAS = ("scalar", "avx2", "avx512", "native")
 ISAS = _native.cpu_isas()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The FMA builds round the normals' polynomials differently: each path is within ~8.6e-7 of float64
+# math for |z| < 6 (3.6e-7 radius, 9e-8 sin/cos; csrc/cpu/philox_cpu.cpp), so two within 2e-6.
+NORMAL_ATOL = 2e-6
 
 
 @pytest.fixture(autouse=True)
@@ -99,21 +103,34 @@ def test_solver_paths_agree_on_batches_with_forbidden_and_invalid_entries():
 # ---- the noise stream ---------------------------------------------------------------------------
 
 
+def _assert_normals_agree(results):
+    """Bit-identical among the FMA paths; within NORMAL_ATOL (and mostly identical) across."""
+    fma = {isa: z for isa, z in results.items() if isa in ("avx2", "avx512")}
+    _assert_all_equal({isa: (z,) for isa, z in fma.items()})
+    first, *rest = results
+    for isa in rest:
+        a, b = results[first], results[isa]
+        np.testing.assert_allclose(b, a, rtol=0, atol=NORMAL_ATOL, err_msg=f"{isa} vs {first}")
+        assert (a == b).mean() > 0.8, (isa, (a == b).mean())  # only the last bits of a few differ
+
+
 @pytest.mark.parametrize("row_len", [1, 3, 127, 128, 129, 1000, 2**14 + 5])
-def test_noise_paths_are_bit_identical(row_len):
+def test_noise_paths_agree(row_len):
     seeds = np.array([0, 1, -1, 2**40 + 3, -(2**63), 2**63 - 1, 12345], dtype=np.int64)
     mod = _native.cpu()
-    res = _on_each_path(lambda: (mod.philox_normal(seeds, row_len, 1), mod.philox_normal(seeds, row_len, 2),
-                                 mod.philox_uint32(seeds, row_len, 0)))
-    _assert_all_equal(res)
-    normals = res[ISAS[0]][0]
-    assert np.array_equal(normals, res[ISAS[0]][1]) and np.isfinite(normals).all()
+    res = _on_each_path(lambda: (mod.philox_uint32(seeds, row_len, 0), mod.philox_normal(seeds, row_len, 1),
+                                 mod.philox_normal(seeds, row_len, 2)))
+    _assert_all_equal({isa: r[:1] for isa, r in res.items()})  # the words: identical everywhere
+    _assert_normals_agree({isa: r[1] for isa, r in res.items()})
+    for words, one, two in res.values():
+        assert np.array_equal(one, two) and np.isfinite(one).all()  # threads never change the result
 
 
 def test_noise_paths_agree_through_the_public_api():
     seeds = torch.randint(-(2**63), 2**63 - 1, (64,), generator=torch.Generator().manual_seed(3))
     res = _on_each_path(lambda: (gaussian_noise(seeds, (3, 8, 8)).numpy(), _philox_uint32(seeds, 50).numpy()))
-    _assert_all_equal(res)
+    _assert_all_equal({isa: r[1:] for isa, r in res.items()})
+    _assert_normals_agree({isa: r[0] for isa, r in res.items()})
 
 
 # ---- a forced path in a fresh process: a build from here on a smaller CPU -----------------------
@@ -145,7 +162,7 @@ def test_forced_path_in_a_fresh_process(isa, tmp_path):
 
     cost = assignment_problem("sq_high", 96, 130, batch=3, rng=np.random.default_rng(5))
     np.testing.assert_array_equal(got["col"], assign(cost, backend="cpu", method="lap"))
-    np.testing.assert_array_equal(got["z"], gaussian_noise(torch.arange(9), (3, 17)).numpy())
+    np.testing.assert_allclose(got["z"], gaussian_noise(torch.arange(9), (3, 17)).numpy(), rtol=0, atol=NORMAL_ATOL)
 
 
 def test_bad_environment_choice_is_a_clear_error():

@@ -16,8 +16,8 @@
 //        t in (0, 2pi] needs), Taylor polynomials on [-pi/4, pi/4] (truncation < 2e-9).
 // This file is compiled once per instruction set (cpu/isa.h): the lanes go into LOOM_ISA_NS,
 // the threaded driver (fill_batch) exists once, in the plain build, and calls the build that
-// active_isa() names. Every build makes the same words and, compiled without FP contraction
-// (CMakeLists.txt), bit-identical normals.
+// active_isa() names. Every build makes the same words; the normals of the FMA builds (AVX2,
+// AVX-512) differ from the plain build's in the last bits, within the accuracy above.
 #include "cpu/philox_cpu.h"
 
 #include <algorithm>
