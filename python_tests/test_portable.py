@@ -47,6 +47,8 @@ def _on_each_path(fn):
 
 
 def _assert_all_equal(results):
+    if not results:
+        return
     first, *rest = results
     for isa in rest:
         for a, b in zip(results[first], results[isa]):
