@@ -2,6 +2,8 @@
 
 LOOM_CUDA=auto (default) builds ``loom_kernels._cuda`` when nvcc is found, whether or not a
 GPU is present; LOOM_CUDA=0/1 forces the choice. LOOM_CUDA_ARCHS overrides the GPU targets.
+LOOM_NATIVE=1 tunes the CPU module for the build machine (-march=native: it may crash with an
+illegal instruction elsewhere); the default is a portable build that picks AVX2 / AVX-512 at run time.
 """
 import os
 import shutil
@@ -38,6 +40,13 @@ def _cuda_decision():
     return nvcc, f"LOOM_CUDA=auto: nvcc found at {nvcc}, building the CUDA module too"
 
 
+def _flag(name):
+    value = os.environ.get(name, "0").strip().lower()
+    if value not in ("0", "1", "off", "on", "false", "true", "no", "yes", ""):
+        raise RuntimeError(f"{name} must be 0 or 1, got {value!r}")
+    return value in ("1", "on", "true", "yes")
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -65,6 +74,8 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DLOOM_CUDA={'ON' if nvcc else 'OFF'}",
+            # Always passed: CMake's cache would otherwise keep an earlier build's choice.
+            f"-DLOOM_NATIVE={'ON' if _flag('LOOM_NATIVE') else 'OFF'}",
         ]
         if nvcc:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")

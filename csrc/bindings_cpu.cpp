@@ -6,6 +6,7 @@
 #include "common/status.h"
 #include "cpu/lap_cpu.h"
 #include "cpu/auction_cpu.h"
+#include "cpu/isa.h"
 #include "cpu/philox_cpu.h"
 
 namespace py = pybind11;
@@ -88,4 +89,14 @@ PYBIND11_MODULE(_C, m) {
         "Philox4x32-10 + Box-Muller normals of loom_kernels.noise: int64 seeds (S,) -> float32 (S, row_len)");
   m.def("philox_uint32", &philox_t<uint32_t>, py::arg("seeds"), py::arg("row_len"), py::arg("threads") = 0,
         "The raw Philox4x32-10 words of loom_kernels.noise: int64 seeds (S,) -> uint32 (S, row_len)");
+  m.def("isa", [] { return loom::isa_name(loom::active_isa()); },
+        "The instruction set the solver and noise kernels run now: scalar, avx2, avx512 or native");
+  m.def("isas", [] {
+    py::list out;
+    for (loom::Isa i : loom::supported_isas()) out.append(loom::isa_name(i));
+    return out;
+  }, "The instruction sets this build has and this CPU runs, best last");
+  m.def("set_isa", &loom::set_isa, py::arg("name"),
+        "Force the kernels' instruction set (scalar, avx2, avx512, native) or 'auto' for the best; "
+        "ValueError for one this build or CPU lacks");
 }

@@ -1,8 +1,15 @@
-"""Loads the compiled modules. The only place that knows how they are found."""
+"""Loads the compiled modules. The only place that knows how they are found.
+
+The CPU kernels (exact solver, noise) run the best instruction set the CPU has (scalar, avx2,
+avx512; a LOOM_NATIVE=1 build has only "native"). ``LOOM_CPU_ISA=scalar|avx2|avx512`` in the
+environment, read when ``_C`` is first loaded, or :func:`set_cpu_isa` forces one, e.g. to test
+or time a path: every path gives the same results.
+"""
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 
 @functools.lru_cache(maxsize=None)
@@ -13,9 +20,21 @@ def _load(name):
         return None, exc
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_isa_from_env(mod):
+    name = os.environ.get("LOOM_CPU_ISA", "").strip()
+    if name:
+        try:
+            mod.set_isa(name)
+        except ValueError as exc:
+            raise ValueError(f"LOOM_CPU_ISA={name!r}: {exc}") from None
+
+
 def cpu():
     """The CPU module ``loom_kernels._C``; raises an actionable ImportError when missing."""
     mod, exc = _load("_C")
+    if mod is not None:
+        _cpu_isa_from_env(mod)  # once: a failure is not cached and raises again
     if mod is None:
         raise ImportError(
             "loom_kernels._C is not built: install the package with `pip install .` "
@@ -24,6 +43,27 @@ def cpu():
             f"Import failed with: {exc}"
         )
     return mod
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run now: ``"scalar"``, ``"avx2"``, ``"avx512"`` or ``"native"``."""
+    return cpu().isa()
+
+
+def cpu_isas() -> list[str]:
+    """The instruction sets this build has and this CPU runs, best last, e.g. ``["scalar", "avx2"]``."""
+    return cpu().isas()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force the CPU kernels' instruction set (one of :func:`cpu_isas`, or ``"auto"`` for the best).
+
+    Raises ValueError naming the sets available when this build or CPU lacks ``name``.
+    Example: ``set_cpu_isa("avx2")`` runs the AVX2 kernels on an AVX-512 machine.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"set_cpu_isa: name must be a str, got {type(name).__name__}")
+    cpu().set_isa(name)
 
 
 def has_cuda_build() -> bool:

@@ -11,7 +11,7 @@
 //
 // Implementation notes (why the code looks the way it does):
 // * The cost is read in place, row-major, and every inner loop is a contiguous sweep over one row
-//   (AVX-512 or AVX2 where the compiler targets them, scalar otherwise). Dijkstra keeps a dense
+//   (AVX-512, AVX2 or scalar: one build each, see below). Dijkstra keeps a dense
 //   distance array; a column leaves the search by having its potential set to -inf (restored at
 //   the end of the search), so the relax step needs no index list, no gathers and no test.
 // * maximize negates each entry as it is loaded; float input is widened as it is loaded.
@@ -19,6 +19,9 @@
 //   column reduction for square problems, the greedy row reduction for rectangular ones).
 // * Ties are broken by the smallest index everywhere, so results are deterministic and do not
 //   depend on the SIMD width or on the number of threads.
+// * This file is compiled once per instruction set (cpu/isa.h): the kernels and Solver below go
+//   into LOOM_ISA_NS; the threaded driver at the end exists once, in the plain build, and calls
+//   the build that active_isa() names.
 #include "cpu/lap_cpu.h"
 
 #include <algorithm>
@@ -39,8 +42,25 @@
 #endif
 
 #include "common/status.h"
+#include "cpu/isa.h"
 
 namespace loom {
+
+// Per-thread scratch, reused across the problems a worker solves. Shared by every instruction
+// set's build of the solver; only the driver (plain build) allocates, so no container code is
+// compiled with AVX flags.
+struct LapWork {
+  std::vector<double> v, d, fin_d, fin_v, colmin;
+  std::vector<int64_t> pred, y, fin, free_rows, argrow;
+  std::vector<int32_t> matches;
+  void resize(int64_t N, int64_t M) {
+    v.resize(M), d.resize(M), fin_d.resize(M), fin_v.resize(M), colmin.resize(M);
+    pred.resize(M), y.resize(M), fin.resize(M), argrow.resize(M);
+    free_rows.resize(N), matches.resize(N);
+  }
+};
+
+namespace LOOM_ISA_NS {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -387,22 +407,10 @@ bool col_min_sweep(const T* row, int64_t i, double* colmin, int64_t* argrow, int
   return bad;
 }
 
-// Per-thread scratch, reused across the problems a worker solves.
-struct Work {
-  std::vector<double> v, d, fin_d, fin_v, colmin;
-  std::vector<int64_t> pred, y, fin, free_rows, argrow;
-  std::vector<int32_t> matches;
-  void resize(int64_t N, int64_t M) {
-    v.resize(M), d.resize(M), fin_d.resize(M), fin_v.resize(M), colmin.resize(M);
-    pred.resize(M), y.resize(M), fin.resize(M), argrow.resize(M);
-    free_rows.resize(N), matches.resize(N);
-  }
-};
-
 template <typename T, bool MAX>
 class Solver {
  public:
-  Solver(const T* cost, int64_t N, int64_t M, int64_t* x, Work& w)
+  Solver(const T* cost, int64_t N, int64_t M, int64_t* x, LapWork& w)
       : c_(cost), N_(N), M_(M), x_(x), v_(w.v.data()), d_(w.d.data()), fin_d_(w.fin_d.data()), fin_v_(w.fin_v.data()),
         pred_(w.pred.data()), y_(w.y.data()), fin_(w.fin.data()), free_(w.free_rows.data()), w_(w) {}
 
@@ -586,19 +594,55 @@ class Solver {
   int64_t* x_;
   double *v_, *d_, *fin_d_, *fin_v_;
   int64_t *pred_, *y_, *fin_, *free_;
-  Work& w_;
+  LapWork& w_;
 };
 
+// w is sized for (N, M) by the caller; N > 0.
 template <typename T>
-Status solve_one(const T* cost, int64_t N, int64_t M, bool maximize, int64_t* col4row, Work& w) {
-  if (N == 0) return kOk;
-  w.resize(N, M);
+Status solve_one(const T* cost, int64_t N, int64_t M, bool maximize, int64_t* col4row, LapWork& w) {
   const Status s = maximize ? Solver<T, true>(cost, N, M, col4row, w).run()
                             : Solver<T, false>(cost, N, M, col4row, w).run();
   if (s != kOk) std::fill(col4row, col4row + N, int64_t{-1});
   return s;
 }
 
+}  // namespace
+
+// This instruction set's entry points, called by the driver below.
+Status lap_solve_one(const float* cost, int64_t N, int64_t M, bool maximize, int64_t* col4row, LapWork& w) {
+  return solve_one<float>(cost, N, M, maximize, col4row, w);
+}
+Status lap_solve_one(const double* cost, int64_t N, int64_t M, bool maximize, int64_t* col4row, LapWork& w) {
+  return solve_one<double>(cost, N, M, maximize, col4row, w);
+}
+
+}  // namespace LOOM_ISA_NS
+
+#if !defined(LOOM_ISA_VARIANT)  // the driver, once
+#if defined(LOOM_DISPATCH)
+namespace isa_avx2 {
+Status lap_solve_one(const float*, int64_t, int64_t, bool, int64_t*, LapWork&);
+Status lap_solve_one(const double*, int64_t, int64_t, bool, int64_t*, LapWork&);
+}  // namespace isa_avx2
+namespace isa_avx512 {
+Status lap_solve_one(const float*, int64_t, int64_t, bool, int64_t*, LapWork&);
+Status lap_solve_one(const double*, int64_t, int64_t, bool, int64_t*, LapWork&);
+}  // namespace isa_avx512
+#endif
+
+namespace {
+template <typename T>
+Status solve_one_on(Isa isa, const T* cost, int64_t N, int64_t M, bool maximize, int64_t* col4row, LapWork& w) {
+  if (N == 0) return kOk;
+  w.resize(N, M);
+  switch (isa) {
+#if defined(LOOM_DISPATCH)
+    case Isa::kAvx512: return isa_avx512::lap_solve_one(cost, N, M, maximize, col4row, w);
+    case Isa::kAvx2: return isa_avx2::lap_solve_one(cost, N, M, maximize, col4row, w);
+#endif
+    default: return isa_base::lap_solve_one(cost, N, M, maximize, col4row, w);
+  }
+}
 }  // namespace
 
 template <typename T>
@@ -612,11 +656,12 @@ void lap_solve_batch(const T* cost, int64_t B, int64_t N, int64_t M, bool maximi
   // Starting a thread costs tens of microseconds: by default give each at least ~64k entries.
   if (threads <= 0) nt = std::min<int64_t>(nt, (B * N * M) >> 16);
   nt = std::max<int64_t>(1, std::min<int64_t>(nt, B));
-  auto solve = [&](int64_t b, Work& w) {
-    status[b] = solve_one<T>(cost + b * N * M, N, M, maximize, col4row + b * N, w);
+  const Isa isa = active_isa();  // one path for the whole batch, even if set_isa() runs meanwhile
+  auto solve = [&](int64_t b, LapWork& w) {
+    status[b] = solve_one_on<T>(isa, cost + b * N * M, N, M, maximize, col4row + b * N, w);
   };
   if (nt == 1) {
-    thread_local Work w;  // reused across calls: small problems are dominated by setup
+    thread_local LapWork w;  // reused across calls: small problems are dominated by setup
     for (int64_t b = 0; b < B; ++b) solve(b, w);
     return;
   }
@@ -626,7 +671,7 @@ void lap_solve_batch(const T* cost, int64_t B, int64_t N, int64_t M, bool maximi
   std::vector<std::exception_ptr> errors(nt);
   auto worker = [&](int64_t t) {
     try {
-      Work w;
+      LapWork w;
       for (int64_t b = next.fetch_add(1); b < B; b = next.fetch_add(1)) solve(b, w);
     } catch (...) {
       errors[t] = std::current_exception();
@@ -644,5 +689,6 @@ void lap_solve_batch(const T* cost, int64_t B, int64_t N, int64_t M, bool maximi
 
 template void lap_solve_batch<float>(const float*, int64_t, int64_t, int64_t, bool, int64_t*, int8_t*, int);
 template void lap_solve_batch<double>(const double*, int64_t, int64_t, int64_t, bool, int64_t*, int8_t*, int);
+#endif  // !LOOM_ISA_VARIANT
 
 }  // namespace loom

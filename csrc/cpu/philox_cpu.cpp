@@ -14,6 +14,10 @@
 //   sin/cos: t = fl(2pi_f32 * u) exactly as the reference forms it, reduced by the nearest
 //        multiple of pi/2 (pi/2 split in three floats, exact for the quadrants 0..4 that
 //        t in (0, 2pi] needs), Taylor polynomials on [-pi/4, pi/4] (truncation < 2e-9).
+// This file is compiled once per instruction set (cpu/isa.h): the lanes go into LOOM_ISA_NS,
+// the threaded driver (fill_batch) exists once, in the plain build, and calls the build that
+// active_isa() names. Every build makes the same words; the normals of the FMA builds (AVX2,
+// AVX-512) differ from the plain build's in the last bits, within the accuracy above.
 #include "cpu/philox_cpu.h"
 
 #include <algorithm>
@@ -29,7 +33,10 @@
 #include <thread>
 #include <type_traits>
 
+#include "cpu/isa.h"
+
 namespace loom {
+namespace LOOM_ISA_NS {
 namespace {
 
 constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // round multipliers
@@ -228,6 +235,42 @@ void fill_range(int64_t seed, int64_t e0, int64_t e1, T* row) {
   }
 }
 
+}  // namespace
+
+// This instruction set's entry points, called by the driver below.
+void philox_fill_range(int64_t seed, int64_t e0, int64_t e1, float* row) { fill_range<float>(seed, e0, e1, row); }
+void philox_fill_range(int64_t seed, int64_t e0, int64_t e1, uint32_t* row) {
+  fill_range<uint32_t>(seed, e0, e1, row);
+}
+
+}  // namespace LOOM_ISA_NS
+
+#if !defined(LOOM_ISA_VARIANT)  // the driver, once
+#if defined(LOOM_DISPATCH)
+namespace isa_avx2 {
+void philox_fill_range(int64_t, int64_t, int64_t, float*);
+void philox_fill_range(int64_t, int64_t, int64_t, uint32_t*);
+}  // namespace isa_avx2
+namespace isa_avx512 {
+void philox_fill_range(int64_t, int64_t, int64_t, float*);
+void philox_fill_range(int64_t, int64_t, int64_t, uint32_t*);
+}  // namespace isa_avx512
+#endif
+
+namespace {
+// The lanes built for isa (cpu/isa.h).
+template <typename T>
+auto fill_range_on(Isa isa) {
+  using Fn = void (*)(int64_t, int64_t, int64_t, T*);
+  switch (isa) {
+#if defined(LOOM_DISPATCH)
+    case Isa::kAvx512: return static_cast<Fn>(isa_avx512::philox_fill_range);
+    case Isa::kAvx2: return static_cast<Fn>(isa_avx2::philox_fill_range);
+#endif
+    default: return static_cast<Fn>(isa_base::philox_fill_range);
+  }
+}
+
 template <typename T>
 void fill_batch(const int64_t* seeds, int64_t n_rows, int64_t row_len, T* out, int threads) {
   if (row_len < 0) throw std::invalid_argument("philox: row_len must be >= 0");
@@ -237,9 +280,10 @@ void fill_batch(const int64_t* seeds, int64_t n_rows, int64_t row_len, T* out, i
   constexpr int64_t kChunk = int64_t{1} << 14;  // 64 KiB of output: well above a dispatch's cost
   const int64_t chunks = (row_len + kChunk - 1) / kChunk;
   const int64_t items = n_rows * chunks;
+  const auto fill_range = fill_range_on<T>(active_isa());
   auto run = [=](int64_t it) {  // by value: helpers that start late copy it (see below)
     const int64_t row = it / chunks, e0 = (it - row * chunks) * kChunk;
-    fill_range<T>(seeds[row], e0, std::min(row_len, e0 + kChunk), out + row * row_len);
+    fill_range(seeds[row], e0, std::min(row_len, e0 + kChunk), out + row * row_len);
   };
   static const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
   int64_t nt = threads > 0 ? threads : hw;
@@ -284,5 +328,6 @@ void philox_normal(const int64_t* seeds, int64_t n_rows, int64_t row_len, float*
 void philox_uint32(const int64_t* seeds, int64_t n_rows, int64_t row_len, uint32_t* out, int threads) {
   fill_batch<uint32_t>(seeds, n_rows, row_len, out, threads);
 }
+#endif  // !LOOM_ISA_VARIANT
 
 }  // namespace loom

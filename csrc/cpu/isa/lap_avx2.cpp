@@ -1,0 +1,3 @@
+// lap_cpu.cpp built for AVX2 (flags in CMakeLists.txt); chosen at run time (cpu/isa.h).
+#define LOOM_ISA_AVX2 1
+#include "cpu/lap_cpu.cpp"
