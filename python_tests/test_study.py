@@ -24,9 +24,9 @@ def test_fixed_noise_coupling_never_reassigns():
     x0, out = fixed(x1, idx)
     assert out is x1
     assert torch.equal(x0, gaussian_noise(loom.seeds[idx, 0], (3,)))
+    assert float(fixed.stats["pre_cost"]) == pytest.approx(float((x1 - x0).square().sum(1).mean()), rel=1e-6)
     again, _ = fixed(torch.randn(4, 3) * 10, idx)  # other data, same indices: the same noise
     assert torch.equal(again, x0)
-    assert float(fixed.stats["pre_cost"]) == pytest.approx(float((x1 - x0).square().sum(1).mean()), rel=1e-6)
     loom(torch.randn(4, 3), idx)  # the LOOM table moving does not move the frozen copy
     assert torch.equal(fixed(x1, idx)[0], x0)
     with pytest.raises(ValueError, match=r"indices must have shape \(4,\)"):
