@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["w2", "straightness", "coupling_cost", "fid_from_features"]
+__all__ = ["coupling_cost", "fid_from_features", "straightness", "w2"]
 
 
 def _as_points(name, x) -> torch.Tensor:

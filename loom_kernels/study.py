@@ -318,27 +318,37 @@ def _fmt(sp, digits=3):
 
 def markdown(summary: list) -> str:
     """The study's table: per data set and variant, mean ± sd over seeds."""
+    head = ("variant", "noise samples", "W2 fresh NFE1", "NFE2", "NFE4", "NFE8", "W2 train-noise NFE1", "NFE8",
+            "gap NFE1 (fresh - train)", "gap NFE8", "straightness", "dataset cost at the end", "global optimum")
     lines = []
     for data in dict.fromkeys(s["data"] for s in summary):
         rows = [s for s in summary if s["data"] == data]
-        floor = rows[0]["w2_floor"]
-        lines += [f"\n**{data}** ({rows[0]['seeds']} seeds; W2 data floor {_fmt(floor)})\n",
-                  "| variant | noise samples | W2 fresh NFE1 | NFE2 | NFE4 | NFE8 | W2 train-noise NFE1 | NFE8 "
-                  "| gap NFE1 (fresh - train) | straightness | dataset cost end / global optimum |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"\n**{data}** ({rows[0]['seeds']} seeds; W2 data floor {_fmt(rows[0]['w2_floor'])})\n",
+                  "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
         for s in rows:
-            ratio = "-"
-            if "dataset_cost_end" in s and "global_optimum" in s:
-                ratio = f"{s['dataset_cost_end']['mean']:.3f} / {s['global_optimum']['mean']:.3f}"
-            elif "dataset_cost_end" in s:
-                ratio = f"{s['dataset_cost_end']['mean']:.3f} / -"
-            lines.append(
-                f"| {LABELS[s['variant']]} | {s['noise_total'] or 'fresh'} | "
-                + " | ".join(_fmt(s[f"w2_fresh_nfe{k}"]) for k in NFES)
-                + f" | {_fmt(s.get('w2_train_nfe1'))} | {_fmt(s.get('w2_train_nfe8'))} | "
-                + _fmt(s.get("gap_nfe1"))
-                + f" | {_fmt(s['straightness'], 4)} | {ratio} |")
-    return "\n".join(lines) + "\n"
+            cells = [LABELS[s["variant"]], str(s["noise_total"] or "fresh")]
+            cells += [_fmt(s[f"w2_fresh_nfe{k}"]) for k in NFES]
+            cells += [_fmt(s.get(key)) for key in ("w2_train_nfe1", "w2_train_nfe8", "gap_nfe1", "gap_nfe8")]
+            cells += [_fmt(s["straightness"], 4), _fmt(s.get("dataset_cost_end")), _fmt(s.get("global_optimum"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" + _memorisation_table(summary)
+
+
+def _memorisation_table(summary: list) -> str:
+    """W2 on fresh minus W2 on training noise (Euler NFE 8) against caches x points, LOOM only."""
+    looms = [v for v in VARIANTS if v.startswith("loom")]
+    rows = []
+    for data in dict.fromkeys(s["data"] for s in summary):
+        by = {s["variant"]: s for s in summary if s["data"] == data}
+        cells = [f"{_fmt(by[v].get('gap_nfe8'))} ({by[v]['noise_total']})" if v in by else "-" for v in looms]
+        if any(c != "-" for c in cells):
+            rows.append(f"| {data} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    head = "| data | " + " | ".join(LABELS[v] for v in looms) + " |"
+    return ("\n**Memorisation**: W2 from fresh noise minus W2 from the training noise at Euler NFE 8 "
+            "(mean ± sd over seeds; in brackets the noise samples, caches x points)\n\n"
+            + "\n".join([head, "|---|" + "---:|" * len(looms)] + rows) + "\n")
 
 
 def write_outputs(records: list, out: str) -> None:

@@ -102,7 +102,8 @@ def test_summary_statistics_and_table():
     assert "w2_train_nfe1" not in summary["ot"]
     assert summary["loom1"]["gap_nfe1"]["values"] == pytest.approx([0.5, 0.8])
     md = study.markdown(list(summary.values()))
-    assert "| minibatch OT | fresh | 1.500 ± 0.707" in md and "| LOOM 1 cache | 10 |" in md and "0.650 ± 0.212" in md
+    assert "| minibatch OT | fresh | 1.500 ± 0.707" in md and "| LOOM 1 cache | 10 |" in md
+    assert "| 0.650 ± 0.212 |" in md  # the gap at NFE 1, per seed 0.5 and 0.8
 
 
 def test_bad_arguments(tmp_path):
