@@ -334,6 +334,27 @@ def markdown(summary: list) -> str:
     return "\n".join(lines) + "\n" + _memorisation_table(summary)
 
 
+def versus_ot(records: list) -> str:
+    """On how many seeds each variant's fresh-noise W2 is below minibatch OT's (same data set and seed)."""
+    ot = {(r["data"], r["seed"]): r for r in records if r["variant"] == "ot"}
+    datasets = list(dict.fromkeys(r["data"] for r in records))
+    variants = [v for v in dict.fromkeys(r["variant"] for r in records) if v != "ot"]
+    if not ot or not variants:
+        return ""
+    lines = ["\n**Against minibatch OT**: seeds on which the variant's W2 (fresh noise) is below minibatch OT's, "
+             "at Euler NFE 1 / NFE 8\n", "| variant | " + " | ".join(datasets) + " |",
+             "|---|" + "---:|" * len(datasets)]
+    for v in variants:
+        cells = []
+        for d in datasets:
+            pairs = [(r, ot[(d, r["seed"])]) for r in records if r["data"] == d and r["variant"] == v
+                     and (d, r["seed"]) in ot]
+            cells.append(" / ".join(f"{sum(a['w2_fresh'][k] < b['w2_fresh'][k] for a, b in pairs)}/{len(pairs)}"
+                                    for k in (1, 8)) if pairs else "-")
+        lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _memorisation_table(summary: list) -> str:
     """W2 on fresh minus W2 on training noise (Euler NFE 8) against caches x points, LOOM only."""
     looms = [v for v in VARIANTS if v.startswith("loom")]
@@ -371,7 +392,7 @@ def write_outputs(records: list, out: str) -> None:
         flat.append(row)
     cols = list(dict.fromkeys(k for row in flat for k in row))
     write_csv(os.path.join(out, "study_summary.csv"), flat, cols)
-    md = markdown(summary)
+    md = markdown(summary) + versus_ot(records)
     atomic_write(os.path.join(out, "study.md"), lambda f: f.write(md), mode="w")
     print(md)
     figure(records, summary, os.path.join(out, "study.png"))

@@ -104,6 +104,8 @@ def test_summary_statistics_and_table():
     md = study.markdown(list(summary.values()))
     assert "| minibatch OT | fresh | 1.500 ± 0.707" in md and "| LOOM 1 cache | 10 |" in md
     assert "| 0.650 ± 0.212 |" in md  # the gap at NFE 1, per seed 0.5 and 0.8
+    # seed 0: 1.0 vs 1.0 (not below), seed 1: 1.4 vs 2.0 (below)
+    assert "| LOOM 1 cache | 1/2 / 1/2 |" in study.versus_ot(records)
 
 
 def test_bad_arguments(tmp_path):
