@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from loom_kernels.metrics import coupling_cost, straightness, w2
+from loom_kernels.metrics import coupling_cost, fid_from_features, straightness, w2
 from loom_kernels.sampler import METHODS
 from loom_kernels.testing import CountingModel, w2_reference
 
@@ -162,3 +162,76 @@ def test_straightness_cuda_matches_cpu():
     assert straightness(rot, x0.cuda(), 8, method="midpoint") == pytest.approx(
         straightness(rot, x0, 8, method="midpoint"), rel=1e-5
     )
+
+
+# ---- fid_from_features ------------------------------------------------------------------------------
+
+
+def _fid_scipy(a, b):
+    """The textbook FID formula (pytorch-fid's) with scipy.linalg.sqrtm, in float64."""
+    linalg = pytest.importorskip("scipy.linalg")
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2)
+    assert np.abs(np.imag(covmean)).max() < 1e-6 * np.abs(covmean).max()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(covmean)))
+
+
+@pytest.mark.parametrize("n,m,d", [(400, 400, 2), (500, 300, 16), (2000, 1500, 64)])
+def test_fid_matches_scipy_sqrtm(n, m, d):
+    rng = np.random.default_rng(n + d)
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    real = rng.standard_normal((n, d)) @ mix + 0.3
+    fake = rng.standard_normal((m, d)) @ (mix + 0.2 * rng.standard_normal((d, d)) / np.sqrt(d)) * 1.3
+    ref = _fid_scipy(real, fake)
+    assert ref > 0.1
+    assert fid_from_features(real, fake) == pytest.approx(ref, rel=1e-9, abs=1e-9)
+    assert fid_from_features(torch.from_numpy(real), torch.from_numpy(fake)) == pytest.approx(ref, rel=1e-9, abs=1e-9)
+    # float32 features are promoted to float64 before any arithmetic
+    r32, f32 = real.astype(np.float32), fake.astype(np.float32)
+    assert fid_from_features(r32, f32) == pytest.approx(_fid_scipy(r32.astype(np.float64), f32.astype(np.float64)),
+                                                        rel=1e-9, abs=1e-9)
+
+
+def test_fid_closed_forms():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((300, 10))
+    assert fid_from_features(f, f) == pytest.approx(0.0, abs=1e-9)
+    assert fid_from_features(f, f[::-1].copy()) == pytest.approx(0.0, abs=1e-9)  # row order is irrelevant
+    c = rng.standard_normal(10)
+    assert fid_from_features(f, f + c) == pytest.approx(float(c @ c), rel=1e-9)  # a shift moves only the mean
+    # scaling centred features by s: tr(S) + s^2 tr(S) - 2 s tr(S) = (1 - s)^2 tr(S)
+    f = f - f.mean(0)
+    tr = np.trace(np.cov(f, rowvar=False))
+    assert fid_from_features(f, 3.0 * f) == pytest.approx(4.0 * tr, rel=1e-9)
+    assert fid_from_features(f, 2.0 * f) == pytest.approx(fid_from_features(2.0 * f, f), rel=1e-12)  # symmetric
+
+
+def test_fid_rank_deficient_covariances():
+    # N <= D: singular covariances (45 zero eigenvalues). The square root of each zero eigenvalue's
+    # rounding (~1e-16 * |S|) adds ~1e-8 * |S|^(1/2): the attainable accuracy here is ~sqrt(eps), not eps.
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((20, 64))
+    assert fid_from_features(f, f) == pytest.approx(0.0, abs=1e-5)
+    c = np.full(64, 0.5)
+    assert fid_from_features(f, f + c) == pytest.approx(16.0, abs=1e-5)
+    assert fid_from_features(f, 2 * f) > 1.0  # a real difference is still seen
+
+
+def test_fid_errors():
+    with pytest.raises(ValueError, match=r"same dimension D.*\(10, 4\).*\(10, 5\)"):
+        fid_from_features(np.zeros((10, 4)), np.zeros((10, 5)))
+    with pytest.raises(ValueError, match=r"real_feats must have shape \(N, D\) with N >= 2"):
+        fid_from_features(np.zeros((1, 4)), np.zeros((10, 4)))
+    with pytest.raises(ValueError, match=r"fake_feats must have shape \(N, D\)"):
+        fid_from_features(np.zeros((10, 4)), np.zeros((10, 4, 1)))
+    with pytest.raises(ValueError, match="finite"):
+        fid_from_features(np.full((10, 4), np.nan), np.zeros((10, 4)))
+    with pytest.raises(TypeError, match="real-valued"):
+        fid_from_features(np.zeros((10, 4), dtype=bool), np.zeros((10, 4)))
+
+
+@pytest.mark.cuda
+def test_fid_cuda_matches_cpu():
+    f, g = torch.randn(500, 32, dtype=torch.float64), torch.randn(400, 32, dtype=torch.float64) * 1.5
+    assert fid_from_features(f.cuda(), g.cuda()) == pytest.approx(fid_from_features(f, g), rel=1e-9)
