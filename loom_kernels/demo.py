@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                         "spin-wait on tiny ops and slow down badly on a busy machine); 0 keeps torch's choice")
     p.add_argument("--max-opt-points", type=int, default=4096,
                    help="solve LOOM's global optimum (the floor of its cost) only up to this many points x caches")
-    p.add_argument("--no-dopri5", action="store_true", help="skip the dopri5 reference (needs torchdiffeq)")
+    p.add_argument("--no-dopri5", action="store_true", help="skip the dopri5 reference")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds) for smoke tests")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     return p
@@ -113,34 +113,17 @@ def _settings(args) -> dict:
 def dopri5_sample(model, x0: torch.Tensor, *, rtol: float = DOPRI5_TOL, atol: float = DOPRI5_TOL) -> tuple:
     """The adaptive reference solution: dopri5 from t=0 to t=1; returns ``(x1, nfe)``.
 
-    ``x0`` (B, *dims) -> ``x1`` (B, *dims) and the number of model evaluations the solver made. One
-    helper so the backend (torchdiffeq today, the sampler's native dopri5 later) changes in one place.
+    ``x0`` (B, *dims) -> ``x1`` (B, *dims) and the number of model evaluations the solver made
+    (the sampler's native Dormand-Prince 5(4), error-controlled as torchdiffeq's).
 
     Example:
         >>> x1, nfe = dopri5_sample(lambda x, t: -x, torch.ones(4, 2))  # x1 = exp(-1)
     """
-    from torchdiffeq import odeint
+    from .sampler import sample
 
-    calls = 0
-
-    def field(t, x):
-        nonlocal calls
-        calls += 1
-        return model(x, t.to(x.dtype).expand(x.shape[0]))
-
-    grid = torch.tensor([0.0, 1.0], dtype=x0.dtype, device=x0.device)
-    with torch.no_grad():
-        x1 = odeint(field, x0, grid, method="dopri5", rtol=rtol, atol=atol)[-1]
-    return x1, calls
-
-
-def have_dopri5() -> bool:
-    """Whether the dopri5 reference can run (torchdiffeq is in the ``demo`` extra)."""
-    try:
-        import torchdiffeq  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    info = {}
+    x1 = sample(model, x0, method="dopri5", rtol=rtol, atol=atol, info=info)
+    return x1, info["nfe"]
 
 
 def quality(model, x0: torch.Tensor, x_ref: torch.Tensor, *, dopri5: bool = True) -> tuple:
@@ -343,12 +326,12 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     s = _settings(args)
     device = resolve_device(args.device)
-    dopri5 = not args.no_dopri5 and have_dopri5()
+    dopri5 = not args.no_dopri5
     seeds = list(range(args.seed, args.seed + s["seeds"]))
     os.makedirs(args.out, exist_ok=True)
     print(f"LOOM-CFM demo: {args.data}, {s['n'] or 'all'} training points per seed; MLP {s['depth']}x{s['hidden']}; "
           f"{s['steps']} steps x batch {s['batch_size']} per coupling; seeds {seeds}; device {device}"
-          + ("" if dopri5 else "; dopri5 reference skipped" + ("" if args.no_dopri5 else " (pip install torchdiffeq)")),
+          + ("" if dopri5 else "; dopri5 reference skipped"),
           flush=True)
     runs = []
     for seed in seeds:

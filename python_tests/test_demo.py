@@ -26,8 +26,7 @@ def test_demo_quick_in_process(tmp_path, capsys):
     with open(os.path.join(out, "demo_8gaussians.json")) as f:
         saved = json.load(f)
     assert saved["seeds"] == [1, 2]
-    dopri5 = demo.have_dopri5()
-    cols = set(demo.COLUMNS) if dopri5 else set(demo.COLUMNS) - {"dopri5"}
+    cols = set(demo.COLUMNS)
     assert {"euler1", "euler2", "euler4", "euler8", "midpoint2", "midpoint4", "midpoint8"} <= cols
     assert set(saved["couplings"]) == {"independent", "ot", "loom"}
     for c, r in saved["couplings"].items():
@@ -38,8 +37,7 @@ def test_demo_quick_in_process(tmp_path, capsys):
             assert sp["mean"] == pytest.approx(v.mean()) and sp["sd"] == pytest.approx(v.std(ddof=1))
             assert sp["min"] == v.min() and sp["max"] == v.max()
         assert r["straightness"]["min"] >= 0
-        if dopri5:
-            assert r["dopri5_nfe"]["min"] >= 6  # dopri5 makes 6 evaluations per accepted step, at least one step
+        assert r["dopri5_nfe"]["min"] >= 6  # dopri5 makes 6 evaluations per accepted step, at least one step
         for seed in (1, 2):
             assert os.path.isfile(os.path.join(out, f"8gaussians_{c}_seed{seed}", "model.pt"))
     for run in saved["per_seed"]:
@@ -89,7 +87,6 @@ def test_report_says_not_resolved(capsys):
 
 
 def test_dopri5_sample_counts_and_solves():
-    pytest.importorskip("torchdiffeq")
     x0 = torch.randn(8, 2, dtype=torch.float64)
     calls = []
 
