@@ -140,7 +140,7 @@ def _spawn(world, out):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-@pytest.fixture(scope="module", params=[2, 4, 8])
+@pytest.fixture(scope="module", params=[2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def world(request, tmp_path_factory):
     w = request.param
     return w, _spawn(w, tmp_path_factory.mktemp(f"w{w}"))
@@ -254,3 +254,23 @@ def test_grouped_single_process_matches_the_reference_and_checkpoints():
     mb = MinibatchOTCoupling(scope="grouped", group_size=G)
     with pytest.raises(ValueError, match="scope='grouped' needs x0 with exactly b = 4 rows"):
         mb(torch.randn(4, 2), x0=torch.randn(5, 2))
+
+
+def test_cost_model_warning_once_and_only_past_the_budget(monkeypatch):
+    from loom_kernels.couplings import grouped
+
+    assert grouped.budget_warning("grouped", 512, 256, 3072, 1024, "cuda") is None
+    assert grouped.budget_warning("local", 512, 256, 3072, 1024, "cuda") is None
+    msg = grouped.budget_warning("global", 64, 256, 3072, 1024, "cuda")
+    assert "scope='global'" in msg and "W=64" in msg and "use scope='grouped'" in msg
+    # the model grows with W for global only; grouped stays flat
+    t = [grouped.predicted_coupling_seconds(s, w, 256, 3072, 512, "cuda") for s in ("global", "grouped") for w in (8, 64)]
+    assert t[1] > 50 * t[0] and t[2] == t[3]
+    data, _ = _data()
+    idx = torch.arange(8)
+    with pytest.warns(UserWarning, match="is predicted to take") as rec:
+        monkeypatch.setitem(grouped.TYPICAL_STEP_S_PER_ITEM, "cpu", 0.0)
+        c = LoomCoupling(P, SHAPE, seed=SEED)
+        c(data[idx], idx)
+        c(data[idx + 8], idx + 8)
+    assert len([w for w in rec if "predicted" in str(w.message)]) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -21,7 +22,7 @@ from ._common import METRICS as _METRICS
 from ._common import _as_device, _check_labels, _check_metric, _check_x1, _cost_dtype, _solve, _to
 from .base import Coupling
 from .distributed import _check_whole_world, _Group
-from .grouped import DEFAULT_GROUP_SIZE, Partition, check_group_size, solve_loom_groups
+from .grouped import DEFAULT_GROUP_SIZE, Partition, budget_warning, check_group_size, solve_loom_groups
 from .table import SeedTable, _seed_values, check_seed_table
 
 _SCOPES = ("global", "local", "grouped")
@@ -151,6 +152,7 @@ class LoomCoupling(Coupling):
         self._gen.manual_seed(self.seed)
         self._next_counter = self.num_points * self.num_caches  # first unused seed number
         self._lock = threading.Lock()
+        self._budget_checked = False  # the cost-model warning is given once, at the first call
         self.stats = {}
         # load() attaches the checkpoint's table itself (a file is built from its rows, then renamed in).
         self._table: Optional[SeedTable] = self._create_table(overwrite) if _init_table else None
@@ -271,6 +273,7 @@ class LoomCoupling(Coupling):
             grp.agree("LoomCoupling", {"batch size": b}, {"labels": labels is not None}, self._fingerprint())
         g_idx = grp.gather(indices, grp.cdev)  # left on the comm device: validated after the solve's sync
         n = world * b
+        self._warn_budget(world, b)
         # One shared slot stream over the global batch: identical generator states on all ranks.
         g_slots = _to(self._draw_slots(n), tdev)
         if b == 0:
@@ -311,6 +314,16 @@ class LoomCoupling(Coupling):
         self._table.write(safe_idx, g_slots, g_seeds[col].to(tdev))
         self.stats = stats
         return noise[col[lo:hi]].to(x1.dtype), x1
+
+    def _warn_budget(self, world, b):
+        if self._budget_checked or b == 0:
+            return
+        self._budget_checked = True
+        scope = "local" if self.scope == "local" or world == 1 and self.scope == "global" else self.scope
+        dim = int(np.prod(self.shape))
+        msg = budget_warning(scope, world, b, dim, self.group_size, self.device.type)
+        if msg:
+            warnings.warn(msg, stacklevel=4)
 
     def _grouped_step(self, grp, x1, x1f, safe_idx, g_slots, labels, flags, g_idx, where):
         part = Partition(len(g_slots), x1.shape[0], grp.world, self.group_size, self._gen)
