@@ -191,9 +191,9 @@ def _mean_stats(tot: torch.Tensor, n: int, device) -> dict:
 
 # ---- the cost model (docs/scaling.md derives it and lists the measurements) -----------------------------
 
-# Seconds of one coupling step on an n-item problem of dimension D, per device kind. CPU: whole steps on
-# this 2-core machine (issue 16: 78 ms at n=1024, 332 ms at 2048, 2.3 s at 4096, 10 s at 8192, D=3072):
-# a cost term n^2 D and an assignment term n^3.1. CUDA: the H200 assignment of bench/RESULTS.md (25.7 ms
+# Seconds of the cost matrix + exact assignment of one n-item problem of dimension D, per device kind
+# (noise regeneration and communication come on top). CPU: this 2-core machine (issue 16: 78 ms at n=1024,
+# 332 ms at 2048, 2.3 s at 4096, 10 s at 8192, D=3072): a cost term n^2 D and an assignment term n^3.1. CUDA: the H200 assignment of bench/RESULTS.md (25.7 ms
 # at 1024, 105 ms at 2048, 476 ms at 4096, 2.2 s at 8192; the cost matrix is ~1 ms there).
 _SOLVE_MODEL = {
     "cpu": lambda n, d: 0.064 * (n / 1024) ** 2 * (d / 3072) + 0.0139 * (n / 1024) ** 3.1,
