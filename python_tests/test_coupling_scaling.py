@@ -211,7 +211,8 @@ def test_grouped_bytes_per_rank_stay_b_rows_of_data(world):
     it owns, plus 8 bytes per owned item from every other rank (the replicated table's updates)."""
     w, ranks = world
     d, n = int(np.prod(SHAPE)), w * B
-    width = G * -(-(-(-n // G)) // w)  # the most items one owner can hold
+    groups = -(-n // G)  # ceil
+    width = -(-groups // w) * -(-n // groups)  # the most items one owner can hold
     ints = 8 * (B + width + 4) + 8 * 16  # index gather, the owners' seed rows, the agreement row
     for res in ranks:
         got = res["loom"]["bytes"]
@@ -268,9 +269,9 @@ def test_cost_model_warning_once_and_only_past_the_budget(monkeypatch):
     assert t[1] > 50 * t[0] and t[2] == t[3]
     data, _ = _data()
     idx = torch.arange(8)
+    monkeypatch.setitem(grouped.TYPICAL_STEP_S_PER_ITEM, "cpu", 0.0)
+    c = LoomCoupling(P, SHAPE, seed=SEED)
     with pytest.warns(UserWarning, match="is predicted to take") as rec:
-        monkeypatch.setitem(grouped.TYPICAL_STEP_S_PER_ITEM, "cpu", 0.0)
-        c = LoomCoupling(P, SHAPE, seed=SEED)
-        c(data[idx], idx)
-        c(data[idx + 8], idx + 8)
+        for step in range(2):
+            c(data[idx + 8 * step], idx + 8 * step)
     assert len([w for w in rec if "predicted" in str(w.message)]) == 1
