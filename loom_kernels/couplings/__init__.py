@@ -12,6 +12,8 @@ This package holds only the bookkeeping:
 - ``table.py``: LOOM's seed table (the seed stream, storage in memory or memory-mapped);
 - ``distributed.py``: the exchange both OT couplings use under ``torch.distributed`` (rank agreement,
   gathers, the global batch's cost);
+- ``grouped.py``: ``scope="grouped"`` (a random partition of the global batch into groups solved by owner
+  ranks in parallel) and the cost model behind docs/scaling.md and LoomCoupling's budget warning;
 - ``_common.py``: argument checks, metric names, devices, pair statistics, the label-aware solve.
 
 Example::

@@ -1,5 +1,12 @@
-"""The collectives the couplings use under torch.distributed (one code path for every coupling)."""
+"""The collectives the couplings use under torch.distributed (one code path for every coupling).
+
+Every collective goes through ``_all_gather`` or ``_all_to_all``, so ``count_bytes()`` sees all the
+traffic a coupling makes (the bench and docs/scaling.md quote these counts).
+"""
 from __future__ import annotations
+
+import contextlib
+from typing import Sequence
 
 import torch
 
@@ -26,12 +33,76 @@ def _comm_device(group):
     return torch.device("cpu")
 
 
+_COUNTERS: list = []  # the active count_bytes() dicts
+
+
+@contextlib.contextmanager
+def count_bytes():
+    """Count the bytes this process sends and receives through the couplings' collectives.
+
+    Logical payload, whatever the backend's algorithm: an all-gather of ``s`` bytes sends ``s`` and
+    receives ``(W-1) s``; an all-to-all sends and receives what leaves and reaches other ranks.
+
+    Example::
+
+        with count_bytes() as c:
+            coupling(x1, idx)
+        print(c["sent"], c["received"], c["calls"])
+    """
+    counter = {"sent": 0, "received": 0, "calls": 0}
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+def _count(sent: int, received: int):
+    for c in _COUNTERS:
+        c["sent"] += sent
+        c["received"] += received
+        c["calls"] += 1
+
+
 def _all_gather(t: torch.Tensor, group, world: int, device) -> torch.Tensor:
     """Concatenate along dim 0 the same-shaped tensor from every rank (rank order)."""
     src = _to(t, device).contiguous()
     out = [torch.empty_like(src) for _ in range(world)]
     torch.distributed.all_gather(out, src, group=group)
+    nbytes = src.numel() * src.element_size()
+    _count(nbytes, (world - 1) * nbytes)
     return torch.cat(out, 0)
+
+
+def _all_to_all(t: torch.Tensor, send: Sequence[int], recv: Sequence[int], rank: int, group, device) -> torch.Tensor:
+    """Rows ``t[sum(send[:r]) : sum(send[:r+1])]`` go to rank ``r``; returns the rows received, by source rank.
+
+    ``send``/``recv`` are row counts per rank (every rank must know its own, e.g. from a shared partition).
+    """
+    src = _to(t, device).contiguous()
+    out = src.new_empty((sum(recv), *src.shape[1:]))
+    torch.distributed.all_to_all_single(out, src, list(recv), list(send), group=group)
+    row = src[0].numel() * src.element_size() if src.dim() > 1 else src.element_size()
+    _count(row * (sum(send) - send[rank]), row * (sum(recv) - recv[rank]))
+    return out
+
+
+def _check_whole_world(process_group, who: str):
+    """Refuse a ``process_group`` smaller than the default group for a coupling whose state is one table.
+
+    The ranks outside the group would keep their own tables, which diverge silently (and no agreement
+    check can see them). Checked in the constructor: every rank raises at once, before any collective.
+    """
+    if process_group is None or not torch.distributed.is_initialized():
+        return
+    size, world = torch.distributed.get_world_size(process_group), torch.distributed.get_world_size()
+    if size != world:
+        raise ValueError(
+            f"{who}'s process_group has {size} of the {world} ranks of the default group: its seed table is "
+            f"shared by every rank, and a subgroup would let the tables of different subgroups diverge silently. "
+            f"Pass process_group=None (the whole world) and scope='grouped' to solve small groups in parallel, or "
+            f"give each independent job its own default group (its own torch.distributed.init_process_group)"
+        )
 
 
 
@@ -46,6 +117,13 @@ class _Group:
         # local: the call couples this rank's batch alone, as without a group
         self.group, self.world, self.rank = (None, 1, 0) if local else _default_group(process_group)
         self.cdev = _comm_device(self.group) if self.world > 1 else None
+
+    def all_to_all(self, t: torch.Tensor, send: Sequence[int], recv: Sequence[int]) -> torch.Tensor:
+        """Rows of ``t`` to each rank (``send[r]`` rows to rank ``r``, in rank order); the rows received
+        (``recv[r]`` from rank ``r``, in rank order), on ``t``'s device."""
+        if self.world == 1:
+            return t
+        return _to(_all_to_all(t, send, recv, self.rank, self.group, self.cdev), t.device)
 
     def gather(self, t: torch.Tensor, device=None) -> torch.Tensor:
         """Every rank's ``t`` concatenated along dim 0 (rank order) on ``device`` (``t``'s by default)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import warnings
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -20,10 +21,11 @@ from ..noise import gaussian_noise
 from ._common import METRICS as _METRICS
 from ._common import _as_device, _check_labels, _check_metric, _check_x1, _cost_dtype, _solve, _to
 from .base import Coupling
-from .distributed import _Group
+from .distributed import _check_whole_world, _Group
+from .grouped import DEFAULT_GROUP_SIZE, Partition, budget_warning, check_group_size, solve_loom_groups
 from .table import SeedTable, _seed_values, check_seed_table
 
-_SCOPES = ("global", "local")
+_SCOPES = ("global", "local", "grouped")
 _FORMAT_VERSION = 2  # 2: save() stores a checksum (load() verifies it)
 
 
@@ -72,8 +74,14 @@ class LoomCoupling(Coupling):
     (``b x W*b`` floats each; their data instead when it is smaller, ``D < W*b``), every rank
     regenerates the global noise from the (identical) tables, solves the same assignment and keeps
     its slice. ``scope="local"`` solves each rank's minibatch and all-gathers the ``(index, slot,
-    seed)`` updates. Tables and generator states stay identical on all
-    ranks; noise is never sent. Call ``resample`` with the same arguments on every rank.
+    seed)`` updates. ``scope="grouped"`` splits the global batch at random (from the slot generator, after
+    the slots) into groups of at most ``group_size`` items, each solved by one owner rank, owners in
+    parallel: items travel to their owner as data rows, owners return the new seeds; the solve stays
+    ``group_size`` wide whatever ``W`` is (see docs/scaling.md for what to choose at 8 to 512 GPUs).
+    Each group's result equals one process solving that group alone. Tables and generator states stay
+    identical on all ranks; noise is never sent. Call ``resample`` with the same arguments on every rank.
+    The table is shared by every rank of the default group, so ``process_group`` must span all of it
+    (a subgroup would let the tables of different subgroups diverge silently: refused).
 
     Memory-mapped tables: ``mmap_path`` keeps the table in a ``.npy`` file on disk (numpy memmap); each
     call reads and writes only the batch's rows, so 10^8+ points fit. The constructor creates the file
@@ -111,6 +119,7 @@ class LoomCoupling(Coupling):
         device: Union[str, torch.device, None] = None,
         process_group=None,
         scope: str = "global",
+        group_size: int = DEFAULT_GROUP_SIZE,
         mmap_path: Union[str, os.PathLike, None] = None,
         overwrite: bool = False,
         _init_table: bool = True,
@@ -126,6 +135,8 @@ class LoomCoupling(Coupling):
             raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape!r}")
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+        _check_whole_world(process_group, "LoomCoupling")
+        self.group_size = check_group_size(group_size)
         self.num_points = int(num_points)
         self.num_caches = int(num_caches)
         self.shape = tuple(int(s) for s in shape)
@@ -141,6 +152,7 @@ class LoomCoupling(Coupling):
         self._gen.manual_seed(self.seed)
         self._next_counter = self.num_points * self.num_caches  # first unused seed number
         self._lock = threading.Lock()
+        self._budget_checked = False  # the cost-model warning is given once, at the first call
         self.stats = {}
         # load() attaches the checkpoint's table itself (a file is built from its rows, then renamed in).
         self._table: Optional[SeedTable] = self._create_table(overwrite) if _init_table else None
@@ -261,6 +273,7 @@ class LoomCoupling(Coupling):
             grp.agree("LoomCoupling", {"batch size": b}, {"labels": labels is not None}, self._fingerprint())
         g_idx = grp.gather(indices, grp.cdev)  # left on the comm device: validated after the solve's sync
         n = world * b
+        self._warn_budget(world, b)
         # One shared slot stream over the global batch: identical generator states on all ranks.
         g_slots = _to(self._draw_slots(n), tdev)
         if b == 0:
@@ -279,6 +292,8 @@ class LoomCoupling(Coupling):
         dt = _cost_dtype(x1.dtype)
         x1f = x1.flatten(1).to(dt)
         lo, hi = rank * b, (rank + 1) * b
+        if self.scope == "grouped":
+            return self._grouped_step(grp, x1, x1f, safe_idx, g_slots, labels, flags, g_idx, where)
         if self.scope == "local" and world > 1:
             seeds = _to(self.seeds[safe_idx[lo:hi], g_slots[lo:hi]], self.device)
             noise = gaussian_noise(seeds, self.shape, device=self.device, dtype=dt)
@@ -300,6 +315,29 @@ class LoomCoupling(Coupling):
         self.stats = stats
         return noise[col[lo:hi]].to(x1.dtype), x1
 
+    def _warn_budget(self, world, b):
+        if self._budget_checked or b == 0:
+            return
+        self._budget_checked = True
+        scope = "local" if self.scope == "local" or world == 1 and self.scope == "global" else self.scope
+        dim = int(np.prod(self.shape))
+        msg = budget_warning(scope, world, b, dim, self.group_size, self.device.type)
+        if msg:
+            warnings.warn(msg, stacklevel=4)
+
+    def _grouped_step(self, grp, x1, x1f, safe_idx, g_slots, labels, flags, g_idx, where):
+        part = Partition(len(g_slots), x1.shape[0], grp.world, self.group_size, self._gen)
+        own = _to(part.lists[grp.rank], self.table_device)
+        seeds = _to(self.seeds[safe_idx[own], g_slots[own]], self.device)
+        noise_fn = lambda s: gaussian_noise(s, self.shape, device=self.device, dtype=x1f.dtype).flatten(1)  # noqa: E731
+        new, stats = solve_loom_groups(grp, part, x1f, seeds, noise_fn, self.metric,
+                                       None if labels is None else grp.gather(labels), self._guard)
+        self._check_flags_after_sync(flags, g_idx, where)
+        self._table.write(safe_idx, g_slots, _to(new, self.table_device))
+        self.stats = stats
+        mine = new[grp.rank * x1.shape[0]:(grp.rank + 1) * x1.shape[0]]
+        return noise_fn(mine).reshape(x1.shape).to(x1.dtype), x1
+
     def _fingerprint(self) -> dict:
         """What must agree on every rank: config, slot-generator state, a checksum of the table's head."""
         state = self._gen.get_state().to(torch.int64)
@@ -307,6 +345,7 @@ class LoomCoupling(Coupling):
         head = int((self.seeds[: min(self.num_points, 4096)] % 1000003).sum())
         return {"seed": self.seed, "num_points": self.num_points, "num_caches": self.num_caches,
                 "scope": _SCOPES.index(self.scope), "metric": _METRICS.index(self.metric),
+                "group_size": self.group_size,
                 "slot generator": gen_hash, "seed table": head}
 
     def _check_flags_after_sync(self, flags, g_idx, where):
@@ -381,6 +420,7 @@ class LoomCoupling(Coupling):
             "generator": self._gen.get_state(),
             "next_counter": int(self._next_counter),
             "scope": self.scope,
+            "group_size": self.group_size,
             "mmap_path": self.mmap_path,
         }
 
@@ -437,6 +477,7 @@ class LoomCoupling(Coupling):
         *,
         process_group=None,
         scope: Optional[str] = None,
+        group_size: Optional[int] = None,
         mmap_path: Union[str, os.PathLike, None] = "auto",
     ) -> "LoomCoupling":
         """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
@@ -463,6 +504,7 @@ class LoomCoupling(Coupling):
             device=device,
             process_group=process_group,
             scope=scope if scope is not None else state.get("scope", "global"),
+            group_size=group_size if group_size is not None else state.get("group_size", DEFAULT_GROUP_SIZE),
             mmap_path=mmap_path,
             _init_table=False,
         )
@@ -473,5 +515,5 @@ class LoomCoupling(Coupling):
         where = f"mmap_path={self.mmap_path!r}" if self.mmap_path else f"device={str(self.device)!r}"
         return (
             f"LoomCoupling(num_points={self.num_points}, shape={self.shape}, num_caches={self.num_caches}, "
-            f"seed={self.seed}, metric={self.metric!r}, scope={self.scope!r}, {where})"
+            f"seed={self.seed}, metric={self.metric!r}, scope={self.scope!r}, group_size={self.group_size}, {where})"
         )

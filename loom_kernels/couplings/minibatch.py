@@ -8,8 +8,9 @@ import torch
 from ._common import METRICS, _check_labels, _check_metric, _check_x1, _cost_dtype, _pair_stats, _solve
 from .base import Coupling
 from .distributed import _Group
+from .grouped import DEFAULT_GROUP_SIZE, Partition, check_group_size, solve_minibatch_groups
 
-_SCOPES = ("global", "local")
+_SCOPES = ("global", "local", "grouped")
 
 
 class MinibatchOTCoupling(Coupling):
@@ -29,7 +30,12 @@ class MinibatchOTCoupling(Coupling):
     couple the concatenated batch (with ``x0`` the concatenation of every rank's noise); each rank
     gets its own rows' noise. Ranks all-gather their noise and then their cost rows, or their data
     when ``D < W*m``. Seed each rank's ``generator`` (or global RNG) differently. ``scope="local"``
-    couples each rank's batch on its own (no communication, so no cross-rank checks). ``indices`` is
+    couples each rank's batch on its own (no communication, so no cross-rank checks). ``scope="grouped"``
+    splits the global batch at random into groups of at most ``group_size`` items (the partition comes
+    from a generator seeded with ``seed``, the same on every rank, checkpointed in ``state_dict``); each
+    group is solved by one owner rank, owners in parallel: data and noise rows travel to the owner and the
+    matched noise rows come back (``O(b*D)`` bytes per rank whatever ``W`` is; needs ``m == b``). Each
+    group's result equals ``MinibatchOTCoupling()(x1[g], x0=x0[g])`` in one process. ``indices`` is
     accepted for the common protocol and not used.
 
     Shapes: ``x1 (b, *shape)``, ``x0 (m, *shape)`` with ``m >= b`` -> ``(x0 (b, *shape), x1)``.
@@ -42,9 +48,13 @@ class MinibatchOTCoupling(Coupling):
     """
 
     def __init__(self, metric: str = "sqeuclidean", *, generator: Optional[torch.Generator] = None,
-                 process_group=None, scope: str = "global"):
+                 process_group=None, scope: str = "global", group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0):
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.group_size = check_group_size(group_size)
+        self._part_gen = torch.Generator().manual_seed(seed)  # the same on every rank: the partition
         self.metric = _check_metric(metric)
         self.generator = generator
         self.process_group = process_group
@@ -60,7 +70,7 @@ class MinibatchOTCoupling(Coupling):
             )
         grp = _Group(self.process_group, local=self.scope == "local")
         try:
-            labels = self._check_inputs(x1, x0, labels)
+            labels = self._check_inputs(x1, x0, labels, self.scope)
         except (TypeError, ValueError):
             grp.agree(type(self).__name__, {"batch size": -1, "x0 rows": -1}, {"labels": 0}, self._config(), failed=True)
             raise
@@ -73,6 +83,10 @@ class MinibatchOTCoupling(Coupling):
             self.stats = {}
             return x0[:0], x1
         dt = _cost_dtype(x1.dtype)
+        if self.scope == "grouped":
+            part = Partition(grp.world * b, b, grp.world, self.group_size, self._part_gen)
+            x0, self.stats = solve_minibatch_groups(grp, part, x1.flatten(1).to(dt), x0, self.metric, labels, dt)
+            return x0, x1
         g_x0 = grp.gather(x0)  # every rank's noise: rank r's rows may be matched with it
         cost = grp.global_cost(x1.flatten(1).to(dt), g_x0.flatten(1).to(dt), self.metric)
         col = _solve(cost, None if labels is None else grp.gather(labels))
@@ -80,10 +94,25 @@ class MinibatchOTCoupling(Coupling):
         return g_x0[col[grp.rank * b:(grp.rank + 1) * b]], x1
 
     def _config(self) -> dict:
-        return {"metric": METRICS.index(self.metric), "scope": _SCOPES.index(self.scope)}
+        state = self._part_gen.get_state().to(torch.int64)
+        return {"metric": METRICS.index(self.metric), "scope": _SCOPES.index(self.scope),
+                "group_size": self.group_size,
+                "partition generator": int((state * torch.arange(1, len(state) + 1)).sum())}
+
+    def state_dict(self) -> dict:
+        """The partition generator's state (``scope="grouped"``; the other scopes have no state)."""
+        return {"partition_generator": self._part_gen.get_state()} if self.scope == "grouped" else {}
+
+    def load_state_dict(self, state: dict):
+        if self.scope != "grouped" or not state:
+            return super().load_state_dict(state)
+        gen = state.get("partition_generator") if isinstance(state, dict) else None
+        if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
+            raise ValueError(f"state_dict['partition_generator'] must be a uint8 tensor (Generator.get_state()), got {gen!r:.80}")
+        self._part_gen.set_state(gen)
 
     @staticmethod
-    def _check_inputs(x1, x0, labels):
+    def _check_inputs(x1, x0, labels, scope="global"):
         _check_x1(x1)
         if x0 is not None:
             _check_x1(x0, "x0")
@@ -94,6 +123,8 @@ class MinibatchOTCoupling(Coupling):
                 )
             if x0.device != x1.device:
                 raise ValueError(f"x0 must be on x1's device {x1.device}, got {x0.device}")
+        if scope == "grouped" and x0 is not None and x0.shape[0] != x1.shape[0]:
+            raise ValueError(f"scope='grouped' needs x0 with exactly b = {x1.shape[0]} rows, got {x0.shape[0]}")
         labels = _check_labels(labels, x1.shape[0], x1.device)
         if labels is not None and x0 is not None and x0.shape[0] != x1.shape[0]:
             raise ValueError(
