@@ -44,7 +44,8 @@ def steps(lib, cost):
     st = np.empty(B, np.int8)
     rounds = np.empty(B, np.int64)
     p = [a.ctypes.data_as(ctypes.c_void_p) for a in (cost, col, st, rounds)]
-    lib.solve_f32(p[0], ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(M), ctypes.c_double(1e-6), p[1], p[2], p[3])
+    lib.solve_f32(p[0], ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(M), ctypes.c_double(1e-6),
+                  p[1], p[2], p[3])
     if np.any(st != 0):
         raise SystemExit(f"status {np.unique(st)}")
     return rounds

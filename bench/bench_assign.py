@@ -33,13 +33,13 @@ BATCH, BATCH_N = 64, 256
 THREADS = os.cpu_count() or 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem(family, n, batch=None):
     rng = np.random.default_rng([FAMILIES.index(family), n, batch or 0])
     return assignment_problem(family, n, batch=batch, rng=rng)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scipy_total(family, n, batch=None):
     cost = _problem(family, n, batch)
     if batch is None:

@@ -173,7 +173,8 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
     in uint32 buffers, so each round is ~10 passes over 4-byte words.
     """
     shape = np.broadcast_shapes(*(np.shape(v) for v in (c0, c1, c2, c3, k0, k1)))
-    c0, c1, c2, c3 = (np.array(np.broadcast_to(np.asarray(v, np.uint64), shape), dtype=np.uint32) for v in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = (np.array(np.broadcast_to(np.asarray(v, np.uint64), shape), dtype=np.uint32)
+                      for v in (c0, c1, c2, c3))
     k0 = np.array(k0, dtype=np.uint64).astype(np.uint32)
     k1 = np.array(k1, dtype=np.uint64).astype(np.uint32)
     p0 = np.empty(shape, np.uint64)
@@ -235,7 +236,8 @@ def _as_seed_tensor(seeds) -> torch.Tensor:
     else:
         arr = np.asarray(seeds)
         if arr.dtype == object or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-            raise TypeError(f"seeds must hold integers that fit in int64 (or uint64 bit patterns), got dtype {arr.dtype}")
+            raise TypeError("seeds must hold integers that fit in int64 (or uint64 bit patterns), "
+                            f"got dtype {arr.dtype}")
         if arr.dtype == np.uint64:  # keep the 64 bits: two's complement view
             arr = arr.view(np.int64)
         t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64, copy=False)))
@@ -263,7 +265,10 @@ def _as_shape(shape) -> tuple:
 def _prepare(seeds, shape, device):
     t = _as_seed_tensor(seeds)
     shape = _as_shape(shape)
-    device = torch.device(device) if device is not None else (t.device if isinstance(seeds, torch.Tensor) else torch.device("cpu"))
+    if device is not None:
+        device = torch.device(device)
+    else:
+        device = t.device if isinstance(seeds, torch.Tensor) else torch.device("cpu")
     n = math.prod(shape)
     if n > _MAX_ELEMENTS:
         raise ValueError(f"shape must have at most 4 * 2**32 elements per row, got {n}")

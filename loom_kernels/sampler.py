@@ -4,8 +4,8 @@ Integrates dx/dt = model(x, t) from t0 (noise) to t1 (data) with exactly ``nfe``
 evaluations (fixed-step methods) or as many as the tolerances need (dopri5: the Dormand-Prince 5(4)
 pair with FSAL and the usual step-size control, Hairer, Norsett, Wanner sec. II.4-5). The model is
 called in one of four conventions (``SIGNATURES``), with optional keyword inputs (class labels, ...)
-and classifier-free guidance (Ho & Salimans 2022) batched into one call per evaluation. Methods (E. Hairer, S. P. Norsett, G. Wanner, "Solving Ordinary Differential
-Equations I", sec. II.1):
+and classifier-free guidance (Ho & Salimans 2022) batched into one call per evaluation. Methods
+(E. Hairer, S. P. Norsett, G. Wanner, "Solving Ordinary Differential Equations I", sec. II.1):
 - euler:    x' = x + h v(x, t)                                   (1 NFE per step, order 1)
 - midpoint: x' = x + h v(x + h/2 v(x, t), t + h/2)               (2 NFE per step, order 2)
 - heun:     x' = x + h/2 (v(x, t) + v(x + h v(x, t), t + h))     (2 NFE per step, order 2;
@@ -311,7 +311,7 @@ def _alloc(x0: torch.Tensor, plan: _Plan, return_trajectory: bool, kwargs: dict,
     return _Buffers(state, traj, stage, times, t.clone(), kwargs)
 
 
-_TIMES: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+_TIMES: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
 
 
 def _eval_times(values: tuple, dtype, device) -> torch.Tensor:
@@ -395,9 +395,9 @@ class _Graphed:
     model_ref: object  # weakref to the model: a recycled id() must not hit the cache
 
 
-_GRAPHS: "collections.OrderedDict[tuple, _Graphed]" = collections.OrderedDict()
-_SEEN: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
-_FAILED: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+_GRAPHS: collections.OrderedDict[tuple, _Graphed] = collections.OrderedDict()
+_SEEN: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+_FAILED: collections.OrderedDict[tuple, None] = collections.OrderedDict()
 _MAX_GRAPHS = 4  # each graph pins its memory pool (the loop's peak activations)
 _MAX_KEYS = 256
 _warned_capture = False
@@ -738,7 +738,8 @@ def _adaptive_grid(nfe, t0, t1, time_grid, rtol, atol, max_nfe) -> list:
         if _check_real(name, tol) <= 0:
             raise ValueError(f"{name} must be positive, got {tol}")
     if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 8:
-        raise ValueError(f"max_nfe must be an int >= 8 (dopri5 needs 8 evaluations for its first step), got {max_nfe!r}")
+        raise ValueError(f"max_nfe must be an int >= 8 (dopri5 needs 8 evaluations for its first step), "
+                         f"got {max_nfe!r}")
     t0, t1 = _check_real("t0", t0), _check_real("t1", t1)
     if t0 == t1:
         raise ValueError(f"t0 and t1 must differ, got t0 = t1 = {t0}")

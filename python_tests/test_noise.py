@@ -48,7 +48,8 @@ def test_stream_matches_python_reference(backend, n):
     for i, s in enumerate(EDGE_SEEDS):
         ref_words, ref_normals = noise_stream_ref(s, n)
         assert words[i].tolist() == ref_words
-        torch.testing.assert_close(normals[i].double(), torch.tensor(ref_normals, dtype=torch.float64), rtol=0, atol=1e-5)
+        ref = torch.tensor(ref_normals, dtype=torch.float64)
+        torch.testing.assert_close(normals[i].double(), ref, rtol=0, atol=1e-5)
 
 
 @needs_interpreter
@@ -226,7 +227,8 @@ def test_cuda_noise_matches_cpu(dtype):
     if dtype in (torch.float32, torch.float64):
         torch.testing.assert_close(gpu.double().cpu(), cpu32.double(), rtol=0, atol=1e-5)
     else:  # both round the float32 value: at most one ulp apart where it sits near a tie
-        torch.testing.assert_close(gpu.cpu().float(), cpu32.to(dtype).float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+        torch.testing.assert_close(gpu.cpu().float(), cpu32.to(dtype).float(),
+                                   rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
 
 
 @pytest.mark.cuda
@@ -351,7 +353,8 @@ def test_public_path_uses_the_compiled_stream(monkeypatch):
 
     seeds = torch.tensor(EDGE_SEEDS)
     fast, fast_words = gaussian_noise(seeds, (3, 7)), _philox_uint32(seeds, 21)
-    assert torch.equal(fast.reshape(len(EDGE_SEEDS), -1), torch.from_numpy(_compiled_cpu().philox_normal(seeds.numpy(), 21)))
+    ref = torch.from_numpy(_compiled_cpu().philox_normal(seeds.numpy(), 21))
+    assert torch.equal(fast.reshape(len(EDGE_SEEDS), -1), ref)
     monkeypatch.setattr(noise_mod, "_compiled_cpu", lambda: None)
     slow = gaussian_noise(seeds, (3, 7))
     assert not torch.equal(slow, fast)  # really the other path (last-ulp differences somewhere)

@@ -489,7 +489,8 @@ def test_update_kernel_cuda(dtype):
     out = torch.empty_like(x)
     sampler._update(x, v1, v2, 0.25, 0.75, out)
     ref = (x.double() + 0.25 * v1.double() + 0.75 * v2.double()).to(dtype)
-    torch.testing.assert_close(out, ref, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
+    tol = 1e-2 if dtype != torch.float32 else 1e-6
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
 # ---- model_kwargs, guidance and calling conventions ----------------------------------------------
@@ -592,7 +593,9 @@ def test_kwargs_and_guidance_errors():
     net = LabelField()
     x0 = torch.randn(4, 2)
     y = torch.tensor([0, 1, 2, 1])
-    with pytest.raises(TypeError, match=r"calling the model as model\(x, t_B, \*\*kw\) with model_kwargs \['y', 'z'\].*unexpected keyword argument 'z'"):
+    msg = (r"calling the model as model\(x, t_B, \*\*kw\) with model_kwargs \['y', 'z'\]"
+           r".*unexpected keyword argument 'z'")
+    with pytest.raises(TypeError, match=msg):
         sample(net, x0, 2, model_kwargs={"y": y, "z": 1})
     with pytest.raises(ValueError, match=r"labels in \[0, 3\], outside the model's 3 classes"):
         sample(net, x0, 2, model_kwargs={"y": torch.tensor([0, 1, 3, 1])})

@@ -19,7 +19,8 @@ import math
 
 import torch
 
-from ..sampler import METHODS, sample as _sample
+from ..sampler import METHODS
+from ..sampler import sample as _sample
 
 __all__ = ["ODESolver"]
 

@@ -1,8 +1,6 @@
 """Helpers shared by every coupling: argument checks, metric names, devices, pair statistics, the solve."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ..assign import assign
@@ -74,7 +72,7 @@ def _check_labels(labels, b: int, device: torch.device):
     return labels
 
 
-def _solve(cost: torch.Tensor, labels: Optional[torch.Tensor] = None, data: str = "x1") -> torch.Tensor:
+def _solve(cost: torch.Tensor, labels: torch.Tensor | None = None, data: str = "x1") -> torch.Tensor:
     """``assign(cost)`` with the pairs of different labels forbidden; ``col (n,)`` int64.
 
     ``cost (n, m)``: rows are data items, columns noises; with ``labels (n,)`` (square cost) column

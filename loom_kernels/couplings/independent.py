@@ -1,8 +1,6 @@
 """Independent coupling: fresh Gaussian noise for every data item."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._common import _check_labels, _check_metric, _check_x1
@@ -25,7 +23,7 @@ class IndependentCoupling(Coupling):
         x0, x1 = IndependentCoupling()(torch.rand(8, 2))
     """
 
-    def __init__(self, *, generator: Optional[torch.Generator] = None, metric: str = "sqeuclidean"):
+    def __init__(self, *, generator: torch.Generator | None = None, metric: str = "sqeuclidean"):
         self.generator = generator
         self.metric = _check_metric(metric)
         self.stats = {}
@@ -37,6 +35,7 @@ class IndependentCoupling(Coupling):
         d = (x1 - x0).flatten(1).double().pow(2).sum(1)
         c = d if self.metric == "sqeuclidean" else d.sqrt()
         mean = c.mean() if len(c) else c.sum()
-        self.stats = {"pre_cost": mean, "post_cost": mean, "swaps": torch.zeros((), dtype=torch.int64, device=x1.device)}
+        swaps = torch.zeros((), dtype=torch.int64, device=x1.device)
+        self.stats = {"pre_cost": mean, "post_cost": mean, "swaps": swaps}
         return x0, x1
 
