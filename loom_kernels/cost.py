@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from ._triton import check_launchable, interpreting, tl, triton
+from ._triton import check_launchable, interpreting, tl, triton, use_kernel
 
 __all__ = ["pairwise_cost"]
 
@@ -207,7 +207,6 @@ def pairwise_cost(
     metric: str = "sqeuclidean",
     *,
     allow_tf32: bool = False,
-    _backend: str = "auto",
 ) -> torch.Tensor:
     """Pairwise squared-Euclidean (or Euclidean) cost between the rows of ``x`` and ``y``.
 
@@ -233,8 +232,6 @@ def pairwise_cost(
     _check_points("y", y)
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
-    if _backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"_backend must be 'auto', 'torch' or 'triton', got {_backend!r}")
     if x.device != y.device:
         raise ValueError(f"x and y must be on the same device, got x on {x.device} and y on {y.device}")
     if x.shape[-1] != y.shape[-1]:
@@ -253,10 +250,7 @@ def pairwise_cost(
     y3 = y.unsqueeze(0).expand(B, -1, -1) if y.ndim == 2 else y
     sqrt = metric == "euclidean"
 
-    backend = _backend
-    if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" else "torch"
-    if backend == "triton":
+    if use_kernel(x.device):
         out = _launch(x3, y3, sqrt, allow_tf32)
     else:
         out = _cost_torch(x3, y3, sqrt)

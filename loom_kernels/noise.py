@@ -34,12 +34,13 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from . import _native
-from ._triton import check_launchable, interpreting, tl, triton
+from ._triton import check_launchable, interpreting, tl, triton, use_kernel
 
 __all__ = ["gaussian_noise"]
 
@@ -275,20 +276,16 @@ def _prepare(seeds, shape, device):
     return t, shape, n, device
 
 
-def _use_triton(device: torch.device, backend: str) -> bool:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"_backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        return device.type == "cuda"
-    if backend == "torch" and device.type != "cpu":
-        raise ValueError(f"_backend='torch' computes on the CPU, got device {device}")
-    return backend == "triton"
-
-
 # ---- public function ----------------------------------------------------------------------------
 
 
-def gaussian_noise(seeds, shape, *, device=None, dtype=torch.float32, _backend: str = "auto") -> torch.Tensor:
+def gaussian_noise(
+    seeds: Sequence[int] | np.ndarray | torch.Tensor,
+    shape: int | Sequence[int],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Standard normal noise, row i a pure function of ``seeds[i]`` (Philox4x32-10 + Box-Muller).
 
     Args:
@@ -311,7 +308,7 @@ def gaussian_noise(seeds, shape, *, device=None, dtype=torch.float32, _backend: 
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {dtype}")
     t, shape, n, device = _prepare(seeds, shape, device)
     S = t.numel()
-    if _use_triton(device, _backend):
+    if use_kernel(device):
         out = torch.empty((S, n), device=device, dtype=dtype)
         _launch(t.to(device).contiguous(), n, out, raw=False)
         return out.view(S, *shape)
@@ -319,11 +316,11 @@ def gaussian_noise(seeds, shape, *, device=None, dtype=torch.float32, _backend: 
     return z.to(dtype).reshape(S, *shape)
 
 
-def _philox_uint32(seeds, n: int, *, device=None, _backend: str = "auto") -> torch.Tensor:
+def _philox_uint32(seeds, n: int, *, device=None) -> torch.Tensor:
     """The raw stream: ``(S, n)`` int64 holding the uint32 words ``x0, x1, x2, x3`` of blocks 0, 1, ..."""
     t, _, n, device = _prepare(seeds, (n,), device)
     S = t.numel()
-    if _use_triton(device, _backend):
+    if use_kernel(device):
         out = torch.empty((S, n), device=device, dtype=torch.int64)
         return _launch(t.to(device).contiguous(), n, out, raw=True)
     return torch.from_numpy(_stream_cpu(t, n, normals=False).astype(np.int64))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import interpreting, tl, triton
+from ._triton import interpreting, tl, triton, use_kernel
 
 __all__ = ["sample", "clear_graph_cache", "METHODS", "SIGNATURES"]
 
@@ -43,10 +43,6 @@ SIGNATURES = {
     "torchdiffeq": "model(t_0d, x, **kw)",  # torchdiffeq's func(t, y)
     "flow_matching": "model(x=x, t=t_0d, **kw)",  # flow_matching's ModelWrapper
 }
-
-# Private switch: run the Triton update kernel on CPU tensors (needs TRITON_INTERPRET=1 set
-# before triton is imported). Tests flip it to exercise the kernel without a GPU.
-_TRITON_ON_CPU = False
 
 # ---- the fused update kernel -----------------------------------------------------------------
 
@@ -84,16 +80,13 @@ def _use_triton(x: torch.Tensor) -> bool:
     # float64 states keep the torch path: Triton passes Python floats as fp32, which would round h.
     if triton is None or x.dtype not in _TRITON_DTYPES:
         return False
-    if x.is_cuda:
-        return True
-    if _TRITON_ON_CPU:
-        if not interpreting():
-            raise RuntimeError(
-                "loom_kernels.sampler._TRITON_ON_CPU needs TRITON_INTERPRET=1 set before triton "
-                "is imported"
-            )
-        return True
-    return False
+    if not use_kernel(x.device):
+        return False
+    if not x.is_cuda and not interpreting():
+        raise RuntimeError(
+            "loom_kernels._triton.KERNELS_ON_CPU needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return True
 
 
 def _update(x, v1, v2, a: float, b: float, out) -> None:

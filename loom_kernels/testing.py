@@ -390,44 +390,6 @@ def w2_reference(x, y):
 # ---- devices -------------------------------------------------------------------------------------
 
 
-def interpreter_available() -> bool:
-    """True when Triton kernels can run on CPU tensors: triton importable and TRITON_INTERPRET=1
-    set before its import (python_tests/conftest.py sets it on machines without CUDA)."""
-    from loom_kernels._triton import interpreting, triton
-
-    return triton is not None and interpreting()
-
-
-def needs_interpreter_mark():
-    """pytest mark: skip unless Triton kernels can run on CPU tensors (see interpreter_available)."""
-    import pytest
-
-    return pytest.mark.skipif(
-        not interpreter_available(),
-        reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 set before triton is "
-        "imported (python_tests/conftest.py sets it on machines without CUDA)",
-    )
-
-
-def cpu_tensor_backends():
-    """Every backend that runs on CPU tensors: the torch path always, Triton through the interpreter."""
-    import pytest
-
-    return ["torch", pytest.param("triton", marks=needs_interpreter_mark())]
-
-
-def skip_cuda_items_without_gpu(items) -> None:
-    """The conftest hook of tests and benches: mark every `cuda` item skipped when no GPU can run it."""
-    if gpu_available():
-        return
-    import pytest
-
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and loom_kernels built with CUDA")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
-
-
 def gpu_available() -> bool:
     """True when CUDA tests can run: a visible GPU, torch with CUDA, and the CUDA build."""
     try:
