@@ -23,6 +23,7 @@ import math
 import operator
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -745,27 +746,27 @@ def _adaptive_grid(nfe, t0, t1, time_grid, rtol, atol, max_nfe) -> list:
 
 
 def sample(
-    model,
-    x0,
-    nfe=None,
+    model: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    nfe: int | None = None,
     *,
-    method="euler",
-    t0=0.0,
-    t1=1.0,
-    time_grid=None,
-    return_trajectory=False,
-    cuda_graph="auto",
-    progress=False,
-    model_kwargs=None,
-    guidance=None,
-    null_label=None,
-    label_key="y",
-    signature="xt",
-    rtol=1e-5,
-    atol=1e-5,
-    max_nfe=10_000,
-    info=None,
-):
+    method: str = "euler",
+    t0: float = 0.0,
+    t1: float = 1.0,
+    time_grid: torch.Tensor | Sequence[float] | None = None,
+    return_trajectory: bool = False,
+    cuda_graph: bool | str = "auto",
+    progress: bool = False,
+    model_kwargs: dict | None = None,
+    guidance: float | None = None,
+    null_label: int | torch.Tensor | None = None,
+    label_key: str = "y",
+    signature: str = "xt",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    max_nfe: int = 10_000,
+    info: dict | None = None,
+) -> torch.Tensor:
     """Integrates dx/dt = model(x, t) from t0 to t1: ``nfe`` evaluations (fixed step) or adaptively (dopri5).
 
     Args:

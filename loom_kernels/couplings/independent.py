@@ -23,12 +23,13 @@ class IndependentCoupling(Coupling):
         x0, x1 = IndependentCoupling()(torch.rand(8, 2))
     """
 
-    def __init__(self, *, generator: torch.Generator | None = None, metric: str = "sqeuclidean"):
+    def __init__(self, *, generator: torch.Generator | None = None, metric: str = "sqeuclidean") -> None:
         self.generator = generator
         self.metric = _check_metric(metric)
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, indices=None, *, labels=None):
+    def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         _check_x1(x1)
         _check_labels(labels, x1.shape[0], x1.device)
         x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)

@@ -59,7 +59,8 @@ class MinibatchOTCoupling(Coupling):
         self.scope = scope
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, *args, x0: torch.Tensor | None = None, indices=None, labels=None):
+    def __call__(self, x1: torch.Tensor, *args, x0: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if args:
             raise TypeError(
                 "MinibatchOTCoupling takes the data first and the noise only as the keyword x0: "
@@ -102,7 +103,7 @@ class MinibatchOTCoupling(Coupling):
         """The partition generator's state (``scope="grouped"``; the other scopes have no state)."""
         return {"partition_generator": self._part_gen.get_state()} if self.scope == "grouped" else {}
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict) -> None:
         if self.scope != "grouped" or not state:
             return super().load_state_dict(state)
         gen = state.get("partition_generator") if isinstance(state, dict) else None
