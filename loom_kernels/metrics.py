@@ -71,9 +71,9 @@ def w2(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
     if not (bool(torch.isfinite(xs).all()) and bool(torch.isfinite(ys).all())):
         raise ValueError("w2: x and y must be finite, got NaN or inf entries")
     from .assign import assign
+    from .cost import sq_dists
 
-    cost = (xs * xs).sum(1)[:, None] + (ys * ys).sum(1)[None, :] - 2.0 * (xs @ ys.T)
-    col = torch.as_tensor(assign(cost.clamp_min_(0.0)), device=xs.device)
+    col = torch.as_tensor(assign(sq_dists(xs, ys)), device=xs.device)
     matched = (xs - ys[col]).square().sum(1).mean()
     return float(matched.sqrt())
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from .._device import resolve_device as _as_device  # noqa: F401  (the couplings' name for it)
 from ..assign import assign
+from ..cost import METRICS  # the metric names live beside the code that computes them
 
-METRICS = ("sqeuclidean", "euclidean")
 _COST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -36,14 +37,6 @@ def _pair_stats(cost, col):
     pre = cost.diagonal()[:n].double().sum() / max(n, 1)
     post = cost.gather(1, col[:, None]).double().sum() / max(n, 1)
     return {"pre_cost": pre, "post_cost": post, "swaps": (col != ar).sum()}
-
-
-def _as_device(device) -> torch.device:
-    """``None`` -> cpu; a bare "cuda" gets the current device's index, so it compares equal to tensors'."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
