@@ -2,7 +2,7 @@
 
 Run (about 5 minutes on 2 cores; the table printer gives the RESULTS.md table):
     python -m pytest bench/bench_assign.py --benchmark-json=/tmp/assign.json -q
-    python bench/assign_table.py /tmp/assign.json
+    python bench/tools/assign_table.py /tmp/assign.json
 
 Groups: one per (family, N) for single problems, families ``unif`` (U[0,1)), ``sq3072``
 (squared Euclidean, standard-normal noise vs data-like points in 3072 dims) and ``sq2``
@@ -33,13 +33,13 @@ BATCH, BATCH_N = 64, 256
 THREADS = os.cpu_count() or 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem(family, n, batch=None):
     rng = np.random.default_rng([FAMILIES.index(family), n, batch or 0])
     return assignment_problem(family, n, batch=batch, rng=rng)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _scipy_total(family, n, batch=None):
     cost = _problem(family, n, batch)
     if batch is None:

@@ -45,7 +45,8 @@ def test_noise_cpu_256x3072(benchmark, provider):
 GPU_PROVIDERS = {
     "loom.gaussian_noise": lambda seeds, shape: gaussian_noise(seeds, shape),
     "torch.randn": lambda seeds, shape: torch.randn((len(seeds), *shape), device="cuda"),
-    "torch.empty.fill_ (write roofline)": lambda seeds, shape: torch.empty((len(seeds), *shape), device="cuda").fill_(1.0),
+    "torch.empty.fill_ (write roofline)":
+        lambda seeds, shape: torch.empty((len(seeds), *shape), device="cuda").fill_(1.0),
 }
 
 

@@ -66,6 +66,6 @@ for f in $(echo "$mods" | awk '!seen[$0]++'); do
 done
 
 stage "summary"
-$py "$root/bench/summary.py" "$out"/bench_*.json --gpu "$(head -n1 "$out/gpu.txt")" >"$out/groups.md" 2>&1
-$py "$root/bench/summary.py" "$out"/bench_*.json --targets --gpu "$(head -n1 "$out/gpu.txt")" | tee "$out/summary.md"
+$py "$root/bench/tools/summary.py" "$out"/bench_*.json --gpu "$(head -n1 "$out/gpu.txt")" >"$out/groups.md" 2>&1
+$py "$root/bench/tools/summary.py" "$out"/bench_*.json --targets --gpu "$(head -n1 "$out/gpu.txt")" | tee "$out/summary.md"
 echo "(per-group medians: $out/groups.md; total $(( $(date +%s) - start )) s)"

@@ -114,6 +114,7 @@ def _meta(*shape, dtype):
 def _cost_cases():
     """pairwise_cost: every input dtype, D aligned to 16 or not, small and transposed inputs."""
     import torch
+
     from . import cost
 
     f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -139,6 +140,7 @@ def _cost_cases():
 def _noise_cases():
     """gaussian_noise / _philox_uint32: every output dtype and the raw stream, big and tiny rows."""
     import torch
+
     from . import noise
 
     cases = []
@@ -153,7 +155,6 @@ def _noise_cases():
 
 def _sampler_cases():
     """sampler's fused update: every state dtype it takes, one and two velocities."""
-    import torch
     from . import sampler
 
     cases = []
@@ -193,11 +194,11 @@ def record(kernel: str):
 def api_missing():
     """None when this triton can compile for a target without a driver, else what it lacks."""
     try:
-        import triton
+        import triton  # noqa: F401  (is it installed at all)
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
-        from triton._C.libtriton import native_specialize_impl  # noqa: F401
     except ImportError as e:
         return f"triton {getattr(sys.modules.get('triton'), '__version__', '?')} lacks {e.name or e}: {e}"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -334,6 +335,7 @@ def _control():
     """The launch that spilled before the fix (issue 14): 16-bit rows of D=37 with the aligned
     rows' 128x128x64 tile. Compiled beside the cases so a test can show the check sees spills."""
     import torch
+
     from . import cost
 
     patches = dict(check_launchable=lambda *a: None, interpreting=lambda: False)

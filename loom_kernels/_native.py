@@ -12,7 +12,7 @@ import importlib
 import os
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name):
     try:
         return importlib.import_module(f"loom_kernels.{name}"), None
@@ -20,7 +20,7 @@ def _load(name):
         return None, exc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_isa_from_env(mod):
     name = os.environ.get("LOOM_CPU_ISA", "").strip()
     if name:

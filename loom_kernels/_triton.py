@@ -12,6 +12,18 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 
+# The one internal switch of the Triton paths: run the kernels on CPU tensors too, through the
+# interpreter (TRITON_INTERPRET=1 set before triton's import), instead of the torch CPU code.
+# Off in the library; the tests turn it on (python_tests/kernel_paths.py) to check every kernel
+# without a GPU. Nothing else chooses between a kernel and its torch twin.
+KERNELS_ON_CPU = False
+
+
+def use_kernel(device) -> bool:
+    """Whether the Triton kernel (rather than the torch path) runs for tensors on ``device``."""
+    return device.type == "cuda" or KERNELS_ON_CPU
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (which must be set before triton is first imported)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -10,10 +10,16 @@ the cost anyway, and reported here as the errors scipy raises.
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import _native
+
+if TYPE_CHECKING:  # torch stays optional: the hints name it without importing it
+    import torch
+
+    ArrayLike = np.ndarray | torch.Tensor | list
 
 __all__ = ["linear_sum_assignment", "assign"]
 
@@ -24,7 +30,15 @@ _METHODS = ("auto", "lap", "auction")
 _DEFAULT_TOL = {"float64": 1e-9, "float32": 1e-6, "exact": 0.0}
 
 
-def linear_sum_assignment(cost, maximize=False, *, backend="auto", tol=None, method="auto", threads=None):
+def linear_sum_assignment(
+    cost: ArrayLike,
+    maximize: bool = False,
+    *,
+    backend: str = "auto",
+    tol: float | None = None,
+    method: str = "auto",
+    threads: int | None = None,
+) -> tuple[Any, Any]:
     """Solve the linear sum assignment problem, like ``scipy.optimize.linear_sum_assignment``.
 
     Args:
@@ -63,7 +77,15 @@ def linear_sum_assignment(cost, maximize=False, *, backend="auto", tol=None, met
     return sol.row_col()
 
 
-def assign(cost, *, backend="auto", tol=None, method="auto", maximize=False, threads=None):
+def assign(
+    cost: ArrayLike,
+    *,
+    backend: str = "auto",
+    tol: float | None = None,
+    method: str = "auto",
+    maximize: bool = False,
+    threads: int | None = None,
+) -> np.ndarray | torch.Tensor:
     """The coupling's fast path: the column given to every row, for ``N <= M``.
 
     Args:

@@ -87,7 +87,8 @@ def atomic_save(obj, path: str) -> None:
     over all its other entries, which :func:`load_verified` checks (a flipped bit in any weight or seed)."""
     if isinstance(obj, dict):
         obj = {**{k: v for k, v in obj.items() if k != _CHECKSUM},
-               _CHECKSUM: {"algorithm": _ALGORITHM, "digest": checksum({k: v for k, v in obj.items() if k != _CHECKSUM})}}
+               _CHECKSUM: {"algorithm": _ALGORITHM,
+                           "digest": checksum({k: v for k, v in obj.items() if k != _CHECKSUM})}}
     atomic_write(path, lambda f: torch.save(obj, f))
 
 

@@ -21,11 +21,12 @@ import contextlib
 
 import torch
 
-from ._triton import check_launchable, interpreting, tl, triton
+from ._triton import check_launchable, interpreting, tl, triton, use_kernel
 
 __all__ = ["pairwise_cost"]
 
-_METRICS = ("sqeuclidean", "euclidean")
+# The metric names every module accepts (couplings, trainer, compat): defined once, here.
+METRICS = ("sqeuclidean", "euclidean")
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension, which indexes the problems
 
@@ -173,15 +174,26 @@ def _on_device(device: torch.device):
 # ---- CPU path -----------------------------------------------------------------------------------
 
 
+def sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``|x_i - y_j|^2`` by the Gram identity ``|x|^2 + |y|^2 - 2 x.y``, in the inputs' dtype.
+
+    x ``(N, D)`` or ``(B, N, D)``, y ``(M, D)`` or ``(B, M, D)`` (same ndim) -> ``(N, M)`` or
+    ``(B, N, M)``, clamped at 0 (cancellation can round a true 0 below it). The one torch copy
+    of the identity: the CPU cost path, ``metrics.w2`` and the test problem factories call it.
+    """
+    xx = (x * x).sum(-1)
+    yy = (y * y).sum(-1)
+    if x.ndim == 2:
+        cost = torch.addmm(xx[:, None] + yy[None, :], x, y.T, alpha=-2.0)
+    else:
+        cost = torch.baddbmm(xx.unsqueeze(-1) + yy.unsqueeze(-2), x, y.transpose(-1, -2), alpha=-2.0)
+    return cost.clamp_min_(0.0)
+
+
 def _cost_torch(x: torch.Tensor, y: torch.Tensor, sqrt: bool) -> torch.Tensor:
     """Norms + ``baddbmm`` on 3-D inputs; float32 accumulation (float64 for float64 input)."""
     work = torch.float64 if (x.dtype == torch.float64 and y.dtype == torch.float64) else torch.float32
-    x = x.to(work)
-    y = y.to(work)
-    xx = (x * x).sum(-1)  # [B, N]
-    yy = (y * y).sum(-1)  # [B, M]
-    cost = torch.baddbmm(xx.unsqueeze(-1) + yy.unsqueeze(-2), x, y.transpose(-1, -2), alpha=-2.0)
-    cost.clamp_min_(0.0)
+    cost = sq_dists(x.to(work), y.to(work))
     if sqrt:
         cost.sqrt_()
     return cost.to(torch.float32)
@@ -207,7 +219,6 @@ def pairwise_cost(
     metric: str = "sqeuclidean",
     *,
     allow_tf32: bool = False,
-    _backend: str = "auto",
 ) -> torch.Tensor:
     """Pairwise squared-Euclidean (or Euclidean) cost between the rows of ``x`` and ``y``.
 
@@ -231,10 +242,8 @@ def pairwise_cost(
     """
     _check_points("x", x)
     _check_points("y", y)
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
-    if _backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"_backend must be 'auto', 'torch' or 'triton', got {_backend!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if x.device != y.device:
         raise ValueError(f"x and y must be on the same device, got x on {x.device} and y on {y.device}")
     if x.shape[-1] != y.shape[-1]:
@@ -253,10 +262,7 @@ def pairwise_cost(
     y3 = y.unsqueeze(0).expand(B, -1, -1) if y.ndim == 2 else y
     sqrt = metric == "euclidean"
 
-    backend = _backend
-    if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" else "torch"
-    if backend == "triton":
+    if use_kernel(x.device):
         out = _launch(x3, y3, sqrt, allow_tf32)
     else:
         out = _cost_torch(x3, y3, sqrt)

@@ -118,7 +118,7 @@ def load_labeled(
     n: int | None = None,
     seed: int = 0,
     holdout: float = 0.2,
-):
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A finite data set and its labels: ``(x float32 (N, *shape), y int64 (N,) or None)``.
 
     Same arguments as :func:`load`; ``y`` is None for the 2-D sets, ``.npy`` files and ``.npz``

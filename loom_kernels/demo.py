@@ -1,4 +1,5 @@
-"""The demo: independent vs minibatch-OT vs LOOM-CFM couplings, same budget, several seeds (``python -m loom_kernels.demo``).
+"""The demo: independent vs minibatch-OT vs LOOM-CFM couplings, same budget, several seeds
+(``python -m loom_kernels.demo``).
 
 Trains the same velocity network with the same steps, batch size and seed under the three couplings
 on a finite built-in data set (no download), repeats that for several seeds (each seed draws its
@@ -68,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="8gaussians", help="8gaussians, moons, checkerboard or digits")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per coupling (default per data set)")
     p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default per data set)")
-    p.add_argument("--points", type=int, default=None, help="training points of a 2-D set (held-out set: the same size)")
+    p.add_argument("--points", type=int, default=None,
+                   help="training points of a 2-D set (held-out set: the same size)")
     p.add_argument("--num-caches", type=int, default=1, help="LOOM noise caches per data point")
     p.add_argument("--n-eval", type=int, default=None, help="generated samples / held-out points for W2")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (seed, seed+1, ...); default 3")
@@ -357,7 +359,8 @@ def run(args) -> dict:
     summary["figure"] = fig_path
     json_path = os.path.join(args.out, f"demo_{args.data}.json")
     atomic_write(json_path, lambda f: json.dump(summary, f, indent=2), mode="w")
-    print(f"figure: {fig_path}\nnumbers: {json_path}\nmodels: {os.path.join(args.out, args.data + '_<coupling>_seed<k>', 'model.pt')}")
+    models = os.path.join(args.out, args.data + "_<coupling>_seed<k>", "model.pt")
+    print(f"figure: {fig_path}\nnumbers: {json_path}\nmodels: {models}")
     return summary
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ def _check_pair(x, y, what):
         raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
 
 
-def w2(x, y) -> float:
+def w2(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:
     """Exact 2-Wasserstein distance between the empirical measures of two point clouds.
 
     W2(x, y) = sqrt(min_perm mean_i ||x_i - y_perm(i)||^2), each cloud weighted uniformly.
@@ -70,14 +71,14 @@ def w2(x, y) -> float:
     if not (bool(torch.isfinite(xs).all()) and bool(torch.isfinite(ys).all())):
         raise ValueError("w2: x and y must be finite, got NaN or inf entries")
     from .assign import assign
+    from .cost import sq_dists
 
-    cost = (xs * xs).sum(1)[:, None] + (ys * ys).sum(1)[None, :] - 2.0 * (xs @ ys.T)
-    col = torch.as_tensor(assign(cost.clamp_min_(0.0)), device=xs.device)
+    col = torch.as_tensor(assign(sq_dists(xs, ys)), device=xs.device)
     matched = (xs - ys[col]).square().sum(1).mean()
     return float(matched.sqrt())
 
 
-def coupling_cost(x0, x1) -> float:
+def coupling_cost(x0: torch.Tensor, x1: torch.Tensor) -> float:
     """Mean squared Euclidean distance between paired rows: mean_i ||x0_i - x1_i||^2.
 
     Args:
@@ -99,7 +100,7 @@ def coupling_cost(x0, x1) -> float:
     return float((a - b).square().sum(1).mean())
 
 
-def straightness(model, x0, nfe, *, method="euler") -> float:
+def straightness(model: Callable[..., torch.Tensor], x0: torch.Tensor, nfe: int, *, method: str = "euler") -> float:
     """Straightness of the sampled flow (Liu et al. 2023): 0 exactly when every path is straight.
 
     Integrates ``model`` from t=0 to t=1 with ``loom_kernels.sampler.sample(model, x0, nfe,
@@ -169,7 +170,7 @@ def _psd_sqrt(s: torch.Tensor) -> torch.Tensor:
     return (vecs * vals.clamp_min(0.0).sqrt()) @ vecs.T
 
 
-def fid_from_features(real_feats, fake_feats) -> float:
+def fid_from_features(real_feats: torch.Tensor | np.ndarray, fake_feats: torch.Tensor | np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (FID when the features are Inception's).
 
     FID = ||mu_r - mu_f||^2 + tr(S_r) + tr(S_f) - 2 tr((S_r S_f)^(1/2)), with means ``mu`` and unbiased

@@ -8,6 +8,7 @@ A model is rebuilt from ``model.spec`` (a plain dict kept in checkpoints) by :fu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ class MLPVelocity(nn.Module):
         torch.Size([5, 2])
     """
 
-    def __init__(self, shape, hidden: int = 256, depth: int = 3, time_dim: int = 32):
+    def __init__(self, shape: Sequence[int], hidden: int = 256, depth: int = 3, time_dim: int = 32) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
         if not shape or any(s <= 0 for s in shape):
@@ -105,8 +106,8 @@ class UNet(nn.Module):
         torch.Size([5, 1, 8, 8])
     """
 
-    def __init__(self, shape, channels: int = 64, channel_mult=(1, 2), num_classes: int | None = None,
-                 time_dim: int = 64):
+    def __init__(self, shape: Sequence[int], channels: int = 64, channel_mult: Sequence[int] = (1, 2),
+                 num_classes: int | None = None, time_dim: int = 64) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
         mult = tuple(int(m) for m in channel_mult)

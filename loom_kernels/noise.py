@@ -34,12 +34,13 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from . import _native
-from ._triton import check_launchable, interpreting, tl, triton
+from ._triton import check_launchable, interpreting, tl, triton, use_kernel
 
 __all__ = ["gaussian_noise"]
 
@@ -173,7 +174,8 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
     in uint32 buffers, so each round is ~10 passes over 4-byte words.
     """
     shape = np.broadcast_shapes(*(np.shape(v) for v in (c0, c1, c2, c3, k0, k1)))
-    c0, c1, c2, c3 = (np.array(np.broadcast_to(np.asarray(v, np.uint64), shape), dtype=np.uint32) for v in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = (np.array(np.broadcast_to(np.asarray(v, np.uint64), shape), dtype=np.uint32)
+                      for v in (c0, c1, c2, c3))
     k0 = np.array(k0, dtype=np.uint64).astype(np.uint32)
     k1 = np.array(k1, dtype=np.uint64).astype(np.uint32)
     p0 = np.empty(shape, np.uint64)
@@ -235,7 +237,8 @@ def _as_seed_tensor(seeds) -> torch.Tensor:
     else:
         arr = np.asarray(seeds)
         if arr.dtype == object or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-            raise TypeError(f"seeds must hold integers that fit in int64 (or uint64 bit patterns), got dtype {arr.dtype}")
+            raise TypeError("seeds must hold integers that fit in int64 (or uint64 bit patterns), "
+                            f"got dtype {arr.dtype}")
         if arr.dtype == np.uint64:  # keep the 64 bits: two's complement view
             arr = arr.view(np.int64)
         t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64, copy=False)))
@@ -263,27 +266,26 @@ def _as_shape(shape) -> tuple:
 def _prepare(seeds, shape, device):
     t = _as_seed_tensor(seeds)
     shape = _as_shape(shape)
-    device = torch.device(device) if device is not None else (t.device if isinstance(seeds, torch.Tensor) else torch.device("cpu"))
+    if device is not None:
+        device = torch.device(device)
+    else:
+        device = t.device if isinstance(seeds, torch.Tensor) else torch.device("cpu")
     n = math.prod(shape)
     if n > _MAX_ELEMENTS:
         raise ValueError(f"shape must have at most 4 * 2**32 elements per row, got {n}")
     return t, shape, n, device
 
 
-def _use_triton(device: torch.device, backend: str) -> bool:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"_backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "auto":
-        return device.type == "cuda"
-    if backend == "torch" and device.type != "cpu":
-        raise ValueError(f"_backend='torch' computes on the CPU, got device {device}")
-    return backend == "triton"
-
-
 # ---- public function ----------------------------------------------------------------------------
 
 
-def gaussian_noise(seeds, shape, *, device=None, dtype=torch.float32, _backend: str = "auto") -> torch.Tensor:
+def gaussian_noise(
+    seeds: Sequence[int] | np.ndarray | torch.Tensor,
+    shape: int | Sequence[int],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Standard normal noise, row i a pure function of ``seeds[i]`` (Philox4x32-10 + Box-Muller).
 
     Args:
@@ -306,7 +308,7 @@ def gaussian_noise(seeds, shape, *, device=None, dtype=torch.float32, _backend: 
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {dtype}")
     t, shape, n, device = _prepare(seeds, shape, device)
     S = t.numel()
-    if _use_triton(device, _backend):
+    if use_kernel(device):
         out = torch.empty((S, n), device=device, dtype=dtype)
         _launch(t.to(device).contiguous(), n, out, raw=False)
         return out.view(S, *shape)
@@ -314,11 +316,11 @@ def gaussian_noise(seeds, shape, *, device=None, dtype=torch.float32, _backend: 
     return z.to(dtype).reshape(S, *shape)
 
 
-def _philox_uint32(seeds, n: int, *, device=None, _backend: str = "auto") -> torch.Tensor:
+def _philox_uint32(seeds, n: int, *, device=None) -> torch.Tensor:
     """The raw stream: ``(S, n)`` int64 holding the uint32 words ``x0, x1, x2, x3`` of blocks 0, 1, ..."""
     t, _, n, device = _prepare(seeds, (n,), device)
     S = t.numel()
-    if _use_triton(device, _backend):
+    if use_kernel(device):
         out = torch.empty((S, n), device=device, dtype=torch.int64)
         return _launch(t.to(device).contiguous(), n, out, raw=True)
     return torch.from_numpy(_stream_cpu(t, n, normals=False).astype(np.int64))

@@ -4,8 +4,8 @@ Integrates dx/dt = model(x, t) from t0 (noise) to t1 (data) with exactly ``nfe``
 evaluations (fixed-step methods) or as many as the tolerances need (dopri5: the Dormand-Prince 5(4)
 pair with FSAL and the usual step-size control, Hairer, Norsett, Wanner sec. II.4-5). The model is
 called in one of four conventions (``SIGNATURES``), with optional keyword inputs (class labels, ...)
-and classifier-free guidance (Ho & Salimans 2022) batched into one call per evaluation. Methods (E. Hairer, S. P. Norsett, G. Wanner, "Solving Ordinary Differential
-Equations I", sec. II.1):
+and classifier-free guidance (Ho & Salimans 2022) batched into one call per evaluation. Methods
+(E. Hairer, S. P. Norsett, G. Wanner, "Solving Ordinary Differential Equations I", sec. II.1):
 - euler:    x' = x + h v(x, t)                                   (1 NFE per step, order 1)
 - midpoint: x' = x + h v(x + h/2 v(x, t), t + h/2)               (2 NFE per step, order 2)
 - heun:     x' = x + h/2 (v(x, t) + v(x + h v(x, t), t + h))     (2 NFE per step, order 2;
@@ -23,12 +23,13 @@ import math
 import operator
 import warnings
 import weakref
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from ._triton import interpreting, tl, triton
+from ._triton import interpreting, tl, triton, use_kernel
 
 __all__ = ["sample", "clear_graph_cache", "METHODS", "SIGNATURES"]
 
@@ -43,10 +44,6 @@ SIGNATURES = {
     "torchdiffeq": "model(t_0d, x, **kw)",  # torchdiffeq's func(t, y)
     "flow_matching": "model(x=x, t=t_0d, **kw)",  # flow_matching's ModelWrapper
 }
-
-# Private switch: run the Triton update kernel on CPU tensors (needs TRITON_INTERPRET=1 set
-# before triton is imported). Tests flip it to exercise the kernel without a GPU.
-_TRITON_ON_CPU = False
 
 # ---- the fused update kernel -----------------------------------------------------------------
 
@@ -84,16 +81,13 @@ def _use_triton(x: torch.Tensor) -> bool:
     # float64 states keep the torch path: Triton passes Python floats as fp32, which would round h.
     if triton is None or x.dtype not in _TRITON_DTYPES:
         return False
-    if x.is_cuda:
-        return True
-    if _TRITON_ON_CPU:
-        if not interpreting():
-            raise RuntimeError(
-                "loom_kernels.sampler._TRITON_ON_CPU needs TRITON_INTERPRET=1 set before triton "
-                "is imported"
-            )
-        return True
-    return False
+    if not use_kernel(x.device):
+        return False
+    if not x.is_cuda and not interpreting():
+        raise RuntimeError(
+            "loom_kernels._triton.KERNELS_ON_CPU needs TRITON_INTERPRET=1 set before triton is imported"
+        )
+    return True
 
 
 def _update(x, v1, v2, a: float, b: float, out) -> None:
@@ -311,7 +305,7 @@ def _alloc(x0: torch.Tensor, plan: _Plan, return_trajectory: bool, kwargs: dict,
     return _Buffers(state, traj, stage, times, t.clone(), kwargs)
 
 
-_TIMES: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+_TIMES: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
 
 
 def _eval_times(values: tuple, dtype, device) -> torch.Tensor:
@@ -395,9 +389,9 @@ class _Graphed:
     model_ref: object  # weakref to the model: a recycled id() must not hit the cache
 
 
-_GRAPHS: "collections.OrderedDict[tuple, _Graphed]" = collections.OrderedDict()
-_SEEN: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
-_FAILED: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+_GRAPHS: collections.OrderedDict[tuple, _Graphed] = collections.OrderedDict()
+_SEEN: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+_FAILED: collections.OrderedDict[tuple, None] = collections.OrderedDict()
 _MAX_GRAPHS = 4  # each graph pins its memory pool (the loop's peak activations)
 _MAX_KEYS = 256
 _warned_capture = False
@@ -738,7 +732,8 @@ def _adaptive_grid(nfe, t0, t1, time_grid, rtol, atol, max_nfe) -> list:
         if _check_real(name, tol) <= 0:
             raise ValueError(f"{name} must be positive, got {tol}")
     if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 8:
-        raise ValueError(f"max_nfe must be an int >= 8 (dopri5 needs 8 evaluations for its first step), got {max_nfe!r}")
+        raise ValueError(f"max_nfe must be an int >= 8 (dopri5 needs 8 evaluations for its first step), "
+                         f"got {max_nfe!r}")
     t0, t1 = _check_real("t0", t0), _check_real("t1", t1)
     if t0 == t1:
         raise ValueError(f"t0 and t1 must differ, got t0 = t1 = {t0}")
@@ -751,27 +746,27 @@ def _adaptive_grid(nfe, t0, t1, time_grid, rtol, atol, max_nfe) -> list:
 
 
 def sample(
-    model,
-    x0,
-    nfe=None,
+    model: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    nfe: int | None = None,
     *,
-    method="euler",
-    t0=0.0,
-    t1=1.0,
-    time_grid=None,
-    return_trajectory=False,
-    cuda_graph="auto",
-    progress=False,
-    model_kwargs=None,
-    guidance=None,
-    null_label=None,
-    label_key="y",
-    signature="xt",
-    rtol=1e-5,
-    atol=1e-5,
-    max_nfe=10_000,
-    info=None,
-):
+    method: str = "euler",
+    t0: float = 0.0,
+    t1: float = 1.0,
+    time_grid: torch.Tensor | Sequence[float] | None = None,
+    return_trajectory: bool = False,
+    cuda_graph: bool | str = "auto",
+    progress: bool = False,
+    model_kwargs: dict | None = None,
+    guidance: float | None = None,
+    null_label: int | torch.Tensor | None = None,
+    label_key: str = "y",
+    signature: str = "xt",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    max_nfe: int = 10_000,
+    info: dict | None = None,
+) -> torch.Tensor:
     """Integrates dx/dt = model(x, t) from t0 to t1: ``nfe`` evaluations (fixed step) or adaptively (dopri5).
 
     Args:

@@ -189,7 +189,8 @@ def _thin(points: list, k: int) -> list:
     if len(points) <= k:
         return points
     w = len(points) // k
-    return [(points[i + w - 1][0], float(np.mean([p[1] for p in points[i:i + w]]))) for i in range(0, len(points) - w + 1, w)]
+    return [(points[i + w - 1][0], float(np.mean([p[1] for p in points[i:i + w]])))
+            for i in range(0, len(points) - w + 1, w)]
 
 
 # ---- the grid ------------------------------------------------------------------------------------------
@@ -235,7 +236,8 @@ def run(args) -> list:
     os.makedirs(runs_dir, exist_ok=True)
     tasks = [(d, v, k) for d in args.data for v in args.variants for k in range(args.seeds)]
     todo = [t for t in tasks if not os.path.exists(_run_path(runs_dir, *t))]
-    print(f"study: {len(tasks)} runs ({len(args.data)} data sets x {len(args.variants)} variants x {args.seeds} seeds), "
+    print(f"study: {len(tasks)} runs "
+          f"({len(args.data)} data sets x {len(args.variants)} variants x {args.seeds} seeds), "
           f"{len(tasks) - len(todo)} already in {runs_dir}; {args.jobs} at a time", flush=True)
     t0 = time.perf_counter()
     if todo:

@@ -13,11 +13,14 @@ BENCH_FAMILIES = ("unif", "sq3072", "sq2")
 
 
 def _sq_dists(x, y):
-    """Squared Euclidean distances in float64, clipped at 0 (the expansion can round below it)."""
-    x = _np.asarray(x, _np.float64)
-    y = _np.asarray(y, _np.float64)
-    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
-    return _np.maximum(d, 0.0)
+    """Squared Euclidean distances in float64 (the library's Gram-identity code, on numpy arrays)."""
+    import torch
+
+    from loom_kernels.cost import sq_dists
+
+    x = torch.from_numpy(_np.asarray(x, _np.float64))
+    y = torch.from_numpy(_np.asarray(y, _np.float64))
+    return sq_dists(x, y).numpy()
 
 
 def ring_points(n, rng, k=8, radius=4.0, std=0.5):
@@ -380,52 +383,12 @@ def w2_reference(x, y):
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 
-    xn = np.asarray(x, np.float64).reshape(len(x), -1)
-    yn = np.asarray(y, np.float64).reshape(len(y), -1)
-    cost = np.square(xn[:, None, :] - yn[None, :, :]).sum(-1)
+    cost = cost_matrix_np(x, y)
     r, c = linear_sum_assignment(cost)
     return float(np.sqrt(cost[r, c].mean()))
 
 
 # ---- devices -------------------------------------------------------------------------------------
-
-
-def interpreter_available() -> bool:
-    """True when Triton kernels can run on CPU tensors: triton importable and TRITON_INTERPRET=1
-    set before its import (python_tests/conftest.py sets it on machines without CUDA)."""
-    from loom_kernels._triton import interpreting, triton
-
-    return triton is not None and interpreting()
-
-
-def needs_interpreter_mark():
-    """pytest mark: skip unless Triton kernels can run on CPU tensors (see interpreter_available)."""
-    import pytest
-
-    return pytest.mark.skipif(
-        not interpreter_available(),
-        reason="the Triton kernel runs on CPU tensors only under TRITON_INTERPRET=1 set before triton is "
-        "imported (python_tests/conftest.py sets it on machines without CUDA)",
-    )
-
-
-def cpu_tensor_backends():
-    """Every backend that runs on CPU tensors: the torch path always, Triton through the interpreter."""
-    import pytest
-
-    return ["torch", pytest.param("triton", marks=needs_interpreter_mark())]
-
-
-def skip_cuda_items_without_gpu(items) -> None:
-    """The conftest hook of tests and benches: mark every `cuda` item skipped when no GPU can run it."""
-    if gpu_available():
-        return
-    import pytest
-
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and loom_kernels built with CUDA")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
 
 
 def gpu_available() -> bool:

@@ -16,7 +16,7 @@ try:
 except ImportError:
     pass
 
-from loom_kernels.testing import skip_cuda_items_without_gpu  # noqa: E402 - after the choice above
+from loom_kernels.testing import gpu_available  # noqa: E402 - after the choice above
 
 
 @pytest.fixture(autouse=True)
@@ -42,4 +42,8 @@ def rng(_seed_everything):
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_cuda_items_without_gpu(items)
+    # `cuda` items skip where no GPU (or no CUDA build) can run them.
+    if not gpu_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU and loom_kernels built with CUDA")
+        for item in (i for i in items if "cuda" in i.keywords):
+            item.add_marker(skip)

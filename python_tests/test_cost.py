@@ -6,15 +6,10 @@ import torch
 
 from loom_kernels import _triton
 from loom_kernels.cost import pairwise_cost
-from loom_kernels.testing import (
-    cpu_tensor_backends,
-    needs_interpreter_mark,
-    pairwise_cost_atol,
-    pairwise_cost_ref,
-)
+from loom_kernels.testing import pairwise_cost_atol, pairwise_cost_ref
 
-needs_interpreter = needs_interpreter_mark()
-BACKENDS = cpu_tensor_backends()
+from kernel_paths import BACKENDS, needs_interpreter, on
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -46,17 +41,17 @@ def _check(out, x, y, metric, eps=2.0**-24):
 def test_matches_reference(backend, dtype, metric, xs, ys):
     x = torch.randn(xs).to(dtype)
     y = (torch.randn(ys) * 2 + 0.5).to(dtype)
-    _check(pairwise_cost(x, y, metric, _backend=backend), x, y, metric)
+    _check(on(backend, pairwise_cost, x, y, metric), x, y, metric)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_batch_and_shared_operand(backend):
     x = torch.randn(4, 9, 40)
     y = torch.randn(11, 40)
-    out = pairwise_cost(x, y, _backend=backend)
+    out = on(backend, pairwise_cost, x, y)
     assert out.shape == (4, 9, 11)
     _check(out, x, y.expand(4, -1, -1), "sqeuclidean")
-    out2 = pairwise_cost(y, x, _backend=backend)
+    out2 = on(backend, pairwise_cost, y, x)
     assert out2.shape == (4, 11, 9)
     torch.testing.assert_close(out2, out.transpose(1, 2), rtol=1e-5, atol=1e-4)
 
@@ -67,16 +62,16 @@ def test_non_contiguous_inputs(backend):
     x = base_x.permute(1, 0, 2)[:, ::2]  # (3, 25, 8), strided in every dimension
     y = torch.randn(8, 3, 19).transpose(0, 2).transpose(0, 1)  # (3, 19, 8), last dim strided
     assert not x.is_contiguous() and not y.is_contiguous()
-    _check(pairwise_cost(x, y, _backend=backend), x, y, "sqeuclidean")
+    _check(on(backend, pairwise_cost, x, y), x, y, "sqeuclidean")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_equals_per_problem(backend):
     x = torch.randn(3, 20, 24)
     y = torch.randn(3, 18, 24)
-    out = pairwise_cost(x, y, _backend=backend)
+    out = on(backend, pairwise_cost, x, y)
     for b in range(3):
-        torch.testing.assert_close(out[b], pairwise_cost(x[b], y[b], _backend=backend), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(out[b], on(backend, pairwise_cost, x[b], y[b]), rtol=1e-6, atol=1e-5)
 
 
 @needs_interpreter
@@ -86,7 +81,7 @@ def test_batches_beyond_the_grid_limit_are_split(monkeypatch):
     monkeypatch.setattr(cost, "_MAX_GRID_Z", 2)  # 5 problems -> launches of 2, 2 and 1
     x = torch.randn(5, 6, 8)
     y = torch.randn(7, 8)  # shared operand: stride-0 batch, sliced with the others
-    _check(pairwise_cost(x, y, _backend="triton"), x, y.expand(5, -1, -1), "sqeuclidean")
+    _check(on("triton", pairwise_cost, x, y), x, y.expand(5, -1, -1), "sqeuclidean")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -96,7 +91,7 @@ def test_large_offset_and_duplicates(backend):
     x = 1000.0 + torch.randn(20, 30)
     y = torch.cat([x[:5], 1000.0 + torch.randn(10, 30)])
     for metric in ("sqeuclidean", "euclidean"):
-        out = pairwise_cost(x, y, metric, _backend=backend)
+        out = on(backend, pairwise_cost, x, y, metric)
         _check(out, x, y, metric)
         assert torch.isfinite(out).all()
 
@@ -106,7 +101,7 @@ def test_wide_dynamic_range(backend):
     scales = torch.logspace(-3, 3, 16).unsqueeze(1)
     x = torch.randn(16, 12) * scales
     y = torch.randn(16, 12) * scales.flip(0)
-    _check(pairwise_cost(x, y, _backend=backend), x, y, "sqeuclidean")
+    _check(on(backend, pairwise_cost, x, y), x, y, "sqeuclidean")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
@@ -116,7 +111,7 @@ def test_non_finite_inputs_are_not_hidden(backend):
     y = torch.randn(5, 10)
     x[2, 3] = float("nan")
     y[4, 0] = float("inf")
-    out = pairwise_cost(x, y, _backend=backend)
+    out = on(backend, pairwise_cost, x, y)
     assert not torch.isfinite(out[2]).any()
     assert not torch.isfinite(out[:, 4]).any()
     keep = torch.ones_like(out, dtype=torch.bool)
@@ -129,13 +124,13 @@ def test_non_finite_inputs_are_not_hidden(backend):
 @pytest.mark.parametrize("xs, ys, expect", [((0, 4), (3, 4), (0, 3)), ((2, 5, 4), (2, 0, 4), (2, 5, 0)),
                                             ((0, 5, 4), (0, 3, 4), (0, 5, 3))])
 def test_empty(backend, xs, ys, expect):
-    out = pairwise_cost(torch.randn(xs), torch.randn(ys), _backend=backend)
+    out = on(backend, pairwise_cost, torch.randn(xs), torch.randn(ys))
     assert out.shape == expect and out.dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_features(backend):
-    out = pairwise_cost(torch.randn(3, 0), torch.randn(4, 0), "euclidean", _backend=backend)
+    out = on(backend, pairwise_cost, torch.randn(3, 0), torch.randn(4, 0), "euclidean")
     assert torch.equal(out, torch.zeros(3, 4))
 
 
@@ -169,19 +164,17 @@ def test_bad_input(x, y, exc, match):
         pairwise_cost(x, y)
 
 
-def test_bad_metric_and_backend():
+def test_bad_metric():
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="metric must be one of"):
         pairwise_cost(x, x, "cosine")
-    with pytest.raises(ValueError, match="_backend must be"):
-        pairwise_cost(x, x, _backend="numpy")
 
 
 @pytest.mark.skipif(_triton.triton is None or _triton.interpreting(),
                     reason="checks the error raised outside the interpreter")
 def test_triton_on_cpu_without_interpreter_raises():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        pairwise_cost(torch.randn(2, 3), torch.randn(2, 3), _backend="triton")
+        on("triton", pairwise_cost, torch.randn(2, 3), torch.randn(2, 3))
 
 
 # ---- compiled kernel on the GPU -----------------------------------------------------------------
@@ -237,7 +230,8 @@ def test_cpu_paths_work_without_triton(tmp_path):
         "assert pairwise_cost(torch.randn(3, 4), torch.randn(2, 4)).shape == (3, 2)\n"
         "assert gaussian_noise([1, 2], 5).shape == (2, 5)\n"
         "try:\n"
-        "    pairwise_cost(torch.randn(3, 4), torch.randn(2, 4), _backend='triton')\n"
+        "    from loom_kernels import _triton; _triton.KERNELS_ON_CPU = True\n"
+        "    pairwise_cost(torch.randn(3, 4), torch.randn(2, 4))\n"
         "except RuntimeError as e:\n"
         "    assert 'needs triton' in str(e), e\n"
         "else:\n"

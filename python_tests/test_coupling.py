@@ -9,8 +9,8 @@ from scipy.optimize import linear_sum_assignment
 from loom_kernels.coupling import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
 from loom_kernels.noise import gaussian_noise
 from loom_kernels.testing import (
-    coupling_cost_np,
     cost_matrix_np,
+    coupling_cost_np,
     loom_table_cost,
     reference_loom_step,
 )
@@ -37,7 +37,9 @@ def _batches(num_points, b, epochs, seed=0):
 def _slots_stream(seed, num_caches):
     """The documented slot choice: uniform draws from a CPU generator seeded with ``seed``."""
     g = torch.Generator().manual_seed(seed)
-    return lambda n: (torch.randint(num_caches, (n,), generator=g) if num_caches > 1 else torch.zeros(n, dtype=torch.int64))
+    if num_caches == 1:
+        return lambda n: torch.zeros(n, dtype=torch.int64)
+    return lambda n: torch.randint(num_caches, (n,), generator=g)
 
 
 # ---- IndependentCoupling / MinibatchOTCoupling ------------------------------------------------------
@@ -233,7 +235,8 @@ def test_loom_dtypes(dtype):
     idx = torch.arange(p)
     x0, x1 = c(data, idx)
     assert x0.dtype == dtype and x0.shape == data.shape
-    np.testing.assert_array_equal(np.sort(c.seeds.numpy().ravel()), np.sort(LoomCoupling(p, shape).seeds.numpy().ravel()))
+    fresh = LoomCoupling(p, shape).seeds
+    np.testing.assert_array_equal(np.sort(c.seeds.numpy().ravel()), np.sort(fresh.numpy().ravel()))
 
 
 def test_loom_small_batches_and_index_dtypes():

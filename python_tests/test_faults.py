@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from loom_kernels.checkpoint import atomic_save, load_checkpoint, load_verified
-from loom_kernels.couplings.table import SeedTable, TableInUseError
 from loom_kernels.coupling import LoomCoupling
+from loom_kernels.couplings.table import SeedTable, TableInUseError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,7 +186,7 @@ def test_kill9_during_load_keeps_the_previous_table(tmp_path):
     data = torch.randn(p, *shape)
     c = LoomCoupling(p, shape, num_caches=2, seed=1, mmap_path=table)
     c.save(ckpt)
-    for j in range(5):
+    for _ in range(5):
         idx = torch.randperm(p)[:256]
         c(data[idx], idx)
     before = c.seeds.clone()
@@ -468,6 +468,7 @@ def test_huge_data_names_x1_and_the_overflow():
     c = LoomCoupling(16, (3,), seed=0)
     x1 = torch.full((8, 3), 1e30)
     before = c.seeds.clone()
-    with pytest.raises(ValueError, match="x1 contains NaN or inf \\(or values so large that the pair costs overflow float32\\)"):
+    msg = "x1 contains NaN or inf \\(or values so large that the pair costs overflow float32\\)"
+    with pytest.raises(ValueError, match=msg):
         c(x1, torch.arange(8))
     assert torch.equal(c.seeds, before)

@@ -76,7 +76,8 @@ def test_a_full_disk_is_named(tmp_path):
         f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match=r"no room to write .*checkpoint.pt.*No space left on device .*'checkpoint.pt' was not replaced") as info:
+    msg = r"no room to write .*checkpoint.pt.*No space left on device .*'checkpoint.pt' was not replaced"
+    with pytest.raises(OSError, match=msg) as info:
         atomic_write(p, full)
     assert info.value.errno == errno.ENOSPC
     assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["checkpoint.pt"]
@@ -104,6 +105,7 @@ def test_torch_save_past_the_space_limit_is_named(tmp_path):
     p = tmp_path / "checkpoint.pt"
     out = subprocess.run([sys.executable, "-c", FSIZE, str(p)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.startswith(f"{errno.EFBIG} [Errno {errno.EFBIG}] no room to write"), out.stdout  # not "unexpected pos"
+    # not "unexpected pos"
+    assert out.stdout.startswith(f"{errno.EFBIG} [Errno {errno.EFBIG}] no room to write"), out.stdout
     assert "checkpoint.pt" in out.stdout and "File too large" in out.stdout
     assert os.listdir(tmp_path) == []

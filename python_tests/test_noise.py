@@ -11,14 +11,12 @@ from loom_kernels import _triton
 from loom_kernels.noise import _philox4x32_10, _philox_uint32, gaussian_noise
 from loom_kernels.testing import (
     PHILOX4X32_10_KAT,
-    cpu_tensor_backends,
-    needs_interpreter_mark,
     noise_stream_ref,
     philox4x32_10_ref,
 )
 
-needs_interpreter = needs_interpreter_mark()
-BACKENDS = cpu_tensor_backends()
+from kernel_paths import BACKENDS, needs_interpreter, on
+
 # Corner seeds: zero, the int64 extremes, -1 (all ones), seeds differing only in the high word.
 EDGE_SEEDS = [0, 1, -1, 2**63 - 1, -(2**63), 2**32, 2**32 + 1, 123456789012345]
 
@@ -36,27 +34,28 @@ def test_philox_known_answers(ctr, key, expect):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stream_starts_with_the_zero_vector(backend):
     # seed 0, block 0 is counter 0 / key 0: Random123's first known answer.
-    got = _philox_uint32([0], 4, _backend=backend)[0].tolist()
+    got = on(backend, _philox_uint32, [0], 4)[0].tolist()
     assert tuple(got) == PHILOX4X32_10_KAT[0][2]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n", [1, 3, 13, 70])
 def test_stream_matches_python_reference(backend, n):
-    words = _philox_uint32(EDGE_SEEDS, n, _backend=backend)
-    normals = gaussian_noise(EDGE_SEEDS, (n,), _backend=backend)
+    words = on(backend, _philox_uint32, EDGE_SEEDS, n)
+    normals = on(backend, gaussian_noise, EDGE_SEEDS, (n,))
     for i, s in enumerate(EDGE_SEEDS):
         ref_words, ref_normals = noise_stream_ref(s, n)
         assert words[i].tolist() == ref_words
-        torch.testing.assert_close(normals[i].double(), torch.tensor(ref_normals, dtype=torch.float64), rtol=0, atol=1e-5)
+        ref = torch.tensor(ref_normals, dtype=torch.float64)
+        torch.testing.assert_close(normals[i].double(), ref, rtol=0, atol=1e-5)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("n", [1, 5, 2051])  # 2051: past one program's block, ragged
 def test_triton_kernel_matches_cpu_path(n):
     seeds = torch.randint(-(2**63), 2**63 - 1, (5,), dtype=torch.int64)
-    assert torch.equal(_philox_uint32(seeds, n, _backend="triton"), _philox_uint32(seeds, n))
-    a = gaussian_noise(seeds, (n,), _backend="triton")
+    assert torch.equal(on("triton", _philox_uint32, seeds, n), _philox_uint32(seeds, n))
+    a = on("triton", gaussian_noise, seeds, (n,))
     b = gaussian_noise(seeds, (n,))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
@@ -65,7 +64,7 @@ def test_triton_kernel_matches_cpu_path(n):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_triton_kernel_output_dtypes(dtype):
     seeds = [3, -7]
-    a = gaussian_noise(seeds, (2, 9), dtype=dtype, _backend="triton")
+    a = on("triton", gaussian_noise, seeds, (2, 9), dtype=dtype)
     assert a.dtype == dtype and a.shape == (2, 2, 9)
     b = gaussian_noise(seeds, (2, 9), dtype=torch.float32)
     tol = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-5}[dtype]
@@ -126,7 +125,6 @@ def test_empty_and_default_device():
         ([1], (3, -1), {}, ValueError, "non-negative"),
         ([1], "abc", {}, TypeError, "shape must be an int or a sequence of ints"),
         ([1], 3, {"dtype": torch.int32}, TypeError, "dtype must be one of"),
-        ([1], 3, {"_backend": "cuda"}, ValueError, "_backend must be"),
         ([1], 2**35, {}, ValueError, "at most 4 \\* 2\\*\\*32"),
     ],
 )
@@ -139,7 +137,7 @@ def test_bad_input(seeds, shape, kwargs, exc, match):
                     reason="checks the error raised outside the interpreter")
 def test_triton_on_cpu_without_interpreter_raises():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        gaussian_noise([1], 4, _backend="triton")
+        on("triton", gaussian_noise, [1], 4)
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -226,7 +224,8 @@ def test_cuda_noise_matches_cpu(dtype):
     if dtype in (torch.float32, torch.float64):
         torch.testing.assert_close(gpu.double().cpu(), cpu32.double(), rtol=0, atol=1e-5)
     else:  # both round the float32 value: at most one ulp apart where it sits near a tie
-        torch.testing.assert_close(gpu.cpu().float(), cpu32.to(dtype).float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+        torch.testing.assert_close(gpu.cpu().float(), cpu32.to(dtype).float(),
+                                   rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
 
 
 @pytest.mark.cuda
@@ -351,7 +350,8 @@ def test_public_path_uses_the_compiled_stream(monkeypatch):
 
     seeds = torch.tensor(EDGE_SEEDS)
     fast, fast_words = gaussian_noise(seeds, (3, 7)), _philox_uint32(seeds, 21)
-    assert torch.equal(fast.reshape(len(EDGE_SEEDS), -1), torch.from_numpy(_compiled_cpu().philox_normal(seeds.numpy(), 21)))
+    ref = torch.from_numpy(_compiled_cpu().philox_normal(seeds.numpy(), 21))
+    assert torch.equal(fast.reshape(len(EDGE_SEEDS), -1), ref)
     monkeypatch.setattr(noise_mod, "_compiled_cpu", lambda: None)
     slow = gaussian_noise(seeds, (3, 7))
     assert not torch.equal(slow, fast)  # really the other path (last-ulp differences somewhere)

@@ -1,8 +1,8 @@
 """The portable CPU build: every instruction-set path of the exact solver gives the same
 assignment and of the noise stream the same integers (the normals: bit-identical among the FMA
-paths avx2 / avx512, within NORMAL_ATOL of the plain build's), a forced path runs in a fresh process (what a wheel built here does on an
-AVX2-only or pre-AVX2 CPU), bad choices are refused, and the vector code lives only in the per-ISA
-namespaces of ``_C`` (objdump over its symbol table).
+paths avx2 / avx512, within NORMAL_ATOL of the plain build's), a forced path runs in a fresh
+process (what a wheel built here does on an AVX2-only or pre-AVX2 CPU), bad choices are refused,
+and the vector code lives only in the per-ISA namespaces of ``_C`` (objdump over its symbol table).
 
 The paths are process-global state of ``_C``; each test restores the one it found.
 """
@@ -79,7 +79,7 @@ def test_solver_paths_agree_and_are_optimal(family, dtype):
         else:
             cost = assignment_problem(family, n, m, rng=rng, dtype=dtype)
         for maximize in (False, True):
-            res = _on_each_path(lambda: linear_sum_assignment(cost, maximize, backend="cpu", method="lap"))
+            res = _on_each_path(lambda c=cost, mx=maximize: linear_sum_assignment(c, mx, backend="cpu", method="lap"))
             _assert_all_equal(res)
             exact = family in ("int_ties", "signed_zeros", "constant")
             check_assignment(cost, *res[ISAS[0]], maximize=maximize, rtol=0.0 if exact else 1e-9)
@@ -124,7 +124,7 @@ def test_noise_paths_agree(row_len):
                                  mod.philox_normal(seeds, row_len, 2)))
     _assert_all_equal({isa: r[:1] for isa, r in res.items()})  # the words: identical everywhere
     _assert_normals_agree({isa: r[1] for isa, r in res.items()})
-    for words, one, two in res.values():
+    for _words, one, two in res.values():
         assert np.array_equal(one, two) and np.isfinite(one).all()  # threads never change the result
 
 
@@ -155,7 +155,8 @@ def test_forced_path_in_a_fresh_process(isa, tmp_path):
     if isa not in ISAS:
         pytest.skip(f"this build/CPU has no {isa} path ({ISAS})")
     out = tmp_path / "out.npz"
-    env = dict(os.environ, LOOM_CPU_ISA=isa, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, LOOM_CPU_ISA=isa, PYTHONPATH=path)
     subprocess.run([sys.executable, "-c", _CHILD, str(out)], env=env, check=True, timeout=300, cwd=ROOT)
     got = np.load(out)
     assert str(got["isa"]) == isa
@@ -168,7 +169,8 @@ def test_forced_path_in_a_fresh_process(isa, tmp_path):
 
 
 def test_bad_environment_choice_is_a_clear_error():
-    env = dict(os.environ, LOOM_CPU_ISA="avx1024", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, LOOM_CPU_ISA="avx1024", PYTHONPATH=path)
     code = "import numpy as np; from loom_kernels.assign import assign; assign(np.eye(3))"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode != 0

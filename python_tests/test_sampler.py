@@ -2,14 +2,13 @@
 convergence orders, exact NFE counts, time handling, errors, the Triton update kernel under the
 interpreter, and (on a GPU) CPU/CUDA agreement and CUDA-graph replay."""
 import math
-import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from loom_kernels import sampler
+from loom_kernels import _triton, sampler
 from loom_kernels.sampler import METHODS, clear_graph_cache, sample
 from loom_kernels.testing import (
     CountingModel,
@@ -18,6 +17,8 @@ from loom_kernels.testing import (
     ode_reference,
     time_field,
 )
+
+from kernel_paths import needs_interpreter
 
 ALL = sorted(METHODS)
 ORDER = {"euler": 1.0, "midpoint": 2.0, "heun": 2.0}
@@ -307,18 +308,13 @@ def test_bad_model_and_input():
 
 # ---- the Triton update kernel, through the interpreter on CPU -----------------------------------
 
-needs_interpreter = pytest.mark.skipif(
-    sampler.triton is None or os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the Triton update kernel runs on CPU only with triton installed and TRITON_INTERPRET=1 "
-    "set before triton is imported (CI sets it for the whole run)",
-)
 
 
 @needs_interpreter
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
 @pytest.mark.parametrize("n", [1, 1000, 2500])
 def test_update_kernel_interpreter(monkeypatch, dtype, tol, n):
-    monkeypatch.setattr(sampler, "_TRITON_ON_CPU", True)
+    monkeypatch.setattr(_triton, "KERNELS_ON_CPU", True)
     x = torch.randn(n).to(dtype)
     v1 = torch.randn(n).to(dtype)
     v2 = torch.randn(n).to(dtype)
@@ -344,7 +340,7 @@ def test_update_kernel_interpreter(monkeypatch, dtype, tol, n):
 def test_sample_through_triton_matches_torch(monkeypatch, method):
     x0 = torch.randn(40, 3, 5)
     want = sample(cos_field, x0, 4, method=method, return_trajectory=True)
-    monkeypatch.setattr(sampler, "_TRITON_ON_CPU", True)
+    monkeypatch.setattr(_triton, "KERNELS_ON_CPU", True)
     calls = []
     real = sampler._ode_update_kernel
 
@@ -366,7 +362,7 @@ def test_sample_through_triton_matches_torch(monkeypatch, method):
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     if sampler.triton is None:
         pytest.skip("triton is not installed")
-    monkeypatch.setattr(sampler, "_TRITON_ON_CPU", True)
+    monkeypatch.setattr(_triton, "KERNELS_ON_CPU", True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         sample(lambda x, t: x, torch.randn(4, 2), 2)
@@ -489,7 +485,8 @@ def test_update_kernel_cuda(dtype):
     out = torch.empty_like(x)
     sampler._update(x, v1, v2, 0.25, 0.75, out)
     ref = (x.double() + 0.25 * v1.double() + 0.75 * v2.double()).to(dtype)
-    torch.testing.assert_close(out, ref, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-2 if dtype != torch.float32 else 1e-6)
+    tol = 1e-2 if dtype != torch.float32 else 1e-6
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
 # ---- model_kwargs, guidance and calling conventions ----------------------------------------------
@@ -592,7 +589,9 @@ def test_kwargs_and_guidance_errors():
     net = LabelField()
     x0 = torch.randn(4, 2)
     y = torch.tensor([0, 1, 2, 1])
-    with pytest.raises(TypeError, match=r"calling the model as model\(x, t_B, \*\*kw\) with model_kwargs \['y', 'z'\].*unexpected keyword argument 'z'"):
+    msg = (r"calling the model as model\(x, t_B, \*\*kw\) with model_kwargs \['y', 'z'\]"
+           r".*unexpected keyword argument 'z'")
+    with pytest.raises(TypeError, match=msg):
         sample(net, x0, 2, model_kwargs={"y": y, "z": 1})
     with pytest.raises(ValueError, match=r"labels in \[0, 3\], outside the model's 3 classes"):
         sample(net, x0, 2, model_kwargs={"y": torch.tensor([0, 1, 3, 1])})

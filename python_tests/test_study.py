@@ -57,7 +57,8 @@ def test_run_one_records(variant):
     if finite:
         assert rec["noise_total"] == rec["caches"] * 128
         costs = [v for _, v in rec["dataset_cost_curve"]]
-        assert costs[0] == pytest.approx(rec["dataset_cost_start"]) and costs[-1] == pytest.approx(rec["dataset_cost_end"])
+        assert costs[0] == pytest.approx(rec["dataset_cost_start"])
+        assert costs[-1] == pytest.approx(rec["dataset_cost_end"])
         if variant == "fixed":
             assert max(costs) == pytest.approx(min(costs), rel=1e-9)  # never reassigned
         else:
@@ -98,7 +99,8 @@ def test_summary_statistics_and_table():
 
     records = [rec("ot", 0, 1.0, None), rec("ot", 1, 2.0, None), rec("loom1", 0, 1.0, 0.5), rec("loom1", 1, 1.4, 0.6)]
     summary = {s["variant"]: s for s in study.summarize(records)}
-    assert summary["ot"]["w2_fresh_nfe1"]["mean"] == 1.5 and summary["ot"]["w2_fresh_nfe1"]["sd"] == pytest.approx(0.5 ** 0.5)
+    w2 = summary["ot"]["w2_fresh_nfe1"]
+    assert w2["mean"] == 1.5 and w2["sd"] == pytest.approx(0.5 ** 0.5)
     assert "w2_train_nfe1" not in summary["ot"]
     assert summary["loom1"]["gap_nfe1"]["values"] == pytest.approx([0.5, 0.8])
     md = study.markdown(list(summary.values()))

@@ -33,39 +33,14 @@
 //   the CPU twin and the GPU give bit-identical runs in float64 (and in float32, whose entries
 //   are widened exactly to double). The mul-adds (big_cost, sap_limit) are explicit fma so
 //   compiler contraction cannot make the two sides differ.
-// * Phase finish (SAP): a phase's Jacobi rounds end in long chains of one or two bidders (price
-//   wars raise a price by about ε per round). Once at most kSapSwitch bidders are left (or the
-//   phase has used its jacobi_budget of rounds), each one is placed by a shortest augmenting
-//   path instead. Treating every assigned pair as tight (lowering its cost by its slack, at
-//   most ε) makes the prices exact duals of a problem that differs from the real one by at
-//   most ε per pair; a JV augmentation on it keeps every reduced cost >= 0, makes the new
-//   pairs tight and only raises prices, so ε-CS holds afterwards and the phase ends exactly as
-//   an auction phase would. Labels of the search (from
-//   the free bidder s, over columns): d_k = min over tree rows i (the source, or the owner of a
-//   labelled column j) of d_j + (c_ik + p_k - u_i), u_i = min_l c_il + p_l, d_source = 0; a
-//   sweep relaxes the frontier rows (owners of improved columns labelled below the best free
-//   column's label D), on problems of at least kSapWindowRows rows only those whose label lies
-//   in the lower kSapWindow of [lowest frontier label, D] (Δ-stepping: the others wait, so a
-//   row is rarely relaxed twice); the sweeps stop with an empty frontier; then
-//   p_j += D - d_j for d_j < D and the path to the best free column (lowest index on ties) is
-//   flipped. Every label is a min and every tie goes to the lowest index, so the result does not
-//   depend on the order of the relaxations (the GPU relaxes rows concurrently).
-// * Early phases of square problems skip the finish: a phase whose ε is still far above what
-//   the certificate needs (m ε > 2 x target, see phase_is_early; every first phase) ends when
-//   its bidding does, and its few unplaced bidders bid on in the next phase. Only the
-//   certificate needs a complete assignment, and the search trees of early phases are the
-//   widest (their labels span many ε): at 256 x 256 this cuts the steps by a third and the
-//   finish's row scans by half. With dummy bidders (N < M) it backfires (2-4x more steps):
-//   the finish's paths leave the pairs tight, which keeps them through the next ε cut.
-// * Dummy bidders never bid (the rounds go on while more than kSapSwitch real bidders are
-//   unplaced); the finish places them, usually in one sweep each (a dummy's path ends at the
-//   cheapest free object). Identical dummies bidding against each other fought price wars:
-//   uniform 190 x 256 took 3265 steps with them bidding and 776 without.
-// * Clearly rectangular problems (sap_only: N <= 0.7 M) skip the auction: the M - N identical
-//   dummy bidders fight price wars among themselves (tens of thousands of rounds at 64 x 1024),
-//   so the N real rows are placed by augmenting paths alone from zero prices, then the dummies
-//   take the objects nobody holds (whose prices were never raised, so they are the cheapest).
-//   The pairs are then tight and the first certificate normally succeeds.
+// * Phase finish (SAP): once at most kSapSwitch bidders are left (or the phase has spent its
+//   jacobi_budget of rounds) each is placed by a shortest augmenting path from the auction's
+//   prices, with every assigned pair treated as tight; ε-CS holds afterwards, so the phase ends
+//   exactly as an auction phase would. Every label is a min and every tie goes to the lowest
+//   index, so the result does not depend on the order of the relaxations.
+// * Early phases of square problems (phase_is_early) skip the finish; dummy bidders never bid;
+//   clearly rectangular problems (sap_only) skip the auction. Why, and the measurements behind
+//   the constants below: docs/auction.md.
 #pragma once
 
 #include <cfloat>
@@ -81,9 +56,8 @@
 namespace loom {
 namespace auction {
 
-// ε shrinks by this factor per phase; ε0 = (effective cost range) / kEps0Div. θ = 4 with
-// kSapSwitch = 4 is a compromise between the step counts of the slowest problems of several
-// families and the row scans the path finish adds (bench/RESULTS.md, bench/auction_tuning.py).
+// ε shrinks by this factor per phase; ε0 = (effective cost range) / kEps0Div (θ and kSapSwitch:
+// docs/auction.md).
 #ifndef LOOM_AUCTION_THETA
 #define LOOM_AUCTION_THETA 4.0
 #endif
@@ -183,9 +157,7 @@ LOOM_HD bool keeps_pair(double c, double p, double u, double eps) { return c + p
 // ---- shortest-augmenting-path finish (see the header) -------------------------------------------
 
 // The sweeps' Δ-stepping window as a fraction of D - (lowest frontier label) (<= 0: every
-// frontier row in every sweep), used from kSapWindowRows rows up. At 2048 x 2048 a window of
-// 0.5 relaxed ~4x fewer rows for the same step count; below ~1000 rows a sweep's frontier
-// mostly fits the team's warps anyway, and the window cost 2-19% more steps there.
+// frontier row in every sweep), used from kSapWindowRows rows up (sizes: docs/auction.md).
 #ifndef LOOM_AUCTION_SAP_WINDOW
 #define LOOM_AUCTION_SAP_WINDOW 0.5
 #endif
@@ -212,7 +184,7 @@ LOOM_HD double sap_price(double p, double d, double D) { return d < D ? p + (D -
 // Bidding rounds a phase may spend before the path finish takes every remaining bidder. Rounds
 // stall when ε is tiny against the price moves a phase needs (identical rows over costs that
 // span 1e-8..1e8 took millions of rounds); a path costs at most m sweeps, so a phase stays
-// bounded. Normal phases need far fewer (30-150 rounds at 256 x 256, a few hundred at 2048).
+// bounded.
 LOOM_HD int64_t jacobi_budget(int64_t m) { return 2 * m + 64; }
 
 // Early phase (see the header) of an n x m problem: square, more than kSapSwitch bidders to
@@ -230,8 +202,7 @@ LOOM_HD bool phase_is_early(double eps, double thr, bool integral, int64_t n, in
   return static_cast<double>(m) * eps > kEarlyFactor * target;
 }
 
-// Augmenting paths only, no bidding rounds: the crossover measured on 256-column squared-
-// Euclidean problems lies near N = 0.7 M (N = 128: 787 rounds vs 3954; N = 200: 1856 vs 1306).
+// Augmenting paths only, no bidding rounds, below N = 0.7 M (the measured crossover: docs/auction.md).
 LOOM_HD bool sap_only(int64_t n, int64_t m) { return 10 * n <= 7 * m; }
 
 // ---- schedule ---------------------------------------------------------------------------------

@@ -7,9 +7,8 @@
 
 namespace loom {
 // Dispatch: auto = one block per problem (state in shared memory when it fits). The cooperative
-// multi-block kernel is opt-in (kModeGrid): measured on an H200 (2026-11-26, sq3072 float32) it
-// was slower at N = 1024..4096 (35 vs 26 ms, 133 vs 105 ms, 542 vs 476 ms) and even at 8192
-// (2.23 s both): rounds are latency-bound and grid syncs cost more than the extra warps save.
+// multi-block kernel is opt-in (kModeGrid): it was not faster at any size measured, since rounds
+// are latency-bound and grid syncs cost more than the extra warps save (docs/auction.md).
 enum AuctionMode : int { kModeAuto = 0, kModeBlock = 1, kModeBlockGlobal = 2, kModeGrid = 3 };
 
 // Bytes of device workspace auction_cuda_solve needs for this shape and mode (0 when all the

@@ -16,10 +16,12 @@ flow_matching leaves the mode alone, so call ``.eval()`` first for identical res
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from ..sampler import METHODS, sample as _sample
+from ..sampler import METHODS
+from ..sampler import sample as _sample
 
 __all__ = ["ODESolver"]
 
@@ -70,14 +72,15 @@ class ODESolver:
         torch.Size([4, 2])
     """
 
-    def __init__(self, velocity_model):
+    def __init__(self, velocity_model: Callable[..., torch.Tensor]) -> None:
         if not callable(velocity_model):
             raise TypeError(f"velocity_model must be callable as velocity_model(x=x, t=t), got "
                             f"{type(velocity_model).__name__}")
         self.velocity_model = velocity_model
 
-    def sample(self, x_init, step_size, method="euler", atol=1e-5, rtol=1e-5, time_grid=None,
-               return_intermediates=False, enable_grad=False, **model_extras):
+    def sample(self, x_init: torch.Tensor, step_size: float | None, method: str = "euler", atol: float = 1e-5,
+               rtol: float = 1e-5, time_grid: torch.Tensor | None = None, return_intermediates: bool = False,
+               enable_grad: bool = False, **model_extras) -> torch.Tensor:
         """Solves dx/dt = velocity_model(x=x, t=t, **model_extras) over ``time_grid``.
 
         Args:

@@ -24,14 +24,13 @@ from __future__ import annotations
 import math
 import warnings
 from functools import partial
-from typing import Optional, Union
 
 import numpy as np
 import torch
 
+from ..cost import pairwise_cost
 from ..couplings._common import _check_labels, _cost_dtype, _solve
 from ..couplings.loom import LoomCoupling
-from ..cost import pairwise_cost
 
 __all__ = [
     "OTPlanSampler",
@@ -75,7 +74,7 @@ class OTPlanSampler:
     """
 
     def __init__(self, method: str, reg: float = 0.05, reg_m: float = 1.0, normalize_cost: bool = False,
-                 num_threads: Union[int, str] = 1, warn: bool = True) -> None:
+                 num_threads: int | str = 1, warn: bool = True) -> None:
         if method not in _METHODS:
             raise ValueError(f"Unknown method: {method} (expected one of {_METHODS})")
         self.method = method
@@ -137,7 +136,7 @@ class OTPlanSampler:
             raise ValueError(f"the OT plan is not finite (cost mean {float(M.mean())}, max {float(M.max())})")
         if np.abs(p.sum()) < 1e-8:
             if self.warn:
-                warnings.warn("Numerical errors in OT plan, reverting to uniform plan.")
+                warnings.warn("Numerical errors in OT plan, reverting to uniform plan.", stacklevel=2)
             p = np.ones_like(p) / p.size
         return p
 
@@ -148,7 +147,7 @@ class OTPlanSampler:
         choices = np.random.choice(pi.shape[0] * pi.shape[1], p=p, size=batch_size, replace=replace)
         return np.divmod(choices, pi.shape[1])
 
-    def sample_plan(self, x0, x1, replace: bool = True, *, labels: Optional[torch.Tensor] = None):
+    def sample_plan(self, x0, x1, replace: bool = True, *, labels: torch.Tensor | None = None):
         """Pairs ``(x0[i], x1[j])`` from the OT plan; ``replace=False`` gives the exact permutation in ``x1``'s order.
 
         ``labels (b,)`` (integer, on ``x1``'s device; exact method, ``replace=False``): class-conditional
@@ -200,7 +199,7 @@ class OTPlanSampler:
         return np.stack([X[:, t][indices[t]] for t in range(X.shape[1])], axis=1)
 
 
-def wasserstein(x0: torch.Tensor, x1: torch.Tensor, method: Optional[str] = None, reg: float = 0.05,
+def wasserstein(x0: torch.Tensor, x1: torch.Tensor, method: str | None = None, reg: float = 0.05,
                 power: int = 2, **kwargs) -> float:
     """W1 or W2 (Euclidean ground cost) between two equal-weight point clouds ``x0 (b0, *dim)``, ``x1 (b1, *dim)``.
 
@@ -245,7 +244,7 @@ class ConditionalFlowMatcher:
         t, xt, ut = fm.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
     """
 
-    def __init__(self, sigma: Union[float, int] = 0.0):
+    def __init__(self, sigma: float | int = 0.0):
         self.sigma = sigma
 
     def compute_mu_t(self, x0, x1, t):
@@ -293,7 +292,7 @@ class ExactOptimalTransportConditionalFlowMatcher(ConditionalFlowMatcher):
         t, xt, ut = fm.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
     """
 
-    def __init__(self, sigma: Union[float, int] = 0.0):
+    def __init__(self, sigma: float | int = 0.0):
         super().__init__(sigma)
         self.ot_sampler = OTPlanSampler(method="exact")
 
@@ -323,7 +322,7 @@ class LoomConditionalFlowMatcher(ConditionalFlowMatcher):
             t, xt, ut = fm.sample_location_and_conditional_flow(None, x1.cuda(), indices=idx)
     """
 
-    def __init__(self, num_points: int, shape, sigma: Union[float, int] = 0.0, **options):
+    def __init__(self, num_points: int, shape, sigma: float | int = 0.0, **options):
         super().__init__(sigma)
         self.coupling = LoomCoupling(num_points, shape, **options)
 

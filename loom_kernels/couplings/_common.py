@@ -1,13 +1,12 @@
 """Helpers shared by every coupling: argument checks, metric names, devices, pair statistics, the solve."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
+from .._device import resolve_device as _as_device  # noqa: F401  (the couplings' name for it)
 from ..assign import assign
+from ..cost import METRICS  # the metric names live beside the code that computes them
 
-METRICS = ("sqeuclidean", "euclidean")
 _COST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -40,14 +39,6 @@ def _pair_stats(cost, col):
     return {"pre_cost": pre, "post_cost": post, "swaps": (col != ar).sum()}
 
 
-def _as_device(device) -> torch.device:
-    """``None`` -> cpu; a bare "cuda" gets the current device's index, so it compares equal to tensors'."""
-    device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move ``t`` to ``device``; host -> GPU goes through pinned memory so the copy never stalls the host
     (a pageable source lets the driver synchronize with the stream)."""
@@ -74,7 +65,7 @@ def _check_labels(labels, b: int, device: torch.device):
     return labels
 
 
-def _solve(cost: torch.Tensor, labels: Optional[torch.Tensor] = None, data: str = "x1") -> torch.Tensor:
+def _solve(cost: torch.Tensor, labels: torch.Tensor | None = None, data: str = "x1") -> torch.Tensor:
     """``assign(cost)`` with the pairs of different labels forbidden; ``col (n,)`` int64.
 
     ``cost (n, m)``: rows are data items, columns noises; with ``labels (n,)`` (square cost) column

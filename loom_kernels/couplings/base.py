@@ -22,14 +22,15 @@ class Coupling:
 
     stats: dict
 
-    def __call__(self, x1: torch.Tensor, *, indices=None, labels=None):
+    def __call__(self, x1: torch.Tensor, *, indices: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
         """The state to checkpoint (none by default)."""
         return {}
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``; a coupling without state accepts only an empty one."""
         if state:
             raise ValueError(f"{type(self).__name__} has no state to load, got a state with keys {sorted(state)}")

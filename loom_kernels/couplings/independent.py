@@ -1,8 +1,6 @@
 """Independent coupling: fresh Gaussian noise for every data item."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._common import _check_labels, _check_metric, _check_x1
@@ -25,18 +23,20 @@ class IndependentCoupling(Coupling):
         x0, x1 = IndependentCoupling()(torch.rand(8, 2))
     """
 
-    def __init__(self, *, generator: Optional[torch.Generator] = None, metric: str = "sqeuclidean"):
+    def __init__(self, *, generator: torch.Generator | None = None, metric: str = "sqeuclidean") -> None:
         self.generator = generator
         self.metric = _check_metric(metric)
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, indices=None, *, labels=None):
+    def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         _check_x1(x1)
         _check_labels(labels, x1.shape[0], x1.device)
         x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         d = (x1 - x0).flatten(1).double().pow(2).sum(1)
         c = d if self.metric == "sqeuclidean" else d.sqrt()
         mean = c.mean() if len(c) else c.sum()
-        self.stats = {"pre_cost": mean, "post_cost": mean, "swaps": torch.zeros((), dtype=torch.int64, device=x1.device)}
+        swaps = torch.zeros((), dtype=torch.int64, device=x1.device)
+        self.stats = {"pre_cost": mean, "post_cost": mean, "swaps": swaps}
         return x0, x1
 

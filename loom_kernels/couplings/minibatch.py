@@ -1,8 +1,6 @@
 """Minibatch OT: the exact assignment between each minibatch and its noise (Pooladian et al. 2023; Tong et al. 2023)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from ._common import METRICS, _check_labels, _check_metric, _check_x1, _cost_dtype, _pair_stats, _solve
@@ -47,7 +45,7 @@ class MinibatchOTCoupling(Coupling):
         # x0[i] is the noise paired with x1[i]; coupling.stats["post_cost"] <= ["pre_cost"]
     """
 
-    def __init__(self, metric: str = "sqeuclidean", *, generator: Optional[torch.Generator] = None,
+    def __init__(self, metric: str = "sqeuclidean", *, generator: torch.Generator | None = None,
                  process_group=None, scope: str = "global", group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0):
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
@@ -61,7 +59,8 @@ class MinibatchOTCoupling(Coupling):
         self.scope = scope
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, *args, x0: Optional[torch.Tensor] = None, indices=None, labels=None):
+    def __call__(self, x1: torch.Tensor, *args, x0: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if args:
             raise TypeError(
                 "MinibatchOTCoupling takes the data first and the noise only as the keyword x0: "
@@ -72,7 +71,8 @@ class MinibatchOTCoupling(Coupling):
         try:
             labels = self._check_inputs(x1, x0, labels, self.scope)
         except (TypeError, ValueError):
-            grp.agree(type(self).__name__, {"batch size": -1, "x0 rows": -1}, {"labels": 0}, self._config(), failed=True)
+            grp.agree(type(self).__name__, {"batch size": -1, "x0 rows": -1}, {"labels": 0}, self._config(),
+                      failed=True)
             raise
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
@@ -103,12 +103,13 @@ class MinibatchOTCoupling(Coupling):
         """The partition generator's state (``scope="grouped"``; the other scopes have no state)."""
         return {"partition_generator": self._part_gen.get_state()} if self.scope == "grouped" else {}
 
-    def load_state_dict(self, state: dict):
+    def load_state_dict(self, state: dict) -> None:
         if self.scope != "grouped" or not state:
             return super().load_state_dict(state)
         gen = state.get("partition_generator") if isinstance(state, dict) else None
         if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
-            raise ValueError(f"state_dict['partition_generator'] must be a uint8 tensor (Generator.get_state()), got {gen!r:.80}")
+            raise ValueError("state_dict['partition_generator'] must be a uint8 tensor (Generator.get_state()), "
+                             f"got {gen!r:.80}")
         self._part_gen.set_state(gen)
 
     @staticmethod

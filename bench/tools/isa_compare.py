@@ -7,7 +7,7 @@ one runs at a higher AVX-512 clock), and the ratio to the first provider is take
 (paired), then its median. The solver is called raw (``_C.solve_lap``, one thread) on bench_assign.py's
 problems, the noise as bench_noise.py's 256x3072 float32 minibatch (one thread).
 
-    python bench/isa_compare.py --other today=/path/to/old/_C.so --other native=/path/to/native/_C.so
+    python bench/tools/isa_compare.py --other today=/path/to/old/_C.so --other native=/path/to/native/_C.so
 
 Providers: each ``--other`` build (loaded beside this one), then this build's paths (``_C.isas()``).
 """
@@ -44,7 +44,8 @@ def _cases(sizes, repeat):
     for family in FAMILIES:
         for n in sizes:
             cost = assignment_problem(family, n, rng=np.random.default_rng([FAMILIES.index(family), n, 0]))[None]
-            yield f"assign {family} N={n}", (lambda m, c=cost: m.solve_lap(c, False, 1)), repeat * (10 if n >= 1024 else 40)
+            reps = repeat * (10 if n >= 1024 else 40)
+            yield f"assign {family} N={n}", (lambda m, c=cost: m.solve_lap(c, False, 1)), reps
     cost = assignment_problem("sq3072", 256, batch=64, rng=np.random.default_rng([1, 256, 64]))
     yield "assign batch sq3072 64x256 (2 threads)", (lambda m: m.solve_lap(cost, False, 2)), repeat * 10
     seeds = np.random.default_rng(0).integers(-(2**63), 2**63 - 1, 256, dtype=np.int64)

@@ -4,7 +4,7 @@ the path finish starts; 0 = bidding only) and counts the sequential steps (biddi
 sweeps) of the slowest problem of the coupling's 64 x 256 batch (``sq3072``, float32, tol 1e-6).
 A batch on the GPU takes as long as its slowest problem. Needs g++ and the csrc/ sources.
 
-    python bench/auction_tuning.py [--theta 4 8 16] [--switch 0 1 3 6] [--batch 64]
+    python bench/tools/auction_tuning.py [--theta 4 8 16] [--switch 0 1 3 6] [--batch 64]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 
 from loom_kernels.testing import assignment_problem
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 WRAPPER = """
 #include "cpu/auction_cpu.h"
 extern "C" void solve_f32(const float* c, int64_t B, int64_t N, int64_t M, double tol, int64_t* col,
@@ -44,7 +44,8 @@ def steps(lib, cost):
     st = np.empty(B, np.int8)
     rounds = np.empty(B, np.int64)
     p = [a.ctypes.data_as(ctypes.c_void_p) for a in (cost, col, st, rounds)]
-    lib.solve_f32(p[0], ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(M), ctypes.c_double(1e-6), p[1], p[2], p[3])
+    lib.solve_f32(p[0], ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(M), ctypes.c_double(1e-6),
+                  p[1], p[2], p[3])
     if np.any(st != 0):
         raise SystemExit(f"status {np.unique(st)}")
     return rounds

@@ -1,7 +1,7 @@
 """Print bench_assign.py's pytest-benchmark JSON as the RESULTS.md table: median ms per provider
 and group, speedup over scipy, and the geometric-mean speedups over the single-problem grid.
 
-Usage: python bench/assign_table.py /tmp/assign.json
+Usage: python bench/tools/assign_table.py /tmp/assign.json
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def main(path):
                 vs[base] = m[base] / m["loom-cpu"]
                 if "batch" not in g:
                     ratios[base].append(vs[base])
-        print(f"| {g} | {' | '.join(cells)} | " + " | ".join(f"{vs[b]:.2f}x" if b in vs else "-" for b in ("scipy", "lapjvh")) + " |")
+        ratios = " | ".join(f"{vs[b]:.2f}x" if b in vs else "-" for b in ("scipy", "lapjvh"))
+        print(f"| {g} | {' | '.join(cells)} | {ratios} |")
     for base, r in ratios.items():
         gm = math.exp(sum(map(math.log, r)) / len(r))
         print(f"\ngeometric-mean speedup of loom-cpu over {base} (single problems, {len(r)} groups): {gm:.2f}x; "
