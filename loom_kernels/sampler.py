@@ -31,7 +31,7 @@ import torch
 
 from ._triton import interpreting, tl, triton, use_kernel
 
-__all__ = ["sample", "clear_graph_cache", "METHODS", "SIGNATURES"]
+__all__ = ["sample", "clear_graph_cache", "GraphCache", "METHODS", "SIGNATURES"]
 
 #: model evaluations per step of each method
 METHODS = {"euler": 1, "midpoint": 2, "heun": 2}
@@ -389,16 +389,84 @@ class _Graphed:
     model_ref: object  # weakref to the model: a recycled id() must not hit the cache
 
 
-_GRAPHS: collections.OrderedDict[tuple, _Graphed] = collections.OrderedDict()
-_SEEN: collections.OrderedDict[tuple, None] = collections.OrderedDict()
-_FAILED: collections.OrderedDict[tuple, None] = collections.OrderedDict()
-_MAX_GRAPHS = 4  # each graph pins its memory pool (the loop's peak activations)
-_MAX_KEYS = 256
-_warned_capture = False
+class GraphCache:
+    """The CUDA graphs ``sample`` captured, with the keys it has seen once and those that failed.
+
+    ``sample`` uses one default cache (``clear_graph_cache()`` empties it); pass your own as
+    ``sample(..., graph_cache=GraphCache())`` to tie the graphs, and the GPU memory each one pins,
+    to a component's lifetime. Each graph is dropped when its model is garbage-collected; at most
+    ``max_graphs`` are kept (least recently used first out).
+
+    Example::
+
+        cache = GraphCache(max_graphs=2)
+        x1 = sample(model, x0, 8, graph_cache=cache)
+        cache.clear()
+    """
+
+    def __init__(self, max_graphs: int = 4, max_keys: int = 256):
+        self.max_graphs = max_graphs  # each graph pins its memory pool (the loop's peak activations)
+        self.max_keys = max_keys
+        self.graphs: collections.OrderedDict[tuple, _Graphed] = collections.OrderedDict()
+        self.seen: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        self.failed: collections.OrderedDict[tuple, None] = collections.OrderedDict()
+        self.warned = False  # the capture-failure warning is given once per cache
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def clear(self) -> None:
+        """Drops every captured graph (and the GPU memory it holds)."""
+        self.graphs.clear()
+        self.seen.clear()
+        self.failed.clear()
+
+    def lookup(self, key, model):
+        """The live graph for ``key`` captured for ``model``, or None (a stale one is dropped)."""
+        entry = self.graphs.get(key)
+        if entry is None:
+            return None
+        if entry.model_ref() is not model:  # the model it was captured for is gone
+            del self.graphs[key]
+            return None
+        self.graphs.move_to_end(key)
+        return entry
+
+    def store(self, key, entry: _Graphed, model) -> None:
+        # Free the graph's memory pool as soon as its model is garbage-collected.
+        entry.model_ref = weakref.ref(model, lambda ref, k=key: self._drop(k, ref))
+        self.graphs[key] = entry
+        self.graphs.move_to_end(key)
+        while len(self.graphs) > self.max_graphs:
+            self.graphs.popitem(last=False)
+
+    def first_sight(self, key) -> bool:
+        """True the first time ``key`` is seen (``cuda_graph="auto"`` captures on the second call)."""
+        if key in self.seen:
+            return False
+        self._remember(self.seen, key)
+        return True
+
+    def mark_failed(self, key) -> None:
+        self._remember(self.failed, key)
+
+    def _drop(self, key, ref) -> None:
+        entry = self.graphs.get(key)
+        if entry is not None and entry.model_ref is ref:
+            del self.graphs[key]
+
+    def _remember(self, table, key) -> None:
+        table[key] = None
+        table.move_to_end(key)
+        while len(table) > self.max_keys:
+            table.popitem(last=False)
+
+
+_DEFAULT_CACHE = GraphCache()
 
 
 def clear_graph_cache() -> None:
-    """Drops every captured CUDA graph (and the GPU memory it holds).
+    """Drops every CUDA graph in the default cache (and the GPU memory it holds).
 
     Call it after rebinding tensors that a plain-function model closes over; ``nn.Module``
     parameters changed in place (optimizer steps, ``load_state_dict``, EMA ``copy_``) need nothing.
@@ -407,9 +475,7 @@ def clear_graph_cache() -> None:
 
         loom_kernels.sampler.clear_graph_cache()
     """
-    _GRAPHS.clear()
-    _SEEN.clear()
-    _FAILED.clear()
+    _DEFAULT_CACHE.clear()
 
 
 def _kwargs_key(kwargs: dict):
@@ -451,19 +517,6 @@ def _graph_key(field: _Field, x0, plan, return_trajectory):
     return (id(model), tensors, tuple(x0.shape), x0.dtype, x0.device, plan, return_trajectory, autocast, call)
 
 
-def _drop_graph(key, ref):
-    entry = _GRAPHS.get(key)
-    if entry is not None and entry.model_ref is ref:
-        del _GRAPHS[key]
-
-
-def _remember(table, key, limit):
-    table[key] = None
-    table.move_to_end(key)
-    while len(table) > limit:
-        table.popitem(last=False)
-
-
 def _load_inputs(bufs: _Buffers, x0, kwargs) -> None:
     """Copies this call's inputs into a graph's static buffers (x0 and every kwargs tensor)."""
     bufs.input.copy_(x0)
@@ -503,25 +556,20 @@ def _capture(field, x0, plan, return_trajectory):
     return result, _Graphed(graph, bufs, weakref.ref(field.model)), None
 
 
-def _run_graphed(field, x0, plan, return_trajectory, cuda_graph):
+def _run_graphed(field, x0, plan, return_trajectory, cuda_graph, cache: GraphCache):
     """CUDA-graph path; returns None when the caller should run eagerly instead."""
-    global _warned_capture
     model = field.model
     key = _graph_key(field, x0, plan, return_trajectory)
     if key is not None:
-        entry = _GRAPHS.get(key)
-        if entry is not None and entry.model_ref() is model:
-            _GRAPHS.move_to_end(key)
+        entry = cache.lookup(key, model)
+        if entry is not None:
             _load_inputs(entry.bufs, x0, field.kwargs)
             entry.graph.replay()
             return entry.bufs.output.clone()
-        if entry is not None:  # the model it was captured for is gone
-            del _GRAPHS[key]
     if cuda_graph == "auto":
-        if key is None or key in _FAILED:
+        if key is None or key in cache.failed:
             return None
-        if key not in _SEEN:  # capture on the second call with the same key: one-off calls stay eager
-            _remember(_SEEN, key, _MAX_KEYS)
+        if cache.first_sight(key):  # capture on the second call with the same key: one-off calls stay eager
             return None
     result, entry, exc = _capture(field, x0, plan, return_trajectory)
     if exc is not None:
@@ -532,9 +580,9 @@ def _run_graphed(field, x0, plan, return_trajectory, cuda_graph):
                 "or False to run eagerly"
             ) from exc
         if key is not None:
-            _remember(_FAILED, key, _MAX_KEYS)
-        if not _warned_capture:
-            _warned_capture = True
+            cache.mark_failed(key)
+        if not cache.warned:
+            cache.warned = True
             warnings.warn(
                 f"loom_kernels.sampler: CUDA-graph capture failed ({type(exc).__name__}: {exc}); "
                 "sampling eagerly for this model (warned once)",
@@ -543,12 +591,7 @@ def _run_graphed(field, x0, plan, return_trajectory, cuda_graph):
             )
         return result
     if key is not None:
-        # Free the graph's memory pool as soon as its model is garbage-collected.
-        entry.model_ref = weakref.ref(model, lambda ref, k=key: _drop_graph(k, ref))
-        _GRAPHS[key] = entry
-        _GRAPHS.move_to_end(key)
-        while len(_GRAPHS) > _MAX_GRAPHS:
-            _GRAPHS.popitem(last=False)
+        cache.store(key, entry, model)
     return result
 
 
@@ -766,6 +809,7 @@ def sample(
     atol: float = 1e-5,
     max_nfe: int = 10_000,
     info: dict | None = None,
+    graph_cache: GraphCache | None = None,
 ) -> torch.Tensor:
     """Integrates dx/dt = model(x, t) from t0 to t1: ``nfe`` evaluations (fixed step) or adaptively (dopri5).
 
@@ -814,6 +858,8 @@ def sample(
         rtol, atol: dopri5's tolerances. max_nfe: dopri5 raises RuntimeError before exceeding it.
         info: optional dict, filled with ``"nfe"`` (evaluations made) and, for dopri5,
             ``"steps"`` (accepted) and ``"rejected"``.
+        graph_cache: the :class:`GraphCache` that keeps this call's CUDA graph; None uses the
+            default one (``clear_graph_cache()``).
 
     Returns:
         x1 of shape (B, *dims) in x0's dtype and device, or the trajectory (points, B, *dims).
@@ -859,7 +905,8 @@ def sample(
     with torch.no_grad(), _eval_mode(model):
         if graphs:
             with torch.cuda.device(x0.device):
-                out = _run_graphed(field, x0, plan, return_trajectory, cuda_graph)
+                out = _run_graphed(field, x0, plan, return_trajectory, cuda_graph,
+                                   _DEFAULT_CACHE if graph_cache is None else graph_cache)
             if out is not None:
                 return out
         return _run_eager(field, x0, plan, return_trajectory, progress)

@@ -418,7 +418,7 @@ def test_cuda_graph_replay_matches_eager(method):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     # per trajectory flag: eager (6) + warm-up (6) + capture (6), then replays make no Python calls
     assert count.calls == 2 * 18
-    assert len(sampler._GRAPHS) == 2
+    assert len(sampler._DEFAULT_CACHE) == 2
 
 
 @pytest.mark.cuda
@@ -446,9 +446,9 @@ def test_cuda_graph_freed_with_its_model():
     net = _mlp("cuda")
     x0 = torch.randn(64, 2, device="cuda")
     sample(net, x0, 4, cuda_graph=True)
-    assert len(sampler._GRAPHS) == 1
+    assert len(sampler._DEFAULT_CACHE) == 1
     del net
-    assert len(sampler._GRAPHS) == 0
+    assert len(sampler._DEFAULT_CACHE) == 0
 
 
 @pytest.mark.cuda
@@ -463,7 +463,7 @@ def test_cuda_graph_fallback_for_uncapturable_model():
     x0 = torch.randn(64, 2, device="cuda")
     want = sample(net, x0, 4, cuda_graph=False)
     default = torch.cuda.current_stream()
-    sampler._warned_capture = False
+    sampler._DEFAULT_CACHE.warned = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -732,4 +732,27 @@ def test_cuda_graph_with_kwargs_matches_eager(guidance):
         kw = dict(model_kwargs={"y": y}, guidance=guidance)
         want = sample(net, x0, 4, method="heun", cuda_graph=False, **kw)
         torch.testing.assert_close(sample(net, x0, 4, method="heun", **kw), want, rtol=1e-6, atol=1e-6)
-    assert len(sampler._GRAPHS) == 1
+    assert len(sampler._DEFAULT_CACHE) == 1
+
+
+def test_graph_cache_bookkeeping_without_a_gpu():
+    # The cache logic is plain Python: a graph lives while its model does, LRU beyond max_graphs,
+    # and "auto" captures only on the second sight of a key.
+    import gc
+
+    cache = sampler.GraphCache(max_graphs=2)
+    models = [torch.nn.Linear(2, 2) for _ in range(3)]
+    for i, m in enumerate(models):
+        cache.store(("k", i), sampler._Graphed(graph=None, bufs=None, model_ref=None), m)
+    assert len(cache) == 2 and cache.lookup(("k", 0), models[0]) is None  # evicted first
+    assert cache.lookup(("k", 2), models[2]) is not None
+    assert cache.lookup(("k", 2), models[1]) is None and len(cache) == 1  # another model: dropped
+    cache.store(("k", 1), sampler._Graphed(graph=None, bufs=None, model_ref=None), models[1])
+    del models[1]
+    gc.collect()
+    assert len(cache) == 0
+    assert cache.first_sight("x") and not cache.first_sight("x")
+    cache.mark_failed("y")
+    cache.clear()
+    assert len(cache) == 0 and not cache.seen and not cache.failed
+
