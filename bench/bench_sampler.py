@@ -212,10 +212,10 @@ def _run_kwargs(benchmark, method, provider, device):
             torch.cuda.synchronize()
     benchmark.group = f"sampler {method} nfe {NFE} with/without model_kwargs, cond-MLP batch {KW_BATCH}, {device}"
     benchmark.extra_info.update(provider=provider, nfe=NFE, batch=KW_BATCH)
-    benchmark.pedantic(timed, rounds=20 if device == "cuda" else 10, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("provider", ["no_kwargs", "model_kwargs"])
+@pytest.mark.parametrize("provider", ["model_kwargs", "no_kwargs"])
 @pytest.mark.parametrize("method", ["euler", "midpoint"])
 def test_model_kwargs_cpu(benchmark, method, provider):
     _run_kwargs(benchmark, method, provider, "cpu")
@@ -266,7 +266,7 @@ def _run_fm(benchmark, batch, method, provider, device):
             torch.cuda.synchronize()
     benchmark.group = f"ODESolver.sample {method}, {FM_STEPS} steps, 3x256 MLP batch {batch}, {device}"
     benchmark.extra_info.update(provider=provider, steps=FM_STEPS, batch=batch)
-    benchmark.pedantic(timed, rounds=20 if device == "cuda" else 10, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("provider", ["loom", "flow_matching"])
