@@ -486,9 +486,9 @@ def _step(run: _Run):
     run.opt.zero_grad(set_to_none=True)
     finite, run.terminate = _agree(run, torch.isfinite(loss.detach()), run.sigterm["set"])
     if not finite and cfg.nonfinite == "stop":
+        where = "" if run.world == 1 else " on another rank" if loss.isfinite() else f" on rank {run.rank}"
         raise FloatingPointError(
-            f"non-finite loss ({float(loss.detach())}{'' if loss.isfinite() else ' here'}"
-            f"{' on another rank' if run.world > 1 and loss.isfinite() else ''}) at step {run.step + 1}: "
+            f"non-finite loss ({float(loss.detach())}{where}) at step {run.step + 1}: "
             "training stopped without writing a checkpoint"
             + (f" (the last good one is {run.ckpt_path})" if run.ckpt_path and os.path.exists(run.ckpt_path) else "")
             + "; lower --lr, or pass nonfinite='skip' to skip such steps")

@@ -383,7 +383,7 @@ def test_ddp_nonfinite_loss_on_one_rank_is_skipped_or_stops_on_all(tmp_path):
         assert torch.equal(r0["params"][k], r1["params"][k]), k
         assert torch.isfinite(r0["params"][k]).all()
     procs, outs = _two_ranks(tmp_path, "stop")
-    assert "on another rank) at step 3" in outs[0] and "here) at step 3" in outs[1], outs
+    assert "on another rank) at step 3" in outs[0] and "(nan on rank 1) at step 3" in outs[1], outs
     assert all(p.returncode != 0 for p in procs)
 
 
