@@ -9,6 +9,13 @@ the fused Heun update kernel against torch's two kernels.
 Providers: ``loom`` (sample, cuda_graph="auto": replays a CUDA graph on GPU), ``loom_eager``
 (GPU only: cuda_graph=False, fused Triton updates), ``loop`` (x = x + h * model(x, t) in Python),
 ``torchdiffeq``. Every provider's output is checked against ``loop`` before timing.
+
+Also: ``sample(..., model_kwargs={"y": y})`` against the same conditional MLP with ``y`` fixed on the
+module (``no_kwargs``), and ``loom_kernels.compat.flow_matching.ODESolver`` against flow_matching's
+own ``ODESolver`` (euler, midpoint; 8 steps of a 3x256 MLP, batch 64 and 4096; skipped when
+flow_matching is not installed)::
+
+    OMP_NUM_THREADS=1 python -m pytest bench/bench_sampler.py -q -k "kwargs or flow_matching"
 """
 import pytest
 import torch
@@ -153,3 +160,125 @@ def test_heun_update_cuda(benchmark, numel, provider):
     benchmark.group = f"heun state update, {numel} floats, cuda (100 launches)"
     benchmark.extra_info.update(provider=provider, numel=numel)
     benchmark.pedantic(timed, rounds=10, iterations=1, warmup_rounds=1)
+
+
+# ---- model_kwargs, and the flow_matching drop-in ----------------------------------------------------------
+
+KW_BATCH, FM_BATCHES, FM_STEPS = 4096, (64, 4096), 8
+
+
+class CondMLP(torch.nn.Module):
+    """MLP's 2 -> 256 -> 256 -> 2 with a class embedding added to its first layer; ``y`` may be fixed
+    on the module (``self.y``) or passed per call."""
+
+    def __init__(self, classes=10, width=256):
+        super().__init__()
+        self.mlp, self.emb, self.y = MLP(width=width), torch.nn.Embedding(classes, width), None
+
+    def forward(self, x, t, y=None):
+        y = self.y if y is None else y
+        h = self.mlp.net[0](torch.cat([x, t[:, None]], 1)) + self.emb(y)
+        return self.mlp.net[1:](h)
+
+
+def _kwargs_problem(device):
+    torch.manual_seed(0)
+    model = CondMLP().to(device).eval()
+    return model, torch.randn(KW_BATCH, 2, device=device), torch.randint(0, 10, (KW_BATCH,), device=device)
+
+
+def _run_kwargs(benchmark, method, provider, device):
+    """``sample(model_kwargs={"y": y})`` against the same model with ``y`` fixed on it (no kwargs)."""
+    model, x0, y = _kwargs_problem(device)
+    if provider == "model_kwargs":
+        def fn():
+            return sample(model, x0, NFE, method=method, model_kwargs={"y": y})
+    else:
+        bound = CondMLP().to(device).eval()
+        bound.load_state_dict(model.state_dict())
+        bound.y = y
+
+        def fn():
+            return sample(bound, x0, NFE, method=method)
+    clear_graph_cache()
+    want = python_loop(lambda x, t: model(x, t, y), x0, method)
+    for _ in range(3 if device == "cuda" else 1):
+        got = fn()
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    timed = fn
+    if device == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+    benchmark.group = f"sampler {method} nfe {NFE} with/without model_kwargs, cond-MLP batch {KW_BATCH}, {device}"
+    benchmark.extra_info.update(provider=provider, nfe=NFE, batch=KW_BATCH)
+    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("provider", ["model_kwargs", "no_kwargs"])
+@pytest.mark.parametrize("method", ["euler", "midpoint"])
+def test_model_kwargs_cpu(benchmark, method, provider):
+    _run_kwargs(benchmark, method, provider, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["no_kwargs", "model_kwargs"])
+@pytest.mark.parametrize("method", ["euler", "midpoint"])
+def test_model_kwargs_cuda(benchmark, method, provider):
+    _run_kwargs(benchmark, method, provider, "cuda")
+
+
+class MLP3(torch.nn.Module):
+    """flow_matching's convention ``model(x=, t=)`` with a 0-dim ``t``: 3 hidden layers of 256, SiLU."""
+
+    def __init__(self, dim=2, width=256):
+        super().__init__()
+        layers, d = [], dim + 1
+        for _ in range(3):
+            layers += [torch.nn.Linear(d, width), torch.nn.SiLU()]
+            d = width
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(width, dim))
+
+    def forward(self, x, t):
+        return self.net(torch.cat([x, t.reshape(-1, 1).expand(x.shape[0], 1).to(x.dtype)], 1))
+
+
+def _run_fm(benchmark, batch, method, provider, device):
+    fm_solver = pytest.importorskip("flow_matching.solver")
+    from loom_kernels.compat import flow_matching as compat
+
+    torch.manual_seed(0)
+    model, x0 = MLP3().to(device).eval(), torch.randn(batch, 2, device=device)
+    solver = (compat.ODESolver if provider == "loom" else fm_solver.ODESolver)(velocity_model=model)
+
+    def fn():
+        return solver.sample(x0, step_size=1.0 / FM_STEPS, method=method)
+
+    clear_graph_cache()
+    want = fm_solver.ODESolver(velocity_model=model).sample(x0, step_size=1.0 / FM_STEPS, method=method)
+    for _ in range(3 if device == "cuda" else 1):
+        got = fn()
+    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    timed = fn
+    if device == "cuda":
+        def timed():
+            fn()
+            torch.cuda.synchronize()
+    benchmark.group = f"ODESolver.sample {method}, {FM_STEPS} steps, 3x256 MLP batch {batch}, {device}"
+    benchmark.extra_info.update(provider=provider, steps=FM_STEPS, batch=batch)
+    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("provider", ["loom", "flow_matching"])
+@pytest.mark.parametrize("method", ["euler", "midpoint"])
+@pytest.mark.parametrize("batch", FM_BATCHES)
+def test_flow_matching_solver_cpu(benchmark, batch, method, provider):
+    _run_fm(benchmark, batch, method, provider, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["loom", "flow_matching"])
+@pytest.mark.parametrize("method", ["euler", "midpoint"])
+@pytest.mark.parametrize("batch", FM_BATCHES)
+def test_flow_matching_solver_cuda(benchmark, batch, method, provider):
+    _run_fm(benchmark, batch, method, provider, "cuda")

@@ -43,6 +43,7 @@ from torch import nn
 from ._io import atomic_write
 from .checkpoint import _rng_state, _set_rng_state, atomic_save, load_checkpoint, save_model
 from .checkpoint import load_model  # noqa: F401  (re-exported: its old import path)
+from .couplings import Coupling
 from .data import IndexedDataset
 
 CHECKPOINT = "checkpoint.pt"  # everything needed to resume
@@ -241,6 +242,26 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(b)
 
 
+class _CallableCoupling(Coupling):
+    """A plain callable ``fn(x1, indices=...)`` (labels only when given) seen through the protocol: no stats, no state."""
+
+    def __init__(self, fn):
+        self.fn, self.stats = fn, {}
+
+    def __call__(self, x1, *, indices=None, labels=None):
+        return self.fn(x1, indices=indices) if labels is None else self.fn(x1, indices=indices, labels=labels)
+
+
+def _as_coupling(coupling) -> Coupling:
+    """The coupling as a :class:`~loom_kernels.couplings.Coupling` (plain callables wrapped once)."""
+    if isinstance(coupling, Coupling):
+        return coupling
+    if callable(coupling):
+        return _CallableCoupling(coupling)
+    raise TypeError(f"coupling must be a loom_kernels.couplings.Coupling (or a callable coupling(x1, indices=...)), "
+                    f"got {type(coupling).__name__}")
+
+
 def _stat(stats, key):
     if not stats or key not in stats:
         return float("nan")
@@ -309,7 +330,8 @@ class _Run:
     model: nn.Module
     ema: nn.Module
     net: nn.Module  # the model, or its DDP wrapper
-    coupling: object
+    coupling: Coupling  # the protocol view of user_coupling (the same object unless it was a plain callable)
+    user_coupling: object
     dataset: object
     opt: torch.optim.Optimizer
     sched: object
@@ -326,6 +348,8 @@ class _Run:
     history: list = field(default_factory=list)
     skipped: int = 0
     log: _CsvLog | None = None
+    sigterm: dict = field(default_factory=lambda: {"set": False})  # this rank's flag (the signal handler sets it)
+    terminate: bool = False  # every rank agreed to save and exit after this step
 
     @property
     def ckpt_path(self) -> str | None:
@@ -337,6 +361,7 @@ class _Run:
 
 
 def _build(model, dataset, coupling, cfg, metadata) -> _Run:
+    proto = _as_coupling(coupling)
     rank, world = _dist()
     device = resolve_device(cfg.device)
     if cfg.precision != "fp32" and device.type != "cuda":
@@ -353,7 +378,7 @@ def _build(model, dataset, coupling, cfg, metadata) -> _Run:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _Schedule(cfg.warmup, cfg.steps, cfg.schedule))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    return _Run(cfg, model, ema, net, coupling, dataset, opt, sched, scaler, device, rank, world,
+    return _Run(cfg, model, ema, net, proto, coupling, dataset, opt, sched, scaler, device, rank, world,
                 metadata or {}, _fingerprint(dataset))
 
 
@@ -406,10 +431,7 @@ def _restore(run: _Run) -> bool:
     run.sched.load_state_dict(ck["scheduler"])
     run.scaler.load_state_dict(ck["scaler"])
     _apply_overrides(run)
-    if ck.get("coupling") is not None:
-        if not hasattr(run.coupling, "load_state_dict"):
-            raise TypeError(f"the checkpoint holds a coupling state but {type(run.coupling).__name__} has no "
-                            "load_state_dict")
+    if ck.get("coupling") is not None:  # None: written before every coupling had a state_dict
         run.coupling.load_state_dict(ck["coupling"])
     run.step, run.epoch, run.seen = ck["step"], ck["epoch"], ck["seen"]
     if ck["world_size"] == run.world:
@@ -434,13 +456,6 @@ def _next_batch(run: _Run):
     return idx, x1.to(run.device, non_blocking=True), (None if y is None else y.to(run.device))
 
 
-def _couple(coupling, x1, idx, y):
-    # CPU indices: every coupling accepts them (LoomCoupling's table may live on either side).
-    if y is None:
-        return coupling(x1, indices=idx)
-    return coupling(x1, indices=idx, labels=y)
-
-
 def _model_labels(run: _Run, y):
     if y is None or run.cfg.label_dropout == 0:
         return y
@@ -455,7 +470,8 @@ def _step(run: _Run):
     """One optimizer step; returns (loss tensor, lr used); a non-finite loss stops or skips (config)."""
     cfg = run.cfg
     idx, x1, y = _next_batch(run)
-    x0, x1 = _couple(run.coupling, x1, idx, y)
+    # CPU indices: every coupling accepts them (LoomCoupling's table may live on either side).
+    x0, x1 = run.coupling(x1, indices=idx, labels=y)
     t = torch.rand(x1.shape[0], device=run.device)
     tb = t.view(-1, *([1] * (x1.ndim - 1)))
     xt = (1 - tb) * x0 + tb * x1
@@ -468,10 +484,12 @@ def _step(run: _Run):
     loss = F.mse_loss(v.float(), (x1 - x0).float())
     lr = run.opt.param_groups[0]["lr"]  # the rate this step uses (sched.step() moves to the next)
     run.opt.zero_grad(set_to_none=True)
-    finite = bool(torch.isfinite(loss))
+    finite, run.terminate = _agree(run, torch.isfinite(loss.detach()), run.sigterm["set"])
     if not finite and cfg.nonfinite == "stop":
+        where = "" if run.world == 1 else " on another rank" if loss.isfinite() else f" on rank {run.rank}"
         raise FloatingPointError(
-            f"non-finite loss ({float(loss.detach())}) at step {run.step + 1}: training stopped without writing a checkpoint"
+            f"non-finite loss ({float(loss.detach())}{where}) at step {run.step + 1}: "
+            "training stopped without writing a checkpoint"
             + (f" (the last good one is {run.ckpt_path})" if run.ckpt_path and os.path.exists(run.ckpt_path) else "")
             + "; lower --lr, or pass nonfinite='skip' to skip such steps")
     if finite:
@@ -490,11 +508,25 @@ def _step(run: _Run):
     return loss.detach(), lr
 
 
+def _agree(run: _Run, finite: torch.Tensor, sigterm: bool) -> tuple[bool, bool]:
+    """(the loss is finite on every rank, some rank got SIGTERM): the step's one host read.
+
+    Under DDP one 2-element all-reduce first, so that all ranks skip, stop or save and exit at the same
+    step: a rank acting alone would leave the others waiting in DDP's backward or in the collective save.
+    """
+    if run.world == 1:
+        return bool(finite), sigterm
+    flags = torch.stack([(~finite).to(torch.int32), torch.tensor(int(sigterm), dtype=torch.int32, device=finite.device)])
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    bad, term = flags.tolist()
+    return not bad, bool(term)
+
+
 def _log(run: _Run, loss, lr, bar) -> None:
     if run.world > 1:
         torch.distributed.all_reduce(loss)
         loss = loss / run.world
-    stats = getattr(run.coupling, "stats", None)
+    stats = run.coupling.stats
     row = {"step": run.step, "epoch": run.epoch, "loss": float(loss), "pre_cost": _stat(stats, "pre_cost"),
            "post_cost": _stat(stats, "post_cost"), "swaps": _stat(stats, "swaps"), "lr": lr}
     run.history.append(row)
@@ -516,8 +548,8 @@ def _state(run: _Run) -> dict:
         "step": run.step, "epoch": run.epoch, "seen": run.seen, "world_size": run.world,
         "model": run.model.state_dict(), "ema": run.ema.state_dict(),
         "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "scaler": run.scaler.state_dict(),
-        "coupling": run.coupling.state_dict() if hasattr(run.coupling, "state_dict") else None,
-        "coupling_class": type(run.coupling).__name__, "data": run.fingerprint,
+        "coupling": run.coupling.state_dict(),
+        "coupling_class": type(run.user_coupling).__name__, "data": run.fingerprint,
         "rng": rngs, "config": dataclasses.asdict(run.cfg), "metadata": run.metadata,
     }
 
@@ -533,7 +565,7 @@ def _save(run: _Run) -> None:
 
 @contextlib.contextmanager
 def _sigterm_flag():
-    """Turns SIGTERM (what schedulers send before a kill) into a flag the loop checks after each step."""
+    """Turns SIGTERM (what schedulers send before a kill) into a flag; the ranks agree on it at each step (``_agree``)."""
     flag = {"set": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -555,10 +587,10 @@ def _loop(run: _Run, callback, callback_every) -> None:
     if run.rank == 0 and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train[{type(run.coupling).__name__}]", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train[{type(run.user_coupling).__name__}]", dynamic_ncols=True)
     run.model.train()
     try:
-        with _sigterm_flag() as sigterm:
+        with _sigterm_flag() as run.sigterm:
             while run.step < cfg.steps:
                 loss, lr = _step(run)
                 if run.step % cfg.log_every == 0 or run.step == cfg.steps:
@@ -566,8 +598,8 @@ def _loop(run: _Run, callback, callback_every) -> None:
                 if bar is not None:
                     bar.update(1)
                 if callback is not None and run.step % callback_every == 0:
-                    callback(run.step, model=run.model, ema=run.ema, coupling=run.coupling)
-                if sigterm["set"]:
+                    callback(run.step, model=run.model, ema=run.ema, coupling=run.user_coupling)
+                if run.terminate:
                     if cfg.out_dir:
                         _save(run)
                     raise SystemExit(f"SIGTERM at step {run.step}: saved {run.ckpt_path}; exiting"
@@ -591,9 +623,11 @@ def train(model: nn.Module, dataset, coupling, config: TrainConfig | None = None
             under ``torch.distributed`` it is wrapped in DDP (build it identically on every rank).
         dataset: finite, ``len(dataset) = N``; item ``i`` is ``(i, x_i)`` or ``(i, x_i, y_i)`` (see
             ``data.IndexedDataset``, ``data.LabeledDataset``, ``data.FlipDataset``).
-        coupling: anything called as ``coupling(x1, indices=idx) -> (x0, x1)`` (and ``labels=y`` for
-            labelled data) with a ``stats`` dict; ``state_dict``/``load_state_dict`` are checkpointed
-            when present. Under DDP give a ``LoomCoupling`` the process group so it couples the global batch.
+        coupling: a :class:`~loom_kernels.couplings.Coupling`, called as ``coupling(x1, indices=idx,
+            labels=y) -> (x0, x1)`` (``labels=None`` for unlabelled data); its ``stats`` are logged and
+            its ``state_dict`` is checkpointed. A plain callable ``fn(x1, indices=...)`` (``labels=``
+            only for labelled data) also works: it logs no stats and keeps no state. Under DDP give a
+            ``LoomCoupling`` the process group so it couples the global batch.
         config: :class:`TrainConfig`.
         callback: called as ``callback(step, model=..., ema=..., coupling=...)`` every
             ``callback_every`` steps (on every rank), e.g. to measure a dataset-wide cost.
@@ -616,8 +650,6 @@ def train(model: nn.Module, dataset, coupling, config: TrainConfig | None = None
         raise TypeError(f"config must be a TrainConfig, got {type(cfg).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not callable(coupling):
-        raise TypeError(f"coupling must be callable as coupling(x1, indices=...), got {type(coupling).__name__}")
     if callback_every < 0 or (callback is not None and callback_every == 0):
         raise ValueError(f"callback_every must be a positive integer when a callback is given, got {callback_every}")
     run = _build(model, dataset, coupling, cfg, metadata)

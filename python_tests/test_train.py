@@ -296,6 +296,97 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2 and ck["step"] == 10
 
 
+_AGREE_WORKER = textwrap.dedent(
+    """
+    import os, sys, time, datetime, torch
+    import torch.distributed as dist
+    from loom_kernels import data
+    from loom_kernels.coupling import IndependentCoupling
+    from loom_kernels.models import MLPVelocity
+    from loom_kernels.train import TrainConfig, train
+    rank, out, mode = int(os.environ["RANK"]), sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["PORT"], rank=rank,
+                            world_size=2, timeout=datetime.timedelta(seconds=60))
+
+    class NaNOnRank1(IndependentCoupling):  # a non-finite loss on one rank only, at its 3rd step
+        calls = 0
+        def __call__(self, x1, *, indices=None, labels=None):
+            self.calls += 1
+            x0, x1 = super().__call__(x1, indices=indices)
+            return (x0 * float("nan") if rank == 1 and self.calls == 3 else x0), x1
+
+    def cb(step, **kw):
+        if rank == 0 and step == 3:
+            open(os.path.join(out, "started"), "w").close()
+        time.sleep(0.05)
+
+    torch.manual_seed(0)
+    ds = data.IndexedDataset(data.load("8gaussians", n=64, seed=0))
+    model = MLPVelocity((2,), hidden=16, depth=2, time_dim=8)
+    if mode == "sigterm":
+        train(model, ds, IndependentCoupling(), TrainConfig(steps=100000, batch_size=8, progress=False, seed=3,
+              out_dir=out), callback=cb, callback_every=1)
+    else:
+        res = train(model, ds, NaNOnRank1(), TrainConfig(steps=6, batch_size=8, progress=False, seed=3,
+                    nonfinite=mode))
+        torch.save({"skipped": res.skipped, "params": res.model.state_dict()}, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+    """
+)
+
+
+def _two_ranks(tmp_path, mode, signal_rank=None):
+    """Runs _AGREE_WORKER on 2 gloo ranks; with signal_rank, sends SIGTERM to that rank alone after step 3."""
+    import time
+
+    script = tmp_path / "worker.py"
+    script.write_text(_AGREE_WORKER)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), mode], cwd=tmp_path,
+                              env=dict(os.environ, RANK=str(r), PORT=port, OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        if signal_rank is not None:
+            deadline = time.time() + 120
+            while not (tmp_path / "started").exists() and time.time() < deadline and procs[0].poll() is None:
+                time.sleep(0.05)
+            procs[signal_rank].send_signal(15)
+        outs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return procs, outs
+
+
+@pytest.mark.distributed
+def test_ddp_sigterm_on_one_rank_saves_on_all_at_the_same_step(tmp_path):
+    # The save is collective: a rank that saw the signal must not save alone (the other would hang).
+    procs, outs = _two_ranks(tmp_path, "sigterm", signal_rank=1)
+    steps = []
+    for p, out in zip(procs, outs):
+        assert p.returncode != 0 and "SIGTERM at step" in out, out
+        steps.append(int(out.split("SIGTERM at step ")[1].split(":")[0]))
+    assert steps[0] == steps[1] >= 3
+    ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert ck["step"] == steps[0] and ck["world_size"] == 2
+
+
+@pytest.mark.distributed
+def test_ddp_nonfinite_loss_on_one_rank_is_skipped_or_stops_on_all(tmp_path):
+    procs, outs = _two_ranks(tmp_path, "skip")
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["skipped"] == r1["skipped"] == 1  # rank 0's loss was finite, yet it skipped with rank 1
+    for k in r0["params"]:
+        assert torch.equal(r0["params"][k], r1["params"][k]), k
+        assert torch.isfinite(r0["params"][k]).all()
+    procs, outs = _two_ranks(tmp_path, "stop")
+    assert "on another rank) at step 3" in outs[0] and "(nan on rank 1) at step 3" in outs[1], outs
+    assert all(p.returncode != 0 for p in procs)
+
+
 @pytest.mark.distributed
 def test_cli_under_torchrun(tmp_path):
     out = str(tmp_path / "run")
@@ -355,13 +446,13 @@ from loom_kernels.models import UNet  # noqa: E402
 
 
 class LabelledIndependent(IndependentCoupling):
-    """IndependentCoupling that takes labels= (as the couplings do once the drop-in issue lands) and records them."""
+    """IndependentCoupling that records the labels it gets."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self.seen = []
 
-    def __call__(self, x1, indices=None, labels=None):
+    def __call__(self, x1, *, indices=None, labels=None):
         self.seen.append((indices.clone(), None if labels is None else labels.clone(), x1.clone()))
         return super().__call__(x1, indices=indices)
 
@@ -450,7 +541,7 @@ class NaNAfter(IndependentCoupling):
         super().__init__()
         self.calls, self.after = 0, after
 
-    def __call__(self, x1, indices=None):
+    def __call__(self, x1, *, indices=None, labels=None):
         self.calls += 1
         x0, x1 = super().__call__(x1, indices=indices)
         return (x0 * float("nan") if self.calls in self.after else x0), x1
@@ -541,3 +632,75 @@ def test_cli_unet_flip_and_sample_refuses_nan(tmp_path):
                         "--out", str(tmp_path / "nan.npy")], capture_output=True, text=True, timeout=120,
                        cwd=tempfile.gettempdir())
     assert p.returncode != 0 and "NaN or inf" in p.stderr and not os.path.exists(tmp_path / "nan.npy")
+
+
+# ---- the coupling protocol, and class-conditional training with the real couplings ------------------------
+
+
+def test_plain_callable_coupling_is_adapted_and_other_objects_refused(tmp_path):
+    from loom_kernels.couplings import Coupling
+
+    model, ds, _ = _setup("independent")
+    calls = []
+
+    def fn(x1, indices=None):  # no labels=, no stats, no state: wrapped once by the trainer
+        calls.append(indices.clone())
+        return torch.randn_like(x1), x1
+
+    res = train(model, ds, fn, _cfg(steps=3, out_dir=str(tmp_path)))
+    assert len(calls) == 3 and all(np.isnan(r["pre_cost"]) and np.isfinite(r["loss"]) for r in res.history)
+    ck = load_checkpoint(os.path.join(tmp_path, "checkpoint.pt"))
+    assert ck["coupling"] == {} and ck["coupling_class"] == "function"
+
+    class Identity(Coupling):  # the protocol's own example: no stats of its own
+        def __call__(self, x1, *, indices=None, labels=None):
+            return torch.zeros_like(x1), x1
+
+    res = train(model, ds, Identity(), _cfg(steps=2))
+    assert res.step == 2 and np.isnan(res.history[-1]["swaps"])
+    with pytest.raises(TypeError, match="coupling must be a loom_kernels.couplings.Coupling.*got int"):
+        train(model, ds, 42, _cfg())
+
+
+def _class_seeds(seeds, y):
+    return {int(c): seeds[y == c].flatten().sort().values for c in y.unique()}
+
+
+def test_cli_conditional_digits_with_loom_keeps_each_class_seeds_and_resumes_exactly(tmp_path):
+    common = ["--data", "digits", "--model", "unet", "--channels", "8", "--conditional", "--points", "160",
+              "--batch-size", "32", "--caches", "2", "--no-progress", "--log-every", "1", "--ckpt-every", "0",
+              "--coupling", "loom", "--seed", "1"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert "trained 8 steps" in _cli("loom_kernels.train", *common, "--steps", "8", "--out", a)
+    _cli("loom_kernels.train", *common, "--steps", "4", "--out", b)
+    _cli("loom_kernels.train", *common, "--steps", "8", "--out", b, "--resume")
+    ck_a, ck_b = (load_checkpoint(os.path.join(d, "checkpoint.pt")) for d in (a, b))
+    for k, v in ck_a["ema"].items():  # resume with labels is exact
+        assert torch.equal(v, ck_b["ema"][k]), k
+    assert torch.equal(ck_a["coupling"]["seeds"], ck_b["coupling"]["seeds"])
+    # The seed table moved, but only inside each class: noise never crossed a label during training.
+    x, y = data.load_labeled("digits", "train", n=160, seed=1, holdout=0.2)
+    initial = make_coupling("loom", len(x), tuple(x.shape[1:]), num_caches=2, seed=1).seeds
+    final = ck_a["coupling"]["seeds"]
+    assert not torch.equal(final, initial) and len(y.unique()) == 10
+    before, after = _class_seeds(initial, y), _class_seeds(final, y)
+    assert all(torch.equal(before[c], after[c]) for c in before)
+    with open(os.path.join(a, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert sum(float(r["swaps"]) for r in rows) > 0
+    assert all(float(r["post_cost"]) <= float(r["pre_cost"]) + 1e-6 for r in rows)
+
+
+def test_cli_conditional_digits_with_minibatch_ot_and_sample_a_class(tmp_path):
+    out = str(tmp_path / "ot")
+    _cli("loom_kernels.train", "--data", "digits", "--model", "unet", "--channels", "8", "--conditional",
+         "--points", "160", "--batch-size", "32", "--coupling", "ot", "--steps", "3", "--log-every", "1",
+         "--no-progress", "--out", out)
+    with open(os.path.join(out, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(float(r["post_cost"]) <= float(r["pre_cost"]) + 1e-6 for r in rows)
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["coupling_class"] == "MinibatchOTCoupling"
+    npy = str(tmp_path / "s.npy")
+    _cli("loom_kernels.sample", "--ckpt", os.path.join(out, "model.pt"), "--nfe", "2", "--n", "6", "--label", "3",
+         "--guidance", "2", "--out", npy)
+    assert np.load(npy).shape == (6, 1, 8, 8)

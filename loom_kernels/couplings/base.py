@@ -1,6 +1,8 @@
 """The protocol every coupling follows, so a trainer calls any of them the same way (no ``hasattr``)."""
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 
 
@@ -20,7 +22,7 @@ class Coupling:
                 return torch.zeros_like(x1), x1
     """
 
-    stats: dict
+    stats: dict = MappingProxyType({})  # read-only "no stats yet"; each call assigns its own dict
 
     def __call__(self, x1: torch.Tensor, *, indices: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
