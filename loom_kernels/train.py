@@ -25,9 +25,9 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import hashlib
 import math
 import os
-import hashlib
 import random
 import signal
 import sys
@@ -40,9 +40,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._device import resolve_device as _resolve_device
 from ._io import atomic_write
-from .checkpoint import _rng_state, _set_rng_state, atomic_save, load_checkpoint, save_model
-from .checkpoint import load_model  # noqa: F401  (re-exported: its old import path)
+from .checkpoint import (
+    _rng_state,
+    _set_rng_state,
+    atomic_save,
+    load_checkpoint,
+    load_model,  # noqa: F401  (re-exported: its old import path)
+    save_model,
+)
+from .cost import METRICS
 from .couplings import Coupling
 from .data import IndexedDataset
 
@@ -177,14 +185,7 @@ def resolve_device(device=None) -> torch.device:
         >>> resolve_device("cpu")
         device(type='cpu')
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available")
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
+    return _resolve_device(device, prefer_cuda=True)
 
 
 def _dist():
@@ -210,7 +211,8 @@ def _fetch(dataset, idx: torch.Tensor):
             raise ValueError(f"dataset items must be (index, x) pairs or (index, x, y) triples, got "
                              f"{type(item).__name__} for item {i}")
         if int(item[0]) != i:
-            raise ValueError(f"dataset item {i} returned index {int(item[0])}: items must be (index, x) with index == i")
+            raise ValueError(
+                f"dataset item {i} returned index {int(item[0])}: items must be (index, x) with index == i")
         xs.append(torch.as_tensor(item[1]))
         if len(item) == 3:
             ys.append(torch.as_tensor(item[2]))
@@ -243,7 +245,9 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 class _CallableCoupling(Coupling):
-    """A plain callable ``fn(x1, indices=...)`` (labels only when given) seen through the protocol: no stats, no state."""
+    """A plain callable ``fn(x1, indices=...)`` (labels only when given) seen through the protocol.
+
+    It has no stats and no state."""
 
     def __init__(self, fn):
         self.fn, self.stats = fn, {}
@@ -516,7 +520,8 @@ def _agree(run: _Run, finite: torch.Tensor, sigterm: bool) -> tuple[bool, bool]:
     """
     if run.world == 1:
         return bool(finite), sigterm
-    flags = torch.stack([(~finite).to(torch.int32), torch.tensor(int(sigterm), dtype=torch.int32, device=finite.device)])
+    term = torch.tensor(int(sigterm), dtype=torch.int32, device=finite.device)
+    flags = torch.stack([(~finite).to(torch.int32), term])
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     bad, term = flags.tolist()
     return not bad, bool(term)
@@ -565,7 +570,9 @@ def _save(run: _Run) -> None:
 
 @contextlib.contextmanager
 def _sigterm_flag():
-    """Turns SIGTERM (what schedulers send before a kill) into a flag; the ranks agree on it at each step (``_agree``)."""
+    """Turns SIGTERM (what schedulers send before a kill) into a flag.
+
+    The ranks agree on it at each step (``_agree``)."""
     flag = {"set": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -587,7 +594,8 @@ def _loop(run: _Run, callback, callback_every) -> None:
     if run.rank == 0 and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train[{type(run.user_coupling).__name__}]", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train[{type(run.user_coupling).__name__}]",
+                   dynamic_ncols=True)
     run.model.train()
     try:
         with _sigterm_flag() as run.sigterm:
@@ -615,7 +623,7 @@ def _loop(run: _Run, callback, callback_every) -> None:
 
 def train(model: nn.Module, dataset, coupling, config: TrainConfig | None = None, *, callback=None,
           callback_every: int = 0, metadata: dict | None = None) -> TrainResult:
-    """Trains ``model(x, t)`` (or ``model(x, t, y=y)`` on labelled data) by flow matching on pairs drawn by ``coupling``.
+    """Trains ``model(x, t)`` (or ``model(x, t, y=y)`` on labelled data) by flow matching on ``coupling``'s pairs.
 
     Args:
         model: any module mapping ``x`` ``(B, *shape)`` and ``t`` ``(B,)`` (and labels ``y`` ``(B,)``
@@ -712,14 +720,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--sigma", type=float, default=0.0, help="std of the noise added to x_t")
     p.add_argument("--num-caches", "--caches", type=int, default=1, help="LOOM noise caches per data point")
-    p.add_argument("--metric", default="sqeuclidean", choices=("sqeuclidean", "euclidean"),
+    p.add_argument("--metric", default="sqeuclidean", choices=METRICS,
                    help="pair cost of the coupling (the LOOM-CFM code uses euclidean)")
     p.add_argument("--flip", action="store_true", help="horizontal-flip augmentation (item i + N is item i flipped)")
     p.add_argument("--model", default="mlp", choices=("mlp", "unet"), help="velocity network")
     p.add_argument("--channels", type=int, default=64, help="UNet width of its first level")
     p.add_argument("--channel-mult", default="1,2", help="UNet width multipliers per level")
     p.add_argument("--conditional", action="store_true", help="class-conditional model (data with labels)")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="with --conditional: labels dropped to the null label")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="with --conditional: labels dropped to the null label")
     p.add_argument("--schedule", default="constant", choices=SCHEDULES, help="LR schedule after the warm-up")
     p.add_argument("--nonfinite", default="stop", choices=NONFINITE, help="what a NaN/inf loss does")
     p.add_argument("--points", type=int, default=None, help="points of a 2-D set (default 4096) / rows kept otherwise")

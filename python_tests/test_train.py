@@ -13,8 +13,7 @@ import torch
 
 from loom_kernels import data
 from loom_kernels.models import MLPVelocity
-from loom_kernels.train import (LOG_COLUMNS, TrainConfig, load_checkpoint, load_model, make_coupling, train)
-
+from loom_kernels.train import LOG_COLUMNS, TrainConfig, load_checkpoint, load_model, make_coupling, train
 
 
 def _setup(coupling="loom", n=96, caches=2, hidden=16, seed=0):
@@ -409,8 +408,8 @@ def _cli(*args, timeout=180):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # Run outside the checkout: `python -m` puts the cwd first on sys.path, and the source tree of a
     # non-editable install has no compiled modules.
-    p = subprocess.run([sys.executable, "-m", *args], cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run([sys.executable, "-m", *args], cwd=tempfile.gettempdir(), env=env, capture_output=True,
+                       text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout
 
@@ -512,7 +511,8 @@ def test_cosine_schedule_and_metric():
                 _cfg(steps=12, warmup=2, schedule="cosine", lr=1e-2))
     lrs = [r["lr"] for r in res.history]
     assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)
-    assert lrs[6] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 4 / 10)))  # step 6: 4 of the 10 post-warm-up steps done
+    # step 6: 4 of the 10 post-warm-up steps done
+    assert lrs[6] == pytest.approx(1e-2 * 0.5 * (1 + np.cos(np.pi * 4 / 10)))
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     assert make_coupling("loom", 10, (2,), metric="euclidean").metric == "euclidean"
 
