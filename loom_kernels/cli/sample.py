@@ -1,0 +1,127 @@
+"""Command line: draw samples from a trained model (``python -m loom_kernels.sample --ckpt DIR/model.pt ...``).
+
+Library code uses ``loom_kernels.sampler.sample``; this module is the command line only and is not
+imported by the package. It loads the EMA weights (``model.pt``, or the ``ema`` entry of a
+``checkpoint.pt``), integrates from Gaussian noise with exactly ``--nfe`` evaluations and writes a
+``.npy`` of shape ``(n, *shape)``, and optionally a PNG (a scatter for 2-D data, a grid for images).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from .._io import atomic_write
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loom_kernels.sample",
+        description="Sample a model trained by `python -m loom_kernels.train` (or the demo) with a fixed-step "
+                    "ODE solver and save the samples as .npy (and a PNG with --plot).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="DIR/model.pt (EMA weights) or DIR/checkpoint.pt")
+    p.add_argument("--nfe", type=int, default=4, help="model evaluations (even for midpoint / heun)")
+    p.add_argument("--method", default="euler", choices=("euler", "midpoint", "heun", "dopri5"))
+    p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 only")
+    p.add_argument("--atol", type=float, default=1e-5, help="dopri5 only")
+    p.add_argument("--label", type=int, default=None,
+                   help="class-conditional models: the class of every sample (default: classes in turn)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="class-conditional models: classifier-free guidance scale w (1 = plain conditional)")
+    p.add_argument("--n", type=int, default=1000, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=4096, help="samples per sampler call")
+    p.add_argument("--out", default="samples.npy", help="output .npy path")
+    p.add_argument("--plot", default=None, help="also write a PNG here")
+    p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="raw needs checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    return p
+
+
+def _plot(path: str, x: np.ndarray, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..demo import _image_grid
+
+    if x.ndim == 2 and x.shape[1] == 2:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(x[:, 0], x[:, 1], s=2)
+        ax.set_aspect("equal")
+    elif x.ndim == 4 and x.shape[1] in (1, 3):
+        side = int(min(8, np.floor(np.sqrt(len(x)))))
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.imshow(_image_grid(torch.from_numpy(x), side, side), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    else:
+        raise SystemExit(f"--plot handles 2-D points (n, 2) or images (n, C, H, W) with C in (1, 3), got {x.shape}")
+    ax.set_title(title, fontsize=9)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def _labels(model, args, start, m, device):
+    n_classes = getattr(model, "num_classes", None)
+    if n_classes is None:
+        if args.label is not None or args.guidance is not None:
+            raise SystemExit("--label/--guidance need a class-conditional model; this one has no classes")
+        return {}
+    if args.label is not None:
+        if not 0 <= args.label < n_classes:
+            raise SystemExit(f"--label must be in [0, {n_classes - 1}] (the model's classes), got {args.label}")
+        y = torch.full((m,), args.label, dtype=torch.long)
+    else:
+        y = torch.arange(start, start + m) % n_classes
+    return {"y": y.to(device)}
+
+
+def _draw(model, shape, args, device) -> np.ndarray:
+    from ..sampler import sample
+
+    gen = torch.Generator().manual_seed(args.seed)
+    nfe = None if args.method == "dopri5" else args.nfe
+    chunks = []
+    for start in range(0, args.n, args.batch_size):
+        m = min(args.batch_size, args.n - start)
+        x0 = torch.randn(m, *shape, generator=gen).to(device)
+        chunks.append(sample(model, x0, nfe, method=args.method, model_kwargs=_labels(model, args, start, m, device),
+                             guidance=args.guidance, rtol=args.rtol, atol=args.atol).cpu())
+    return torch.cat(chunks).numpy()
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from ..train import load_model, resolve_device
+
+    if args.n <= 0:
+        raise SystemExit(f"--n must be positive, got {args.n}")
+    if args.batch_size <= 0:
+        raise SystemExit(f"--batch-size must be positive, got {args.batch_size}")
+    if not args.out.endswith(".npy"):
+        raise SystemExit(f"--out must end in .npy, got {args.out!r}")
+    device = resolve_device(args.device)
+    model = load_model(args.ckpt, weights=args.weights, map_location=device).eval()
+    shape = tuple(model.spec["shape"]) if hasattr(model, "spec") else None
+    if shape is None:
+        raise SystemExit(f"{args.ckpt!r}: the model has no spec with its input shape")
+    x = _draw(model, shape, args, device)
+    if not np.isfinite(x).all():
+        raise SystemExit(f"the samples contain NaN or inf ({int((~np.isfinite(x)).sum())} entries): nothing "
+                         f"written to {args.out}; the model in {args.ckpt!r} is broken (a diverged run?)")
+    atomic_write(args.out, lambda f: np.save(f, x))
+    print(f"wrote {args.n} samples of shape {shape} ({args.method}, NFE {args.nfe}) to {args.out}")
+    if args.plot:
+        _plot(args.plot, x, f"{os.path.basename(args.ckpt)}: {args.method}, NFE {args.nfe}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

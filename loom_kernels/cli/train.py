@@ -1,0 +1,136 @@
+"""``python -m loom_kernels.train``: the training command line (the library is :mod:`loom_kernels.train`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from ..cost import METRICS
+from ..train import (
+    CHECKPOINT,
+    LOG,
+    MODEL,
+    NONFINITE,
+    PRECISIONS,
+    SCHEDULES,
+    TrainConfig,
+    _dist,
+    make_coupling,
+    resolve_device,
+    train,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loom_kernels.train",
+        description="Train a flow-matching velocity field with an independent, minibatch-OT or LOOM coupling. "
+                    "Writes DIR/checkpoint.pt (resume), DIR/model.pt (EMA weights, for "
+                    "`python -m loom_kernels.sample`) and DIR/log.csv. Runs under torchrun (DDP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="8gaussians, moons, checkerboard, digits, PATH.npy (N, *shape) or "
+                   "PATH.npz with x (N, *shape) and optional integer labels y (N,)")
+    p.add_argument("--coupling", required=True, choices=("independent", "ot", "loom"))
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--steps", type=int, default=5000, help="optimizer steps (global)")
+    p.add_argument("--batch-size", type=int, default=256, help="items per process per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (<= 0 disables)")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--sigma", type=float, default=0.0, help="std of the noise added to x_t")
+    p.add_argument("--num-caches", "--caches", type=int, default=1, help="LOOM noise caches per data point")
+    p.add_argument("--metric", default="sqeuclidean", choices=METRICS,
+                   help="pair cost of the coupling (the LOOM-CFM code uses euclidean)")
+    p.add_argument("--flip", action="store_true", help="horizontal-flip augmentation (item i + N is item i flipped)")
+    p.add_argument("--model", default="mlp", choices=("mlp", "unet"), help="velocity network")
+    p.add_argument("--channels", type=int, default=64, help="UNet width of its first level")
+    p.add_argument("--channel-mult", default="1,2", help="UNet width multipliers per level")
+    p.add_argument("--conditional", action="store_true", help="class-conditional model (data with labels)")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="with --conditional: labels dropped to the null label")
+    p.add_argument("--schedule", default="constant", choices=SCHEDULES, help="LR schedule after the warm-up")
+    p.add_argument("--nonfinite", default="stop", choices=NONFINITE, help="what a NaN/inf loss does")
+    p.add_argument("--points", type=int, default=None, help="points of a 2-D set (default 4096) / rows kept otherwise")
+    p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction of digits / .npy data")
+    p.add_argument("--hidden", type=int, default=256, help="MLP width")
+    p.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast dtype (CUDA only)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=1000, help="0: only at the end")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def _dataset(args, data_mod):
+    """The training set of the CLI arguments (labelled with --conditional, flipped with --flip), and its classes."""
+    x, y = data_mod.load_labeled(args.data, "train", n=args.points, seed=args.seed, holdout=args.holdout)
+    if args.conditional and y is None:
+        raise SystemExit(f"--conditional needs labels: {args.data!r} has none (a .npz with 'y', or digits)")
+    ds = data_mod.LabeledDataset(x, y) if args.conditional else data_mod.IndexedDataset(x)
+    if args.flip:
+        if x.ndim < 3:
+            raise SystemExit(f"--flip needs images (N, C, H, W), got data of shape {tuple(x.shape)}")
+        ds = data_mod.FlipDataset(ds)
+    return ds, (ds.num_classes if args.conditional else None)
+
+
+def _model(args, shape, num_classes):
+    from ..models import MLPVelocity, UNet
+
+    if args.model == "unet":
+        if len(shape) != 3:
+            raise SystemExit(f"--model unet needs images (C, H, W), got items of shape {shape}")
+        mult = tuple(int(m) for m in args.channel_mult.split(","))
+        return UNet(shape, channels=args.channels, channel_mult=mult, num_classes=num_classes)
+    if num_classes:
+        raise SystemExit("--conditional needs --model unet (the MLP takes no labels)")
+    return MLPVelocity(shape, hidden=args.hidden, depth=args.depth)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .. import data as data_mod
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    device = str(resolve_device(args.device if not distributed or not use_cuda else "cuda"))
+    try:
+        dataset, n_classes = _dataset(args, data_mod)
+        torch.manual_seed(args.seed)  # identical initial weights on every rank
+        model = _model(args, dataset.shape, n_classes)
+        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                          schedule=args.schedule, grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+                          ema_decay=args.ema_decay, sigma=args.sigma, seed=args.seed, precision=args.precision,
+                          label_dropout=args.label_dropout if n_classes else 0.0, nonfinite=args.nonfinite,
+                          device=device, out_dir=args.out, resume=args.resume, log_every=args.log_every,
+                          ckpt_every=args.ckpt_every if args.ckpt_every < args.steps else 0,
+                          progress=not args.no_progress)
+        coupling = make_coupling(args.coupling, len(dataset), dataset.shape, num_caches=args.num_caches,
+                                 seed=args.seed, device=device, metric=args.metric,
+                                 process_group=torch.distributed.group.WORLD if distributed else None)
+        meta = {"model": model.spec, "data": args.data, "n": args.points, "holdout": args.holdout, "seed": args.seed,
+                "coupling": args.coupling, "num_caches": args.num_caches, "flip": args.flip, "metric": args.metric}
+        res = train(model, dataset, coupling, cfg, metadata=meta)
+        if _dist()[0] == 0:
+            last = res.history[-1] if res.history else {}
+            print(f"trained {res.step} steps on {args.data} ({len(dataset)} items) with the {args.coupling} "
+                  f"coupling; final loss {last.get('loss', float('nan')):.4f}; wrote "
+                  f"{os.path.join(args.out, MODEL)} (EMA), {CHECKPOINT}, {LOG}")
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
