@@ -435,57 +435,34 @@ def _image_grid(x: torch.Tensor, rows: int, cols: int) -> np.ndarray:
         grid[i * (h + 1): i * (h + 1) + h, j * (w + 1): j * (w + 1) + w] = (x[k].transpose(1, 2, 0) + 1) / 2
     return grid[..., 0] if c == 1 else grid
 
-def _figure(path, args, s, runs, agg, dopri5) -> None:
-    import matplotlib
+def _sample_panel(ax, key, x, c, r, first, ref, is_2d) -> None:
+    """One sample panel: 2-D points over the held-out data, trajectories, or an image grid."""
+    if key == "trajectories":
+        tr = x.numpy()
+        for k in range(tr.shape[1]):
+            ax.plot(tr[:, k, 0], tr[:, k, 1], color=COLORS[c], lw=0.8, alpha=0.7)
+        ax.scatter(tr[0, :, 0], tr[0, :, 1], s=6, color="black", zorder=3, label="noise")
+        ax.scatter(tr[-1, :, 0], tr[-1, :, 1], s=6, color=COLORS[c], zorder=3, label="sample")
+        ax.legend(loc="upper right", fontsize=7)
+        ax.set_title(f"{LABELS[c]}: {STRAIGHTNESS_NFE}-step trajectories (seed {first['seed']}), "
+                     f"straightness {r['straightness']:.3f}", fontsize=9)
+        return
+    if is_2d:
+        ax.scatter(ref[:, 0], ref[:, 1], s=2, color="lightgray", label="held-out data")
+        ax.scatter(x[:, 0], x[:, 1], s=2, color=COLORS[c], label="samples")
+        ax.legend(loc="upper right", fontsize=7, markerscale=3)
+    else:
+        ax.imshow(_image_grid(x, 8, 8), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_title(f"{LABELS[c]}: {column_label(key)} (seed {first['seed']}), W2 {r['w2'][key]:.3f}", fontsize=9)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _cost_panel(ax, s, runs) -> None:
+    """The coupling cost over training: fresh minibatch pairs vs LOOM's whole data set and its optimum."""
     from matplotlib.ticker import FormatStrFormatter
 
     first = runs[0]
-    is_2d = first["couplings"]["loom"]["trajectory"] is not None
-    x_test = first["x_test"]
-    fig = plt.figure(figsize=(15, 17))
-    gs = fig.add_gridspec(4, 6, height_ratios=[1, 1, 1, 1.05], hspace=0.35, wspace=0.45)
-    lim = float(x_test.abs().max()) * 1.15 if is_2d else None
-    ref = x_test[:1000] if is_2d else None
-    for row, c in enumerate(COUPLINGS):
-        r = first["couplings"][c]
-        panels = [("euler1", r["samples"]["euler1"]), ("euler2", r["samples"]["euler2"]),
-                  ("trajectories" if is_2d else "euler8", r["trajectory"] if is_2d else r["samples"]["euler8"])]
-        for col, (key, x) in enumerate(panels):
-            ax = fig.add_subplot(gs[row, 2 * col: 2 * col + 2])
-            if key == "trajectories":
-                tr = x.numpy()
-                for k in range(tr.shape[1]):
-                    ax.plot(tr[:, k, 0], tr[:, k, 1], color=COLORS[c], lw=0.8, alpha=0.7)
-                ax.scatter(tr[0, :, 0], tr[0, :, 1], s=6, color="black", zorder=3, label="noise")
-                ax.scatter(tr[-1, :, 0], tr[-1, :, 1], s=6, color=COLORS[c], zorder=3, label="sample")
-                ax.legend(loc="upper right", fontsize=7)
-                ax.set_title(f"{LABELS[c]}: {STRAIGHTNESS_NFE}-step trajectories (seed {first['seed']}), "
-                             f"straightness {r['straightness']:.3f}", fontsize=9)
-            else:
-                title = f"{LABELS[c]}: {column_label(key)} (seed {first['seed']}), W2 {r['w2'][key]:.3f}"
-                if is_2d:
-                    ax.scatter(ref[:, 0], ref[:, 1], s=2, color="lightgray", label="held-out data")
-                    ax.scatter(x[:, 0], x[:, 1], s=2, color=COLORS[c], label="samples")
-                    ax.legend(loc="upper right", fontsize=7, markerscale=3)
-                else:
-                    ax.imshow(_image_grid(x, 8, 8), cmap="gray", vmin=0, vmax=1)
-                    ax.set_xticks([])
-                    ax.set_yticks([])
-                ax.set_title(title, fontsize=9)
-            if is_2d:
-                ax.set_xlim(-lim, lim)
-                ax.set_ylim(-lim, lim)
-                ax.set_aspect("equal")
-
-    bottom = gs[3, :].subgridspec(1, 2 if is_2d else 3, wspace=0.3)
-    ax = fig.add_subplot(bottom[0])
-    w2_panel(ax, {LABELS[c]: agg["couplings"][c]["w2"] for c in COUPLINGS},
-             {LABELS[c]: COLORS[c] for c in COUPLINGS}, agg["w2_floor"], len(runs))
-
-    ax = fig.add_subplot(bottom[1])
     window = max(1, s["steps"] // 50)
     for c in ("independent", "ot"):
         st, val = _smooth(*first["couplings"][c]["cost_curve"], window)
@@ -508,6 +485,36 @@ def _figure(path, args, s, runs, agg, dopri5) -> None:
     ax.set_title("coupling cost over training", fontsize=10)
     ax.legend(fontsize=8)
 
+
+def _figure(path, args, s, runs, agg, dopri5) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = runs[0]
+    is_2d = first["couplings"]["loom"]["trajectory"] is not None
+    x_test = first["x_test"]
+    fig = plt.figure(figsize=(15, 17))
+    gs = fig.add_gridspec(4, 6, height_ratios=[1, 1, 1, 1.05], hspace=0.35, wspace=0.45)
+    lim = float(x_test.abs().max()) * 1.15 if is_2d else None
+    ref = x_test[:1000] if is_2d else None
+    for row, c in enumerate(COUPLINGS):  # one row of sample panels per coupling
+        r = first["couplings"][c]
+        panels = [("euler1", r["samples"]["euler1"]), ("euler2", r["samples"]["euler2"]),
+                  ("trajectories" if is_2d else "euler8", r["trajectory"] if is_2d else r["samples"]["euler8"])]
+        for col, (key, x) in enumerate(panels):
+            ax = fig.add_subplot(gs[row, 2 * col: 2 * col + 2])
+            _sample_panel(ax, key, x, c, r, first, ref, is_2d)
+            if is_2d:
+                ax.set_xlim(-lim, lim)
+                ax.set_ylim(-lim, lim)
+                ax.set_aspect("equal")
+
+    bottom = gs[3, :].subgridspec(1, 2 if is_2d else 3, wspace=0.3)
+    w2_panel(fig.add_subplot(bottom[0]), {LABELS[c]: agg["couplings"][c]["w2"] for c in COUPLINGS},
+             {LABELS[c]: COLORS[c] for c in COUPLINGS}, agg["w2_floor"], len(runs))
+    _cost_panel(fig.add_subplot(bottom[1]), s, runs)
     if not is_2d:
         ax = fig.add_subplot(bottom[2])
         ax.imshow(_image_grid(x_test, 8, 8), cmap="gray", vmin=0, vmax=1)
