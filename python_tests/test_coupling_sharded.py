@@ -18,7 +18,8 @@ from test_coupling_scaling import _spawn
 pytestmark = pytest.mark.distributed
 
 B, P, SHAPE, CACHES, SEED, STEPS, G, CLASSES = 5, 61, (2, 3), 2, 7, 3, 4, 3
-SCOPES = ("global", "local", "grouped")
+# (scope, group_size): one group of the whole batch leaves all ranks but one without groups (empty all-to-alls)
+SCOPES = (("global", G), ("local", G), ("grouped", G), ("grouped", 10**6))
 
 
 def _data():
@@ -66,7 +67,8 @@ def _compare_tables(rank, world):
     for scope in SCOPES:
         for labelled in (False, True):
             for table in ("replicated", "sharded"):
-                c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope, group_size=G, table=table)
+                c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope[0], group_size=scope[1],
+                                 table=table)
                 rec = _record(c, rank, _batches(world, STEPS), labelled)
                 c.resample(torch.tensor([3, P - 1]))  # every rank passes the same rows
                 rec["resampled"] = _full_table(c)
