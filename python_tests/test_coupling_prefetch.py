@@ -46,7 +46,7 @@ def _prefetched(c, batches):
 
 @pytest.mark.parametrize("scope", ["global", "grouped"])
 def test_prefetch_equals_the_synchronous_path(scope):
-    make = lambda: LoomCoupling(P, SHAPE, num_caches=2, seed=4, scope=scope, group_size=5)  # noqa: E731
+    make = lambda: LoomCoupling(P, SHAPE, num_caches=2, seed=4, scope=scope, group_size=5)
     a, b = make(), make()
     batches = _batches()
     want, got = _sync(a, batches), _prefetched(b, batches)

@@ -11,9 +11,9 @@ import traceback
 
 import pytest
 import torch
+from test_coupling_scaling import _spawn
 
 from loom_kernels.couplings import LoomCoupling
-from test_coupling_scaling import _spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -79,7 +79,7 @@ def _compare_tables(rank, world):
 def _save_w4(rank, world, out_dir):
     """The grouped sharded coupling after STEPS steps, saved twice at one path (the first save's shards go),
     then a replicated twin saved, and a later save at another path (for the wrong-shard check)."""
-    kw = dict(num_caches=CACHES, seed=SEED, scope="grouped", group_size=G)
+    kw = {"num_caches": CACHES, "seed": SEED, "scope": "grouped", "group_size": G}
     sh, rep = LoomCoupling(P, SHAPE, table="sharded", **kw), LoomCoupling(P, SHAPE, **kw)
     for c in (sh, rep):
         _steps(c, rank, _batches(world, STEPS), False)

@@ -94,6 +94,12 @@ class LoomCoupling(Coupling):
     docs/guarantees.md). Under DDP give each rank its own file (e.g. ``f"table.rank{rank}.npy"`` or a
     node-local disk): every rank holds a full table.
 
+    Sharded tables: ``table="sharded"`` keeps on each rank only its block of rows (``shard_rows``,
+    ``8 * num_points * num_caches / W`` bytes); reads and writes become all-to-alls of the batch's
+    integers, with results equal to the replicated table's bit for bit, in every scope. ``save`` writes one
+    file per rank plus a manifest (a collective); ``load`` reads it on any world size, as either table kind
+    (see docs/scaling.md). In memory only (no ``mmap_path``).
+
     Threads: calls, ``resample``, ``save`` and ``load_state_dict`` take a lock, so threads sharing one
     coupling take turns.
 
@@ -458,8 +464,7 @@ class LoomCoupling(Coupling):
         this rank's rows ``shard_rows`` (load it on the same rank of the same world size; ``save``/``load``
         move a sharded table to another world size).
         """
-        extra = {"shard_rows": list(self.shard_rows), "world": self._table.world} if self.table == "sharded" else {}
-        return {**extra, "table": self.table, **{
+        state = {
             "version": _FORMAT_VERSION,
             "config": self._config(),
             "seeds": self.seeds,
@@ -468,7 +473,11 @@ class LoomCoupling(Coupling):
             "scope": self.scope,
             "group_size": self.group_size,
             "mmap_path": self.mmap_path,
-        }}
+            "table": self.table,
+        }
+        if self.table == "sharded":
+            state.update(shard_rows=list(self.shard_rows), world=self._table.world)
+        return state
 
     @_serialized
     def load_state_dict(self, state: dict):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from .table import RowsFn, SeedTable
 SHARD_KIND = "LoomCoupling table shard"
 
 
-def shard_bounds(num_points: int, world: int) -> List[int]:
+def shard_bounds(num_points: int, world: int) -> list:
     """``bounds`` with rank ``r`` owning rows ``[bounds[r], bounds[r+1])``: ``r*N//W`` (balanced blocks)."""
     return [r * num_points // world for r in range(world + 1)]
 
