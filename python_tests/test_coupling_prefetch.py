@@ -90,3 +90,14 @@ def test_prefetch_refuses_a_shared_process_group(monkeypatch):
         PrefetchCoupling(MinibatchOTCoupling())
     with pytest.raises(TypeError, match="coupling must be a Coupling"):
         PrefetchCoupling(3)
+
+
+@pytest.mark.cuda
+def test_prefetch_on_a_side_stream_equals_the_synchronous_path():
+    make = lambda: LoomCoupling(P, SHAPE, num_caches=2, seed=4, device="cuda")
+    a, b = make(), make()
+    batches = [(x1.cuda() * 1.0, idx, None if lab is None else lab.cuda()) for x1, idx, lab in _batches()]
+    want, got = _sync(a, batches), _prefetched(b, batches)
+    for w, g in zip(want, got):
+        assert (w == g) if isinstance(w, str) else torch.equal(w[0], g[0])
+    assert torch.equal(a.seeds, b.seeds)
