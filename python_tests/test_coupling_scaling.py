@@ -123,9 +123,11 @@ def _worker(rank, world, store, out_dir):
         raise
 
 
-def _spawn(world, out):
+def _spawn(world, out, target=None, extra=()):
+    """Run ``target(rank, world, store, out_dir, *extra)`` (``_worker`` by default) on ``world`` gloo ranks."""
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, str(out / "store"), str(out))) for r in range(world)]
+    procs = [ctx.Process(target=target or _worker, args=(r, world, str(out / "store"), str(out), *extra))
+             for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:

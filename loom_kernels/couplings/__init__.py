@@ -10,6 +10,9 @@ This package holds only the bookkeeping:
 - ``base.py``: the protocol (``Coupling``: ``__call__``, ``stats``, ``state_dict``/``load_state_dict``);
 - ``independent.py``, ``minibatch.py``, ``loom.py``: the couplings, one per file;
 - ``table.py``: LOOM's seed table (the seed stream, storage in memory or memory-mapped);
+- ``sharded.py``: ``LoomCoupling(table="sharded")``: each rank holds a block of rows, all-to-all reads and
+  writes, one checkpoint file per rank (loadable on another world size);
+- ``prefetch.py``: ``PrefetchCoupling``: couple batch t+1 on a host thread (a CUDA side stream) during step t;
 - ``distributed.py``: the exchange both OT couplings use under ``torch.distributed`` (rank agreement,
   gathers, the global batch's cost);
 - ``grouped.py``: ``scope="grouped"`` (a random partition of the global batch into groups solved by owner

@@ -6,6 +6,7 @@ traffic a coupling makes (the bench and docs/scaling.md quote these counts).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import torch
@@ -82,7 +83,7 @@ def _all_to_all(t: torch.Tensor, send: Sequence[int], recv: Sequence[int], rank:
     src = _to(t, device).contiguous()
     out = src.new_empty((sum(recv), *src.shape[1:]))
     torch.distributed.all_to_all_single(out, src, list(recv), list(send), group=group)
-    row = src[0].numel() * src.element_size() if src.dim() > 1 else src.element_size()
+    row = src.element_size() * math.prod(src.shape[1:])  # a rank may send nothing (src[0] would not exist)
     _count(row * (sum(send) - send[rank]), row * (sum(recv) - recv[rank]))
     return out
 

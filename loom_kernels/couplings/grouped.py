@@ -111,12 +111,15 @@ def _raise_if_flagged(failed: torch.Tensor, grp: _Group, data: str):
 
 
 def solve_loom_groups(grp: _Group, part: Partition, x1f: torch.Tensor, seeds: torch.Tensor,
-                      noise_fn: Callable, metric: str, labels: Optional[torch.Tensor], guard: Callable):
+                      noise_fn: Callable, metric: str, labels: Optional[torch.Tensor], guard: Callable,
+                      gather: bool = True):
     """LOOM's grouped step: ``(new_seeds (n,) int64, stats)``, the same on every rank.
 
     ``x1f (b, D)`` this rank's data; ``seeds (len(lists[rank]),)`` the current seeds of the items this
     rank owns (list order); ``noise_fn(seeds) -> (k, D)``; ``labels (n,)`` global or None; ``guard(cost,
-    col) -> (col, stats)`` keeps the current pairs when the solve found nothing cheaper.
+    col) -> (col, stats)`` keeps the current pairs when the solve found nothing cheaper. ``gather=False``
+    (a sharded table, which needs no replica of the updates): returns the owned items' new seeds
+    ``(len(lists[rank]),)`` in list order instead, and only the stats and flags are all-gathered.
     """
     rank = grp.rank
     own = part.lists[rank]
@@ -137,17 +140,20 @@ def solve_loom_groups(grp: _Group, part: Partition, x1f: torch.Tensor, seeds: to
         sums += torch.stack([st["pre_cost"].cpu() * (c - a), st["post_cost"].cpu() * (c - a),
                              st["swaps"].cpu().double()])
     # One all-gather returns everything: each owner's new seeds (padded), its stat sums and its flag.
-    width = max(len(lst) for lst in part.lists)
+    width = max(len(lst) for lst in part.lists) if gather else 0
     row = torch.zeros(width + 4, dtype=torch.int64)
-    row[: len(own)] = new.cpu()
+    if gather:
+        row[: len(own)] = new.cpu()
     row[width:width + 3] = sums.view(torch.int64)
     row[-1] = int(failed)
     rows = grp.gather(row[None])
     _raise_if_flagged(rows[:, -1], grp, "x1")
+    tot = rows[:, width:width + 3].contiguous().view(torch.float64).sum(0)
+    if not gather:
+        return new, _mean_stats(tot, part.n, x1f.device)
     out = torch.empty(part.n, dtype=torch.int64)
     for o, lst in enumerate(part.lists):
         out[lst] = rows[o, : len(lst)]
-    tot = rows[:, width:width + 3].contiguous().view(torch.float64).sum(0)
     return out.to(seeds.device), _mean_stats(tot, part.n, x1f.device)
 
 

@@ -22,10 +22,12 @@ from ._common import METRICS as _METRICS
 from ._common import _as_device, _check_labels, _check_metric, _check_x1, _cost_dtype, _solve, _to
 from .base import Coupling
 from .distributed import _check_whole_world, _Group
-from .grouped import DEFAULT_GROUP_SIZE, Partition, budget_warning, check_group_size, solve_loom_groups
+from .grouped import DEFAULT_GROUP_SIZE, Partition, Route, budget_warning, check_group_size, solve_loom_groups
+from .sharded import ShardedSeedTable, ShardReader, new_save_id, save_shards, shard_bounds, shard_path, write_manifest
 from .table import SeedTable, _seed_values, check_seed_table
 
 _SCOPES = ("global", "local", "grouped")
+_TABLES = ("replicated", "sharded")
 _FORMAT_VERSION = 2  # 2: save() stores a checksum (load() verifies it)
 
 
@@ -92,6 +94,12 @@ class LoomCoupling(Coupling):
     docs/guarantees.md). Under DDP give each rank its own file (e.g. ``f"table.rank{rank}.npy"`` or a
     node-local disk): every rank holds a full table.
 
+    Sharded tables: ``table="sharded"`` keeps on each rank only its block of rows (``shard_rows``,
+    ``8 * num_points * num_caches / W`` bytes); reads and writes become all-to-alls of the batch's
+    integers, with results equal to the replicated table's bit for bit, in every scope. ``save`` writes one
+    file per rank plus a manifest (a collective); ``load`` reads it on any world size, as either table kind
+    (see docs/scaling.md). In memory only (no ``mmap_path``).
+
     Threads: calls, ``resample``, ``save`` and ``load_state_dict`` take a lock, so threads sharing one
     coupling take turns.
 
@@ -122,6 +130,7 @@ class LoomCoupling(Coupling):
         group_size: int = DEFAULT_GROUP_SIZE,
         mmap_path: Union[str, os.PathLike, None] = None,
         overwrite: bool = False,
+        table: str = "replicated",
         _init_table: bool = True,
     ):
         if isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer)) or num_points < 1:
@@ -135,6 +144,11 @@ class LoomCoupling(Coupling):
             raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape!r}")
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+        if table not in _TABLES:
+            raise ValueError(f"table must be one of {_TABLES}, got {table!r}")
+        if table == "sharded" and mmap_path is not None:
+            raise ValueError("table='sharded' keeps each rank's shard in memory (8*num_points*num_caches/W bytes); "
+                             "mmap_path is for the replicated table only: pass one or the other")
         _check_whole_world(process_group, "LoomCoupling")
         self.group_size = check_group_size(group_size)
         self.num_points = int(num_points)
@@ -145,6 +159,7 @@ class LoomCoupling(Coupling):
         self.device = _as_device(device)
         self.process_group = process_group
         self.scope = scope
+        self.table = table
         self.mmap_path = os.fspath(mmap_path) if mmap_path is not None else None
         # The slot generator lives on the CPU: its state is a portable byte tensor, the same on every
         # device and rank, which keeps checkpoints and DDP ranks in lockstep.
@@ -161,8 +176,16 @@ class LoomCoupling(Coupling):
 
     @property
     def seeds(self) -> torch.Tensor:
-        """The live ``(num_points, num_caches)`` int64 table (write through calls and ``resample`` only)."""
+        """The live ``(num_points, num_caches)`` int64 table (write through calls and ``resample`` only);
+        with ``table="sharded"`` this rank's rows ``shard_rows`` only."""
         return self._table.seeds
+
+    @property
+    def shard_rows(self) -> tuple:
+        """``(lo, hi)``: the global rows ``seeds`` holds (all of them for a replicated table)."""
+        if self.table == "sharded":
+            return self._table.lo, self._table.hi
+        return 0, self.num_points
 
     @property
     def table_device(self) -> torch.device:
@@ -176,6 +199,8 @@ class LoomCoupling(Coupling):
     def _create_table(self, overwrite: bool, rows=None) -> SeedTable:
         rows = rows or self._initial_rows
         shape = (self.num_points, self.num_caches)
+        if self.table == "sharded":
+            return ShardedSeedTable(_Group(self.process_group), self.num_points, self.num_caches, self.device, rows)
         if self.mmap_path is None:
             return SeedTable.in_memory(shape, self.device, rows)
         return SeedTable.create(self.mmap_path, shape, rows, overwrite=overwrite)
@@ -294,26 +319,42 @@ class LoomCoupling(Coupling):
         lo, hi = rank * b, (rank + 1) * b
         if self.scope == "grouped":
             return self._grouped_step(grp, x1, x1f, safe_idx, g_slots, labels, flags, g_idx, where)
+        sharded = self.table == "sharded"
         if self.scope == "local" and world > 1:
-            seeds = _to(self.seeds[safe_idx[lo:hi], g_slots[lo:hi]], self.device)
+            seeds = _to(self._read(grp, safe_idx[lo:hi], g_slots[lo:hi]), self.device)
             noise = gaussian_noise(seeds, self.shape, device=self.device, dtype=dt)
             cost = pairwise_cost(x1f, noise.flatten(1), metric=self.metric)
             col = _solve(cost, labels)
             self._check_flags_after_sync(flags, g_idx, where)
             col, stats = self._guard(cost, col)
-            self._table.write(safe_idx, g_slots, grp.gather(seeds[col], tdev))
+            if sharded:  # each rank sends its own b updates to their owners
+                self._table.update(grp, safe_idx[lo:hi], g_slots[lo:hi], _to(seeds[col], tdev))
+            else:
+                self._table.write(safe_idx, g_slots, grp.gather(seeds[col], tdev))
             self.stats = stats
             return noise[col].to(x1.dtype), x1
 
-        g_seeds = _to(self.seeds[safe_idx, g_slots], self.device)
+        if sharded:  # every rank fetches its own b seeds, then all of them are gathered
+            g_seeds = _to(grp.gather(self._read(grp, safe_idx[lo:hi], g_slots[lo:hi])), self.device)
+        else:
+            g_seeds = _to(self.seeds[safe_idx, g_slots], self.device)
         noise = gaussian_noise(g_seeds, self.shape, device=self.device, dtype=dt)
         cost = grp.global_cost(x1f, noise.flatten(1), self.metric)  # (W*b, W*b) float32
         col = _solve(cost, None if labels is None else grp.gather(labels))  # the single host sync on CUDA
         self._check_flags_after_sync(flags, g_idx, where)
         col, stats = self._guard(cost, col)
-        self._table.write(safe_idx, g_slots, g_seeds[col].to(tdev))
+        if sharded:
+            self._table.update(grp, safe_idx[lo:hi], g_slots[lo:hi], g_seeds[col[lo:hi]].to(tdev))
+        else:
+            self._table.write(safe_idx, g_slots, g_seeds[col].to(tdev))
         self.stats = stats
         return noise[col[lo:hi]].to(x1.dtype), x1
+
+    def _read(self, grp, rows, slots):
+        """``table[rows, slots]`` of this rank's items: local, or fetched from their owners (a collective)."""
+        if self.table == "sharded":
+            return self._table.fetch(grp, rows, slots)
+        return self.seeds[rows, slots]
 
     def _warn_budget(self, world, b):
         if self._budget_checked or b == 0:
@@ -328,24 +369,31 @@ class LoomCoupling(Coupling):
     def _grouped_step(self, grp, x1, x1f, safe_idx, g_slots, labels, flags, g_idx, where):
         part = Partition(len(g_slots), x1.shape[0], grp.world, self.group_size, self._gen)
         own = _to(part.lists[grp.rank], self.table_device)
-        seeds = _to(self.seeds[safe_idx[own], g_slots[own]], self.device)
+        seeds = _to(self._read(grp, safe_idx[own], g_slots[own]), self.device)
         noise_fn = lambda s: gaussian_noise(s, self.shape, device=self.device, dtype=x1f.dtype).flatten(1)  # noqa: E731
+        sharded = self.table == "sharded"
         new, stats = solve_loom_groups(grp, part, x1f, seeds, noise_fn, self.metric,
-                                       None if labels is None else grp.gather(labels), self._guard)
+                                       None if labels is None else grp.gather(labels), self._guard,
+                                       gather=not sharded)
         self._check_flags_after_sync(flags, g_idx, where)
-        self._table.write(safe_idx, g_slots, _to(new, self.table_device))
+        if sharded:  # owners write their groups' seeds to the table's owners and send each item's home
+            self._table.update(grp, safe_idx[own], g_slots[own], _to(new, self.table_device))
+            mine = Route(part, grp).to_homes(new)
+        else:
+            self._table.write(safe_idx, g_slots, _to(new, self.table_device))
+            mine = new[grp.rank * x1.shape[0]:(grp.rank + 1) * x1.shape[0]]
         self.stats = stats
-        mine = new[grp.rank * x1.shape[0]:(grp.rank + 1) * x1.shape[0]]
         return noise_fn(mine).reshape(x1.shape).to(x1.dtype), x1
 
     def _fingerprint(self) -> dict:
         """What must agree on every rank: config, slot-generator state, a checksum of the table's head."""
         state = self._gen.get_state().to(torch.int64)
         gen_hash = int((state * torch.arange(1, len(state) + 1)).sum())
-        head = int((self.seeds[: min(self.num_points, 4096)] % 1000003).sum())
+        # a shard's head differs across ranks: only the table kind is compared then
+        head = -1 if self.table == "sharded" else int((self.seeds[: min(self.num_points, 4096)] % 1000003).sum())
         return {"seed": self.seed, "num_points": self.num_points, "num_caches": self.num_caches,
                 "scope": _SCOPES.index(self.scope), "metric": _METRICS.index(self.metric),
-                "group_size": self.group_size,
+                "group_size": self.group_size, "table": _TABLES.index(self.table),
                 "slot generator": gen_hash, "seed table": head}
 
     def _check_flags_after_sync(self, flags, g_idx, where):
@@ -394,7 +442,8 @@ class LoomCoupling(Coupling):
             vals = torch.from_numpy(_seed_values(self.seed, start, len(idx) * k))
             rows = idx.repeat_interleave(k).to(self.table_device)
             slots = torch.arange(k).repeat(len(idx)).to(self.table_device)
-            self._table.write(rows, slots, vals.to(self.table_device))
+            write = self._table.write_owned if self.table == "sharded" else self._table.write
+            write(rows, slots, vals.to(self.table_device))
         self._next_counter += len(idx) * k
 
     # -- persistence ----------------------------------------------------------------------------
@@ -411,9 +460,11 @@ class LoomCoupling(Coupling):
     def state_dict(self) -> dict:
         """Seeds, slot-generator state, seed counter and config (tensors, ints, strings only).
 
-        ``seeds`` is the live table (not a copy), as in ``nn.Module.state_dict``.
+        ``seeds`` is the live table (not a copy), as in ``nn.Module.state_dict``; with ``table="sharded"``
+        this rank's rows ``shard_rows`` (load it on the same rank of the same world size; ``save``/``load``
+        move a sharded table to another world size).
         """
-        return {
+        state = {
             "version": _FORMAT_VERSION,
             "config": self._config(),
             "seeds": self.seeds,
@@ -422,7 +473,11 @@ class LoomCoupling(Coupling):
             "scope": self.scope,
             "group_size": self.group_size,
             "mmap_path": self.mmap_path,
+            "table": self.table,
         }
+        if self.table == "sharded":
+            state.update(shard_rows=list(self.shard_rows), world=self._table.world)
+        return state
 
     @_serialized
     def load_state_dict(self, state: dict):
@@ -442,22 +497,54 @@ class LoomCoupling(Coupling):
             detail = ", ".join(f"{k}: saved {a!r} vs this coupling {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"LoomCoupling state_dict does not match this coupling's configuration ({detail})")
         seeds = state["seeds"]
-        expected = (self.num_points, self.num_caches)
+        slo, shi = (int(v) for v in state.get("shard_rows", (0, self.num_points)))
+        expected = (shi - slo, self.num_caches)
         if not isinstance(seeds, torch.Tensor) or tuple(seeds.shape) != expected or seeds.dtype != torch.int64:
             got = (tuple(seeds.shape), seeds.dtype) if isinstance(seeds, torch.Tensor) else type(seeds).__name__
             raise ValueError(f"state_dict['seeds'] must be an int64 tensor of shape {expected}, got {got}")
+        lo, hi = self._rows_needed()
+        if not slo <= lo <= hi <= shi:
+            raise ValueError(
+                f"state_dict['seeds'] holds rows [{slo}, {shi}) of a table sharded over {state.get('world')} ranks, but "
+                f"this coupling needs rows [{lo}, {hi}): move a sharded table to another world size or layout with "
+                f"save() and LoomCoupling.load()"
+            )
         gen = state["generator"]
         if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
             raise ValueError(f"state_dict['generator'] must be a uint8 tensor (torch.Generator.get_state()), got {gen!r:.80}")
         check_seed_table(seeds, self.seed, state["next_counter"])
+        self._restore(lambda a, b: seeds[a - slo:b - slo], gen, state["next_counter"])
+
+    def _rows_needed(self) -> tuple:
+        """The global rows this rank's table holds (or will hold, before it is built)."""
+        if self.table == "replicated":
+            return 0, self.num_points
+        grp = _Group(self.process_group)
+        bounds = shard_bounds(self.num_points, grp.world)
+        return bounds[grp.rank], bounds[grp.rank + 1]
+
+    def _restore(self, rows, gen: torch.Tensor, next_counter: int):
+        """Install a verified table (``rows(a, b)``: global rows), generator state and seed counter."""
         self._gen.set_state(gen.cpu())
-        self._next_counter = int(state["next_counter"])
-        rows = lambda a, b: seeds[a:b]  # noqa: E731
+        self._next_counter = int(next_counter)
         if self._table is None:  # from load(): nothing to keep
             self._table = self._create_table(overwrite=True, rows=rows)
         else:
             self._table.replace(rows)
         self.flush()
+
+    def _load_manifest(self, path, manifest: dict):
+        """Restore from a sharded checkpoint (any world size, any table kind): verify the shards this rank needs."""
+        reader = ShardReader(path, manifest)
+        if reader.config != self._config():
+            raise ValueError(f"the sharded checkpoint {os.fspath(path)!r} has config {reader.config}, expected {self._config()}")
+        gen, counter = manifest.get("generator"), manifest.get("next_counter")
+        if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
+            raise ValueError(f"{os.fspath(path)!r}['generator'] must be a uint8 tensor, got {gen!r:.80}")
+        lo, hi = self._rows_needed()
+        for r, part in reader.parts(lo, hi):
+            check_seed_table(part, self.seed, counter, where=shard_path(path, reader.save_id, r, reader.world))
+        self._restore(reader.rows, gen, counter)
 
     @_serialized
     def save(self, path: Union[str, os.PathLike]):
@@ -466,8 +553,18 @@ class LoomCoupling(Coupling):
 
         Example: ``coupling.save("ckpt/coupling.pt")``.
         """
+        if self.table == "sharded":
+            return self._save_sharded(path)
         self.flush()
         atomic_save(self.state_dict(), path)
+
+    def _save_sharded(self, path):
+        grp = _Group(self.process_group)
+        save_id = new_save_id(grp)
+        save_shards(grp, self._table, path, save_id, self._config())
+        manifest = {k: v for k, v in self.state_dict().items() if k not in ("seeds", "shard_rows")}
+        manifest.update(save_id=save_id, world=grp.world, bounds=self._table.bounds)
+        write_manifest(grp, manifest, path)
 
     @classmethod
     def load(
@@ -479,8 +576,13 @@ class LoomCoupling(Coupling):
         scope: Optional[str] = None,
         group_size: Optional[int] = None,
         mmap_path: Union[str, os.PathLike, None] = "auto",
+        table: Optional[str] = None,
     ) -> "LoomCoupling":
         """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
+
+        ``table``: "replicated" or "sharded" (default: as saved). A sharded checkpoint (a manifest at
+        ``path`` and one shard file per saving rank beside it) loads on any world size, as either kind;
+        every rank reads only the shards overlapping its rows, each verified (checksum, save id).
 
         ``mmap_path="auto"`` memory-maps the table again at the path it was saved from (None: in memory):
         that file is replaced by the checkpoint's table (a new file, renamed in once filled), unless a
@@ -493,8 +595,9 @@ class LoomCoupling(Coupling):
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
             raise ValueError(f"{os.fspath(path)!r} is not a LoomCoupling file (no 'config' entry)")
         cfg = state["config"]
+        table = table if table is not None else state.get("table", "replicated")
         if mmap_path == "auto":
-            mmap_path = state.get("mmap_path")
+            mmap_path = state.get("mmap_path") if table == "replicated" else None
         coupling = cls(
             cfg["num_points"],
             tuple(cfg["shape"]),
@@ -506,14 +609,20 @@ class LoomCoupling(Coupling):
             scope=scope if scope is not None else state.get("scope", "global"),
             group_size=group_size if group_size is not None else state.get("group_size", DEFAULT_GROUP_SIZE),
             mmap_path=mmap_path,
+            table=table,
             _init_table=False,
         )
-        coupling.load_state_dict(state)
+        if "save_id" in state:
+            with coupling._lock:
+                coupling._load_manifest(path, state)
+        else:
+            coupling.load_state_dict(state)
         return coupling
 
     def __repr__(self):
         where = f"mmap_path={self.mmap_path!r}" if self.mmap_path else f"device={str(self.device)!r}"
         return (
             f"LoomCoupling(num_points={self.num_points}, shape={self.shape}, num_caches={self.num_caches}, "
-            f"seed={self.seed}, metric={self.metric!r}, scope={self.scope!r}, group_size={self.group_size}, {where})"
+            f"seed={self.seed}, metric={self.metric!r}, scope={self.scope!r}, group_size={self.group_size}, "
+            f"table={self.table!r}, {where})"
         )

@@ -1,0 +1,238 @@
+"""LOOM's sharded seed table: rank ``r`` holds the rows ``[r*N//W, (r+1)*N//W)``; reads and writes are all-to-alls.
+
+Invariants:
+
+- rows are owned in contiguous blocks (``bounds[r] = r*N//W``, sizes differ by at most one), so a shard is
+  one slice of the replicated table, its initial seeds are one run of the seed stream, and loading on
+  another world size reads only the overlapping ranges of the saved shards (a round-robin ``i mod W``
+  layout balances a random batch no better and would make every rank scan every saved shard);
+- ``fetch`` and ``update`` are collectives (every rank calls them, possibly with nothing): two uneven
+  all-to-alls of ``O(items)`` integers after one all-to-all of ``W`` row counts; values never leave the
+  table's dtype, so a sharded coupling equals a replicated one bit for bit;
+- a checkpoint is one file per rank (``save_shards``, written in parallel, each with its own checksum)
+  plus a small manifest written by rank 0 last; each shard names the save it belongs to, so a shard of
+  another save (another run, another step) is refused at load. Gathering to rank 0 instead would make one
+  rank write all ``8*N*K`` bytes alone (48 GB at N = 10^9, K = 6) while the others wait.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..checkpoint import atomic_save, load_verified
+from .distributed import _Group
+from .table import RowsFn, SeedTable
+
+SHARD_KIND = "LoomCoupling table shard"
+
+
+def shard_bounds(num_points: int, world: int) -> list:
+    """``bounds`` with rank ``r`` owning rows ``[bounds[r], bounds[r+1])``: ``r*N//W`` (balanced blocks)."""
+    return [r * num_points // world for r in range(world + 1)]
+
+
+def shard_path(path: str, save_id: str, rank: int, world: int) -> str:
+    """Where rank ``rank`` of ``world`` writes its shard of the save ``save_id`` of manifest ``path``."""
+    return f"{os.fspath(path)}.{save_id}.shard{rank:05d}-of-{world:05d}"
+
+
+class ShardedSeedTable:
+    """This rank's block of the ``(N, K)`` seed table, in memory on ``device``; ``seeds (hi - lo, K)`` int64.
+
+    ``rows(a, b)`` gives global rows ``a..b-1`` (the initial table, or a checkpoint's). Example (on every
+    rank of a gloo group)::
+
+        t = ShardedSeedTable(grp, 1000, 2, "cpu", rows)
+        vals = t.fetch(grp, torch.tensor([3, 997]), torch.tensor([0, 1]))    # from whichever rank owns them
+        t.update(grp, torch.tensor([3]), torch.tensor([0]), torch.tensor([42]))
+    """
+
+    def __init__(self, grp: _Group, num_points: int, num_caches: int, device, rows: RowsFn):
+        self.world, self.rank = grp.world, grp.rank
+        self.bounds = shard_bounds(num_points, self.world)
+        self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
+        self._bounds = torch.tensor(self.bounds[1:-1], dtype=torch.int64)
+        lo = self.lo
+        self._local = SeedTable.in_memory((self.hi - lo, num_caches), device, lambda a, b: rows(lo + a, lo + b))
+
+    @property
+    def seeds(self) -> torch.Tensor:
+        """This rank's rows ``[lo, hi)`` of the table."""
+        return self._local.seeds
+
+    @property
+    def device(self) -> torch.device:
+        return self._local.device
+
+    def owner(self, rows: torch.Tensor) -> torch.Tensor:
+        """The rank owning each global row (``rows`` int64, any device)."""
+        return torch.bucketize(rows, self._bounds.to(rows.device), right=True)
+
+    def _route(self, grp: _Group, rows: torch.Tensor):
+        """``(order, send counts, recv counts)``: items sorted by owner, and the counts every rank exchanges."""
+        self._check_world(grp)
+        owner = self.owner(rows)
+        order = torch.argsort(owner, stable=True)
+        send = torch.bincount(owner, minlength=self.world).cpu()
+        recv = grp.all_to_all(send, [1] * self.world, [1] * self.world)
+        return order, send.tolist(), recv.tolist()
+
+    def fetch(self, grp: _Group, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``table[rows, slots]`` (``(n,)`` each, int64, on the table's device) from their owners; collective."""
+        order, send, recv = self._route(grp, rows)
+        req = grp.all_to_all(torch.stack([rows, slots], 1)[order], send, recv)
+        vals = self.seeds[req[:, 0] - self.lo, req[:, 1]]
+        back = grp.all_to_all(vals, recv, send)
+        out = torch.empty_like(back)
+        out[order] = back
+        return out
+
+    def update(self, grp: _Group, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """``table[rows, slots] = values`` at their owners; collective. Ranks pass disjoint entries."""
+        order, send, recv = self._route(grp, rows)
+        got = grp.all_to_all(torch.stack([rows, slots, values], 1)[order], send, recv)
+        self._local.write(got[:, 0] - self.lo, got[:, 1], got[:, 2])
+
+    def write_owned(self, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+        """Apply the entries of a global write that fall in this shard (every rank passes the same write)."""
+        mine = (rows >= self.lo) & (rows < self.hi)
+        self._local.write(rows[mine] - self.lo, slots[mine], values[mine])
+
+    def replace(self, rows: RowsFn) -> None:
+        lo = self.lo
+        self._local.replace(lambda a, b: rows(lo + a, lo + b))
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def _check_world(self, grp: _Group):
+        if (grp.world, grp.rank) != (self.world, self.rank):
+            raise ValueError(
+                f"the sharded seed table was built for rank {self.rank} of {self.world}, but this call runs as rank "
+                f"{grp.rank} of {grp.world}: save() and load() the coupling to move it to another world size"
+            )
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+
+def new_save_id(grp: _Group) -> str:
+    """A random id drawn by rank 0 and shared with every rank (one tiny all-gather)."""
+    mine = torch.tensor([[secrets.randbits(63) if grp.rank == 0 else 0]], dtype=torch.int64)
+    return f"{int(grp.gather(mine)[0, 0]):016x}"
+
+
+def save_shards(grp: _Group, table: ShardedSeedTable, path: str, save_id: str, config: dict) -> None:
+    """Every rank writes its own shard file (atomically, with a checksum); raises on every rank if any failed."""
+    err: Optional[BaseException] = None
+    try:
+        atomic_save({"kind": SHARD_KIND, "save_id": save_id, "rank": table.rank, "world": table.world,
+                     "rows": [table.lo, table.hi], "config": config, "seeds": table.seeds.cpu()},
+                    shard_path(path, save_id, table.rank, table.world))
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
+        err = exc
+    flags = grp.gather(torch.tensor([[int(err is not None)]], dtype=torch.int64))
+    if err is not None:
+        raise err
+    bad = torch.nonzero(flags.flatten()).flatten().tolist()
+    if bad:
+        raise OSError(f"rank(s) {bad} failed to write their seed-table shard of {os.fspath(path)!r} (see the error "
+                      f"raised there); the previous checkpoint at that path is untouched")
+
+
+def write_manifest(grp: _Group, manifest: dict, path) -> None:
+    """Rank 0 writes the manifest (after every shard is on disk), then removes older saves' shards at ``path``.
+
+    Until the rename of the manifest, the previous manifest and its shards are intact; every rank returns
+    (or raises) only once the new manifest is in place.
+    """
+    path = os.fspath(path)
+    err: Optional[BaseException] = None
+    if grp.rank == 0:
+        try:
+            atomic_save(manifest, path)
+            _remove_stale_shards(path, manifest["save_id"])
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
+            err = exc
+    flags = grp.gather(torch.tensor([[int(err is not None)]], dtype=torch.int64))
+    if err is not None:
+        raise err
+    if bool(flags.any()):
+        raise OSError(f"rank 0 failed to write the manifest {path!r} (see the error raised there)")
+
+
+def _remove_stale_shards(path: str, keep: str) -> None:
+    directory, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r"\.([0-9a-f]{16})\.shard\d{5}-of-\d{5}$")
+    for name in os.listdir(directory):
+        m = pattern.match(name)
+        if m and m.group(1) != keep:
+            os.unlink(os.path.join(directory, name))
+
+
+class ShardReader:
+    """Global rows of a sharded checkpoint (``rows(a, b)``), read from the shard files it needs, each verified.
+
+    ``manifest``: the dict saved at ``path`` (``save_id``, ``world``, ``bounds``, ``config``).
+    """
+
+    def __init__(self, path, manifest: dict):
+        self.path = os.fspath(path)
+        for key in ("save_id", "world", "bounds"):
+            if key not in manifest:
+                raise ValueError(f"{self.path!r} is not a sharded LoomCoupling manifest: missing {key!r}")
+        self.save_id, self.world = manifest["save_id"], int(manifest["world"])
+        self.bounds, self.config = list(manifest["bounds"]), manifest["config"]
+        self._shards: dict = {}
+
+    def _shard(self, r: int) -> torch.Tensor:
+        if r in self._shards:
+            return self._shards[r]
+        p = shard_path(self.path, self.save_id, r, self.world)
+        if not os.path.exists(p):
+            raise FileNotFoundError(
+                f"seed-table shard {p!r} (rank {r} of {self.world}) of the checkpoint {self.path!r} does not exist: "
+                f"every shard must be on a file system this rank can read (a shared directory)"
+            )
+        s = load_verified(p, "seed-table shard", mmap=True)
+        expected = {"kind": SHARD_KIND, "save_id": self.save_id, "rank": r, "world": self.world,
+                    "rows": [self.bounds[r], self.bounds[r + 1]], "config": self.config}
+        wrong = {k: (s.get(k) if isinstance(s, dict) else None, v) for k, v in expected.items()
+                 if not isinstance(s, dict) or s.get(k) != v}
+        if wrong:
+            detail = ", ".join(f"{k}: file {a!r:.60} vs manifest {b!r:.60}" for k, (a, b) in wrong.items())
+            raise ValueError(
+                f"seed-table shard {p!r} does not belong to the checkpoint {self.path!r} ({detail}): a shard of "
+                f"another save or another run; restore the shard files written with this manifest"
+            )
+        seeds = s["seeds"]
+        k = int(self.config["num_caches"])
+        if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or \
+                tuple(seeds.shape) != (self.bounds[r + 1] - self.bounds[r], k):
+            raise ValueError(f"seed-table shard {p!r} holds {getattr(seeds, 'shape', seeds)!r:.60}, expected int64 "
+                             f"rows [{self.bounds[r]}, {self.bounds[r + 1]}) x {k}")
+        self._shards[r] = seeds
+        return seeds
+
+    def parts(self, a: int, b: int):
+        """``(rank, rows)`` of each saved shard overlapping global rows ``a..b-1``, in order."""
+        r = max(0, int(np.searchsorted(self.bounds, a, side="right")) - 1)
+        while a < b and r < self.world:
+            lo, hi = self.bounds[r], self.bounds[r + 1]
+            stop = min(b, hi)
+            if stop > a:
+                yield r, self._shard(r)[a - lo:stop - lo]
+            a, r = max(a, stop), r + 1
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """Global rows ``a..b-1``, int64 ``(b - a, K)``."""
+        parts = [p for _, p in self.parts(a, b)]
+        return torch.cat(parts) if parts else torch.empty((0, int(self.config["num_caches"])), dtype=torch.int64)
+
