@@ -46,7 +46,9 @@ def _prefetched(c, batches):
 
 @pytest.mark.parametrize("scope", ["global", "grouped"])
 def test_prefetch_equals_the_synchronous_path(scope):
-    make = lambda: LoomCoupling(P, SHAPE, num_caches=2, seed=4, scope=scope, group_size=5)
+    def make():
+        return LoomCoupling(P, SHAPE, num_caches=2, seed=4, scope=scope, group_size=5)
+
     a, b = make(), make()
     batches = _batches()
     want, got = _sync(a, batches), _prefetched(b, batches)
@@ -94,7 +96,9 @@ def test_prefetch_refuses_a_shared_process_group(monkeypatch):
 
 @pytest.mark.cuda
 def test_prefetch_on_a_side_stream_equals_the_synchronous_path():
-    make = lambda: LoomCoupling(P, SHAPE, num_caches=2, seed=4, device="cuda")
+    def make():
+        return LoomCoupling(P, SHAPE, num_caches=2, seed=4, device="cuda")
+
     a, b = make(), make()
     batches = [(x1.cuda() * 1.0, idx, None if lab is None else lab.cuda()) for x1, idx, lab in _batches()]
     want, got = _sync(a, batches), _prefetched(b, batches)

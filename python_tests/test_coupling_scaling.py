@@ -267,7 +267,8 @@ def test_cost_model_warning_once_and_only_past_the_budget(monkeypatch):
     msg = grouped.budget_warning("global", 64, 256, 3072, 1024, "cuda")
     assert "scope='global'" in msg and "W=64" in msg and "use scope='grouped'" in msg
     # the model grows with W for global only; grouped stays flat
-    t = [grouped.predicted_coupling_seconds(s, w, 256, 3072, 512, "cuda") for s in ("global", "grouped") for w in (8, 64)]
+    t = [grouped.predicted_coupling_seconds(s, w, 256, 3072, 512, "cuda")
+         for s in ("global", "grouped") for w in (8, 64)]
     assert t[1] > 50 * t[0] and t[2] == t[3]
     data, _ = _data()
     idx = torch.arange(8)

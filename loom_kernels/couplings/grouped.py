@@ -13,7 +13,7 @@ Invariants (docs/scaling.md has the cost model):
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 
@@ -59,11 +59,11 @@ class Partition:
         self.slot[owned] = torch.arange(n) - starts[owner_k[order]]
         self.lists = [owned[int(a):int(a + c)] for a, c in zip(starts, counts)]
 
-    def groups(self) -> List[torch.Tensor]:
+    def groups(self) -> list[torch.Tensor]:
         """Every group's positions, group order."""
         return list(torch.split(self.perm, self.sizes.tolist()))
 
-    def segments(self, owner: int) -> List[Tuple[int, int]]:
+    def segments(self, owner: int) -> list[tuple[int, int]]:
         """``(start, stop)`` of each group of ``owner`` within ``lists[owner]``."""
         sizes = self.sizes[owner::self.world].tolist()
         ends = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0).tolist()
@@ -111,7 +111,7 @@ def _raise_if_flagged(failed: torch.Tensor, grp: _Group, data: str):
 
 
 def solve_loom_groups(grp: _Group, part: Partition, x1f: torch.Tensor, seeds: torch.Tensor,
-                      noise_fn: Callable, metric: str, labels: Optional[torch.Tensor], guard: Callable,
+                      noise_fn: Callable, metric: str, labels: torch.Tensor | None, guard: Callable,
                       gather: bool = True):
     """LOOM's grouped step: ``(new_seeds (n,) int64, stats)``, the same on every rank.
 
@@ -158,7 +158,7 @@ def solve_loom_groups(grp: _Group, part: Partition, x1f: torch.Tensor, seeds: to
 
 
 def solve_minibatch_groups(grp: _Group, part: Partition, x1f: torch.Tensor, x0: torch.Tensor,
-                           metric: str, labels: Optional[torch.Tensor], dtype):
+                           metric: str, labels: torch.Tensor | None, dtype):
     """Minibatch OT's grouped step: ``(x0 (b, ...) matched to this rank's items, stats)``.
 
     ``x1f (b, D)`` this rank's data (cost dtype), ``x0 (b, ...)`` this rank's noise, ``labels (b,)``
@@ -198,9 +198,10 @@ def _mean_stats(tot: torch.Tensor, n: int, device) -> dict:
 # ---- the cost model (docs/scaling.md derives it and lists the measurements) -----------------------------
 
 # Seconds of the cost matrix + exact assignment of one n-item problem of dimension D, per device kind
-# (noise regeneration and communication come on top). CPU: this 2-core machine (issue 16: 78 ms at n=1024,
-# 332 ms at 2048, 2.3 s at 4096, 10 s at 8192, D=3072): a cost term n^2 D and an assignment term n^3.1. CUDA: the H200 assignment of bench/RESULTS.md (25.7 ms
-# at 1024, 105 ms at 2048, 476 ms at 4096, 2.2 s at 8192; the cost matrix is ~1 ms there).
+# (noise regeneration and communication come on top). CPU: a 2-core Xeon (78 ms at n=1024, 332 ms at
+# 2048, 2.3 s at 4096, 10 s at 8192, D=3072): a cost term n^2 D and an assignment term n^3.1. CUDA: the
+# H200 assignment of bench/RESULTS.md (25.7 ms at 1024, 105 ms at 2048, 476 ms at 4096, 2.2 s at 8192;
+# the cost matrix is ~1 ms there).
 _SOLVE_MODEL = {
     "cpu": lambda n, d: 0.064 * (n / 1024) ** 2 * (d / 3072) + 0.0139 * (n / 1024) ** 3.1,
     "cuda": lambda n, d: 0.0257 * (n / 1024) ** 2.15,
@@ -229,7 +230,7 @@ def predicted_coupling_seconds(scope: str, world: int, b: int, dim: int, group_s
     return -(-m // world) * solve(-(-n // m), dim)
 
 
-def budget_warning(scope: str, world: int, b: int, dim: int, group_size: int, device: str) -> Optional[str]:
+def budget_warning(scope: str, world: int, b: int, dim: int, group_size: int, device: str) -> str | None:
     """The warning's text when the model predicts more than ``WARN_FRACTION`` of a typical step, else None."""
     kind = "cuda" if device == "cuda" else "cpu"
     t = predicted_coupling_seconds(scope, world, b, dim, group_size, kind)

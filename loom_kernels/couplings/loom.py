@@ -10,7 +10,7 @@ import functools
 import os
 import threading
 import warnings
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -116,22 +116,23 @@ class LoomCoupling(Coupling):
         coupling.save("coupling.pt"); coupling = LoomCoupling.load("coupling.pt")
     """
 
+    _defer_table = False  # set on the instance by load(), which attaches the checkpoint's table
+
     def __init__(
         self,
         num_points: int,
-        shape: Union[int, Sequence[int]],
+        shape: int | Sequence[int],
         *,
         num_caches: int = 1,
         seed: int = 0,
         metric: str = "sqeuclidean",
-        device: Union[str, torch.device, None] = None,
+        device: str | torch.device | None = None,
         process_group=None,
         scope: str = "global",
         group_size: int = DEFAULT_GROUP_SIZE,
-        mmap_path: Union[str, os.PathLike, None] = None,
+        mmap_path: str | os.PathLike | None = None,
         overwrite: bool = False,
         table: str = "replicated",
-        _init_table: bool = True,
     ):
         if isinstance(num_points, bool) or not isinstance(num_points, (int, np.integer)) or num_points < 1:
             raise ValueError(f"num_points must be a positive int, got {num_points!r}")
@@ -170,7 +171,7 @@ class LoomCoupling(Coupling):
         self._budget_checked = False  # the cost-model warning is given once, at the first call
         self.stats = {}
         # load() attaches the checkpoint's table itself (a file is built from its rows, then renamed in).
-        self._table: Optional[SeedTable] = self._create_table(overwrite) if _init_table else None
+        self._table: SeedTable | None = None if self._defer_table else self._create_table(overwrite)
 
     # -- table storage --------------------------------------------------------------------------
 
@@ -283,7 +284,9 @@ class LoomCoupling(Coupling):
 
     @_serialized
     def __call__(self, x1: torch.Tensor, indices=None, *, labels=None) -> tuple:
-        """Couple ``x1 (b, *shape)`` with dataset indices ``indices (b,)`` (and ``labels (b,)``); returns ``(x0, x1)``."""
+        """Couple ``x1 (b, *shape)`` with dataset indices ``indices (b,)`` (and ``labels (b,)``).
+
+        Returns ``(x0, x1)``: ``x0[i]`` is the noise paired with ``x1[i]``."""
         grp = _Group(self.process_group)
         try:
             indices, labels = self._check_inputs(x1, indices, labels)
@@ -505,13 +508,15 @@ class LoomCoupling(Coupling):
         lo, hi = self._rows_needed()
         if not slo <= lo <= hi <= shi:
             raise ValueError(
-                f"state_dict['seeds'] holds rows [{slo}, {shi}) of a table sharded over {state.get('world')} ranks, but "
+                f"state_dict['seeds'] holds rows [{slo}, {shi}) of a table sharded over {state.get('world')} "
+                f"ranks, but "
                 f"this coupling needs rows [{lo}, {hi}): move a sharded table to another world size or layout with "
                 f"save() and LoomCoupling.load()"
             )
         gen = state["generator"]
         if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
-            raise ValueError(f"state_dict['generator'] must be a uint8 tensor (torch.Generator.get_state()), got {gen!r:.80}")
+            raise ValueError(
+                f"state_dict['generator'] must be a uint8 tensor (torch.Generator.get_state()), got {gen!r:.80}")
         check_seed_table(seeds, self.seed, state["next_counter"])
         self._restore(lambda a, b: seeds[a - slo:b - slo], gen, state["next_counter"])
 
@@ -537,7 +542,8 @@ class LoomCoupling(Coupling):
         """Restore from a sharded checkpoint (any world size, any table kind): verify the shards this rank needs."""
         reader = ShardReader(path, manifest)
         if reader.config != self._config():
-            raise ValueError(f"the sharded checkpoint {os.fspath(path)!r} has config {reader.config}, expected {self._config()}")
+            raise ValueError(
+                f"the sharded checkpoint {os.fspath(path)!r} has config {reader.config}, expected {self._config()}")
         gen, counter = manifest.get("generator"), manifest.get("next_counter")
         if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
             raise ValueError(f"{os.fspath(path)!r}['generator'] must be a uint8 tensor, got {gen!r:.80}")
@@ -547,7 +553,7 @@ class LoomCoupling(Coupling):
         self._restore(reader.rows, gen, counter)
 
     @_serialized
-    def save(self, path: Union[str, os.PathLike]):
+    def save(self, path: str | os.PathLike):
         """Write ``state_dict()`` and its checksum to ``path`` atomically (temp file, fsync, rename, fsync
         of the directory). A crash mid-save leaves the previous file intact; ``load`` verifies the checksum.
 
@@ -569,15 +575,15 @@ class LoomCoupling(Coupling):
     @classmethod
     def load(
         cls,
-        path: Union[str, os.PathLike],
-        device: Union[str, torch.device, None] = None,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
         *,
         process_group=None,
-        scope: Optional[str] = None,
-        group_size: Optional[int] = None,
-        mmap_path: Union[str, os.PathLike, None] = "auto",
-        table: Optional[str] = None,
-    ) -> "LoomCoupling":
+        scope: str | None = None,
+        group_size: int | None = None,
+        mmap_path: str | os.PathLike | None = "auto",
+        table: str | None = None,
+    ) -> LoomCoupling:
         """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
 
         ``table``: "replicated" or "sharded" (default: as saved). A sharded checkpoint (a manifest at
@@ -598,7 +604,9 @@ class LoomCoupling(Coupling):
         table = table if table is not None else state.get("table", "replicated")
         if mmap_path == "auto":
             mmap_path = state.get("mmap_path") if table == "replicated" else None
-        coupling = cls(
+        coupling = cls.__new__(cls)
+        coupling._defer_table = True  # the table comes from the checkpoint, not from the seed stream
+        coupling.__init__(
             cfg["num_points"],
             tuple(cfg["shape"]),
             num_caches=cfg["num_caches"],
@@ -610,7 +618,6 @@ class LoomCoupling(Coupling):
             group_size=group_size if group_size is not None else state.get("group_size", DEFAULT_GROUP_SIZE),
             mmap_path=mmap_path,
             table=table,
-            _init_table=False,
         )
         if "save_id" in state:
             with coupling._lock:

@@ -21,7 +21,6 @@ or a mismatch), so a distributed coupling must have its own group spanning the w
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ class CouplingFuture:
     def done(self) -> bool:
         return self._future.done()
 
-    def result(self, timeout: Optional[float] = None) -> tuple:
+    def result(self, timeout: float | None = None) -> tuple:
         """Wait for the call and return its ``(x0, x1)`` (raises the call's error, if any)."""
         x0, x1, stats, event = self._future.result(timeout)
         if event is not None:  # the caller's stream waits for the side stream's work on these tensors
@@ -100,7 +99,7 @@ class PrefetchCoupling:
             done.record(side)
         return x0, x1, dict(self.coupling.stats), done
 
-    def _side_stream(self, device) -> "torch.cuda.Stream":
+    def _side_stream(self, device) -> torch.cuda.Stream:
         if device not in self._streams:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
@@ -109,7 +108,7 @@ class PrefetchCoupling:
         """Wait for the pending calls, then stop the worker thread."""
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "PrefetchCoupling":
+    def __enter__(self) -> PrefetchCoupling:
         return self
 
     def __exit__(self, *exc) -> None:

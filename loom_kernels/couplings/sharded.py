@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from typing import Optional
 
 import numpy as np
 import torch
@@ -131,7 +130,7 @@ def new_save_id(grp: _Group) -> str:
 
 def save_shards(grp: _Group, table: ShardedSeedTable, path: str, save_id: str, config: dict) -> None:
     """Every rank writes its own shard file (atomically, with a checksum); raises on every rank if any failed."""
-    err: Optional[BaseException] = None
+    err: BaseException | None = None
     try:
         atomic_save({"kind": SHARD_KIND, "save_id": save_id, "rank": table.rank, "world": table.world,
                      "rows": [table.lo, table.hi], "config": config, "seeds": table.seeds.cpu()},
@@ -154,7 +153,7 @@ def write_manifest(grp: _Group, manifest: dict, path) -> None:
     (or raises) only once the new manifest is in place.
     """
     path = os.fspath(path)
-    err: Optional[BaseException] = None
+    err: BaseException | None = None
     if grp.rank == 0:
         try:
             atomic_save(manifest, path)

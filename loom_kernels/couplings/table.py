@@ -11,7 +11,7 @@ import os
 import shutil
 import struct
 import zlib
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -99,7 +99,8 @@ def check_seed_table(seeds, seed: int, next_counter: int, where: str = "state_di
         chunk = flat[a:b]
         chunk = chunk.cpu().numpy() if hasattr(chunk, "cpu") else np.asarray(chunk)
         if (chunk < 0).any():
-            raise ValueError(f"{where}['seeds'] holds negative seeds (e.g. {int(chunk[chunk < 0][0])}): seeds lie in [0, 2**63)")
+            raise ValueError(
+                f"{where}['seeds'] holds negative seeds (e.g. {int(chunk[chunk < 0][0])}): seeds lie in [0, 2**63)")
         if a == 0 and total > 1 and not chunk.any():
             raise ValueError(f"{where}['seeds'] is all zeros (a zeroed or never-written table)")
         numbers[a:b] = _seed_numbers(seed, chunk)
@@ -137,7 +138,7 @@ def journal_path(path: str) -> str:
     return path + ".journal"
 
 
-def _lock(path: str) -> Optional[int]:
+def _lock(path: str) -> int | None:
     """An fd holding an exclusive ``flock`` on the existing file ``path``; None when there is no file."""
     while True:
         try:
@@ -245,25 +246,25 @@ class SeedTable:
         t.close(); t = SeedTable.open("table.npy")
     """
 
-    def __init__(self, seeds: torch.Tensor, *, path: Optional[str] = None, memmap=None, lock_fd: Optional[int] = None):
+    def __init__(self, seeds: torch.Tensor, *, path: str | None = None, memmap=None, lock_fd: int | None = None):
         self.seeds = seeds
         self.path = path
         self._memmap = memmap
         self._lock_fd = lock_fd
-        self._jfd: Optional[int] = None
+        self._jfd: int | None = None
         self._jbytes = 0
 
     # -- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def in_memory(cls, shape: tuple, device, rows: Optional[RowsFn] = None) -> "SeedTable":
+    def in_memory(cls, shape: tuple, device, rows: RowsFn | None = None) -> SeedTable:
         t = cls(torch.empty(shape, dtype=torch.int64, device=device))
         if rows is not None:
             t._fill(t.seeds, rows)
         return t
 
     @classmethod
-    def create(cls, path, shape: tuple, rows: RowsFn, *, overwrite: bool = False) -> "SeedTable":
+    def create(cls, path, shape: tuple, rows: RowsFn, *, overwrite: bool = False) -> SeedTable:
         """A new table file at ``path`` holding ``rows``; an existing file is replaced only with ``overwrite``."""
         path = os.fspath(path)
         old = _lock(path)
@@ -283,7 +284,7 @@ class SeedTable:
         return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd)
 
     @classmethod
-    def open(cls, path) -> "SeedTable":
+    def open(cls, path) -> SeedTable:
         """Open an existing table file (locked), first redoing the journal of a writer that crashed."""
         path = os.fspath(path)
         fd = _lock(path)
