@@ -11,9 +11,9 @@ import traceback
 
 import pytest
 import torch
-from test_coupling_scaling import _spawn
 
 from loom_kernels.couplings import LoomCoupling
+from test_coupling_scaling import _spawn
 
 pytestmark = pytest.mark.distributed
 

@@ -23,8 +23,6 @@ from loom_kernels.checkpoint import atomic_save, load_checkpoint, load_verified
 from loom_kernels.coupling import LoomCoupling
 from loom_kernels.couplings.table import SeedTable, TableInUseError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # The worker: MODE random|journal|apply runs ROUNDS rounds on a fresh table and prints one JSON line each.
 WORKER = r'''
 import json, os, random, signal, sys, time
@@ -121,7 +119,7 @@ def _run_worker(tmp_path, mode, rounds, seed, timeout):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     table = tmp_path / "t" / "table.npy"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(script), mode, str(rounds), str(seed), str(table)], env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -193,7 +191,7 @@ def test_kill9_during_load_keeps_the_previous_table(tmp_path):
     c.close()
     script = tmp_path / "killer.py"
     script.write_text(LOAD_KILLER)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     out = subprocess.run([sys.executable, str(script), str(ckpt)], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == -9, out.stderr[-2000:]
     np.testing.assert_array_equal(np.load(table), before.numpy())  # the previous table, whole
@@ -219,7 +217,7 @@ def test_two_processes_on_one_table(tmp_path):
     table, ckpt = tmp_path / "table.npy", tmp_path / "c.pt"
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ)
     holder = subprocess.Popen([sys.executable, str(script), str(table)], env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:

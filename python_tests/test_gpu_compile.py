@@ -97,7 +97,7 @@ def test_every_kernel_has_a_case():
     assert found, "no @triton.jit kernel found in the package: discovery is broken"
     assert sorted(cc.CASES) == found, (
         f"kernels without a compile case: {sorted(set(found) - set(cc.CASES))}; "
-        f"cases for no kernel: {sorted(set(cc.CASES) - set(found))} (edit loom_kernels/_compile_check.py CASES)")
+        f"cases for no kernel: {sorted(set(cc.CASES) - set(found))} (edit src/loom_kernels/_compile_check.py CASES)")
 
 
 def _row(**kw):

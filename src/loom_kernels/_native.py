@@ -38,8 +38,8 @@ def cpu():
     if mod is None:
         raise ImportError(
             "loom_kernels._C is not built: install the package with `pip install .` "
-            "(or `pip install -e .` in a checkout). If it is installed and you run Python from the "
-            "source checkout, the uncompiled tree on sys.path shadows it: run from another directory. "
+            "(or `pip install -e .` in a checkout; an uncompiled tree put on sys.path by hand, e.g. "
+            "PYTHONPATH=src, has no compiled modules). "
             f"Import failed with: {exc}"
         )
     return mod
