@@ -3,21 +3,18 @@
 One spawn runs both scopes and the error paths (process start-up dominates the cost); the workers
 write their results to files that the test compares with a single-process run.
 """
-import multiprocessing
-import os
-import traceback
 
 import numpy as np
 import pytest
 import torch
 
+from gloo_ranks import run_rank, spawn
 from loom_kernels.coupling import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.testing import reference_loom_step
 
 pytestmark = pytest.mark.distributed
 
 WORLD, B, P, SHAPE, CACHES, SEED, STEPS = 2, 8, 64, (2, 3), 3, 13, 12
-TIMEOUT_S = 120
 MB_DIMS = (6, 40)  # D < W*B: ranks exchange their data; D > W*B: their cost rows
 CLASSES = 3
 
@@ -101,90 +98,69 @@ def _global_batches():
     return out[:STEPS]
 
 
-def _worker(rank, store, out_dir):
-    try:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        torch.set_num_threads(1)
-        import datetime
+def _results(rank):
+    """One rank's runs: both scopes, the error paths, minibatch OT and labels."""
+    import torch.distributed as dist
 
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=60))
-        data, result = _data(), {}
-        for scope in ("global", "local"):
-            c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope)
-            x0s, stats = [], []
-            for gidx in _global_batches():
-                idx = gidx[rank * B:(rank + 1) * B]
-                x0, x1 = c(data[idx], idx)
-                assert torch.equal(x1, data[idx])
-                x0s.append(x0)
-                stats.append([float(c.stats[k]) for k in ("pre_cost", "post_cost", "swaps")])
-            result[scope] = {"seeds": c.seeds.clone(), "x0": torch.stack(x0s), "gen": c._gen.get_state(),
-                             "stats": torch.tensor(stats)}
-        # an explicit process group behaves like the default one
-        c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, process_group=dist.new_group(list(range(WORLD))))
+    data, result = _data(), {}
+    for scope in ("global", "local"):
+        c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope)
+        x0s, stats = [], []
         for gidx in _global_batches():
             idx = gidx[rank * B:(rank + 1) * B]
-            c(data[idx], idx)
-        assert torch.equal(c.seeds, result["global"]["seeds"]), "explicit process_group differs from the default"
-        # error paths: every rank must raise the same error (no rank left waiting in a collective)
-        c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED)
-        before = c.seeds.clone()
-        errors = []
-        for idx in (torch.tensor([5, 6, 7]) + rank,  # index 6 and 7 on both ranks: duplicates globally
-                    torch.tensor([1, 2, 3, 4, 5])[: 3 + rank]):  # batch sizes differ across ranks
-            try:
-                c(data[idx], idx)
-                errors.append("no error")
-            except ValueError as exc:
-                errors.append(str(exc))
-        idx = torch.tensor([10, 20]) + rank
-        c(data[idx], idx)  # the group still works after the errors
-        for bad in (LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED + rank),  # seed=rank: a classic
-                    LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=("global", "local")[rank])):
-            try:
-                bad(data[idx], idx)
-                errors.append("no error")
-            except ValueError as exc:
-                errors.append(str(exc))
-        c.resample(torch.tensor([rank]))  # tables now differ: refused, not silently coupled
+            x0, x1 = c(data[idx], idx)
+            assert torch.equal(x1, data[idx])
+            x0s.append(x0)
+            stats.append([float(c.stats[k]) for k in ("pre_cost", "post_cost", "swaps")])
+        result[scope] = {"seeds": c.seeds.clone(), "x0": torch.stack(x0s), "gen": c._gen.get_state(),
+                         "stats": torch.tensor(stats)}
+    # an explicit process group behaves like the default one
+    c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, process_group=dist.new_group(list(range(WORLD))))
+    for gidx in _global_batches():
+        idx = gidx[rank * B:(rank + 1) * B]
+        c(data[idx], idx)
+    assert torch.equal(c.seeds, result["global"]["seeds"]), "explicit process_group differs from the default"
+    # error paths: every rank must raise the same error (no rank left waiting in a collective)
+    c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED)
+    before = c.seeds.clone()
+    errors = []
+    for idx in (torch.tensor([5, 6, 7]) + rank,  # index 6 and 7 on both ranks: duplicates globally
+                torch.tensor([1, 2, 3, 4, 5])[: 3 + rank]):  # batch sizes differ across ranks
         try:
             c(data[idx], idx)
             errors.append("no error")
         except ValueError as exc:
             errors.append(str(exc))
-        result["errors"] = errors
-        result["untouched"] = bool(torch.equal(c.seeds[[5, 6, 7, 8]], before[[5, 6, 7, 8]]))
-        result["mb"] = _minibatch_runs(rank)
-        result["loom_labels"] = _loom_label_runs(rank, data)
-        result["label_errors"] = _label_errors(rank, data)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    idx = torch.tensor([10, 20]) + rank
+    c(data[idx], idx)  # the group still works after the errors
+    for bad in (LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED + rank),  # seed=rank: a classic
+                LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=("global", "local")[rank])):
+        try:
+            bad(data[idx], idx)
+            errors.append("no error")
+        except ValueError as exc:
+            errors.append(str(exc))
+    c.resample(torch.tensor([rank]))  # tables now differ: refused, not silently coupled
+    try:
+        c(data[idx], idx)
+        errors.append("no error")
+    except ValueError as exc:
+        errors.append(str(exc))
+    result["errors"] = errors
+    result["untouched"] = bool(torch.equal(c.seeds[[5, 6, 7, 8]], before[[5, 6, 7, 8]]))
+    result["mb"] = _minibatch_runs(rank)
+    result["loom_labels"] = _loom_label_runs(rank, data)
+    result["label_errors"] = _label_errors(rank, data)
+    return result
+
+
+def _worker(rank, world, store, out_dir):
+    run_rank(rank, world, store, out_dir, lambda: _results(rank))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, str(out / "store"), str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
-    errs = [(out / f"rank{r}.err").read_text() for r in range(WORLD) if (out / f"rank{r}.err").exists()]
-    assert not alive, f"distributed workers timed out after {TIMEOUT_S}s"
-    assert not errs and all(p.exitcode == 0 for p in procs), errs
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn(WORLD, tmp_path_factory.mktemp("ddp"), _worker)
 
 
 def test_global_scope_equals_one_process_on_the_global_batch(ranks):

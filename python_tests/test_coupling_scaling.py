@@ -4,14 +4,12 @@ Each world runs once (process start-up dominates); workers write their results t
 compare with independent single-process references: scipy per group for LOOM (``reference_loom_step``),
 ``MinibatchOTCoupling`` on each group's rows for minibatch OT. Problems are tiny: the machine has 2 cores.
 """
-import multiprocessing
-import os
-import traceback
 
 import numpy as np
 import pytest
 import torch
 
+from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.couplings.distributed import count_bytes
 from loom_kernels.couplings.grouped import Partition
@@ -21,7 +19,6 @@ pytestmark = pytest.mark.distributed
 
 B, P, SHAPE, CACHES, SEED, STEPS, G = 6, 96, (2, 3), 2, 5, 3, 5
 CLASSES, MB_DIM = 3, 7
-TIMEOUT_S = 120
 
 
 def _data():
@@ -100,52 +97,23 @@ def _errors(rank, world):
     return errors, untouched
 
 
+def _results(rank, world):
+    result = {"loom": _loom_runs(rank, world, False)}
+    if world <= 4:
+        result["loom_labels"] = _loom_runs(rank, world, True)
+        result["mb"] = _mb_runs(rank, world)
+        result["errors"] = _errors(rank, world)
+    return result
+
+
 def _worker(rank, world, store, out_dir):
-    try:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        torch.set_num_threads(1)
-        import datetime
-
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        result = {"loom": _loom_runs(rank, world, False)}
-        if world <= 4:
-            result["loom_labels"] = _loom_runs(rank, world, True)
-            result["mb"] = _mb_runs(rank, world)
-            result["errors"] = _errors(rank, world)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _spawn(world, out, target=None, extra=()):
-    """Run ``target(rank, world, store, out_dir, *extra)`` (``_worker`` by default) on ``world`` gloo ranks."""
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target or _worker, args=(r, world, str(out / "store"), str(out), *extra))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(TIMEOUT_S)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-        p.join()
-    errs = [(out / f"rank{r}.err").read_text() for r in range(world) if (out / f"rank{r}.err").exists()]
-    assert not alive, f"distributed workers timed out after {TIMEOUT_S}s"
-    assert not errs and all(p.exitcode == 0 for p in procs), errs
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    run_rank(rank, world, store, out_dir, lambda: _results(rank, world))
 
 
 @pytest.fixture(scope="module", params=[2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def world(request, tmp_path_factory):
     w = request.param
-    return w, _spawn(w, tmp_path_factory.mktemp(f"w{w}"))
+    return w, spawn(w, tmp_path_factory.mktemp(f"w{w}"), _worker)
 
 
 def _loom_reference(world, labelled):

@@ -7,13 +7,12 @@ are tiny and ``P`` is not a multiple of ``W``, so shards have uneven sizes.
 """
 import os
 import shutil
-import traceback
 
 import pytest
 import torch
 
+from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import LoomCoupling
-from test_coupling_scaling import _spawn
 
 pytestmark = pytest.mark.distributed
 
@@ -93,7 +92,7 @@ def _save_w4(rank, world, out_dir):
 
 
 def _worker4(rank, world, store, out_dir):
-    _run_worker(rank, world, store, out_dir, lambda: {"cmp": _compare_tables(rank, world),
+    run_rank(rank, world, store, out_dir, lambda: {"cmp": _compare_tables(rank, world),
                                                       "saved": _save_w4(rank, world, out_dir)})
 
 
@@ -106,32 +105,14 @@ def _worker2(rank, world, store, out_dir, ckpt_dir):
         for k, c in loaded.items():
             res[k].update(_record(c, rank, _batches(world, 2, salt=5), True))
         return {"cmp": _compare_tables(rank, world), "loaded": res}
-    _run_worker(rank, world, store, out_dir, body)
-
-
-def _run_worker(rank, world, store, out_dir, body):
-    try:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        torch.set_num_threads(1)
-        import datetime
-
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
-        torch.save(body(), os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    run_rank(rank, world, store, out_dir, body)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d4, d2 = tmp_path_factory.mktemp("w4"), tmp_path_factory.mktemp("w2")
-    w4 = _spawn(4, d4, _worker4)
-    w2 = _spawn(2, d2, _worker2, (str(d4),))
+    w4 = spawn(4, d4, _worker4)
+    w2 = spawn(2, d2, _worker2, (str(d4),))
     return {4: w4, 2: w2}, d4
 
 
