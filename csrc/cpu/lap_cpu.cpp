@@ -80,7 +80,8 @@ inline bool lex_less(double a, int64_t ia, double b, int64_t ib) {
 }
 
 // ---- SIMD layer -------------------------------------------------------------------------------
-// One vector type per target (AVX-512, AVX2); the kernels below are written once against it.
+// One vector type per target (AVX-512, AVX2); the kernels below are written once against it, so the
+// per-target structs are parallel by design (same members, each in its own ISA's intrinsics).
 // Lanes hold doubles and int64 column indices side by side.
 #if defined(__AVX512F__)
 #define LOOM_LAP_SIMD 1

@@ -59,7 +59,8 @@ inline float as_f32(uint32_t u) {
 // only the low halves) and its high half one pshufd (which leaves junk in the high half). gcc does not find pmuludq from scalar code
 // (it emits a full 64x64 multiply, or widens packed 32-bit lanes and permutes them back every
 // round), hence the intrinsics; the high halves of the lanes carry junk that every multiply and
-// the final (uint32_t) drop.
+// the final (uint32_t) drop. The per-ISA blocks below repeat one shape on purpose: the same six
+// operations in each target's intrinsics, so that philox_lanes is written once against them.
 #if defined(__AVX512F__)
 using Vec = __m512i;
 inline Vec v_set1(uint64_t a) { return _mm512_set1_epi64(static_cast<long long>(a)); }
