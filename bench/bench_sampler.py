@@ -102,23 +102,29 @@ def provider_fn(provider, model, x0, method):
     return lambda: diffeq(model, x0, method)
 
 
-def _run(benchmark, case, method, provider, device):
-    model, x0 = make_problem(case, device)
-    fn = provider_fn(provider, model, x0, method)
+def _check_and_time(benchmark, fn, want, device, rounds, group, **extra):
+    """Warm ``fn`` up (on CUDA: eager, capture, replay), check it against ``want``, then time it
+    (on CUDA with a synchronize per round) under ``group``, ``extra`` going to extra_info."""
     clear_graph_cache()
-    want = python_loop(model, x0, method)
-    for _ in range(3 if device == "cuda" else 1):  # warm-up; loom on CUDA: eager, capture, replay
+    for _ in range(3 if device == "cuda" else 1):
         got = fn()
     torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    timed = fn
     if device == "cuda":
         def timed():
             fn()
             torch.cuda.synchronize()
-    else:
-        timed = fn
-    benchmark.group = f"sampler {method} nfe {NFE}, {case} batch {CASES[case]}, {device}"
-    benchmark.extra_info.update(provider=provider, nfe=NFE, batch=CASES[case])
-    benchmark.pedantic(timed, rounds=20 if device == "cuda" else 5, iterations=1, warmup_rounds=1)
+    benchmark.group = group
+    benchmark.extra_info.update(extra)
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+def _run(benchmark, case, method, provider, device):
+    model, x0 = make_problem(case, device)
+    fn = provider_fn(provider, model, x0, method)
+    _check_and_time(benchmark, fn, python_loop(model, x0, method), device, 20 if device == "cuda" else 5,
+                    f"sampler {method} nfe {NFE}, {case} batch {CASES[case]}, {device}",
+                    provider=provider, nfe=NFE, batch=CASES[case])
 
 
 @pytest.mark.parametrize("provider", ["loom", "loop", "torchdiffeq"])
@@ -200,19 +206,9 @@ def _run_kwargs(benchmark, method, provider, device):
 
         def fn():
             return sample(bound, x0, NFE, method=method)
-    clear_graph_cache()
-    want = python_loop(lambda x, t: model(x, t, y), x0, method)
-    for _ in range(3 if device == "cuda" else 1):
-        got = fn()
-    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
-    timed = fn
-    if device == "cuda":
-        def timed():
-            fn()
-            torch.cuda.synchronize()
-    benchmark.group = f"sampler {method} nfe {NFE} with/without model_kwargs, cond-MLP batch {KW_BATCH}, {device}"
-    benchmark.extra_info.update(provider=provider, nfe=NFE, batch=KW_BATCH)
-    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=1)
+    _check_and_time(benchmark, fn, python_loop(lambda x, t: model(x, t, y), x0, method), device, 20,
+                    f"sampler {method} nfe {NFE} with/without model_kwargs, cond-MLP batch {KW_BATCH}, {device}",
+                    provider=provider, nfe=NFE, batch=KW_BATCH)
 
 
 @pytest.mark.parametrize("provider", ["model_kwargs", "no_kwargs"])
@@ -254,19 +250,10 @@ def _run_fm(benchmark, batch, method, provider, device):
     def fn():
         return solver.sample(x0, step_size=1.0 / FM_STEPS, method=method)
 
-    clear_graph_cache()
     want = fm_solver.ODESolver(velocity_model=model).sample(x0, step_size=1.0 / FM_STEPS, method=method)
-    for _ in range(3 if device == "cuda" else 1):
-        got = fn()
-    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
-    timed = fn
-    if device == "cuda":
-        def timed():
-            fn()
-            torch.cuda.synchronize()
-    benchmark.group = f"ODESolver.sample {method}, {FM_STEPS} steps, 3x256 MLP batch {batch}, {device}"
-    benchmark.extra_info.update(provider=provider, steps=FM_STEPS, batch=batch)
-    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=1)
+    _check_and_time(benchmark, fn, want, device, 20,
+                    f"ODESolver.sample {method}, {FM_STEPS} steps, 3x256 MLP batch {batch}, {device}",
+                    provider=provider, steps=FM_STEPS, batch=batch)
 
 
 @pytest.mark.parametrize("provider", ["loom", "flow_matching"])

@@ -57,6 +57,31 @@ def column_label(col: str) -> str:
     return f"{'Euler' if method == 'euler' else method} NFE {col[len(method):]}"
 
 
+# settings key -> command-line flag (its dest) of the run sizes the demo and the study share
+SIZE_FLAGS = {"steps": "steps", "batch_size": "batch_size", "n": "points", "n_eval": "n_eval"}
+
+
+def add_size_options(p: argparse.ArgumentParser) -> None:
+    """The run-size options of the demo and the study (each defaults to its data set's preset)."""
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per data set)")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default per data set)")
+    p.add_argument("--points", type=int, default=None,
+                   help="training points of a 2-D set (held-out set: the same size)")
+    p.add_argument("--n-eval", type=int, default=None, help="generated samples / held-out points for W2")
+
+
+def override_sizes(s: dict, args, flags: dict = SIZE_FLAGS) -> dict:
+    """``s`` (settings, changed in place and returned) with every flag of ``flags`` the user gave;
+    a given value must be positive (SystemExit naming the flag)."""
+    for key, flag in flags.items():
+        v = getattr(args, flag)
+        if v is not None:
+            if v <= 0:
+                raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {v}")
+            s[key] = v
+    return s
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loom_kernels.demo",
@@ -67,12 +92,8 @@ def _parser() -> argparse.ArgumentParser:
                     "every seed, writes a PNG figure, a JSON of the numbers and the EMA model of each run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="8gaussians", help="8gaussians, moons, checkerboard or digits")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per coupling (default per data set)")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default per data set)")
-    p.add_argument("--points", type=int, default=None,
-                   help="training points of a 2-D set (held-out set: the same size)")
+    add_size_options(p)
     p.add_argument("--num-caches", type=int, default=1, help="LOOM noise caches per data point")
-    p.add_argument("--n-eval", type=int, default=None, help="generated samples / held-out points for W2")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (seed, seed+1, ...); default 3")
     p.add_argument("--out", default="loom_demo", help="output folder (figure, JSON, models)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
@@ -98,12 +119,7 @@ def _settings(args) -> dict:
         s.update(_PRESETS["quick"])
         if args.data == "digits":
             s.update(n=None, hidden=64, n_eval=128)
-    flags = {"steps": "steps", "batch_size": "batch_size", "n": "points", "n_eval": "n_eval", "seeds": "seeds"}
-    for key, flag in flags.items():
-        if getattr(args, flag) is not None:
-            s[key] = getattr(args, flag)
-        if s[key] is not None and s[key] <= 0:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {s[key]}")
+    override_sizes(s, args, {**SIZE_FLAGS, "seeds": "seeds"})
     if args.num_caches < 1:
         raise SystemExit(f"--num-caches must be >= 1, got {args.num_caches}")
     return s

@@ -197,6 +197,8 @@ def _thin(points: list, k: int) -> list:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .demo import add_size_options
+
     p = argparse.ArgumentParser(
         prog="python -m loom_kernels.study",
         description="The paper's ablations (minibatch OT, fixed noise without reassignment, training after "
@@ -207,24 +209,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per data kind)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--points", type=int, default=None, help="training points of a 2-D set")
-    p.add_argument("--n-eval", type=int, default=None, help="samples / held-out points for W2")
+    add_size_options(p)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, one thread each)")
     p.add_argument("--out", default="loom_study")
     return p
 
 
 def settings(args, data: str) -> dict:
-    s = dict(DEFAULTS["digits" if data == "digits" else "2d"])
-    for key, flag in {"steps": "steps", "batch_size": "batch_size", "n": "points", "n_eval": "n_eval"}.items():
-        v = getattr(args, flag)
-        if v is not None:
-            if v <= 0:
-                raise SystemExit(f"--{flag.replace('_', '-')} must be positive, got {v}")
-            s[key] = v
-    return s
+    from .demo import override_sizes
+
+    return override_sizes(dict(DEFAULTS["digits" if data == "digits" else "2d"]), args)
 
 
 def run(args) -> list:
