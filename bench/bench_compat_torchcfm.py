@@ -38,3 +38,28 @@ def test_sample_plan_cpu(benchmark, provider, b, d, replace):
     np.random.seed(0)
     out0, out1 = benchmark(sampler.sample_plan, x0, x1, replace=replace)
     assert out0.shape == x0.shape and out1.shape == x1.shape
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("b", [256, 1024])
+@pytest.mark.parametrize("provider", ["loom", "torchcfm"])
+def test_sample_plan_cuda(benchmark, provider, b):
+    """CUDA tensors, D=3072, ``replace=False``: ours stays on the GPU; TorchCFM copies the cost to numpy
+    for POT (skipped where torchcfm is not installed, as on an offline GPU machine)."""
+    if provider == "torchcfm":
+        sampler = pytest.importorskip("torchcfm.optimal_transport").OTPlanSampler("exact")
+    else:
+        sampler = ours.OTPlanSampler("exact")
+    x0, x1 = (t.cuda() for t in _problem(b, 3072))
+    benchmark.group = f"sample_plan exact cuda b={b} D=3072 replace=False"
+    benchmark.extra_info.update(provider=provider)
+    np.random.seed(0)
+
+    def call():
+        out = sampler.sample_plan(x0, x1, replace=False)
+        torch.cuda.synchronize()
+        return out
+
+    call()
+    out0, out1 = benchmark(call)
+    assert out0.shape == x0.shape and out0.device == x0.device

@@ -104,3 +104,30 @@ def test_minibatch_ot_labels_cpu(benchmark, d, classes):
     benchmark.extra_info.update(provider=f"classes={classes}" if classes else "unconditional", threads=1)
     out, _ = benchmark(lambda: coupling(x1, x0=x0, labels=labels))
     assert out.shape == x1.shape
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("classes", [0, 10, 1000])
+def test_coupling_step_labels_cuda(benchmark, classes):
+    """A LOOM step with class labels on the GPU (one batched solve, cross-class pairs forbidden) vs the
+    unconditional step (``classes=0``), b=256, CIFAR shape: the labels must not cost extra host syncs."""
+    b = 256
+    shape, caches = SHAPES["cifar"]
+    n, data, batches = _problem(b, shape, device="cuda")
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(max(classes, 1), (n,), generator=g).cuda() if classes else None
+    coupling = LoomCoupling(n, shape, num_caches=caches, seed=0, device="cuda")
+    benchmark.group = f"coupling step cuda cifar 3x32x32 b={b} labels"
+    benchmark.extra_info.update(provider=f"classes={classes}" if classes else "unconditional", caches=caches)
+    it = itertools.cycle(batches)
+
+    def step():
+        idx = next(it)
+        x0, _ = coupling(data[idx.cuda()], idx, labels=None if labels is None else labels[idx.cuda()])
+        torch.cuda.synchronize()
+        return x0
+
+    for _ in range(3):
+        step()
+    x0 = benchmark(step)
+    assert x0.shape == (b, *shape)
