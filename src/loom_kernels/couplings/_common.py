@@ -73,19 +73,18 @@ def _solve(cost: torch.Tensor, labels: torch.Tensor | None = None, data: str = "
     one batched solve (the identity stays feasible). A non-finite cost can only come from the data
     (noise is finite), so it is reported as the argument ``data``'s, before any caller changes its state.
     """
-    if cost.device.type == "cpu":
-        if not bool(torch.isfinite(cost).all()):
-            _raise_bad_data(data)
-    else:
-        # No host read of our own: a non-finite cost becomes NaN, which assign refuses inside its own
-        # sync. A bad x1 row keeps its NaN on the diagonal, which the label mask never covers.
+    # No pass of our own over the cost: a bad data row makes assign refuse (NaN entries, or a row of
+    # +inf that leaves no feasible assignment), and only then is the cost checked, to name the data.
+    # On CUDA non-finite costs become NaN so the refusal needs no host read besides assign's own sync.
+    raw = cost
+    if cost.device.type != "cpu":
         cost = torch.where(torch.isfinite(cost), cost, cost.new_full((), float("nan")))
     if labels is not None:
         cost = cost.masked_fill(labels[:, None] != labels[None, :], float("inf"))
     try:
         return assign(cost)
     except ValueError:
-        if cost.device.type != "cpu" and bool(torch.isnan(cost).any()):
+        if not bool(torch.isfinite(raw).all()):
             _raise_bad_data(data)
         raise
 

@@ -1,0 +1,147 @@
+"""Times the same user-facing calls on two source trees in one run, and checks they give the same results.
+
+For refactors: each tree (a directory that holds the ``loom_kernels`` package with its compiled
+modules, e.g. ``src`` of this checkout and an old checkout built in place) gets its own worker process;
+the workers take turns call by call (rotating which goes first), so load on a shared machine hits both
+alike. Every case prints the median per tree, the ratio and whether the outputs are bit-identical.
+
+Run: ``OMP_NUM_THREADS=1 python bench/tools/compare_trees.py --tree new=src --tree old=/path/old --rounds 15``
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+# One JSON request per line on stdin: {"case": name, "iters": k}; one JSON reply: seconds per call and
+# a digest of the output. The cases build their inputs from fixed seeds, so both trees see the same data.
+WORKER = r'''
+import hashlib, json, sys, time
+import numpy as np, torch
+torch.set_num_threads(1)
+
+def digest(x):
+    if isinstance(x, (tuple, list)):
+        return "".join(digest(t) for t in x)
+    a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return hashlib.sha1(np.ascontiguousarray(a).tobytes()).hexdigest()[:12]
+
+def data(n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g)
+
+def case_loom_step():
+    from loom_kernels.coupling import LoomCoupling
+    n, shape = 1024, (3, 32, 32)
+    c = LoomCoupling(n, shape, num_caches=6, seed=0, metric="euclidean")
+    x = torch.tanh(data(n, 3072, 1)).reshape(n, *shape)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(2))
+    k = [0]
+    def run():
+        idx = order[(k[0] % 4) * 256:(k[0] % 4 + 1) * 256]
+        k[0] += 1
+        return c(x[idx], idx)[0]
+    return run
+
+def case_minibatch_ot():
+    from loom_kernels.coupling import MinibatchOTCoupling
+    x1, x0 = torch.tanh(data(256, 3072, 3)), data(256, 3072, 4)
+    c = MinibatchOTCoupling()
+    return lambda: c(x1, x0=x0)[0]  # x0 by keyword: accepted before and after it became keyword-only
+
+def case_assign():
+    from loom_kernels.assign import assign
+    from loom_kernels.cost import pairwise_cost
+    a, b = data(64 * 256, 64, 5).reshape(64, 256, 64), data(64 * 256, 64, 6).reshape(64, 256, 64)
+    cost = torch.stack([pairwise_cost(a[i], b[i]) for i in range(64)])
+    return lambda: assign(cost)
+
+def case_cost():
+    from loom_kernels.cost import pairwise_cost
+    x, y = data(256, 3072, 7), data(256, 3072, 8)
+    return lambda: pairwise_cost(x, y)
+
+def case_noise():
+    from loom_kernels.noise import gaussian_noise
+    seeds = torch.arange(256) * 7919
+    return lambda: gaussian_noise(seeds, (3072,))
+
+def case_sample():
+    from loom_kernels.sampler import sample
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 256), torch.nn.SiLU(), torch.nn.Linear(256, 256), torch.nn.SiLU(),
+                              torch.nn.Linear(256, 2))
+    model = lambda x, t: net(torch.cat([x, t[:, None]], 1))
+    x0 = data(4096, 2, 9)
+    return lambda: sample(model, x0, 8, method="midpoint")
+
+CASES = {k[5:]: v for k, v in dict(globals()).items() if k.startswith("case_")}
+built = {}
+for line in sys.stdin:
+    req = json.loads(line)
+    if req["case"] not in built:
+        built[req["case"]] = CASES[req["case"]]()
+    fn = built[req["case"]]
+    out = fn()
+    t = time.perf_counter()
+    for _ in range(req["iters"]):
+        out = fn()
+    dt = (time.perf_counter() - t) / req["iters"]
+    print(json.dumps({"s": dt, "digest": digest(out)}), flush=True)
+'''
+CASES = ("loom_step", "minibatch_ot", "assign", "cost", "noise", "sample")
+# The LOOM step changes its table each call: its digest is compared on the first call only.
+STATEFUL = {"loom_step"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tree", action="append", required=True, metavar="NAME=DIR",
+                   help="a directory holding the loom_kernels package (give two)")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--iters", type=int, default=3, help="calls per timed turn")
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
+    args = p.parse_args(argv)
+    trees = dict(t.split("=", 1) for t in args.tree)
+    workers = {}
+    for name, path in trees.items():
+        env = dict(os.environ, PYTHONPATH=os.path.abspath(path), OMP_NUM_THREADS="1")
+        workers[name] = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, env=env, cwd="/")
+
+    def ask(name, case, iters):
+        w = workers[name]
+        w.stdin.write(json.dumps({"case": case, "iters": iters}) + "\n")
+        w.stdin.flush()
+        line = w.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the worker for tree {name!r} died on case {case!r}")
+        return json.loads(line)
+
+    names = list(trees)
+    print(f"{'case':<14}" + "".join(f"{n + ' ms':>12}" for n in names) + f"{'ratio':>8}  same output")
+    for case in args.cases:
+        first = {n: ask(n, case, 1)["digest"] for n in names}  # warm-up, and the first outputs
+        times = {n: [] for n in names}
+        digests = {n: set() for n in names}
+        for r in range(args.rounds):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                rep = ask(n, case, args.iters)
+                times[n].append(rep["s"])
+                digests[n].add(rep["digest"])
+        med = {n: statistics.median(times[n]) * 1e3 for n in names}
+        later_same = case in STATEFUL or len({frozenset(d) for d in digests.values()}) == 1
+        same = len(set(first.values())) == 1 and later_same
+        print(f"{case:<14}" + "".join(f"{med[n]:>12.3f}" for n in names)
+              + f"{med[names[0]] / med[names[1]]:>8.2f}  {'yes' if same else 'NO'}")
+    for w in workers.values():
+        w.stdin.close()
+        w.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
