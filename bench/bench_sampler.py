@@ -111,13 +111,13 @@ def provider_fn(provider, model, x0, method):
     return lambda: diffeq(model, x0, method)
 
 
-def _check_and_time(benchmark, fn, want, device, rounds, group, **extra):
-    """Warm ``fn`` up (on CUDA: eager, capture, replay), check it against ``want``, then time it
-    (on CUDA with a synchronize per round) under ``group``, ``extra`` going to extra_info."""
+def _check_and_time(benchmark, fn, want, device, rounds, group, tol=2e-4, **extra):
+    """Warm ``fn`` up (on CUDA: eager, capture, replay), check it against ``want`` to ``tol``, then time
+    it (on CUDA with a synchronize per round) under ``group``, ``extra`` going to extra_info."""
     clear_graph_cache()
     for _ in range(3 if device == "cuda" else 1):
         got = fn()
-    torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     timed = fn
     if device == "cuda":
         def timed():
@@ -280,12 +280,6 @@ def test_flow_matching_solver_cuda(benchmark, batch, method, provider):
     _run_fm(benchmark, batch, method, provider, "cuda")
 
 
-def _dopri5_problem(device):
-    model, x0 = make_problem("mlp", device)
-    ref = diffeq_dopri5(model, x0)
-    return model, x0, ref
-
-
 def diffeq_dopri5(model, x0, tol=1e-5):
     grid = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
     with torch.no_grad():
@@ -294,7 +288,7 @@ def diffeq_dopri5(model, x0, tol=1e-5):
 
 
 def _run_dopri5(benchmark, provider, device):
-    model, x0, ref = _dopri5_problem(device)
+    model, x0 = make_problem("mlp", device)
     if provider == "loom":
         def fn():
             return sample(model, x0, method="dopri5", rtol=1e-5, atol=1e-5)
@@ -302,16 +296,9 @@ def _run_dopri5(benchmark, provider, device):
         def fn():
             return diffeq_dopri5(model, x0)
     # Both are adaptive with the same tolerance: they agree to about the tolerance, not to rounding.
-    got = fn()
-    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
-    timed = fn
-    if device == "cuda":
-        def timed():
-            fn()
-            torch.cuda.synchronize()
-    benchmark.group = f"sampler dopri5 rtol=atol=1e-5, mlp batch {CASES['mlp']}, {device}"
-    benchmark.extra_info.update(provider=provider)
-    benchmark.pedantic(timed, rounds=5, iterations=1, warmup_rounds=1)
+    _check_and_time(benchmark, fn, diffeq_dopri5(model, x0), device, 5,
+                    f"sampler dopri5 rtol=atol=1e-5, mlp batch {CASES['mlp']}, {device}", tol=1e-3,
+                    provider=provider)
 
 
 @pytest.mark.parametrize("provider", ["loom", "torchdiffeq"])
