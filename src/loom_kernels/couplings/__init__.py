@@ -27,8 +27,8 @@ Example::
         t = torch.rand(len(x1), device=x1.device)
         ...                                          # flow-matching loss on (1-t) x0 + t x1
 """
-from ._common import METRICS
 from .base import Coupling
+from .common import METRICS
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..cost import pairwise_cost
-from ._common import _to
+from .common import to_device
 
 
 def _default_group(process_group):
@@ -67,7 +67,7 @@ def _count(sent: int, received: int):
 
 def _all_gather(t: torch.Tensor, group, world: int, device) -> torch.Tensor:
     """Concatenate along dim 0 the same-shaped tensor from every rank (rank order)."""
-    src = _to(t, device).contiguous()
+    src = to_device(t, device).contiguous()
     out = [torch.empty_like(src) for _ in range(world)]
     torch.distributed.all_gather(out, src, group=group)
     nbytes = src.numel() * src.element_size()
@@ -80,7 +80,7 @@ def _all_to_all(t: torch.Tensor, send: Sequence[int], recv: Sequence[int], rank:
 
     ``send``/``recv`` are row counts per rank (every rank must know its own, e.g. from a shared partition).
     """
-    src = _to(t, device).contiguous()
+    src = to_device(t, device).contiguous()
     out = src.new_empty((sum(recv), *src.shape[1:]))
     torch.distributed.all_to_all_single(out, src, list(recv), list(send), group=group)
     row = src.element_size() * math.prod(src.shape[1:])  # a rank may send nothing (src[0] would not exist)
@@ -88,7 +88,7 @@ def _all_to_all(t: torch.Tensor, send: Sequence[int], recv: Sequence[int], rank:
     return out
 
 
-def _check_whole_world(process_group, who: str):
+def check_whole_world(process_group, who: str):
     """Refuse a ``process_group`` smaller than the default group for a coupling whose state is one table.
 
     The ranks outside the group would keep their own tables, which diverge silently (and no agreement
@@ -107,7 +107,7 @@ def _check_whole_world(process_group, who: str):
 
 
 
-class _Group:
+class Group:
     """The process group as one coupling call sees it: the exchange shared by both OT couplings.
 
     ``world == 1`` (no group, or a group of one) makes every method a no-op or a local computation, so
@@ -124,13 +124,13 @@ class _Group:
         (``recv[r]`` from rank ``r``, in rank order), on ``t``'s device."""
         if self.world == 1:
             return t
-        return _to(_all_to_all(t, send, recv, self.rank, self.group, self.cdev), t.device)
+        return to_device(_all_to_all(t, send, recv, self.rank, self.group, self.cdev), t.device)
 
     def gather(self, t: torch.Tensor, device=None) -> torch.Tensor:
         """Every rank's ``t`` concatenated along dim 0 (rank order) on ``device`` (``t``'s by default)."""
         if self.world == 1:
             return t
-        return _to(_all_gather(t, self.group, self.world, self.cdev), t.device if device is None else device)
+        return to_device(_all_gather(t, self.group, self.world, self.cdev), t.device if device is None else device)
 
     def agree(self, who: str, sizes: dict, inputs: dict, config: dict, failed: bool = False):
         """One small all-gather that every rank makes before the call's collectives.

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ._common import _check_labels, _check_metric, _check_x1
 from .base import Coupling
+from .common import check_labels, check_metric, check_x1
 
 
 class IndependentCoupling(Coupling):
@@ -25,13 +25,13 @@ class IndependentCoupling(Coupling):
 
     def __init__(self, *, generator: torch.Generator | None = None, metric: str = "sqeuclidean") -> None:
         self.generator = generator
-        self.metric = _check_metric(metric)
+        self.metric = check_metric(metric)
         self.stats = {}
 
     def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_x1(x1)
-        _check_labels(labels, x1.shape[0], x1.device)
+        check_x1(x1)
+        check_labels(labels, x1.shape[0], x1.device)
         x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         d = (x1 - x0).flatten(1).double().pow(2).sum(1)
         c = d if self.metric == "sqeuclidean" else d.sqrt()

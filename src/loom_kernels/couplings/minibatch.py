@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import METRICS, _check_labels, _check_metric, _check_x1, _cost_dtype, _pair_stats, _solve
 from .base import Coupling
-from .distributed import _Group
+from .common import METRICS, check_labels, check_metric, check_x1, cost_dtype, pair_stats, solve
+from .distributed import Group
 from .grouped import DEFAULT_GROUP_SIZE, Partition, check_group_size, solve_minibatch_groups
 
 _SCOPES = ("global", "local", "grouped")
@@ -53,7 +53,7 @@ class MinibatchOTCoupling(Coupling):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.group_size = check_group_size(group_size)
         self._part_gen = torch.Generator().manual_seed(seed)  # the same on every rank: the partition
-        self.metric = _check_metric(metric)
+        self.metric = check_metric(metric)
         self.generator = generator
         self.process_group = process_group
         self.scope = scope
@@ -67,7 +67,7 @@ class MinibatchOTCoupling(Coupling):
                 "coupling(x1, x0=noise). A second positional argument is refused because TorchCFM's order is "
                 "(x0, x1): coupling(x0, x1) would treat the noise as data and train the reverse flow"
             )
-        grp = _Group(self.process_group, local=self.scope == "local")
+        grp = Group(self.process_group, local=self.scope == "local")
         try:
             labels = self._check_inputs(x1, x0, labels, self.scope)
         except (TypeError, ValueError):
@@ -82,15 +82,15 @@ class MinibatchOTCoupling(Coupling):
         if b == 0:
             self.stats = {}
             return x0[:0], x1
-        dt = _cost_dtype(x1.dtype)
+        dt = cost_dtype(x1.dtype)
         if self.scope == "grouped":
             part = Partition(grp.world * b, b, grp.world, self.group_size, self._part_gen)
             x0, self.stats = solve_minibatch_groups(grp, part, x1.flatten(1).to(dt), x0, self.metric, labels, dt)
             return x0, x1
         g_x0 = grp.gather(x0)  # every rank's noise: rank r's rows may be matched with it
         cost = grp.global_cost(x1.flatten(1).to(dt), g_x0.flatten(1).to(dt), self.metric)
-        col = _solve(cost, None if labels is None else grp.gather(labels))
-        self.stats = _pair_stats(cost, col)
+        col = solve(cost, None if labels is None else grp.gather(labels))
+        self.stats = pair_stats(cost, col)
         return g_x0[col[grp.rank * b:(grp.rank + 1) * b]], x1
 
     def _config(self) -> dict:
@@ -114,9 +114,9 @@ class MinibatchOTCoupling(Coupling):
 
     @staticmethod
     def _check_inputs(x1, x0, labels, scope="global"):
-        _check_x1(x1)
+        check_x1(x1)
         if x0 is not None:
-            _check_x1(x0, "x0")
+            check_x1(x0, "x0")
             if x0.shape[1:] != x1.shape[1:] or x0.shape[0] < x1.shape[0]:
                 raise ValueError(
                     f"x0 must have shape (m, *x1.shape[1:]) with m >= b = {x1.shape[0]}, "
@@ -126,7 +126,7 @@ class MinibatchOTCoupling(Coupling):
                 raise ValueError(f"x0 must be on x1's device {x1.device}, got {x0.device}")
         if scope == "grouped" and x0 is not None and x0.shape[0] != x1.shape[0]:
             raise ValueError(f"scope='grouped' needs x0 with exactly b = {x1.shape[0]} rows, got {x0.shape[0]}")
-        labels = _check_labels(labels, x1.shape[0], x1.device)
+        labels = check_labels(labels, x1.shape[0], x1.device)
         if labels is not None and x0 is not None and x0.shape[0] != x1.shape[0]:
             raise ValueError(
                 f"labels need x0 with exactly b = {x1.shape[0]} rows (row i is item i's noise), got {x0.shape[0]}"
