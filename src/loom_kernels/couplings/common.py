@@ -2,6 +2,7 @@
 
 Public to the package (the couplings, the tables and compat import them); not part of the user API.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,7 +50,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if t.device.type == "cpu" and device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
 
 
 def check_labels(labels, b: int, device: torch.device):

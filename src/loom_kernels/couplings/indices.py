@@ -3,6 +3,7 @@
 Host indices are checked at once; device indices are flagged on the device and checked after the solve's
 own host sync (no extra stall), while clamped copies keep the table's gathers in bounds meanwhile.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,11 +19,23 @@ def as_index_tensor(indices, b: int, x1_shape: tuple, table_device: torch.device
     if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
         raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
     if indices.dim() != 1 or indices.shape[0] != b:
-        raise ValueError(f"indices must have shape (b,) = ({b},) to match x1 {tuple(x1_shape)}, "
-                         f"got {tuple(indices.shape)}")
+        raise ValueError(
+            f"indices must have shape (b,) = ({b},) to match x1 {tuple(x1_shape)}, got {tuple(indices.shape)}"
+        )
     if indices.device.type != "cpu" and indices.device != table_device:
         raise ValueError(f"indices must be on the table's device {table_device} (or on the CPU), got {indices.device}")
     return indices.to(torch.int64)
+
+
+def resample_indices(indices, num_points: int) -> torch.Tensor:
+    """``resample``'s rows: int64 ``(n,)`` on the CPU, each in range and distinct, or a clear error."""
+    idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
+    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+        raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
+    idx = idx.reshape(-1).to(torch.int64).cpu()
+    if len(idx) and bool(index_flags(idx, num_points).any()):
+        raise_index_error(idx, num_points, where="a resample call")
+    return idx
 
 
 def index_flags(idx: torch.Tensor, num_points: int) -> torch.Tensor:

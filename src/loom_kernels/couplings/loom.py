@@ -8,9 +8,9 @@ This module is the conductor: argument checks, the slot draw and the agreement o
 steps of ``loom_steps.py`` over the table (``tables/``: replicated or sharded behind one interface);
 index checks live in ``indices.py``, checkpoint checks and reading in ``loom_state.py``.
 """
+
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import warnings
@@ -20,29 +20,21 @@ import numpy as np
 import torch
 
 from .._device import resolve_device
+from . import loom_state
 from .base import Coupling
 from .common import METRICS, check_labels, check_metric, check_x1, cost_dtype, to_device
 from .distributed import Group, check_whole_world
 from .grouped import DEFAULT_GROUP_SIZE, budget_warning, check_group_size
-from .indices import IndexCheck, as_index_tensor, index_flags, raise_index_error
-from .loom_state import FORMAT_VERSION, check_manifest, check_state, is_manifest, loom_config, read_checkpoint
+from .indices import IndexCheck, as_index_tensor, resample_indices
+from .loom_state import LoomPersistence, serialized
 from .loom_steps import Batch, LoomSpec, step_for
 from .seed_stream import seed_values
-from .tables import TABLES, LoomTable, check_table_args, make_table, mmap_path_for, rows_for
+from .tables import TABLES, LoomTable, check_table_args, make_table
 
 SCOPES = ("global", "local", "grouped")
 
 
-def _serialized(method):
-    """Run ``method`` under the coupling's lock: threads sharing one coupling take turns on the table."""
-    @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return locked
-
-
-class LoomCoupling(Coupling):
+class LoomCoupling(LoomPersistence, Coupling):
     """LOOM-CFM: a persistent data-noise assignment, improved by every minibatch (exact, fast, DDP-aware).
 
     The coupling owns a seed table ``seeds`` of shape ``(num_points, num_caches)`` (int64): data point
@@ -67,40 +59,25 @@ class LoomCoupling(Coupling):
     Indices: each data point may appear at most once per (global) batch, else two items would write
     the same table entry: duplicates raise ``ValueError``. Augmented views (flips, crops) get their
     own index, e.g. ``i + len(dataset)`` with ``num_points = 2 * len(dataset)``. ``indices`` may be on
-    the table's device or on the CPU (validated there without a device sync). A refused batch (bad
-    indices, NaN data) leaves the table unchanged; the slot generator has advanced, as on every rank.
-    If the solver's float tolerance ever returned a matching costlier than the current pairs, the
-    current pairs are kept, so the monotone total is exact for the float32 costs.
+    the table's device or on the CPU. A refused batch (bad indices, NaN data) leaves the table
+    unchanged; the slot generator has advanced, as on every rank. A matching costlier than the current
+    pairs (the solver's float tolerance) is never applied, so the monotone total is exact.
 
-    Distributed: with a process group of size ``W > 1`` (``process_group`` or the default group),
-    every rank calls the coupling with its own batch of the same size ``b``. ``scope="global"`` couples
-    the global batch of ``W * b`` items: ranks all-gather the indices (and labels) and their cost rows
-    (``b x W*b`` floats each; their data instead when it is smaller, ``D < W*b``), every rank
-    regenerates the global noise from the (identical) tables, solves the same assignment and keeps
-    its slice. ``scope="local"`` solves each rank's minibatch and all-gathers the ``(index, slot,
-    seed)`` updates. ``scope="grouped"`` splits the global batch at random (from the slot generator, after
-    the slots) into groups of at most ``group_size`` items, each solved by one owner rank, owners in
-    parallel: items travel to their owner as data rows, owners return the new seeds; the solve stays
-    ``group_size`` wide whatever ``W`` is (see docs/scaling.md for what to choose at 8 to 512 GPUs).
-    Each group's result equals one process solving that group alone. Tables and generator states stay
-    identical on all ranks; noise is never sent. Call ``resample`` with the same arguments on every rank.
-    The table is shared by every rank of the default group, so ``process_group`` must span all of it
-    (a subgroup would let the tables of different subgroups diverge silently: refused).
+    Distributed: with a process group of size ``W > 1`` (``process_group`` or the default group, which
+    it must span: a subgroup is refused), every rank calls the coupling with its own batch of the same
+    size ``b``. ``scope="global"`` couples the global batch of ``W * b`` items exactly, ``"local"`` each
+    rank's batch alone (all updates reach every table), ``"grouped"`` random groups of at most
+    ``group_size`` items solved by owner ranks in parallel (each group as one process would solve it
+    alone); ``loom_steps.py`` says what travels, docs/scaling.md what to choose at 8 to 512 GPUs. Noise
+    is never sent. Call ``resample`` with the same arguments on every rank.
 
-    Memory-mapped tables: ``mmap_path`` keeps the table in a ``.npy`` file on disk (numpy memmap); each
-    call reads and writes only the batch's rows, so 10^8+ points fit. The constructor creates the file
-    (preallocated: a full disk is an error now, not a SIGBUS later) and refuses an existing one unless
-    ``overwrite=True``; resume with ``LoomCoupling.load(checkpoint, mmap_path=...)``. The file is locked
-    while the coupling lives (``close()`` releases it) and every call is journaled, so a crash at any
-    instant leaves the table of the last completed call or the one before (see ``table.SeedTable`` and
-    docs/guarantees.md). Under DDP give each rank its own file (e.g. ``f"table.rank{rank}.npy"`` or a
-    node-local disk): every rank holds a full table.
-
-    Sharded tables: ``table="sharded"`` keeps on each rank only its block of rows (``shard_rows``,
-    ``8 * num_points * num_caches / W`` bytes); reads and writes become all-to-alls of the batch's
-    integers, with results equal to the replicated table's bit for bit, in every scope. ``save`` writes one
-    file per rank plus a manifest (a collective); ``load`` reads it on any world size, as either table kind
-    (see docs/scaling.md). In memory only (no ``mmap_path``).
+    Tables: ``mmap_path`` keeps the table in a ``.npy`` file (numpy memmap, 10^8+ points; preallocated,
+    locked while the coupling lives, every call journaled so a crash leaves the last completed call or
+    the one before: docs/guarantees.md); the constructor refuses an existing file unless
+    ``overwrite=True``; resume with ``LoomCoupling.load(checkpoint, mmap_path=...)``; under DDP give each
+    rank its own file. ``table="sharded"`` keeps on each rank only its block of rows (``shard_rows``,
+    ``8 * num_points * num_caches / W`` bytes, in memory), results equal to the replicated table's bit
+    for bit; ``save`` writes one file per rank plus a manifest, loadable on any world size as either kind.
 
     Threads: calls, ``resample``, ``save`` and ``load_state_dict`` take a lock, so threads sharing one
     coupling take turns.
@@ -137,14 +114,7 @@ class LoomCoupling(Coupling):
         overwrite: bool = False,
         table: str = "replicated",
     ):
-        for name, v, low in (("num_points", num_points, 1), ("num_caches", num_caches, 1), ("seed", seed, None)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or (low is not None and v < low):
-                raise ValueError(f"{name} must be {'a positive' if low else 'an'} int, got {v!r}")
-        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        if len(shape) == 0 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in shape):
-            raise ValueError(f"shape must be a non-empty tuple of positive ints, got {shape!r}")
-        if scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        shape = loom_state.check_args(num_points, shape, num_caches, seed, scope, SCOPES)
         check_table_args(table, mmap_path)
         check_whole_world(process_group, "LoomCoupling")
         self.group_size = check_group_size(group_size)
@@ -187,8 +157,16 @@ class LoomCoupling(Coupling):
     def _create_table(self, overwrite: bool, rows=None) -> LoomTable:
         k = self.num_caches
         rows = rows or (lambda a, b: seed_values(self.seed, a * k, (b - a) * k).reshape(b - a, k))
-        return make_table(self.table, Group(self.process_group), self.num_points, k, self.device, rows,
-                          mmap_path=self.mmap_path, overwrite=overwrite)
+        return make_table(
+            self.table,
+            Group(self.process_group),
+            self.num_points,
+            k,
+            self.device,
+            rows,
+            mmap_path=self.mmap_path,
+            overwrite=overwrite,
+        )
 
     def flush(self):
         """Persist a memory-mapped table to disk and fold its journal in (no-op for an in-memory table)."""
@@ -207,11 +185,15 @@ class LoomCoupling(Coupling):
         if tuple(x1.shape[1:]) != self.shape:
             raise ValueError(f"x1 must have shape (b, {', '.join(map(str, self.shape))}), got {tuple(x1.shape)}")
         if x1.device != self.device:
-            raise ValueError(f"x1 is on {x1.device} but the coupling computes on {self.device}; "
-                             f"build it with LoomCoupling(..., device={str(x1.device)!r}) or move x1")
+            raise ValueError(
+                f"x1 is on {x1.device} but the coupling computes on {self.device}; "
+                f"build it with LoomCoupling(..., device={str(x1.device)!r}) or move x1"
+            )
         if x0 is not None:
-            raise ValueError("LoomCoupling draws the noise from its seed table: x0 must be None (use "
-                             "MinibatchOTCoupling to pair a given noise batch)")
+            raise ValueError(
+                "LoomCoupling draws the noise from its seed table: x0 must be None (use "
+                "MinibatchOTCoupling to pair a given noise batch)"
+            )
         indices = as_index_tensor(indices, x1.shape[0], x1.shape, self.table_device)
         return indices, check_labels(labels, x1.shape[0], x1.device)
 
@@ -220,7 +202,7 @@ class LoomCoupling(Coupling):
             return torch.zeros(n, dtype=torch.int64)
         return torch.randint(self.num_caches, (n,), generator=self._gen, dtype=torch.int64)
 
-    @_serialized
+    @serialized
     def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None) -> tuple:
         """Couple ``x1 (b, *shape)`` with dataset indices ``indices (b,)`` (and ``labels (b,)``).
 
@@ -243,8 +225,14 @@ class LoomCoupling(Coupling):
             self.stats = {}
             return x1.new_empty(x1.shape), x1
         check = IndexCheck(g_idx, self.num_points, grp.world)
-        batch = Batch(x1.flatten(1).to(cost_dtype(x1.dtype)), to_device(check.safe, self.table_device), slots,
-                      labels, slice(grp.rank * b, (grp.rank + 1) * b), check.after_solve)
+        batch = Batch(
+            x1.flatten(1).to(cost_dtype(x1.dtype)),
+            to_device(check.safe, self.table_device),
+            slots,
+            labels,
+            slice(grp.rank * b, (grp.rank + 1) * b),
+            check.after_solve,
+        )
         x0, self.stats = step_for(self.scope, grp.world)(self._table, grp, batch, self._spec)
         return x0.reshape(x1.shape).to(x1.dtype), x1
 
@@ -261,14 +249,21 @@ class LoomCoupling(Coupling):
         """What must agree on every rank: config, slot-generator state, a checksum of the table's head."""
         state = self._gen.get_state().to(torch.int64)
         gen_hash = int((state * torch.arange(1, len(state) + 1)).sum())
-        return {"seed": self.seed, "num_points": self.num_points, "num_caches": self.num_caches,
-                "scope": SCOPES.index(self.scope), "metric": METRICS.index(self.metric),
-                "group_size": self.group_size, "table": TABLES.index(self.table),
-                "slot generator": gen_hash, "seed table": self._table.fingerprint()}
+        return {
+            "seed": self.seed,
+            "num_points": self.num_points,
+            "num_caches": self.num_caches,
+            "scope": SCOPES.index(self.scope),
+            "metric": METRICS.index(self.metric),
+            "group_size": self.group_size,
+            "table": TABLES.index(self.table),
+            "slot generator": gen_hash,
+            "seed table": self._table.fingerprint(),
+        }
 
     # -- resampling -----------------------------------------------------------------------------
 
-    @_serialized
+    @serialized
     def resample(self, indices=None):
         """Draw fresh seeds for the rows ``indices`` (all rows when ``None``), every cache slot.
 
@@ -285,105 +280,13 @@ class LoomCoupling(Coupling):
             self._table.replace(lambda a, b: seed_values(self.seed, start + a * k, (b - a) * k).reshape(b - a, k))
             self._next_counter += self.num_points * k
             return
-        idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
-        if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
-            raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
-        idx = idx.reshape(-1).to(torch.int64).cpu()
-        if len(idx) and bool(index_flags(idx, self.num_points).any()):
-            raise_index_error(idx, self.num_points, where="a resample call")
+        idx = resample_indices(indices, self.num_points)
         if len(idx):
             vals = torch.from_numpy(seed_values(self.seed, start, len(idx) * k))
             rows = idx.repeat_interleave(k).to(self.table_device)
             slots = torch.arange(k).repeat(len(idx)).to(self.table_device)
             self._table.write_same(rows, slots, vals.to(self.table_device))
         self._next_counter += len(idx) * k
-
-    # -- persistence ----------------------------------------------------------------------------
-
-    def _config(self):
-        return loom_config(self.num_points, self.shape, self.num_caches, self.seed, self.metric)
-
-    def state_dict(self) -> dict:
-        """Seeds, slot-generator state, seed counter and config (tensors, ints, strings only).
-
-        ``seeds`` is the live table (not a copy), as in ``nn.Module.state_dict``; with ``table="sharded"``
-        this rank's rows ``shard_rows`` (load it on the same rank of the same world size; ``save``/``load``
-        move a sharded table to another world size).
-        """
-        state = {"version": FORMAT_VERSION, "config": self._config(), "seeds": self.seeds,
-                 "generator": self._gen.get_state(), "next_counter": int(self._next_counter), "scope": self.scope,
-                 "group_size": self.group_size, "mmap_path": self.mmap_path, "table": self.table}
-        state.update(self._table.state())
-        return state
-
-    @_serialized
-    def load_state_dict(self, state: dict):
-        """Restore a ``state_dict()``; refuses one made for another configuration (names what differs)
-        and a corrupt one (zeroed, negative or duplicated seeds, seeds the stream has not handed out,
-        a counter that would hand seeds out again). A memory-mapped table gets a new file, filled
-        before it is renamed over the old one."""
-        self._restore(*check_state(state, self._config(), self._rows_needed()))
-
-    def _rows_needed(self) -> tuple:
-        """The global rows this rank's table holds (or will hold, before it is built)."""
-        return rows_for(self.table, self.num_points, Group(self.process_group))
-
-    def _restore(self, rows, gen: torch.Tensor, next_counter: int):
-        """Install a verified table (``rows(a, b)``: global rows), generator state and seed counter."""
-        self._gen.set_state(gen.cpu())
-        self._next_counter = int(next_counter)
-        if self._table is None:  # from load(): nothing to keep
-            self._table = self._create_table(overwrite=True, rows=rows)
-        else:
-            self._table.replace(rows)
-        self.flush()
-
-    @_serialized
-    def save(self, path: str | os.PathLike):
-        """Write ``state_dict()`` and its checksum to ``path`` atomically (temp file, fsync, rename, fsync
-        of the directory). A crash mid-save leaves the previous file intact; ``load`` verifies the checksum.
-        A sharded table writes one file per rank and a manifest at ``path`` (a collective).
-
-        Example: ``coupling.save("ckpt/coupling.pt")``.
-        """
-        self._table.save(Group(self.process_group), path, self.state_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, *, process_group=None,
-             scope: str | None = None, group_size: int | None = None, mmap_path: str | os.PathLike | None = "auto",
-             table: str | None = None) -> LoomCoupling:
-        """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
-
-        ``table``: "replicated" or "sharded" (default: as saved). A sharded checkpoint (a manifest at
-        ``path`` and one shard file per saving rank beside it) loads on any world size, as either kind;
-        every rank reads only the shards overlapping its rows, each verified (checksum, save id).
-
-        ``mmap_path="auto"`` memory-maps the table again at the path it was saved from (None: in memory):
-        that file is replaced by the checkpoint's table (a new file, renamed in once filled), unless a
-        live coupling holds it (``TableInUseError``). The checkpoint file itself is never modified;
-        its checksum and contents are verified first. Example::
-
-            coupling = LoomCoupling.load("ckpt/coupling.pt", device="cuda")
-        """
-        state = read_checkpoint(path)
-        cfg, saved = state["config"], state.get("table", "replicated")
-        table = table if table is not None else saved
-        coupling = cls.__new__(cls)
-        coupling._defer_table = True  # the table comes from the checkpoint, not from the seed stream
-        coupling.__init__(
-            cfg["num_points"], tuple(cfg["shape"]), num_caches=cfg["num_caches"], seed=cfg["seed"],
-            metric=cfg["metric"], device=device, process_group=process_group,
-            scope=scope if scope is not None else state.get("scope", "global"),
-            group_size=group_size if group_size is not None else state.get("group_size", DEFAULT_GROUP_SIZE),
-            mmap_path=mmap_path_for(table, saved, state.get("mmap_path")) if mmap_path == "auto" else mmap_path,
-            table=table,
-        )
-        if is_manifest(state):
-            with coupling._lock:
-                coupling._restore(*check_manifest(path, state, coupling._config(), coupling._rows_needed()))
-        else:
-            coupling.load_state_dict(state)
-        return coupling
 
     def __repr__(self):
         where = f"mmap_path={self.mmap_path!r}" if self.mmap_path else f"device={str(self.device)!r}"

@@ -9,6 +9,7 @@ A per-item input that enters the cost (e.g. a continuous condition ``cond (b, Dc
 ``w * ||c_i - c_j||^2``) travels in :class:`Batch` beside ``labels``: it is gathered where the labels
 are (``gathered``) and added to the cost in :func:`pair_cost` / the grouped solve.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -106,8 +107,17 @@ def grouped_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> 
     def noise_fn(s):
         return spec.noise(s, batch.x1f.dtype).flatten(1)
 
-    new, stats = solve_loom_groups(grp, part, batch.x1f, seeds, noise_fn, spec.metric, gathered(grp, batch.labels),
-                                   keep_if_cheaper, gather=table.gathers_group_updates)
+    new, stats = solve_loom_groups(
+        grp,
+        part,
+        batch.x1f,
+        seeds,
+        noise_fn,
+        spec.metric,
+        gathered(grp, batch.labels),
+        keep_if_cheaper,
+        gather=table.gathers_group_updates,
+    )
     batch.after_solve()
     mine = table.write_groups(grp, part, batch.rows, batch.slots, own, new)
     return noise_fn(mine), stats

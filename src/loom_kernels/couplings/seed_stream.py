@@ -6,6 +6,7 @@ Example::
     seed_values(0, 0, 4)            # the first four seeds of the stream keyed by seed=0
     seed_numbers(0, seed_values(0, 10, 3))   # -> [10, 11, 12]
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,7 +35,6 @@ def seed_values(seed: int, start: int, count: int) -> np.ndarray:
     counter = np.arange(start, start + count, dtype=np.uint64)
     with np.errstate(over="ignore"):
         return _mix63((counter + key) & _MASK63).astype(np.int64)
-
 
 
 _MOD63 = 1 << 63
@@ -92,7 +92,8 @@ def check_seed_table(seeds, seed: int, next_counter: int, where: str = "state_di
         chunk = chunk.cpu().numpy() if hasattr(chunk, "cpu") else np.asarray(chunk)
         if (chunk < 0).any():
             raise ValueError(
-                f"{where}['seeds'] holds negative seeds (e.g. {int(chunk[chunk < 0][0])}): seeds lie in [0, 2**63)")
+                f"{where}['seeds'] holds negative seeds (e.g. {int(chunk[chunk < 0][0])}): seeds lie in [0, 2**63)"
+            )
         if a == 0 and total > 1 and not chunk.any():
             raise ValueError(f"{where}['seeds'] is all zeros (a zeroed or never-written table)")
         numbers[a:b] = seed_numbers(seed, chunk)

@@ -6,6 +6,7 @@
 
 ``make_table`` builds either kind; ``rows_for`` says which rows a rank holds before its table exists.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,16 @@ from .sharded import ShardedTable
 
 TABLES = ("replicated", "sharded")
 
-__all__ = ["TABLES", "LoomTable", "ReplicatedTable", "ShardedTable", "check_table_args", "make_table", "mmap_path_for",
-           "rows_for"]
+__all__ = [
+    "TABLES",
+    "LoomTable",
+    "ReplicatedTable",
+    "ShardedTable",
+    "check_table_args",
+    "make_table",
+    "mmap_path_for",
+    "rows_for",
+]
 
 
 def check_table_args(kind: str, mmap_path) -> None:
@@ -28,8 +37,10 @@ def check_table_args(kind: str, mmap_path) -> None:
     if kind not in TABLES:
         raise ValueError(f"table must be one of {TABLES}, got {kind!r}")
     if kind == "sharded" and mmap_path is not None:
-        raise ValueError("table='sharded' keeps each rank's shard in memory (8*num_points*num_caches/W bytes); "
-                         "mmap_path is for the replicated table only: pass one or the other")
+        raise ValueError(
+            "table='sharded' keeps each rank's shard in memory (8*num_points*num_caches/W bytes); "
+            "mmap_path is for the replicated table only: pass one or the other"
+        )
 
 
 def rows_for(kind: str, num_points: int, grp: Group) -> tuple:
@@ -40,8 +51,17 @@ def rows_for(kind: str, num_points: int, grp: Group) -> tuple:
     return bounds[grp.rank], bounds[grp.rank + 1]
 
 
-def make_table(kind: str, grp: Group, num_points: int, num_caches: int, device, rows: RowsFn, *,
-               mmap_path: str | os.PathLike | None = None, overwrite: bool = False) -> LoomTable:
+def make_table(
+    kind: str,
+    grp: Group,
+    num_points: int,
+    num_caches: int,
+    device,
+    rows: RowsFn,
+    *,
+    mmap_path: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> LoomTable:
     """A new table of ``kind`` holding ``rows(a, b)`` (global rows ``a..b-1``); a file when ``mmap_path``.
 
     Example::

@@ -9,6 +9,7 @@ Conventions: ``rows``/``slots`` are int64 on the table's ``device``; ``mine`` is
 items in a global batch (``rank*b .. rank*b+b``); a method marked *collective* must be called on every
 rank of ``grp`` (possibly with nothing), in the same order.
 """
+
 from __future__ import annotations
 
 import os
@@ -51,18 +52,21 @@ class LoomTable:
         """``table[rows, slots]`` of a whole global batch (the same ``(W*b,)`` on every rank); collective."""
         raise NotImplementedError
 
-    def write_global(self, grp: Group, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
-                     mine: slice) -> None:
+    def write_global(
+        self, grp: Group, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, mine: slice
+    ) -> None:
         """``table[rows, slots] = values`` for a global batch every rank computed alike; collective."""
         raise NotImplementedError
 
-    def write_local(self, grp: Group, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor,
-                    mine: slice) -> None:
+    def write_local(
+        self, grp: Group, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor, mine: slice
+    ) -> None:
         """Every rank's own items ``rows[mine]`` get ``values (b,)`` (computed by that rank); collective."""
         raise NotImplementedError
 
-    def write_groups(self, grp: Group, part: Partition, rows: torch.Tensor, slots: torch.Tensor,
-                     own: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    def write_groups(
+        self, grp: Group, part: Partition, rows: torch.Tensor, slots: torch.Tensor, own: torch.Tensor, new: torch.Tensor
+    ) -> torch.Tensor:
         """Store a grouped step's new seeds and return this rank's items' ``(b,)``, position order; collective.
 
         ``own``: the positions this rank solved (``part.lists[rank]``); ``new``: the global ``(W*b,)`` new

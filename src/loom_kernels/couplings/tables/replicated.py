@@ -4,6 +4,7 @@ The storage (journal, lock, atomic replacement) is :class:`..table.SeedTable`; t
 interface of :class:`.base.LoomTable`. Every rank applies every update, so reads need no communication
 and writes of a local or grouped step gather the updates of all ranks first.
 """
+
 from __future__ import annotations
 
 from ..._io import atomic_save
@@ -41,7 +42,7 @@ class ReplicatedTable(SeedTable, LoomTable):
 
     def write_groups(self, grp, part, rows, slots, own, new):
         self.write(rows, slots, to_device(new, self.device))
-        return new[grp.rank * part.b:(grp.rank + 1) * part.b]
+        return new[grp.rank * part.b : (grp.rank + 1) * part.b]
 
     def write_same(self, rows, slots, values):
         self.write(rows, slots, values)

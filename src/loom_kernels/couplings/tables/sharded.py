@@ -4,6 +4,7 @@ The shard storage, routing and checkpoint files are :mod:`..sharded`; this class
 :class:`.base.LoomTable`. Values never leave int64, so every step gives the replicated table's results
 bit for bit; a rank sends only its own items' entries (to their owners), never the whole batch's.
 """
+
 from __future__ import annotations
 
 from ..common import to_device
@@ -58,4 +59,3 @@ class ShardedTable(ShardedSeedTable, LoomTable):
         manifest = {k: v for k, v in state.items() if k not in ("seeds", "shard_rows")}
         manifest.update(save_id=save_id, world=grp.world, bounds=self.bounds)
         write_manifest(grp, manifest, path)
-
