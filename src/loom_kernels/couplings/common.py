@@ -52,6 +52,25 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def check_indices(indices, b: int, who: str):
+    """``indices`` of a coupling that does not use them: ``None`` or ``b`` integers (tensor or array-like).
+
+    A floating tensor in their place is the noise passed positionally in TorchCFM's ``(x0, x1)`` order,
+    which would train the reverse flow: refused with a ``TypeError`` that names ``x0=``."""
+    if indices is None:
+        return None
+    idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(indices)
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(
+            f"{who}(x1, indices, *, x0=None, labels=None): indices must be integer dataset indices, got dtype "
+            f"{idx.dtype}. Pass the noise as the keyword x0=: TorchCFM's order (x0, x1) would treat the noise "
+            f"as data and train the reverse flow"
+        )
+    if idx.dim() != 1 or idx.shape[0] != b:
+        raise ValueError(f"indices must have shape (b,) = ({b},) to match x1, got {tuple(idx.shape)}")
+    return idx
+
+
 def check_labels(labels, b: int, device: torch.device):
     """``labels`` as given (``None`` or an integer ``(b,)`` tensor on ``device``), or a clear error."""
     if labels is None:

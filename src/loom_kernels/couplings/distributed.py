@@ -136,9 +136,9 @@ class Group:
         """One small all-gather that every rank makes before the call's collectives.
 
         Raises on every rank at once (none is left waiting in a collective) when: a rank ``failed`` its
-        own input checks (that rank then raises its own error), the ``sizes`` differ (the first one is
-        the batch size), an optional input (``inputs``: name -> given) is passed on some ranks only, or
-        the coupling's ``config`` (name -> int) differs.
+        own input checks (that rank then raises its own error), the coupling's ``config`` (name -> int)
+        differs, the ``sizes`` differ (the first one is the batch size), or an optional input (``inputs``:
+        name -> given) is passed on some ranks only. Every rank must pass as many of each.
         """
         if self.world == 1:
             return
@@ -151,6 +151,15 @@ class Group:
             raise ValueError(
                 f"rank(s) {bad_ranks} refused their input to {who} (see the error raised there); every rank "
                 f"raises so that none waits in a collective"
+            )
+        # The configuration first: ranks built differently (another scope, say) disagree on the sizes too,
+        # and the configuration is what to fix.
+        cfg = rows[:, 1 + len(sizes) + len(inputs):]
+        bad = [name for j, name in enumerate(config) if (cfg[:, j] != cfg[0, j]).any()]
+        if bad:
+            raise ValueError(
+                f"{who} differs across ranks ({', '.join(bad)}): build it with the same arguments on "
+                f"every rank and resume every rank from the same checkpoint"
             )
         col = 1
         for j, (name, _) in enumerate(sizes.items()):
@@ -168,14 +177,6 @@ class Group:
                     f"{name} must be passed on every rank or on none: rank(s) {given} passed {name}, "
                     f"rank(s) {torch.nonzero(got == 0).flatten().tolist()} did not"
                 )
-        col += len(inputs)
-        cfg = rows[:, col:]
-        bad = [name for j, name in enumerate(config) if (cfg[:, j] != cfg[0, j]).any()]
-        if bad:
-            raise ValueError(
-                f"{who} differs across ranks ({', '.join(bad)}): build it with the same arguments on "
-                f"every rank and resume every rank from the same checkpoint"
-            )
 
     def global_cost(self, x1f: torch.Tensor, noise: torch.Tensor, metric: str) -> torch.Tensor:
         """The ``(W*b, N)`` cost between every rank's data and ``noise (N, D)``, the same on every rank.
