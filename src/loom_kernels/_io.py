@@ -1,6 +1,8 @@
-"""Atomic file writes: every file the package persists (couplings, memory-mapped tables,
-checkpoints, logs, figures, samples) goes through :func:`atomic_path`, so a crash mid-write leaves
-the previous file intact.
+"""The base I/O layer. Atomic file writes: every file the package persists (couplings, memory-mapped
+tables, checkpoints, logs, figures, samples) goes through :func:`atomic_path`, so a crash mid-write
+leaves the previous file intact. Checksummed torch files: :func:`atomic_save` writes a dict with a
+checksum of its entries, :func:`load_verified` reads it safely (``weights_only``) and names the file and
+the cause of any failure; the couplings and the trainer's formats (``checkpoint.py``) both use them.
 
 Temp files are named ``NAME.tmp-HOST-PID-XXXXXXXX[SUFFIX]`` beside ``NAME``: a failed write removes its
 own, and the next write to ``NAME`` removes those of killed writers (same host, process gone). Files
@@ -215,7 +217,12 @@ def _sniff(path: str, what: str) -> bool:
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"PK\x03\x04"):
-        if not zipfile.is_zipfile(path):
+        try:
+            whole = zipfile.is_zipfile(path)
+        except zipfile.BadZipFile as exc:  # a damaged end record (e.g. a flipped bit in its disk number)
+            raise ValueError(f"{what} {path!r} is damaged: its zip directory at the end is corrupt ({exc}); "
+                             f"use the previous checkpoint or another copy") from None
+        if not whole:
             raise ValueError(f"{what} {path!r} is truncated or damaged ({size:,} bytes; the zip directory at its end "
                              f"is missing): use the previous checkpoint or another copy")
         return True
