@@ -1,4 +1,4 @@
-"""Tests for loom_kernels.coupling: invariants of LOOM, exactness against scipy, persistence, errors."""
+"""Tests for loom_kernels.couplings: invariants of LOOM, exactness against scipy, persistence, errors."""
 import os
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from loom_kernels.coupling import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
+from loom_kernels.couplings import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
 from loom_kernels.noise import gaussian_noise
 from loom_kernels.testing import (
     cost_matrix_np,

@@ -34,7 +34,7 @@ def data(n, d, seed):
     return torch.randn(n, d, generator=g)
 
 def case_loom_step():
-    from loom_kernels.coupling import LoomCoupling
+    from loom_kernels.couplings import LoomCoupling
     n, shape = 1024, (3, 32, 32)
     c = LoomCoupling(n, shape, num_caches=6, seed=0, metric="euclidean")
     x = torch.tanh(data(n, 3072, 1)).reshape(n, *shape)
@@ -47,14 +47,14 @@ def case_loom_step():
     return run
 
 def case_minibatch_ot():
-    from loom_kernels.coupling import MinibatchOTCoupling
+    from loom_kernels.couplings import MinibatchOTCoupling
     x1, x0 = torch.tanh(data(256, 3072, 3)), data(256, 3072, 4)
     c = MinibatchOTCoupling()
     return lambda: c(x1, x0=x0)[0]  # x0 by keyword: accepted before and after it became keyword-only
 
 def loom_run(steps=4, n=512, d=16, b=128, **kw):
     """A fresh coupling, ``steps`` calls: every call's noise and the final table (deterministic per call)."""
-    from loom_kernels.coupling import LoomCoupling
+    from loom_kernels.couplings import LoomCoupling
     x = torch.tanh(data(n, d, 11))
     labels = kw.pop("labels", None)
     c = LoomCoupling(n, (d,), seed=3, **kw)
@@ -89,7 +89,7 @@ def case_loom_mmap():
 def case_loom_resample_save_load():
     import os
     import tempfile
-    from loom_kernels.coupling import LoomCoupling
+    from loom_kernels.couplings import LoomCoupling
     d = tempfile.mkdtemp()
     x = torch.tanh(data(300, 8, 13))
     def run():
@@ -103,14 +103,14 @@ def case_loom_resample_save_load():
     return run
 
 def case_minibatch_labels_rect():
-    from loom_kernels.coupling import MinibatchOTCoupling
+    from loom_kernels.couplings import MinibatchOTCoupling
     x1, x0 = torch.tanh(data(200, 32, 14)), data(200, 32, 15)
     labels = torch.randint(3, (200,), generator=torch.Generator().manual_seed(16))
     c = MinibatchOTCoupling(metric="euclidean")
     return lambda: [c(x1, x0=x0, labels=labels)[0], c(x1[:150], x0=x0)[0], c.stats["post_cost"]]
 
 def case_minibatch_grouped():
-    from loom_kernels.coupling import MinibatchOTCoupling
+    from loom_kernels.couplings import MinibatchOTCoupling
     x1, x0 = torch.tanh(data(200, 32, 17)), data(200, 32, 18)
     def run():
         c = MinibatchOTCoupling(scope="grouped", group_size=64, seed=2)
@@ -118,7 +118,7 @@ def case_minibatch_grouped():
     return run
 
 def case_independent():
-    from loom_kernels.coupling import IndependentCoupling
+    from loom_kernels.couplings import IndependentCoupling
     x1 = data(256, 64, 19)
     return lambda: [IndependentCoupling(generator=torch.Generator().manual_seed(1))(x1)[0]]
 
