@@ -93,11 +93,18 @@ class PrefetchCoupling(Coupling):
 
     def state_dict(self) -> dict:
         """The wrapped coupling's state once the pending calls have run."""
-        return self._pool.submit(self.coupling.state_dict).result()
+        return self._after_pending(self.coupling.state_dict)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the wrapped coupling's state once the pending calls have run."""
-        self._pool.submit(self.coupling.load_state_dict, state).result()
+        self._after_pending(self.coupling.load_state_dict, state)
+
+    def _after_pending(self, fn, *args):
+        try:
+            pending = self._pool.submit(fn, *args)
+        except RuntimeError:  # closed: nothing is pending any more
+            return fn(*args)
+        return pending.result()
 
     def submit(self, x1: torch.Tensor, indices=None, **kwargs) -> CouplingFuture:
         """Queue ``coupling(x1, indices=indices, **kwargs)`` (``labels=``, ``x0=``...); returns at once."""
