@@ -224,3 +224,14 @@ def test_minibatch_ranks_with_different_scopes_raise_on_every_rank(tmp_path):
                 (r, label, res[label])
         assert res["local/local"] is None
     assert torch.equal(ranks[0]["after"], ranks[1]["after"])
+
+
+def test_prefetch_state_after_close_is_the_wrapped_couplings():
+    inner = LoomCoupling(N, SHAPE, num_caches=2, seed=1)
+    pre = PrefetchCoupling(inner)
+    idx, x1 = _batch()
+    pending = pre.submit(x1, idx)
+    state = pre.state_dict()  # waits for the pending call
+    assert pending.done() and torch.equal(state["seeds"], inner.seeds)
+    pre.close()
+    pre.load_state_dict(pre.state_dict())
