@@ -38,8 +38,14 @@ FACTORIES = {
     "prefetch-minibatch": lambda tmp: PrefetchCoupling(MinibatchOTCoupling(generator=_gen())),
     "prefetch-loom": lambda tmp: PrefetchCoupling(LoomCoupling(N, SHAPE, num_caches=2, seed=1)),
 }
-TAKES_X0 = {"independent", "minibatch", "minibatch-local", "minibatch-grouped", "prefetch-independent",
-            "prefetch-minibatch"}
+TAKES_X0 = {
+    "independent",
+    "minibatch",
+    "minibatch-local",
+    "minibatch-grouped",
+    "prefetch-independent",
+    "prefetch-minibatch",
+}
 NEEDS_INDICES = {name for name in FACTORIES if "loom" in name}
 
 
@@ -132,8 +138,14 @@ def test_state_round_trips(name, tmp_path):
 
 # ---- every Coupling class in the package has the protocol's signature --------------------------------
 
-MODULES = ("loom_kernels.couplings", "loom_kernels.couplings.prefetch", "loom_kernels.train", "loom_kernels.study",
-           "loom_kernels.testing", "loom_kernels.compat.torchcfm")
+MODULES = (
+    "loom_kernels.couplings",
+    "loom_kernels.couplings.prefetch",
+    "loom_kernels.train",
+    "loom_kernels.study",
+    "loom_kernels.testing",
+    "loom_kernels.compat.torchcfm",
+)
 
 
 def _subclasses(cls):
@@ -145,8 +157,10 @@ def _subclasses(cls):
 def _package_couplings():
     for m in MODULES:
         importlib.import_module(m)
-    return sorted({c for c in _subclasses(Coupling) if c.__module__.startswith("loom_kernels.")},
-                  key=lambda c: f"{c.__module__}.{c.__qualname__}")
+    return sorted(
+        {c for c in _subclasses(Coupling) if c.__module__.startswith("loom_kernels.")},
+        key=lambda c: f"{c.__module__}.{c.__qualname__}",
+    )
 
 
 def test_every_shipped_coupling_is_covered_by_the_protocol_runs(tmp_path):
@@ -215,13 +229,19 @@ def _scope_rank(rank, world, store, out_dir, scopes):
 
 @pytest.mark.distributed
 def test_minibatch_ranks_with_different_scopes_raise_on_every_rank(tmp_path):
-    scopes = {"local/global": ("local", "global"), "grouped/local": ("grouped", "local"),
-              "local/local": ("local", "local")}
+    scopes = {
+        "local/global": ("local", "global"),
+        "grouped/local": ("grouped", "local"),
+        "local/local": ("local", "local"),
+    }
     ranks = spawn(2, tmp_path, _scope_rank, (scopes,))
     for r, res in enumerate(ranks):
         for label in ("local/global", "grouped/local"):
-            assert res[label] is not None and "MinibatchOTCoupling differs across ranks (scope)" in res[label], \
-                (r, label, res[label])
+            assert res[label] is not None and "MinibatchOTCoupling differs across ranks (scope)" in res[label], (
+                r,
+                label,
+                res[label],
+            )
         assert res["local/local"] is None
     assert torch.equal(ranks[0]["after"], ranks[1]["after"])
 

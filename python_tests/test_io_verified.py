@@ -33,8 +33,10 @@ def test_every_flipped_bit_in_the_zip_end_records_is_a_clear_error_naming_the_fi
 
 
 def test_the_couplings_do_not_import_the_trainers_checkpoint_module():
-    code = ("import sys, loom_kernels.couplings, loom_kernels.coupling; "
-            "assert 'loom_kernels.checkpoint' not in sys.modules, sorted(m for m in sys.modules if 'loom' in m)")
+    code = (
+        "import sys, loom_kernels.couplings, loom_kernels.coupling; "
+        "assert 'loom_kernels.checkpoint' not in sys.modules, sorted(m for m in sys.modules if 'loom' in m)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
