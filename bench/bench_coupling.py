@@ -15,7 +15,7 @@ import itertools
 import pytest
 import torch
 
-from loom_kernels.coupling import LoomCoupling, MinibatchOTCoupling
+from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.testing import ReferencePaperCoupling
 
 SHAPES = {"cifar": ((3, 32, 32), 6), "latent": ((4, 32, 32), 4)}

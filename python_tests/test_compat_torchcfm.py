@@ -19,7 +19,7 @@ from loom_kernels.compat.torchcfm import (
     pad_t_like_x,
     wasserstein,
 )
-from loom_kernels.coupling import LoomCoupling
+from loom_kernels.couplings import LoomCoupling
 
 SHAPES = [(128, (2, 2, 2)), (100, (2,)), (64, (3, 32, 32)), (1, (3,))]
 

@@ -1,4 +1,4 @@
-"""Tests for loom_kernels.coupling: invariants of LOOM, exactness against scipy, persistence, errors."""
+"""Tests for loom_kernels.couplings: invariants of LOOM, exactness against scipy, persistence, errors."""
 import os
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from loom_kernels.coupling import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
+from loom_kernels.couplings import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
 from loom_kernels.noise import gaussian_noise
 from loom_kernels.testing import (
     cost_matrix_np,
@@ -572,9 +572,11 @@ def test_every_coupling_follows_the_protocol():
         MinibatchOTCoupling().load_state_dict({"seeds": 1})
 
 
-def test_minibatch_ot_refuses_a_second_positional_tensor():
+def test_minibatch_ot_refuses_noise_in_the_indices_place():
+    # the second positional argument is the protocol's indices: a floating tensor there is TorchCFM's
+    # (x0, x1) order by mistake, which would train the reverse flow
     x0, x1 = torch.randn(8, 2), torch.rand(8, 2)
-    with pytest.raises(TypeError, match=r"data first .* keyword x0: coupling\(x1, x0=noise\).*TorchCFM's order is "
+    with pytest.raises(TypeError, match=r"indices must be integer dataset indices.*keyword x0=: TorchCFM's order "
                                         r"\(x0, x1\).*reverse flow"):
         MinibatchOTCoupling()(x0, x1)
     out0, _ = MinibatchOTCoupling()(x1, x0=x0)

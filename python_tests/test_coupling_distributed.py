@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gloo_ranks import run_rank, spawn
-from loom_kernels.coupling import LoomCoupling, MinibatchOTCoupling
+from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.testing import reference_loom_step
 
 pytestmark = pytest.mark.distributed

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from loom_kernels.checkpoint import atomic_save, load_checkpoint, load_verified
-from loom_kernels.coupling import LoomCoupling
+from loom_kernels.couplings import LoomCoupling
 from loom_kernels.couplings.table import SeedTable, TableInUseError
 
 # The worker: MODE random|journal|apply runs ROUNDS rounds on a fresh table and prints one JSON line each.
@@ -29,7 +29,7 @@ import json, os, random, signal, sys, time
 os.environ["OMP_NUM_THREADS"] = "1"
 import numpy as np, torch
 torch.set_num_threads(1)
-from loom_kernels.coupling import LoomCoupling
+from loom_kernels.couplings import LoomCoupling
 from loom_kernels.couplings import table as table_mod
 from loom_kernels.couplings.table import SeedTable
 
@@ -161,7 +161,7 @@ def test_kill9_stress(tmp_path):
 LOAD_KILLER = r'''
 import os, signal, sys
 import numpy as np
-from loom_kernels.coupling import LoomCoupling
+from loom_kernels.couplings import LoomCoupling
 from loom_kernels.couplings import table as table_mod
 from loom_kernels.couplings.table import SeedTable
 table_mod._INIT_CHUNK = 64  # many chunks: die in the middle of the copy
@@ -206,7 +206,7 @@ def test_kill9_during_load_keeps_the_previous_table(tmp_path):
 
 HOLDER = r'''
 import sys, time
-from loom_kernels.coupling import LoomCoupling
+from loom_kernels.couplings import LoomCoupling
 c = LoomCoupling(64, (2,), mmap_path=sys.argv[1])
 print("ready", flush=True)
 sys.stdin.read()

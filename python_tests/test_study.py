@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loom_kernels import study
-from loom_kernels.coupling import LoomCoupling
+from loom_kernels.couplings import LoomCoupling
 from loom_kernels.demo import dataset_cost, global_optimum
 from loom_kernels.noise import gaussian_noise
 

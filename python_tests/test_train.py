@@ -233,7 +233,7 @@ _DDP_WORKER = textwrap.dedent(
     import os, sys, datetime, torch
     import torch.distributed as dist
     from loom_kernels import data
-    from loom_kernels.coupling import LoomCoupling
+    from loom_kernels.couplings import LoomCoupling
     from loom_kernels.models import MLPVelocity
     from loom_kernels.train import TrainConfig, train
     rank = int(os.environ["RANK"])
@@ -300,7 +300,7 @@ _AGREE_WORKER = textwrap.dedent(
     import os, sys, time, datetime, torch
     import torch.distributed as dist
     from loom_kernels import data
-    from loom_kernels.coupling import IndependentCoupling
+    from loom_kernels.couplings import IndependentCoupling
     from loom_kernels.models import MLPVelocity
     from loom_kernels.train import TrainConfig, train
     rank, out, mode = int(os.environ["RANK"]), sys.argv[1], sys.argv[2]
@@ -440,7 +440,7 @@ def test_cli_help_and_errors(tmp_path):
 
 # ---- real data: labels, flips, UNet, schedules, metric ----------------------------------------------------
 
-from loom_kernels.coupling import IndependentCoupling  # noqa: E402
+from loom_kernels.couplings import IndependentCoupling  # noqa: E402
 from loom_kernels.models import UNet  # noqa: E402
 
 

@@ -34,7 +34,7 @@ def data(n, d, seed):
     return torch.randn(n, d, generator=g)
 
 def case_loom_step():
-    from loom_kernels.coupling import LoomCoupling
+    from loom_kernels.couplings import LoomCoupling
     n, shape = 1024, (3, 32, 32)
     c = LoomCoupling(n, shape, num_caches=6, seed=0, metric="euclidean")
     x = torch.tanh(data(n, 3072, 1)).reshape(n, *shape)
@@ -47,10 +47,80 @@ def case_loom_step():
     return run
 
 def case_minibatch_ot():
-    from loom_kernels.coupling import MinibatchOTCoupling
+    from loom_kernels.couplings import MinibatchOTCoupling
     x1, x0 = torch.tanh(data(256, 3072, 3)), data(256, 3072, 4)
     c = MinibatchOTCoupling()
     return lambda: c(x1, x0=x0)[0]  # x0 by keyword: accepted before and after it became keyword-only
+
+def loom_run(steps=4, n=512, d=16, b=128, **kw):
+    """A fresh coupling, ``steps`` calls: every call's noise and the final table (deterministic per call)."""
+    from loom_kernels.couplings import LoomCoupling
+    x = torch.tanh(data(n, d, 11))
+    labels = kw.pop("labels", None)
+    c = LoomCoupling(n, (d,), seed=3, **kw)
+    outs = []
+    for s in range(steps):
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(20 + s))[:b]
+        extra = {} if labels is None else {"labels": labels[idx]}
+        outs.append(c(x[idx], idx, **extra)[0])
+    outs.append(c.seeds.clone())
+    if c.mmap_path:
+        c.close()
+    return outs
+
+def case_loom_caches_labels():
+    labels = torch.randint(4, (512,), generator=torch.Generator().manual_seed(12))
+    return lambda: loom_run(num_caches=3, labels=labels, metric="euclidean")
+
+def case_loom_grouped():
+    return lambda: loom_run(num_caches=2, scope="grouped", group_size=48)
+
+def case_loom_sharded():
+    return lambda: loom_run(num_caches=2, table="sharded")
+
+def case_loom_local():
+    return lambda: loom_run(num_caches=2, scope="local")
+
+def case_loom_mmap():
+    import tempfile
+    d = tempfile.mkdtemp()
+    return lambda: loom_run(num_caches=2, mmap_path=f"{d}/table.npy", overwrite=True)
+
+def case_loom_resample_save_load():
+    import os
+    import tempfile
+    from loom_kernels.couplings import LoomCoupling
+    d = tempfile.mkdtemp()
+    x = torch.tanh(data(300, 8, 13))
+    def run():
+        c = LoomCoupling(300, (8,), num_caches=2, seed=5)
+        c(x[:100], torch.arange(100))
+        c.resample(torch.tensor([3, 150, 299]))
+        c.save(os.path.join(d, "c.pt"))
+        r = LoomCoupling.load(os.path.join(d, "c.pt"))
+        r.resample()
+        return [r(x[100:200], torch.arange(100, 200))[0], r.seeds.clone(), r.state_dict()["generator"]]
+    return run
+
+def case_minibatch_labels_rect():
+    from loom_kernels.couplings import MinibatchOTCoupling
+    x1, x0 = torch.tanh(data(200, 32, 14)), data(200, 32, 15)
+    labels = torch.randint(3, (200,), generator=torch.Generator().manual_seed(16))
+    c = MinibatchOTCoupling(metric="euclidean")
+    return lambda: [c(x1, x0=x0, labels=labels)[0], c(x1[:150], x0=x0)[0], c.stats["post_cost"]]
+
+def case_minibatch_grouped():
+    from loom_kernels.couplings import MinibatchOTCoupling
+    x1, x0 = torch.tanh(data(200, 32, 17)), data(200, 32, 18)
+    def run():
+        c = MinibatchOTCoupling(scope="grouped", group_size=64, seed=2)
+        return [c(x1, x0=x0)[0], c(x1, x0=x0)[0], c.stats["pre_cost"]]
+    return run
+
+def case_independent():
+    from loom_kernels.couplings import IndependentCoupling
+    x1 = data(256, 64, 19)
+    return lambda: [IndependentCoupling(generator=torch.Generator().manual_seed(1))(x1)[0]]
 
 def case_assign():
     from loom_kernels.assign import assign
@@ -93,6 +163,9 @@ for line in sys.stdin:
     print(json.dumps({"s": dt, "digest": digest(out)}), flush=True)
 '''
 CASES = ("loom_step", "minibatch_ot", "assign", "cost", "noise", "sample")
+# couplings: a fresh coupling per call (deterministic outputs and tables), every scope and table kind at W=1
+COUPLING_CASES = ("loom_caches_labels", "loom_grouped", "loom_sharded", "loom_local", "loom_mmap",
+                  "loom_resample_save_load", "minibatch_labels_rect", "minibatch_grouped", "independent")
 # The LOOM step changes its table each call: its digest is compared on the first call only.
 STATEFUL = {"loom_step"}
 
@@ -103,7 +176,7 @@ def main(argv=None) -> int:
                    help="a directory holding the loom_kernels package (give two)")
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--iters", type=int, default=3, help="calls per timed turn")
-    p.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
+    p.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES + COUPLING_CASES)
     args = p.parse_args(argv)
     trees = dict(t.split("=", 1) for t in args.tree)
     workers = {}
@@ -122,7 +195,7 @@ def main(argv=None) -> int:
         return json.loads(line)
 
     names = list(trees)
-    print(f"{'case':<14}" + "".join(f"{n + ' ms':>12}" for n in names) + f"{'ratio':>8}  same output")
+    print(f"{'case':<24}" + "".join(f"{n + ' ms':>12}" for n in names) + f"{'ratio':>8}  same output")
     for case in args.cases:
         first = {n: ask(n, case, 1)["digest"] for n in names}  # warm-up, and the first outputs
         times = {n: [] for n in names}
@@ -135,7 +208,7 @@ def main(argv=None) -> int:
         med = {n: statistics.median(times[n]) * 1e3 for n in names}
         later_same = case in STATEFUL or len({frozenset(d) for d in digests.values()}) == 1
         same = len(set(first.values())) == 1 and later_same
-        print(f"{case:<14}" + "".join(f"{med[n]:>12.3f}" for n in names)
+        print(f"{case:<24}" + "".join(f"{med[n]:>12.3f}" for n in names)
               + f"{med[names[0]] / med[names[1]]:>8.2f}  {'yes' if same else 'NO'}")
     for w in workers.values():
         w.stdin.close()

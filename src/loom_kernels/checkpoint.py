@@ -8,22 +8,15 @@ so ``torch.load(path, weights_only=True)`` works for users too.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import pickle
 import random
-import zipfile
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._io import atomic_write
+from ._io import atomic_save, checksum, load_verified  # noqa: F401  (re-exported: the trainer's formats use them)
 
 __all__ = ["save_model", "load_checkpoint", "load_model", "load_verified"]
-
-_CHECKSUM = "checksum"  # the key atomic_save adds: {"algorithm": ..., "digest": hex}
-_ALGORITHM = "blake2b-128"
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -50,114 +43,6 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _feed(h, obj) -> None:
-    """Hash ``obj`` canonically: tensors by dtype, shape and bytes; containers in order (dicts by key)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, np.ndarray):
-        h.update(f"A{obj.dtype.str}{obj.shape};".encode())
-        h.update(np.ascontiguousarray(obj).view(np.uint8))
-    elif isinstance(obj, dict):
-        h.update(b"D%d;" % len(obj))
-        for k in sorted(obj, key=repr):
-            _feed(h, k)
-            _feed(h, obj[k])
-    elif isinstance(obj, (list, tuple)):
-        h.update(b"L%d;" % len(obj))
-        for v in obj:
-            _feed(h, v)
-    else:  # None, bool, int, float (repr round-trips), str, bytes, torch.dtype, torch.device
-        h.update(f"{type(obj).__name__}:{obj!r};".encode())
-
-
-def checksum(obj) -> str:
-    """The hex digest that ``atomic_save`` stores beside ``obj``'s entries (a dict's ``"checksum"``)."""
-    h = hashlib.blake2b(digest_size=16)
-    _feed(h, obj)
-    return h.hexdigest()
-
-
-def atomic_save(obj, path: str) -> None:
-    """``torch.save`` to ``path`` atomically (temp file, fsync, rename); a dict gets a ``"checksum"`` entry
-    over all its other entries, which :func:`load_verified` checks (a flipped bit in any weight or seed)."""
-    if isinstance(obj, dict):
-        obj = {**{k: v for k, v in obj.items() if k != _CHECKSUM},
-               _CHECKSUM: {"algorithm": _ALGORITHM,
-                           "digest": checksum({k: v for k, v in obj.items() if k != _CHECKSUM})}}
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _numpy_globals() -> list:
-    # Files written before the numpy RNG state was stored as tensors hold a numpy array: allow exactly
-    # the names that rebuild a plain array (no code runs; object arrays still go through the safe unpickler).
-    core = getattr(np, "_core", None) or np.core
-    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def _sniff(path: str, what: str) -> bool:
-    """Name what is wrong with a file that is not a whole PyTorch file; True for the zip format."""
-    size = os.path.getsize(path)
-    if size == 0:
-        raise ValueError(f"{what} {path!r} is empty (0 bytes): its write was cut off (a crash or a full disk); "
-                         f"use the previous checkpoint or another copy")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if head.startswith(b"PK\x03\x04"):
-        if not zipfile.is_zipfile(path):
-            raise ValueError(f"{what} {path!r} is truncated or damaged ({size:,} bytes; the zip directory at its end "
-                             f"is missing): use the previous checkpoint or another copy")
-        return True
-    if head[:1] != b"\x80":  # torch.save's legacy format starts with a pickle protocol byte
-        text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
-        raise ValueError(f"{what} {path!r} is not a PyTorch file ({'a text file, ' if text else ''}it starts with "
-                         f"{head[:16]!r}); expected a file written by torch.save")
-    return False
-
-
-def load_verified(path, what: str = "checkpoint", map_location="cpu", *, mmap: bool = False):
-    """``torch.load(path, weights_only=True)`` with clear errors, then the checksum check.
-
-    Errors name ``path`` and the cause: ``FileNotFoundError`` for a missing file, ``ValueError`` for an
-    empty, truncated, foreign or corrupted file (a checksum mismatch) and for objects that safe loading
-    refuses. Returns the object without its ``"checksum"`` entry. Files without one (older versions)
-    load unverified, except a dict with ``version >= 2``, which must carry it.
-
-    Example:
-        >>> state = load_verified("out/coupling.pt", "LoomCoupling file")  # doctest: +SKIP
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist")
-    is_zip = _sniff(path, what)
-    try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[-1][:300]
-        raise ValueError(f"{what} {path!r} holds objects that safe loading (weights_only=True) refuses, since "
-                         f"unpickling them could run code: {first}. Load it with torch.load(weights_only=False) "
-                         f"only if you trust where it came from") from None
-    except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{what} {path!r} is corrupt or truncated: torch.load failed with "
-                         f"{type(exc).__name__}: {str(exc)[:300]}") from None
-    if not isinstance(obj, dict):
-        return obj
-    stored = obj.pop(_CHECKSUM, None)
-    if stored is None:
-        version = obj.get("version", 1)
-        if isinstance(version, int) and version >= 2:
-            raise ValueError(f"{what} {path!r} (format version {version}) has lost its checksum entry: corrupted")
-        return obj
-    digest = checksum(obj)
-    if not isinstance(stored, dict) or stored.get("digest") != digest:
-        raise ValueError(f"{what} {path!r} fails its checksum (stored {stored!r:.80}, computed {digest!r}): its "
-                         f"bytes changed after it was written (disk or copy corruption); use another copy")
-    return obj
 
 
 def save_model(path: str, ema: nn.Module, *, metadata: dict | None = None, step: int | None = None) -> None:

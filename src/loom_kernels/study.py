@@ -62,7 +62,7 @@ class FixedNoiseCoupling:
     the paper's "fixed source, no reassignment" ablation. Same call signature as the library's couplings.
 
     Example:
-        >>> from loom_kernels.coupling import LoomCoupling
+        >>> from loom_kernels.couplings import LoomCoupling
         >>> c = FixedNoiseCoupling(LoomCoupling(100, (2,), seed=0))
         >>> x0, x1 = c(torch.randn(8, 2), torch.arange(8))
     """
@@ -107,7 +107,7 @@ def converge(coupling, x_train: torch.Tensor, batch_size: int, seed: int) -> lis
 
 
 def _coupling(variant: str, n: int, shape, seed: int):
-    from .coupling import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
+    from .couplings import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
 
     if variant == "independent":
         return IndependentCoupling()

@@ -198,7 +198,7 @@ def pairwise_cost_atol(x, y, metric="sqeuclidean", eps=2.0**-24):
     return torch.minimum(tol.sqrt(), tol / root) + 2.0 * eps * root
 
 
-# ---- couplings (loom_kernels.coupling) --------------------------------------------------------
+# ---- couplings (loom_kernels.couplings) -------------------------------------------------------
 
 
 def coupling_cost_np(x1, x0, metric="sqeuclidean"):

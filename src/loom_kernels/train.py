@@ -644,7 +644,7 @@ def train(model: nn.Module, dataset, coupling, config: TrainConfig | None = None
 
     Example:
         >>> from loom_kernels import data, models
-        >>> from loom_kernels.coupling import IndependentCoupling
+        >>> from loom_kernels.couplings import IndependentCoupling
         >>> ds = data.IndexedDataset(data.load("moons", n=512))
         >>> res = train(models.MLPVelocity((2,), hidden=32), ds, IndependentCoupling(),
         ...             TrainConfig(steps=20, batch_size=64, progress=False))
@@ -687,7 +687,7 @@ def make_coupling(name: str, num_points: int, shape, *, num_caches: int = 1, see
     ``metric``: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's).
     With flips, ``num_points`` is ``2 * len(data)`` (each view keeps its own noise).
     """
-    from .coupling import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
+    from .couplings import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
 
     if name == "independent":
         return IndependentCoupling(metric=metric)

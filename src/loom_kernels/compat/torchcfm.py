@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from ..cost import pairwise_cost
-from ..couplings._common import _check_labels, _cost_dtype, _solve
+from ..couplings.common import check_labels as _check_labels
+from ..couplings.common import cost_dtype as _cost_dtype
+from ..couplings.common import solve as _solve
 from ..couplings.loom import LoomCoupling
 
 __all__ = [
@@ -308,7 +310,7 @@ class ExactOptimalTransportConditionalFlowMatcher(ConditionalFlowMatcher):
 
 
 class LoomConditionalFlowMatcher(ConditionalFlowMatcher):
-    """OT-CFM's methods on LOOM-CFM's persistent coupling (:class:`loom_kernels.coupling.LoomCoupling`).
+    """OT-CFM's methods on LOOM-CFM's persistent coupling (:class:`loom_kernels.couplings.LoomCoupling`).
 
     The noise comes from the coupling's seed table, so the calls take the batch's dataset indices
     (keyword ``indices``); ``x0`` may be ``None`` (a given ``x0`` must be shaped like ``x1`` and is not

@@ -1,6 +1,6 @@
 """Data-noise couplings for flow matching: independent, minibatch OT and LOOM-CFM.
 
-All couplings follow one protocol (``base.Coupling``): ``coupling(x1, *, indices=None, labels=None)``
+All couplings follow one protocol (``base.Coupling``): ``coupling(x1, indices=None, *, x0=None, labels=None)``
 returns ``(x0, x1)`` with the source first: ``x0[i]`` is the noise paired with the data item ``x1[i]``;
 ``labels`` keep every exchange of noise within a class. The heavy lifting lives elsewhere:
 ``loom_kernels.noise.gaussian_noise`` (noise as a pure function of an int64 seed),
@@ -8,16 +8,21 @@ returns ``(x0, x1)`` with the source first: ``x0[i]`` is the noise paired with t
 This package holds only the bookkeeping:
 
 - ``base.py``: the protocol (``Coupling``: ``__call__``, ``stats``, ``state_dict``/``load_state_dict``);
-- ``independent.py``, ``minibatch.py``, ``loom.py``: the couplings, one per file;
-- ``table.py``: LOOM's seed table (the seed stream, storage in memory or memory-mapped);
-- ``sharded.py``: ``LoomCoupling(table="sharded")``: each rank holds a block of rows, all-to-all reads and
-  writes, one checkpoint file per rank (loadable on another world size);
+- ``independent.py``, ``minibatch.py``, ``loom.py``: the couplings, one per file; ``loom.py`` is the conductor
+  of LOOM: checks, slot draw, agreement of ranks, then one step;
+- ``loom_steps.py``: LOOM's global, local and grouped steps as functions over (table, group, batch);
+- ``indices.py``: LOOM's index checks; ``loom_state.py``: its argument checks, state_dict, save and load;
+- ``tables/``: the seed-table interface (``base.LoomTable``) and its two kinds, ``replicated.py`` (every rank
+  holds the table, in memory or memory-mapped) and ``sharded.py`` (one block of rows per rank);
+- ``table.py``: the table storage (memory, or a journaled, locked memory-mapped file);
+  ``seed_stream.py``: the seed stream it is filled from; ``sharded.py``: the shards' storage, routing and
+  checkpoint files;
 - ``prefetch.py``: ``PrefetchCoupling``: couple batch t+1 on a host thread (a CUDA side stream) during step t;
 - ``distributed.py``: the exchange both OT couplings use under ``torch.distributed`` (rank agreement,
   gathers, the global batch's cost);
 - ``grouped.py``: ``scope="grouped"`` (a random partition of the global batch into groups solved by owner
   ranks in parallel) and the cost model behind docs/scaling.md and LoomCoupling's budget warning;
-- ``_common.py``: argument checks, metric names, devices, pair statistics, the label-aware solve.
+- ``common.py``: argument checks, metric names, devices, pair statistics, the label-aware solve.
 
 Example::
 
@@ -27,8 +32,8 @@ Example::
         t = torch.rand(len(x1), device=x1.device)
         ...                                          # flow-matching loss on (1-t) x0 + t x1
 """
-from ._common import METRICS
 from .base import Coupling
+from .common import METRICS
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling

@@ -7,24 +7,29 @@ import torch
 
 
 class Coupling:
-    """A data-noise coupling: ``coupling(x1, *, indices=None, labels=None) -> (x0, x1)``.
+    """A data-noise coupling: ``coupling(x1, indices=None, *, x0=None, labels=None) -> (x0, x1)``.
 
-    ``x0[i]`` is the noise paired with the data item ``x1[i]``. ``indices (b,)`` are the dataset
-    indices of the batch (needed by couplings with memory, ignored by the others); ``labels (b,)``
-    (integer) make the coupling class-conditional: noise is only exchanged between items of the same
-    label. ``stats`` holds the last call's ``pre_cost``, ``post_cost`` and ``swaps`` (0-dim tensors).
-    ``state_dict``/``load_state_dict`` default to "no state", so every coupling can be checkpointed.
+    One calling convention for every coupling, so they are drop-ins for each other (``coupling(x1, idx)``
+    in a loop over ``(idx, x1)`` works with any of them). ``x0[i]`` is the noise paired with the data item
+    ``x1[i]``. ``indices (b,)`` (integer) are the dataset indices of the batch: needed by couplings with
+    memory, checked and otherwise ignored by the others (a floating tensor there is TorchCFM's
+    ``(x0, x1)`` order by mistake and raises ``TypeError``). ``x0`` (keyword only) is a noise batch to
+    pair, for couplings that take their noise from outside (minibatch OT, independent; LOOM draws its own
+    and refuses one). ``labels (b,)`` (integer) make the coupling class-conditional: noise is only
+    exchanged between items of the same label. ``stats`` holds the last call's ``pre_cost``, ``post_cost`` and
+    ``swaps`` (0-dim tensors). ``state_dict``/``load_state_dict`` default to "no state", so every coupling can
+    be checkpointed.
 
     Example::
 
         class Identity(Coupling):
-            def __call__(self, x1, *, indices=None, labels=None):
-                return torch.zeros_like(x1), x1
+            def __call__(self, x1, indices=None, *, x0=None, labels=None):
+                return torch.zeros_like(x1) if x0 is None else x0, x1
     """
 
     stats: dict = MappingProxyType({})  # read-only "no stats yet"; each call assigns its own dict
 
-    def __call__(self, x1: torch.Tensor, *, indices: torch.Tensor | None = None,
+    def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

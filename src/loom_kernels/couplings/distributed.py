@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..cost import pairwise_cost
-from ._common import _to
+from .common import to_device
 
 
 def _default_group(process_group):
@@ -67,7 +67,7 @@ def _count(sent: int, received: int):
 
 def _all_gather(t: torch.Tensor, group, world: int, device) -> torch.Tensor:
     """Concatenate along dim 0 the same-shaped tensor from every rank (rank order)."""
-    src = _to(t, device).contiguous()
+    src = to_device(t, device).contiguous()
     out = [torch.empty_like(src) for _ in range(world)]
     torch.distributed.all_gather(out, src, group=group)
     nbytes = src.numel() * src.element_size()
@@ -80,7 +80,7 @@ def _all_to_all(t: torch.Tensor, send: Sequence[int], recv: Sequence[int], rank:
 
     ``send``/``recv`` are row counts per rank (every rank must know its own, e.g. from a shared partition).
     """
-    src = _to(t, device).contiguous()
+    src = to_device(t, device).contiguous()
     out = src.new_empty((sum(recv), *src.shape[1:]))
     torch.distributed.all_to_all_single(out, src, list(recv), list(send), group=group)
     row = src.element_size() * math.prod(src.shape[1:])  # a rank may send nothing (src[0] would not exist)
@@ -88,7 +88,7 @@ def _all_to_all(t: torch.Tensor, send: Sequence[int], recv: Sequence[int], rank:
     return out
 
 
-def _check_whole_world(process_group, who: str):
+def check_whole_world(process_group, who: str):
     """Refuse a ``process_group`` smaller than the default group for a coupling whose state is one table.
 
     The ranks outside the group would keep their own tables, which diverge silently (and no agreement
@@ -107,7 +107,7 @@ def _check_whole_world(process_group, who: str):
 
 
 
-class _Group:
+class Group:
     """The process group as one coupling call sees it: the exchange shared by both OT couplings.
 
     ``world == 1`` (no group, or a group of one) makes every method a no-op or a local computation, so
@@ -124,21 +124,21 @@ class _Group:
         (``recv[r]`` from rank ``r``, in rank order), on ``t``'s device."""
         if self.world == 1:
             return t
-        return _to(_all_to_all(t, send, recv, self.rank, self.group, self.cdev), t.device)
+        return to_device(_all_to_all(t, send, recv, self.rank, self.group, self.cdev), t.device)
 
     def gather(self, t: torch.Tensor, device=None) -> torch.Tensor:
         """Every rank's ``t`` concatenated along dim 0 (rank order) on ``device`` (``t``'s by default)."""
         if self.world == 1:
             return t
-        return _to(_all_gather(t, self.group, self.world, self.cdev), t.device if device is None else device)
+        return to_device(_all_gather(t, self.group, self.world, self.cdev), t.device if device is None else device)
 
     def agree(self, who: str, sizes: dict, inputs: dict, config: dict, failed: bool = False):
         """One small all-gather that every rank makes before the call's collectives.
 
         Raises on every rank at once (none is left waiting in a collective) when: a rank ``failed`` its
-        own input checks (that rank then raises its own error), the ``sizes`` differ (the first one is
-        the batch size), an optional input (``inputs``: name -> given) is passed on some ranks only, or
-        the coupling's ``config`` (name -> int) differs.
+        own input checks (that rank then raises its own error), the coupling's ``config`` (name -> int)
+        differs, the ``sizes`` differ (the first one is the batch size), or an optional input (``inputs``:
+        name -> given) is passed on some ranks only. Every rank must pass as many of each.
         """
         if self.world == 1:
             return
@@ -151,6 +151,15 @@ class _Group:
             raise ValueError(
                 f"rank(s) {bad_ranks} refused their input to {who} (see the error raised there); every rank "
                 f"raises so that none waits in a collective"
+            )
+        # The configuration first: ranks built differently (another scope, say) disagree on the sizes too,
+        # and the configuration is what to fix.
+        cfg = rows[:, 1 + len(sizes) + len(inputs):]
+        bad = [name for j, name in enumerate(config) if (cfg[:, j] != cfg[0, j]).any()]
+        if bad:
+            raise ValueError(
+                f"{who} differs across ranks ({', '.join(bad)}): build it with the same arguments on "
+                f"every rank and resume every rank from the same checkpoint"
             )
         col = 1
         for j, (name, _) in enumerate(sizes.items()):
@@ -168,14 +177,6 @@ class _Group:
                     f"{name} must be passed on every rank or on none: rank(s) {given} passed {name}, "
                     f"rank(s) {torch.nonzero(got == 0).flatten().tolist()} did not"
                 )
-        col += len(inputs)
-        cfg = rows[:, col:]
-        bad = [name for j, name in enumerate(config) if (cfg[:, j] != cfg[0, j]).any()]
-        if bad:
-            raise ValueError(
-                f"{who} differs across ranks ({', '.join(bad)}): build it with the same arguments on "
-                f"every rank and resume every rank from the same checkpoint"
-            )
 
     def global_cost(self, x1f: torch.Tensor, noise: torch.Tensor, metric: str) -> torch.Tensor:
         """The ``(W*b, N)`` cost between every rank's data and ``noise (N, D)``, the same on every rank.

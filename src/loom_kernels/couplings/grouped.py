@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 
 from ..cost import pairwise_cost
-from ._common import _pair_stats, _raise_bad_data, _solve
-from .distributed import _Group
+from .common import pair_stats, raise_bad_data, solve
+from .distributed import Group
 
 DEFAULT_GROUP_SIZE = 1024  # a 1024-item group: ~80 ms on 2 CPU cores, ~26 ms on an H200 (docs/scaling.md)
 
@@ -73,7 +73,7 @@ class Partition:
 class Route:
     """The all-to-all between this rank's items (position order) and its owned list (list order)."""
 
-    def __init__(self, part: Partition, grp: _Group):
+    def __init__(self, part: Partition, grp: Group):
         self.grp, r, b, w = grp, grp.rank, part.b, part.world
         mine = torch.arange(r * b, (r + 1) * b)
         owner = part.owner[mine]
@@ -98,19 +98,19 @@ class Route:
         return out
 
 
-def _raise_if_flagged(failed: torch.Tensor, grp: _Group, data: str):
+def _raise_if_flagged(failed: torch.Tensor, grp: Group, data: str):
     bad = torch.nonzero(failed.cpu()).flatten().tolist()
     if not bad:
         return
     if grp.world == 1:
-        _raise_bad_data(data)
+        raise_bad_data(data)
     raise ValueError(
         f"{data} contains NaN or inf (or values so large that the pair costs overflow float32) in a group "
         f"solved by rank(s) {bad}: the batch was refused on every rank and the coupling's state left unchanged"
     )
 
 
-def solve_loom_groups(grp: _Group, part: Partition, x1f: torch.Tensor, seeds: torch.Tensor,
+def solve_loom_groups(grp: Group, part: Partition, x1f: torch.Tensor, seeds: torch.Tensor,
                       noise_fn: Callable, metric: str, labels: torch.Tensor | None, guard: Callable,
                       gather: bool = True):
     """LOOM's grouped step: ``(new_seeds (n,) int64, stats)``, the same on every rank.
@@ -131,7 +131,7 @@ def solve_loom_groups(grp: _Group, part: Partition, x1f: torch.Tensor, seeds: to
     for a, c in part.segments(rank):
         cost = pairwise_cost(xo[a:c], noise[a:c], metric=metric)
         try:
-            col = _solve(cost, None if labels is None else labels[_dev(own[a:c], labels)])
+            col = solve(cost, None if labels is None else labels[_dev(own[a:c], labels)])
         except ValueError:
             failed = True
             break
@@ -157,7 +157,7 @@ def solve_loom_groups(grp: _Group, part: Partition, x1f: torch.Tensor, seeds: to
     return out.to(seeds.device), _mean_stats(tot, part.n, x1f.device)
 
 
-def solve_minibatch_groups(grp: _Group, part: Partition, x1f: torch.Tensor, x0: torch.Tensor,
+def solve_minibatch_groups(grp: Group, part: Partition, x1f: torch.Tensor, x0: torch.Tensor,
                            metric: str, labels: torch.Tensor | None, dtype):
     """Minibatch OT's grouped step: ``(x0 (b, ...) matched to this rank's items, stats)``.
 
@@ -172,12 +172,12 @@ def solve_minibatch_groups(grp: _Group, part: Partition, x1f: torch.Tensor, x0: 
     for a, c in part.segments(grp.rank):
         cost = pairwise_cost(xo[a:c], no[a:c].flatten(1).to(dtype), metric=metric)
         try:
-            col = _solve(cost, None if lo is None else lo[a:c])
+            col = solve(cost, None if lo is None else lo[a:c])
         except ValueError:
             sums[3] = 1
             break
         out[a:c] = no[a:c][col]
-        st = _pair_stats(cost, col)
+        st = pair_stats(cost, col)
         sums[:3] += torch.stack([st["pre_cost"].cpu() * (c - a), st["post_cost"].cpu() * (c - a),
                                  st["swaps"].cpu().double()])
     back = route.to_homes(out)

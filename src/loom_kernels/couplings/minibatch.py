@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ._common import METRICS, _check_labels, _check_metric, _check_x1, _cost_dtype, _pair_stats, _solve
 from .base import Coupling
-from .distributed import _Group
+from .common import METRICS, check_indices, check_labels, check_metric, check_x1, cost_dtype, pair_stats, solve
+from .distributed import Group
 from .grouped import DEFAULT_GROUP_SIZE, Partition, check_group_size, solve_minibatch_groups
 
 _SCOPES = ("global", "local", "grouped")
@@ -16,9 +16,10 @@ class MinibatchOTCoupling(Coupling):
 
     ``x0`` is drawn like ``IndependentCoupling`` when not given. With ``x0`` of ``m >= b`` rows, the
     ``b`` best-matching rows are kept (rectangular assignment). The assignment is exact (``assign``).
-    The data comes first and ``x0`` is keyword-only: TorchCFM's order is ``(x0, x1)``, and calling
-    ``coupling(x0, x1)`` would treat the noise as data and train the reverse flow, so a second
-    positional tensor is refused.
+    The call follows the couplings' protocol ``coupling(x1, indices=None, *, x0=None, labels=None)``:
+    the data comes first, ``indices`` (integer, ``(b,)``) are checked and not used, and ``x0`` is
+    keyword-only: TorchCFM's order is ``(x0, x1)``, and ``coupling(x0, x1)`` would treat the noise as
+    data and train the reverse flow, so a floating tensor in the ``indices`` place is refused.
 
     ``labels (b,)`` (integer, on ``x1``'s device; needs ``m == b``): noise is only exchanged between
     items of the same label, which equals exact OT solved per class (one batched solve).
@@ -28,13 +29,14 @@ class MinibatchOTCoupling(Coupling):
     couple the concatenated batch (with ``x0`` the concatenation of every rank's noise); each rank
     gets its own rows' noise. Ranks all-gather their noise and then their cost rows, or their data
     when ``D < W*m``. Seed each rank's ``generator`` (or global RNG) differently. ``scope="local"``
-    couples each rank's batch on its own (no communication, so no cross-rank checks). ``scope="grouped"``
+    couples each rank's batch on its own; every rank still checks, in one tiny all-gather per call, that
+    all ranks use the same configuration (scope, metric, group size), so a rank built with another scope
+    raises on every rank instead of leaving the others waiting in a collective. ``scope="grouped"``
     splits the global batch at random into groups of at most ``group_size`` items (the partition comes
     from a generator seeded with ``seed``, the same on every rank, checkpointed in ``state_dict``); each
     group is solved by one owner rank, owners in parallel: data and noise rows travel to the owner and the
     matched noise rows come back (``O(b*D)`` bytes per rank whatever ``W`` is; needs ``m == b``). Each
-    group's result equals ``MinibatchOTCoupling()(x1[g], x0=x0[g])`` in one process. ``indices`` is
-    accepted for the common protocol and not used.
+    group's result equals ``MinibatchOTCoupling()(x1[g], x0=x0[g])`` in one process.
 
     Shapes: ``x1 (b, *shape)``, ``x0 (m, *shape)`` with ``m >= b`` -> ``(x0 (b, *shape), x1)``.
 
@@ -53,44 +55,42 @@ class MinibatchOTCoupling(Coupling):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.group_size = check_group_size(group_size)
         self._part_gen = torch.Generator().manual_seed(seed)  # the same on every rank: the partition
-        self.metric = _check_metric(metric)
+        self.metric = check_metric(metric)
         self.generator = generator
         self.process_group = process_group
         self.scope = scope
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, *args, x0: torch.Tensor | None = None, indices: torch.Tensor | None = None,
+    def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if args:
-            raise TypeError(
-                "MinibatchOTCoupling takes the data first and the noise only as the keyword x0: "
-                "coupling(x1, x0=noise). A second positional argument is refused because TorchCFM's order is "
-                "(x0, x1): coupling(x0, x1) would treat the noise as data and train the reverse flow"
-            )
-        grp = _Group(self.process_group, local=self.scope == "local")
+        """Couple ``x1 (b, *shape)`` with ``x0 (m, *shape)`` (drawn when None); ``indices`` are checked, unused."""
+        world = Group(self.process_group)  # every rank agrees on the config, whatever the scope
+        grp = Group(self.process_group, local=self.scope == "local")
         try:
             labels = self._check_inputs(x1, x0, labels, self.scope)
+            check_indices(indices, x1.shape[0], type(self).__name__)
         except (TypeError, ValueError):
-            grp.agree(type(self).__name__, {"batch size": -1, "x0 rows": -1}, {"labels": 0}, self._config(),
-                      failed=True)
+            world.agree(type(self).__name__, {"batch size": -1, "x0 rows": -1}, {"labels": 0}, self._config(),
+                        failed=True)
             raise
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         b = x1.shape[0]
-        grp.agree(type(self).__name__, {"batch size": b, "x0 rows": x0.shape[0]}, {"labels": labels is not None},
-                  self._config())
+        # scope="local" couples each rank's batch alone: its sizes and inputs may differ across ranks
+        sizes = {"batch size": b, "x0 rows": x0.shape[0]} if grp.world > 1 else {"batch size": 0, "x0 rows": 0}
+        world.agree(type(self).__name__, sizes, {"labels": labels is not None and grp.world > 1}, self._config())
         if b == 0:
             self.stats = {}
             return x0[:0], x1
-        dt = _cost_dtype(x1.dtype)
+        dt = cost_dtype(x1.dtype)
         if self.scope == "grouped":
             part = Partition(grp.world * b, b, grp.world, self.group_size, self._part_gen)
             x0, self.stats = solve_minibatch_groups(grp, part, x1.flatten(1).to(dt), x0, self.metric, labels, dt)
             return x0, x1
         g_x0 = grp.gather(x0)  # every rank's noise: rank r's rows may be matched with it
         cost = grp.global_cost(x1.flatten(1).to(dt), g_x0.flatten(1).to(dt), self.metric)
-        col = _solve(cost, None if labels is None else grp.gather(labels))
-        self.stats = _pair_stats(cost, col)
+        col = solve(cost, None if labels is None else grp.gather(labels))
+        self.stats = pair_stats(cost, col)
         return g_x0[col[grp.rank * b:(grp.rank + 1) * b]], x1
 
     def _config(self) -> dict:
@@ -114,9 +114,9 @@ class MinibatchOTCoupling(Coupling):
 
     @staticmethod
     def _check_inputs(x1, x0, labels, scope="global"):
-        _check_x1(x1)
+        check_x1(x1)
         if x0 is not None:
-            _check_x1(x0, "x0")
+            check_x1(x0, "x0")
             if x0.shape[1:] != x1.shape[1:] or x0.shape[0] < x1.shape[0]:
                 raise ValueError(
                     f"x0 must have shape (m, *x1.shape[1:]) with m >= b = {x1.shape[0]}, "
@@ -126,7 +126,7 @@ class MinibatchOTCoupling(Coupling):
                 raise ValueError(f"x0 must be on x1's device {x1.device}, got {x0.device}")
         if scope == "grouped" and x0 is not None and x0.shape[0] != x1.shape[0]:
             raise ValueError(f"scope='grouped' needs x0 with exactly b = {x1.shape[0]} rows, got {x0.shape[0]}")
-        labels = _check_labels(labels, x1.shape[0], x1.device)
+        labels = check_labels(labels, x1.shape[0], x1.device)
         if labels is not None and x0 is not None and x0.shape[0] != x1.shape[0]:
             raise ValueError(
                 f"labels need x0 with exactly b = {x1.shape[0]} rows (row i is item i's noise), got {x0.shape[0]}"

@@ -48,7 +48,7 @@ class CouplingFuture:
         return x0, x1
 
 
-class PrefetchCoupling:
+class PrefetchCoupling(Coupling):
     """Run ``coupling`` calls on a background thread (a CUDA side stream on a GPU), in submission order.
 
     Shapes as the wrapped coupling: ``submit(x1 (b, *shape), indices (b,), labels=(b,), ...)`` -> a
@@ -56,6 +56,9 @@ class PrefetchCoupling:
     ``labels`` in place before ``result()`` returns. Under DDP give the coupling its own process group
     (all ranks, e.g. ``torch.distributed.new_group()``), so its collectives never interleave with the
     model's. ``close()`` (or a ``with`` block) waits for the pending calls and stops the thread.
+
+    It is a :class:`Coupling` itself: ``pre(x1, idx)`` (the protocol's call) submits and waits, with the
+    wrapped coupling's results and ``stats``; ``state_dict``/``load_state_dict`` run after the pending calls.
 
     Example (the trainer's loop: couple batch t+1 while the model trains on batch t)::
 
@@ -78,6 +81,30 @@ class PrefetchCoupling:
         self.coupling = coupling
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="loom-prefetch")
         self._streams: dict = {}
+        self.stats = {}
+
+    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None) -> tuple:
+        """``coupling(x1, indices, x0=x0, labels=labels)`` through the worker (after the pending calls)."""
+        kwargs = {k: v for k, v in (("x0", x0), ("labels", labels)) if v is not None}
+        pending = self.submit(x1, indices, **kwargs)
+        out = pending.result()
+        self.stats = pending.stats
+        return out
+
+    def state_dict(self) -> dict:
+        """The wrapped coupling's state once the pending calls have run."""
+        return self._after_pending(self.coupling.state_dict)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the wrapped coupling's state once the pending calls have run."""
+        self._after_pending(self.coupling.load_state_dict, state)
+
+    def _after_pending(self, fn, *args):
+        try:
+            pending = self._pool.submit(fn, *args)
+        except RuntimeError:  # closed: nothing is pending any more
+            return fn(*args)
+        return pending.result()
 
     def submit(self, x1: torch.Tensor, indices=None, **kwargs) -> CouplingFuture:
         """Queue ``coupling(x1, indices=indices, **kwargs)`` (``labels=``, ``x0=``...); returns at once."""

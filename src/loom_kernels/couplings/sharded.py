@@ -23,8 +23,8 @@ import secrets
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_save, load_verified
-from .distributed import _Group
+from .._io import atomic_save, load_verified
+from .distributed import Group
 from .table import RowsFn, SeedTable
 
 SHARD_KIND = "LoomCoupling table shard"
@@ -51,7 +51,7 @@ class ShardedSeedTable:
         t.update(grp, torch.tensor([3]), torch.tensor([0]), torch.tensor([42]))
     """
 
-    def __init__(self, grp: _Group, num_points: int, num_caches: int, device, rows: RowsFn):
+    def __init__(self, grp: Group, num_points: int, num_caches: int, device, rows: RowsFn):
         self.world, self.rank = grp.world, grp.rank
         self.bounds = shard_bounds(num_points, self.world)
         self.lo, self.hi = self.bounds[self.rank], self.bounds[self.rank + 1]
@@ -72,7 +72,7 @@ class ShardedSeedTable:
         """The rank owning each global row (``rows`` int64, any device)."""
         return torch.bucketize(rows, self._bounds.to(rows.device), right=True)
 
-    def _route(self, grp: _Group, rows: torch.Tensor):
+    def _route(self, grp: Group, rows: torch.Tensor):
         """``(order, send counts, recv counts)``: items sorted by owner, and the counts every rank exchanges."""
         self._check_world(grp)
         owner = self.owner(rows)
@@ -81,7 +81,7 @@ class ShardedSeedTable:
         recv = grp.all_to_all(send, [1] * self.world, [1] * self.world)
         return order, send.tolist(), recv.tolist()
 
-    def fetch(self, grp: _Group, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def fetch(self, grp: Group, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """``table[rows, slots]`` (``(n,)`` each, int64, on the table's device) from their owners; collective."""
         order, send, recv = self._route(grp, rows)
         req = grp.all_to_all(torch.stack([rows, slots], 1)[order], send, recv)
@@ -91,7 +91,7 @@ class ShardedSeedTable:
         out[order] = back
         return out
 
-    def update(self, grp: _Group, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
+    def update(self, grp: Group, rows: torch.Tensor, slots: torch.Tensor, values: torch.Tensor) -> None:
         """``table[rows, slots] = values`` at their owners; collective. Ranks pass disjoint entries."""
         order, send, recv = self._route(grp, rows)
         got = grp.all_to_all(torch.stack([rows, slots, values], 1)[order], send, recv)
@@ -112,7 +112,7 @@ class ShardedSeedTable:
     def close(self) -> None:
         pass
 
-    def _check_world(self, grp: _Group):
+    def _check_world(self, grp: Group):
         if (grp.world, grp.rank) != (self.world, self.rank):
             raise ValueError(
                 f"the sharded seed table was built for rank {self.rank} of {self.world}, but this call runs as rank "
@@ -122,13 +122,13 @@ class ShardedSeedTable:
 
 # ---- checkpoints ------------------------------------------------------------------------------------
 
-def new_save_id(grp: _Group) -> str:
+def new_save_id(grp: Group) -> str:
     """A random id drawn by rank 0 and shared with every rank (one tiny all-gather)."""
     mine = torch.tensor([[secrets.randbits(63) if grp.rank == 0 else 0]], dtype=torch.int64)
     return f"{int(grp.gather(mine)[0, 0]):016x}"
 
 
-def save_shards(grp: _Group, table: ShardedSeedTable, path: str, save_id: str, config: dict) -> None:
+def save_shards(grp: Group, table: ShardedSeedTable, path: str, save_id: str, config: dict) -> None:
     """Every rank writes its own shard file (atomically, with a checksum); raises on every rank if any failed."""
     err: BaseException | None = None
     try:
@@ -146,7 +146,7 @@ def save_shards(grp: _Group, table: ShardedSeedTable, path: str, save_id: str, c
                       f"raised there); the previous checkpoint at that path is untouched")
 
 
-def write_manifest(grp: _Group, manifest: dict, path) -> None:
+def write_manifest(grp: Group, manifest: dict, path) -> None:
     """Rank 0 writes the manifest (after every shard is on disk), then removes older saves' shards at ``path``.
 
     Until the rename of the manifest, the previous manifest and its shards are intact; every rank returns

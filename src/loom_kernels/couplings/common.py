@@ -1,22 +1,25 @@
-"""Helpers shared by every coupling: argument checks, metric names, devices, pair statistics, the solve."""
+"""Helpers shared by every coupling: argument checks, metric names, devices, pair statistics, the solve.
+
+Public to the package (the couplings, the tables and compat import them); not part of the user API.
+"""
+
 from __future__ import annotations
 
 import torch
 
-from .._device import resolve_device as _as_device  # noqa: F401  (the couplings' name for it)
 from ..assign import assign
 from ..cost import METRICS  # the metric names live beside the code that computes them
 
 _COST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_metric(metric):
+def check_metric(metric):
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     return metric
 
 
-def _check_x1(x1, name="x1"):
+def check_x1(x1, name="x1"):
     if not isinstance(x1, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (b, *shape), got {type(x1).__name__}")
     if not x1.is_floating_point():
@@ -25,12 +28,12 @@ def _check_x1(x1, name="x1"):
         raise ValueError(f"{name} must have shape (b, *shape) with at least one feature dim, got {tuple(x1.shape)}")
 
 
-def _cost_dtype(dtype):
+def cost_dtype(dtype):
     # pairwise_cost takes float32/float16/bfloat16; float64 data is compared in float32.
     return dtype if dtype in _COST_DTYPES else torch.float32
 
 
-def _pair_stats(cost, col):
+def pair_stats(cost, col):
     """pre_cost (mean diagonal), post_cost (mean matched), swaps; 0-dim tensors, no host sync."""
     n = cost.shape[0]
     ar = torch.arange(n, device=cost.device)
@@ -39,7 +42,7 @@ def _pair_stats(cost, col):
     return {"pre_cost": pre, "post_cost": post, "swaps": (col != ar).sum()}
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Move ``t`` to ``device``; host -> GPU goes through pinned memory so the copy never stalls the host
     (a pageable source lets the driver synchronize with the stream)."""
     if t.device == device:
@@ -49,8 +52,26 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+def check_indices(indices, b: int, who: str):
+    """``indices`` of a coupling that does not use them: ``None`` or ``b`` integers (tensor or array-like).
 
-def _check_labels(labels, b: int, device: torch.device):
+    A floating tensor in their place is the noise passed positionally in TorchCFM's ``(x0, x1)`` order,
+    which would train the reverse flow: refused with a ``TypeError`` that names ``x0=``."""
+    if indices is None:
+        return None
+    idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(indices)
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(
+            f"{who}(x1, indices, *, x0=None, labels=None): indices must be integer dataset indices, got dtype "
+            f"{idx.dtype}. Pass the noise as the keyword x0=: TorchCFM's order (x0, x1) would treat the noise "
+            f"as data and train the reverse flow"
+        )
+    if idx.dim() != 1 or idx.shape[0] != b:
+        raise ValueError(f"indices must have shape (b,) = ({b},) to match x1, got {tuple(idx.shape)}")
+    return idx
+
+
+def check_labels(labels, b: int, device: torch.device):
     """``labels`` as given (``None`` or an integer ``(b,)`` tensor on ``device``), or a clear error."""
     if labels is None:
         return None
@@ -65,7 +86,7 @@ def _check_labels(labels, b: int, device: torch.device):
     return labels
 
 
-def _solve(cost: torch.Tensor, labels: torch.Tensor | None = None, data: str = "x1") -> torch.Tensor:
+def solve(cost: torch.Tensor, labels: torch.Tensor | None = None, data: str = "x1") -> torch.Tensor:
     """``assign(cost)`` with the pairs of different labels forbidden; ``col (n,)`` int64.
 
     ``cost (n, m)``: rows are data items, columns noises; with ``labels (n,)`` (square cost) column
@@ -85,11 +106,11 @@ def _solve(cost: torch.Tensor, labels: torch.Tensor | None = None, data: str = "
         return assign(cost)
     except ValueError:
         if not bool(torch.isfinite(raw).all()):
-            _raise_bad_data(data)
+            raise_bad_data(data)
         raise
 
 
-def _raise_bad_data(data):
+def raise_bad_data(data):
     raise ValueError(
         f"{data} contains NaN or inf (or values so large that the pair costs overflow float32): "
         "the batch was refused and the coupling's state left unchanged"

@@ -1,0 +1,95 @@
+"""LOOM's index checks: dataset indices must lie in ``[0, num_points)`` and be distinct within a (global) batch.
+
+Host indices are checked at once; device indices are flagged on the device and checked after the solve's
+own host sync (no extra stall), while clamped copies keep the table's gathers in bounds meanwhile.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def as_index_tensor(indices, b: int, x1_shape: tuple, table_device: torch.device) -> torch.Tensor:
+    """``indices`` as an int64 ``(b,)`` tensor on the CPU or ``table_device``, or a clear error."""
+    if indices is None:
+        raise ValueError("LoomCoupling needs the dataset indices of the batch: call coupling(x1, indices)")
+    if not isinstance(indices, torch.Tensor):
+        indices = torch.as_tensor(np.asarray(indices))
+    if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
+        raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
+    if indices.dim() != 1 or indices.shape[0] != b:
+        raise ValueError(
+            f"indices must have shape (b,) = ({b},) to match x1 {tuple(x1_shape)}, got {tuple(indices.shape)}"
+        )
+    if indices.device.type != "cpu" and indices.device != table_device:
+        raise ValueError(f"indices must be on the table's device {table_device} (or on the CPU), got {indices.device}")
+    return indices.to(torch.int64)
+
+
+def resample_indices(indices, num_points: int) -> torch.Tensor:
+    """``resample``'s rows: int64 ``(n,)`` on the CPU, each in range and distinct, or a clear error."""
+    idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(np.asarray(indices))
+    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+        raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
+    idx = idx.reshape(-1).to(torch.int64).cpu()
+    if len(idx) and bool(index_flags(idx, num_points).any()):
+        raise_index_error(idx, num_points, where="a resample call")
+    return idx
+
+
+def index_flags(idx: torch.Tensor, num_points: int) -> torch.Tensor:
+    """Device tensor [any out of range, any duplicate] (no host sync)."""
+    out = ((idx < 0) | (idx >= num_points)).any()
+    if idx.shape[0] > 1:
+        s = torch.sort(idx).values
+        dup = (s[1:] == s[:-1]).any()
+    else:
+        dup = torch.zeros((), dtype=torch.bool, device=idx.device)
+    return torch.stack([out, dup])
+
+
+def raise_index_error(idx: torch.Tensor, num_points: int, where: str = "the batch") -> None:
+    """Raise the error that names what is wrong with ``idx`` (out of range first, then repeated)."""
+    idx = idx.cpu()
+    bad = idx[(idx < 0) | (idx >= num_points)]
+    if len(bad):
+        raise ValueError(
+            f"indices must lie in [0, num_points) = [0, {num_points}), got {int(bad[0])} "
+            f"({len(bad)} out of range, min {int(idx.min())}, max {int(idx.max())}); for data augmentation "
+            f"give each augmented view its own index (e.g. i + len(dataset) for flipped images) and size "
+            f"num_points for all views"
+        )
+    vals, counts = torch.unique(idx, return_counts=True)
+    rep = vals[counts > 1]
+    if len(rep):
+        raise ValueError(
+            f"indices must be distinct within {where}: index {int(rep[0])} appears "
+            f"{int(counts[counts > 1][0])} times ({len(rep)} repeated); two items would overwrite the same "
+            f"noise slot. Sample without replacement (drop_last=True with DistributedSampler), or give "
+            f"augmented views their own index (i + len(dataset))"
+        )
+
+
+class IndexCheck:
+    """The global batch's indices ``g_idx (W*b,)``, checked: ``safe`` (clamped on a device) to index with,
+    ``after_solve()`` to call once the solve has synchronized (raises for bad device indices).
+
+    Example::
+
+        check = IndexCheck(torch.tensor([3, 1]), num_points=10, world=1)   # host: checked here
+        rows = check.safe
+    """
+
+    def __init__(self, g_idx: torch.Tensor, num_points: int, world: int):
+        self.g_idx, self.num_points = g_idx, num_points
+        self.flags = index_flags(g_idx, num_points)
+        self.where = "the batch" if world == 1 else f"the global batch of all {world} ranks"
+        on_host = g_idx.device.type == "cpu"
+        if on_host and bool(self.flags.any()):
+            raise_index_error(g_idx, num_points, self.where)
+        self.safe = g_idx if on_host else g_idx.clamp(0, num_points - 1)
+
+    def after_solve(self) -> None:
+        if self.flags.device.type != "cpu" and bool(self.flags.any()):  # the queue is empty after assign: cheap
+            raise_index_error(self.g_idx, self.num_points, self.where)

@@ -1,0 +1,130 @@
+"""LOOM's three steps as functions over (table, group, batch): ``global_step``, ``local_step``, ``grouped_step``.
+
+Each step reads the batch's current seeds from the table (one move to the compute device), regenerates
+their noise, solves the exact assignment, writes the permuted seeds back (one move to the table's device)
+and returns this rank's matched noise ``(b, ...)`` in the cost dtype with the call's stats. The table's
+kind never shows here: replicated and sharded tables differ only inside ``tables/``.
+
+A per-item input that enters the cost (e.g. a continuous condition ``cond (b, Dc)`` adding
+``w * ||c_i - c_j||^2``) travels in :class:`Batch` beside ``labels``: it is gathered where the labels
+are (``gathered``) and added to the cost in :func:`pair_cost` / the grouped solve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..cost import pairwise_cost
+from ..noise import gaussian_noise
+from .common import solve, to_device
+from .distributed import Group
+from .grouped import Partition, solve_loom_groups
+from .tables import LoomTable
+
+
+@dataclass
+class LoomSpec:
+    """What a step needs of the coupling: noise shape, metric, compute device, group size, slot generator."""
+
+    shape: tuple
+    metric: str
+    device: torch.device
+    group_size: int
+    generator: torch.Generator  # the slot generator: the grouped partition is drawn from it after the slots
+
+    def noise(self, seeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(n,)`` int64 seeds -> ``(n, *shape)`` Gaussian noise on the compute device."""
+        return gaussian_noise(seeds, self.shape, device=self.device, dtype=dtype)
+
+
+@dataclass
+class Batch:
+    """One call's items. ``x1f (b, D)``: this rank's data in the cost dtype; ``rows``/``slots`` ``(W*b,)``:
+    the global batch's table entries (on the table's device; rows clamped until ``after_solve`` has checked
+    them); ``labels (b,)`` this rank's or None; ``mine``: this rank's positions in the global batch."""
+
+    x1f: torch.Tensor
+    rows: torch.Tensor
+    slots: torch.Tensor
+    labels: torch.Tensor | None
+    mine: slice
+    after_solve: Callable[[], None]
+
+
+def gathered(grp: Group, t: torch.Tensor | None) -> torch.Tensor | None:
+    """Every rank's ``t`` (rank order), or None."""
+    return None if t is None else grp.gather(t)
+
+
+def keep_if_cheaper(cost: torch.Tensor, col: torch.Tensor) -> tuple:
+    """``(col, stats)``: the solve's matching, or the current pairs when it costs more (float tolerance)."""
+    # An assignment within the solver's float tolerance could, in a near-tie, cost a hair more than
+    # keeping the current pairs; keeping them then makes "the total cost never increases" exact.
+    n = cost.shape[0]
+    ar = torch.arange(n, device=cost.device)
+    pre = cost.diagonal().sum(dtype=torch.float64)
+    post = cost.gather(1, col[:, None]).sum(dtype=torch.float64)
+    keep = post <= pre
+    col = torch.where(keep, col, ar)
+    stats = {"pre_cost": pre / n, "post_cost": torch.where(keep, post, pre) / n, "swaps": (col != ar).sum()}
+    return col, stats
+
+
+def global_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> tuple:
+    """Couple the global batch of ``W*b`` items (every rank solves the same problem, keeps its slice)."""
+    seeds = to_device(table.read_global(grp, batch.rows, batch.slots, batch.mine), spec.device)
+    noise = spec.noise(seeds, batch.x1f.dtype)
+    cost = grp.global_cost(batch.x1f, noise.flatten(1), spec.metric)  # (W*b, W*b) float32
+    col = solve(cost, gathered(grp, batch.labels))  # the single host sync on CUDA
+    batch.after_solve()
+    col, stats = keep_if_cheaper(cost, col)
+    table.write_global(grp, batch.rows, batch.slots, to_device(seeds[col], table.device), batch.mine)
+    return noise[col[batch.mine]], stats
+
+
+def local_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> tuple:
+    """Couple each rank's ``b`` items on their own; every rank's updates reach the table."""
+    rows, slots = batch.rows[batch.mine], batch.slots[batch.mine]
+    seeds = to_device(table.read(grp, rows, slots), spec.device)
+    noise = spec.noise(seeds, batch.x1f.dtype)
+    cost = pairwise_cost(batch.x1f, noise.flatten(1), metric=spec.metric)
+    col = solve(cost, batch.labels)
+    batch.after_solve()
+    col, stats = keep_if_cheaper(cost, col)
+    table.write_local(grp, batch.rows, batch.slots, seeds[col], batch.mine)
+    return noise[col], stats
+
+
+def grouped_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> tuple:
+    """Split the global batch at random into groups of at most ``group_size``, solved by owner ranks."""
+    part = Partition(len(batch.slots), batch.x1f.shape[0], grp.world, spec.group_size, spec.generator)
+    own = to_device(part.lists[grp.rank], table.device)
+    seeds = to_device(table.read(grp, batch.rows[own], batch.slots[own]), spec.device)
+
+    def noise_fn(s):
+        return spec.noise(s, batch.x1f.dtype).flatten(1)
+
+    new, stats = solve_loom_groups(
+        grp,
+        part,
+        batch.x1f,
+        seeds,
+        noise_fn,
+        spec.metric,
+        gathered(grp, batch.labels),
+        keep_if_cheaper,
+        gather=table.gathers_group_updates,
+    )
+    batch.after_solve()
+    mine = table.write_groups(grp, part, batch.rows, batch.slots, own, new)
+    return noise_fn(mine), stats
+
+
+def step_for(scope: str, world: int) -> Callable:
+    """The step of ``scope`` for a group of ``world`` ranks (``local`` alone is ``global`` on one rank)."""
+    if scope == "grouped":
+        return grouped_step
+    return local_step if scope == "local" and world > 1 else global_step
