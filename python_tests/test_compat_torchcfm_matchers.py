@@ -166,28 +166,48 @@ def test_sample_plan_with_scipy_equals_torchcfms_formula(b0, b1, dims):
 
 
 @pytest.mark.parametrize("method", ["sinkhorn", "unbalanced", "partial"])
-def test_entropic_plan_is_pots_torch_backend(method, monkeypatch):
+def test_entropic_plan_on_torch_backend_equals_pot(method, monkeypatch):
+    """The path off the host (run here on CPU tensors): POT gets torch tensors, no numpy copy."""
     ot = pytest.importorskip("ot")
     x0, x1 = _batch(40, (3,), 1)
-    seen = {}
-    real = ot.sinkhorn if method == "sinkhorn" else None
+    seen = []
+    real = ot.sinkhorn
 
     def spy(a, b, M, **kw):
-        seen["types"] = (type(a), type(b), type(M))
+        seen.append((type(a), type(b), type(M)))
         return real(a, b, M, **kw)
 
-    if real is not None:
-        monkeypatch.setattr(ot, "sinkhorn", spy)
-    p = _plans.entropic_plan(method, x0, x1, reg=0.5, reg_m=1.0, normalize_cost=False)
+    monkeypatch.setattr(ot, "sinkhorn", spy)
+    p = _plans.entropic_plan_torch(method, x0, x1, reg=0.5, reg_m=1.0, normalize_cost=False)
     assert isinstance(p, torch.Tensor) and p.dtype == torch.float64 and p.device == x0.device
-    if real is not None:
-        assert seen["types"] == (torch.Tensor, torch.Tensor, torch.Tensor)  # no host numpy copy
+    if method == "sinkhorn":
+        assert seen == [(torch.Tensor, torch.Tensor, torch.Tensor)]
     M = (torch.cdist(x0, x1) ** 2).double().numpy()
-    ref = {"sinkhorn": lambda: ot.sinkhorn(ot.unif(40), ot.unif(40), M, reg=0.5),
+    ref = {"sinkhorn": lambda: real(ot.unif(40), ot.unif(40), M, reg=0.5),
            "unbalanced": lambda: ot.unbalanced.sinkhorn_knopp_unbalanced(ot.unif(40), ot.unif(40), M, reg=0.5,
                                                                          reg_m=1.0),
            "partial": lambda: ot.partial.entropic_partial_wasserstein(ot.unif(40), ot.unif(40), M, reg=0.5)}[method]()
     np.testing.assert_allclose(p.numpy(), ref, rtol=1e-9, atol=1e-15)
+    # and TorchCFM's host call (float32 cost) agrees to rounding, so seeded draws match
+    host = _plans.entropic_plan(method, x0, x1, reg=0.5, reg_m=1.0, normalize_cost=False)
+    assert isinstance(host, np.ndarray)
+    np.testing.assert_allclose(p.numpy(), host, rtol=1e-5, atol=1e-12)
+
+
+def test_device_plans_draw_like_torchcfm():
+    """The off-host path (torch-backend plan, drawn with numpy's uniforms) gives TorchCFM's seeded pairs."""
+    tcfm_ot = pytest.importorskip("torchcfm.optimal_transport")
+    x0, x1 = _batch(32, (3,), 4)
+    theirs = tcfm_ot.OTPlanSampler("sinkhorn", reg=0.5)
+    for seed in (0, 1, 2):
+        np.random.seed(seed)
+        a0, a1 = theirs.sample_plan(x0, x1)
+        after = np.random.rand(2)
+        np.random.seed(seed)
+        pi = _plans.entropic_plan_torch("sinkhorn", x0, x1, reg=0.5, reg_m=1.0, normalize_cost=False)
+        i, j = _plans.draw_on_device(pi, 32)
+        assert torch.equal(a0, x0[i]) and torch.equal(a1, x1[j])
+        assert np.array_equal(np.random.rand(2), after)
 
 
 @pytest.mark.parametrize("seed", range(5))

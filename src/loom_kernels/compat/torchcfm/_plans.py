@@ -1,9 +1,9 @@
 """The plans behind ``OTPlanSampler``: the exact permutation (our solver), POT's entropic plans, and draws.
 
 - exact, square batches: ``loom_kernels.assign`` on the tensors' device (Bertsekas' auction).
-- sinkhorn / unbalanced / partial: POT's solvers on POT's torch backend (Flamary et al., "POT:
-  Python Optimal Transport", JMLR 2021): the cost and the plan stay on the tensors' device.
-  :func:`entropic_plan` is the one place that calls them, so a native solver can replace it.
+- sinkhorn / unbalanced / partial: POT's solvers (Flamary et al., "POT: Python Optimal Transport",
+  JMLR 2021); off the host on POT's torch backend, so the cost and the plan stay on the tensors'
+  device. :func:`entropic_plan` is the one place that calls them, so a native solver can replace it.
 - draws with replacement repeat TorchCFM's ``np.random.choice(b0 * b1, p=pi.flatten(), size=b0)``:
   on the host with numpy's own call, on another device with the same uniforms from numpy's global
   RNG and numpy's inverse-CDF rule (``cdf.searchsorted(u, side="right")``), so only ``b0`` floats
@@ -68,14 +68,38 @@ def permutation_plan(col: torch.Tensor) -> np.ndarray:
     return pi
 
 
-def entropic_plan(method: str, x0, x1, reg: float, reg_m: float, normalize_cost: bool) -> torch.Tensor:
-    """POT's entropic plan ``(b0, b1)`` float64 on the tensors' device (TorchCFM's cost and marginals).
+def _entropic_fn(ot, method: str, reg: float, reg_m: float):
+    return {
+        "sinkhorn": partial(ot.sinkhorn, reg=reg),
+        "unbalanced": partial(ot.unbalanced.sinkhorn_knopp_unbalanced, reg=reg, reg_m=reg_m),
+        "partial": partial(ot.partial.entropic_partial_wasserstein, reg=reg),
+    }[method]
 
-    The cost is TorchCFM's (``torch.cdist(x0, x1) ** 2`` on the flattened batches, divided by its max
-    with ``normalize_cost``); POT gets it, and uniform marginals, as float64 tensors. TorchCFM hands
-    POT a float32 numpy cost, so POT forms its kernel ``exp(-M / reg)`` in float32: where that
-    underflows (``M / reg`` above ~87) TorchCFM's plan degenerates to the uniform fallback and this
-    one does not; elsewhere the plans agree to ~1e-7 and seeded draws are the same.
+
+def entropic_plan(method: str, x0, x1, reg: float, reg_m: float, normalize_cost: bool):
+    """POT's entropic plan ``(b0, b1)`` between the batches (TorchCFM's cost and uniform marginals).
+
+    The one place that calls the entropic solvers. Host tensors: TorchCFM's own call (POT's numpy
+    backend on the float32 cost), so the plan is bit-identical to TorchCFM's (numpy array); POT's torch
+    backend is ~3x slower on 128x128 host problems. Other devices: :func:`entropic_plan_torch`, the
+    plan stays on the device (float64 tensor).
+    """
+    if x0.device.type != "cpu":
+        return entropic_plan_torch(method, x0, x1, reg, reg_m, normalize_cost)
+    ot = pot(f"OTPlanSampler(method={method!r})")
+    M = torch.cdist(flat(x0), flat(x1)) ** 2
+    if normalize_cost:
+        M = M / M.max()
+    return _entropic_fn(ot, method, reg, reg_m)(ot.unif(x0.shape[0]), ot.unif(x1.shape[0]), M.detach().cpu().numpy())
+
+
+def entropic_plan_torch(method: str, x0, x1, reg: float, reg_m: float, normalize_cost: bool) -> torch.Tensor:
+    """POT's entropic plan on its torch backend: a float64 tensor ``(b0, b1)`` on the batches' device.
+
+    POT gets TorchCFM's cost and uniform marginals as float64 tensors (mixed float32/float64 tensors
+    fail in torch's matmul). TorchCFM's numpy call forms the kernel ``exp(-M / reg)`` in float32:
+    where that underflows (``M / reg`` above ~87) its plan degenerates to the uniform fallback and
+    this one does not; elsewhere the plans agree to ~1e-7 and seeded draws are the same.
     """
     ot = pot(f"OTPlanSampler(method={method!r})")
     M = torch.cdist(flat(x0), flat(x1)).detach() ** 2
@@ -84,12 +108,7 @@ def entropic_plan(method: str, x0, x1, reg: float, reg_m: float, normalize_cost:
     M = M.double()
     a = torch.full((x0.shape[0],), 1.0 / x0.shape[0], dtype=torch.float64, device=M.device)
     b = torch.full((x1.shape[0],), 1.0 / x1.shape[0], dtype=torch.float64, device=M.device)
-    fn = {
-        "sinkhorn": partial(ot.sinkhorn, reg=reg),
-        "unbalanced": partial(ot.unbalanced.sinkhorn_knopp_unbalanced, reg=reg, reg_m=reg_m),
-        "partial": partial(ot.partial.entropic_partial_wasserstein, reg=reg),
-    }[method]
-    return fn(a, b, M)
+    return _entropic_fn(ot, method, reg, reg_m)(a, b, M)
 
 
 def pot_exact_plan(x0, x1, normalize_cost: bool, num_threads) -> np.ndarray:

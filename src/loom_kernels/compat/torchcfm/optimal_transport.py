@@ -7,8 +7,10 @@ and generalizing flow-based generative models with minibatch optimal transport",
   Its plan equals POT's ``ot.emd`` plan on continuous data (a permutation matrix / b), and
   ``replace=True`` draws from it with TorchCFM's ``np.random.choice`` call, so seeded runs give the
   same pairs as TorchCFM. ``replace=False`` returns the exact permutation in ``x1``'s order.
-- ``sinkhorn``, ``unbalanced``, ``partial``: POT's solvers on its torch backend, on the tensors'
-  device (``_plans.entropic_plan``); exact plans between batches of different sizes: POT's ``emd``.
+- ``sinkhorn``, ``unbalanced``, ``partial``: POT's solvers (``_plans.entropic_plan``): TorchCFM's own
+  call for host tensors (bit-identical plans), POT's torch backend on the tensors' device otherwise
+  (no host copy; draws on the device from numpy's uniforms). Exact plans between batches of
+  different sizes: POT's ``emd``.
 - ``sample_plan_with_scipy``: TorchCFM's (newer than 1.0.7) assignment draw, on our solver.
 - New: ``sample_plan(..., labels=y)``, class-conditional exact OT (noise never crosses classes).
 
@@ -101,7 +103,7 @@ class OTPlanSampler:
         if abs(float(p.sum())) < 1e-8:
             if self.warn:
                 warnings.warn("Numerical errors in OT plan, reverting to uniform plan.", stacklevel=3)
-            p = p * 0 + 1.0 / (p.shape[0] * p.shape[1])
+            p = torch.ones_like(p) / p.numel() if isinstance(p, torch.Tensor) else np.ones_like(p) / p.size
         return p
 
     def get_map(self, x0, x1) -> np.ndarray:
