@@ -8,7 +8,7 @@ case integrates TorchCFM's CIFAR UNet (``UNetModelWrapper`` as in train_cifar10.
 dependencies; see bench/RESULTS.md for how it was run).
 
 Run: ``OMP_NUM_THREADS=1 python -m pytest bench/bench_compat_matchers.py --benchmark-columns=median,iqr,rounds``
-(``LOOM_BENCH_UNET="batch,channels,steps"`` sizes the UNet case; default ``64,32,100``).
+(``LOOM_BENCH_UNET="batch,channels,steps[,rounds]"`` sizes the UNet case; default ``64,32,100,3``).
 """
 import os
 
@@ -56,17 +56,18 @@ def test_sample_location_and_conditional_flow_cpu(benchmark, provider, matcher):
 
 
 def _unet_case():
-    batch, channels, steps = (int(v) for v in os.environ.get("LOOM_BENCH_UNET", "64,32,100").split(","))
+    batch, channels, steps, *rounds = (int(v) for v in os.environ.get("LOOM_BENCH_UNET", "64,32,100,3").split(","))
     unet = pytest.importorskip("torchcfm.models.unet.unet")
     torch.manual_seed(0)
     model = unet.UNetModelWrapper(dim=(3, 32, 32), num_res_blocks=2, num_channels=channels, channel_mult=[1, 2, 2, 2],
                                   num_heads=4, num_head_channels=64, attention_resolutions="16", dropout=0.1).eval()
-    return model, torch.randn(batch, 3, 32, 32), torch.linspace(0, 1, steps + 1), (batch, channels, steps)
+    return model, torch.randn(batch, 3, 32, 32), torch.linspace(0, 1, steps + 1), (batch, channels, steps,
+                                                                                     rounds[0] if rounds else 3)
 
 
 @pytest.mark.parametrize("provider", ["loom", "torchdyn", "torchdiffeq"])
 def test_neural_ode_trajectory_unet_cpu(benchmark, provider):
-    model, x, t_span, (batch, channels, steps) = _unet_case()
+    model, x, t_span, (batch, channels, steps, rounds) = _unet_case()
     if provider == "loom":
         from loom_kernels.compat.torchdyn import NeuralODE
 
@@ -90,5 +91,5 @@ def test_neural_ode_trajectory_unet_cpu(benchmark, provider):
         with torch.no_grad():
             return call(x, t_span)
 
-    traj = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    traj = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
     assert traj.shape == (steps + 1, *x.shape)
