@@ -36,13 +36,18 @@ def pad_t_like_x(t, x):
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def _fits(shape, into) -> bool:
+    """Whether ``shape`` broadcasts to ``into`` (torch.broadcast_shapes is slow Python, and imports sympy)."""
+    return len(shape) <= len(into) and all(s == 1 or s == d for s, d in zip(reversed(shape), reversed(into)))
+
+
 def _into(out, other):
     """``out + other``, written into ``out`` (a fresh tensor of ours) when shape and dtype allow.
 
     The sum is rounded exactly as the out-of-place one; in-place addition is safe under autograd
     (its backward needs neither operand).
     """
-    if out.shape == torch.broadcast_shapes(out.shape, other.shape) and out.dtype == torch.result_type(out, other):
+    if _fits(other.shape, out.shape) and out.dtype == torch.result_type(out, other):
         return out.add_(other)
     return out + other
 
