@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 from ...cost import pairwise_cost
-from ...couplings._common import _cost_dtype, _solve
+
+try:  # the couplings' shared helpers are public in couplings.common since issue 24's refactor
+    from ...couplings.common import check_labels, cost_dtype, solve  # noqa: F401  (check_labels: re-exported)
+except ImportError:  # before it (drop this branch once both are merged)
+    from ...couplings._common import _check_labels as check_labels  # noqa: F401
+    from ...couplings._common import _cost_dtype as cost_dtype
+    from ...couplings._common import _solve as solve
 
 _POT_HINT = "install the extra with pip install 'loom_kernels[torchcfm]' (or pip install POT)"
 
@@ -50,14 +56,14 @@ def sq_cost(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     a, b = flat(rows).detach(), flat(cols).detach()
     if a.dtype == torch.float64:
         return torch.cdist(a, b) ** 2
-    dt = _cost_dtype(a.dtype)
+    dt = cost_dtype(a.dtype)
     return pairwise_cost(a.to(dt), b.to(dt), metric="sqeuclidean")
 
 
 def exact_col(x0, x1, labels=None) -> torch.Tensor:
     """``col (b,)`` on the tensors' device: ``x0[col[k]]`` is paired with ``x1[k]`` in the exact plan."""
     check_pair(x0, x1)
-    return _solve(sq_cost(x1, x0), labels, data="x0 or x1")
+    return solve(sq_cost(x1, x0), labels, data="x0 or x1")
 
 
 def permutation_plan(col: torch.Tensor) -> np.ndarray:

@@ -25,9 +25,10 @@ from functools import partial
 import numpy as np
 import torch
 
-from ...couplings._common import _check_labels, _solve
 from . import _plans
+from ._plans import check_labels as _check_labels
 from ._plans import flat as _flat
+from ._plans import solve as _solve
 
 __all__ = ["OTPlanSampler", "wasserstein"]
 
