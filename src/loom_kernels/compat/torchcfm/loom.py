@@ -10,7 +10,7 @@ __all__ = ["LoomConditionalFlowMatcher"]
 
 
 class LoomConditionalFlowMatcher(ConditionalFlowMatcher):
-    """OT-CFM's methods on LOOM-CFM's persistent coupling (:class:`loom_kernels.coupling.LoomCoupling`).
+    """OT-CFM's methods on LOOM-CFM's persistent coupling (:class:`loom_kernels.couplings.LoomCoupling`).
 
     The noise comes from the coupling's seed table, so the calls take the batch's dataset indices
     (keyword ``indices``); ``x0`` may be ``None`` (a given ``x0`` must be shaped like ``x1`` and is not
