@@ -208,7 +208,7 @@ def test_triton_on_cpu_without_interpreter_raises():
 # ---- compiled kernel on the GPU -----------------------------------------------------------------
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean"])
 @pytest.mark.parametrize("xs, ys", [((300, 3072), (200, 3072)), ((4, 129, 1000), (4, 77, 1000)), ((3, 5), (2, 5))])
@@ -220,14 +220,14 @@ def test_cuda_matches_reference(dtype, metric, xs, ys):
     _check(out, x.cpu(), y.cpu(), metric)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_tf32_within_tf32_tolerance():
     x = torch.randn(2, 100, 512, device="cuda")
     y = torch.randn(2, 90, 512, device="cuda")
     _check(pairwise_cost(x, y, allow_tf32=True), x.cpu(), y.cpu(), "sqeuclidean", eps=2.0**-11)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_non_contiguous_and_shared_operand():
     x = torch.randn(64, 3, 256, device="cuda").transpose(0, 1)  # (3, 64, 256), strided batch
     y = torch.randn(40, 256, device="cuda")
@@ -235,7 +235,7 @@ def test_cuda_non_contiguous_and_shared_operand():
     _check(out, x.cpu(), y.cpu().expand(3, -1, -1), "sqeuclidean")
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_agrees_with_cpu_path():
     x = torch.randn(8, 64, 3072)
     y = torch.randn(8, 64, 3072)

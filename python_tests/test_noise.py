@@ -205,7 +205,7 @@ def test_seeds_differing_in_high_word_are_independent():
 # ---- compiled kernel on the GPU -----------------------------------------------------------------
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("n", [1, 7, 3072, 4 * 513 + 3])
 def test_cuda_integers_bit_identical(n):
     seeds = torch.cat([torch.tensor(EDGE_SEEDS), torch.randint(-(2**63), 2**63 - 1, (200,))])
@@ -214,7 +214,7 @@ def test_cuda_integers_bit_identical(n):
     assert torch.equal(gpu.cpu(), _philox_uint32(seeds, n))
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_cuda_noise_matches_cpu(dtype):
     seeds = torch.randint(-(2**63), 2**63 - 1, (256,))
@@ -228,7 +228,7 @@ def test_cuda_noise_matches_cpu(dtype):
                                    rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_device_argument_and_seed_device():
     seeds = [1, 2, 3]
     a = gaussian_noise(seeds, 100, device="cuda")

@@ -389,7 +389,7 @@ def _mlp(device, dtype=torch.float32, seed=0):
     return MLP().to(device, dtype)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 1e-1)])
 def test_cuda_matches_cpu(method, dtype, tol):
@@ -404,7 +404,7 @@ def test_cuda_matches_cpu(method, dtype, tol):
         torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("method", ALL)
 def test_cuda_graph_replay_matches_eager(method):
     clear_graph_cache()
@@ -421,7 +421,7 @@ def test_cuda_graph_replay_matches_eager(method):
     assert len(sampler._DEFAULT_CACHE) == 2
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_graph_sees_inplace_updates_and_new_models():
     clear_graph_cache()
     net = _mlp("cuda", seed=1)
@@ -440,7 +440,7 @@ def test_cuda_graph_sees_inplace_updates_and_new_models():
         )
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_graph_freed_with_its_model():
     clear_graph_cache()
     net = _mlp("cuda")
@@ -451,7 +451,7 @@ def test_cuda_graph_freed_with_its_model():
     assert len(sampler._DEFAULT_CACHE) == 0
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_graph_fallback_for_uncapturable_model():
     clear_graph_cache()
     net = _mlp("cuda")
@@ -477,7 +477,7 @@ def test_cuda_graph_fallback_for_uncapturable_model():
     torch.cuda.synchronize()
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_update_kernel_cuda(dtype):
     n = 3 * 1024 + 7
@@ -721,7 +721,7 @@ def test_static_inputs_are_owned_and_refreshed():
     torch.testing.assert_close(bufs.output, sample(net, x0, 4, method="midpoint", model_kwargs={"y": y2}))
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("guidance", [None, 2.0])
 def test_cuda_graph_with_kwargs_matches_eager(guidance):
     clear_graph_cache()
