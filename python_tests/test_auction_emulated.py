@@ -96,7 +96,7 @@ _DEFAULT_RUN = {("uniform", (24, 24)), ("int_ties", (18, 40)), ("negative", (30,
 
 
 @pytest.mark.parametrize("family, shape", [
-    pytest.param(f, s, marks=() if (f, s) in _DEFAULT_RUN else pytest.mark.slow)
+    pytest.param(f, s, marks=() if (f, s) in _DEFAULT_RUN else pytest.mark.slow, id=f"{f}-{s[0]}x{s[1]}")
     for f in ASSIGN_FAMILIES for s in [(24, 24), (18, 40), (30, 34)]])
 def test_emulated_block_kernel_matches_twin(libs, family, shape, rng):
     dtype = np.float32 if family in ("uniform", "sq_high") else np.float64
