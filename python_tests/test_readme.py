@@ -95,3 +95,35 @@ def test_docstring_example_of_the_cost_model():
     doc = predicted_coupling_seconds.__doc__
     quoted = float(re.search(r'"cuda"\)\s+#\s*~\s*([\d.]+)\s*s', doc).group(1))
     assert predicted_coupling_seconds("global", 64, 256, 3072, 1024, "cuda") == pytest.approx(quoted, rel=0.05)
+
+
+_TIMING = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:\s?(?:ms|us|µs)\b| (?:s|min|h)\b)")
+
+
+def _paragraphs(text):
+    return [" ".join(p.split()) for p in re.split(r"\n\s*\n", re.sub(r"```.*?```", "", text, flags=re.S))]
+
+
+def test_every_timing_cites_bench_results():
+    # A paragraph quoting a time cites the bench/RESULTS.md section it comes from (or the paragraph or
+    # heading before it does: tables), unless it says it is an assumption, a model or a prediction.
+    exempt = re.compile(r"assum|model|predict", re.I)
+    uncited = []
+    for name in DOCS:
+        paras = _paragraphs(_read(name))
+        for i, p in enumerate(paras):
+            around = p + (paras[i - 1] if i else "")  # a table is introduced by the paragraph (or heading) before it
+            if _TIMING.search(p) and "RESULTS" not in around and not exempt.search(around):
+                uncited.append(f"{name}: {p[:100]}")
+    assert not uncited, "\n".join(uncited)
+
+
+def test_cited_results_sections_exist():
+    results = " ".join(_read("bench/RESULTS.md").split())
+    sections = {m.strip() for m in re.findall(r"^## (.+)$", _read("bench/RESULTS.md"), re.M)}
+    cited = []
+    for name in DOCS:
+        cited += re.findall(r'bench/RESULTS\.md,? "([^"]+)"', " ".join(_read(name).split()))
+    assert cited, "no citation found"
+    missing = sorted({c for c in cited if c not in sections and f"## {c}" not in results})
+    assert not missing, f"cited sections that bench/RESULTS.md does not have: {missing}"
