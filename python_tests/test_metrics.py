@@ -155,7 +155,7 @@ def test_w2_cuda_matches_cpu():
         w2(x.cuda(), y)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_straightness_cuda_matches_cpu():
     rot = lambda x, t: torch.stack([-x[:, 1], x[:, 0]], 1)  # noqa: E731
     x0 = torch.randn(64, 2)

@@ -333,6 +333,26 @@ def test_update_kernel_interpreter(monkeypatch, dtype, tol, n):
     vv = torch.randn(2 * n).to(dtype)[::2]
     sampler._update(x, vv, None, 2.0, 0.0, out)
     torch.testing.assert_close(out, (x.double() + 2.0 * vv.double()).to(dtype), rtol=tol, atol=tol)
+    _check_update_aliasing(x, v1, tol)
+
+
+def _check_update_aliasing(x, v, tol):
+    """The two-velocity launch when its operands alias the output or are strided (what the sampler's
+    stage updates can pass: a model returning its input, a view, a broadcast)."""
+    dtype, n = x.dtype, x.numel()
+    ref = lambda a, v1, v2: (x.double() + a * v1.double() + 0.5 * v2.double()).to(dtype)  # noqa: E731
+    y = x.clone()  # x, v1, v2 and out all one buffer: out = y + 0.25 y + 0.5 y
+    sampler._update(y, y, y, 0.25, 0.5, y)
+    torch.testing.assert_close(y, (1.75 * x.double()).to(dtype), rtol=tol, atol=tol)
+    y = x.clone()  # v2 is the output buffer (out written while v2 is read)
+    sampler._update(x, v, y, 0.25, 0.5, y)
+    torch.testing.assert_close(y, ref(0.25, v, x), rtol=tol, atol=tol)
+    v2 = torch.randn(n, 2).to(dtype).t()[1]  # strided second velocity
+    b = torch.randn(1).to(dtype).expand(n)  # stride 0: a broadcast velocity
+    out = torch.empty_like(x)
+    sampler._update(x, b, v2, 0.25, 0.5, out)
+    torch.testing.assert_close(out, ref(0.25, b, v2), rtol=tol, atol=tol)
+    assert v2.stride() != (1,) and (n == 1 or b.stride() == (0,))
 
 
 @needs_interpreter
@@ -357,6 +377,18 @@ def test_sample_through_triton_matches_torch(monkeypatch, method):
     calls.clear()
     sample(cos_field, x0.double(), 4, method=method)
     assert calls == []
+
+
+@needs_interpreter
+@pytest.mark.parametrize("method", ALL)
+def test_model_returning_one_tensor_for_every_stage(monkeypatch, method):
+    # A model that hands back the same tensor object at each evaluation (a constant field, or one writing
+    # into a preallocated output): heun's second stage used to be dropped on the kernel path (x + h/2 c).
+    c, x0 = torch.randn(8, 2), torch.randn(8, 2)
+    want = x0 + c  # dx/dt = c: every method is exact
+    torch.testing.assert_close(sample(lambda x, t: c, x0, 4, method=method), want, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(_triton, "KERNELS_ON_CPU", True)
+    torch.testing.assert_close(sample(lambda x, t: c, x0, 4, method=method), want, rtol=1e-6, atol=1e-6)
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
@@ -389,7 +421,7 @@ def _mlp(device, dtype=torch.float32, seed=0):
     return MLP().to(device, dtype)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 1e-1)])
 def test_cuda_matches_cpu(method, dtype, tol):
@@ -404,7 +436,7 @@ def test_cuda_matches_cpu(method, dtype, tol):
         torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("method", ALL)
 def test_cuda_graph_replay_matches_eager(method):
     clear_graph_cache()
@@ -421,7 +453,7 @@ def test_cuda_graph_replay_matches_eager(method):
     assert len(sampler._DEFAULT_CACHE) == 2
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_graph_sees_inplace_updates_and_new_models():
     clear_graph_cache()
     net = _mlp("cuda", seed=1)
@@ -440,7 +472,7 @@ def test_cuda_graph_sees_inplace_updates_and_new_models():
         )
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_graph_freed_with_its_model():
     clear_graph_cache()
     net = _mlp("cuda")
@@ -451,7 +483,7 @@ def test_cuda_graph_freed_with_its_model():
     assert len(sampler._DEFAULT_CACHE) == 0
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_graph_fallback_for_uncapturable_model():
     clear_graph_cache()
     net = _mlp("cuda")
@@ -477,7 +509,7 @@ def test_cuda_graph_fallback_for_uncapturable_model():
     torch.cuda.synchronize()
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_update_kernel_cuda(dtype):
     n = 3 * 1024 + 7
@@ -487,6 +519,7 @@ def test_update_kernel_cuda(dtype):
     ref = (x.double() + 0.25 * v1.double() + 0.75 * v2.double()).to(dtype)
     tol = 1e-2 if dtype != torch.float32 else 1e-6
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    _check_update_aliasing(x, v1, tol)  # aliasing and strided operands on the compiled kernel
 
 
 # ---- model_kwargs, guidance and calling conventions ----------------------------------------------
@@ -721,7 +754,7 @@ def test_static_inputs_are_owned_and_refreshed():
     torch.testing.assert_close(bufs.output, sample(net, x0, 4, method="midpoint", model_kwargs={"y": y2}))
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("guidance", [None, 2.0])
 def test_cuda_graph_with_kwargs_matches_eager(guidance):
     clear_graph_cache()

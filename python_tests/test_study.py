@@ -7,11 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from loom_kernels import study
 from loom_kernels.couplings import LoomCoupling
 from loom_kernels.demo import dataset_cost, global_optimum
 from loom_kernels.noise import gaussian_noise
+from loom_kernels.testing import cost_matrix_np, loom_table_cost
 
 TINY = dict(n=128, steps=12, batch_size=16, hidden=16, depth=2, lr=1e-3, n_eval=64)
 
@@ -36,6 +38,7 @@ def test_fixed_noise_coupling_never_reassigns():
 def test_converge_is_monotone_and_reaches_a_fixed_point():
     x = torch.randn(96, 2) * 2 + 1
     c = LoomCoupling(96, (2,), seed=1)
+    start = c.seeds.clone()
     curve = study.converge(c, x, 16, seed=0)
     costs = [v for _, v in curve]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(costs, costs[1:]))
@@ -43,7 +46,15 @@ def test_converge_is_monotone_and_reaches_a_fixed_point():
     assert len(curve) < study.CONVERGE_MAX_EPOCHS
     opt = global_optimum(c.seeds, x, 4096)
     assert opt <= costs[-1] * (1 + 1e-6) and costs[-1] < 0.5 * costs[0] + 0.5 * opt  # most of the way down
-    assert dataset_cost(c, x) == pytest.approx(costs[-1])
+    # the curve's ends against the float64 cost of the tables (independent of demo.dataset_cost)
+    assert costs[0] == pytest.approx(loom_table_cost(start, x).mean(), rel=1e-5)
+    assert costs[-1] == pytest.approx(loom_table_cost(c.seeds, x).mean(), rel=1e-5)
+    assert dataset_cost(c, x) == pytest.approx(loom_table_cost(c.seeds, x).mean(), rel=1e-5)
+    # the global optimum against scipy on the same noise set (each point once per cache)
+    noise = gaussian_noise(c.seeds.reshape(-1), (2,)).double().numpy()
+    cost = cost_matrix_np(x.double().numpy(), noise)
+    r, k = linear_sum_assignment(cost)
+    assert opt == pytest.approx(cost[r, k].mean(), rel=1e-5)
 
 
 @pytest.mark.parametrize("variant", study.ALL_VARIANTS)
@@ -110,8 +121,11 @@ def test_summary_statistics_and_table():
     assert "| LOOM 1 cache | 1/2 / 1/2 |" in study.versus_ot(records)
 
 
-def test_bad_arguments(tmp_path):
+def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--steps must be positive"):
         study.run(study._parser().parse_args(["--steps", "0", "--out", str(tmp_path)]))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error: status 2, naming the bad choice
         study._parser().parse_args(["--variants", "loom3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--variants" in err and "invalid choice: 'loom3'" in err

@@ -95,12 +95,14 @@ def _update(x, v1, v2, a: float, b: float, out) -> None:
     if out.numel() == 0:
         return
     if _use_triton(out):
+        # TWO from the argument, not from identity: a model may return the same tensor for both stages
+        two = v2 is not None
         v1 = v1.contiguous()
-        v2 = v1 if v2 is None else v2.contiguous()
+        v2 = v2.contiguous() if two else v1
         n = out.numel()
         _ode_update_kernel[(triton.cdiv(n, _BLOCK),)](
             x, v1, v2, out, float(a), float(b), n,
-            TWO=v2 is not v1, BLOCK=_BLOCK, num_warps=4,
+            TWO=two, BLOCK=_BLOCK, num_warps=4,
         )
         return
     if v2 is not None:  # velocities first, as in the kernel: x + (a v1 + b v2)
