@@ -74,7 +74,8 @@ def _crashed_run(path, writes, create=True, torn=None):
 
 def _records(jpath):
     """Byte offsets ``(start, end)`` of each record of a journal (past its header)."""
-    blob, pos, out = open(jpath, "rb").read(), journal_mod._REC.size, []
+    blob, out = open(jpath, "rb").read(), []
+    pos = journal_mod._REC.size if blob[:4] == b"LJH1" else 0
     while pos < len(blob):
         _, n, _ = journal_mod._REC.unpack_from(blob, pos)
         out.append((pos, pos + journal_mod._REC.size + 16 * n))
@@ -279,24 +280,29 @@ def test_a_whole_journal_is_replayed_after_a_crash(tmp_path):
 @pytest.mark.parametrize("damage", ["cut header", "zeroed header", "cut data", "empty"])
 def test_starting_over_from_a_damaged_table_with_a_journal(tmp_path, damage):
     path, ckpt = tmp_path / "t.npy", tmp_path / "c.pt"
-    _crashed_run(path, _writes(4, salt=8))
-    blob = path.read_bytes()
-    path.write_bytes({"cut header": blob[:60], "zeroed header": bytes(128) + blob[128:],
-                      "cut data": blob[: len(blob) // 2], "empty": b""}[damage])
-    with pytest.raises(ValueError, match=r"seed table '.*t.npy' (is damaged|is empty)"):
-        SeedTable.open(path)
-    LoomCoupling(P, (3,), num_caches=K, seed=1).save(ckpt)
+    fresh = LoomCoupling(P, (3,), num_caches=K, seed=1)
+    fresh.save(ckpt)
+
+    def crash_and_damage(create):
+        _crashed_run(path, _writes(4, salt=8), create=create)
+        blob = path.read_bytes()
+        path.write_bytes({"cut header": blob[:60], "zeroed header": bytes(128) + blob[128:],
+                          "cut data": blob[: len(blob) // 2], "empty": b""}[damage])
+
+    crash_and_damage(create=True)
     with pytest.warns(RuntimeWarning, match="discarded '.*t.npy.journal'"):
-        c = LoomCoupling.load(ckpt, mmap_path=path)
-    assert torch.equal(c.seeds, LoomCoupling(P, (3,), num_caches=K, seed=1).seeds)
+        c = LoomCoupling.load(ckpt, mmap_path=path)  # the first way of starting over
+    assert torch.equal(c.seeds, fresh.seeds)
     c.close()
-    _crashed_run(path, _writes(2, salt=9), create=False)
-    path.write_bytes(path.read_bytes()[:60])
+    crash_and_damage(create=False)
     with pytest.warns(RuntimeWarning, match="discarded"):
-        c = LoomCoupling(P, (3,), num_caches=K, seed=1, mmap_path=path, overwrite=True)
-    assert torch.equal(c.seeds, LoomCoupling(P, (3,), num_caches=K, seed=1).seeds)
+        c = LoomCoupling(P, (3,), num_caches=K, seed=1, mmap_path=path, overwrite=True)  # the second
+    assert torch.equal(c.seeds, fresh.seeds)
     c.close()
     assert sorted(os.listdir(tmp_path)) == ["c.pt", "t.npy"]
+    crash_and_damage(create=False)
+    with pytest.raises(ValueError, match=r"seed table '.*t.npy' (is damaged|is empty).*overwrite=True"):
+        SeedTable.open(path)  # opening it as it is names the file and the ways out
 
 
 # ---- item 6: forked workers do not hold the table's lock ----------------------------------------------

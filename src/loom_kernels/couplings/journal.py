@@ -95,8 +95,9 @@ if hasattr(os, "register_at_fork"):
 def _in_use(path: str) -> TableInUseError:
     return TableInUseError(
         f"seed table {path!r} is in use by another LoomCoupling (another process, or another coupling in "
-        f"this process: close() it first); two writers would corrupt it. Load with mmap_path=None or "
-        f"another path to inspect a checkpoint while training runs"
+        f"this process: close() it first); two writers would corrupt it. Under DDP give each rank its own "
+        f"mmap_path (e.g. f'table.rank{{rank}}.npy'). Load with mmap_path=None or another path to inspect a "
+        f"checkpoint while training runs"
     )
 
 

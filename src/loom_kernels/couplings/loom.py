@@ -598,7 +598,8 @@ class LoomCoupling(Coupling):
         ``mmap_path="auto"`` memory-maps the table again at the path it was saved from (None: in memory):
         that file is replaced by the checkpoint's table (a new file, renamed in once filled), unless a
         live coupling holds it (``TableInUseError``). The checkpoint file itself is never modified;
-        its checksum and contents are verified first. Example::
+        its checksum and contents are verified first. ``durability``: of that memory-mapped table, as in
+        the constructor (not stored in checkpoints: it is how this process runs, like ``device``). Example::
 
             coupling = LoomCoupling.load("ckpt/coupling.pt", device="cuda")
         """
