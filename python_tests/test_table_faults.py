@@ -453,3 +453,21 @@ def test_durability_is_validated_and_chooses_the_sync(tmp_path, monkeypatch):
         assert len(synced) == 3 * per_call, durability
         c.close()
     assert LoomCoupling(P, (3,), mmap_path=tmp_path / "d.npy").durability == "crash"  # the default
+
+
+def test_a_table_and_journal_written_before_ids_still_open(tmp_path):
+    import zlib
+
+    path = tmp_path / "old.npy"
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(P, K))
+    mm[:] = _rows(0, P)
+    mm.flush()
+    del mm
+    (r, s, v), = _writes(1, salt=11)  # a header-less journal of the old format, one record
+    payload = (r.numpy() * K + s.numpy()).tobytes() + v.numpy().tobytes()
+    (tmp_path / "old.npy.journal").write_bytes(
+        journal_mod._REC.pack(journal_mod._MAGIC, len(r), zlib.crc32(payload)) + payload)
+    t = SeedTable.open(path)
+    assert torch.equal(t.seeds, _expected([(r, s, v)])) and t._id != 0  # replayed, then given an id
+    t.close()
+    assert SeedTable.open(path)._id == t._id
