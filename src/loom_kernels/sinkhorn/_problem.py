@@ -116,12 +116,16 @@ class Problem:
             out = _tiles.row_lse(geo, u, scale)
         return out + r
 
-    def argmax(self, g: torch.Tensor, eps: torch.Tensor, keys) -> torch.Tensor:
-        """int64 ``(B, n)``: ``argmax_j((g_j - C_ij) / eps + Gumbel(key_b, i, j))`` (no noise if keys is None)."""
+    def argmax(self, g: torch.Tensor, eps: torch.Tensor, seed: int | None) -> torch.Tensor:
+        """int64 ``(B, n)``: ``argmax_j((g_j - C_ij) / eps + Gumbel(seed, b, i, j))`` (no noise if seed is None)."""
         u, scale, _ = self.geo.terms(g, eps)
+        B, n, m = self.shape
+        ki = None if seed is None else _tiles.row_keys(seed, B, n, self.device)
+        kj = None if seed is None else _tiles.col_keys(m, self.device)
         if self.kernel:
-            return _kernels.argmax(self.geo.x, self.geo.y, u.contiguous(), scale.contiguous(), keys, self.allow_tf32)
-        return _tiles.row_argmax(self.geo, u, scale, keys)
+            return _kernels.argmax(self.geo.x, self.geo.y, u.contiguous(), scale.contiguous(), ki, kj,
+                                   self.allow_tf32)
+        return _tiles.row_argmax(self.geo, u, scale, ki, kj)
 
     def unbatch(self, t):
         return t if (t is None or self.batched) else t[0]

@@ -12,7 +12,7 @@ Memory: one tile of at most ``TILE_ELEMENTS`` numbers (plus its row reductions) 
 time, whatever n and m are; the running reductions are O(B * n). The Triton kernels of
 ``_kernels.py`` compute the same reductions on CUDA, with the tile in registers.
 
-The Gumbel noise of the sampler is a counter-based hash of ``(seed, b, i, j)`` (``gumbel_hash``),
+The Gumbel noise of the sampler is a counter-based hash of ``(seed, b, i, j)`` (``gumbel``),
 written once here in int64 arithmetic and once in the Triton kernel with the same operations, so
 both paths draw the same noise for the same seed.
 """
@@ -40,22 +40,23 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def problem_keys(seed: int, batch: int, device) -> torch.Tensor:
-    """int64 ``(B,)``: one 32-bit key per problem from the 64-bit seed and the problem index."""
+def row_keys(seed: int, batch: int, n: int, device) -> torch.Tensor:
+    """int64 ``(B, n)``: ``mix32(k_b ^ i)``, ``k_b`` a 32-bit key from the 64-bit seed and problem b."""
     s = int(seed) & ((1 << 64) - 1)
     b = torch.arange(batch, device=device, dtype=torch.int64)
-    k = mix32(b ^ mix32(torch.tensor(s >> 32, dtype=torch.int64, device=device)))
-    return mix32(k ^ (s & _M32))
+    k = mix32(mix32(b ^ (s >> 32)) ^ (s & _M32))
+    return mix32(k[:, None] ^ torch.arange(n, device=device, dtype=torch.int64)[None, :])
 
 
-def gumbel_hash(keys: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Gumbel(0, 1) float32 ``(B, len(rows), len(cols))`` from keys ``(B,)`` and int64 indices.
+def col_keys(m: int, device) -> torch.Tensor:
+    """int64 ``(m,)``: ``mix32((j + golden) mod 2**32)``."""
+    return mix32((torch.arange(m, device=device, dtype=torch.int64) + _GOLDEN) & _M32)
 
-    ``h = mix32(mix32(key ^ i) ^ mix32(j + golden))``; uniform ``((h >> 8) + 0.5) * 2**-24`` in
-    (0, 1), exact in float32; Gumbel ``-log(-log(u))``.
-    """
-    ki = mix32(keys[:, None] ^ rows[None, :])  # (B, bi)
-    kj = mix32((cols + _GOLDEN) & _M32)  # (bj,)
+
+def gumbel(ki: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) float32 ``(B, bn, bm)`` from row keys ``(B, bn)`` and column keys ``(bm,)``:
+    ``h = mix32(ki ^ kj)``, uniform ``((h >> 8) + 0.5) * 2**-24`` in (0, 1) (exact in float32),
+    ``-log(-log(u))``. The Triton kernel runs the very same integer operations."""
     h = mix32(ki[:, :, None] ^ kj[None, None, :])
     u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
     return -torch.log(-torch.log(u))
@@ -144,20 +145,19 @@ def row_lse(geo, u: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def row_argmax(geo, u: torch.Tensor, scale: torch.Tensor, keys: torch.Tensor | None) -> torch.Tensor:
-    """``argmax_j(u_j + s(i, j) + G(b, i, j))`` int64 ``(B, n)`` (no noise where ``keys`` is None).
+def row_argmax(geo, u: torch.Tensor, scale: torch.Tensor, ki=None, kj=None) -> torch.Tensor:
+    """``argmax_j(u_j + s(i, j) + gumbel(ki, kj))`` int64 ``(B, n)`` (no noise where ``ki`` is None).
     Ties go to the lowest column, as in the Triton kernel."""
     B, n, m = geo.shape
     bb, bn, bm = blocks(B, n, m)
     out = torch.empty((B, n), dtype=torch.int64, device=u.device)
-    idx = torch.arange(max(n, m), device=u.device, dtype=torch.int64)
     for bs in _spans(B, bb):
         for rs in _spans(n, bn):
             best = arg = None
             for cs in _spans(m, bm):
                 t = geo.tile(u, scale, bs, rs, cs).float()
-                if keys is not None:
-                    t += gumbel_hash(keys[bs], idx[rs], idx[cs])
+                if ki is not None:
+                    t += gumbel(ki[bs, rs], kj[cs])
                 val, j = t.max(-1)
                 j = j + cs.start
                 if best is None:

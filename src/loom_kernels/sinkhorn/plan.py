@@ -61,8 +61,7 @@ def draw_pairs(result: SinkhornResult, x=None, y=None, *, cost=None, seed=0, arg
         >>> x0_paired = x0[draw_pairs(res, x1, x0, seed=step)]
     """
     prob, _, g, eps = _problem(result, x, y, cost, allow_tf32)
-    keys = None if argmax else _tiles.problem_keys(_seed(seed), prob.shape[0], prob.device)
-    return prob.unbatch(prob.argmax(g, eps, keys))
+    return prob.unbatch(prob.argmax(g, eps, None if argmax else _seed(seed)))
 
 
 def plan_sharpness(result: SinkhornResult, x=None, y=None, *, cost=None) -> torch.Tensor:
