@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from gloo_ranks import run_rank, spawn
-from loom_kernels.couplings import Coupling, IndependentCoupling, LoomCoupling, MinibatchOTCoupling
-from loom_kernels.couplings import SinkhornCoupling
+from loom_kernels.couplings import Coupling, IndependentCoupling, LoomCoupling, MinibatchOTCoupling, SinkhornCoupling
 from loom_kernels.couplings.prefetch import PrefetchCoupling
 
 N, SHAPE, B = 40, (2, 3), 8
