@@ -4,7 +4,7 @@
 - sinkhorn / unbalanced / partial: POT's solvers (Flamary et al., "POT: Python Optimal Transport",
   JMLR 2021) on host tensors (TorchCFM's bit-identical call); off the host, sinkhorn by the native
   streamed solver (``loom_kernels.sinkhorn``), the others on POT's torch backend, so the cost and the
-  plan stay on the tensors' device. :func:`entropic_plan` is the one place that calls them, so a native solver can replace it.
+  plan stay on the tensors' device. :func:`entropic_plan` is the one place that chooses.
 - draws with replacement repeat TorchCFM's ``np.random.choice(b0 * b1, p=pi.flatten(), size=b0)``:
   on the host with numpy's own call, on another device with the same uniforms from numpy's global
   RNG and numpy's inverse-CDF rule (``cdf.searchsorted(u, side="right")``), so only ``b0`` floats
@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from ...cost import pairwise_cost
-
 from ...couplings.common import check_labels, cost_dtype, solve  # noqa: F401  (check_labels: re-exported)
 
 _POT_HINT = "install the extra with pip install 'loom_kernels[torchcfm]' (or pip install POT)"
