@@ -155,23 +155,24 @@ def _noise_cases():
 
 def _sampler_cases():
     """sampler's fused update: every state dtype it takes, one and two velocities."""
-    from . import sampler
+    from .sampler import update as sampler_update
 
     cases = []
-    for dtype in sampler._TRITON_DTYPES:
+    for dtype in sampler_update.TRITON_DTYPES:
         for two in (False, True):
             def run(dt=dtype, two=two):
                 x = _meta(4096, 2, dtype=dt)
-                sampler._update(x, _meta(4096, 2, dtype=dt), _meta(4096, 2, dtype=dt) if two else None, 0.1, 0.2, x)
+                v2 = _meta(4096, 2, dtype=dt) if two else None
+                sampler_update.update(x, _meta(4096, 2, dtype=dt), v2, 0.1, 0.2, x)
             cases.append((f"{dtype} 4096x2 {'two' if two else 'one'}", run))
-    return sampler, "_ode_update_kernel", dict(_use_triton=lambda x: True), cases
+    return sampler_update, "_ode_update_kernel", dict(_use_triton=lambda x: True), cases
 
 
 #: kernel -> function returning (module, kernel attribute, patches, [(label, launch)]).
 CASES = {
     "loom_kernels.cost:_pairwise_cost_kernel": _cost_cases,
     "loom_kernels.noise:_gaussian_noise_kernel": _noise_cases,
-    "loom_kernels.sampler:_ode_update_kernel": _sampler_cases,
+    "loom_kernels.sampler.update:_ode_update_kernel": _sampler_cases,
 }
 
 

@@ -131,20 +131,21 @@ def straightness(model: Callable[..., torch.Tensor], x0: torch.Tensor, nfe: int,
         >>> straightness(lambda x, t: torch.ones_like(x), torch.randn(16, 2), nfe=4)
         0.0
     """
-    from .sampler import _check_x0, _eval_mode, _make_plan, _run_eager
+    from .sampler import quadrature, sample
 
-    _check_x0(x0)
-    plan = _make_plan(method, nfe, 0.0, 1.0, None)
-    if x0.shape[0] == 0:
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0 must be a torch.Tensor of shape (B, *dims), got {type(x0).__name__}")
+    _, weights = quadrature(method, nfe)
+    if x0.ndim >= 1 and x0.shape[0] == 0:
         raise ValueError("straightness needs at least one sample, got B = 0")
     velocities = []
-    with torch.no_grad(), _eval_mode(model):
-        _run_eager(model, x0, plan, False, hook=lambda v: velocities.append(v.detach().clone()))
+    sample(model, x0, nfe, method=method, cuda_graph=False,
+           velocity_hook=lambda v: velocities.append(v.detach().clone()))
     flat = [v.reshape(x0.shape[0], -1).to(torch.float64) for v in velocities]
     # The chord as the method's own sum (== x1 - x0 up to the state's rounding, which would
     # otherwise leak into S for a perfectly straight flow).
-    chord = sum(w * v for w, v in zip(plan.weights, flat))
-    total = sum(w * (v - chord).square().sum(1) for w, v in zip(plan.weights, flat) if w != 0.0)
+    chord = sum(w * v for w, v in zip(weights, flat))
+    total = sum(w * (v - chord).square().sum(1) for w, v in zip(weights, flat) if w != 0.0)
     return float(total.mean())
 
 
