@@ -29,6 +29,7 @@ Example::
 """
 from ._common import METRICS
 from .base import Coupling
+from .factory import COUPLINGS, FixedNoiseCoupling, make_coupling  # noqa: F401  (public names)
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
