@@ -157,6 +157,68 @@ def w2_panel(ax, curves: dict, colors: dict, floor: dict | None, n_seeds: int) -
     ax.legend(fontsize=7, ncol=2)
 
 
+def _study_w2_panel(ax, summary, data, color, labels, nfes) -> None:
+    for s in (x for x in summary if x["data"] == data):
+        v = s["variant"]
+        for key, ls in (("w2_fresh", "-"), ("w2_train", "--")):
+            if f"{key}_nfe1" not in s:
+                continue
+            sp = [s[f"{key}_nfe{k}"] for k in nfes]
+            mean = np.array([x["mean"] for x in sp])
+            err = np.array([[x["mean"] - x["min"] for x in sp], [x["max"] - x["mean"] for x in sp]])
+            ax.errorbar(nfes, mean, yerr=err, fmt="o" + ls, ms=3, capsize=2, color=color[v],
+                        label=labels[v] if key == "w2_fresh" else None)
+    floor = next(x for x in summary if x["data"] == data)["w2_floor"]["mean"]
+    ax.axhline(floor, color="black", ls=":", label="data floor")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(nfes)
+    ax.set_xticklabels([str(k) for k in nfes])
+    ax.set_xlabel("Euler NFE")
+    ax.set_ylabel("exact W2 to held-out data")
+    ax.set_title(f"{data}: fresh noise (solid) vs training noise (dashed); mean, min-max over seeds", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _study_cost_panel(ax, records, data, variants, color, labels) -> None:
+    for v in variants:
+        rs = [r for r in records if r["data"] == data and r["variant"] == v]
+        for i, r in enumerate(rs):
+            curve = r["dataset_cost_curve"] or r["minibatch_cost_curve"]
+            if not curve:
+                continue
+            st, val = zip(*curve)
+            ax.plot(np.maximum(st, 0.5), val, color=color[v], lw=1, alpha=0.8,
+                    ls="-" if r["dataset_cost_curve"] else "--", label=labels[v] if i == 0 else None)
+        opt = [r.get("global_optimum") for r in rs if r.get("global_optimum") is not None]
+        if v == "loom1" and opt:
+            ax.axhline(float(np.mean(opt)), color=color[v], ls=":", lw=1, label="global optimum (1 cache)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("mean pair cost")
+    ax.set_title(f"{data}: dataset-wide cost of the seed table (solid), minibatch pairs (dashed)", fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def _memorisation_panel(ax, records, datasets, k, cmap) -> None:
+    """The gap between fresh- and training-noise W2 against the total number of noise samples."""
+    for i, data in enumerate(datasets):
+        pts = [(r["noise_total"], r["w2_fresh"][k] - r["w2_train"][k]) for r in records
+               if r["data"] == data and r["variant"].startswith("loom")]
+        if pts:
+            x, y = zip(*pts)
+            ax.scatter(x, y, color=cmap(i), s=14, label=data)
+            xs = sorted(set(x))
+            ax.plot(xs, [np.mean([b for a, b in pts if a == v]) for v in xs], color=cmap(i), lw=1)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("noise samples = caches x points (LOOM 1, 4, 16, 64 caches)")
+    ax.set_ylabel(f"W2 fresh - W2 training noise, Euler NFE {k}")
+    ax.set_title(f"memorisation of the noise set (NFE {k}): 0 = generalises to fresh noise", fontsize=9)
+    ax.legend(fontsize=7)
+
+
 def study_figure(records: list, summary: list, path: str) -> None:
     """Per data set: W2 vs NFE (fresh solid, training noise dashed), the cost curves; and the memorisation gap."""
     import matplotlib
@@ -173,63 +235,10 @@ def study_figure(records: list, summary: list, path: str) -> None:
     color = {v: cmap(i) for i, v in enumerate(ALL_VARIANTS)}
     fig, axes = plt.subplots(len(datasets) + 1, 2, figsize=(14, 4.2 * (len(datasets) + 1)), squeeze=False)
     for row, data in enumerate(datasets):
-        ax = axes[row, 0]
-        for s in (x for x in summary if x["data"] == data):
-            v = s["variant"]
-            for key, ls in (("w2_fresh", "-"), ("w2_train", "--")):
-                if f"{key}_nfe1" not in s:
-                    continue
-                sp = [s[f"{key}_nfe{k}"] for k in NFES]
-                mean = np.array([x["mean"] for x in sp])
-                err = np.array([[x["mean"] - x["min"] for x in sp], [x["max"] - x["mean"] for x in sp]])
-                ax.errorbar(NFES, mean, yerr=err, fmt="o" + ls, ms=3, capsize=2, color=color[v],
-                            label=VARIANT_LABELS[v] if key == "w2_fresh" else None)
-        floor = next(x for x in summary if x["data"] == data)["w2_floor"]["mean"]
-        ax.axhline(floor, color="black", ls=":", label="data floor")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(NFES)
-        ax.set_xticklabels([str(k) for k in NFES])
-        ax.set_xlabel("Euler NFE")
-        ax.set_ylabel("exact W2 to held-out data")
-        ax.set_title(f"{data}: fresh noise (solid) vs training noise (dashed); mean, min-max over seeds", fontsize=9)
-        ax.legend(fontsize=7)
-        ax = axes[row, 1]
-        for v in variants:
-            rs = [r for r in records if r["data"] == data and r["variant"] == v]
-            for i, r in enumerate(rs):
-                curve = r["dataset_cost_curve"] or r["minibatch_cost_curve"]
-                if not curve:
-                    continue
-                st, val = zip(*curve)
-                ax.plot(np.maximum(st, 0.5), val, color=color[v], lw=1, alpha=0.8,
-                        ls="-" if r["dataset_cost_curve"] else "--", label=VARIANT_LABELS[v] if i == 0 else None)
-            opt = [r.get("global_optimum") for r in rs if r.get("global_optimum") is not None]
-            if v == "loom1" and opt:
-                ax.axhline(float(np.mean(opt)), color=color[v], ls=":", lw=1, label="global optimum (1 cache)")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("mean pair cost")
-        ax.set_title(f"{data}: dataset-wide cost of the seed table (solid), minibatch pairs (dashed)", fontsize=9)
-        ax.legend(fontsize=7)
-    # Memorisation: the gap between fresh- and training-noise W2 against the total number of noise samples.
+        _study_w2_panel(axes[row, 0], summary, data, color, VARIANT_LABELS, NFES)
+        _study_cost_panel(axes[row, 1], records, data, variants, color, VARIANT_LABELS)
     for col, k in enumerate((1, 8)):
-        ax = axes[-1, col]
-        for i, data in enumerate(datasets):
-            pts = [(r["noise_total"], r["w2_fresh"][k] - r["w2_train"][k]) for r in records
-                   if r["data"] == data and r["variant"].startswith("loom")]
-            if pts:
-                x, y = zip(*pts)
-                ax.scatter(x, y, color=cmap(i), s=14, label=data)
-                xs = sorted(set(x))
-                ax.plot(xs, [np.mean([b for a, b in pts if a == v]) for v in xs], color=cmap(i), lw=1)
-        ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_xscale("log")
-        ax.set_xlabel("noise samples = caches x points (LOOM 1, 4, 16, 64 caches)")
-        ax.set_ylabel(f"W2 fresh - W2 training noise, Euler NFE {k}")
-        ax.set_title(f"memorisation of the noise set (NFE {k}): 0 = generalises to fresh noise", fontsize=9)
-        ax.legend(fontsize=7)
+        _memorisation_panel(axes[-1, col], records, datasets, k, cmap)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), mode="wb")
     plt.close(fig)
