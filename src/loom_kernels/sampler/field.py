@@ -52,6 +52,7 @@ class Field:
     def __init__(self, model, signature, kwargs, guidance, label_key, null_label, batch, hook=None):
         self.model = model
         self.signature = signature
+        self.call = CONVENTIONS[signature][1]  # looked up once: the loop calls it every evaluation
         self.kwargs = kwargs  # the caller's tensors (eager) or the graph's static copies
         self.guidance = guidance
         self.label_key = label_key
@@ -84,7 +85,7 @@ class Field:
             x = torch.cat([x, x])
         sig, kw, m = self.signature, self.call_kwargs, self.model
         try:
-            v = CONVENTIONS[sig][1](m, x, t_b, t_0d, kw)
+            v = self.call(m, x, t_b, t_0d, kw)
         except TypeError as exc:  # most often a convention or keyword the model does not take
             raise TypeError(
                 f"calling the model as {SIGNATURES[sig]} with model_kwargs {sorted(kw)} raised TypeError: "
