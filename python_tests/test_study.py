@@ -30,8 +30,16 @@ def test_fixed_noise_coupling_never_reassigns():
     assert torch.equal(again, x0)
     loom(torch.randn(4, 3), idx)  # the LOOM table moving does not move the frozen copy
     assert torch.equal(fixed(x1, idx)[0], x0)
-    with pytest.raises(ValueError, match=r"indices must have shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"indices must have shape \(b,\) = \(4,\)"):
         fixed(x1, idx[:3])
+    # the protocol's refusals: no indices, noise in the indices' place, a given x0
+    with pytest.raises(ValueError, match="needs the dataset indices"):
+        fixed(x1)
+    with pytest.raises(TypeError, match="indices must have an integer dtype"):
+        fixed(x1, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="x0 must be None"):
+        fixed(x1, idx, x0=x1)
+    assert fixed.state_dict() == {} and torch.equal(fixed(x1, idx, labels=idx % 2)[0], x0)
 
 
 def test_converge_is_monotone_and_reaches_a_fixed_point():

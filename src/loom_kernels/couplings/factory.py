@@ -36,14 +36,19 @@ class FixedNoiseCoupling(Coupling):
         self.shape = tuple(loom.shape)
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, indices=None, *, labels=None):  # noqa: ARG002 - the protocol's signature
+    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None):  # noqa: ARG002 - labels: no swaps
         from ..noise import gaussian_noise
 
+        if x0 is not None:
+            raise ValueError("FixedNoiseCoupling draws the noise from its seeds: x0 must be None")
         if indices is None:
-            raise ValueError("FixedNoiseCoupling needs indices (b,): the dataset index of each row of x1")
-        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.seeds.device)
+            raise ValueError("FixedNoiseCoupling needs the dataset indices of the batch: call coupling(x1, indices)")
+        idx = torch.as_tensor(indices)
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
+        idx = idx.to(device=self.seeds.device, dtype=torch.int64)
         if idx.shape != (x1.shape[0],):
-            raise ValueError(f"indices must have shape ({x1.shape[0]},) to match x1, got {tuple(idx.shape)}")
+            raise ValueError(f"indices must have shape (b,) = ({x1.shape[0]},) to match x1, got {tuple(idx.shape)}")
         x0 = gaussian_noise(self.seeds[idx, 0], self.shape, device=x1.device, dtype=x1.dtype)
         cost = (x1 - x0).flatten(1).square().sum(1).mean()
         self.stats = {"pre_cost": cost, "post_cost": cost, "swaps": 0}

@@ -36,7 +36,9 @@ class _CallableCoupling(Coupling):
     def __init__(self, fn):
         self.fn, self.stats = fn, {}
 
-    def __call__(self, x1, *, indices=None, labels=None):
+    def __call__(self, x1, indices=None, *, x0=None, labels=None):
+        if x0 is not None:
+            raise ValueError("a plain callable coupling draws its own noise: x0 must be None")
         return self.fn(x1, indices=indices) if labels is None else self.fn(x1, indices=indices, labels=labels)
 
 
