@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from ...cost import pairwise_cost
-
 from ...couplings.common import check_labels, cost_dtype, solve  # noqa: F401  (check_labels: re-exported)
 
 _POT_HINT = "install the extra with pip install 'loom_kernels[torchcfm]' (or pip install POT)"
