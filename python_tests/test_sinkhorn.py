@@ -168,7 +168,7 @@ def test_epsilon_scaling_reaches_the_same_plan():
     scaled = sinkhorn(x, y, epsilon=5e-3, tol=1e-5, max_iter=50000, eps_scaling=0.5)
     plain = sinkhorn(x, y, epsilon=5e-3, tol=1e-5, max_iter=50000)
     assert scaled.converged and plain.converged
-    assert _tv(dense_plan(scaled, x.double(), y.double()), dense_plan(plain, x.double(), y.double())) < 1e-4
+    assert _tv(dense_plan(scaled, x.double(), y.double()), dense_plan(plain, x.double(), y.double())) < 5e-4
 
 
 # ---- bad input ---------------------------------------------------------------------------------
