@@ -178,8 +178,36 @@ def _sampler_cases():
     return sampler_update, "_ode_update_kernel", dict(_use_triton=lambda x: True), cases
 
 
+def _sinkhorn_cases():
+    """sinkhorn's streamed LSE and argmax (with and without Gumbel noise): D in one K-tile or
+    several, tiny and large sets, a batch, TF32."""
+    import torch
+
+    from .sinkhorn import _kernels
+
+    f32, i64 = torch.float32, torch.int64
+
+    def launch(b, n, m, d, mode="lse", tf32=False):
+        x, y = _meta(b, n, d, dtype=f32), _meta(b, m, d, dtype=f32)
+        u, scale = _meta(b, m, dtype=f32), _meta(b, dtype=f32)
+        if mode == "lse":
+            return lambda: _kernels.lse(x, y, u, scale, tf32)
+        keys = (_meta(b, n, dtype=i64), _meta(m, dtype=i64)) if mode == "sample" else (None, None)
+        return lambda: _kernels.argmax(x, y, u, scale, *keys, tf32)
+
+    cases = []
+    for mode in ("lse", "sample", "argmax"):
+        cases += [(f"{mode} {n}x{m}x{d}", launch(1, n, m, d, mode)) for n, m, d in
+                  [(65536, 65536, 64), (4096, 4096, 2), (4096, 4096, 3072), (4096, 4000, 37), (10, 7, 3)]]
+        cases += [(f"{mode} tf32 4096x4096x64", launch(1, 4096, 4096, 64, mode, True)),
+                  (f"{mode} batch 64x256x256x100", launch(64, 256, 256, 100, mode))]
+    patches = dict(check_launchable=lambda *a: None, interpreting=lambda: False)
+    return _kernels, "_sinkhorn_stream_kernel", patches, cases
+
+
 #: kernel -> function returning (module, kernel attribute, patches, [(label, launch)]).
 CASES = {
+    "loom_kernels.sinkhorn._kernels:_sinkhorn_stream_kernel": _sinkhorn_cases,
     "loom_kernels.cost:_pairwise_cost_kernel": _cost_cases,
     "loom_kernels.noise:_gaussian_noise_kernel": _noise_cases,
     "loom_kernels.sampler.update:_ode_update_kernel": _sampler_cases,
