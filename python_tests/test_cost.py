@@ -4,9 +4,10 @@ compiled on CUDA), against a float64 explicit-difference reference with per-entr
 import pytest
 import torch
 
+from harness import pairwise_cost_atol
 from loom_kernels import _triton
 from loom_kernels.cost import pairwise_cost
-from loom_kernels.testing import pairwise_cost_atol, pairwise_cost_ref
+from loom_kernels.testing import pairwise_cost_ref
 
 from kernel_paths import BACKENDS, needs_interpreter, on
 

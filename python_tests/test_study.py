@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from loom_kernels import study
-from loom_kernels.couplings import LoomCoupling
-from loom_kernels.demo import dataset_cost, global_optimum
+from loom_kernels.couplings import Coupling, FixedNoiseCoupling, LoomCoupling
+from loom_kernels.experiments import study
+from loom_kernels.metrics import dataset_cost, global_optimum
 from loom_kernels.noise import gaussian_noise
 from loom_kernels.testing import cost_matrix_np, loom_table_cost
 
@@ -20,7 +20,8 @@ TINY = dict(n=128, steps=12, batch_size=16, hidden=16, depth=2, lr=1e-3, n_eval=
 
 def test_fixed_noise_coupling_never_reassigns():
     loom = LoomCoupling(50, (3,), seed=4)
-    fixed = study.FixedNoiseCoupling(loom)
+    fixed = FixedNoiseCoupling(loom)
+    assert isinstance(fixed, Coupling)  # the trainer sees its stats (it wrapped the old one and logged NaN)
     idx = torch.tensor([7, 3, 49, 0])
     x1 = torch.randn(4, 3)
     x0, out = fixed(x1, idx)
@@ -31,8 +32,16 @@ def test_fixed_noise_coupling_never_reassigns():
     assert torch.equal(again, x0)
     loom(torch.randn(4, 3), idx)  # the LOOM table moving does not move the frozen copy
     assert torch.equal(fixed(x1, idx)[0], x0)
-    with pytest.raises(ValueError, match=r"indices must have shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"indices must have shape \(b,\) = \(4,\)"):
         fixed(x1, idx[:3])
+    # the protocol's refusals: no indices, noise in the indices' place, a given x0
+    with pytest.raises(ValueError, match="needs the dataset indices"):
+        fixed(x1)
+    with pytest.raises(TypeError, match="indices must have an integer dtype"):
+        fixed(x1, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="x0 must be None"):
+        fixed(x1, idx, x0=x1)
+    assert fixed.state_dict() == {} and torch.equal(fixed(x1, idx, labels=idx % 2)[0], x0)
 
 
 def test_converge_is_monotone_and_reaches_a_fixed_point():
@@ -60,6 +69,11 @@ def test_converge_is_monotone_and_reaches_a_fixed_point():
 @pytest.mark.parametrize("variant", study.ALL_VARIANTS)
 def test_run_one_records(variant):
     rec = study.run_one("moons", variant, 0, TINY)
+    # every number of the CSV row is finite (the "fixed" variant wrote NaN into minibatch_cost_end)
+    row = study._row(rec)
+    numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert "minibatch_cost_end" in numbers and "straightness" in numbers
+    assert all(np.isfinite(v) for v in numbers.values()), {k: v for k, v in numbers.items() if not np.isfinite(v)}
     assert rec["variant"] == variant and rec["n_train"] == 128 and rec["n_eval"] == 64
     assert set(rec["w2_fresh"]) == set(study.NFES) and all(v > 0 for v in rec["w2_fresh"].values())
     finite = variant not in ("independent", "ot")

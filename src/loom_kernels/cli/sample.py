@@ -50,7 +50,7 @@ def _plot(path: str, x: np.ndarray, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..demo import _image_grid
+    from ..experiments.plots import image_grid
 
     if x.ndim == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(5, 5))
@@ -59,7 +59,7 @@ def _plot(path: str, x: np.ndarray, title: str) -> None:
     elif x.ndim == 4 and x.shape[1] in (1, 3):
         side = int(min(8, np.floor(np.sqrt(len(x)))))
         fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(_image_grid(torch.from_numpy(x), side, side), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image_grid(torch.from_numpy(x), side, side), cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
     else:

@@ -72,6 +72,8 @@ class Problem:
             raise ValueError(f"x and y must be on the same device, got {x.device} and {y.device}")
         if x.ndim != y.ndim or x.shape[-1] != y.shape[-1] or (x.ndim == 3 and x.shape[0] != y.shape[0]):
             raise ValueError(f"x and y must have the same batch size and D, got {tuple(x.shape)} and {tuple(y.shape)}")
+        if x.shape[-2] == 0 or y.shape[-2] == 0:
+            raise ValueError(f"need at least one point on each side, got x {tuple(x.shape)} and y {tuple(y.shape)}")
         self.batched = x.ndim == 3
         self.device = x.device
         self.dtype = torch.float64 if (x.dtype == torch.float64 and y.dtype == torch.float64) else torch.float32
