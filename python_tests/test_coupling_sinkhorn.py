@@ -179,6 +179,12 @@ def _rank_data(rank):
     return x1, x0, lab, sl
 
 
+def _lab_missing():
+    """Class 2 only on rank 0: rank 1 holds no row of it (a problem with no local mass there)."""
+    i = torch.arange(W * BL)
+    return torch.where(i < BL, i % 3, i % 2)
+
+
 def _dist_body(rank):
     x1, x0, lab, sl = _rank_data(rank)
     out = {}
@@ -186,6 +192,7 @@ def _dist_body(rank):
     out["global"] = _rows(c(x1[sl], x0=x0[sl])[0], x0)
     out["stats"] = {k: float(v) for k, v in c.stats.items()}
     out["global_labels"] = _rows(c(x1[sl], x0=x0[sl], labels=lab[sl])[0], x0)
+    out["missing_class"] = _rows(c(x1[sl], x0=x0[sl], labels=_lab_missing()[sl])[0], x0)
     cnd = torch.rand(W * BL, 2, generator=_gen(3), dtype=torch.float64)
     out["global_cond"] = _rows(c(x1[sl], x0=x0[sl], cond=cnd[sl])[0], x0)
     sampled = SinkhornCoupling(0.05, generator=_gen(rank))
@@ -217,6 +224,8 @@ def test_scopes_on_gloo_ranks(tmp_path):
         assert math.isclose(ranks[0]["stats"][k], float(one.stats[k]), rel_tol=1e-6, abs_tol=1e-9), k
         assert ranks[0]["stats"][k] == ranks[1]["stats"][k]
     assert torch.equal(torch.cat([r["global_labels"] for r in ranks]), _rows(one(x1, x0=x0, labels=lab)[0], x0))
+    lab2 = _lab_missing()
+    assert torch.equal(torch.cat([r["missing_class"] for r in ranks]), _rows(one(x1, x0=x0, labels=lab2)[0], x0))
     cnd = torch.rand(W * BL, 2, generator=_gen(3), dtype=torch.float64)
     assert torch.equal(torch.cat([r["global_cond"] for r in ranks]), _rows(one(x1, x0=x0, cond=cnd)[0], x0))
     for key in ("sampled", "grouped"):

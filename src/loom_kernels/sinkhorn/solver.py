@@ -114,6 +114,8 @@ def _shard(prob, shards):
     n = torch.full_like(prob.mean_cost, float(prob.shape[1]))
     total = shards.sum(n)
     prob.mass_a = shards.sum(prob.mass_a)
+    if bool((prob.mass_a <= 0).any()):
+        raise ValueError("a must have a positive sum in every problem (over all row shards)")
     prob.mean_cost = shards.sum(prob.mean_cost * n) / total
     prob.max_cost = shards.max(prob.max_cost)
 
@@ -222,7 +224,8 @@ def sinkhorn(x, y, a=None, b=None, *, epsilon: float = 0.05, relative: bool = Tr
         >>> res = sinkhorn(x1, x0, epsilon=0.01)
         >>> cols = draw_pairs(res, x1, x0, seed=0)   # a noise index for each data row
     """
-    return _solve(Problem(x=x, y=y, a=a, b=b, allow_tf32=allow_tf32), epsilon, relative, tau, tol, max_iter,
+    prob = Problem(x=x, y=y, a=a, b=b, allow_tf32=allow_tf32, row_shard=row_shards is not None)
+    return _solve(prob, epsilon, relative, tau, tol, max_iter,
                   eps_scaling, row_shards)
 
 
