@@ -145,3 +145,16 @@ def test_compiled_model_training_step_beside_a_coupling():
         losses.append(float(loss))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.cuda
+def test_compiled_step_on_cuda_equals_eager():
+    x1, seeds = _problem(b=64, shape=(3, 8, 8))
+    x1, seeds = x1.cuda(), seeds.cuda()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(ot_step)(x1, seeds)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    got = torch.compile(ot_step, fullgraph=True)(x1, seeds)
+    want = ot_step(x1, seeds)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[0].device.type == "cuda" and got[2].device.type == "cuda"
