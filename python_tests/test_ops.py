@@ -158,3 +158,18 @@ def test_compiled_step_on_cuda_equals_eager():
     want = ot_step(x1, seeds)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     assert got[0].device.type == "cuda" and got[2].device.type == "cuda"
+
+
+def test_first_call_compiled_registers_the_op_itself():
+    # Eager calls never import loom_kernels.ops (nor triton through it); a first call under compile
+    # imports it while Dynamo traces, and still makes one graph.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from loom_kernels.assign import assign; c = torch.randn(6, 6); assign(c); "
+            "assert 'loom_kernels.ops' not in sys.modules; "
+            "f = torch.compile(lambda c: assign(c), fullgraph=True, backend='aot_eager'); "
+            "assert torch.equal(f(c), assign(c)); print('loom_kernels.ops' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "True"

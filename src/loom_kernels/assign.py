@@ -104,10 +104,13 @@ def assign(
         [[1, 0], [0, 1]]
     """
     if _is_torch(cost):
-        from . import ops  # under torch.compile: one graph node (the custom op), see loom_kernels.ops
+        import torch
 
-        if ops.compiling():
-            return ops.assign(cost, backend=backend, tol=tol, method=method, maximize=maximize, threads=threads)
+        if torch.compiler.is_compiling():  # one graph node (the custom op), see loom_kernels.ops
+            from . import ops
+
+            if ops.compiling():
+                return ops.assign(cost, backend=backend, tol=tol, method=method, maximize=maximize, threads=threads)
     sol = _solve(cost, maximize, backend, tol, method, threads, "assign")
     return sol.col_for_row()
 
