@@ -144,6 +144,7 @@ class LoomPersistence:
             "next_counter": int(self._next_counter),
             "scope": self.scope,
             "group_size": self.group_size,
+            "cond_weight": self.cond_weight,
             "mmap_path": self.mmap_path,
             "table": self.table,
         }
@@ -193,8 +194,11 @@ class LoomPersistence:
         group_size: int | None = None,
         mmap_path: str | os.PathLike | None = "auto",
         table: str | None = None,
+        cond_weight: float | None = None,
     ):
         """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
+
+        ``scope``, ``group_size``, ``cond_weight`` and ``table`` default to the saved ones.
 
         ``table``: "replicated" or "sharded" (default: as saved). A sharded checkpoint (a manifest at
         ``path`` and one shard file per saving rank beside it) loads on any world size, as either kind;
@@ -224,6 +228,7 @@ class LoomPersistence:
             group_size=group_size if group_size is not None else state.get("group_size", DEFAULT_GROUP_SIZE),
             mmap_path=mmap_path_for(table, saved, state.get("mmap_path")) if mmap_path == "auto" else mmap_path,
             table=table,
+            cond_weight=cond_weight if cond_weight is not None else state.get("cond_weight", 1.0),
         )
         if is_manifest(state):
             with coupling._lock:
