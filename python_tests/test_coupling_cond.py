@@ -64,7 +64,7 @@ def test_cond_cost_equals_float64_reference_and_is_zero_on_equal_conditions(dc):
     c[7] = c[3]
     pen = cond_cost(c, c, 2.5)
     ref = 2.5 * ((c[:, None] - c[None]) ** 2).sum(-1)
-    assert pen.dtype == torch.float32 and pen.shape == (40, 40)
+    assert pen.dtype == torch.float64 and pen.shape == (40, 40)
     np.testing.assert_allclose(pen.double().numpy(), ref.numpy(), rtol=1e-6, atol=1e-9)
     assert float(pen.diagonal().abs().max()) < 1e-9 and float(pen[7, 3]) < 1e-9
     huge = cond_cost(c, c, 1e300)  # capped: the cost stays finite

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..assign import assign
-from ..cost import METRICS, sq_dists  # the metric names live beside the code that computes them
+from ..cost import METRICS  # the metric names live beside the code that computes them
 
 _COST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -165,33 +165,32 @@ def check_cond(cond, b: int, device: torch.device) -> torch.Tensor | None:
 
 
 def cond_cost(c_rows: torch.Tensor, c_cols: torch.Tensor, cond_weight: float) -> torch.Tensor:
-    """The ``(n, m)`` float32 penalty ``cond_weight * ||c_rows[i] - c_cols[j]||^2``.
+    """The ``(n, m)`` float64 penalty ``cond_weight * ||c_rows[i] - c_cols[j]||^2``, capped at ``COND_PENALTY_CAP``.
 
-    ``c_rows (n, Dc)``, ``c_cols (m, Dc)`` float64 (``check_cond``'s output). ``Dc = 1`` takes the
-    differences directly (exactly 0 between equal conditions); larger ``Dc`` uses the Gram identity
-    ``cost.sq_dists`` in float64 (one ``(n, m)`` product, no ``(n, m, Dc)`` tensor; the float64
-    cancellation error, ~1e-16 of ``|c|^2``, is far below the float32 cost's resolution). Capped at
-    ``COND_PENALTY_CAP`` so the cost stays finite.
+    ``c_rows (n, Dc)``, ``c_cols (m, Dc)`` float64 (``check_cond``'s output). The Gram identity as ONE
+    matrix product of augmented rows, ``[c_i, |c_i|^2, 1] . w [-2 c_j, 1, |c_j|^2]`` (inner size ``Dc + 2``),
+    then one clamp: two passes over the ``(n, m)`` matrix and no ``(n, m, Dc)`` tensor. Few passes matter
+    more than flops here (each is a parallel region; the penalty's flops are ``Dc / D`` of the cost's).
+    Float64 keeps the cancellation error near ``1e-16 * w |c|^2``, far below the float32 cost's
+    resolution, so equal conditions cost (next to) nothing even at a huge weight.
 
     Example::
 
         pen = cond_cost(torch.zeros(4, 1, dtype=torch.float64), torch.ones(4, 1, dtype=torch.float64), 2.0)  # all 2
     """
-    if c_rows.shape[1] == 1:
-        d = (c_rows - c_cols.T).square_()
-    else:
-        d = sq_dists(c_rows, c_cols)
-    return d.mul_(cond_weight).clamp_max_(COND_PENALTY_CAP).to(torch.float32)
+    rows = torch.cat([c_rows, c_rows.square().sum(1, keepdim=True), torch.ones_like(c_rows[:, :1])], 1)
+    cols = torch.cat([-2.0 * c_cols, torch.ones_like(c_cols[:, :1]), c_cols.square().sum(1, keepdim=True)], 1)
+    return (rows @ (cols * cond_weight).T).clamp_(0.0, COND_PENALTY_CAP)
 
 
 def add_cond_cost(cost: torch.Tensor, c_rows: torch.Tensor | None, c_cols: torch.Tensor | None,
                   cond_weight: float) -> torch.Tensor:
-    """``cost + cond_weight * ||c_rows[i] - c_cols[j]||^2``: one ``(n, m)`` addition (a new tensor).
+    """``cost += cond_weight * ||c_rows[i] - c_cols[j]||^2`` in place (one pass), and return it.
 
     ``cost (n, m)`` float32 (rows: data items, columns: noises, column ``j`` carrying the condition
-    ``c_cols[j]`` of the item that drew or holds it); without a condition or at ``cond_weight == 0`` the
-    same tensor is returned untouched, so the unconditioned coupling is reproduced bit for bit. Any
-    coupling (exact or entropic) adds its condition term here.
+    ``c_cols[j]`` of the item that drew or holds it), a fresh tensor the caller owns; without a condition
+    or at ``cond_weight == 0`` it is returned untouched, so the unconditioned coupling is reproduced bit
+    for bit. Any coupling (exact or entropic) adds its condition term here.
 
     Example::
 
@@ -199,7 +198,7 @@ def add_cond_cost(cost: torch.Tensor, c_rows: torch.Tensor | None, c_cols: torch
     """
     if c_rows is None or cond_weight == 0.0:
         return cost
-    return cost + cond_cost(c_rows, c_cols, cond_weight).to(cost.device)
+    return cost.add_(cond_cost(c_rows.to(cost.device), c_cols.to(cost.device), cond_weight))
 
 
 def float_bits(value: float) -> int:
