@@ -7,6 +7,8 @@
 # hung stage cannot push the whole past 7 minutes, and a failing stage still leaves the others'
 # results. Benchmarks whose peer package is missing (torchcfm, flow_matching, torchdiffeq, POT,
 # lapx) skip, and their targets say "not run".
+# Exit status: non-zero when the build fails, when the CUDA module does not load, or when the CUDA tests
+# fail (or run none: python_tests/gpu_gate.py); the benchmarks still run after failed tests.
 # Usage: bash bench/gpu_check.sh      (results under $OUT, default ./out)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,15 +36,19 @@ nproc
 stage "build (sm_90 only on the device to save time)"
 LOOM_CUDA=1 LOOM_CUDA_ARCHS=${LOOM_CUDA_ARCHS:-90} MAX_JOBS=$(nproc) CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   timeout "$(budget 180 200)" $py -m pip install --no-build-isolation --no-deps . \
-  >"$out/build.log" 2>&1 || { tail -n 60 "$out/build.log"; echo "BUILD FAILED"; }
+  >"$out/build.log" 2>&1 || { tail -n 60 "$out/build.log"; echo "BUILD FAILED"; exit 1; }
 grep -E "^\[loom_kernels\]|loom_kernels: " "$out/build.log" | head -n 5
 # Tests and benches run from /tmp so that the installed package, not the checkout, is imported.
 cd /tmp
+# A build that "succeeded" without a working CUDA module would only skip the GPU tests: stop here instead.
+$py -c "from loom_kernels._native import cuda; n = cuda().device_count(); assert n > 0, n; print('CUDA module OK,', n, 'device(s)')" \
+  || { echo "CUDA MODULE BROKEN (built, but does not import or sees no GPU)"; exit 1; }
 
 stage "CUDA tests"
 timeout "$(budget ${TEST_SECONDS:-100} 170)" $py -m pytest "$root/python_tests" -m cuda -q -rfEs -p no:cacheprovider \
   --junitxml="$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log" | tail -n 40
-echo "cuda tests exit: ${PIPESTATUS[0]} (124: cut at the stage's time limit)"
+tests_rc=${PIPESTATUS[0]}
+echo "cuda tests exit: $tests_rc (124: cut at the stage's time limit; 1 also when no cuda test ran)"
 
 stage "GPU benchmarks (every bench/bench_*.py with cuda cases, one pytest per module)"
 # One run per module, each with its own JSON: a slow or hung module loses only its own rows.
@@ -69,3 +75,5 @@ stage "summary"
 $py "$root/bench/tools/summary.py" "$out"/bench_*.json --gpu "$(head -n1 "$out/gpu.txt")" >"$out/groups.md" 2>&1
 $py "$root/bench/tools/summary.py" "$out"/bench_*.json --targets --gpu "$(head -n1 "$out/gpu.txt")" | tee "$out/summary.md"
 echo "(per-group medians: $out/groups.md; total $(( $(date +%s) - start )) s)"
+# The check's status is the CUDA tests' (the benchmarks' own statuses are printed above).
+exit "$tests_rc"

@@ -1,4 +1,4 @@
-"""Shared fixtures: every test is seeded; `cuda` tests skip without a GPU and the CUDA build."""
+"""Shared fixtures: every test is seeded; the GPU gate (gpu_gate.py) runs, skips or fails `cuda` tests."""
 import os
 import random
 import zlib
@@ -16,7 +16,7 @@ try:
 except ImportError:
     pass
 
-from loom_kernels.testing import gpu_available  # noqa: E402 - after the choice above
+import gpu_gate  # noqa: E402 - after the choice above
 
 
 @pytest.fixture(autouse=True)
@@ -41,9 +41,44 @@ def rng(_seed_everything):
     return np.random.default_rng(np.random.randint(2**31))
 
 
+_GATE = pytest.StashKey()
+_cuda_passed = [0]  # cuda tests passed this session (pytest_runtest_logreport gets no config)
+
+
 def pytest_collection_modifyitems(config, items):
-    # `cuda` items skip where no GPU (or no CUDA build) can run them.
-    if not gpu_available():
-        skip = pytest.mark.skip(reason="needs a CUDA GPU and loom_kernels built with CUDA")
-        for item in (i for i in items if "cuda" in i.keywords):
-            item.add_marker(skip)
+    # `cuda` items skip where no GPU (or, for all but triton_only ones, no CUDA build) can run them, and
+    # fail where a GPU is visible but the CUDA build is broken (gpu_gate.decide has the rules).
+    gate = config.stash[_GATE] = gpu_gate.decide(gpu_gate.probe())
+    _cuda_passed[0] = 0
+    for item in (i for i in items if "cuda" in i.keywords):
+        action = gpu_gate.item_action(gate, item)
+        if action is not None and action[0] == "skip":
+            item.add_marker(pytest.mark.skip(reason=action[1]))
+
+
+def pytest_runtest_setup(item):
+    gate = item.config.stash.get(_GATE, None)
+    if gate is not None and "cuda" in item.keywords:
+        action = gpu_gate.item_action(gate, item)
+        if action is not None and action[0] == "fail":
+            pytest.fail(action[1], pytrace=False)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed and "cuda" in report.keywords:
+        _cuda_passed[0] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # A broken CUDA build on a GPU machine fails any run; `-m cuda` that ran no cuda test fails too.
+    gate = session.config.stash.get(_GATE, None)
+    if gate is None:
+        return
+    status, why = gpu_gate.final_status(gate, session.config.getoption("markexpr") or "",
+                                        _cuda_passed[0], int(exitstatus))
+    if why is not None:
+        session.exitstatus = status
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(why, red=True, bold=True)

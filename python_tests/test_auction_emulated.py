@@ -92,8 +92,12 @@ def _assert_twin(libs, cost, maximize=False, tol=1e-9, build="default", **kw):
 
 # Shapes: square (bidding + path finish), N <= 0.7 M (paths only), 0.7 M < N < M (bidding with
 # dummies + path finish).
-@pytest.mark.parametrize("shape", [(24, 24), (18, 40), (30, 34)])
-@pytest.mark.parametrize("family", ASSIGN_FAMILIES)
+_DEFAULT_RUN = {("uniform", (24, 24)), ("int_ties", (18, 40)), ("negative", (30, 34))}  # the rest: slow
+
+
+@pytest.mark.parametrize("family, shape", [
+    pytest.param(f, s, marks=() if (f, s) in _DEFAULT_RUN else pytest.mark.slow, id=f"{f}-{s[0]}x{s[1]}")
+    for f in ASSIGN_FAMILIES for s in [(24, 24), (18, 40), (30, 34)]])
 def test_emulated_block_kernel_matches_twin(libs, family, shape, rng):
     dtype = np.float32 if family in ("uniform", "sq_high") else np.float64
     cost = assignment_problem(family, *shape, batch=2, rng=rng, dtype=dtype)
@@ -102,19 +106,22 @@ def test_emulated_block_kernel_matches_twin(libs, family, shape, rng):
     assert (st == 0).all()
 
 
-@pytest.mark.parametrize("family", ["uniform", "int_ties", "sq_low", "huge_range"])
+@pytest.mark.parametrize("family", ["uniform", *(pytest.param(f, marks=pytest.mark.slow)
+                                                 for f in ("int_ties", "sq_low", "huge_range"))])
 def test_emulated_window_build_matches_twin(libs, family, rng):
     cost = assignment_problem(family, 28, batch=2, rng=rng)
     _, st, _ = _assert_twin(libs, cost, tol=0.0 if family == "int_ties" else 1e-9, build="window")
     assert (st == 0).all()
 
 
-@pytest.mark.parametrize("family", ["uniform", "int_ties", "sq_low"])
+@pytest.mark.parametrize("family", ["int_ties", *(pytest.param(f, marks=pytest.mark.slow)
+                                                  for f in ("uniform", "sq_low"))])
 def test_emulated_grid_kernel_matches_twin(libs, family, rng):
     cost = assignment_problem(family, 26, 30, batch=1, rng=rng)
     _assert_twin(libs, cost, tol=0.0 if family == "int_ties" else 1e-9, mode=3, threads=64, blocks=2)
 
 
+@pytest.mark.slow  # ~50 s on 2 loaded cores
 def test_emulated_edge_cases_match_twin(libs, rng):
     # maximize; +inf feasible / infeasible; NaN; 1 x 1; identical rows over a huge range (the
     # phase's round budget); more rows than one pass of the warps' ballots covers (m > 64).
@@ -134,3 +141,111 @@ def test_emulated_edge_cases_match_twin(libs, rng):
     cases.append((assignment_problem("uniform", 12, 70, batch=1, rng=rng), False, {"threads": 32}))
     for cost, maximize, kw in cases:
         _assert_twin(libs, cost, maximize=maximize, **kw)
+
+
+# ---- the launch plan a GPU gets: dynamic shared memory over 48 KB, the global fallback, 512 threads ------
+
+H200 = dict(sms=132, smem_optin=232448)  # cudaDevAttrMaxSharedMemoryPerBlockOptin of an H100/H200: 227 KiB
+
+
+def _plan(lib, B, M, mode=0, sms=132, smem_optin=232448, per_sm=0):
+    out = np.zeros(5, np.int64)
+    lib.emu_plan(ctypes.c_int64(B), ctypes.c_int64(M), ctypes.c_int(mode), ctypes.c_int(sms), ctypes.c_int(smem_optin),
+                 ctypes.c_int(per_sm), _ptr(out))
+    return dict(zip(("grid", "in_shared", "blocks", "workspace", "dynamic_smem"), out.tolist()))
+
+
+def test_launch_plan_boundaries(libs):
+    # plan_launch is the host code's own choice (compiled here from auction_cuda.cu): 128 + 52 M bytes of state
+    lib = libs["default"]
+    limit = lib.emu_default_dynamic_smem
+    limit.restype = ctypes.c_int64
+    assert limit() == 48 * 1024
+    assert _plan(lib, 4, 942) == dict(grid=0, in_shared=1, blocks=0, workspace=0, dynamic_smem=128 + 52 * 942)
+    assert _plan(lib, 4, 943)["dynamic_smem"] == 128 + 52 * 943 > 48 * 1024  # opt-in needed from here
+    assert _plan(lib, 4, 4467)["in_shared"] == 1 and 128 + 52 * 4467 <= H200["smem_optin"]
+    assert _plan(lib, 4, 4468) == dict(grid=0, in_shared=0, blocks=0, workspace=4 * (128 + 52 * 4468), dynamic_smem=0)
+    assert _plan(lib, 4, 100, mode=2)["in_shared"] == 0  # kModeBlockGlobal
+    grid = _plan(lib, 4, 4096, mode=3, per_sm=1)
+    assert grid["grid"] == 1 and grid["blocks"] == 132 and grid["workspace"] == 128 + 52 * 4096
+
+
+def _emu_planned(lib, cost, threads, tol=1e-9):
+    B, N, M = cost.shape
+    col, st, rounds = _outputs(B, N)
+    plan = np.zeros(3, np.int64)
+    rc = lib.emu_solve_planned(_ptr(cost), ctypes.c_int(cost.dtype == np.float64), ctypes.c_int64(B), ctypes.c_int64(N),
+                               ctypes.c_int64(M), ctypes.c_int(0), ctypes.c_double(tol), ctypes.c_int(threads),
+                               ctypes.c_int(H200["sms"]), ctypes.c_int(H200["smem_optin"]), _ptr(col), _ptr(st),
+                               _ptr(rounds), _ptr(plan))
+    assert rc == 0, "a block wrote past its dynamic shared memory or its workspace slice"
+    return (col, st, rounds), dict(zip(("in_shared", "dynamic_smem", "workspace"), plan.tolist()))
+
+
+def _assert_planned(libs, cost, threads, want_shared, tol=1e-9):
+    """The block kernel under the H200's plan, `threads` per block, bit-identical to the twin (and _C)."""
+    cost = np.ascontiguousarray(cost)
+    lib = libs["default"]
+    got, plan = _emu_planned(lib, cost, threads, tol)
+    assert plan["in_shared"] == want_shared, plan
+    ref = _twin(lib, cost, tol=tol)
+    installed = _native.cpu().solve_auction(cost, False, tol, 1, True)
+    for name, x, y, z in zip(("col4row", "status", "rounds"), got, ref, installed):
+        np.testing.assert_array_equal(y, z, err_msg="csrc/ and the installed _C disagree: rebuild")
+        np.testing.assert_array_equal(x, y, err_msg=f"planned launch ({plan}, {threads} threads) differs in {name}")
+    assert (got[1] == 0).all()
+    return plan
+
+
+def test_emulated_dynamic_shared_memory_over_48kb(libs, rng):
+    # M = 943: the state (49,164 B) in the block's dynamic shared memory, past the 48 KB default
+    plan = _assert_planned(libs, assignment_problem("uniform", 1, 943, batch=1, rng=rng), 64, want_shared=1)
+    assert plan["dynamic_smem"] > 48 * 1024
+
+
+@pytest.mark.slow  # 512 std::threads per block: minutes on 2 loaded cores (the 4 slow tests below: ~7 min)
+def test_emulated_shipped_block_size(libs, rng):
+    lib = libs["default"]
+    lib.emu_block_threads.restype = ctypes.c_int
+    threads = lib.emu_block_threads()
+    assert threads == 512
+    _assert_planned(libs, assignment_problem("sq_low", 12, 16, batch=1, rng=rng), threads, want_shared=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_emulated_large_m_shared_at_512_threads(libs, dtype, rng):
+    cost = assignment_problem("uniform", 3, 943, batch=1, rng=rng, dtype=dtype)
+    _assert_planned(libs, cost, 512, want_shared=1, tol=1e-9 if dtype == np.float64 else 1e-6)
+
+
+@pytest.mark.slow
+def test_emulated_global_memory_fallback_at_512_threads(libs, rng):
+    # M = 4468: the state no longer fits an H200 block's 227 KiB; it moves to the global workspace
+    plan = _assert_planned(libs, assignment_problem("sq_low", 2, 4468, batch=1, rng=rng), 512, want_shared=0)
+    assert plan["workspace"] == 128 + 52 * 4468
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n, m", [(3, 943), (2, 4468), (64, 1024)])
+def test_cuda_large_m_launch_matches_twin(n, m, rng):
+    # The real launches modelled above: opt-in dynamic shared memory from M = 943, the global workspace
+    # beyond the device's opt-in limit (M >= 4468 on an H100/H200), 512 threads; bit-identical to the twin.
+    import torch
+
+    from loom_kernels.assign import _solve_cuda
+
+    cost = np.ascontiguousarray(assignment_problem("sq_low", n, m, batch=2, rng=rng))
+    t = torch.as_tensor(cost, device="cuda")
+    rounds = torch.full((2,), -1, dtype=torch.int64, device="cuda")
+    col, st = _solve_cuda(t, False, 1e-9, rounds=rounds)
+    torch.cuda.synchronize()
+    ref = _native.cpu().solve_auction(cost, False, 1e-9, 1, True)
+    for name, x, y in zip(("col4row", "status", "rounds"), (col.cpu().numpy(), st.cpu().numpy(),
+                                                          rounds.cpu().numpy()), ref):
+        np.testing.assert_array_equal(x, y, err_msg=f"GPU launch at M={m} differs from the twin in {name}")
+    optin = getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", None)
+    if optin is not None:
+        state = 128 + 52 * m
+        want = 0 if state <= optin else 2 * state
+        assert _native.cuda().workspace_bytes(2, n, m, 0, t.device.index) == want

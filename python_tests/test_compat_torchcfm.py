@@ -190,7 +190,13 @@ def test_pot_methods_hand_off_to_pot():
     tcfm = pytest.importorskip("torchcfm.optimal_transport")
     for method in ("sinkhorn", "unbalanced", "partial"):
         ours, theirs = OTPlanSampler(method, reg=0.5), tcfm.OTPlanSampler(method, reg=0.5)
-        assert np.array_equal(ours.get_map(x0, x1), theirs.get_map(x0, x1))
+        assert np.array_equal(ours.get_map(x0, x1), theirs.get_map(x0, x1))  # host tensors: TorchCFM's own call
+        for seed in (0, 1):
+            np.random.seed(seed)
+            a0, a1 = theirs.sample_plan(x0, x1)
+            np.random.seed(seed)
+            c0, c1 = ours.sample_plan(x0, x1)
+            assert torch.equal(a0, c0) and torch.equal(a1, c1)
     # exact plans between batches of different sizes are POT's too
     assert np.array_equal(OTPlanSampler("exact").get_map(x0[:20], x1), tcfm.OTPlanSampler("exact").get_map(x0[:20], x1))
 

@@ -4,9 +4,10 @@ compiled on CUDA), against a float64 explicit-difference reference with per-entr
 import pytest
 import torch
 
+from harness import pairwise_cost_atol
 from loom_kernels import _triton
 from loom_kernels.cost import pairwise_cost
-from loom_kernels.testing import pairwise_cost_atol, pairwise_cost_ref
+from loom_kernels.testing import pairwise_cost_ref
 
 from kernel_paths import BACKENDS, needs_interpreter, on
 
@@ -142,9 +143,37 @@ def test_float64_input_on_cpu_is_accurate():
     torch.testing.assert_close(out.double(), pairwise_cost_ref(x, y), rtol=1e-6, atol=1e-6)
 
 
-def test_allow_tf32_is_harmless_on_cpu():
-    x, y = torch.randn(9, 33), torch.randn(7, 33)
-    assert torch.equal(pairwise_cost(x, y, allow_tf32=True), pairwise_cost(x, y))
+class _KernelSpy:
+    """Stands in for ``cost._pairwise_cost_kernel``: records each launch's keyword arguments, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype, allow_tf32, precision", [
+    (torch.float32, False, "ieee"), (torch.float32, True, "tf32"), (torch.float64, False, "ieee"),
+    (torch.float16, False, "tf32")])
+def test_allow_tf32_reaches_the_kernel(monkeypatch, dtype, allow_tf32, precision):
+    # The flag only matters on the kernel (the CPU path ignores it): it must arrive as the dot's precision,
+    # for float32 only (float64 is computed as float32; 16-bit operands always take tensor cores).
+    import loom_kernels.cost as cost
+
+    spy = _KernelSpy(cost._pairwise_cost_kernel)
+    monkeypatch.setattr(cost, "_pairwise_cost_kernel", spy)
+    x, y = torch.randn(9, 33).to(dtype), torch.randn(7, 33).to(dtype)
+    out = on("triton", pairwise_cost, x, y, allow_tf32=allow_tf32)
+    assert [k["INPUT_PRECISION"] for k in spy.launches] == [precision]
+    _check(out, x, y, "sqeuclidean", eps=2.0**-11 if allow_tf32 else 2.0**-24)
+    # the torch path: the same values within the same tolerance, the flag ignored
+    assert torch.equal(pairwise_cost(x, y, allow_tf32=allow_tf32), pairwise_cost(x, y))
 
 
 @pytest.mark.parametrize(
@@ -180,7 +209,7 @@ def test_triton_on_cpu_without_interpreter_raises():
 # ---- compiled kernel on the GPU -----------------------------------------------------------------
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean"])
 @pytest.mark.parametrize("xs, ys", [((300, 3072), (200, 3072)), ((4, 129, 1000), (4, 77, 1000)), ((3, 5), (2, 5))])
@@ -192,14 +221,14 @@ def test_cuda_matches_reference(dtype, metric, xs, ys):
     _check(out, x.cpu(), y.cpu(), metric)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_tf32_within_tf32_tolerance():
     x = torch.randn(2, 100, 512, device="cuda")
     y = torch.randn(2, 90, 512, device="cuda")
     _check(pairwise_cost(x, y, allow_tf32=True), x.cpu(), y.cpu(), "sqeuclidean", eps=2.0**-11)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_non_contiguous_and_shared_operand():
     x = torch.randn(64, 3, 256, device="cuda").transpose(0, 1)  # (3, 64, 256), strided batch
     y = torch.randn(40, 256, device="cuda")
@@ -207,7 +236,7 @@ def test_cuda_non_contiguous_and_shared_operand():
     _check(out, x.cpu(), y.cpu().expand(3, -1, -1), "sqeuclidean")
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_agrees_with_cpu_path():
     x = torch.randn(8, 64, 3072)
     y = torch.randn(8, 64, 3072)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from gloo_ranks import run_rank, spawn
-from loom_kernels.couplings import Coupling, IndependentCoupling, LoomCoupling, MinibatchOTCoupling
+from loom_kernels.couplings import Coupling, FixedNoiseCoupling, IndependentCoupling, LoomCoupling, MinibatchOTCoupling
 from loom_kernels.couplings.prefetch import PrefetchCoupling
 
 N, SHAPE, B = 40, (2, 3), 8
@@ -37,6 +37,7 @@ FACTORIES = {
     "prefetch-independent": lambda tmp: PrefetchCoupling(IndependentCoupling(generator=_gen())),
     "prefetch-minibatch": lambda tmp: PrefetchCoupling(MinibatchOTCoupling(generator=_gen())),
     "prefetch-loom": lambda tmp: PrefetchCoupling(LoomCoupling(N, SHAPE, num_caches=2, seed=1)),
+    "fixed": lambda tmp: FixedNoiseCoupling(LoomCoupling(N, SHAPE, seed=1)),
 }
 TAKES_X0 = {
     "independent",
@@ -46,7 +47,7 @@ TAKES_X0 = {
     "prefetch-independent",
     "prefetch-minibatch",
 }
-NEEDS_INDICES = {name for name in FACTORIES if "loom" in name}
+NEEDS_INDICES = {name for name in FACTORIES if "loom" in name or name == "fixed"}
 
 
 def _batch(k=0):
@@ -176,7 +177,7 @@ def test_every_shipped_coupling_is_covered_by_the_protocol_runs(tmp_path):
 
 # Couplings owned by work in flight (the trainer's split, issue 24 item 4): strict, so the entry must go
 # as soon as the class conforms.
-PENDING = {"loom_kernels.train._CallableCoupling": "the trainer's wrapper takes indices by keyword only"}
+PENDING = {}
 
 
 def _signature_params():

@@ -8,12 +8,12 @@ compare with independent single-process references: scipy per group for LOOM (``
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.couplings.distributed import count_bytes
-from loom_kernels.couplings.grouped import Partition
-from loom_kernels.testing import reference_loom_step
+from loom_kernels.testing import cost_matrix_np, reference_loom_step
 
 pytestmark = pytest.mark.distributed
 
@@ -116,6 +116,26 @@ def world(request, tmp_path_factory):
     return w, spawn(w, tmp_path_factory.mktemp(f"w{w}"), _worker)
 
 
+def _groups(n, g):
+    """The documented partition, written out: ``m = ceil(n / G)`` groups of balanced sizes (the first
+    ``n mod m`` one larger), taking consecutive positions of ``randperm(n, g)``."""
+    perm = torch.randperm(n, generator=g)
+    m = -(-n // G)
+    sizes = [n // m + (j < n % m) for j in range(m)]
+    return torch.split(perm, sizes)
+
+
+def _ot_within(x1, x0, y):
+    """Minibatch OT of one group by scipy (float64 explicit differences): x0's rows reordered to x1's,
+    each class of ``y`` alone when ``y`` is given."""
+    out = torch.empty_like(x0)
+    for k in ([None] if y is None else y.unique().tolist()):
+        sel = torch.arange(len(x1)) if k is None else torch.nonzero(y == k)[:, 0]
+        _, col = linear_sum_assignment(cost_matrix_np(x1[sel].numpy(), x0[sel].numpy()))
+        out[sel] = x0[sel][torch.from_numpy(col)]
+    return out
+
+
 def _loom_reference(world, labelled):
     """One process, scipy per group: slots then the partition from the slot generator, each group alone."""
     data, y = _data()
@@ -125,12 +145,9 @@ def _loom_reference(world, labelled):
     for gidx in _global_batches(world):
         n = len(gidx)
         slots = torch.randint(CACHES, (n,), generator=g)
-        perm = torch.randperm(n, generator=g)
-        m = -(-n // G)
-        sizes = [n // m + (j < n % m) for j in range(m)]
         x0 = torch.empty((n, *SHAPE), dtype=torch.float64)
         new = table.clone()
-        for pos in torch.split(perm, sizes):
+        for pos in _groups(n, g):
             # labels: each class of the group solved alone (the coupling forbids cross-label pairs)
             parts = [pos[y[gidx[pos]] == k] for k in range(CLASSES)] if labelled else [pos]
             for sel in (p for p in parts if len(p)):
@@ -167,8 +184,8 @@ def test_grouped_minibatch_equals_each_group_solved_alone(world):
         for step in range(2):
             x1, x0, y = _mb_inputs(w, step)
             ref = torch.empty_like(x0)
-            for pos in Partition(w * B, B, w, G, gen).groups():
-                ref[pos] = MinibatchOTCoupling()(x1[pos], x0=x0[pos], labels=y[pos] if lab else None)[0]
+            for pos in _groups(w * B, gen):
+                ref[pos] = _ot_within(x1[pos], x0[pos], y[pos] if lab else None)
             if lab:  # the reference's own contract: noise stays within its class
                 src = torch.tensor([int(torch.nonzero((x0 == row).all(1))[0]) for row in ref])
                 assert torch.equal(y[src], y)
@@ -207,16 +224,23 @@ def test_errors_on_every_rank_and_subgroups_refused(world):
             assert torch.equal(errors[4], ref[(r % 2) * B:(r % 2 + 1) * B])
 
 
-def test_grouped_single_process_matches_the_reference_and_checkpoints():
-    data, _ = _data()
+@pytest.mark.parametrize("labelled", [False, True])
+def test_grouped_single_process_matches_the_reference_and_checkpoints(labelled):
+    data, y = _data()
     c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope="grouped", group_size=G)
     gidx = _global_batches(1)
-    c(data[gidx[0]], gidx[0])
-    state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in c.state_dict().items()}
-    c(data[gidx[1]], gidx[1])
+    x0s = []
+    for step, idx in enumerate(gidx):  # one process, b = 6 > G = 5: two groups per step
+        x0s.append(c(data[idx], idx, labels=y[idx] if labelled else None)[0])
+        if step == 0:
+            state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in c.state_dict().items()}
+    table, ref_x0s, gen = _loom_reference(1, labelled)  # scipy per group (and class)
+    assert torch.equal(c.seeds, table) and torch.equal(c._gen.get_state(), gen)
+    np.testing.assert_allclose(torch.stack(x0s).double().numpy(), ref_x0s.numpy(), rtol=0, atol=1e-5)
     d = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope="grouped", group_size=G)
     d.load_state_dict(state)
-    d(data[gidx[1]], gidx[1])
+    for idx in gidx[1:]:
+        d(data[idx], idx, labels=y[idx] if labelled else None)
     assert torch.equal(c.seeds, d.seeds)
     with pytest.raises(ValueError, match="group_size must be a positive int"):
         LoomCoupling(P, SHAPE, scope="grouped", group_size=0)

@@ -37,6 +37,12 @@ def test_checkerboard_occupies_alternate_squares():
     assert parity.unique().numel() == 1
 
 
+def _assert_partition(allx, tr, te):
+    """The rows of ``tr`` and ``te`` together are the rows of ``allx``, each used once (multisets)."""
+    rows = lambda t: sorted(tuple(r) for r in t.reshape(len(t), -1).tolist())  # noqa: E731
+    assert rows(torch.cat([tr, te])) == rows(allx)
+
+
 def test_digits_range_shape_and_holdout():
     tr = data.load("digits", "train")
     te = data.load("digits", "test")
@@ -44,9 +50,12 @@ def test_digits_range_shape_and_holdout():
     assert tr.shape[1:] == (1, 8, 8) and allx.shape == (1797, 1, 8, 8)
     assert tr.shape[0] + te.shape[0] == 1797 and te.shape[0] == round(0.2 * 1797)
     assert tr.min() >= -1 and tr.max() <= 1 and tr.min() == -1 and tr.max() == 1
-    # Train and test partition the rows: every row of "all" is in exactly one of them.
-    key = lambda t: {tuple(r.flatten().tolist()) for r in t}  # noqa: E731
-    assert len(key(tr) & key(te)) <= 20  # load_digits has a few duplicate images, nothing more
+    # Train and test partition the rows: every row of "all" is in exactly one of them (as multisets:
+    # load_digits has a few duplicate images), and "all" is scikit-learn's set scaled to [-1, 1].
+    _assert_partition(allx, tr, te)
+    from sklearn.datasets import load_digits
+
+    np.testing.assert_array_equal(allx.numpy()[:, 0], load_digits().images.astype(np.float32) / 8 - 1)
     assert torch.equal(data.load("digits", "train", seed=0), tr)
     assert not torch.equal(data.load("digits", "train", seed=1), tr)
 
@@ -60,6 +69,7 @@ def test_npy_round_trip_and_n(tmp_path):
     np.testing.assert_allclose(allx.numpy(), x.astype(np.float32))
     tr, te = data.load(p, "train", holdout=0.1), data.load(p, "test", holdout=0.1)
     assert len(tr) == 45 and len(te) == 5
+    _assert_partition(allx, tr, te)
     assert data.load(p, "train", n=7).shape == (7, 3, 4)
     ints = tmp_path / "i.npy"
     np.save(ints, np.arange(12).reshape(6, 2))

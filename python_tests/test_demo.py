@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from loom_kernels import demo
+from loom_kernels.experiments import common, demo
 
 
 def test_demo_quick_in_process(tmp_path, capsys):
@@ -26,7 +26,7 @@ def test_demo_quick_in_process(tmp_path, capsys):
     with open(os.path.join(out, "demo_8gaussians.json")) as f:
         saved = json.load(f)
     assert saved["seeds"] == [1, 2]
-    cols = set(demo.COLUMNS)
+    cols = set(common.COLUMNS)
     assert {"euler1", "euler2", "euler4", "euler8", "midpoint2", "midpoint4", "midpoint8"} <= cols
     assert set(saved["couplings"]) == {"independent", "ot", "loom"}
     for c, r in saved["couplings"].items():
@@ -57,9 +57,9 @@ def test_demo_quick_in_process(tmp_path, capsys):
 
 
 def test_ranking_rule():
-    agree = demo.ranking([{"loom": 0.5, "ot": 0.7, "independent": 3.0}, {"loom": 0.6, "ot": 0.8, "independent": 3.1}])
+    agree = common.ranking([{"loom": 0.5, "ot": 0.7, "independent": 3.0}, {"loom": 0.6, "ot": 0.8, "independent": 3.1}])
     assert agree["order"] == ["loom", "ot", "independent"] and agree["below"]["loom<ot"] == 2
-    split = demo.ranking([{"loom": 0.5, "ot": 0.7, "independent": 3.0}, {"loom": 0.9, "ot": 0.8, "independent": 3.1}])
+    split = common.ranking([{"loom": 0.5, "ot": 0.7, "independent": 3.0}, {"loom": 0.9, "ot": 0.8, "independent": 3.1}])
     assert split["order"] is None and split["below"]["loom<ot"] == 1 and split["below"]["ot<loom"] == 1
     assert split["orders"][1] == ["ot", "loom", "independent"]
 
@@ -67,13 +67,13 @@ def test_ranking_rule():
 def test_report_says_not_resolved(capsys):
     # Two seeds that disagree at one column: the report must say so instead of printing an order.
     def fake(loom_e1):
-        w = {c: 1.0 for c in demo.COLUMNS}
+        w = {c: 1.0 for c in common.COLUMNS}
         return {"w2": dict(w, euler1=loom_e1), "straightness": 0.1, "pair_cost_end": 1.0, "final_loss": 1.0,
                 "train_seconds": 1.0, "eval_seconds": 1.0, "dopri5_nfe": 60}
 
     def seed_run(loom_e1):
         ot = fake(0.8)
-        ind = {**fake(3.0), "w2": {c: 3.0 for c in demo.COLUMNS}}
+        ind = {**fake(3.0), "w2": {c: 3.0 for c in common.COLUMNS}}
         return {"w2_floor": 0.4, "n_eval": 10, "n_train": 10,
                 "couplings": {"loom": {**fake(loom_e1), "global_optimum": None}, "ot": ot, "independent": ind}}
 
@@ -94,7 +94,7 @@ def test_dopri5_sample_counts_and_solves():
         calls.append(t.shape)
         return -x * (1 + t[:, None])  # x(1) = x0 exp(-1.5)
 
-    x1, nfe = demo.dopri5_sample(field, x0)
+    x1, nfe = common.dopri5_sample(field, x0)
     assert nfe == len(calls) > 0 and all(s == (8,) for s in calls)
     assert torch.allclose(x1, x0 * np.exp(-1.5), rtol=1e-4, atol=1e-5)
 

@@ -33,7 +33,7 @@ from loom_kernels.couplings import LoomCoupling
 from loom_kernels.couplings import table as table_mod
 from loom_kernels.couplings.table import SeedTable
 
-mode, rounds, seed, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+mode, rounds, seed, path, durability = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 P, B, K, SHAPE = 2048, 256, 2, (2,)
 data = torch.randn(P, *SHAPE, generator=torch.Generator().manual_seed(1))
 
@@ -53,27 +53,29 @@ def state(j):  # the table after j calls
     return states[j]
 
 def worker(w, stop_at):
-    c = make(mmap_path=path, overwrite=True)
+    c = make(mmap_path=path, overwrite=True, durability=durability)
     if mode != "random":  # kill from inside call number stop_at, at the chosen instant
-        real_write, real_sync = os.write, os.fdatasync
+        real_write = os.write
         jfd = {}
         def write(fd, buf):
-            if jfd.get("armed") == "journal" and fd == c._table._jfd:
-                real_write(fd, bytes(buf)[: len(buf) // 2])  # half a journal record reaches the disk
+            armed = jfd.get("armed") if fd == c._table._jfd else None
+            if armed == "journal":
+                real_write(fd, bytes(buf)[: len(buf) // 2])  # half a journal record reaches the file
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real_write(fd, buf)
-        def fdatasync(fd):
-            real_sync(fd)
-            if jfd.get("armed") == "apply" and fd == c._table._jfd:
-                # the record is synced; tear the table: half of this call's entries zeroed, then die
-                blob, pos = open(path + ".journal", "rb").read(), 0
+            n = real_write(fd, buf)
+            if armed == "apply":
+                if durability == "power":
+                    os.fdatasync(fd)
+                # the record is written; tear the table: half of this call's entries zeroed, then die
+                blob, pos = open(path + ".journal", "rb").read(), table_mod._REC.size  # past the header
                 while pos < len(blob):
                     _, n, _ = table_mod._REC.unpack_from(blob, pos)
                     last, pos = (pos + table_mod._REC.size, n), pos + table_mod._REC.size + 16 * n
                 flat = np.frombuffer(blob, np.int64, last[1], last[0])
                 c._table._memmap.reshape(-1)[flat[: len(flat) // 2]] = 0
                 os.kill(os.getpid(), signal.SIGKILL)
-        os.write, os.fdatasync = write, fdatasync
+            return n
+        os.write = write
     for j in range(10**9):
         if mode != "random" and j == stop_at:
             jfd["armed"] = mode
@@ -115,12 +117,12 @@ for r in range(rounds):
 '''
 
 
-def _run_worker(tmp_path, mode, rounds, seed, timeout):
+def _run_worker(tmp_path, mode, rounds, seed, timeout, durability="crash"):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     table = tmp_path / "t" / "table.npy"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(script), mode, str(rounds), str(seed), str(table)], env=env,
+    out = subprocess.run([sys.executable, str(script), mode, str(rounds), str(seed), str(table), durability], env=env,
                          capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
@@ -138,22 +140,26 @@ def _check_rounds(rows, expect):
         assert row["files"] == ["table.npy"], row  # journal folded in on reopen, no temp files
 
 
-def test_kill9_at_random_instants_leaves_a_whole_table(tmp_path):
-    _check_rounds(_run_worker(tmp_path, "random", 6, seed=11, timeout=240), expect=None)
+@pytest.mark.parametrize("durability", ["crash", "power"])
+def test_kill9_at_random_instants_leaves_a_whole_table(tmp_path, durability):
+    _check_rounds(_run_worker(tmp_path, "random", 6, seed=11, timeout=240, durability=durability), expect=None)
 
 
-def test_kill9_mid_journal_write_leaves_the_previous_table(tmp_path):
-    _check_rounds(_run_worker(tmp_path, "journal", 3, seed=12, timeout=120), expect=0)
+@pytest.mark.parametrize("durability", ["crash", "power"])
+def test_kill9_mid_journal_write_leaves_the_previous_table(tmp_path, durability):
+    _check_rounds(_run_worker(tmp_path, "journal", 3, seed=12, timeout=120, durability=durability), expect=0)
 
 
-def test_kill9_mid_table_write_redoes_the_call(tmp_path):
-    _check_rounds(_run_worker(tmp_path, "apply", 3, seed=13, timeout=120), expect=1)
+@pytest.mark.parametrize("durability", ["crash", "power"])
+def test_kill9_mid_table_write_redoes_the_call(tmp_path, durability):
+    _check_rounds(_run_worker(tmp_path, "apply", 3, seed=13, timeout=120, durability=durability), expect=1)
 
 
 @pytest.mark.slow
-def test_kill9_stress(tmp_path):
-    _check_rounds(_run_worker(tmp_path, "random", 60, seed=14, timeout=1500), expect=None)
-    _check_rounds(_run_worker(tmp_path, "apply", 20, seed=15, timeout=600), expect=1)
+@pytest.mark.parametrize("durability", ["crash", "power"])
+def test_kill9_stress(tmp_path, durability):
+    _check_rounds(_run_worker(tmp_path, "random", 60, seed=14, timeout=1500, durability=durability), expect=None)
+    _check_rounds(_run_worker(tmp_path, "apply", 20, seed=15, timeout=600, durability=durability), expect=1)
 
 
 # ---- kill -9 during load ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Every GPU kernel compiled for real targets (sm_80, sm_90) on a machine without a GPU (issue 14).
 
 The Triton kernels run elsewhere in the tests only under TRITON_INTERPRET=1, which never
-compiles them. Here ``loom_kernels._compile_check`` compiles each with the launch settings its
+compiles them. Here ``compile_check.py`` (beside this file) compiles each with the launch settings its
 launcher picks (recorded on meta tensors) in a clean process (no interpreter), and nvcc compiles
 the CUDA module; a compile error, a kernel beyond the target's shared memory or registers, a
 kernel with no case, or a register spill fails. Deselect with ``-m "not gpu_compile"``.
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from loom_kernels import _compile_check as cc
+import compile_check as cc
 
 pytestmark = pytest.mark.gpu_compile
 
 ROOT = Path(__file__).resolve().parents[1]
-PKG_PARENT = Path(cc.__file__).resolve().parents[1]
+PKG_PARENT = cc.PACKAGE_DIR.parent
 
 
 def _clean_env():
@@ -57,7 +57,7 @@ def compiled(tmp_path_factory):
         cuda = {a: subprocess.Popen(cc.nvcc_command(nvcc, ROOT, a, tmp / f"auction_{a}.cubin"), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True) for a in cc.ARCHS}
     out = tmp / "triton.json"
-    proc = subprocess.run([sys.executable, "-m", "loom_kernels._compile_check", "--jobs", "2", "--control",
+    proc = subprocess.run([sys.executable, str(Path(cc.__file__).resolve()), "--jobs", "2", "--control",
                            "--json", str(out)], capture_output=True, text=True, env=_clean_env(), timeout=600)
     if isinstance(cuda, dict):
         logs = {}
@@ -97,7 +97,7 @@ def test_every_kernel_has_a_case():
     assert found, "no @triton.jit kernel found in the package: discovery is broken"
     assert sorted(cc.CASES) == found, (
         f"kernels without a compile case: {sorted(set(found) - set(cc.CASES))}; "
-        f"cases for no kernel: {sorted(set(cc.CASES) - set(found))} (edit src/loom_kernels/_compile_check.py CASES)")
+        f"cases for no kernel: {sorted(set(cc.CASES) - set(found))} (edit python_tests/compile_check.py CASES)")
 
 
 def _row(**kw):

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from harness import CountingModel
 from loom_kernels.metrics import coupling_cost, fid_from_features, straightness, w2
 from loom_kernels.sampler import METHODS
-from loom_kernels.testing import CountingModel, w2_reference
+from loom_kernels.testing import w2_reference
 
 ALL = sorted(METHODS)
 
@@ -155,7 +156,7 @@ def test_w2_cuda_matches_cpu():
         w2(x.cuda(), y)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_straightness_cuda_matches_cpu():
     rot = lambda x, t: torch.stack([-x[:, 1], x[:, 0]], 1)  # noqa: E731
     x0 = torch.randn(64, 2)

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from harness import CountingModel, convergence_order, linear_field, time_field
 from loom_kernels import _triton, sampler
 from loom_kernels.sampler import METHODS, clear_graph_cache, sample
-from loom_kernels.testing import (
-    CountingModel,
-    convergence_order,
-    linear_field,
-    ode_reference,
-    time_field,
-)
+from loom_kernels.sampler import field as sampler_field
+from loom_kernels.sampler import fixed as sampler_fixed
+from loom_kernels.sampler import graphs as sampler_graphs
+from loom_kernels.sampler import update as sampler_update
+from loom_kernels.testing import ode_reference
 
 from kernel_paths import needs_interpreter
 
@@ -321,18 +320,38 @@ def test_update_kernel_interpreter(monkeypatch, dtype, tol, n):
     ref1 = (x.double() + 0.3 * v1.double()).to(dtype)
     ref2 = (x.double() + 0.3 * v1.double() - 1.7 * v2.double()).to(dtype)
     out = torch.empty_like(x)
-    sampler._update(x, v1, None, 0.3, 0.0, out)
+    sampler_update.update(x, v1, None, 0.3, 0.0, out)
     torch.testing.assert_close(out, ref1, rtol=tol, atol=tol)
-    sampler._update(x, v1, v2, 0.3, -1.7, out)
+    sampler_update.update(x, v1, v2, 0.3, -1.7, out)
     torch.testing.assert_close(out, ref2, rtol=tol, atol=tol)
     # in place, with the velocity aliasing the state
     y = x.clone()
-    sampler._update(y, y, None, 0.5, 0.0, y)
+    sampler_update.update(y, y, None, 0.5, 0.0, y)
     torch.testing.assert_close(y, (1.5 * x.double()).to(dtype), rtol=tol, atol=tol)
     # non-contiguous velocity
     vv = torch.randn(2 * n).to(dtype)[::2]
-    sampler._update(x, vv, None, 2.0, 0.0, out)
+    sampler_update.update(x, vv, None, 2.0, 0.0, out)
     torch.testing.assert_close(out, (x.double() + 2.0 * vv.double()).to(dtype), rtol=tol, atol=tol)
+    _check_update_aliasing(x, v1, tol)
+
+
+def _check_update_aliasing(x, v, tol):
+    """The two-velocity launch when its operands alias the output or are strided (what the sampler's
+    stage updates can pass: a model returning its input, a view, a broadcast)."""
+    dtype, n = x.dtype, x.numel()
+    ref = lambda a, v1, v2: (x.double() + a * v1.double() + 0.5 * v2.double()).to(dtype)  # noqa: E731
+    y = x.clone()  # x, v1, v2 and out all one buffer: out = y + 0.25 y + 0.5 y
+    sampler._update(y, y, y, 0.25, 0.5, y)
+    torch.testing.assert_close(y, (1.75 * x.double()).to(dtype), rtol=tol, atol=tol)
+    y = x.clone()  # v2 is the output buffer (out written while v2 is read)
+    sampler._update(x, v, y, 0.25, 0.5, y)
+    torch.testing.assert_close(y, ref(0.25, v, x), rtol=tol, atol=tol)
+    v2 = torch.randn(n, 2).to(dtype).t()[1]  # strided second velocity
+    b = torch.randn(1).to(dtype).expand(n)  # stride 0: a broadcast velocity
+    out = torch.empty_like(x)
+    sampler._update(x, b, v2, 0.25, 0.5, out)
+    torch.testing.assert_close(out, ref(0.25, b, v2), rtol=tol, atol=tol)
+    assert v2.stride() != (1,) and (n == 1 or b.stride() == (0,))
 
 
 @needs_interpreter
@@ -342,14 +361,14 @@ def test_sample_through_triton_matches_torch(monkeypatch, method):
     want = sample(cos_field, x0, 4, method=method, return_trajectory=True)
     monkeypatch.setattr(_triton, "KERNELS_ON_CPU", True)
     calls = []
-    real = sampler._ode_update_kernel
+    real = sampler_update._ode_update_kernel
 
     class Spy:
         def __getitem__(self, grid):
             calls.append(grid)
             return real[grid]
 
-    monkeypatch.setattr(sampler, "_ode_update_kernel", Spy())
+    monkeypatch.setattr(sampler_update, "_ode_update_kernel", Spy())
     got = sample(cos_field, x0, 4, method=method, return_trajectory=True)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert len(calls) == 4  # one fused launch per stage update: euler 4 steps, 2-stage 2x2
@@ -359,8 +378,20 @@ def test_sample_through_triton_matches_torch(monkeypatch, method):
     assert calls == []
 
 
+@needs_interpreter
+@pytest.mark.parametrize("method", ALL)
+def test_model_returning_one_tensor_for_every_stage(monkeypatch, method):
+    # A model that hands back the same tensor object at each evaluation (a constant field, or one writing
+    # into a preallocated output): heun's second stage used to be dropped on the kernel path (x + h/2 c).
+    c, x0 = torch.randn(8, 2), torch.randn(8, 2)
+    want = x0 + c  # dx/dt = c: every method is exact
+    torch.testing.assert_close(sample(lambda x, t: c, x0, 4, method=method), want, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(_triton, "KERNELS_ON_CPU", True)
+    torch.testing.assert_close(sample(lambda x, t: c, x0, 4, method=method), want, rtol=1e-6, atol=1e-6)
+
+
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
-    if sampler.triton is None:
+    if sampler_update.triton is None:
         pytest.skip("triton is not installed")
     monkeypatch.setattr(_triton, "KERNELS_ON_CPU", True)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -389,7 +420,7 @@ def _mlp(device, dtype=torch.float32, seed=0):
     return MLP().to(device, dtype)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 1e-1)])
 def test_cuda_matches_cpu(method, dtype, tol):
@@ -404,7 +435,7 @@ def test_cuda_matches_cpu(method, dtype, tol):
         torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("method", ALL)
 def test_cuda_graph_replay_matches_eager(method):
     clear_graph_cache()
@@ -418,10 +449,10 @@ def test_cuda_graph_replay_matches_eager(method):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     # per trajectory flag: eager (6) + warm-up (6) + capture (6), then replays make no Python calls
     assert count.calls == 2 * 18
-    assert len(sampler._DEFAULT_CACHE) == 2
+    assert len(sampler_graphs.DEFAULT_CACHE) == 2
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_graph_sees_inplace_updates_and_new_models():
     clear_graph_cache()
     net = _mlp("cuda", seed=1)
@@ -440,18 +471,18 @@ def test_cuda_graph_sees_inplace_updates_and_new_models():
         )
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_graph_freed_with_its_model():
     clear_graph_cache()
     net = _mlp("cuda")
     x0 = torch.randn(64, 2, device="cuda")
     sample(net, x0, 4, cuda_graph=True)
-    assert len(sampler._DEFAULT_CACHE) == 1
+    assert len(sampler_graphs.DEFAULT_CACHE) == 1
     del net
-    assert len(sampler._DEFAULT_CACHE) == 0
+    assert len(sampler_graphs.DEFAULT_CACHE) == 0
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 def test_cuda_graph_fallback_for_uncapturable_model():
     clear_graph_cache()
     net = _mlp("cuda")
@@ -463,7 +494,7 @@ def test_cuda_graph_fallback_for_uncapturable_model():
     x0 = torch.randn(64, 2, device="cuda")
     want = sample(net, x0, 4, cuda_graph=False)
     default = torch.cuda.current_stream()
-    sampler._DEFAULT_CACHE.warned = False
+    sampler_graphs.DEFAULT_CACHE.warned = False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
@@ -477,16 +508,17 @@ def test_cuda_graph_fallback_for_uncapturable_model():
     torch.cuda.synchronize()
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_update_kernel_cuda(dtype):
     n = 3 * 1024 + 7
     x, v1, v2 = (torch.randn(n, device="cuda").to(dtype) for _ in range(3))
     out = torch.empty_like(x)
-    sampler._update(x, v1, v2, 0.25, 0.75, out)
+    sampler_update.update(x, v1, v2, 0.25, 0.75, out)
     ref = (x.double() + 0.25 * v1.double() + 0.75 * v2.double()).to(dtype)
     tol = 1e-2 if dtype != torch.float32 else 1e-6
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    _check_update_aliasing(x, v1, tol)  # aliasing and strided operands on the compiled kernel
 
 
 # ---- model_kwargs, guidance and calling conventions ----------------------------------------------
@@ -594,13 +626,13 @@ def test_kwargs_and_guidance_errors():
     with pytest.raises(TypeError, match=msg):
         sample(net, x0, 2, model_kwargs={"y": y, "z": 1})
     with pytest.raises(ValueError, match=r"labels in \[0, 3\], outside the model's 3 classes"):
-        sample(net, x0, 2, model_kwargs={"y": torch.tensor([0, 1, 3, 1])})
+        sample(net, x0, 2, model_kwargs={"y": torch.tensor([0, 1, 3, 1])}, guidance=2.0)
     with pytest.raises(ValueError, match=r"labels in \[-1, 2\]"):
-        sample(net, x0, 2, model_kwargs={"y": torch.tensor([0, -1, 2, 1])})
+        sample(net, x0, 2, model_kwargs={"y": torch.tensor([0, -1, 2, 1])}, guidance=2.0)
     with pytest.raises(ValueError, match=r"must have shape \(4,\)"):
-        sample(net, x0, 2, model_kwargs={"y": y[:3]})
+        sample(net, x0, 2, model_kwargs={"y": y[:3]}, guidance=2.0)
     with pytest.raises(TypeError, match="integer tensor, got torch.float32"):
-        sample(net, x0, 2, model_kwargs={"y": y.float()})
+        sample(net, x0, 2, model_kwargs={"y": y.float()}, guidance=2.0)
     with pytest.raises(ValueError, match="guidance needs the class labels"):
         sample(net, x0, 2, guidance=2.0)
     with pytest.raises(ValueError, match="guidance needs null_label"):
@@ -613,6 +645,54 @@ def test_kwargs_and_guidance_errors():
         sample(net, x0, 2, model_kwargs=[y])
     with pytest.raises(ValueError, match=r"must not contain \['x'\]"):
         sample(net, x0, 2, model_kwargs={"x": x0}, signature="flow_matching")
+
+
+def test_model_kwargs_take_any_tensor_without_guidance():
+    # Labels are only labels when guidance needs them (#21): a continuous condition under the
+    # default label key "y", of any dtype and shape, reaches the model untouched.
+    class Conditioned(torch.nn.Module):
+        num_classes = 3  # a label-range check would refuse these values
+
+        def forward(self, x, t, y):
+            return -x * y[:, :1] + t[:, None] * y[:, 1:]
+
+    x0 = torch.randn(4, 2, dtype=torch.float64)
+    y = torch.tensor([[0.5, 7.0], [1.5, -2.0], [2.5, 0.25], [-3.0, 9.5]], dtype=torch.float64)
+    for method in ("euler", "heun", "dopri5"):
+        nfe = None if method == "dopri5" else 8
+        got = sample(Conditioned(), x0, nfe, method=method, model_kwargs={"y": y})
+        want = sample(lambda x, t: Conditioned()(x, t, y), x0, nfe, method=method)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the bool and the (B,) float forms too, and another key under label_key= is checked only with guidance
+    sample(lambda x, t, y: x * y[:, None], x0, 2, model_kwargs={"y": torch.rand(4, dtype=torch.float64)})
+    sample(lambda x, t, y: x, x0, 2, model_kwargs={"y": torch.ones(4, dtype=torch.bool)})
+    net = LabelField()
+    labels = torch.tensor([0, 1, 2, 1])
+    with pytest.raises(TypeError, match=r"model_kwargs\['c'\] \(class labels\) must be an integer"):
+        sample(lambda x, t, c, y: x, x0, 2, model_kwargs={"c": labels.float(), "y": labels.float()},
+               guidance=2.0, label_key="c", null_label=3)
+    sample(lambda x, t, c, y: x, x0, 2, model_kwargs={"c": labels, "y": labels.float()},
+           guidance=2.0, label_key="c", null_label=3)
+    assert net.num_classes == 3
+
+
+def test_velocity_hook_sees_every_raw_model_output():
+    net = LabelField()
+    x0 = torch.randn(4, 2)
+    y = torch.tensor([0, 1, 2, 1])
+    seen = []
+    want = sample(net, x0, 6, method="midpoint", model_kwargs={"y": y}, guidance=2.0)
+    got = sample(net, x0, 6, method="midpoint", model_kwargs={"y": y}, guidance=2.0,
+                 velocity_hook=lambda v: seen.append(v.clone()))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert [tuple(v.shape) for v in seen] == [(8, 2)] * 6  # raw: the doubled batch, before guidance
+    times, weights = sampler.quadrature("midpoint", 6)
+    assert len(times) == len(weights) == 6 and math.isclose(sum(weights), 1.0)
+    seen.clear()
+    sample(lambda x, t: -x, x0, method="dopri5", velocity_hook=lambda v: seen.append(v))
+    assert seen
+    with pytest.raises(TypeError, match="velocity_hook must be callable"):
+        sample(net, x0, 2, model_kwargs={"y": y}, velocity_hook=1)
 
 
 # ---- dopri5 -----------------------------------------------------------------------------------------
@@ -683,14 +763,14 @@ def test_dopri5_errors():
 
 
 def _field(model, kwargs, guidance=None):
-    return sampler._Field(model, "xt", kwargs, guidance, "y", 3, 4)
+    return sampler_field.Field(model, "xt", kwargs, guidance, "y", 3, 4)
 
 
 def test_graph_key_depends_on_kwargs_layout_not_values():
     net = LabelField()
     x0 = torch.randn(4, 2)
-    plan = sampler._make_plan("euler", 4, 0.0, 1.0, None)
-    key = lambda kw, g=None: sampler._graph_key(_field(net, kw, g), x0, plan, False)  # noqa: E731
+    plan = sampler_fixed.make_plan("euler", 4, 0.0, 1.0, None)
+    key = lambda kw, g=None: sampler_graphs._graph_key(_field(net, kw, g), x0, plan, False)  # noqa: E731
     y = torch.tensor([0, 1, 2, 1])
     base = key({"y": y, "scale": 1.0})
     assert base is not None
@@ -705,23 +785,23 @@ def test_graph_key_depends_on_kwargs_layout_not_values():
 def test_static_inputs_are_owned_and_refreshed():
     x0 = torch.randn(4, 2)
     y = torch.tensor([0, 1, 2, 1])
-    plan = sampler._make_plan("midpoint", 4, 0.0, 1.0, None)
-    assert sampler._alloc(x0, plan, False, {}, 8).times.shape == (4, 8)  # guided: W = 2B rows per call
-    bufs = sampler._alloc(x0, plan, False, {"y": y, "scale": 1.0}, 4, static=True)
+    plan = sampler_fixed.make_plan("midpoint", 4, 0.0, 1.0, None)
+    assert sampler_fixed.alloc(x0, plan, False, {}, 8).times.shape == (4, 8)  # guided: W = 2B rows per call
+    bufs = sampler_fixed.alloc(x0, plan, False, {"y": y, "scale": 1.0}, 4, static=True)
     assert bufs.kwargs["y"].data_ptr() != y.data_ptr()
     y2 = torch.tensor([2, 2, 0, 1])
-    sampler._load_inputs(bufs, x0, {"y": y2, "scale": 1.0})
+    sampler_graphs._load_inputs(bufs, x0, {"y": y2, "scale": 1.0})
     assert bufs.kwargs["y"].tolist() == y2.tolist() and torch.equal(bufs.input, x0)
     # the loop reads the static copy: eager and graphed paths share _loop
     net = LabelField()
     field = _field(net, {"y": y2, "scale": 1.0})
     with torch.no_grad():
-        sampler._loop(field, bufs, plan)
+        sampler_fixed.loop(field, bufs, plan)
     assert all(c[1].tolist() == y2.tolist() for c in net.calls)
     torch.testing.assert_close(bufs.output, sample(net, x0, 4, method="midpoint", model_kwargs={"y": y2}))
 
 
-@pytest.mark.cuda
+@pytest.mark.cuda(triton_only=True)
 @pytest.mark.parametrize("guidance", [None, 2.0])
 def test_cuda_graph_with_kwargs_matches_eager(guidance):
     clear_graph_cache()
@@ -732,7 +812,7 @@ def test_cuda_graph_with_kwargs_matches_eager(guidance):
         kw = dict(model_kwargs={"y": y}, guidance=guidance)
         want = sample(net, x0, 4, method="heun", cuda_graph=False, **kw)
         torch.testing.assert_close(sample(net, x0, 4, method="heun", **kw), want, rtol=1e-6, atol=1e-6)
-    assert len(sampler._DEFAULT_CACHE) == 1
+    assert len(sampler_graphs.DEFAULT_CACHE) == 1
 
 
 def test_graph_cache_bookkeeping_without_a_gpu():
@@ -743,11 +823,11 @@ def test_graph_cache_bookkeeping_without_a_gpu():
     cache = sampler.GraphCache(max_graphs=2)
     models = [torch.nn.Linear(2, 2) for _ in range(3)]
     for i, m in enumerate(models):
-        cache.store(("k", i), sampler._Graphed(graph=None, bufs=None, model_ref=None), m)
+        cache.store(("k", i), sampler_graphs._Graphed(graph=None, bufs=None, model_ref=None), m)
     assert len(cache) == 2 and cache.lookup(("k", 0), models[0]) is None  # evicted first
     assert cache.lookup(("k", 2), models[2]) is not None
     assert cache.lookup(("k", 2), models[1]) is None and len(cache) == 1  # another model: dropped
-    cache.store(("k", 1), sampler._Graphed(graph=None, bufs=None, model_ref=None), models[1])
+    cache.store(("k", 1), sampler_graphs._Graphed(graph=None, bufs=None, model_ref=None), models[1])
     del models[1]
     gc.collect()
     assert len(cache) == 0

@@ -7,18 +7,21 @@ import os
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
-from loom_kernels import study
-from loom_kernels.couplings import LoomCoupling
-from loom_kernels.demo import dataset_cost, global_optimum
+from loom_kernels.couplings import Coupling, FixedNoiseCoupling, LoomCoupling
+from loom_kernels.experiments import study
+from loom_kernels.metrics import dataset_cost, global_optimum
 from loom_kernels.noise import gaussian_noise
+from loom_kernels.testing import cost_matrix_np, loom_table_cost
 
 TINY = dict(n=128, steps=12, batch_size=16, hidden=16, depth=2, lr=1e-3, n_eval=64)
 
 
 def test_fixed_noise_coupling_never_reassigns():
     loom = LoomCoupling(50, (3,), seed=4)
-    fixed = study.FixedNoiseCoupling(loom)
+    fixed = FixedNoiseCoupling(loom)
+    assert isinstance(fixed, Coupling)  # the trainer sees its stats (it wrapped the old one and logged NaN)
     idx = torch.tensor([7, 3, 49, 0])
     x1 = torch.randn(4, 3)
     x0, out = fixed(x1, idx)
@@ -29,13 +32,22 @@ def test_fixed_noise_coupling_never_reassigns():
     assert torch.equal(again, x0)
     loom(torch.randn(4, 3), idx)  # the LOOM table moving does not move the frozen copy
     assert torch.equal(fixed(x1, idx)[0], x0)
-    with pytest.raises(ValueError, match=r"indices must have shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"indices must have shape \(b,\) = \(4,\)"):
         fixed(x1, idx[:3])
+    # the protocol's refusals: no indices, noise in the indices' place, a given x0
+    with pytest.raises(ValueError, match="needs the dataset indices"):
+        fixed(x1)
+    with pytest.raises(TypeError, match="indices must have an integer dtype"):
+        fixed(x1, torch.randn(4, 3))
+    with pytest.raises(ValueError, match="x0 must be None"):
+        fixed(x1, idx, x0=x1)
+    assert fixed.state_dict() == {} and torch.equal(fixed(x1, idx, labels=idx % 2)[0], x0)
 
 
 def test_converge_is_monotone_and_reaches_a_fixed_point():
     x = torch.randn(96, 2) * 2 + 1
     c = LoomCoupling(96, (2,), seed=1)
+    start = c.seeds.clone()
     curve = study.converge(c, x, 16, seed=0)
     costs = [v for _, v in curve]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(costs, costs[1:]))
@@ -43,12 +55,25 @@ def test_converge_is_monotone_and_reaches_a_fixed_point():
     assert len(curve) < study.CONVERGE_MAX_EPOCHS
     opt = global_optimum(c.seeds, x, 4096)
     assert opt <= costs[-1] * (1 + 1e-6) and costs[-1] < 0.5 * costs[0] + 0.5 * opt  # most of the way down
-    assert dataset_cost(c, x) == pytest.approx(costs[-1])
+    # the curve's ends against the float64 cost of the tables (independent of demo.dataset_cost)
+    assert costs[0] == pytest.approx(loom_table_cost(start, x).mean(), rel=1e-5)
+    assert costs[-1] == pytest.approx(loom_table_cost(c.seeds, x).mean(), rel=1e-5)
+    assert dataset_cost(c, x) == pytest.approx(loom_table_cost(c.seeds, x).mean(), rel=1e-5)
+    # the global optimum against scipy on the same noise set (each point once per cache)
+    noise = gaussian_noise(c.seeds.reshape(-1), (2,)).double().numpy()
+    cost = cost_matrix_np(x.double().numpy(), noise)
+    r, k = linear_sum_assignment(cost)
+    assert opt == pytest.approx(cost[r, k].mean(), rel=1e-5)
 
 
 @pytest.mark.parametrize("variant", study.ALL_VARIANTS)
 def test_run_one_records(variant):
     rec = study.run_one("moons", variant, 0, TINY)
+    # every number of the CSV row is finite (the "fixed" variant wrote NaN into minibatch_cost_end)
+    row = study._row(rec)
+    numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert "minibatch_cost_end" in numbers and "straightness" in numbers
+    assert all(np.isfinite(v) for v in numbers.values()), {k: v for k, v in numbers.items() if not np.isfinite(v)}
     assert rec["variant"] == variant and rec["n_train"] == 128 and rec["n_eval"] == 64
     assert set(rec["w2_fresh"]) == set(study.NFES) and all(v > 0 for v in rec["w2_fresh"].values())
     finite = variant not in ("independent", "ot")
@@ -110,8 +135,11 @@ def test_summary_statistics_and_table():
     assert "| LOOM 1 cache | 1/2 / 1/2 |" in study.versus_ot(records)
 
 
-def test_bad_arguments(tmp_path):
+def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--steps must be positive"):
         study.run(study._parser().parse_args(["--steps", "0", "--out", str(tmp_path)]))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:  # argparse's usage error: status 2, naming the bad choice
         study._parser().parse_args(["--variants", "loom3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--variants" in err and "invalid choice: 'loom3'" in err

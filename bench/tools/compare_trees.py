@@ -148,6 +148,53 @@ def case_sample():
     x0 = data(4096, 2, 9)
     return lambda: sample(model, x0, 8, method="midpoint")
 
+def _mlp(d_in, d_out, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(d_in, 64), torch.nn.SiLU(), torch.nn.Linear(64, d_out))
+
+def case_sample_guided():
+    from loom_kernels.sampler import sample
+    net, emb = _mlp(4, 2, 10), torch.nn.Embedding(4, 1)
+    class Guided(torch.nn.Module):  # TorchCFM's convention forward(t, x, y), labels and guidance
+        null_label, num_classes = 3, 3
+        def __init__(self):
+            super().__init__()
+            self.net, self.emb = net, emb
+        def forward(self, t, x, y):
+            return self.net(torch.cat([x, t[:, None], self.emb(y)], 1))
+    model, x0 = Guided(), data(2048, 2, 11)
+    y = torch.arange(2048) % 3
+    return lambda: sample(model, x0, 8, method="heun", model_kwargs={"y": y}, guidance=2.0, signature="torchcfm",
+                          return_trajectory=True)
+
+def case_sample_dopri5():
+    from loom_kernels.sampler import sample
+    net = _mlp(3, 2, 12)
+    x0 = data(1024, 2, 13).double()
+    net = net.double()
+    return lambda: sample(lambda x, t: net(torch.cat([x, t[:, None]], 1)), x0, method="dopri5", rtol=1e-6, atol=1e-6)
+
+def case_straightness():
+    from loom_kernels.metrics import straightness
+    net = _mlp(3, 2, 14)
+    x0 = data(2048, 2, 15)
+    return lambda: torch.tensor(straightness(lambda x, t: net(torch.cat([x, t[:, None]], 1)), x0, 8, method="midpoint"))
+
+def case_train():
+    from loom_kernels import data as data_mod
+    from loom_kernels.coupling import LoomCoupling
+    from loom_kernels.models import MLPVelocity
+    from loom_kernels.train import TrainConfig, train
+    ds = data_mod.IndexedDataset(data_mod.load("8gaussians", n=512, seed=0))
+    def run():
+        torch.manual_seed(0)
+        model = MLPVelocity((2,), hidden=64, depth=2)
+        res = train(model, ds, LoomCoupling(512, (2,), num_caches=2, seed=0),
+                    TrainConfig(steps=30, batch_size=64, lr=3e-3, warmup=5, progress=False, log_every=1, seed=1))
+        losses = torch.tensor([h["loss"] for h in res.history] + [h["post_cost"] for h in res.history])
+        return [losses] + [p.detach() for p in res.ema.state_dict().values()]
+    return run
+
 CASES = {k[5:]: v for k, v in dict(globals()).items() if k.startswith("case_")}
 built = {}
 for line in sys.stdin:
@@ -162,7 +209,8 @@ for line in sys.stdin:
     dt = (time.perf_counter() - t) / req["iters"]
     print(json.dumps({"s": dt, "digest": digest(out)}), flush=True)
 '''
-CASES = ("loom_step", "minibatch_ot", "assign", "cost", "noise", "sample")
+CASES = ("loom_step", "minibatch_ot", "assign", "cost", "noise", "sample", "sample_guided", "sample_dopri5",
+         "straightness", "train")
 # couplings: a fresh coupling per call (deterministic outputs and tables), every scope and table kind at W=1
 COUPLING_CASES = ("loom_caches_labels", "loom_grouped", "loom_sharded", "loom_local", "loom_mmap",
                   "loom_resample_save_load", "minibatch_labels_rect", "minibatch_grouped", "independent")

@@ -596,8 +596,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) auction_block_kernel(
     int N, int M, bool maximize, double tol, bool in_shared,
     char* __restrict__ workspace,  // [B, state_bytes(M)] when !in_shared
     int64_t* __restrict__ col4row, int8_t* __restrict__ status, int64_t* __restrict__ rounds) {
-#ifdef LOOM_CUDA_EMULATION  // python_tests/cuda_emu: the state always lives in the workspace
-  char* smem = nullptr;
+#ifdef LOOM_CUDA_EMULATION  // python_tests/cuda_emu: the block's dynamic shared memory, emulated
+  char* smem = emu::dynamic_smem();
 #else
   extern __shared__ __align__(16) char smem[];
 #endif
@@ -616,35 +616,29 @@ __global__ void __launch_bounds__(kGridThreads, 1) auction_grid_kernel(
   solve_problem<T>(GridTeam{}, cost, N, M, maximize, tol, carve(workspace, M), col4row, status, rounds);
 }
 
-#ifndef LOOM_CUDA_EMULATION  // the host side below needs the real runtime
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("loom_kernels CUDA auction: ") + what + " failed: " + cudaGetErrorString(e));
-}
+// Dynamic shared memory a launch gets without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize).
+constexpr size_t kDefaultDynamicSmem = 48 * 1024;
 
 struct Plan {
   bool grid;
   bool in_shared;
   int blocks;  // grid path: cooperative blocks
   size_t workspace;
+  size_t dynamic_smem;  // block path: bytes of dynamic shared memory (opt-in above kDefaultDynamicSmem)
 };
 
-template <typename T>
-Plan make_plan(int64_t B, int64_t M, int mode, int device) {
-  int sms = 0, smem_optin = 0;
-  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  check(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-        "cudaDeviceGetAttribute");
-  Plan plan{false, false, 0, 0};
+// The launch plan from the device's attributes: sms, the opt-in shared memory per block and (grid mode
+// only) the grid kernel's resident blocks per SM. Pure host code, so the emulator (python_tests/cuda_emu)
+// runs the kernels under the plan a given GPU would get: state in shared memory up to smem_optin (over
+// 48 KB from M >= 943), in a global workspace beyond (M >= 4468 on an H100/H200's 227 KiB).
+inline Plan plan_launch(int64_t B, int64_t M, int mode, int sms, int smem_optin, int grid_per_sm) {
+  Plan plan{false, false, 0, 0, 0};
   plan.grid = mode == kModeGrid;  // auto: one block per problem (see auction_cuda.h)
   if (plan.grid) {
-    int per_sm = 0;
-    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, auction_grid_kernel<T>, kGridThreads, 0),
-          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-    if (per_sm < 1) throw std::runtime_error("loom_kernels CUDA auction: the grid kernel cannot be resident");
+    if (grid_per_sm < 1) throw std::runtime_error("loom_kernels CUDA auction: the grid kernel cannot be resident");
     // A warp per bidder of a full round, but never more blocks than are resident at once.
     const int64_t want = (M * 32 + kGridThreads - 1) / kGridThreads;
-    const int64_t cap = static_cast<int64_t>(sms) * (per_sm < 2 ? per_sm : 2);
+    const int64_t cap = static_cast<int64_t>(sms) * (grid_per_sm < 2 ? grid_per_sm : 2);
     plan.blocks = static_cast<int>(want < cap ? want : cap);
     if (plan.blocks < 1) plan.blocks = 1;
     plan.workspace = state_bytes(M);  // problems run one after another on the stream
@@ -652,7 +646,26 @@ Plan make_plan(int64_t B, int64_t M, int mode, int device) {
   }
   plan.in_shared = mode != kModeBlockGlobal && state_bytes(M) <= static_cast<size_t>(smem_optin);
   plan.workspace = plan.in_shared ? 0 : static_cast<size_t>(B) * state_bytes(M);
+  plan.dynamic_smem = plan.in_shared ? state_bytes(M) : 0;
   return plan;
+}
+
+#ifndef LOOM_CUDA_EMULATION  // the host side below needs the real runtime
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("loom_kernels CUDA auction: ") + what + " failed: " + cudaGetErrorString(e));
+}
+
+template <typename T>
+Plan make_plan(int64_t B, int64_t M, int mode, int device) {
+  int sms = 0, smem_optin = 0, per_sm = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+        "cudaDeviceGetAttribute");
+  if (mode == kModeGrid)
+    check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, auction_grid_kernel<T>, kGridThreads, 0),
+          "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  return plan_launch(B, M, mode, sms, smem_optin, per_sm);
 }
 
 template <typename T>
@@ -680,9 +693,9 @@ void launch(const void* cost, int64_t B, int64_t N, int64_t M, bool maximize, do
     }
     return;
   }
-  const size_t dyn = plan.in_shared ? state_bytes(M) : 0;
+  const size_t dyn = plan.dynamic_smem;
   auto kern = auction_block_kernel<T>;
-  if (dyn > 48 * 1024)
+  if (dyn > kDefaultDynamicSmem)
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn)),
           "cudaFuncSetAttribute");
   kern<<<static_cast<unsigned>(B), kBlockThreads, dyn, stream>>>(c, n, mm, maximize, tol, plan.in_shared, ws, col4row,

@@ -36,6 +36,54 @@ int emu_solve(const void* cost, int is_double, int64_t B, int64_t N, int64_t M, 
   return 0;
 }
 
+// plan_launch's choice for a device: out = [grid, in_shared, blocks, workspace, dynamic_smem].
+void emu_plan(int64_t B, int64_t M, int mode, int sms, int smem_optin, int grid_per_sm, int64_t* out) {
+  const loom::Plan p = loom::plan_launch(B, M, mode, sms, smem_optin, grid_per_sm);
+  out[0] = p.grid;
+  out[1] = p.in_shared;
+  out[2] = p.blocks;
+  out[3] = static_cast<int64_t>(p.workspace);
+  out[4] = static_cast<int64_t>(p.dynamic_smem);
+}
+
+// The default dynamic shared memory limit, above which the launch must opt in.
+int64_t emu_default_dynamic_smem() { return static_cast<int64_t>(loom::kDefaultDynamicSmem); }
+
+// The shipped block size (threads per block of the block kernel).
+int emu_block_threads() { return loom::kBlockThreads; }
+
+// The block kernel under the plan (plan_launch) a GPU with `sms` SMs and `smem_optin` bytes of
+// opt-in shared memory per block gets in auto mode: the state in each block's dynamic shared
+// memory of plan.dynamic_smem bytes, or in the global workspace of plan.workspace bytes.
+// plan_out: [in_shared, dynamic_smem, workspace]. Returns 0, or 1 when a block wrote past its
+// dynamic shared memory or its workspace slice.
+int emu_solve_planned(const void* cost, int is_double, int64_t B, int64_t N, int64_t M, int maximize, double tol,
+                      int threads, int sms, int smem_optin, int64_t* col4row, int8_t* status, int64_t* rounds,
+                      int64_t* plan_out) {
+  using namespace loom;
+  const Plan plan = plan_launch(B, M, kModeAuto, sms, smem_optin, 0);
+  plan_out[0] = plan.in_shared;
+  plan_out[1] = static_cast<int64_t>(plan.dynamic_smem);
+  plan_out[2] = static_cast<int64_t>(plan.workspace);
+  // the workspace the host would cudaMalloc, with guard bytes after it
+  std::vector<double> ws((plan.workspace + emu::kGuardBytes) / 8 + 1);
+  char* w = reinterpret_cast<char*>(ws.data());
+  std::memset(w + plan.workspace, emu::kGuard, emu::kGuardBytes);
+  bool ok = true;
+  auto run = [&](auto* c) {
+    ok = emu::launch(int(B), threads, [&] {
+      auction_block_kernel(c, int(N), int(M), maximize != 0, tol, plan.in_shared, plan.workspace ? w : nullptr,
+                           col4row, status, rounds);
+    }, plan.dynamic_smem);
+  };
+  if (is_double)
+    run(static_cast<const double*>(cost));
+  else
+    run(static_cast<const float*>(cost));
+  for (size_t i = 0; i < emu::kGuardBytes; ++i) ok = ok && static_cast<unsigned char>(w[plan.workspace + i]) == emu::kGuard;
+  return ok ? 0 : 1;
+}
+
 int twin_solve(const void* cost, int is_double, int64_t B, int64_t N, int64_t M, int maximize, double tol,
                int64_t* col4row, int8_t* status, int64_t* rounds) {
   if (is_double)

@@ -49,10 +49,25 @@ struct Warp {
   std::barrier<> bar{32};
   uint64_t slot[32];
 };
+// Guard bytes after a block's dynamic shared memory: a kernel writing past its size overwrites them.
+constexpr size_t kGuardBytes = 256;
+constexpr unsigned char kGuard = 0xA5;
+
 struct Block {
-  explicit Block(int threads) : bar(threads), warps(threads / 32) {}
+  Block(int threads, size_t dyn_bytes)
+      : bar(threads), warps(threads / 32), dyn_bytes(dyn_bytes), dyn((dyn_bytes + kGuardBytes) / 8 + 1) {
+    std::memset(reinterpret_cast<char*>(dyn.data()) + dyn_bytes, kGuard, kGuardBytes);
+  }
+  bool guard_intact() const {
+    const auto* g = reinterpret_cast<const unsigned char*>(dyn.data()) + dyn_bytes;
+    for (size_t i = 0; i < kGuardBytes; ++i)
+      if (g[i] != kGuard) return false;
+    return true;
+  }
   std::barrier<> bar;
   std::vector<Warp> warps;
+  size_t dyn_bytes;         // the launch's dynamic shared memory (extern __shared__), 0: none
+  std::vector<double> dyn;  // 8-byte aligned like shared memory, guard bytes after it
 };
 inline thread_local Block* tl_block = nullptr;
 inline thread_local std::barrier<>* tl_grid = nullptr;
@@ -72,9 +87,16 @@ T exchange(T v, int src) {
   return r;
 }
 
-// Runs fn on blocks x threads std::threads (threads a multiple of 32); a launch that has not
-// finished after EMU_WATCHDOG_SECONDS is a deadlock (a sync not reached by every thread).
-inline void launch(int blocks, int threads, const std::function<void()>& fn) {
+// The calling block's dynamic shared memory (nullptr when the launch asked for none).
+inline char* dynamic_smem() {
+  return tl_block->dyn_bytes ? reinterpret_cast<char*>(tl_block->dyn.data()) : nullptr;
+}
+
+// Runs fn on blocks x threads std::threads (threads a multiple of 32), each block with dyn_bytes
+// of dynamic shared memory; a launch that has not finished after EMU_WATCHDOG_SECONDS is a
+// deadlock (a sync not reached by every thread). Returns false when a block wrote past its
+// dynamic shared memory.
+inline bool launch(int blocks, int threads, const std::function<void()>& fn, size_t dyn_bytes = 0) {
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
@@ -87,7 +109,7 @@ inline void launch(int blocks, int threads, const std::function<void()>& fn) {
   });
   std::barrier<> grid(blocks * threads);
   std::vector<std::unique_ptr<Block>> bs;
-  for (int b = 0; b < blocks; ++b) bs.push_back(std::make_unique<Block>(threads));
+  for (int b = 0; b < blocks; ++b) bs.push_back(std::make_unique<Block>(threads, dyn_bytes));
   std::vector<std::thread> pool;
   for (int b = 0; b < blocks; ++b)
     for (int t = 0; t < threads; ++t)
@@ -107,6 +129,9 @@ inline void launch(int blocks, int threads, const std::function<void()>& fn) {
   }
   cv.notify_one();
   watchdog.join();
+  for (auto& b : bs)
+    if (!b->guard_intact()) return false;
+  return true;
 }
 
 template <typename T, typename F>

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-__all__ = ["coupling_cost", "fid_from_features", "straightness", "w2"]
+__all__ = ["coupling_cost", "dataset_cost", "fid_from_features", "global_optimum", "straightness", "w2"]
 
 
 def _as_points(name, x) -> torch.Tensor:
@@ -131,20 +131,21 @@ def straightness(model: Callable[..., torch.Tensor], x0: torch.Tensor, nfe: int,
         >>> straightness(lambda x, t: torch.ones_like(x), torch.randn(16, 2), nfe=4)
         0.0
     """
-    from .sampler import _check_x0, _eval_mode, _make_plan, _run_eager
+    from .sampler import quadrature, sample
 
-    _check_x0(x0)
-    plan = _make_plan(method, nfe, 0.0, 1.0, None)
-    if x0.shape[0] == 0:
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"x0 must be a torch.Tensor of shape (B, *dims), got {type(x0).__name__}")
+    _, weights = quadrature(method, nfe)
+    if x0.ndim >= 1 and x0.shape[0] == 0:
         raise ValueError("straightness needs at least one sample, got B = 0")
     velocities = []
-    with torch.no_grad(), _eval_mode(model):
-        _run_eager(model, x0, plan, False, hook=lambda v: velocities.append(v.detach().clone()))
+    sample(model, x0, nfe, method=method, cuda_graph=False,
+           velocity_hook=lambda v: velocities.append(v.detach().clone()))
     flat = [v.reshape(x0.shape[0], -1).to(torch.float64) for v in velocities]
     # The chord as the method's own sum (== x1 - x0 up to the state's rounding, which would
     # otherwise leak into S for a perfectly straight flow).
-    chord = sum(w * v for w, v in zip(plan.weights, flat))
-    total = sum(w * (v - chord).square().sum(1) for w, v in zip(plan.weights, flat) if w != 0.0)
+    chord = sum(w * v for w, v in zip(weights, flat))
+    total = sum(w * (v - chord).square().sum(1) for w, v in zip(weights, flat) if w != 0.0)
     return float(total.mean())
 
 
@@ -208,3 +209,38 @@ def fid_from_features(real_feats: torch.Tensor | np.ndarray, fake_feats: torch.T
     cross = torch.linalg.eigvalsh(root_r @ s_f @ root_r).clamp_min(0.0).sqrt().sum()
     fid = (mu_r - mu_f).square().sum() + torch.trace(s_r) + torch.trace(s_f) - 2.0 * cross
     return float(fid.clamp_min(0.0))  # rounding can take an exact 0 a hair below it
+
+
+# ---- a seed table's dataset-wide cost and its floor (LOOM only permutes its seeds) -----------------
+
+
+def dataset_cost(coupling, x_train: torch.Tensor) -> float:
+    """A seed table's dataset-wide cost: mean over points and caches of ||x1_i - noise(seeds[i, k])||^2."""
+    from .metrics import coupling_cost
+    from .noise import gaussian_noise
+
+    seeds = coupling.seeds
+    total = 0.0
+    for k in range(seeds.shape[1]):
+        z = gaussian_noise(seeds[:, k], x_train.shape[1:], device=x_train.device)
+        total += coupling_cost(z, x_train)
+    return total / seeds.shape[1]
+
+
+def global_optimum(seeds: torch.Tensor, x_train: torch.Tensor, max_points: int) -> float | None:
+    """Mean cost of the exact assignment between a seed table's noise set and the data (each point once per cache).
+
+    ``seeds`` (N, K). LOOM only permutes its seeds, so this optimum is the floor of its dataset-wide
+    cost. None when N*K > ``max_points`` (a dense exact assignment needs (NK)^2 memory, ~(NK)^3 time).
+    """
+    if seeds.numel() > max_points:
+        return None
+    from .assign import assign
+    from .cost import pairwise_cost
+    from .noise import gaussian_noise
+
+    z = gaussian_noise(seeds.reshape(-1), x_train.shape[1:], device=x_train.device)
+    x = x_train.flatten(1).repeat_interleave(seeds.shape[1], dim=0)  # row i*K + k is entry (i, k)
+    cost = pairwise_cost(x, z.flatten(1))
+    col = assign(cost)
+    return float(cost.gather(1, col[:, None]).double().mean())

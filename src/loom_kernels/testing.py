@@ -1,7 +1,8 @@
-"""References and problem factories shared by tests and benchmarks.
+"""References and problem factories users can call (tests and benchmarks use them too).
 
 Every kernel has a plain numpy/scipy/float64-torch reference here; tests compare against it.
-Each section is owned by the module it serves.
+Each section is owned by the module it serves. The test harness (assertions, tolerances, counting
+models, convergence orders) lives beside the tests, in ``python_tests/harness.py``.
 """
 from __future__ import annotations
 
@@ -94,29 +95,6 @@ def scipy_assignment(cost, maximize=False):
     return rows, cols, _np.array([o[2] for o in out])
 
 
-def check_assignment(cost, rows, cols, maximize=False, rtol=1e-9, atol=0.0):
-    """Assert that ``(rows, cols)`` is a valid optimal assignment of ``cost`` (2-D or batched):
-    K = min(N, M) pairs, rows sorted, rows and columns distinct, total equal to scipy's within
-    ``rtol * |total| + atol`` (use rtol=0 for exact integer costs)."""
-    c = _np.asarray(cost, _np.float64)
-    rows, cols = _np.asarray(rows), _np.asarray(cols)
-    if c.ndim == 3:
-        assert rows.shape == cols.shape == (c.shape[0], min(c.shape[1:])), (rows.shape, c.shape)
-        for b in range(c.shape[0]):
-            check_assignment(c[b], rows[b], cols[b], maximize, rtol, atol)
-        return
-    N, M = c.shape
-    K = min(N, M)
-    assert rows.shape == cols.shape == (K,), (rows.shape, cols.shape, c.shape)
-    assert rows.dtype == _np.int64 and cols.dtype == _np.int64, (rows.dtype, cols.dtype)
-    assert _np.all(_np.diff(rows) > 0), "row_ind must be strictly increasing"
-    assert len(_np.unique(cols)) == K, "a column is used twice"
-    assert K == 0 or (rows.min() >= 0 and rows.max() < N and cols.min() >= 0 and cols.max() < M)
-    ours = float(c[rows, cols].sum())
-    ref = scipy_assignment(c, maximize)[2]
-    assert abs(ours - ref) <= rtol * abs(ref) + atol, (ours, ref, ours - ref)
-
-
 # ---- pairwise cost and noise references (loom_kernels.cost, loom_kernels.noise) -------------
 
 PHILOX4X32_10_KAT = (
@@ -173,29 +151,6 @@ def pairwise_cost_ref(x, y, metric="sqeuclidean"):
     y = torch.as_tensor(y).double().cpu()
     d = ((x.unsqueeze(-2) - y.unsqueeze(-3)) ** 2).sum(-1)
     return d if metric == "sqeuclidean" else d.sqrt()
-
-
-def pairwise_cost_atol(x, y, metric="sqeuclidean", eps=2.0**-24):
-    """Per-entry absolute tolerance for the Gram-identity cost with float32 accumulation.
-
-    The product and norms round at ``eps`` relative to ``|x|^2 + |y|^2`` per accumulation step
-    (a few ulps, growing like sqrt(D) in a blocked sum); the square root turns an absolute error
-    e in the square d into at most min(sqrt(e), e / sqrt(d)). ``eps`` is 2**-24 for IEEE float32
-    and 2**-11 for TF32 products.
-    """
-    import math
-
-    import torch
-
-    x = torch.as_tensor(x).double().cpu()
-    y = torch.as_tensor(y).double().cpu()
-    scale = (x * x).sum(-1).unsqueeze(-1) + (y * y).sum(-1).unsqueeze(-2)
-    tol = (4.0 + 2.0 * math.sqrt(x.shape[-1])) * eps * scale + 1e-30
-    if metric == "sqeuclidean":
-        return tol
-    # |sqrt(a) - sqrt(b)| <= min(sqrt(|a - b|), |a - b| / sqrt(b)), plus the rounding of the root.
-    root = pairwise_cost_ref(x, y, "euclidean")
-    return torch.minimum(tol.sqrt(), tol / root) + 2.0 * eps * root
 
 
 # ---- couplings (loom_kernels.couplings) -------------------------------------------------------
@@ -339,43 +294,6 @@ def ode_reference(model, x0, grid, method):
             raise ValueError(f"unknown method {method!r}")
         out.append(x)
     return torch.stack(out)
-
-
-class CountingModel:
-    """Wraps ``fn(x, t)``; counts calls and records each call's t (and its dtype/device/shape)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.calls = 0
-        self.ts = []
-
-    def __call__(self, x, t):
-        self.calls += 1
-        self.ts.append(t.detach().clone())
-        return self.fn(x, t)
-
-
-def linear_field(a):
-    """dx/dt = a*x, x(t) = x0 * exp(a (t - t0)): (model, exact(x0, t0, t1))."""
-    import math
-
-    return (lambda x, t: a * x), (lambda x0, t0, t1: x0 * math.exp(a * (t1 - t0)))
-
-
-def time_field(c):
-    """dx/dt = c*t (independent of x), x(t) = x0 + c (t^2 - t0^2) / 2: (model, exact)."""
-    return (lambda x, t: c * t.reshape((-1,) + (1,) * (x.ndim - 1)).expand_as(x).to(x.dtype)), (
-        lambda x0, t0, t1: x0 + 0.5 * c * (t1 * t1 - t0 * t0)
-    )
-
-
-def convergence_order(nfes, errors):
-    """Least-squares slope of log(error) against log(step size) (step size ~ 1/nfe)."""
-    import numpy as np
-
-    logh = -np.log(np.asarray(nfes, np.float64))
-    loge = np.log(np.asarray(errors, np.float64))
-    return float(np.polyfit(logh, loge, 1)[0])
 
 
 def w2_reference(x, y):

@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                     "ODE solver and save the samples as .npy (and a PNG with --plot).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="DIR/model.pt (EMA weights) or DIR/checkpoint.pt")
-    p.add_argument("--nfe", type=int, default=4, help="model evaluations (even for midpoint / heun)")
+    p.add_argument("--nfe", type=int, default=None,
+                   help="model evaluations of a fixed-step method (default 4; even for midpoint / heun); "
+                        "dopri5 chooses its own (--rtol, --atol) and reports how many it made")
     p.add_argument("--method", default="euler", choices=("euler", "midpoint", "heun", "dopri5"))
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 only")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 only")
@@ -48,7 +50,7 @@ def _plot(path: str, x: np.ndarray, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..demo import _image_grid
+    from ..experiments.plots import image_grid
 
     if x.ndim == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(5, 5))
@@ -57,7 +59,7 @@ def _plot(path: str, x: np.ndarray, title: str) -> None:
     elif x.ndim == 4 and x.shape[1] in (1, 3):
         side = int(min(8, np.floor(np.sqrt(len(x)))))
         fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(_image_grid(torch.from_numpy(x), side, side), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image_grid(torch.from_numpy(x), side, side), cmap="gray", vmin=0, vmax=1)
         ax.set_xticks([])
         ax.set_yticks([])
     else:
@@ -82,18 +84,21 @@ def _labels(model, args, start, m, device):
     return {"y": y.to(device)}
 
 
-def _draw(model, shape, args, device) -> np.ndarray:
+def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
+    """The samples and the evaluations each sampler call made (dopri5's differ per call)."""
     from ..sampler import sample
 
     gen = torch.Generator().manual_seed(args.seed)
-    nfe = None if args.method == "dopri5" else args.nfe
-    chunks = []
+    chunks, nfes = [], []
     for start in range(0, args.n, args.batch_size):
         m = min(args.batch_size, args.n - start)
         x0 = torch.randn(m, *shape, generator=gen).to(device)
-        chunks.append(sample(model, x0, nfe, method=args.method, model_kwargs=_labels(model, args, start, m, device),
-                             guidance=args.guidance, rtol=args.rtol, atol=args.atol).cpu())
-    return torch.cat(chunks).numpy()
+        info = {}
+        chunks.append(sample(model, x0, args.nfe, method=args.method, info=info, guidance=args.guidance,
+                             model_kwargs=_labels(model, args, start, m, device), rtol=args.rtol,
+                             atol=args.atol).cpu())
+        nfes.append(info["nfe"])
+    return torch.cat(chunks).numpy(), nfes
 
 
 def main(argv=None) -> int:
@@ -106,19 +111,27 @@ def main(argv=None) -> int:
         raise SystemExit(f"--batch-size must be positive, got {args.batch_size}")
     if not args.out.endswith(".npy"):
         raise SystemExit(f"--out must end in .npy, got {args.out!r}")
+    if args.method == "dopri5" and args.nfe is not None:
+        raise SystemExit("--nfe is for the fixed-step methods: dopri5 chooses its own steps (set --rtol/--atol)")
+    if args.method != "dopri5":
+        args.nfe = 4 if args.nfe is None else args.nfe
+        if args.nfe <= 0 or (args.method != "euler" and args.nfe % 2):
+            even = "" if args.method == "euler" else f" and even for {args.method}"
+            raise SystemExit(f"--nfe must be positive{even}, got {args.nfe}")
     device = resolve_device(args.device)
     model = load_model(args.ckpt, weights=args.weights, map_location=device).eval()
     shape = tuple(model.spec["shape"]) if hasattr(model, "spec") else None
     if shape is None:
         raise SystemExit(f"{args.ckpt!r}: the model has no spec with its input shape")
-    x = _draw(model, shape, args, device)
+    x, nfes = _draw(model, shape, args, device)
+    nfe = str(nfes[0]) if min(nfes) == max(nfes) else f"{min(nfes)}-{max(nfes)}"  # per sampler call
     if not np.isfinite(x).all():
         raise SystemExit(f"the samples contain NaN or inf ({int((~np.isfinite(x)).sum())} entries): nothing "
                          f"written to {args.out}; the model in {args.ckpt!r} is broken (a diverged run?)")
     atomic_write(args.out, lambda f: np.save(f, x))
-    print(f"wrote {args.n} samples of shape {shape} ({args.method}, NFE {args.nfe}) to {args.out}")
+    print(f"wrote {args.n} samples of shape {shape} ({args.method}, NFE {nfe}) to {args.out}")
     if args.plot:
-        _plot(args.plot, x, f"{os.path.basename(args.ckpt)}: {args.method}, NFE {args.nfe}")
+        _plot(args.plot, x, f"{os.path.basename(args.ckpt)}: {args.method}, NFE {nfe}")
         print(f"wrote {args.plot}")
     return 0
 

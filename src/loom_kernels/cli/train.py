@@ -8,6 +8,7 @@ import sys
 import torch
 
 from ..cost import METRICS
+from ..couplings.factory import COUPLINGS, make_coupling
 from ..train import (
     CHECKPOINT,
     LOG,
@@ -16,8 +17,7 @@ from ..train import (
     PRECISIONS,
     SCHEDULES,
     TrainConfig,
-    _dist,
-    make_coupling,
+    dist_info,
     resolve_device,
     train,
 )
@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="8gaussians, moons, checkerboard, digits, PATH.npy (N, *shape) or "
                    "PATH.npz with x (N, *shape) and optional integer labels y (N,)")
-    p.add_argument("--coupling", required=True, choices=("independent", "ot", "loom"))
+    p.add_argument("--coupling", required=True, choices=COUPLINGS,
+                   help="fixed: fixed noise per item, never reassigned (the ablation)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--steps", type=int, default=5000, help="optimizer steps (global)")
     p.add_argument("--batch-size", type=int, default=256, help="items per process per step")
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         meta = {"model": model.spec, "data": args.data, "n": args.points, "holdout": args.holdout, "seed": args.seed,
                 "coupling": args.coupling, "num_caches": args.num_caches, "flip": args.flip, "metric": args.metric}
         res = train(model, dataset, coupling, cfg, metadata=meta)
-        if _dist()[0] == 0:
+        if dist_info()[0] == 0:
             last = res.history[-1] if res.history else {}
             print(f"trained {res.step} steps on {args.data} ({len(dataset)} items) with the {args.coupling} "
                   f"coupling; final loss {last.get('loss', float('nan')):.4f}; wrote "

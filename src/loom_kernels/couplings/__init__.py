@@ -34,6 +34,7 @@ Example::
 """
 from .base import Coupling
 from .common import METRICS
+from .factory import COUPLINGS, FixedNoiseCoupling, make_coupling  # noqa: F401  (public names)
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling

@@ -239,7 +239,7 @@ def predicted_coupling_seconds(scope: str, world: int, b: int, dim: int, group_s
     ``global``: one ``W*b`` problem on every rank; ``local``: one ``b`` problem; ``grouped``: each owner
     solves ``ceil(m / W)`` groups of ``~W*b/m`` items, ``m = ceil(W*b / G)``. Example::
 
-        predicted_coupling_seconds("global", 64, 256, 3072, 1024, "cuda")   # ~ 100 s: far too slow
+        predicted_coupling_seconds("global", 64, 256, 3072, 1024, "cuda")   # ~ 10 s: far too slow
     """
     solve = _SOLVE_MODEL["cuda" if device == "cuda" else "cpu"]
     n = world * b

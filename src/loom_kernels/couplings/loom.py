@@ -37,6 +37,7 @@ from .common import (
 from .distributed import Group, check_whole_world
 from .grouped import DEFAULT_GROUP_SIZE, budget_warning, check_group_size
 from .indices import IndexCheck, as_index_tensor, resample_indices
+from .journal import DEFAULT_DURABILITY, check_durability
 from .loom_state import LoomPersistence, serialized
 from .loom_steps import Batch, LoomSpec, step_for
 from .seed_stream import seed_values
@@ -139,6 +140,7 @@ class LoomCoupling(LoomPersistence, Coupling):
         mmap_path: str | os.PathLike | None = None,
         overwrite: bool = False,
         table: str = "replicated",
+        durability: str = DEFAULT_DURABILITY,
         cond_weight: float = 1.0,
     ):
         shape = loom_state.check_args(num_points, shape, num_caches, seed, scope, SCOPES)
@@ -152,6 +154,7 @@ class LoomCoupling(LoomPersistence, Coupling):
         self.device = resolve_device(device)
         self.process_group, self.scope, self.table = process_group, scope, table
         self.mmap_path = os.fspath(mmap_path) if mmap_path is not None else None
+        self.durability = check_durability(durability)
         # The slot generator lives on the CPU: its state is a portable byte tensor, the same on every
         # device and rank, which keeps checkpoints and DDP ranks in lockstep.
         self._gen = torch.Generator(device="cpu")
@@ -194,6 +197,7 @@ class LoomCoupling(LoomPersistence, Coupling):
             rows,
             mmap_path=self.mmap_path,
             overwrite=overwrite,
+            durability=self.durability,
         )
 
     def flush(self):

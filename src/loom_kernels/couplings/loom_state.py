@@ -17,8 +17,9 @@ import torch
 from .._io import load_verified
 from .distributed import Group
 from .grouped import DEFAULT_GROUP_SIZE
+from .journal import DEFAULT_DURABILITY
 from .seed_stream import check_seed_table
-from .sharded import ShardReader, shard_path
+from .sharded import ShardReader, check_shards
 from .tables import mmap_path_for, rows_for
 
 FORMAT_VERSION = 2  # 2: save() stores a checksum (load() verifies it)
@@ -84,9 +85,10 @@ def check_state(state, config: dict, rows_needed: tuple) -> tuple:
     return (lambda a, b: seeds[a - slo : b - slo]), gen, state["next_counter"]
 
 
-def check_manifest(path, manifest: dict, config: dict, rows_needed: tuple) -> tuple:
+def check_manifest(path, manifest: dict, config: dict, rows_needed: tuple, grp=None) -> tuple:
     """Verify a sharded checkpoint (any world size) for a coupling of ``config`` holding ``rows_needed``:
-    only the shards overlapping those rows are read, each verified. Returns ``(rows, generator, counter)``."""
+    only the shards overlapping those rows are read, each verified, and their union checked (``grp``: the
+    group of a sharded load, a collective then). Returns ``(rows, generator, counter)``."""
     reader = ShardReader(path, manifest)
     if reader.config != config:
         raise ValueError(f"the sharded checkpoint {os.fspath(path)!r} has config {reader.config}, expected {config}")
@@ -94,8 +96,7 @@ def check_manifest(path, manifest: dict, config: dict, rows_needed: tuple) -> tu
     if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
         raise ValueError(f"{os.fspath(path)!r}['generator'] must be a uint8 tensor, got {gen!r:.80}")
     lo, hi = rows_needed
-    for r, part in reader.parts(lo, hi):
-        check_seed_table(part, config["seed"], counter, where=shard_path(path, reader.save_id, r, reader.world))
+    check_shards(reader, lo, hi, config["seed"], counter, grp)
     return reader.rows, gen, counter
 
 
@@ -194,6 +195,7 @@ class LoomPersistence:
         group_size: int | None = None,
         mmap_path: str | os.PathLike | None = "auto",
         table: str | None = None,
+        durability: str = DEFAULT_DURABILITY,
         cond_weight: float | None = None,
     ):
         """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
@@ -207,7 +209,8 @@ class LoomPersistence:
         ``mmap_path="auto"`` memory-maps the table again at the path it was saved from (None: in memory):
         that file is replaced by the checkpoint's table (a new file, renamed in once filled), unless a
         live coupling holds it (``TableInUseError``). The checkpoint file itself is never modified;
-        its checksum and contents are verified first. Example::
+        its checksum and contents are verified first. ``durability``: of that memory-mapped table, as in
+        the constructor (not stored in checkpoints: it is how this process runs, like ``device``). Example::
 
             coupling = LoomCoupling.load("ckpt/coupling.pt", device="cuda")
         """
@@ -228,11 +231,13 @@ class LoomPersistence:
             group_size=group_size if group_size is not None else state.get("group_size", DEFAULT_GROUP_SIZE),
             mmap_path=mmap_path_for(table, saved, state.get("mmap_path")) if mmap_path == "auto" else mmap_path,
             table=table,
+            durability=durability,
             cond_weight=cond_weight if cond_weight is not None else state.get("cond_weight", 1.0),
         )
         if is_manifest(state):
+            grp = Group(coupling.process_group) if table == "sharded" else None  # sharded: a collective check
             with coupling._lock:
-                coupling._restore(*check_manifest(path, state, coupling._config(), coupling._rows_needed()))
+                coupling._restore(*check_manifest(path, state, coupling._config(), coupling._rows_needed(), grp))
         else:
             coupling.load_state_dict(state)
         return coupling

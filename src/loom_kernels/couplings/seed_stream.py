@@ -76,14 +76,31 @@ def check_seed_table(seeds, seed: int, next_counter: int, where: str = "state_di
     duplicated or foreign table, or a counter that would hand out a seed again, is a corrupt state.
     ``seeds``: ``(P, K)`` int64 tensor or array (any device; checked in chunks).
     """
+    check_counter(next_counter, int(np.prod(seeds.shape)), where)
+    numbers = seed_numbers_checked(seeds, seed, next_counter, where)
+    numbers.sort()
+    dup = count_duplicates(numbers)
+    if dup:
+        raise ValueError(
+            f"{where}['seeds'] holds {dup} duplicated seeds: a torn or corrupted table "
+            f"(noise would be lost and doubled)"
+        )
+
+
+def check_counter(next_counter, total: int, where: str) -> None:
+    """``next_counter`` must be an int of at least the table size ``total``."""
     if isinstance(next_counter, bool) or not isinstance(next_counter, (int, np.integer)):
         raise ValueError(f"{where}['next_counter'] must be an int, got {next_counter!r}")
-    total = int(np.prod(seeds.shape))
     if next_counter < max(total, 1):
         raise ValueError(
             f"{where}['next_counter'] must be at least the table size {total} (the seeds handed out so far), "
             f"got {next_counter}: resample() would hand out seeds again"
         )
+
+
+def seed_numbers_checked(seeds, seed: int, next_counter: int, where: str) -> np.ndarray:
+    """The stream numbers (uint64, unsorted) of ``seeds``; refuses negative, all-zero and foreign seeds."""
+    total = int(np.prod(seeds.shape))
     numbers = np.empty(total, dtype=np.uint64)
     flat = seeds.reshape(-1)
     for a in range(0, total, _CHUNK):
@@ -92,8 +109,7 @@ def check_seed_table(seeds, seed: int, next_counter: int, where: str = "state_di
         chunk = chunk.cpu().numpy() if hasattr(chunk, "cpu") else np.asarray(chunk)
         if (chunk < 0).any():
             raise ValueError(
-                f"{where}['seeds'] holds negative seeds (e.g. {int(chunk[chunk < 0][0])}): seeds lie in [0, 2**63)"
-            )
+                f"{where}['seeds'] holds negative seeds (e.g. {int(chunk[chunk < 0][0])}): seeds lie in [0, 2**63)")
         if a == 0 and total > 1 and not chunk.any():
             raise ValueError(f"{where}['seeds'] is all zeros (a zeroed or never-written table)")
         numbers[a:b] = seed_numbers(seed, chunk)
@@ -103,10 +119,8 @@ def check_seed_table(seeds, seed: int, next_counter: int, where: str = "state_di
             f"{where}['seeds'] holds {int(bad.sum())} seeds that the stream of seed={seed} did not hand out "
             f"before next_counter={next_counter} (a foreign, corrupted or hand-edited table)"
         )
-    numbers.sort()
-    dup = numbers[1:] == numbers[:-1]
-    if dup.any():
-        raise ValueError(
-            f"{where}['seeds'] holds {int(dup.sum())} duplicated seeds: a torn or corrupted table "
-            f"(noise would be lost and doubled)"
-        )
+    return numbers
+
+
+def count_duplicates(sorted_numbers: np.ndarray) -> int:
+    return int((sorted_numbers[1:] == sorted_numbers[:-1]).sum())

@@ -25,6 +25,7 @@ import torch
 
 from .._io import atomic_save, load_verified
 from .distributed import Group
+from .seed_stream import check_counter, count_duplicates, seed_numbers_checked
 from .table import RowsFn, SeedTable
 
 SHARD_KIND = "LoomCoupling table shard"
@@ -235,3 +236,48 @@ class ShardReader:
         parts = [p for _, p in self.parts(a, b)]
         return torch.cat(parts) if parts else torch.empty((0, int(self.config["num_caches"])), dtype=torch.int64)
 
+
+def check_shards(reader: ShardReader, lo: int, hi: int, seed: int, next_counter, grp: Group | None = None) -> None:
+    """Refuse a sharded checkpoint whose rows ``[lo, hi)`` (this rank's), or the union over ranks, are corrupt.
+
+    As ``check_seed_table`` for a replicated table: every seed handed out by the stream of ``seed`` before
+    ``next_counter``, and no seed twice, across shards as well as within one. ``grp``: the group of a
+    sharded load (each rank holds only its rows); a collective then: the ranks exchange their seeds'
+    stream numbers by value range (``O(rows / W)`` integers each) and all raise if any rank finds a fault.
+    """
+    where = f"the sharded checkpoint {reader.path!r}"
+    err, numbers = None, np.empty(0, dtype=np.uint64)
+    try:
+        check_counter(next_counter, reader.bounds[-1] * int(reader.config["num_caches"]), where)
+        parts = [seed_numbers_checked(part, seed, next_counter, shard_path(reader.path, reader.save_id, r,
+                                                                           reader.world))
+                 for r, part in reader.parts(lo, hi)]
+        numbers = np.sort(np.concatenate(parts)) if parts else numbers
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
+        err = exc
+    if grp is not None and grp.world > 1:
+        failed = grp.gather(torch.tensor([[int(err is not None)]], dtype=torch.int64)).flatten()
+        if err is None and bool(failed.any()):
+            raise ValueError(f"rank(s) {torch.nonzero(failed).flatten().tolist()} refused {where} (see the error "
+                             f"raised there); every rank raises so that none waits in a collective")
+    if err is not None:
+        raise err
+    if grp is not None and grp.world > 1:
+        dup = _count_duplicates_across(grp, numbers, int(next_counter))
+    else:
+        dup = count_duplicates(numbers)
+    if dup:
+        raise ValueError(f"{where} holds {dup} duplicated seeds across its shards: a corrupted or hand-edited "
+                         f"checkpoint (noise would be lost and doubled); restore the shard files saved with it")
+
+
+def _count_duplicates_across(grp: Group, numbers: np.ndarray, next_counter: int) -> int:
+    """Duplicates in the union of every rank's sorted ``numbers``: rank ``r`` gathers the values in the
+    ``r``-th slice of ``[0, next_counter)`` and counts its own; the total is summed over ranks."""
+    splits = np.array([next_counter * r // grp.world for r in range(1, grp.world)], dtype=np.uint64)
+    cuts = np.searchsorted(numbers, splits, side="left")
+    send = np.diff(np.concatenate([[0], cuts, [len(numbers)]])).tolist()
+    recv = grp.all_to_all(torch.tensor(send, dtype=torch.int64), [1] * grp.world, [1] * grp.world).tolist()
+    got = grp.all_to_all(torch.from_numpy(numbers.view(np.int64)), send, recv).numpy().view(np.uint64)
+    mine = count_duplicates(np.sort(got))
+    return int(grp.gather(torch.tensor([[mine]], dtype=torch.int64)).sum())

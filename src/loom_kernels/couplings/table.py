@@ -1,6 +1,7 @@
 """LOOM's seed table storage (in memory, or a crash-consistent memory-mapped file): :class:`SeedTable`.
 
-The seed stream the table is filled from lives in ``seed_stream.py``.
+The seed stream the table is filled from lives in ``seed_stream.py``; the file machinery (lock, identity,
+journal) in ``journal.py``.
 """
 from __future__ import annotations
 
@@ -8,14 +9,37 @@ import errno
 import fcntl
 import os
 import shutil
-import struct
 import zlib
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .._io import atomic_path, fsync_dir
+from .._io import atomic_path
+from .journal import (  # noqa: F401 - TableInUseError, journal_path, _lock, DURABILITIES: this module's API
+    _JOURNAL_LIMIT,
+    _MAGIC,
+    _REC,
+    _TABLES,
+    _TRAILER,
+    DEFAULT_DURABILITY,
+    DURABILITIES,
+    TableInUseError,
+    _hold,
+    _lock,
+    _release,
+    check_durability,
+    claim,
+    close_journal,
+    discard_journal,
+    journal_path,
+    map_table,
+    new_table_id,
+    open_journal,
+    recover,
+    unlink_if_same,
+    write_table_id,
+)
 from .seed_stream import check_seed_table, seed_numbers, seed_values  # noqa: F401  (their old import path)
 
 _seed_values = seed_values  # the stream moved to seed_stream.py; its old names stay importable from here
@@ -24,46 +48,7 @@ _INIT_CHUNK = 1 << 22  # rows per chunk when filling or copying big (memory-mapp
 
 # ---- storage -----------------------------------------------------------------------------------------
 
-# A journal record: magic, entry count, crc32 of the payload, then the payload: int64 flat indices
-# (row * K + slot) and their int64 new seeds. Appended and fdatasync'ed before the table is touched.
-_REC = struct.Struct("<4sQI")
-_MAGIC = b"LJR1"
-_JOURNAL_LIMIT = 64 << 20  # journal bytes before they are folded into the table (msync, truncate)
-
 RowsFn = Callable[[int, int], np.ndarray]  # (a, b) -> rows a..b-1 of the table, int64 (b - a, K)
-
-
-class TableInUseError(RuntimeError):
-    """The table file is held (``flock``) by another process or another open ``SeedTable``."""
-
-
-def journal_path(path: str) -> str:
-    return path + ".journal"
-
-
-def _lock(path: str) -> int | None:
-    """An fd holding an exclusive ``flock`` on the existing file ``path``; None when there is no file."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise TableInUseError(
-                f"seed table {path!r} is in use by another LoomCoupling (another process, or another coupling in "
-                f"this process: close() it first); two writers would corrupt it. Load with mmap_path=None or "
-                f"another path to inspect a checkpoint while training runs"
-            ) from None
-        try:  # a rename may have replaced the file between open and flock: lock the new one
-            st, cur = os.fstat(fd), os.stat(path)
-            if (st.st_ino, st.st_dev) == (cur.st_ino, cur.st_dev):
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
 
 
 def _check_space(directory: str, nbytes: int, path: str) -> None:
@@ -90,40 +75,18 @@ def _preallocate(fd: int, nbytes: int, path: str) -> None:
 
 
 def _recover(path: str) -> int:
-    """Redo the journaled calls of a crashed writer into ``path``; returns how many were applied.
+    """Redo the journaled calls of a crashed writer into ``path`` (locked by the caller); how many were applied.
 
-    A record is applied only when complete and its crc matches: a torn last record belongs to a call
-    that never touched the table (records are synced first), so the table is left as before that call.
+    All or nothing: a journal of another table, or one damaged before its end, is refused (``ValueError``
+    naming it, nothing applied, journal kept); only a torn last record is dropped.
     """
-    jpath = journal_path(path)
-    try:
-        with open(jpath, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
+    if not os.path.exists(journal_path(path)):
         return 0
-    applied = 0
-    if data:
-        mm = np.load(path, mmap_mode="r+")
-        flat = mm.reshape(-1)
-        pos = 0
-        while pos + _REC.size <= len(data):
-            magic, count, crc = _REC.unpack_from(data, pos)
-            end = pos + _REC.size + 16 * count
-            if magic != _MAGIC or end > len(data):
-                break
-            payload = memoryview(data)[pos + _REC.size:end]
-            if zlib.crc32(payload) != crc:
-                break
-            idx = np.frombuffer(payload, np.int64, count)
-            if count and (idx.min() < 0 or idx.max() >= flat.size):
-                break
-            flat[idx] = np.frombuffer(payload, np.int64, count, offset=8 * count)
-            pos, applied = end, applied + 1
-        mm.flush()
-        del flat, mm
-    os.unlink(jpath)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-    return applied
+    mm, table_id = map_table(path)
+    try:
+        return recover(path, mm, table_id)
+    finally:
+        del mm
 
 
 class SeedTable:
@@ -131,12 +94,16 @@ class SeedTable:
 
     A file table is
 
-    - exclusive: an ``flock`` on the file, held while the table is open; a second process or a second
-      table on the same file raises :class:`TableInUseError`;
+    - exclusive: an ``flock`` on the file, taken before anything is written (so of several processes
+      creating one new path, one wins and the others raise :class:`TableInUseError`) and held while the
+      table is open, by this process only (forked children such as DataLoader workers drop it);
     - crash-consistent: every :meth:`write` appends its ``(index, new seed)`` pairs to ``PATH.journal``
-      and fdatasyncs them before the rows change; opening the file again redoes the journal, so a
-      ``kill -9`` (or a power loss) at any instant leaves the table of the last completed write or the
-      one before, never a mix. :meth:`flush` folds the journal into the file (msync, then unlink);
+      (headed by the table's random id, also stored in the file's trailer) before the rows change; opening
+      the file again redoes the journal, so a crash at any instant leaves the table of the last completed
+      write or the one before, never a mix. ``durability="crash"`` (the default) survives every process
+      fault (kill -9, OOM kill, segfault): the page cache keeps what a dead process wrote. ``"power"`` also
+      fdatasyncs each record before the rows change, which survives a power loss or kernel crash at
+      ~0.1-7 ms a call. :meth:`flush` folds the journal into the file (msync, then unlink);
     - replaced whole (:meth:`replace`) by building a new file beside it (preallocated, filled, synced)
       and renaming it into place: the previous table survives a crash at any instant.
 
@@ -149,13 +116,18 @@ class SeedTable:
         t.close(); t = SeedTable.open("table.npy")
     """
 
-    def __init__(self, seeds: torch.Tensor, *, path: str | None = None, memmap=None, lock_fd: int | None = None):
+    def __init__(self, seeds: torch.Tensor, *, path: str | None = None, memmap=None, lock_fd: int | None = None,
+                 table_id: int = 0, durability: str = DEFAULT_DURABILITY):
         self.seeds = seeds
         self.path = path
+        self.durability = check_durability(durability)
         self._memmap = memmap
         self._lock_fd = lock_fd
+        self._id = table_id
         self._jfd: int | None = None
         self._jbytes = 0
+        if memmap is not None:
+            _TABLES.add(self)
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -167,62 +139,83 @@ class SeedTable:
         return t
 
     @classmethod
-    def create(cls, path, shape: tuple, rows: RowsFn, *, overwrite: bool = False) -> SeedTable:
-        """A new table file at ``path`` holding ``rows``; an existing file is replaced only with ``overwrite``."""
-        path = os.fspath(path)
-        old = _lock(path)
+    def create(cls, path, shape: tuple, rows: RowsFn, *, overwrite: bool = False,
+               durability: str = DEFAULT_DURABILITY) -> SeedTable:
+        """A new table file at ``path`` holding ``rows``; an existing file is replaced only with ``overwrite``.
+
+        ``durability``: "crash" (default) or "power" (see the class). A damaged file (or journal) at
+        ``path`` is replaced as well with ``overwrite``.
+        """
+        path, durability = os.fspath(path), check_durability(durability)
+        old, existed = claim(path)  # locked before anything is written: one creator of a new path wins
         try:
-            if old is not None:
-                if not overwrite:
-                    raise FileExistsError(
-                        f"seed table {path!r} already exists; LoomCoupling never resets a table silently: resume it "
-                        f"with LoomCoupling.load(checkpoint, mmap_path={path!r}), pass overwrite=True to start a "
-                        f"fresh table, or choose another mmap_path"
-                    )
-                _recover(path)  # the old table stays whole until the new one is renamed over it
-            fd, mm = cls._build(path, shape, rows)
+            if existed and not overwrite:
+                raise FileExistsError(
+                    f"seed table {path!r} already exists; LoomCoupling never resets a table silently: resume it "
+                    f"with LoomCoupling.load(checkpoint, mmap_path={path!r}), pass overwrite=True to start a "
+                    f"fresh table, or choose another mmap_path"
+                )
+            if existed:
+                try:  # the old table stays whole until the new one is renamed over it
+                    _recover(path)
+                except ValueError as exc:  # a damaged table or journal: it is being replaced anyway
+                    discard_journal(path, f"the table it describes is being overwritten ({str(exc)[:300]})")
+            else:  # a journal beside a new table was left by a table deleted from under it: never ours
+                discard_journal(path, "it belonged to a table no longer at this path (a new table was created)")
+            fd, mm, table_id = cls._build(path, shape, rows)
+        except BaseException:
+            if not existed:  # our placeholder: a failed creation leaves nothing behind
+                unlink_if_same(path, old)
+            raise
         finally:
-            if old is not None:
-                os.close(old)
-        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd)
+            _release(old)
+        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd, table_id=table_id, durability=durability)
 
     @classmethod
-    def open(cls, path) -> SeedTable:
+    def open(cls, path, *, durability: str = DEFAULT_DURABILITY) -> SeedTable:
         """Open an existing table file (locked), first redoing the journal of a writer that crashed."""
-        path = os.fspath(path)
+        path, durability = os.fspath(path), check_durability(durability)
         fd = _lock(path)
         if fd is None:
             raise FileNotFoundError(f"seed table {path!r} does not exist")
         try:
-            _recover(path)
-            mm = np.load(path, mmap_mode="r+")
-            if mm.dtype != np.int64 or mm.ndim != 2:
-                raise ValueError(f"{path!r} is not a seed table: expected int64 (P, K), got {mm.dtype} {mm.shape}")
+            if os.fstat(fd).st_size == 0:
+                raise ValueError(f"seed table {path!r} is empty: its creation was killed before the table was "
+                                 f"written; create it again (overwrite=True) or restore it with LoomCoupling.load")
+            mm, table_id = map_table(path)
+            recover(path, mm, table_id)
+            if table_id == 0:  # a file written before tables had ids: give it one now
+                table_id = new_table_id()
+                write_table_id(fd, mm.offset + mm.nbytes, table_id)
+                os.fsync(fd)
         except BaseException:
-            os.close(fd)
+            _release(fd)
             raise
-        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd)
+        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd, table_id=table_id, durability=durability)
 
     @staticmethod
     def _build(path: str, shape: tuple, rows: RowsFn):
-        """A new file at ``path`` (temp, locked, preallocated, filled, synced, renamed): ``(lock fd, memmap)``."""
+        """A new file at ``path`` (temp, locked, preallocated, filled, synced, renamed): ``(lock fd, memmap, id)``."""
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        nbytes = 128 + 8 * int(np.prod(shape))  # the .npy header is 128 bytes for any 2-D int64 shape
+        nbytes = 128 + 8 * int(np.prod(shape)) + _TRAILER.size  # the .npy header: 128 bytes for 2-D int64
         _check_space(directory, nbytes, path)
+        table_id = new_table_id()
         with atomic_path(path, suffix=".npy") as tmp:
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=tuple(shape))
-            fd = os.open(tmp, os.O_RDWR)
+            fd = _hold(os.open(tmp, os.O_RDWR | os.O_CLOEXEC))
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before it appears under its name
-                _preallocate(fd, os.fstat(fd).st_size, path)
+                end = os.fstat(fd).st_size
+                _preallocate(fd, end + _TRAILER.size, path)
+                write_table_id(fd, end, table_id)
                 SeedTable._fill(mm, rows)
                 mm.flush()
                 os.fsync(fd)
             except BaseException:
-                os.close(fd)
+                _release(fd)
                 raise
-        return fd, mm
+        return fd, mm, table_id
 
     @staticmethod
     def _fill(dst, rows: RowsFn) -> None:
@@ -243,9 +236,12 @@ class SeedTable:
         return self.seeds.device
 
     def _journal(self) -> int:
+        if self._lock_fd is None:
+            raise RuntimeError(
+                f"seed table {self.path!r} is closed, or this process is a forked child of the one that holds it "
+                f"(a DataLoader worker): only the process that opened the table may write it")
         if self._jfd is None:
-            self._jfd = os.open(journal_path(self.path), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-            fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+            self._jfd = open_journal(self.path, self._id, self.durability)
             self._jbytes = 0
         return self._jfd
 
@@ -263,7 +259,8 @@ class SeedTable:
         view = memoryview(record)
         while view:
             view = view[os.write(fd, view):]
-        os.fdatasync(fd)
+        if self.durability == "power":  # a process crash keeps the page cache; a power loss needs the disk
+            os.fdatasync(fd)
         self._memmap.reshape(-1)[flat] = vals
         self._jbytes += len(record)
         if self._jbytes > _JOURNAL_LIMIT:
@@ -275,26 +272,25 @@ class SeedTable:
             self._fill(self.seeds, rows)
             return
         self.flush()  # the journal describes the old file: fold it in before that file is replaced
-        fd, mm = self._build(self.path, tuple(self.seeds.shape), rows)
-        os.close(self._lock_fd)
-        self._lock_fd, self._memmap, self.seeds = fd, mm, torch.from_numpy(mm)
+        fd, mm, table_id = self._build(self.path, tuple(self.seeds.shape), rows)
+        _release(self._lock_fd)
+        self._lock_fd, self._memmap, self.seeds, self._id = fd, mm, torch.from_numpy(mm), table_id
 
     def flush(self) -> None:
-        """Persist a file table (msync) and fold its journal in (no-op in memory)."""
-        if self._memmap is None:
+        """Persist a file table (msync) and fold its journal in (no-op in memory, closed or in a forked child)."""
+        if self._memmap is None or self._lock_fd is None:
             return
         self._memmap.flush()
         if self._jfd is not None:
-            os.close(self._jfd)
-            self._jfd = None
-            os.unlink(journal_path(self.path))
+            fd, self._jfd = self._jfd, None
+            close_journal(self.path, fd)
 
     def close(self) -> None:
         """Flush and release the file's lock; the table must not be used afterwards."""
         if self._lock_fd is None:
             return
         self.flush()
-        os.close(self._lock_fd)
+        _release(self._lock_fd)
         self._lock_fd = None
 
     def __del__(self):

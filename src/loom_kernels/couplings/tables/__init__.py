@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from ..distributed import Group
+from ..journal import DEFAULT_DURABILITY
 from ..sharded import shard_bounds
 from ..table import RowsFn
 from .base import LoomTable
@@ -61,6 +62,7 @@ def make_table(
     *,
     mmap_path: str | os.PathLike | None = None,
     overwrite: bool = False,
+    durability: str = DEFAULT_DURABILITY,
 ) -> LoomTable:
     """A new table of ``kind`` holding ``rows(a, b)`` (global rows ``a..b-1``); a file when ``mmap_path``.
 
@@ -74,7 +76,7 @@ def make_table(
         return ShardedTable(grp, num_points, num_caches, device, rows)
     if mmap_path is None:
         return ReplicatedTable.in_memory(shape, device, rows)
-    return ReplicatedTable.create(mmap_path, shape, rows, overwrite=overwrite)
+    return ReplicatedTable.create(mmap_path, shape, rows, overwrite=overwrite, durability=durability)
 
 
 def mmap_path_for(kind: str, saved_kind: str, saved_path):

@@ -18,8 +18,11 @@ needed; this module does that with the launch settings the launchers themselves 
 
 Run it alone for a report (TRITON_INTERPRET must be unset: the kernels must be JITFunctions):
 
-    python -m loom_kernels._compile_check --jobs 2            # markdown table
-    python -m loom_kernels._compile_check --json out.json     # what python_tests/ checks
+    python python_tests/compile_check.py --jobs 2            # markdown table
+    python python_tests/compile_check.py --json out.json     # what test_gpu_compile.py checks
+
+A dev tool beside the tests (it reads csrc/ by the checkout's path, which no wheel has); it
+compiles the ``loom_kernels`` found on the path (``PYTHONPATH=src`` for a checkout).
 
 Works with triton 3.6-3.9 (``triton.compile`` + ``ASTSource`` + ``GPUTarget`` +
 ``native_specialize_impl``); ``api_missing()`` names what an other version lacks.
@@ -39,7 +42,14 @@ import tempfile
 import time
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+
+def _package_dir() -> Path:
+    import importlib.util
+
+    return Path(importlib.util.find_spec("loom_kernels").submodule_search_locations[0]).resolve()
+
+
+PACKAGE_DIR = _package_dir()  # the loom_kernels being checked (no import: TRITON_INTERPRET must not matter)
 ARCHS = (80, 90)
 #: per-block limits of the targets: (max dynamic shared memory with opt-in, registers per block)
 LIMITS = {80: (166912, 65536), 90: (232448, 65536)}
@@ -115,7 +125,7 @@ def _cost_cases():
     """pairwise_cost: every input dtype, D aligned to 16 or not, small and transposed inputs."""
     import torch
 
-    from . import cost
+    from loom_kernels import cost
 
     f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
     cases = []
@@ -141,7 +151,7 @@ def _noise_cases():
     """gaussian_noise / _philox_uint32: every output dtype and the raw stream, big and tiny rows."""
     import torch
 
-    from . import noise
+    from loom_kernels import noise
 
     cases = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64):
@@ -155,23 +165,24 @@ def _noise_cases():
 
 def _sampler_cases():
     """sampler's fused update: every state dtype it takes, one and two velocities."""
-    from . import sampler
+    from loom_kernels.sampler import update as sampler_update
 
     cases = []
-    for dtype in sampler._TRITON_DTYPES:
+    for dtype in sampler_update.TRITON_DTYPES:
         for two in (False, True):
             def run(dt=dtype, two=two):
                 x = _meta(4096, 2, dtype=dt)
-                sampler._update(x, _meta(4096, 2, dtype=dt), _meta(4096, 2, dtype=dt) if two else None, 0.1, 0.2, x)
+                v2 = _meta(4096, 2, dtype=dt) if two else None
+                sampler_update.update(x, _meta(4096, 2, dtype=dt), v2, 0.1, 0.2, x)
             cases.append((f"{dtype} 4096x2 {'two' if two else 'one'}", run))
-    return sampler, "_ode_update_kernel", dict(_use_triton=lambda x: True), cases
+    return sampler_update, "_ode_update_kernel", dict(_use_triton=lambda x: True), cases
 
 
 #: kernel -> function returning (module, kernel attribute, patches, [(label, launch)]).
 CASES = {
     "loom_kernels.cost:_pairwise_cost_kernel": _cost_cases,
     "loom_kernels.noise:_gaussian_noise_kernel": _noise_cases,
-    "loom_kernels.sampler:_ode_update_kernel": _sampler_cases,
+    "loom_kernels.sampler.update:_ode_update_kernel": _sampler_cases,
 }
 
 
@@ -336,7 +347,7 @@ def _control():
     rows' 128x128x64 tile. Compiled beside the cases so a test can show the check sees spills."""
     import torch
 
-    from . import cost
+    from loom_kernels import cost
 
     patches = dict(check_launchable=lambda *a: None, interpreting=lambda: False)
     if hasattr(cost, "_rows_aligned"):  # before the fix every launch took the aligned tile

@@ -1,0 +1,10 @@
+"""Experiments built on the library (not part of its API): the demo and the ablation study.
+
+- ``common``: run sizes, ``fit``, sample ``quality`` (W2 at several NFEs, dopri5), ``spread`` over
+  seeds and ``ranking`` (an order only where every seed agrees);
+- ``plots``: their figures and ``image_grid``;
+- ``demo``: ``python -m loom_kernels.demo`` (independent vs minibatch OT vs LOOM-CFM);
+- ``study``: ``python -m loom_kernels.study`` (the paper's ablations).
+
+The dataset-wide cost of a seed table and its global optimum are metrics (``loom_kernels.metrics``).
+"""
