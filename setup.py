@@ -1,7 +1,8 @@
 """Build driver: setup.py -> CMake -> ninja, one native build for both modules.
 
 LOOM_CUDA=auto (default) builds ``loom_kernels._cuda`` when nvcc is found, whether or not a
-GPU is present; LOOM_CUDA=0/1 forces the choice. LOOM_CUDA_ARCHS overrides the GPU targets.
+GPU is present; LOOM_CUDA=0/1 forces the choice. LOOM_CUDA_ARCHS overrides the GPU targets (default:
+every architecture the toolkit supports from sm_75 up as machine code, plus PTX for the newest).
 LOOM_NATIVE=1 tunes the CPU module for the build machine (-march=native: it may crash with an
 illegal instruction elsewhere); the default is a portable build that picks AVX2 / AVX-512 at run time.
 """
@@ -79,8 +80,9 @@ class CMakeBuild(build_ext):
         ]
         if nvcc:
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-            if os.environ.get("LOOM_CUDA_ARCHS"):
-                args.append(f"-DLOOM_CUDA_ARCHS={os.environ['LOOM_CUDA_ARCHS']}")
+            # Always passed (empty: sm_75 to the toolkit's newest + PTX, see CMakeLists.txt), so a
+            # reused build folder never keeps an earlier build's targets.
+            args.append(f"-DLOOM_CUDA_ARCHS={os.environ.get('LOOM_CUDA_ARCHS', '').strip()}")
         if shutil.which("ninja"):
             args.append("-GNinja")
         env = dict(os.environ)

@@ -183,7 +183,7 @@ def _sinkhorn_cases():
     several, tiny and large sets, a batch, TF32."""
     import torch
 
-    from .sinkhorn import _kernels
+    from loom_kernels.sinkhorn import _kernels
 
     f32, i64 = torch.float32, torch.int64
 

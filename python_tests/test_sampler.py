@@ -341,15 +341,15 @@ def _check_update_aliasing(x, v, tol):
     dtype, n = x.dtype, x.numel()
     ref = lambda a, v1, v2: (x.double() + a * v1.double() + 0.5 * v2.double()).to(dtype)  # noqa: E731
     y = x.clone()  # x, v1, v2 and out all one buffer: out = y + 0.25 y + 0.5 y
-    sampler._update(y, y, y, 0.25, 0.5, y)
+    sampler_update.update(y, y, y, 0.25, 0.5, y)
     torch.testing.assert_close(y, (1.75 * x.double()).to(dtype), rtol=tol, atol=tol)
     y = x.clone()  # v2 is the output buffer (out written while v2 is read)
-    sampler._update(x, v, y, 0.25, 0.5, y)
+    sampler_update.update(x, v, y, 0.25, 0.5, y)
     torch.testing.assert_close(y, ref(0.25, v, x), rtol=tol, atol=tol)
     v2 = torch.randn(n, 2).to(dtype).t()[1]  # strided second velocity
     b = torch.randn(1).to(dtype).expand(n)  # stride 0: a broadcast velocity
     out = torch.empty_like(x)
-    sampler._update(x, b, v2, 0.25, 0.5, out)
+    sampler_update.update(x, b, v2, 0.25, 0.5, out)
     torch.testing.assert_close(out, ref(0.25, b, v2), rtol=tol, atol=tol)
     assert v2.stride() != (1,) and (n == 1 or b.stride() == (0,))
 

@@ -651,9 +651,27 @@ inline Plan plan_launch(int64_t B, int64_t M, int mode, int sms, int smem_optin,
 }
 
 #ifndef LOOM_CUDA_EMULATION  // the host side below needs the real runtime
+#ifndef LOOM_CUDA_ARCHS_BUILT
+#define LOOM_CUDA_ARCHS_BUILT "?"
+#endif
 void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string("loom_kernels CUDA auction: ") + what + " failed: " + cudaGetErrorString(e));
+  if (e == cudaSuccess) return;
+  std::string msg = std::string("loom_kernels CUDA auction: ") + what + " failed: " + cudaGetErrorString(e);
+  if (e == cudaErrorNoKernelImageForDevice || e == cudaErrorInvalidDeviceFunction ||
+      e == cudaErrorUnsupportedPtxVersion) {
+    // A GPU this build has no code for (a wheel built for other targets, or a driver older than
+    // the PTX): name the architecture and how to build for it.
+    int dev = 0, major = 0, minor = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    const std::string sm = std::to_string(major) + std::to_string(minor);
+    msg += ". This GPU is sm_" + sm + " but loom_kernels._cuda was built for CUDA architectures [" +
+           LOOM_CUDA_ARCHS_BUILT + "] (newer drivers are needed for PTX of a newer toolkit): rebuild from source "
+           "for it with LOOM_CUDA_ARCHS=\"" + sm + "\" pip install --no-binary loom_kernels loom_kernels "
+           "(or LOOM_CUDA_ARCHS=\"" + sm + "\" pip install . in a checkout), or pass backend='cpu'";
+  }
+  throw std::runtime_error(msg);
 }
 
 template <typename T>

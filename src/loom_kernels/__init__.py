@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
-
 _LAZY = {
     "linear_sum_assignment": "assign",
     "pairwise_cost": "cost",
@@ -31,7 +29,29 @@ def has_cuda() -> bool:
     return _has_cuda()
 
 
+def _version() -> str:
+    # The one place the version is written is pyproject.toml; an installed package reads it from
+    # its metadata, a source tree on sys.path (PYTHONPATH=src, never installed) from the file.
+    from importlib import metadata
+    from pathlib import Path
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if pyproject.is_file() and (Path(__file__).resolve().parents[1].name == "src"):
+        import re
+
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(), re.MULTILINE)
+        if found:
+            return found.group(1)
+    try:
+        return metadata.version("loom_kernels")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
 def __getattr__(name):
+    if name == "__version__":  # lazily: importing the metadata machinery costs a few ms
+        globals()["__version__"] = version = _version()
+        return version
     if name in _LAZY:
         module = importlib.import_module(f".{_LAZY[name]}", __name__)
         return getattr(module, name)

@@ -103,6 +103,14 @@ def assign(
         >>> assign(np.array([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [1.0, 0.0]]])).tolist()
         [[1, 0], [0, 1]]
     """
+    if _is_torch(cost):
+        import torch
+
+        if torch.compiler.is_compiling():  # one graph node (the custom op), see loom_kernels.ops
+            from . import ops
+
+            if ops.compiling():
+                return ops.assign(cost, backend=backend, tol=tol, method=method, maximize=maximize, threads=threads)
     sol = _solve(cost, maximize, backend, tol, method, threads, "assign")
     return sol.col_for_row()
 

@@ -240,6 +240,11 @@ def pairwise_cost(
         >>> x1 = torch.randn(128, 3, 32, 32); x0 = torch.randn(128, 3, 32, 32)
         >>> c = pairwise_cost(x0.flatten(1), x1.flatten(1))   # (128, 128) float32
     """
+    if torch.compiler.is_compiling():  # one graph node (the custom op), see loom_kernels.ops
+        from . import ops
+
+        if ops.compiling():
+            return ops.pairwise_cost(x, y, metric, allow_tf32=allow_tf32)
     _check_points("x", x)
     _check_points("y", y)
     if metric not in METRICS:

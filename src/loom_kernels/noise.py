@@ -304,6 +304,11 @@ def gaussian_noise(
         >>> x0 = gaussian_noise(torch.tensor([7, -3]), (3, 32, 32))     # (2, 3, 32, 32)
         >>> torch.equal(x0[1], gaussian_noise([-3], (3, 32, 32))[0])    # True
     """
+    if torch.compiler.is_compiling():  # one graph node (the custom op), see loom_kernels.ops
+        from . import ops
+
+        if ops.compiling():
+            return ops.gaussian_noise(seeds, shape, device=device, dtype=dtype)
     if dtype not in _OUT_DTYPES:
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {dtype}")
     t, shape, n, device = _prepare(seeds, shape, device)

@@ -7,7 +7,7 @@ import torch
 
 
 class Coupling:
-    """A data-noise coupling: ``coupling(x1, indices=None, *, x0=None, labels=None) -> (x0, x1)``.
+    """A data-noise coupling: ``coupling(x1, indices=None, *, x0=None, labels=None, cond=None) -> (x0, x1)``.
 
     One calling convention for every coupling, so they are drop-ins for each other (``coupling(x1, idx)``
     in a loop over ``(idx, x1)`` works with any of them). ``x0[i]`` is the noise paired with the data item
@@ -16,21 +16,30 @@ class Coupling:
     ``(x0, x1)`` order by mistake and raises ``TypeError``). ``x0`` (keyword only) is a noise batch to
     pair, for couplings that take their noise from outside (minibatch OT, independent; LOOM draws its own
     and refuses one). ``labels (b,)`` (integer) make the coupling class-conditional: noise is only
-    exchanged between items of the same label. ``stats`` holds the last call's ``pre_cost``, ``post_cost`` and
+    exchanged between items of the same label. ``cond (b, Dc)`` or ``(b,)`` (floating) is a continuous
+    condition per item: the noise drawn for (or held by) item ``j`` carries ``cond[j]``, so giving item ``i``
+    the noise of item ``j`` costs ``metric(x1_i, x0_j) + cond_weight * ||cond_i - cond_j||^2``
+    (``cond_weight``: a constructor keyword, default 1.0; labels forbid, cond penalises).
+    ``return_indices=True`` returns ``(x0, x1, perm)``: ``perm (b,)`` int64, the permutation applied, so
+    that ``x0[i]`` is the noise of source ``perm[i]`` (each coupling says what its sources are: the rows of
+    the given ``x0``, or the noises the batch's items held); use it to regroup per-noise fields or losses.
+    ``stats`` holds the last call's ``pre_cost``, ``post_cost`` and
     ``swaps`` (0-dim tensors). ``state_dict``/``load_state_dict`` default to "no state", so every coupling can
     be checkpointed.
 
     Example::
 
         class Identity(Coupling):
-            def __call__(self, x1, indices=None, *, x0=None, labels=None):
-                return torch.zeros_like(x1) if x0 is None else x0, x1
+            def __call__(self, x1, indices=None, *, x0=None, labels=None, cond=None, return_indices=False):
+                x0 = torch.zeros_like(x1) if x0 is None else x0
+                return (x0, x1, torch.arange(len(x1))) if return_indices else (x0, x1)
     """
 
     stats: dict = MappingProxyType({})  # read-only "no stats yet"; each call assigns its own dict
 
     def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                 return_indices: bool = False) -> tuple:
         raise NotImplementedError
 
     def state_dict(self) -> dict:

@@ -115,3 +115,99 @@ def raise_bad_data(data):
         f"{data} contains NaN or inf (or values so large that the pair costs overflow float32): "
         "the batch was refused and the coupling's state left unchanged"
     ) from None
+
+
+# ---- continuous conditions (issue 21 item 6): shared by every coupling ----------------------------------
+
+# A penalty above this is capped: the cost stays finite (a +inf entry would read as bad data on CUDA) and
+# any cross-condition pair it marks is already far costlier than every pair of equal conditions.
+COND_PENALTY_CAP = 1e30
+
+
+def check_cond_weight(cond_weight) -> float:
+    """``cond_weight`` as a float, or a ``ValueError``: a finite real number ``>= 0``."""
+    if isinstance(cond_weight, bool) or not isinstance(cond_weight, (int, float)):
+        raise ValueError(f"cond_weight must be a finite float >= 0, got {cond_weight!r}")
+    w = float(cond_weight)
+    if not (w >= 0.0 and w != float("inf")):  # also refuses NaN
+        raise ValueError(f"cond_weight must be a finite float >= 0, got {cond_weight!r}")
+    return w
+
+
+def check_cond(cond, b: int, device: torch.device) -> torch.Tensor | None:
+    """``cond`` as a float64 ``(b, Dc)`` tensor (``(b,)`` is read as ``Dc = 1``), or None, or a clear error.
+
+    ``cond`` holds one row of condition values per data item (a timestep, a physical parameter, an
+    embedding). It must be a floating tensor on ``x1``'s device, finite: NaN or inf is refused here, before
+    anything changes (on CUDA this reads one flag back from the device). Float64 keeps the penalty's
+    precision whatever the input dtype, and every rank of a group sends the same dtype.
+
+    Example::
+
+        c = check_cond(torch.rand(8), 8, torch.device("cpu"))   # (8, 1) float64
+    """
+    if cond is None:
+        return None
+    if not isinstance(cond, torch.Tensor):
+        raise TypeError(f"cond must be a floating torch.Tensor of shape (b, Dc) or (b,), got {type(cond).__name__}")
+    if not cond.is_floating_point():
+        raise TypeError(
+            f"cond must have a floating dtype (continuous condition values), got {cond.dtype}; pass integer "
+            "class labels as labels= instead"
+        )
+    if cond.dim() not in (1, 2) or cond.shape[0] != b:
+        raise ValueError(f"cond must have shape (b, Dc) or (b,) with b = {b} to match x1, got {tuple(cond.shape)}")
+    if cond.device != device:
+        raise ValueError(f"cond must be on x1's device {device}, got {cond.device}")
+    if not bool(torch.isfinite(cond).all()):
+        raise ValueError("cond contains NaN or inf: the batch was refused and the coupling's state left unchanged")
+    return (cond[:, None] if cond.dim() == 1 else cond).to(torch.float64)
+
+
+def cond_cost(c_rows: torch.Tensor, c_cols: torch.Tensor, cond_weight: float) -> torch.Tensor:
+    """The ``(n, m)`` float64 penalty ``cond_weight * ||c_rows[i] - c_cols[j]||^2``, capped at ``COND_PENALTY_CAP``.
+
+    ``c_rows (n, Dc)``, ``c_cols (m, Dc)`` float64 (``check_cond``'s output). The Gram identity as ONE
+    matrix product of augmented rows, ``[c_i, |c_i|^2, 1] . w [-2 c_j, 1, |c_j|^2]`` (inner size ``Dc + 2``),
+    then one clamp: two passes over the ``(n, m)`` matrix and no ``(n, m, Dc)`` tensor. Few passes matter
+    more than flops here (each is a parallel region; the penalty's flops are ``Dc / D`` of the cost's).
+    Float64 keeps the cancellation error near ``1e-16 * w |c|^2``, far below the float32 cost's
+    resolution, so equal conditions cost (next to) nothing even at a huge weight.
+
+    Example::
+
+        pen = cond_cost(torch.zeros(4, 1, dtype=torch.float64), torch.ones(4, 1, dtype=torch.float64), 2.0)  # all 2
+    """
+    rows = torch.cat([c_rows, c_rows.square().sum(1, keepdim=True), torch.ones_like(c_rows[:, :1])], 1)
+    cols = torch.cat([-2.0 * c_cols, torch.ones_like(c_cols[:, :1]), c_cols.square().sum(1, keepdim=True)], 1)
+    return (rows @ (cols * cond_weight).T).clamp_(0.0, COND_PENALTY_CAP)
+
+
+def add_cond_cost(cost: torch.Tensor, c_rows: torch.Tensor | None, c_cols: torch.Tensor | None,
+                  cond_weight: float) -> torch.Tensor:
+    """``cost += cond_weight * ||c_rows[i] - c_cols[j]||^2`` in place (one pass), and return it.
+
+    ``cost (n, m)`` float32 (rows: data items, columns: noises, column ``j`` carrying the condition
+    ``c_cols[j]`` of the item that drew or holds it), a fresh tensor the caller owns; without a condition
+    or at ``cond_weight == 0`` it is returned untouched, so the unconditioned coupling is reproduced bit
+    for bit. Any coupling (exact or entropic) adds its condition term here.
+
+    Example::
+
+        cost = add_cond_cost(pairwise_cost(x1f, noise), cond, cond, 1.0)
+    """
+    if c_rows is None or cond_weight == 0.0:
+        return cost
+    return cost.add_(cond_cost(c_rows.to(cost.device), c_cols.to(cost.device), cond_weight))
+
+
+def float_bits(value: float) -> int:
+    """A float as the int64 of its bits: how a float setting enters the ranks' agreement (ints only)."""
+    return int(torch.tensor(float(value), dtype=torch.float64).view(torch.int64))
+
+
+def check_flag(value, name: str) -> bool:
+    """A call's boolean keyword (``return_indices``): a real bool, not a truthy tensor or string."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r:.40}")
+    return value

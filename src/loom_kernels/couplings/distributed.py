@@ -161,14 +161,9 @@ class Group:
                 f"{who} differs across ranks ({', '.join(bad)}): build it with the same arguments on "
                 f"every rank and resume every rank from the same checkpoint"
             )
-        col = 1
-        for j, (name, _) in enumerate(sizes.items()):
-            got = rows[:, col + j]
-            if (got != got[0]).any():
-                hint = " (use drop_last=True in the DataLoader/DistributedSampler)" if j == 0 else ""
-                what = "a batch of the same size" if j == 0 else f"the same {name}"
-                raise ValueError(f"every rank must pass {what} to {who}, got sizes {got.tolist()}{hint}")
-        col += len(sizes)
+        # Optional inputs before sizes: a cond passed on one rank only also differs in its column count,
+        # and "passed on some ranks only" is what to fix.
+        col = 1 + len(sizes)
         for j, name in enumerate(inputs):
             got = rows[:, col + j]
             if (got != got[0]).any():
@@ -177,6 +172,12 @@ class Group:
                     f"{name} must be passed on every rank or on none: rank(s) {given} passed {name}, "
                     f"rank(s) {torch.nonzero(got == 0).flatten().tolist()} did not"
                 )
+        for j, (name, _) in enumerate(sizes.items()):
+            got = rows[:, 1 + j]
+            if (got != got[0]).any():
+                hint = " (use drop_last=True in the DataLoader/DistributedSampler)" if j == 0 else ""
+                what = "a batch of the same size" if j == 0 else f"the same {name}"
+                raise ValueError(f"every rank must pass {what} to {who}, got sizes {got.tolist()}{hint}")
 
     def global_cost(self, x1f: torch.Tensor, noise: torch.Tensor, metric: str) -> torch.Tensor:
         """The ``(W*b, N)`` cost between every rank's data and ``noise (N, D)``, the same on every rank.

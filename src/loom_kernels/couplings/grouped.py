@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from ..cost import pairwise_cost
-from .common import pair_stats, raise_bad_data, solve
+from .common import add_cond_cost, pair_stats, raise_bad_data, solve
 from .distributed import Group
 
 DEFAULT_GROUP_SIZE = 1024  # a 1024-item group: ~80 ms on 2 CPU cores, ~26 ms on an H200 (docs/scaling.md)
@@ -112,24 +112,33 @@ def _raise_if_flagged(failed: torch.Tensor, grp: Group, data: str):
 
 def solve_loom_groups(grp: Group, part: Partition, x1f: torch.Tensor, seeds: torch.Tensor,
                       noise_fn: Callable, metric: str, labels: torch.Tensor | None, guard: Callable,
-                      gather: bool = True):
-    """LOOM's grouped step: ``(new_seeds (n,) int64, stats)``, the same on every rank.
+                      gather: bool = True, cond: torch.Tensor | None = None, cond_weight: float = 0.0,
+                      want_perm: bool = False):
+    """LOOM's grouped step: ``(new_seeds (n,) int64, stats, perm)``, the same on every rank but ``perm``.
 
     ``x1f (b, D)`` this rank's data; ``seeds (len(lists[rank]),)`` the current seeds of the items this
     rank owns (list order); ``noise_fn(seeds) -> (k, D)``; ``labels (n,)`` global or None; ``guard(cost,
     col) -> (col, stats)`` keeps the current pairs when the solve found nothing cheaper. ``gather=False``
     (a sharded table, which needs no replica of the updates): returns the owned items' new seeds
     ``(len(lists[rank]),)`` in list order instead, and only the stats and flags are all-gathered.
+    ``cond (b, Dc)`` this rank's conditions (float64) or None travel to the owners beside the data, and each
+    group's cost gets ``cond_weight * ||c_i - c_j||^2``. ``want_perm`` (the same on every rank): ``perm (b,)``,
+    for each of this rank's items the global position whose noise it now holds (one more all-to-all of
+    ``b`` int64), else None.
     """
     rank = grp.rank
     own = part.lists[rank]
-    xo = Route(part, grp).to_owners(x1f)
+    route = Route(part, grp)
+    xo = route.to_owners(x1f)
+    co = None if cond is None else route.to_owners(cond)
+    src = own.clone() if want_perm else None
     new = seeds.clone()
     sums = torch.zeros(3, dtype=torch.float64)
     failed = False
     noise = noise_fn(seeds)
     for a, c in part.segments(rank):
         cost = pairwise_cost(xo[a:c], noise[a:c], metric=metric)
+        cost = add_cond_cost(cost, *(None, None) if co is None else (co[a:c], co[a:c]), cond_weight)
         try:
             col = solve(cost, None if labels is None else labels[_dev(own[a:c], labels)])
         except ValueError:
@@ -137,6 +146,8 @@ def solve_loom_groups(grp: Group, part: Partition, x1f: torch.Tensor, seeds: tor
             break
         col, st = guard(cost, col)
         new[a:c] = seeds[a:c][col]
+        if want_perm:
+            src[a:c] = own[a:c][col.cpu()]
         sums += torch.stack([st["pre_cost"].cpu() * (c - a), st["post_cost"].cpu() * (c - a),
                              st["swaps"].cpu().double()])
     # One all-gather returns everything: each owner's new seeds (padded), its stat sums and its flag.
@@ -149,41 +160,51 @@ def solve_loom_groups(grp: Group, part: Partition, x1f: torch.Tensor, seeds: tor
     rows = grp.gather(row[None])
     _raise_if_flagged(rows[:, -1], grp, "x1")
     tot = rows[:, width:width + 3].contiguous().view(torch.float64).sum(0)
+    perm = route.to_homes(src).to(x1f.device) if want_perm else None
     if not gather:
-        return new, _mean_stats(tot, part.n, x1f.device)
+        return new, _mean_stats(tot, part.n, x1f.device), perm
     out = torch.empty(part.n, dtype=torch.int64)
     for o, lst in enumerate(part.lists):
         out[lst] = rows[o, : len(lst)]
-    return out.to(seeds.device), _mean_stats(tot, part.n, x1f.device)
+    return out.to(seeds.device), _mean_stats(tot, part.n, x1f.device), perm
 
 
 def solve_minibatch_groups(grp: Group, part: Partition, x1f: torch.Tensor, x0: torch.Tensor,
-                           metric: str, labels: torch.Tensor | None, dtype):
-    """Minibatch OT's grouped step: ``(x0 (b, ...) matched to this rank's items, stats)``.
+                           metric: str, labels: torch.Tensor | None, dtype, cond: torch.Tensor | None = None,
+                           cond_weight: float = 0.0, want_perm: bool = False):
+    """Minibatch OT's grouped step: ``(x0 (b, ...) matched to this rank's items, stats, perm)``.
 
     ``x1f (b, D)`` this rank's data (cost dtype), ``x0 (b, ...)`` this rank's noise, ``labels (b,)``
-    or None. Noise rows travel to their group's owner with the data and come back matched.
+    and ``cond (b, Dc)`` (float64) or None. Noise rows travel to their group's owner with the data and
+    come back matched. ``want_perm`` (the same on every rank): ``perm (b,)``, the global position (rank
+    order) of each returned noise row, one more all-to-all of ``b`` int64; else None.
     """
     route = Route(part, grp)
     xo, no = route.to_owners(x1f), route.to_owners(x0)
     lo = None if labels is None else route.to_owners(labels)
+    co = None if cond is None else route.to_owners(cond)
+    pos = route.to_owners(torch.arange(grp.rank * part.b, (grp.rank + 1) * part.b)) if want_perm else None
     out = no.clone()
     sums = torch.zeros(4, dtype=torch.float64)
     for a, c in part.segments(grp.rank):
         cost = pairwise_cost(xo[a:c], no[a:c].flatten(1).to(dtype), metric=metric)
+        cost = add_cond_cost(cost, *(None, None) if co is None else (co[a:c], co[a:c]), cond_weight)
         try:
             col = solve(cost, None if lo is None else lo[a:c])
         except ValueError:
             sums[3] = 1
             break
         out[a:c] = no[a:c][col]
+        if want_perm:
+            pos[a:c] = pos[a:c][col.cpu()]
         st = pair_stats(cost, col)
         sums[:3] += torch.stack([st["pre_cost"].cpu() * (c - a), st["post_cost"].cpu() * (c - a),
                                  st["swaps"].cpu().double()])
     back = route.to_homes(out)
     tot = grp.gather(sums[None])
     _raise_if_flagged(tot[:, 3], grp, "x1")
-    return back, _mean_stats(tot[:, :3].sum(0), part.n, x1f.device)
+    perm = route.to_homes(pos).to(x1f.device) if want_perm else None
+    return back, _mean_stats(tot[:, :3].sum(0), part.n, x1f.device), perm
 
 
 def _dev(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,18 @@ import torch
 from .._device import resolve_device
 from . import loom_state
 from .base import Coupling
-from .common import METRICS, check_labels, check_metric, check_x1, cost_dtype, to_device
+from .common import (
+    METRICS,
+    check_cond,
+    check_cond_weight,
+    check_flag,
+    check_labels,
+    check_metric,
+    check_x1,
+    cost_dtype,
+    float_bits,
+    to_device,
+)
 from .distributed import Group, check_whole_world
 from .grouped import DEFAULT_GROUP_SIZE, budget_warning, check_group_size
 from .indices import IndexCheck, as_index_tensor, resample_indices
@@ -56,6 +67,21 @@ class LoomCoupling(LoomPersistence, Coupling):
     Labels: with ``labels (b,)`` (integer, on ``x1``'s device) noise is only exchanged between items of
     the same label (cross-label pairs are forbidden in one batched solve), so the set of seeds owned by
     each class never changes; give a data point the same label on every call.
+
+    Conditions: with ``cond (b, Dc)`` or ``(b,)`` (floating, finite, on ``x1``'s device) the noise an item
+    holds carries that item's condition, so giving item ``i`` the noise item ``j`` holds costs
+    ``metric(x1_i, noise_j) + cond_weight * ||cond_i - cond_j||^2`` (``cond_weight``: constructor keyword,
+    default 1.0; 0 is the unconditioned coupling bit for bit; a huge weight exchanges noise only between
+    equal conditions, like ``labels``, which may be given too: labels forbid, cond penalises). Keeping
+    one's own noise has no penalty, so the table's total cost still never increases (a matching is applied
+    only when its cost, penalty included, is below the current pairs'); the batch ``stats`` include the
+    penalty. Distributed: ``cond`` travels like ``labels`` (all-gathered in the global scope, routed with
+    the data in the grouped one) and must be passed on every rank or on none.
+
+    Permutation: ``return_indices=True`` returns ``(x0, x1, perm)``, ``perm (b,)`` int64: ``x0[i]`` is the
+    noise that the item at batch position ``perm[i]`` held before the call (positions in the global batch
+    of ``W * b`` items, rank order, except ``scope="local"``: this rank's batch), so fields that travel with
+    the noise regroup as ``field[perm]``.
 
     Indices: each data point may appear at most once per (global) batch, else two items would write
     the same table entry: duplicates raise ``ValueError``. Augmented views (flips, crops) get their
@@ -115,6 +141,7 @@ class LoomCoupling(LoomPersistence, Coupling):
         overwrite: bool = False,
         table: str = "replicated",
         durability: str = DEFAULT_DURABILITY,
+        cond_weight: float = 1.0,
     ):
         shape = loom_state.check_args(num_points, shape, num_caches, seed, scope, SCOPES)
         check_table_args(table, mmap_path)
@@ -123,6 +150,7 @@ class LoomCoupling(LoomPersistence, Coupling):
         self.num_points, self.num_caches, self.seed = int(num_points), int(num_caches), int(seed)
         self.shape = tuple(int(s) for s in shape)
         self.metric = check_metric(metric)
+        self.cond_weight = check_cond_weight(cond_weight)
         self.device = resolve_device(device)
         self.process_group, self.scope, self.table = process_group, scope, table
         self.mmap_path = os.fspath(mmap_path) if mmap_path is not None else None
@@ -134,7 +162,7 @@ class LoomCoupling(LoomPersistence, Coupling):
         self._next_counter = self.num_points * self.num_caches  # first unused seed number
         self._lock = threading.Lock()
         self._budget_checked = False  # the cost-model warning is given once, at the first call
-        self._spec = LoomSpec(self.shape, self.metric, self.device, self.group_size, self._gen)
+        self._spec = LoomSpec(self.shape, self.metric, self.device, self.group_size, self._gen, self.cond_weight)
         self.stats = {}
         # load() attaches the checkpoint's table itself (a file is built from its rows, then renamed in).
         self._table: LoomTable | None = None if self._defer_table else self._create_table(overwrite)
@@ -184,7 +212,7 @@ class LoomCoupling(LoomPersistence, Coupling):
 
     # -- the coupling ---------------------------------------------------------------------------
 
-    def _check_inputs(self, x1, indices, x0, labels):
+    def _check_inputs(self, x1, indices, x0, labels, cond, return_indices):
         check_x1(x1)
         if tuple(x1.shape[1:]) != self.shape:
             raise ValueError(f"x1 must have shape (b, {', '.join(map(str, self.shape))}), got {tuple(x1.shape)}")
@@ -199,7 +227,8 @@ class LoomCoupling(LoomPersistence, Coupling):
                 "MinibatchOTCoupling to pair a given noise batch)"
             )
         indices = as_index_tensor(indices, x1.shape[0], x1.shape, self.table_device)
-        return indices, check_labels(labels, x1.shape[0], x1.device)
+        check_flag(return_indices, "return_indices")
+        return indices, check_labels(labels, x1.shape[0], x1.device), check_cond(cond, x1.shape[0], x1.device)
 
     def _draw_slots(self, n: int) -> torch.Tensor:
         if self.num_caches == 1:
@@ -207,27 +236,33 @@ class LoomCoupling(LoomPersistence, Coupling):
         return torch.randint(self.num_caches, (n,), generator=self._gen, dtype=torch.int64)
 
     @serialized
-    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None) -> tuple:
-        """Couple ``x1 (b, *shape)`` with dataset indices ``indices (b,)`` (and ``labels (b,)``).
+    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None, cond=None,
+                 return_indices: bool = False) -> tuple:
+        """Couple ``x1 (b, *shape)`` with dataset indices ``indices (b,)`` (and ``labels (b,)``, ``cond (b, Dc)``).
 
-        Returns ``(x0, x1)``: ``x0[i]`` is the noise paired with ``x1[i]``."""
+        Returns ``(x0, x1)`` (``(x0, x1, perm)`` with ``return_indices=True``): ``x0[i]`` is the noise
+        paired with ``x1[i]``."""
         grp = Group(self.process_group)
         try:
-            indices, labels = self._check_inputs(x1, indices, x0, labels)
+            indices, labels, cond = self._check_inputs(x1, indices, x0, labels, cond, return_indices)
         except (TypeError, ValueError):
             if grp.world > 1:  # the other ranks raise too instead of waiting in a collective
-                grp.agree("LoomCoupling", {"batch size": -1}, {"labels": False}, self._fingerprint(), failed=True)
+                grp.agree("LoomCoupling", {"batch size": -1, "cond columns": -1},
+                          {"labels": False, "cond": False, "return_indices": False}, self._fingerprint(), failed=True)
             raise
         b = x1.shape[0]
         if grp.world > 1:  # the fingerprint reads the table: only when there is something to agree on
-            grp.agree("LoomCoupling", {"batch size": b}, {"labels": labels is not None}, self._fingerprint())
+            given = {"labels": labels is not None, "cond": cond is not None, "return_indices": return_indices}
+            grp.agree("LoomCoupling", {"batch size": b, "cond columns": 0 if cond is None else cond.shape[1]},
+                      given, self._fingerprint())
         g_idx = grp.gather(indices, grp.cdev)  # left on the comm device: validated after the solve's sync
         self._warn_budget(grp.world, b)
         # One shared slot stream over the global batch: identical generator states on all ranks.
         slots = to_device(self._draw_slots(grp.world * b), self.table_device)
         if b == 0:
             self.stats = {}
-            return x1.new_empty(x1.shape), x1
+            empty = x1.new_empty(x1.shape)
+            return (empty, x1, torch.zeros(0, dtype=torch.int64, device=x1.device)) if return_indices else (empty, x1)
         check = IndexCheck(g_idx, self.num_points, grp.world)
         batch = Batch(
             x1.flatten(1).to(cost_dtype(x1.dtype)),
@@ -236,9 +271,12 @@ class LoomCoupling(LoomPersistence, Coupling):
             labels,
             slice(grp.rank * b, (grp.rank + 1) * b),
             check.after_solve,
+            cond=None if self.cond_weight == 0.0 else cond,  # weight 0: nothing added, nothing sent
+            want_perm=return_indices,
         )
-        x0, self.stats = step_for(self.scope, grp.world)(self._table, grp, batch, self._spec)
-        return x0.reshape(x1.shape).to(x1.dtype), x1
+        x0, self.stats, perm = step_for(self.scope, grp.world)(self._table, grp, batch, self._spec)
+        x0 = x0.reshape(x1.shape).to(x1.dtype)
+        return (x0, x1, perm) if return_indices else (x0, x1)
 
     def _warn_budget(self, world, b):
         if self._budget_checked or b == 0:
@@ -260,6 +298,7 @@ class LoomCoupling(LoomPersistence, Coupling):
             "scope": SCOPES.index(self.scope),
             "metric": METRICS.index(self.metric),
             "group_size": self.group_size,
+            "cond_weight": float_bits(self.cond_weight),
             "table": TABLES.index(self.table),
             "slot generator": gen_hash,
             "seed table": self._table.fingerprint(),
@@ -297,5 +336,5 @@ class LoomCoupling(LoomPersistence, Coupling):
         return (
             f"LoomCoupling(num_points={self.num_points}, shape={self.shape}, num_caches={self.num_caches}, "
             f"seed={self.seed}, metric={self.metric!r}, scope={self.scope!r}, group_size={self.group_size}, "
-            f"table={self.table!r}, {where})"
+            f"table={self.table!r}, cond_weight={self.cond_weight}, {where})"
         )

@@ -145,6 +145,7 @@ class LoomPersistence:
             "next_counter": int(self._next_counter),
             "scope": self.scope,
             "group_size": self.group_size,
+            "cond_weight": self.cond_weight,
             "mmap_path": self.mmap_path,
             "table": self.table,
         }
@@ -195,8 +196,11 @@ class LoomPersistence:
         mmap_path: str | os.PathLike | None = "auto",
         table: str | None = None,
         durability: str = DEFAULT_DURABILITY,
+        cond_weight: float | None = None,
     ):
         """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
+
+        ``scope``, ``group_size``, ``cond_weight`` and ``table`` default to the saved ones.
 
         ``table``: "replicated" or "sharded" (default: as saved). A sharded checkpoint (a manifest at
         ``path`` and one shard file per saving rank beside it) loads on any world size, as either kind;
@@ -228,6 +232,7 @@ class LoomPersistence:
             mmap_path=mmap_path_for(table, saved, state.get("mmap_path")) if mmap_path == "auto" else mmap_path,
             table=table,
             durability=durability,
+            cond_weight=cond_weight if cond_weight is not None else state.get("cond_weight", 1.0),
         )
         if is_manifest(state):
             grp = Group(coupling.process_group) if table == "sharded" else None  # sharded: a collective check

@@ -5,9 +5,16 @@ their noise, solves the exact assignment, writes the permuted seeds back (one mo
 and returns this rank's matched noise ``(b, ...)`` in the cost dtype with the call's stats. The table's
 kind never shows here: replicated and sharded tables differ only inside ``tables/``.
 
-A per-item input that enters the cost (e.g. a continuous condition ``cond (b, Dc)`` adding
-``w * ||c_i - c_j||^2``) travels in :class:`Batch` beside ``labels``: it is gathered where the labels
-are (``gathered``) and added to the cost in :func:`pair_cost` / the grouped solve.
+The continuous condition ``cond (b, Dc)`` travels in :class:`Batch` beside ``labels``: gathered where the
+labels are (``gathered``) in the global step, routed to the owners with the data in the grouped one, and
+``spec.cond_weight * ||c_i - c_j||^2`` is added to each cost (``common.add_cond_cost``) before the solve.
+Column ``j`` is the noise item ``j`` holds, so it carries item ``j``'s condition; the diagonal (each item
+keeping its noise) has no penalty, so ``keep_if_cheaper`` makes the table's total cost never increase and
+each applied matching pays its penalty out of that decrease.
+
+Each step returns ``(x0, stats, perm)``: ``perm (b,)`` the batch position (global in the global and
+grouped steps, this rank's in the local one) whose noise each item now holds; the grouped step computes
+it only when ``batch.want_perm``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 
 from ..cost import pairwise_cost
 from ..noise import gaussian_noise
-from .common import solve, to_device
+from .common import add_cond_cost, solve, to_device
 from .distributed import Group
 from .grouped import Partition, solve_loom_groups
 from .tables import LoomTable
@@ -34,6 +41,7 @@ class LoomSpec:
     device: torch.device
     group_size: int
     generator: torch.Generator  # the slot generator: the grouped partition is drawn from it after the slots
+    cond_weight: float = 1.0
 
     def noise(self, seeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``(n,)`` int64 seeds -> ``(n, *shape)`` Gaussian noise on the compute device."""
@@ -44,7 +52,9 @@ class LoomSpec:
 class Batch:
     """One call's items. ``x1f (b, D)``: this rank's data in the cost dtype; ``rows``/``slots`` ``(W*b,)``:
     the global batch's table entries (on the table's device; rows clamped until ``after_solve`` has checked
-    them); ``labels (b,)`` this rank's or None; ``mine``: this rank's positions in the global batch."""
+    them); ``labels (b,)`` this rank's or None; ``mine``: this rank's positions in the global batch;
+    ``cond (b, Dc)`` float64 this rank's conditions or None (None also at ``cond_weight == 0``);
+    ``want_perm``: the caller asked for the permutation (the same on every rank)."""
 
     x1f: torch.Tensor
     rows: torch.Tensor
@@ -52,6 +62,8 @@ class Batch:
     labels: torch.Tensor | None
     mine: slice
     after_solve: Callable[[], None]
+    cond: torch.Tensor | None = None
+    want_perm: bool = False
 
 
 def gathered(grp: Group, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -78,11 +90,14 @@ def global_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> t
     seeds = to_device(table.read_global(grp, batch.rows, batch.slots, batch.mine), spec.device)
     noise = spec.noise(seeds, batch.x1f.dtype)
     cost = grp.global_cost(batch.x1f, noise.flatten(1), spec.metric)  # (W*b, W*b) float32
+    g_cond = gathered(grp, batch.cond)
+    cost = add_cond_cost(cost, g_cond, g_cond, spec.cond_weight)
     col = solve(cost, gathered(grp, batch.labels))  # the single host sync on CUDA
     batch.after_solve()
     col, stats = keep_if_cheaper(cost, col)
     table.write_global(grp, batch.rows, batch.slots, to_device(seeds[col], table.device), batch.mine)
-    return noise[col[batch.mine]], stats
+    perm = col[batch.mine]
+    return noise[perm], stats, perm
 
 
 def local_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> tuple:
@@ -91,11 +106,12 @@ def local_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> tu
     seeds = to_device(table.read(grp, rows, slots), spec.device)
     noise = spec.noise(seeds, batch.x1f.dtype)
     cost = pairwise_cost(batch.x1f, noise.flatten(1), metric=spec.metric)
+    cost = add_cond_cost(cost, batch.cond, batch.cond, spec.cond_weight)
     col = solve(cost, batch.labels)
     batch.after_solve()
     col, stats = keep_if_cheaper(cost, col)
     table.write_local(grp, batch.rows, batch.slots, seeds[col], batch.mine)
-    return noise[col], stats
+    return noise[col], stats, col
 
 
 def grouped_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> tuple:
@@ -107,7 +123,7 @@ def grouped_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> 
     def noise_fn(s):
         return spec.noise(s, batch.x1f.dtype).flatten(1)
 
-    new, stats = solve_loom_groups(
+    new, stats, perm = solve_loom_groups(
         grp,
         part,
         batch.x1f,
@@ -117,10 +133,13 @@ def grouped_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> 
         gathered(grp, batch.labels),
         keep_if_cheaper,
         gather=table.gathers_group_updates,
+        cond=batch.cond,
+        cond_weight=spec.cond_weight,
+        want_perm=batch.want_perm,
     )
     batch.after_solve()
     mine = table.write_groups(grp, part, batch.rows, batch.slots, own, new)
-    return noise_fn(mine), stats
+    return noise_fn(mine), stats, perm
 
 
 def step_for(scope: str, world: int) -> Callable:

@@ -4,7 +4,21 @@ from __future__ import annotations
 import torch
 
 from .base import Coupling
-from .common import METRICS, check_indices, check_labels, check_metric, check_x1, cost_dtype, pair_stats, solve
+from .common import (
+    METRICS,
+    add_cond_cost,
+    check_cond,
+    check_cond_weight,
+    check_flag,
+    check_indices,
+    check_labels,
+    check_metric,
+    check_x1,
+    cost_dtype,
+    float_bits,
+    pair_stats,
+    solve,
+)
 from .distributed import Group
 from .grouped import DEFAULT_GROUP_SIZE, Partition, check_group_size, solve_minibatch_groups
 
@@ -23,6 +37,18 @@ class MinibatchOTCoupling(Coupling):
 
     ``labels (b,)`` (integer, on ``x1``'s device; needs ``m == b``): noise is only exchanged between
     items of the same label, which equals exact OT solved per class (one batched solve).
+
+    ``cond (b, Dc)`` or ``(b,)`` (floating, on ``x1``'s device; needs ``m == b``): row ``j`` of ``x0`` is item
+    ``j``'s noise and carries ``cond[j]``, so the cost of giving item ``i`` the noise ``j`` is
+    ``metric(x1_i, x0_j) + cond_weight * ||cond_i - cond_j||^2`` (one ``(b, b)`` addition to the cost,
+    ``common.add_cond_cost``); ``cond_weight=0`` is the unconditioned coupling bit for bit, a huge weight
+    exchanges noise only between equal conditions, as ``labels`` do. ``stats`` include the penalty. With
+    ``labels`` too, labels forbid and cond penalises.
+
+    ``return_indices=True`` returns ``(x0_matched, x1, perm)``: ``perm (b,)`` int64 with
+    ``x0_matched == x0[perm]`` (under a process group of ``W`` ranks, in every scope but ``"local"``:
+    indices into the concatenation of every rank's ``x0``, rank order), so per-noise fields regroup as
+    ``field[perm]``. Under a process group pass ``return_indices`` the same on every rank.
 
     Distributed: with a process group of size ``W > 1`` (``process_group`` or the default group) and
     ``scope="global"``, one call couples the ``W*b`` items of all ranks exactly as one process would
@@ -48,7 +74,8 @@ class MinibatchOTCoupling(Coupling):
     """
 
     def __init__(self, metric: str = "sqeuclidean", *, generator: torch.Generator | None = None,
-                 process_group=None, scope: str = "global", group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0):
+                 process_group=None, scope: str = "global", group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0,
+                 cond_weight: float = 1.0):
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -59,44 +86,63 @@ class MinibatchOTCoupling(Coupling):
         self.generator = generator
         self.process_group = process_group
         self.scope = scope
+        self.cond_weight = check_cond_weight(cond_weight)
         self.stats = {}
 
     def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                 return_indices: bool = False) -> tuple:
         """Couple ``x1 (b, *shape)`` with ``x0 (m, *shape)`` (drawn when None); ``indices`` are checked, unused."""
         world = Group(self.process_group)  # every rank agrees on the config, whatever the scope
         grp = Group(self.process_group, local=self.scope == "local")
+        name = type(self).__name__
         try:
-            labels = self._check_inputs(x1, x0, labels, self.scope)
-            check_indices(indices, x1.shape[0], type(self).__name__)
+            labels, cond = self._check_inputs(x1, x0, labels, cond, self.scope)
+            check_indices(indices, x1.shape[0], name)
+            check_flag(return_indices, "return_indices")
         except (TypeError, ValueError):
-            world.agree(type(self).__name__, {"batch size": -1, "x0 rows": -1}, {"labels": 0}, self._config(),
-                        failed=True)
+            world.agree(name, {"batch size": -1, "x0 rows": -1, "cond columns": -1},
+                        {"labels": 0, "cond": 0, "return_indices": 0},
+                        self._config(), failed=True)
             raise
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         b = x1.shape[0]
         # scope="local" couples each rank's batch alone: its sizes and inputs may differ across ranks
-        sizes = {"batch size": b, "x0 rows": x0.shape[0]} if grp.world > 1 else {"batch size": 0, "x0 rows": 0}
-        world.agree(type(self).__name__, sizes, {"labels": labels is not None and grp.world > 1}, self._config())
+        sizes = {"batch size": b, "x0 rows": x0.shape[0], "cond columns": 0 if cond is None else cond.shape[1]}
+        sizes = sizes if grp.world > 1 else dict.fromkeys(sizes, 0)
+        given = {"labels": labels is not None and grp.world > 1, "cond": cond is not None and grp.world > 1,
+                 "return_indices": return_indices and world.world > 1}
+        world.agree(name, sizes, given, self._config())
         if b == 0:
             self.stats = {}
-            return x0[:0], x1
+            return self._out(x0[:0], x1, torch.zeros(0, dtype=torch.int64, device=x1.device), return_indices)
         dt = cost_dtype(x1.dtype)
+        if cond is not None and self.cond_weight == 0.0:
+            cond = None  # nothing to add: the unconditioned coupling, bit for bit, and nothing sent
         if self.scope == "grouped":
             part = Partition(grp.world * b, b, grp.world, self.group_size, self._part_gen)
-            x0, self.stats = solve_minibatch_groups(grp, part, x1.flatten(1).to(dt), x0, self.metric, labels, dt)
-            return x0, x1
+            x0, self.stats, perm = solve_minibatch_groups(grp, part, x1.flatten(1).to(dt), x0, self.metric, labels,
+                                                          dt, cond=cond, cond_weight=self.cond_weight,
+                                                          want_perm=return_indices)
+            return self._out(x0, x1, perm, return_indices)
         g_x0 = grp.gather(x0)  # every rank's noise: rank r's rows may be matched with it
         cost = grp.global_cost(x1.flatten(1).to(dt), g_x0.flatten(1).to(dt), self.metric)
+        g_cond = None if cond is None else grp.gather(cond)  # row j of the noise carries item j's condition
+        cost = add_cond_cost(cost, g_cond, g_cond, self.cond_weight)
         col = solve(cost, None if labels is None else grp.gather(labels))
         self.stats = pair_stats(cost, col)
-        return g_x0[col[grp.rank * b:(grp.rank + 1) * b]], x1
+        perm = col[grp.rank * b:(grp.rank + 1) * b]
+        return self._out(g_x0[perm], x1, perm, return_indices)
+
+    @staticmethod
+    def _out(x0, x1, perm, return_indices):
+        return (x0, x1, perm) if return_indices else (x0, x1)
 
     def _config(self) -> dict:
         state = self._part_gen.get_state().to(torch.int64)
         return {"metric": METRICS.index(self.metric), "scope": _SCOPES.index(self.scope),
-                "group_size": self.group_size,
+                "group_size": self.group_size, "cond_weight": float_bits(self.cond_weight),
                 "partition generator": int((state * torch.arange(1, len(state) + 1)).sum())}
 
     def state_dict(self) -> dict:
@@ -113,7 +159,7 @@ class MinibatchOTCoupling(Coupling):
         self._part_gen.set_state(gen)
 
     @staticmethod
-    def _check_inputs(x1, x0, labels, scope="global"):
+    def _check_inputs(x1, x0, labels, cond, scope="global"):
         check_x1(x1)
         if x0 is not None:
             check_x1(x0, "x0")
@@ -131,4 +177,9 @@ class MinibatchOTCoupling(Coupling):
             raise ValueError(
                 f"labels need x0 with exactly b = {x1.shape[0]} rows (row i is item i's noise), got {x0.shape[0]}"
             )
-        return labels
+        cond = check_cond(cond, x1.shape[0], x1.device)
+        if cond is not None and x0 is not None and x0.shape[0] != x1.shape[0]:
+            raise ValueError(
+                f"cond needs x0 with exactly b = {x1.shape[0]} rows (row i is item i's noise), got {x0.shape[0]}"
+            )
+        return labels, cond

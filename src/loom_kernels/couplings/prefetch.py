@@ -28,7 +28,8 @@ from .base import Coupling
 
 
 class CouplingFuture:
-    """The pending result of ``PrefetchCoupling.submit``: ``result()`` -> ``(x0, x1)``; then ``stats``."""
+    """The pending result of ``PrefetchCoupling.submit``: ``result()`` -> ``(x0, x1)`` (``(x0, x1, perm)`` when
+    submitted with ``return_indices=True``); then ``stats``."""
 
     def __init__(self, future: concurrent.futures.Future):
         self._future = future
@@ -39,13 +40,14 @@ class CouplingFuture:
 
     def result(self, timeout: float | None = None) -> tuple:
         """Wait for the call and return its ``(x0, x1)`` (raises the call's error, if any)."""
-        x0, x1, stats, event = self._future.result(timeout)
+        out, stats, event = self._future.result(timeout)
         if event is not None:  # the caller's stream waits for the side stream's work on these tensors
-            stream = torch.cuda.current_stream(x0.device)
+            stream = torch.cuda.current_stream(out[0].device)
             stream.wait_event(event)
-            x0.record_stream(stream)
+            for t in out[:1] + out[2:]:  # x0 (and perm) were made on the side stream
+                t.record_stream(stream)
         self.stats = stats
-        return x0, x1
+        return out
 
 
 class PrefetchCoupling(Coupling):
@@ -83,9 +85,13 @@ class PrefetchCoupling(Coupling):
         self._streams: dict = {}
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None) -> tuple:
-        """``coupling(x1, indices, x0=x0, labels=labels)`` through the worker (after the pending calls)."""
-        kwargs = {k: v for k, v in (("x0", x0), ("labels", labels)) if v is not None}
+    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None, cond=None,
+                 return_indices: bool = False) -> tuple:
+        """``coupling(x1, indices, x0=x0, labels=labels, cond=cond, ...)`` through the worker (after the
+        pending calls); ``return_indices=True`` returns the wrapped coupling's ``(x0, x1, perm)``."""
+        kwargs = {k: v for k, v in (("x0", x0), ("labels", labels), ("cond", cond)) if v is not None}
+        if return_indices is not False:  # passed on as given: the wrapped coupling checks it
+            kwargs["return_indices"] = return_indices
         pending = self.submit(x1, indices, **kwargs)
         out = pending.result()
         self.stats = pending.stats
@@ -107,7 +113,8 @@ class PrefetchCoupling(Coupling):
         return pending.result()
 
     def submit(self, x1: torch.Tensor, indices=None, **kwargs) -> CouplingFuture:
-        """Queue ``coupling(x1, indices=indices, **kwargs)`` (``labels=``, ``x0=``...); returns at once."""
+        """Queue ``coupling(x1, indices=indices, **kwargs)`` (``labels=``, ``x0=``, ``cond=``,
+        ``return_indices=``...); returns at once."""
         ready = None
         if isinstance(x1, torch.Tensor) and x1.is_cuda:
             ready = torch.cuda.Event()
@@ -116,15 +123,15 @@ class PrefetchCoupling(Coupling):
 
     def _run(self, x1, kwargs, ready):
         if ready is None:
-            x0, x1 = self.coupling(x1, **kwargs)
-            return x0, x1, dict(self.coupling.stats), None
+            out = tuple(self.coupling(x1, **kwargs))
+            return out, dict(self.coupling.stats), None
         side = self._side_stream(x1.device)
         with torch.cuda.device(x1.device), torch.cuda.stream(side):
             side.wait_event(ready)
-            x0, x1 = self.coupling(x1, **kwargs)
+            out = tuple(self.coupling(x1, **kwargs))
             done = torch.cuda.Event()
             done.record(side)
-        return x0, x1, dict(self.coupling.stats), done
+        return out, dict(self.coupling.stats), done
 
     def _side_stream(self, device) -> torch.cuda.Stream:
         if device not in self._streams:

@@ -22,7 +22,7 @@ import torch
 from ..sinkhorn import RowShards, draw_pairs, plan_sharpness, sinkhorn
 from . import distributed as _dist
 from .base import Coupling
-from .common import check_indices, raise_bad_data
+from .common import check_cond_weight, check_indices, raise_bad_data
 from .distributed import Group
 from .grouped import DEFAULT_GROUP_SIZE, Partition, Route, check_group_size
 from .minibatch import MinibatchOTCoupling
@@ -55,31 +55,6 @@ def _check_positive(name, v, allow_inf=False):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0) or (v == math.inf and not allow_inf):
         raise ValueError(f"{name} must be a positive finite number, got {v!r}")
     return float(v)
-
-
-def check_cond_weight(cond_weight) -> float:
-    """A finite float ``>= 0`` (local twin of ``common.check_cond_weight`` of the ``cond`` branch)."""
-    if isinstance(cond_weight, bool) or not isinstance(cond_weight, (int, float)) or \
-            not (float(cond_weight) >= 0.0 and float(cond_weight) != math.inf):
-        raise ValueError(f"cond_weight must be a finite float >= 0, got {cond_weight!r}")
-    return float(cond_weight)
-
-
-def check_cond(cond, b: int, device) -> torch.Tensor | None:
-    """``cond`` as a ``(b, Dc)`` tensor (``(b,)`` read as ``Dc = 1``), or None, or a clear error."""
-    if cond is None:
-        return None
-    if not isinstance(cond, torch.Tensor):
-        raise TypeError(f"cond must be a floating torch.Tensor of shape (b, Dc) or (b,), got {type(cond).__name__}")
-    if not cond.is_floating_point():
-        raise TypeError(f"cond must have a floating dtype, got {cond.dtype}; pass integer class labels as labels=")
-    if cond.dim() not in (1, 2) or cond.shape[0] != b:
-        raise ValueError(f"cond must have shape (b, Dc) or (b,) with b = {b} to match x1, got {tuple(cond.shape)}")
-    if cond.device != device:
-        raise ValueError(f"cond must be on x1's device {device}, got {cond.device}")
-    if not bool(torch.isfinite(cond).all()):
-        raise ValueError("cond contains NaN or inf: the batch was refused and the coupling's state left unchanged")
-    return cond[:, None] if cond.dim() == 1 else cond
 
 
 def _classes(rows_lab, cols_lab):
@@ -166,12 +141,8 @@ class SinkhornCoupling(Coupling):
         grp = Group(self.process_group, local=self.scope == "local")
         name = type(self).__name__
         try:
-            labels = MinibatchOTCoupling._check_inputs(x1, x0, labels, self.scope)
+            labels, cond = MinibatchOTCoupling._check_inputs(x1, x0, labels, cond, self.scope)
             check_indices(indices, x1.shape[0], name)
-            cond = check_cond(cond, x1.shape[0], x1.device)
-            if cond is not None and x0 is not None and x0.shape[0] != x1.shape[0]:
-                raise ValueError(f"cond needs x0 with exactly b = {x1.shape[0]} rows (row i is item i's noise), "
-                                 f"got {x0.shape[0]}")
             if not bool(torch.isfinite(x1).all()) or (x0 is not None and not bool(torch.isfinite(x0).all())):
                 raise_bad_data("x1" if not bool(torch.isfinite(x1).all()) else "x0")
         except (TypeError, ValueError):

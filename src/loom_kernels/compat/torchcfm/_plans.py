@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from ...cost import pairwise_cost
-from ...couplings.common import check_labels, cost_dtype, solve  # noqa: F401  (check_labels: re-exported)
+from ...couplings.common import (  # noqa: F401  (check_labels, check_cond, check_cond_weight: re-exported)
+    add_cond_cost,
+    check_cond,
+    check_cond_weight,
+    check_labels,
+    cost_dtype,
+    solve,
+)
 
 _POT_HINT = "install the extra with pip install 'loom_kernels[torchcfm]' (or pip install POT)"
 
@@ -55,10 +62,14 @@ def sq_cost(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return pairwise_cost(a.to(dt), b.to(dt), metric="sqeuclidean")
 
 
-def exact_col(x0, x1, labels=None) -> torch.Tensor:
-    """``col (b,)`` on the tensors' device: ``x0[col[k]]`` is paired with ``x1[k]`` in the exact plan."""
+def exact_col(x0, x1, labels=None, cond=None, cond_weight: float = 0.0) -> torch.Tensor:
+    """``col (b,)`` on the tensors' device: ``x0[col[k]]`` is paired with ``x1[k]`` in the exact plan.
+
+    ``cond (b, Dc)`` float64 (``check_cond``'s output) or None: ``x0[j]`` carries ``cond[j]``, and the cost
+    of pairing ``x1[k]`` with ``x0[j]`` gets ``cond_weight * ||cond_k - cond_j||^2`` (the couplings' term)."""
     check_pair(x0, x1)
-    return solve(sq_cost(x1, x0), labels, data="x0 or x1")
+    cost = add_cond_cost(sq_cost(x1, x0), cond, cond, cond_weight)
+    return solve(cost, labels, data="x0 or x1")
 
 
 def permutation_plan(col: torch.Tensor) -> np.ndarray:

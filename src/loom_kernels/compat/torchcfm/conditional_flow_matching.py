@@ -111,18 +111,31 @@ class ConditionalFlowMatcher:
 
 
 class _PlanMixin:
-    """The OT matchers: pairs drawn from ``self.ot_sampler`` before the parent's path (TorchCFM's order)."""
+    """The OT matchers: pairs drawn from ``self.ot_sampler`` before the parent's path (TorchCFM's order).
 
-    def sample_location_and_conditional_flow(self, x0, x1, t=None, return_noise=False):
-        x0, x1 = self.ot_sampler.sample_plan(x0, x1)
+    New keyword ``cond (b, Dc)`` or ``(b,)`` (floating, one row per item of ``x1``, exact plans only): the
+    pairs are the exact permutation (``x1`` keeps its order, so ``cond`` and any label of ``x1`` still line
+    up) for ``|x1_k - x0_j|^2 + cond_weight * ||cond_k - cond_j||^2``, ``x0[j]`` carrying ``cond[j]``.
+    """
+
+    def sample_location_and_conditional_flow(self, x0, x1, t=None, return_noise=False, *, cond=None):
+        if cond is None:
+            x0, x1 = self.ot_sampler.sample_plan(x0, x1)
+        else:
+            x0, x1 = self.ot_sampler.sample_plan(x0, x1, replace=False, cond=cond)
         return super().sample_location_and_conditional_flow(x0, x1, t, return_noise)
 
-    def guided_sample_location_and_conditional_flow(self, x0, x1, y0=None, y1=None, t=None, return_noise=False):
+    def guided_sample_location_and_conditional_flow(self, x0, x1, y0=None, y1=None, t=None, return_noise=False,
+                                                    *, cond=None):
         """As TorchCFM: ``(t, xt, ut, y0, y1)`` (``eps`` last with ``return_noise``), labels drawn with the pairs.
 
-        ``y0`` (``y1``) needs one entry per row of ``x0`` (``x1``), else a ValueError names it.
+        ``y0`` (``y1``) needs one entry per row of ``x0`` (``x1``), else a ValueError names it. With ``cond``
+        the pairs are the penalised exact permutation (``x1``, ``y1`` in their order, ``y0`` follows ``x0``).
         """
-        x0, x1, y0, y1 = self.ot_sampler.sample_plan_with_labels(x0, x1, y0, y1)
+        if cond is None:
+            x0, x1, y0, y1 = self.ot_sampler.sample_plan_with_labels(x0, x1, y0, y1)
+        else:
+            x0, x1, y0, y1 = self.ot_sampler.sample_plan_with_labels(x0, x1, y0, y1, replace=False, cond=cond)
         out = super().sample_location_and_conditional_flow(x0, x1, t, return_noise)
         return (*out[:3], y0, y1, *out[3:])
 
@@ -136,9 +149,9 @@ class ExactOptimalTransportConditionalFlowMatcher(_PlanMixin, ConditionalFlowMat
         t, xt, ut = fm.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
     """
 
-    def __init__(self, sigma: float | int = 0.0):
+    def __init__(self, sigma: float | int = 0.0, *, cond_weight: float = 1.0):
         super().__init__(sigma)
-        self.ot_sampler = OTPlanSampler(method="exact")
+        self.ot_sampler = OTPlanSampler(method="exact", cond_weight=cond_weight)
 
 
 class TargetConditionalFlowMatcher(ConditionalFlowMatcher):
@@ -179,14 +192,14 @@ class SchrodingerBridgeConditionalFlowMatcher(_PlanMixin, ConditionalFlowMatcher
         t, xt, ut = fm.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
     """
 
-    def __init__(self, sigma: float | int = 1.0, ot_method="exact"):
+    def __init__(self, sigma: float | int = 1.0, ot_method="exact", *, cond_weight: float = 1.0):
         if sigma <= 0:
             raise ValueError(f"Sigma must be strictly positive, got {sigma}.")
         elif sigma < 1e-3:
             warnings.warn("Small sigma values may lead to numerical instability.", stacklevel=2)
         super().__init__(sigma)
         self.ot_method = ot_method
-        self.ot_sampler = OTPlanSampler(method=ot_method, reg=2 * self.sigma**2)
+        self.ot_sampler = OTPlanSampler(method=ot_method, reg=2 * self.sigma**2, cond_weight=cond_weight)
 
     def compute_sigma_t(self, t):
         return self.sigma * torch.sqrt(t * (1 - t))

@@ -15,7 +15,8 @@ class LoomConditionalFlowMatcher(ConditionalFlowMatcher):
     The noise comes from the coupling's seed table, so the calls take the batch's dataset indices
     (keyword ``indices``); ``x0`` may be ``None`` (a given ``x0`` must be shaped like ``x1`` and is not
     used). The batch keeps its order: ``x0[k]`` is ``x1[k]``'s noise. ``guided_...`` couples within
-    the classes ``y1``. ``state_dict``/``load_state_dict`` checkpoint the coupling.
+    the classes ``y1``. ``cond=`` (and the option ``cond_weight``) is the coupling's continuous condition.
+    ``state_dict``/``load_state_dict`` checkpoint the coupling.
 
     Example::
 
@@ -28,21 +29,21 @@ class LoomConditionalFlowMatcher(ConditionalFlowMatcher):
         super().__init__(sigma)
         self.coupling = LoomCoupling(num_points, shape, **options)
 
-    def _couple(self, x0, x1, indices, labels=None):
+    def _couple(self, x0, x1, indices, labels=None, cond=None):
         if x0 is not None and (not isinstance(x0, torch.Tensor) or x0.shape != x1.shape):
             got = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
             raise ValueError(f"x0 must be None or shaped like x1 {tuple(x1.shape)} (it is not used), got {got}")
-        x0, _ = self.coupling(x1, indices, labels=labels)
+        x0, _ = self.coupling(x1, indices, labels=labels, cond=cond)
         return x0
 
     def sample_location_and_conditional_flow(self, x0, x1, t=None, return_noise=False, *, indices=None,
-                                             labels=None):
-        x0 = self._couple(x0, x1, indices, labels)
+                                             labels=None, cond=None):
+        x0 = self._couple(x0, x1, indices, labels, cond)
         return super().sample_location_and_conditional_flow(x0, x1, t, return_noise)
 
     def guided_sample_location_and_conditional_flow(self, x0, x1, y0=None, y1=None, t=None, return_noise=False,
-                                                    *, indices=None):
-        x0 = self._couple(x0, x1, indices, y1)
+                                                    *, indices=None, cond=None):
+        x0 = self._couple(x0, x1, indices, y1, cond)
         out = super().sample_location_and_conditional_flow(x0, x1, t, return_noise)
         return (*out[:3], y0, y1, *out[3:])
 

@@ -12,7 +12,9 @@ and generalizing flow-based generative models with minibatch optimal transport",
   (no host copy; draws on the device from numpy's uniforms). Exact plans between batches of
   different sizes: POT's ``emd``.
 - ``sample_plan_with_scipy``: TorchCFM's (newer than 1.0.7) assignment draw, on our solver.
-- New: ``sample_plan(..., labels=y)``, class-conditional exact OT (noise never crosses classes).
+- New: ``sample_plan(..., labels=y)``, class-conditional exact OT (noise never crosses classes), and
+  ``sample_plan(..., cond=c)`` with the constructor's ``cond_weight``: continuous conditions, the exact
+  plan of ``|x1_k - x0_j|^2 + cond_weight * ||c_k - c_j||^2`` (as the couplings' ``cond=``).
 
 This module imports neither torchcfm nor POT (POT is imported when a POT method is used).
 """
@@ -51,6 +53,7 @@ class OTPlanSampler:
     Args: as torchcfm's (``method`` in "exact", "sinkhorn", "unbalanced", "partial"; ``reg`` and
     ``reg_m`` for POT's entropic solvers; ``normalize_cost`` divides the cost by its max (no effect
     on an exact plan); ``num_threads`` is passed to POT's ``emd``; ``warn`` warns on a degenerate plan).
+    New: ``cond_weight`` (float >= 0, default 1.0), the weight of ``cond=`` in ``sample_plan``.
 
     Shapes: ``x0 (b, *dim)``, ``x1 (b, *dim)``; ``get_map`` returns a numpy ``(b, b)`` plan.
 
@@ -59,10 +62,11 @@ class OTPlanSampler:
         sampler = OTPlanSampler(method="exact")
         x0, x1 = sampler.sample_plan(torch.randn(64, 2), torch.rand(64, 2), replace=False)
         x0, x1 = sampler.sample_plan(noise, data, replace=False, labels=classes)  # never crosses classes
+        x0, x1 = sampler.sample_plan(noise, data, replace=False, cond=temperature[:, None])  # penalised
     """
 
     def __init__(self, method: str, reg: float = 0.05, reg_m: float = 1.0, normalize_cost: bool = False,
-                 num_threads: int | str = 1, warn: bool = True) -> None:
+                 num_threads: int | str = 1, warn: bool = True, *, cond_weight: float = 1.0) -> None:
         if method not in _METHODS:
             raise ValueError(f"Unknown method: {method} (expected one of {_METHODS})")
         self.method = method
@@ -71,6 +75,7 @@ class OTPlanSampler:
         self.normalize_cost = normalize_cost
         self.num_threads = num_threads
         self.warn = warn
+        self.cond_weight = _plans.check_cond_weight(cond_weight)
         if method != "exact":
             _plans.pot(f"OTPlanSampler(method={method!r})")  # fail at construction, as TorchCFM's import would
 
@@ -134,18 +139,25 @@ class OTPlanSampler:
             p = p.cpu().numpy()
         return self.sample_map(p, b0, replace=replace)
 
-    def sample_plan(self, x0, x1, replace: bool = True, *, labels: torch.Tensor | None = None):
+    def sample_plan(self, x0, x1, replace: bool = True, *, labels: torch.Tensor | None = None,
+                    cond: torch.Tensor | None = None):
         """Pairs ``(x0[i], x1[j])`` from the OT plan; ``replace=False`` gives the exact permutation in ``x1``'s order.
 
         ``labels (b,)`` (integer, on ``x1``'s device; exact method, ``replace=False``): class-conditional
-        OT, ``x0`` is only permuted within each class of ``x1``.
+        OT, ``x0`` is only permuted within each class of ``x1``. ``cond (b, Dc)`` or ``(b,)`` (floating, on
+        ``x1``'s device; exact method, ``replace=False``): one condition per item, ``x0[j]`` carrying
+        ``cond[j]``; the plan is exact for ``|x1_k - x0_j|^2 + cond_weight * ||cond_k - cond_j||^2``
+        (labels forbid, cond penalises; ``cond_weight=0`` is the plain plan).
         """
         _plans.check_pair(x0, x1)
         if labels is not None:
             self._check_labels_usable(x0, x1, replace)
             labels = _check_labels(labels, x1.shape[0], x1.device)
+        if cond is not None:
+            self._check_labels_usable(x0, x1, replace, "cond")
+            cond = _plans.check_cond(cond, x1.shape[0], x1.device)
         if self._ours(x0, x1) and not replace:
-            return x0[_plans.exact_col(x0, x1, labels)], x1
+            return x0[_plans.exact_col(x0, x1, labels, cond, self.cond_weight)], x1
         i, j = self._draw(x0, x1, replace)
         return x0[i], x1[j]
 
@@ -167,30 +179,35 @@ class OTPlanSampler:
         _, j = linear_sum_assignment(M.cpu().numpy())
         return x0, x1[j]
 
-    def _check_labels_usable(self, x0, x1, replace):
+    def _check_labels_usable(self, x0, x1, replace, name="labels"):
         if self.method != "exact" or x0.shape[0] != x1.shape[0]:
             raise ValueError(
-                f"labels need method='exact' and batches of the same size, got method={self.method!r} with "
+                f"{name} need method='exact' and batches of the same size, got method={self.method!r} with "
                 f"{x0.shape[0]} and {x1.shape[0]} items"
             )
         if replace:
             raise ValueError(
-                "labels need replace=False: with replace=True pairs are redrawn from the plan, so rows of x1 are "
-                "duplicated or dropped and no longer line up with labels (use sample_plan_with_labels to get "
+                f"{name} need replace=False: with replace=True pairs are redrawn from the plan, so rows of x1 are "
+                f"duplicated or dropped and no longer line up with {name} (use sample_plan_with_labels to get "
                 "the drawn labels back)"
             )
 
-    def sample_plan_with_labels(self, x0, x1, y0=None, y1=None, replace: bool = True):
+    def sample_plan_with_labels(self, x0, x1, y0=None, y1=None, replace: bool = True, *,
+                                cond: torch.Tensor | None = None):
         """TorchCFM's labelled draw: ``(x0[i], x1[j], y0[i], y1[j])`` from the (label-blind) OT plan.
 
         ``y0`` (``y1``) needs one entry per row of ``x0`` (``x1``). As in TorchCFM the plan ignores the
         labels; for OT that never crosses classes use ``sample_plan(x0, x1, replace=False, labels=y1)``.
+        ``cond`` (new; exact method, ``replace=False``): the plan penalised as in ``sample_plan``.
         """
         _plans.check_pair(x0, x1)
         _check_y(y0, "y0", x0, "x0")
         _check_y(y1, "y1", x1, "x1")
+        if cond is not None:
+            self._check_labels_usable(x0, x1, replace, "cond")
+            cond = _plans.check_cond(cond, x1.shape[0], x1.device)
         if self._ours(x0, x1) and not replace:
-            col = _plans.exact_col(x0, x1)
+            col = _plans.exact_col(x0, x1, None, cond, self.cond_weight)
             return x0[col], x1, (y0[col] if y0 is not None else None), y1
         i, j = self._draw(x0, x1, replace)
         return x0[i], x1[j], (y0[i] if y0 is not None else None), (y1[j] if y1 is not None else None)
