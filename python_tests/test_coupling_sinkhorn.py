@@ -121,6 +121,11 @@ def test_stats_and_shapes():
     assert float(lo.stats["sharpness"]) < float(hi.stats["sharpness"])
     x0e, _ = c(x1[:0])
     assert x0e.shape == (0, 3, 2)
+    noise = torch.randn(64, 3, 2, generator=_gen(8))
+    for scope in ("global", "local", "grouped"):
+        out, _, idx = SinkhornCoupling(0.05, scope=scope, group_size=20, generator=_gen(2))(
+            x1, x0=noise, return_indices=True)
+        assert idx.dtype == torch.int64 and torch.equal(out, noise[idx]), scope
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "0.1"])
@@ -198,7 +203,9 @@ def _dist_body(rank):
     sampled = SinkhornCoupling(0.05, generator=_gen(rank))
     out["sampled"] = _rows(sampled(x1[sl], x0=x0[sl], labels=lab[sl])[0], x0)
     gr = SinkhornCoupling(0.05, scope="grouped", group_size=16, generator=_gen(rank), seed=5)
-    out["grouped"] = _rows(gr(x1[sl], x0=x0[sl], labels=lab[sl])[0], x0)
+    got, _, idx = gr(x1[sl], x0=x0[sl], labels=lab[sl], return_indices=True)
+    out["grouped"] = _rows(got, x0)
+    out["grouped_idx"] = idx
     for key, kw in {"epsilon": {"epsilon": 0.05 * (1 + rank)}, "scope": {"scope": ("local", "global")[rank]}}.items():
         try:
             SinkhornCoupling(**kw)(x1[sl], x0=x0[sl])
@@ -228,6 +235,7 @@ def test_scopes_on_gloo_ranks(tmp_path):
     assert torch.equal(torch.cat([r["missing_class"] for r in ranks]), _rows(one(x1, x0=x0, labels=lab2)[0], x0))
     cnd = torch.rand(W * BL, 2, generator=_gen(3), dtype=torch.float64)
     assert torch.equal(torch.cat([r["global_cond"] for r in ranks]), _rows(one(x1, x0=x0, cond=cnd)[0], x0))
+    assert torch.equal(torch.cat([r["grouped_idx"] for r in ranks]), torch.cat([r["grouped"] for r in ranks]))
     for key in ("sampled", "grouped"):
         got = torch.cat([r[key] for r in ranks])
         assert torch.equal(lab[got], lab), key  # drawn from every rank's noise, never across classes

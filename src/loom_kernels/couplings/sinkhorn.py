@@ -135,8 +135,12 @@ class SinkhornCoupling(Coupling):
                 "partition generator": int((state * torch.arange(1, len(state) + 1)).sum())}
 
     def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, cond: torch.Tensor | None = None):
-        """Couple ``x1 (b, *shape)`` with ``x0 (m, *shape)`` (drawn when None) -> ``(x0 (b, *shape), x1)``."""
+                 labels: torch.Tensor | None = None, cond: torch.Tensor | None = None, return_indices: bool = False):
+        """Couple ``x1 (b, *shape)`` with ``x0 (m, *shape)`` (drawn when None) -> ``(x0 (b, *shape), x1)``.
+
+        ``return_indices=True``: also the int64 ``(b,)`` rows of the noise each item drew (rows of this
+        rank's ``x0`` in scope ``"local"``, of every rank's ``x0`` concatenated in rank order otherwise;
+        with replacement: an index may repeat)."""
         world = Group(self.process_group)
         grp = Group(self.process_group, local=self.scope == "local")
         name = type(self).__name__
@@ -159,7 +163,8 @@ class SinkhornCoupling(Coupling):
                     self._config())
         if b == 0:
             self.stats = {}
-            return x0[:0], x1
+            empty = torch.zeros(0, dtype=torch.int64, device=x1.device)
+            return (x0[:0], x1, empty) if return_indices else (x0[:0], x1)
         seed = self._draw_seed(grp.rank, x1.device)
         dt = torch.float64 if x1.dtype == torch.float64 else torch.float32
         x1f, x0f = x1.flatten(1).to(dt), x0.flatten(1).to(dt)
@@ -167,13 +172,14 @@ class SinkhornCoupling(Coupling):
             c = cond.to(dt) * math.sqrt(self.cond_weight)
             x1f, x0f = torch.cat([x1f, c], 1), torch.cat([x0f, c], 1)
         if self.scope == "grouped":
-            out, self.stats = self._grouped(grp, x1f, x0f, x0, labels, seed)
-            return out, x1
+            out, idx, self.stats = self._grouped(grp, x1f, x0f, x0, labels, seed)
+            return (out, x1, idx) if return_indices else (out, x1)
         g_x0f = grp.gather(x0f)
         g_lab = None if labels is None else grp.gather(labels)
         shards = _AllReduce(grp) if grp.world > 1 else None
         col, self.stats = self._solve(x1f, g_x0f, labels, g_lab, grp.rank * b, seed, shards)
-        return grp.gather(x0)[col], x1
+        out = grp.gather(x0)[col]
+        return (out, x1, col) if return_indices else (out, x1)
 
     def _draw_seed(self, rank: int, device) -> int:
         """One 63-bit draw from the generator (or the global RNG), mixed with the rank."""
@@ -221,23 +227,24 @@ class SinkhornCoupling(Coupling):
         xo, no = route.to_owners(x1f), route.to_owners(x0f)
         lo = None if labels is None else route.to_owners(labels)
         raw = route.to_owners(x0)
-        pick = torch.empty_like(raw)
+        pos = route.to_owners(torch.arange(grp.rank * b, (grp.rank + 1) * b, device=x1f.device))
+        pick, pick_pos = torch.empty_like(raw), torch.empty_like(pos)
         sums = torch.zeros(6, dtype=torch.float64)
         for a, c in part.segments(grp.rank):
             lab = None if lo is None else lo[a:c]
             col, st = self._solve(xo[a:c], no[a:c], lab, lab, 0, seed + a, None)
-            pick[a:c] = raw[a:c][col]
+            pick[a:c], pick_pos[a:c] = raw[a:c][col], pos[a:c][col]
             w = c - a
             sums += torch.stack([st["pre_cost"].cpu() * w, st["post_cost"].cpu() * w, st["swaps"].cpu().double(),
                                  st["iterations"].double(), st["error"].cpu(), st["sharpness"].cpu() * w])
-        home = route.to_homes(pick)
+        home, home_pos = route.to_homes(pick), route.to_homes(pick_pos)
         tot = grp.gather(sums[None])
         n = part.n
         s = tot.sum(0)
         stats = {"pre_cost": (s[0] / n).to(x1f.device), "post_cost": (s[1] / n).to(x1f.device),
                  "swaps": s[2].round().to(torch.int64).to(x1f.device), "iterations": tot[:, 3].max().to(torch.int64),
                  "error": tot[:, 4].max().to(x1f.device), "sharpness": (s[5] / n).to(x1f.device)}
-        return home, stats
+        return home, home_pos, stats
 
 
 def _mean_cost(xf, yf, shards, n_all):
