@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from gloo_ranks import run_rank, spawn
-from loom_kernels.couplings import Coupling, FixedNoiseCoupling, IndependentCoupling, LoomCoupling, MinibatchOTCoupling
+from loom_kernels.couplings import (
+    Coupling,
+    FixedNoiseCoupling,
+    IndependentCoupling,
+    LoomCoupling,
+    MinibatchOTCoupling,
+    SinkhornCoupling,
+)
 from loom_kernels.couplings.prefetch import PrefetchCoupling
 
 N, SHAPE, B = 40, (2, 3), 8
@@ -34,6 +41,11 @@ FACTORIES = {
     "loom-grouped": lambda tmp: LoomCoupling(N, SHAPE, num_caches=2, seed=1, scope="grouped", group_size=3),
     "loom-sharded": lambda tmp: LoomCoupling(N, SHAPE, num_caches=2, seed=1, table="sharded"),
     "loom-mmap": lambda tmp: LoomCoupling(N, SHAPE, num_caches=2, seed=1, mmap_path=tmp / "t.npy", overwrite=True),
+    # a small epsilon: the plan is (numerically) the exact permutation, so the protocol's checks hold
+    "sinkhorn": lambda tmp: SinkhornCoupling(1e-3, generator=_gen(), max_iter=5000),
+    "sinkhorn-local": lambda tmp: SinkhornCoupling(1e-3, generator=_gen(), scope="local", max_iter=5000),
+    "sinkhorn-grouped": lambda tmp: SinkhornCoupling(1e-3, generator=_gen(), scope="grouped", group_size=3,
+                                                     max_iter=5000),
     "prefetch-independent": lambda tmp: PrefetchCoupling(IndependentCoupling(generator=_gen())),
     "prefetch-minibatch": lambda tmp: PrefetchCoupling(MinibatchOTCoupling(generator=_gen())),
     "prefetch-loom": lambda tmp: PrefetchCoupling(LoomCoupling(N, SHAPE, num_caches=2, seed=1)),
@@ -46,6 +58,9 @@ TAKES_X0 = {
     "minibatch-grouped",
     "prefetch-independent",
     "prefetch-minibatch",
+    "sinkhorn",
+    "sinkhorn-local",
+    "sinkhorn-grouped",
 }
 NEEDS_INDICES = {name for name in FACTORIES if "loom" in name or name == "fixed"}
 

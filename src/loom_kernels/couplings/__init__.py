@@ -8,8 +8,8 @@ returns ``(x0, x1)`` with the source first: ``x0[i]`` is the noise paired with t
 This package holds only the bookkeeping:
 
 - ``base.py``: the protocol (``Coupling``: ``__call__``, ``stats``, ``state_dict``/``load_state_dict``);
-- ``independent.py``, ``minibatch.py``, ``loom.py``: the couplings, one per file; ``loom.py`` is the conductor
-  of LOOM: checks, slot draw, agreement of ranks, then one step;
+- ``independent.py``, ``minibatch.py``, ``loom.py``, ``sinkhorn.py``: the couplings, one per file;
+  ``loom.py`` is the conductor of LOOM: checks, slot draw, agreement of ranks, then one step;
 - ``loom_steps.py``: LOOM's global, local and grouped steps as functions over (table, group, batch);
 - ``indices.py``: LOOM's index checks; ``loom_state.py``: its argument checks, state_dict, save and load;
 - ``tables/``: the seed-table interface (``base.LoomTable``) and its two kinds, ``replicated.py`` (every rank
@@ -38,5 +38,6 @@ from .factory import COUPLINGS, FixedNoiseCoupling, make_coupling  # noqa: F401 
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
+from .sinkhorn import SinkhornCoupling
 
-__all__ = ["Coupling", "IndependentCoupling", "MinibatchOTCoupling", "LoomCoupling", "METRICS"]
+__all__ = ["Coupling", "IndependentCoupling", "MinibatchOTCoupling", "LoomCoupling", "METRICS", "SinkhornCoupling"]

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write
+from ..couplings.base import Coupling
 
 DATASETS = ("8gaussians", "moons", "checkerboard", "digits")
 
@@ -44,12 +45,18 @@ DATASETS = ("8gaussians", "moons", "checkerboard", "digits")
 VARIANTS = ("ot", "fixed", "converged", "loom1", "loom4", "loom16", "loom64")
 
 
-ALL_VARIANTS = ("independent",) + VARIANTS
+# The entropic rival (issue 25 item 5; Klein et al. 2025): Sinkhorn couplings at the study's batch (32, for
+# parity) and with the whole data set as one batch ("N"), at a relative epsilon (scale of the mean cost).
+SINKHORN_VARIANTS = ("sinkhorn32_e0.1", "sinkhornN_e0.1", "sinkhornN_e0.01")
+
+
+ALL_VARIANTS = ("independent",) + VARIANTS + SINKHORN_VARIANTS
 
 
 LABELS = {"independent": "independent", "ot": "minibatch OT", "fixed": "fixed noise, no reassignment",
           "converged": "trained after convergence", "loom1": "LOOM 1 cache", "loom4": "LOOM 4 caches",
-          "loom16": "LOOM 16 caches", "loom64": "LOOM 64 caches"}
+          "loom16": "LOOM 16 caches", "loom64": "LOOM 64 caches",
+          **{v: f"Sinkhorn batch {v[8:].split('_')[0]}, eps {v.split('_e')[1]}" for v in SINKHORN_VARIANTS}}
 
 
 NFES = (1, 2, 4, 8)  # Euler
@@ -93,9 +100,42 @@ def converge(coupling, x_train: torch.Tensor, batch_size: int, seed: int) -> lis
     return curve
 
 
-def _coupling(variant: str, n: int, shape, seed: int):
+class LargeBatchSinkhorn(Coupling):
+    """The whole data set as one Sinkhorn batch (OTT's ``LinearOTDataloader`` pattern, Klein et al. 2025).
+
+    Every ``refresh`` calls (one epoch of minibatches) it draws fresh noise for all ``N`` points, solves
+    the ``N x N`` entropic problem (streamed) and draws each point's partner from its row of the plan;
+    each minibatch call then returns its items' partners. Called as the library's couplings.
+    """
+
+    def __init__(self, x_train: torch.Tensor, epsilon: float, refresh: int, seed: int):
+        from ..couplings import SinkhornCoupling
+
+        self.x_train, self.refresh, self.calls = x_train, max(1, refresh), 0
+        self.gen = torch.Generator().manual_seed(seed + 777)
+        self.inner = SinkhornCoupling(epsilon, generator=self.gen)
+        self.x0_all, self.stats = None, {}
+
+    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None):  # noqa: ARG002 - the signature
+        if self.calls % self.refresh == 0:
+            noise = torch.randn(self.x_train.shape, generator=self.gen, dtype=self.x_train.dtype)
+            self.x0_all, _ = self.inner(self.x_train, x0=noise)
+            self.stats = dict(self.inner.stats)
+        self.calls += 1
+        return self.x0_all[torch.as_tensor(indices)].to(x1.device, x1.dtype), x1
+
+
+
+def _coupling(variant: str, n: int, shape, seed: int, x_train=None, batch_size: int = 32):
     from ..couplings.factory import make_coupling
 
+    if variant in SINKHORN_VARIANTS:
+        from ..couplings import SinkhornCoupling
+
+        size, eps = variant[len("sinkhorn"):].split("_e")
+        if size == "N":
+            return LargeBatchSinkhorn(x_train, float(eps), n // batch_size, seed)
+        return SinkhornCoupling(float(eps), generator=torch.Generator().manual_seed(seed + 777))
     if variant in ("independent", "ot", "fixed"):
         return make_coupling(variant, n, shape, seed=seed)
     caches = 1 if variant == "converged" else int(variant[len("loom"):])
@@ -104,7 +144,7 @@ def _coupling(variant: str, n: int, shape, seed: int):
 
 def caches_of(variant: str) -> int | None:
     """Noise caches per point of a variant with a finite noise set (None: fresh noise every step)."""
-    if variant in ("independent", "ot"):
+    if variant in ("independent", "ot") or variant in SINKHORN_VARIANTS:
         return None
     return 1 if variant in ("fixed", "converged") else int(variant[len("loom"):])
 
@@ -129,7 +169,7 @@ def run_one(data: str, variant: str, seed: int, s: dict, threads: int = 1) -> di
     rows = torch.randperm(n, generator=gen)[:n_eval]
     floor = w2(x_train[rows], x_ref)
 
-    coupling = _coupling(variant, n, shape, seed)
+    coupling = _coupling(variant, n, shape, seed, x_train, s["batch_size"])
     rec = {"data": data, "variant": variant, "seed": seed, "n_train": n, "n_eval": n_eval, "caches": caches_of(variant),
            "steps": s["steps"], "batch_size": s["batch_size"], "w2_floor": floor}
     rec["noise_total"] = None if rec["caches"] is None else rec["caches"] * n

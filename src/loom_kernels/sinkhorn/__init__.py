@@ -10,7 +10,7 @@ O(B (n + m) + tile). See docs/sinkhorn.md.
     >>> j = draw_pairs(res, x1, x0, seed=0)           # (n,) int64: x0[j[i]] pairs with x1[i]
 """
 from .plan import dense_plan, draw_pairs, plan_sharpness
-from .solver import SinkhornResult, SinkhornWarning, sinkhorn, sinkhorn_cost
+from .solver import RowShards, SinkhornResult, SinkhornWarning, sinkhorn, sinkhorn_cost
 
-__all__ = ["SinkhornResult", "SinkhornWarning", "dense_plan", "draw_pairs", "plan_sharpness", "sinkhorn",
+__all__ = ["RowShards", "SinkhornResult", "SinkhornWarning", "dense_plan", "draw_pairs", "plan_sharpness", "sinkhorn",
            "sinkhorn_cost"]

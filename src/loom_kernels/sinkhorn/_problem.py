@@ -23,7 +23,7 @@ def _check_tensor(name, t, ndims, what):
         raise ValueError(f"{name} must be finite: it holds NaN or inf")
 
 
-def _weights(name, w, batch, size, device, dtype):
+def _weights(name, w, batch, size, device, dtype, allow_empty=False):
     """log-weights ``(B, size)`` (``-inf`` where a weight is 0) and the masses ``(B,)`` float64."""
     if w is None:
         return torch.full((batch, size), -math.log(size), device=device, dtype=dtype), \
@@ -37,7 +37,7 @@ def _weights(name, w, batch, size, device, dtype):
         raise ValueError(f"{name} must be non-negative")
     w = w.to(torch.float64).expand(batch, size)
     mass = w.sum(-1)
-    if bool((mass <= 0).any()):
+    if not allow_empty and bool((mass <= 0).any()):  # allow_empty: a row shard (the total is checked later)
         raise ValueError(f"{name} must have a positive sum in every problem")
     return torch.log(w).to(dtype), mass
 
@@ -50,7 +50,7 @@ class Problem:
     original cost.
     """
 
-    def __init__(self, x=None, y=None, cost=None, a=None, b=None, allow_tf32=False):
+    def __init__(self, x=None, y=None, cost=None, a=None, b=None, allow_tf32=False, row_shard=False):
         if cost is None:
             self._init_points(x, y)
         else:
@@ -60,7 +60,7 @@ class Problem:
             raise ValueError(f"need at least one point on each side, got n={n}, m={m}")
         self.shape = (B, n, m)
         self.geo_t = self.geo.transposed()
-        self.log_a, self.mass_a = _weights("a", a, B, n, self.device, self.dtype)
+        self.log_a, self.mass_a = _weights("a", a, B, n, self.device, self.dtype, allow_empty=row_shard)
         self.log_b, self.mass_b = _weights("b", b, B, m, self.device, self.dtype)
         self.allow_tf32 = allow_tf32
 

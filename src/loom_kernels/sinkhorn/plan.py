@@ -64,27 +64,31 @@ def draw_pairs(result: SinkhornResult, x=None, y=None, *, cost=None, seed=0, arg
     return prob.unbatch(prob.argmax(g, eps, None if argmax else _seed(seed)))
 
 
-def plan_sharpness(result: SinkhornResult, x=None, y=None, *, cost=None) -> torch.Tensor:
+def plan_sharpness(result: SinkhornResult, x=None, y=None, *, cost=None, row_shards=None) -> torch.Tensor:
     """The scale-invariant sharpness of the plan: its normalised entropy in [0, 1], float64.
 
     ``(H(P) - max(H(r), H(c))) / min(H(r), H(c))`` for the plan normalised to mass 1, with
     ``r``, ``c`` its marginals: 0 for a permutation (sharp), 1 for the independent coupling
     ``r c^T``. With uniform marginals and n = m this is ``H(P) / log n - 1``, the paper's
     quantity. One streamed pass (torch tiles on every device). A single point on a side: 0.
+    ``row_shards`` (a ``RowShards``, as in ``sinkhorn``): ``x`` is this process's rows of the
+    problem; the sums are combined so every process gets the whole plan's sharpness.
 
     Example:
         >>> plan_sharpness(sinkhorn(x1, x0, epsilon=0.01), x1, x0)   # tensor(0.21...)
     """
     prob, f, g, eps = _problem(result, x, y, cost)
     rows, cols, plogp = _tiles.plan_moments(prob.geo, f, g, eps)
-    mass = rows.sum(-1)
+    red = (lambda t: t) if row_shards is None else row_shards.sum
+    cols, plogp = red(cols), red(plogp)
+    mass = red(rows.sum(-1))
 
-    def entropy(p):
-        p = p / p.sum(-1, keepdim=True)
-        return -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1)
+    def entropy(p, reduce):
+        p = p / mass[:, None]
+        return -reduce(torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(-1))
 
     h = -plogp / mass + torch.log(mass)
-    hr, hc = entropy(rows), entropy(cols)
+    hr, hc = entropy(rows, red), entropy(cols, lambda t: t)
     lo, span = torch.maximum(hr, hc), torch.minimum(hr, hc)
     out = torch.where(span > 0, (h - lo) / span.clamp_min(1e-300), torch.zeros_like(h))
     return prob.unbatch(out)

@@ -23,7 +23,7 @@ import torch
 
 from ._problem import Problem
 
-__all__ = ["SinkhornResult", "SinkhornWarning", "sinkhorn", "sinkhorn_cost"]
+__all__ = ["RowShards", "SinkhornResult", "SinkhornWarning", "sinkhorn", "sinkhorn_cost"]
 
 
 class SinkhornWarning(RuntimeWarning):
@@ -68,19 +68,56 @@ def _positive(name, v, allow_none=False):
     return float(v)
 
 
-def _update(prob, other, eps, lam, rows: bool):
+class RowShards:
+    """The rows of one problem split across processes (each holds its rows and every column).
+
+    The hook that lets ``sinkhorn`` solve a problem whose rows live on several ranks: the row update
+    is local (every column is here), the column update's log-sum-exp over the rows and the few scalar
+    sums (masses, marginal error, mean cost) are combined by the three reductions below, so traffic
+    per iteration is one ``(B, m)`` max and one ``(B, m)`` sum. The default (this class) is one
+    process: every reduction is the identity. ``couplings.sinkhorn`` implements them with
+    ``torch.distributed.all_reduce``.
+    """
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def lse(self, t: torch.Tensor) -> torch.Tensor:
+        """Combine per-shard ``LSE_i`` partials: ``M + log sum_shards exp(t - M)``, ``M`` the max."""
+        mx = self.max(t)
+        safe = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # all -inf: no NaN
+        return safe + torch.log(self.sum(torch.exp(t - safe)))
+
+
+def _update(prob, other, eps, lam, rows: bool, shards=None):
     """``lam * (eps log w - eps LSE((other - C) / eps))`` over the columns (rows=True) or the rows."""
     lse = prob.lse(other, eps, transpose=not rows)
+    if shards is not None and not rows:  # the column update reduces over every shard's rows
+        lse = shards.lse(lse)
     log_w = prob.log_a if rows else prob.log_b
     return lam * eps * (log_w - lse)
 
 
-def _row_error(prob, f, f_new, eps):
+def _row_error(prob, f, f_new, eps, shards=None):
     """``sum_i a_i |exp((f_i - f'_i) / eps) - 1| / sum(a)`` float64 ``(B,)`` (0-weight rows add 0)."""
     d = ((f - f_new) / eps).double()
     w = torch.exp(prob.log_a.double())
-    term = torch.where(w > 0, w * torch.expm1(d).abs(), torch.zeros_like(d))
-    return term.sum(-1) / prob.mass_a
+    term = torch.where(w > 0, w * torch.expm1(d).abs(), torch.zeros_like(d)).sum(-1)
+    return (term if shards is None else shards.sum(term)) / prob.mass_a
+
+
+def _shard(prob, shards):
+    """Make the problem's scalars global over the shards: masses, mean cost (row-weighted), max cost."""
+    n = torch.full_like(prob.mean_cost, float(prob.shape[1]))
+    total = shards.sum(n)
+    prob.mass_a = shards.sum(prob.mass_a)
+    if bool((prob.mass_a <= 0).any()):
+        raise ValueError("a must have a positive sum in every problem (over all row shards)")
+    prob.mean_cost = shards.sum(prob.mean_cost * n) / total
+    prob.max_cost = shards.max(prob.max_cost)
 
 
 def _scales(prob, epsilon, relative, tau):
@@ -99,7 +136,7 @@ def _schedule(prob, eps, eps_scaling):
     return [r for r in stages if r > 1]
 
 
-def _solve(prob, epsilon, relative, tau, tol, max_iter, eps_scaling):
+def _solve(prob, epsilon, relative, tau, tol, max_iter, eps_scaling, shards=None):
     epsilon = _positive("epsilon", epsilon)
     tau = _positive("tau", tau, allow_none=True)
     tau = None if tau == math.inf else tau
@@ -108,6 +145,8 @@ def _solve(prob, epsilon, relative, tau, tol, max_iter, eps_scaling):
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if eps_scaling is not None and not (isinstance(eps_scaling, (int, float)) and 0 < eps_scaling < 1):
         raise ValueError(f"eps_scaling must be in (0, 1) or None, got {eps_scaling!r}")
+    if shards is not None:
+        _shard(prob, shards)
     if tau is None and bool(((prob.mass_a - prob.mass_b).abs() > 1e-6 * torch.maximum(prob.mass_a, prob.mass_b)).any()):
         raise ValueError(f"a and b must have the same total mass for a balanced problem (tau=None), got "
                          f"{prob.unbatch(prob.mass_a).tolist()} and {prob.unbatch(prob.mass_b).tolist()}; "
@@ -124,20 +163,20 @@ def _solve(prob, epsilon, relative, tau, tol, max_iter, eps_scaling):
     for r in _schedule(prob, eps64, eps_scaling)[: max_iter - 1]:
         e = (eps64 * r)[:, None].to(prob.dtype)
         f = _update(prob, g, e, lam(e), rows=True)
-        g = _update(prob, f, e, lam(e), rows=False)
+        g = _update(prob, f, e, lam(e), rows=False, shards=shards)
         it += 1
     e = eps64[:, None].to(prob.dtype)
     f = _update(prob, g, e, lam(e), rows=True)
-    g = _update(prob, f, e, lam(e), rows=False)
+    g = _update(prob, f, e, lam(e), rows=False, shards=shards)
     it += 1
     while True:
         f_new = _update(prob, g, e, lam(e), rows=True)
-        err = _row_error(prob, f, f_new, e)
+        err = _row_error(prob, f, f_new, e, shards)
         done = bool((err <= tol).all())
         if done or it >= max_iter:
             break
         f = f_new
-        g = _update(prob, f, e, lam(e), rows=False)
+        g = _update(prob, f, e, lam(e), rows=False, shards=shards)
         it += 1
     if not done:
         warnings.warn(SinkhornWarning(
@@ -150,7 +189,7 @@ def _solve(prob, epsilon, relative, tau, tol, max_iter, eps_scaling):
 
 def sinkhorn(x, y, a=None, b=None, *, epsilon: float = 0.05, relative: bool = True, tau: float | None = None,
              tol: float = 1e-3, max_iter: int = 1000, eps_scaling: float | None = None,
-             allow_tf32: bool = False) -> SinkhornResult:
+             allow_tf32: bool = False, row_shards: RowShards | None = None) -> SinkhornResult:
     """Entropic OT between point clouds for the squared-Euclidean cost, the cost never stored.
 
     Args:
@@ -169,6 +208,11 @@ def sinkhorn(x, y, a=None, b=None, *, epsilon: float = 0.05, relative: bool = Tr
             at ``epsilon``. One iteration per stage did not save iterations in our tests (see
             docs/sinkhorn.md): it is there for problems where the plain start stalls.
         allow_tf32: let CUDA use TF32 for the point products (faster, ~1e-3 relative error).
+        row_shards: the rows ``x`` (and ``a``) are this process's share of a larger problem whose
+            other rows live elsewhere (``y`` and ``b`` whole on every process); a ``RowShards``
+            combines the column updates and the scalars, so every process gets the ``g`` of the
+            whole problem and ``f`` for its rows. ``a`` is then this shard's part of the global
+            weights (pass it: the uniform default would be ``1/n`` of the local rows).
 
     Returns:
         ``SinkhornResult``. Memory beyond the inputs and potentials: a centred copy of the points
@@ -180,8 +224,9 @@ def sinkhorn(x, y, a=None, b=None, *, epsilon: float = 0.05, relative: bool = Tr
         >>> res = sinkhorn(x1, x0, epsilon=0.01)
         >>> cols = draw_pairs(res, x1, x0, seed=0)   # a noise index for each data row
     """
-    return _solve(Problem(x=x, y=y, a=a, b=b, allow_tf32=allow_tf32), epsilon, relative, tau, tol, max_iter,
-                  eps_scaling)
+    prob = Problem(x=x, y=y, a=a, b=b, allow_tf32=allow_tf32, row_shard=row_shards is not None)
+    return _solve(prob, epsilon, relative, tau, tol, max_iter,
+                  eps_scaling, row_shards)
 
 
 def sinkhorn_cost(cost, a=None, b=None, *, epsilon: float = 0.05, relative: bool = True,

@@ -2,8 +2,9 @@
 
 - exact, square batches: ``loom_kernels.assign`` on the tensors' device (Bertsekas' auction).
 - sinkhorn / unbalanced / partial: POT's solvers (Flamary et al., "POT: Python Optimal Transport",
-  JMLR 2021); off the host on POT's torch backend, so the cost and the plan stay on the tensors'
-  device. :func:`entropic_plan` is the one place that calls them, so a native solver can replace it.
+  JMLR 2021) on host tensors (TorchCFM's bit-identical call); off the host, sinkhorn by the native
+  streamed solver (``loom_kernels.sinkhorn``), the others on POT's torch backend, so the cost and the
+  plan stay on the tensors' device. :func:`entropic_plan` is the one place that chooses.
 - draws with replacement repeat TorchCFM's ``np.random.choice(b0 * b1, p=pi.flatten(), size=b0)``:
   on the host with numpy's own call, on another device with the same uniforms from numpy's global
   RNG and numpy's inverse-CDF rule (``cdf.searchsorted(u, side="right")``), so only ``b0`` floats
@@ -87,14 +88,19 @@ def _entropic_fn(ot, method: str, reg: float, reg_m: float):
     }[method]
 
 
-def entropic_plan(method: str, x0, x1, reg: float, reg_m: float, normalize_cost: bool):
+def entropic_plan(method: str, x0, x1, reg: float, reg_m: float, normalize_cost: bool, native: bool | None = None):
     """POT's entropic plan ``(b0, b1)`` between the batches (TorchCFM's cost and uniform marginals).
 
     The one place that calls the entropic solvers. Host tensors: TorchCFM's own call (POT's numpy
     backend on the float32 cost), so the plan is bit-identical to TorchCFM's (numpy array); POT's torch
-    backend is ~3x slower on 128x128 host problems. Other devices: :func:`entropic_plan_torch`, the
-    plan stays on the device (float64 tensor).
+    backend is ~3x slower on 128x128 host problems. Other devices: ``"sinkhorn"`` is solved by
+    :func:`native_sinkhorn_plan` (``loom_kernels.sinkhorn``, no POT needed), the other methods by
+    :func:`entropic_plan_torch`; the plan stays on the device (float64 tensor). ``native=True``
+    forces the native solver on the host as well (tests), ``False`` forbids it.
     """
+    use_native = (x0.device.type != "cpu") if native is None else bool(native)
+    if method == "sinkhorn" and use_native:
+        return native_sinkhorn_plan(x0, x1, reg, normalize_cost)
     if x0.device.type != "cpu":
         return entropic_plan_torch(method, x0, x1, reg, reg_m, normalize_cost)
     ot = pot(f"OTPlanSampler(method={method!r})")
@@ -102,6 +108,24 @@ def entropic_plan(method: str, x0, x1, reg: float, reg_m: float, normalize_cost:
     if normalize_cost:
         M = M / M.max()
     return _entropic_fn(ot, method, reg, reg_m)(ot.unif(x0.shape[0]), ot.unif(x1.shape[0]), M.detach().cpu().numpy())
+
+
+def native_sinkhorn_plan(x0, x1, reg: float, normalize_cost: bool, tol: float = 1e-9,
+                         max_iter: int = 1000) -> torch.Tensor:
+    """``ot.sinkhorn(unif, unif, M, reg)`` by ``loom_kernels.sinkhorn`` on the batches' device: float64 ``(b0, b1)``.
+
+    TorchCFM's cost ``M = cdist(x0, x1)**2`` (``/ M.max()`` when ``normalize_cost``) in float64, absolute
+    ``epsilon = reg``, POT's defaults (1000 iterations, a 1e-9 stop; no epsilon scaling, as POT): the
+    same fixed point as POT's, so the plans agree to the solvers' tolerance. The plan is formed (the
+    sampler draws from it with numpy's rule, as TorchCFM), which for a minibatch is small.
+    """
+    from ...sinkhorn import dense_plan, sinkhorn_cost
+
+    M = (torch.cdist(flat(x0).detach().double(), flat(x1).detach().double()) ** 2)
+    if normalize_cost:
+        M = M / M.max()
+    res = sinkhorn_cost(M, epsilon=float(reg), relative=False, tol=tol, max_iter=max_iter, eps_scaling=None)
+    return dense_plan(res, cost=M)
 
 
 def entropic_plan_torch(method: str, x0, x1, reg: float, reg_m: float, normalize_cost: bool) -> torch.Tensor:
