@@ -13,9 +13,10 @@ import inspect
 import pytest
 import torch
 
-from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import Coupling, FixedNoiseCoupling, IndependentCoupling, LoomCoupling, MinibatchOTCoupling
 from loom_kernels.couplings.prefetch import PrefetchCoupling
+
+from gloo_ranks import run_rank, spawn
 
 N, SHAPE, B = 40, (2, 3), 8
 

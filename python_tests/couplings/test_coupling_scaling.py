@@ -10,10 +10,11 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.couplings.distributed import count_bytes
 from loom_kernels.testing import cost_matrix_np, reference_loom_step
+
+from gloo_ranks import run_rank, spawn
 
 pytestmark = pytest.mark.distributed
 

@@ -11,8 +11,9 @@ import shutil
 import pytest
 import torch
 
-from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import LoomCoupling
+
+from gloo_ranks import run_rank, spawn
 
 pytestmark = pytest.mark.distributed
 
