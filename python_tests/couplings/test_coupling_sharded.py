@@ -14,6 +14,7 @@ import torch
 from loom_kernels.couplings import LoomCoupling
 
 from gloo_ranks import run_rank, spawn
+from harness import clustered
 
 pytestmark = pytest.mark.distributed
 
@@ -23,10 +24,7 @@ SCOPES = (("global", G), ("local", G), ("grouped", G), ("grouped", 10**6))
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn((P, *SHAPE), generator=g)
-    x[: P // 3] += 2.0
-    return x, torch.randint(CLASSES, (P,), generator=g)
+    return clustered(P, SHAPE, 1, shifted=3, classes=CLASSES)
 
 
 def _batches(world, steps, salt=0):
