@@ -110,11 +110,17 @@ def source_rows(out, src):
 
 def per_class_ot(x1, x0, labels=None, metric="sqeuclidean"):
     """The per-class OT reference: ``col`` (int64 tensor, (B,)) such that ``x0[col]`` is x0 reordered to
-    x1's rows by exact OT (scipy on the float64 explicit-difference cost, ``cost_matrix_np``), each class of
-    ``labels`` (B,) alone, every row together when ``labels`` is None. ``col[i]`` is in ``i``'s class."""
+    x1's rows (B, ...) by exact OT (scipy on the float64 explicit-difference cost, ``cost_matrix_np``).
+    With ``labels`` (B,), each class alone: x0 has B rows too, row j in item j's class, and ``col[i]`` is in
+    ``i``'s class. Without, plain OT over x0's M >= B rows.
+
+    >>> x0[per_class_ot(x1, x0, y)]  # the per-class OT pairing of x0 with x1
+    """
+    if labels is None:
+        return torch.from_numpy(linear_sum_assignment(cost_matrix_np(x1, x0, metric))[1])
     col = torch.empty(len(x1), dtype=torch.int64)
-    for k in [None] if labels is None else labels.unique().tolist():
-        sel = torch.arange(len(x1)) if k is None else torch.nonzero(labels == k)[:, 0]
+    for k in labels.unique().tolist():
+        sel = torch.nonzero(labels == k)[:, 0]
         _, c = linear_sum_assignment(cost_matrix_np(x1[sel], x0[sel], metric))
         col[sel] = sel[torch.from_numpy(c)]
     return col
