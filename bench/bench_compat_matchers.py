@@ -2,7 +2,7 @@
 and ``NeuralODE(...).trajectory`` (loom_kernels.compat.torchdyn against torchdyn and torchdiffeq).
 
 Both matcher providers get the same batch (b = 128, D = 3072: CIFAR-shaped, flattened) and the same
-seeds; the outputs are bit-identical (python_tests/test_compat_torchcfm_matchers.py). The NeuralODE
+seeds; the outputs are bit-identical (python_tests/compat/test_compat_torchcfm_matchers.py). The NeuralODE
 case integrates TorchCFM's CIFAR UNet (``UNetModelWrapper`` as in train_cifar10.py) with Euler on
 ``torch.linspace(0, 1, STEPS + 1)``; torchdyn is skipped where it cannot be imported (its pinned
 dependencies; see bench/RESULTS.md for how it was run).

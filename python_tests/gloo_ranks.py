@@ -1,10 +1,16 @@
-"""Test-side helpers for the distributed tests: run a body on W spawned gloo ranks of this machine and
-collect each rank's result (or every rank's traceback) in the parent."""
+"""The multi-process harness of the tests: run a body on W spawned gloo ranks of this machine and collect
+each rank's result (or every rank's traceback) in the parent (``spawn`` + ``run_rank``); or, where a rank
+must be a whole interpreter (a script's own process group, a signal to one rank), launch W copies of a
+script (``launch``) on a free port (``free_port``, also what torchrun's --master_port gets)."""
 from __future__ import annotations
 
 import datetime
 import multiprocessing
 import os
+import socket
+import subprocess
+import sys
+import time
 import traceback
 
 import torch
@@ -52,3 +58,34 @@ def spawn(world, out, target, extra=()):
     assert not alive, f"distributed workers timed out after {TIMEOUT_S}s"
     assert not errs and all(p.exitcode == 0 for p in procs), errs
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def free_port():
+    """A TCP port of 127.0.0.1 free right now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world, argv, cwd, env=None, signal_rank=None, started=None, timeout=240):
+    """Run ``python *argv`` as ``world`` processes in ``cwd``, each with RANK, PORT (one free port for all)
+    and OMP_NUM_THREADS=1 in its environment (over ``env`` or os.environ); return ``(procs, outputs)`` (stdout
+    and stderr together) once all have exited. With ``signal_rank``, SIGTERM goes to that rank alone as soon
+    as the file ``started`` exists (or after 120 s, or when rank 0 exited). No process outlives the call."""
+    port = str(free_port())
+    base = dict(os.environ if env is None else env)
+    procs = [subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd,
+                              env=dict(base, RANK=str(r), PORT=port, OMP_NUM_THREADS="1"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    try:
+        if signal_rank is not None:
+            deadline = time.time() + 120
+            while not os.path.exists(started) and time.time() < deadline and procs[0].poll() is None:
+                time.sleep(0.05)
+            procs[signal_rank].send_signal(15)
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return procs, outs

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from harness import check_assignment
 from loom_kernels import _native
 from loom_kernels.assign import assign, linear_sum_assignment
 from loom_kernels.testing import ASSIGN_FAMILIES, assignment_problem, assignment_total, scipy_assignment
+
+from harness import check_assignment
 
 scipy = pytest.importorskip("scipy")
 

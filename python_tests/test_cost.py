@@ -4,11 +4,11 @@ compiled on CUDA), against a float64 explicit-difference reference with per-entr
 import pytest
 import torch
 
-from harness import pairwise_cost_atol
 from loom_kernels import _triton
 from loom_kernels.cost import pairwise_cost
 from loom_kernels.testing import pairwise_cost_ref
 
+from harness import pairwise_cost_atol
 from kernel_paths import BACKENDS, needs_interpreter, on
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

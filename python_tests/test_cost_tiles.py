@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import loom_kernels.cost as cost
-from harness import pairwise_cost_atol
 from loom_kernels.cost import pairwise_cost
 from loom_kernels.testing import pairwise_cost_ref
 
+from harness import pairwise_cost_atol
 from kernel_paths import needs_interpreter, on
 
 pytestmark = needs_interpreter

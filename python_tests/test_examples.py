@@ -1,11 +1,12 @@
 """examples/ run as a user copies them, at tiny sizes (issue 22): each script with --tiny, DDP under torchrun."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from gloo_ranks import free_port
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -33,15 +34,9 @@ def test_class_conditional_guidance_moves_samples_toward_their_class():
     assert len(means) == 3 and means[0] > means[1] and means[0] > means[2]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_ddp_example_under_torchrun():
-    out = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    out = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                 str(EXAMPLES / "ddp.py"), "--tiny"])
     for name in ("LOOM-CFM, global batch", "minibatch OT, global batch", "minibatch OT, groups of 8"):
         assert f"{name}: world 2" in out, out

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness import CountingModel
 from loom_kernels.metrics import coupling_cost, fid_from_features, straightness, w2
 from loom_kernels.sampler import METHODS
 from loom_kernels.testing import w2_reference
+
+from harness import CountingModel
 
 ALL = sorted(METHODS)
 

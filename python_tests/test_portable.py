@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from harness import check_assignment
 from loom_kernels import _native
 from loom_kernels.assign import linear_sum_assignment
 from loom_kernels.noise import _philox_uint32, gaussian_noise
 from loom_kernels.testing import ASSIGN_FAMILIES, assignment_problem
+
+from harness import check_assignment
 
 ALL_ISAS = ("scalar", "avx2", "avx512", "native")
 ISAS = _native.cpu_isas()

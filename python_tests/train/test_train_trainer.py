@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from loom_kernels.train import LOG_COLUMNS, TrainConfig, load_checkpoint, make_coupling, train
+
 from train_common import LabelledIndependent, Recording, digits_set, param_copy, setup_run, small_config
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.couplings.grouped import Partition
+
+from gloo_ranks import run_rank, spawn
 
 pytestmark = pytest.mark.distributed
 

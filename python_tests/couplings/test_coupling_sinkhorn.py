@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import SinkhornCoupling
 from loom_kernels.sinkhorn import SinkhornWarning
+
+from gloo_ranks import run_rank, spawn
 
 ot = pytest.importorskip("ot")
 

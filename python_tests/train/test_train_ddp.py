@@ -2,16 +2,16 @@
 collective checkpoint, non-finite losses agreed on by every rank, SIGTERM on one rank, and the CLI under
 torchrun. One launch of two processes runs several scenarios in turn (a launch costs seconds of imports)."""
 import os
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 
 from loom_kernels.train import load_checkpoint
+
+from gloo_ranks import launch
 
 pytestmark = pytest.mark.distributed
 
@@ -74,33 +74,12 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(tmp_path, modes, signal_rank=None):
     """Runs the worker's ``modes`` in turn on 2 gloo ranks; with signal_rank, sends SIGTERM to that rank
     alone once rank 0 passed step 3."""
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), modes], cwd=tmp_path,
-                              env=dict(os.environ, RANK=str(r), PORT=port, OMP_NUM_THREADS="1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        if signal_rank is not None:
-            deadline = time.time() + 120
-            while not (tmp_path / "started").exists() and time.time() < deadline and procs[0].poll() is None:
-                time.sleep(0.05)
-            procs[signal_rank].send_signal(15)
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return procs, outs
+    return launch(2, [script, tmp_path, modes], tmp_path, signal_rank=signal_rank, started=tmp_path / "started")
 
 
 def test_ddp_training_and_nonfinite_agreement(tmp_path):

@@ -18,6 +18,8 @@ from loom_kernels.compat.torchcfm.conditional_flow_matching import (
 )
 from loom_kernels.compat.torchcfm.optimal_transport import OTPlanSampler
 
+from harness import noise_data_pair
+
 MATCHERS = {
     "ConditionalFlowMatcher": {"sigma": 0.1},
     "ExactOptimalTransportConditionalFlowMatcher": {"sigma": 0.0},
@@ -37,11 +39,6 @@ def _make(mod, key):
     return getattr(mod, key.split("-")[0])(**MATCHERS[key])
 
 
-def _batch(b, dims, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((b, *dims), generator=g, dtype=dtype), (torch.rand((b, *dims), generator=g, dtype=dtype) - 0.5)
-
-
 def _run(fm, method, x0, x1, seed, **kw):
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -55,7 +52,7 @@ def _run(fm, method, x0, x1, seed, **kw):
 def test_matcher_bit_identical_to_torchcfm(key, dims, dtype):
     tcfm = _tcfm()
     ours, theirs = _make(compat, key), _make(tcfm, key)
-    x0, x1 = _batch(64, dims, 3, dtype)
+    x0, x1 = noise_data_pair(64, dims, 3, dtype)
     for seed, t in ((0, None), (1, torch.rand(64, dtype=dtype))):
         for return_noise in (False, True):
             a, ra = _run(theirs, "sample_location_and_conditional_flow", x0, x1, seed, t=t, return_noise=return_noise)
@@ -79,7 +76,7 @@ def test_matcher_bit_identical_to_torchcfm(key, dims, dtype):
 def test_guided_matches_torchcfm(key):
     tcfm = _tcfm()
     ours, theirs = _make(compat, key), _make(tcfm, key)
-    x0, x1 = _batch(48, (3,), 5)
+    x0, x1 = noise_data_pair(48, (3,), 5)
     y0, y1 = torch.randint(10, (48, 1)), torch.randint(10, (48,))
     for return_noise in (False, True):
         a, _ = _run(theirs, "guided_sample_location_and_conditional_flow", x0, x1, 2, y0=y0, y1=y1,
@@ -157,7 +154,7 @@ def test_torch_wrapper_matches_torchcfm():
 def test_sample_plan_with_scipy_equals_torchcfms_formula(b0, b1, dims):
     from scipy.optimize import linear_sum_assignment
 
-    x0, x1 = _batch(max(b0, b1), dims, 9)
+    x0, x1 = noise_data_pair(max(b0, b1), dims, 9)
     x0, x1 = x0[:b0], x1[:b1]
     f0, f1 = x0.reshape(b0, -1), x1.reshape(b1, -1)
     _, j = linear_sum_assignment((torch.cdist(f0, f1) ** 2).numpy())  # TorchCFM's code, verbatim
@@ -172,7 +169,7 @@ def test_sample_plan_with_scipy_equals_torchcfms_formula(b0, b1, dims):
 def test_entropic_plan_on_torch_backend_equals_pot(method, monkeypatch):
     """The path off the host (run here on CPU tensors): POT gets torch tensors, no numpy copy."""
     ot = pytest.importorskip("ot")
-    x0, x1 = _batch(40, (3,), 1)
+    x0, x1 = noise_data_pair(40, (3,), 1)
     seen = []
     real = ot.sinkhorn
 
@@ -200,7 +197,7 @@ def test_entropic_plan_on_torch_backend_equals_pot(method, monkeypatch):
 def test_device_plans_draw_like_torchcfm():
     """The off-host path (torch-backend plan, drawn with numpy's uniforms) gives TorchCFM's seeded pairs."""
     tcfm_ot = pytest.importorskip("torchcfm.optimal_transport")
-    x0, x1 = _batch(32, (3,), 4)
+    x0, x1 = noise_data_pair(32, (3,), 4)
     theirs = tcfm_ot.OTPlanSampler("sinkhorn", reg=0.5)
     for seed in (0, 1, 2):
         np.random.seed(seed)
@@ -232,7 +229,7 @@ def test_device_draw_equals_numpys_choice(seed):
 
 
 def test_label_lengths_are_checked():
-    x0, x1 = _batch(16, (2,), 0)
+    x0, x1 = noise_data_pair(16, (2,), 0)
     s = OTPlanSampler("exact")
     y = torch.arange(16)
     with pytest.raises(ValueError, match=r"y0 must have one label per row of x0: length 16, got shape \(17,\)"):
@@ -274,7 +271,7 @@ def test_empty_batch_draws_nothing(method):
 @pytest.mark.parametrize("method", ["sinkhorn", "unbalanced", "partial"])
 def test_entropic_plans_stay_on_the_gpu_and_draw_like_torchcfm(method):
     tcfm_ot = pytest.importorskip("torchcfm.optimal_transport")
-    x0, x1 = _batch(64, (3, 4), 6)
+    x0, x1 = noise_data_pair(64, (3, 4), 6)
     ours = OTPlanSampler(method, reg=0.5)
     pi = ours._plan(x0.cuda(), x1.cuda())
     assert isinstance(pi, torch.Tensor) and pi.is_cuda

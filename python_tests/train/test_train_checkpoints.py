@@ -14,6 +14,7 @@ from loom_kernels import data
 from loom_kernels.couplings import IndependentCoupling
 from loom_kernels.models import MLPVelocity
 from loom_kernels.train import TrainConfig, load_checkpoint, load_model, make_coupling, train
+
 from train_common import NaNAfter, param_copy, setup_run, small_config
 
 

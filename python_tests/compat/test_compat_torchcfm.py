@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from loom_kernels.compat.torchcfm import (
     ConditionalFlowMatcher,
@@ -21,19 +20,14 @@ from loom_kernels.compat.torchcfm import (
 )
 from loom_kernels.couplings import LoomCoupling
 
+from harness import noise_data_pair, per_class_ot, source_rows
+
 SHAPES = [(128, (2, 2, 2)), (100, (2,)), (64, (3, 32, 32)), (1, (3,))]
 
 
 def _pair(b, dims, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn((b, *dims), generator=g), torch.rand((b, *dims), generator=g) * 2 - 0.5
-
-
-def _rows_of(out, src):
-    """For each row of ``out`` the index of the identical row of ``src`` (rows of src are distinct)."""
-    eq = (out.flatten(1)[:, None, :] == src.flatten(1)[None, :, :]).all(-1)
-    assert (eq.sum(1) == 1).all(), "a returned row is not a row of the source"
-    return eq.float().argmax(1)
+    """(x0, x1): x0 standard normal, x1 uniform on [-0.5, 1.5) (a different law from the noise)."""
+    return noise_data_pair(b, dims, seed, width=2.0)
 
 
 def _sq(x0, x1):
@@ -75,7 +69,7 @@ def test_get_map_and_sample_plan_equal_torchcfm(b, dims):
     a0, a1 = theirs.sample_plan(x0, x1, replace=False)
     c0, c1 = ours.sample_plan(x0, x1, replace=False)
     assert torch.equal(c1, x1)
-    order = _rows_of(a1, x1)
+    order = source_rows(a1, x1)
     assert torch.equal(c0[order], a0)
 
 
@@ -108,9 +102,9 @@ def test_replace_false_is_the_exact_permutation_and_leaves_numpy_alone(b, dims):
     out0, out1 = OTPlanSampler("exact").sample_plan(x0, x1, replace=False)
     assert np.array_equal(np.random.get_state()[1], state)
     assert out1 is x1
-    col = _rows_of(out0, x0)
+    col = source_rows(out0, x0)
     assert sorted(col.tolist()) == list(range(b))  # a permutation: no duplicated or dropped noise
-    _, best = linear_sum_assignment(torch.cdist(x1.reshape(b, -1).double(), x0.reshape(b, -1).double()) ** 2)
+    best = per_class_ot(x1, x0)  # exact OT, no labels
     assert float(_sq(out0, x1).sum()) == pytest.approx(float(_sq(x0[best], x1).sum()), rel=1e-6)
 
 
@@ -128,7 +122,7 @@ def test_sample_plan_with_labels_matches_torchcfm():
     _, _, a, b = OTPlanSampler("exact").sample_plan_with_labels(x0, x1, None, None)
     assert a is None and b is None
     c0, c1, cy0, cy1 = OTPlanSampler("exact").sample_plan_with_labels(x0, x1, y0, y1, replace=False)
-    col = _rows_of(c0, x0)
+    col = source_rows(c0, x0)
     assert c1 is x1 and cy1 is y1 and torch.equal(cy0, y0[col])
 
 
@@ -152,13 +146,13 @@ def test_labels_never_cross_classes_and_equal_per_class_ot(classes):
     x0, x1 = _pair(b, (4,), classes)
     y = torch.randint(classes, (b,), generator=torch.Generator().manual_seed(classes))
     out0, out1 = OTPlanSampler("exact").sample_plan(x0, x1, replace=False, labels=y)
-    col = _rows_of(out0, x0)
+    col = source_rows(out0, x0)
     assert out1 is x1 and sorted(col.tolist()) == list(range(b))
     assert torch.equal(y[col], y), "a noise crossed classes"  # noise k belongs to item k's class
+    best = per_class_ot(x1, x0, y)
     for c in torch.unique(y).tolist():
         m = torch.nonzero(y == c).flatten()
-        _, best = linear_sum_assignment((torch.cdist(x1[m].double(), x0[m].double()) ** 2).numpy())
-        ref = float(_sq(x0[m][best], x1[m]).sum())
+        ref = float(_sq(x0[best][m], x1[m]).sum())
         assert float(_sq(out0[m], x1[m]).sum()) == pytest.approx(ref, rel=1e-6, abs=1e-9)
 
 
@@ -349,4 +343,4 @@ def test_exact_plan_on_cuda_stays_on_the_device():
     assert float(_sq(g0.cpu(), x1).sum()) == pytest.approx(float(_sq(c0, x1).sum()), rel=1e-5)
     y = (torch.arange(256) % 10).cuda()
     l0, _ = OTPlanSampler("exact").sample_plan(x0.cuda(), x1.cuda(), replace=False, labels=y)
-    assert torch.equal(y.cpu()[_rows_of(l0.cpu(), x0)], y.cpu())
+    assert torch.equal(y.cpu()[source_rows(l0.cpu(), x0)], y.cpu())

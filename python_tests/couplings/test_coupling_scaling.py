@@ -8,12 +8,13 @@ compare with independent single-process references: scipy per group for LOOM (``
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.couplings.distributed import count_bytes
-from loom_kernels.testing import cost_matrix_np, reference_loom_step
+from loom_kernels.testing import reference_loom_step
+
+from gloo_ranks import run_rank, spawn
+from harness import clustered, per_class_ot, source_rows
 
 pytestmark = pytest.mark.distributed
 
@@ -22,10 +23,7 @@ CLASSES, MB_DIM = 3, 7
 
 
 def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((P, *SHAPE), generator=g)
-    x[: P // 3] += 2.0
-    return x, torch.randint(CLASSES, (P,), generator=g)
+    return clustered(P, SHAPE, 0, shifted=3, classes=CLASSES)
 
 
 def _global_batches(world):
@@ -125,17 +123,6 @@ def _groups(n, g):
     return torch.split(perm, sizes)
 
 
-def _ot_within(x1, x0, y):
-    """Minibatch OT of one group by scipy (float64 explicit differences): x0's rows reordered to x1's,
-    each class of ``y`` alone when ``y`` is given."""
-    out = torch.empty_like(x0)
-    for k in ([None] if y is None else y.unique().tolist()):
-        sel = torch.arange(len(x1)) if k is None else torch.nonzero(y == k)[:, 0]
-        _, col = linear_sum_assignment(cost_matrix_np(x1[sel].numpy(), x0[sel].numpy()))
-        out[sel] = x0[sel][torch.from_numpy(col)]
-    return out
-
-
 def _loom_reference(world, labelled):
     """One process, scipy per group: slots then the partition from the slot generator, each group alone."""
     data, y = _data()
@@ -185,9 +172,9 @@ def test_grouped_minibatch_equals_each_group_solved_alone(world):
             x1, x0, y = _mb_inputs(w, step)
             ref = torch.empty_like(x0)
             for pos in _groups(w * B, gen):
-                ref[pos] = _ot_within(x1[pos], x0[pos], y[pos] if lab else None)
+                ref[pos] = x0[pos][per_class_ot(x1[pos], x0[pos], y[pos] if lab else None)]  # scipy per group
             if lab:  # the reference's own contract: noise stays within its class
-                src = torch.tensor([int(torch.nonzero((x0 == row).all(1))[0]) for row in ref])
+                src = source_rows(ref, x0)
                 assert torch.equal(y[src], y)
             for r, res in enumerate(ranks):
                 assert torch.equal(res["mb"][lab][0][step], ref[r * B:(r + 1) * B]), f"rank {r} step {step}"

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 from loom_kernels.testing import reference_loom_step
+
+from gloo_ranks import run_rank, spawn
+from harness import source_rows
 
 pytestmark = pytest.mark.distributed
 
@@ -230,7 +232,7 @@ def test_minibatch_global_scope_equals_one_process_on_the_concatenated_batch(ran
             if step == 1:
                 assert post == pytest.approx(float(single.stats["post_cost"]), rel=1e-6)
         if lab:
-            col = torch.tensor([int(torch.nonzero((x0 == row).all(1))[0]) for row in ref])
+            col = source_rows(ref, x0)
             assert torch.equal(y[col], y)
         for r, res in enumerate(ranks):  # scope="local": each rank alone
             sl = slice(r * B, (r + 1) * B)

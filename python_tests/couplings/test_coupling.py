@@ -15,15 +15,14 @@ from loom_kernels.testing import (
     reference_loom_step,
 )
 
+from harness import clustered, pair_costs, per_class_ot, source_rows
+
 METRICS = ["sqeuclidean", "euclidean"]
 
 
 def _data(n, shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
     # Structured data (two clusters, shifted), so assignments differ clearly from the identity.
-    x = torch.randn((n, *shape), generator=g) * 0.5
-    x[: n // 2] += 2.0
-    return x
+    return clustered(n, shape, seed, spread=0.5)
 
 
 def _batches(num_points, b, epochs, seed=0):
@@ -68,10 +67,9 @@ def test_minibatch_ot_is_optimal(metric, b, m):
     out0, out1 = MinibatchOTCoupling(metric)(x1, x0=x0)
     assert out1 is x1 and out0.shape == x1.shape
     # out0 is made of distinct rows of x0
-    rows = [int(torch.nonzero((x0 == r).flatten(1).all(1))[0]) for r in out0]
+    rows = source_rows(out0, x0).tolist()
     assert len(set(rows)) == b
-    _, col = linear_sum_assignment(cost_matrix_np(x1, x0, metric))
-    best = coupling_cost_np(x1, x0[torch.as_tensor(col)], metric).sum()
+    best = coupling_cost_np(x1, x0[per_class_ot(x1, x0, metric=metric)], metric).sum()
     got = coupling_cost_np(x1, out0, metric).sum()
     assert got == pytest.approx(best, rel=1e-5, abs=1e-6)
 
@@ -593,24 +591,7 @@ def test_minibatch_ot_refuses_noise_in_the_indices_place():
                                         r"\(x0, x1\).*reverse flow"):
         MinibatchOTCoupling()(x0, x1)
     out0, _ = MinibatchOTCoupling()(x1, x0=x0)
-    assert sorted(_rows(out0, x0)) == list(range(8))
-
-
-def _rows(out, src):
-    """Index of each row of ``out`` in ``src`` (rows of ``src`` are distinct)."""
-    eq = (out.flatten(1)[:, None] == src.flatten(1)[None]).all(-1)
-    assert (eq.sum(1) == 1).all()
-    return eq.float().argmax(1).tolist()
-
-
-def _per_class_best(x1, x0, y, metric):
-    """Sum over classes of the exact OT cost within each class (scipy, float64)."""
-    total = 0.0
-    for c in torch.unique(y).tolist():
-        m = torch.nonzero(y == c).flatten()
-        r, col = linear_sum_assignment(cost_matrix_np(x1[m], x0[m], metric))
-        total += cost_matrix_np(x1[m], x0[m], metric)[r, col].sum()
-    return total
+    assert sorted(source_rows(out0, x0).tolist()) == list(range(8))
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -621,11 +602,12 @@ def test_minibatch_ot_labels_equal_per_class_ot(metric, classes):
     y = torch.randint(classes, (b,))
     c = MinibatchOTCoupling(metric)
     out0, _ = c(x1, x0=x0, labels=y)
-    col = torch.tensor(_rows(out0, x0))
+    col = source_rows(out0, x0)
     assert sorted(col.tolist()) == list(range(b))
     assert torch.equal(y[col], y), "a noise crossed classes"  # noise j starts as item j's, in j's class
     got = coupling_cost_np(x1, out0, metric).sum()
-    assert got == pytest.approx(_per_class_best(x1, x0, y, metric), rel=1e-5, abs=1e-6)
+    best = pair_costs(x1, x0[per_class_ot(x1, x0, y, metric)], metric).sum()  # exact OT within each class
+    assert got == pytest.approx(best, rel=1e-5, abs=1e-6)
     assert float(c.stats["post_cost"]) <= float(c.stats["pre_cost"]) + 1e-6
     if classes == 1:  # one class is the unconditional problem
         ref, _ = MinibatchOTCoupling(metric)(x1, x0=x0)
@@ -698,7 +680,7 @@ def test_labels_on_cuda_match_cpu(classes):
     x0 = torch.randn(b, *shape)
     og, _ = MinibatchOTCoupling()(data[:b].cuda(), x0=x0.cuda(), labels=y[:b].cuda())
     oc, _ = MinibatchOTCoupling()(data[:b], x0=x0, labels=y[:b])
-    assert torch.equal(y[:b][torch.tensor(_rows(og.cpu(), x0))], y[:b]), "a noise crossed classes on CUDA"
+    assert torch.equal(y[:b][source_rows(og.cpu(), x0)], y[:b]), "a noise crossed classes on CUDA"
     np.testing.assert_allclose(coupling_cost_np(data[:b], og.cpu()).sum(), coupling_cost_np(data[:b], oc).sum(),
                                rtol=1e-5)
     g = LoomCoupling(p, shape, num_caches=2, seed=1, device="cuda")

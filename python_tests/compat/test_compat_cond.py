@@ -17,18 +17,13 @@ from loom_kernels.compat.torchcfm.loom import LoomConditionalFlowMatcher
 from loom_kernels.compat.torchcfm.optimal_transport import OTPlanSampler
 from loom_kernels.couplings import LoomCoupling
 
+from harness import source_rows
+
 
 def _ref(x1, x0, cond, w):
     a, b = x1.flatten(1).double().numpy(), x0.flatten(1).double().numpy()
     c = cond.double().reshape(len(cond), -1).numpy()
     return ((a[:, None] - b[None]) ** 2).sum(-1) + w * ((c[:, None] - c[None]) ** 2).sum(-1)
-
-
-def _src(out, x0):
-    """Row of ``x0`` each output row is (rows of ``x0`` distinct)."""
-    eq = (out.flatten(1)[:, None] == x0.flatten(1)[None]).all(-1)
-    assert (eq.sum(1) == 1).all()
-    return eq.float().argmax(1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -40,7 +35,7 @@ def test_sample_plan_cond_is_the_exact_penalised_permutation(dtype, dc, w):
     cond = torch.randn(40, dc, generator=g) * 2
     out0, out1 = OTPlanSampler("exact", cond_weight=w).sample_plan(x0, x1, replace=False, cond=cond)
     assert out1 is x1
-    perm = _src(out0, x0).numpy()
+    perm = source_rows(out0, x0).numpy()
     cost = _ref(x1, x0, cond, w)
     r, c = linear_sum_assignment(cost)
     assert cost[np.arange(40), perm].sum() <= cost[r, c].sum() * (1 + 1e-6)

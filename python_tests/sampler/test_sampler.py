@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from harness import CountingModel, convergence_order, linear_field, time_field
 from loom_kernels import _triton, sampler
 from loom_kernels.sampler import METHODS, clear_graph_cache, sample
 from loom_kernels.sampler import field as sampler_field
@@ -17,6 +16,7 @@ from loom_kernels.sampler import graphs as sampler_graphs
 from loom_kernels.sampler import update as sampler_update
 from loom_kernels.testing import ode_reference
 
+from harness import CountingModel, convergence_order, linear_field, time_field
 from kernel_paths import needs_interpreter
 
 ALL = sorted(METHODS)

@@ -13,7 +13,6 @@ import inspect
 import pytest
 import torch
 
-from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import (
     Coupling,
     FixedNoiseCoupling,
@@ -23,6 +22,9 @@ from loom_kernels.couplings import (
     SinkhornCoupling,
 )
 from loom_kernels.couplings.prefetch import PrefetchCoupling
+
+from gloo_ranks import run_rank, spawn
+from harness import source_rows
 
 N, SHAPE, B = 40, (2, 3), 8
 
@@ -71,13 +73,6 @@ def _batch(k=0):
     return idx, torch.randn(B, *SHAPE, generator=g)
 
 
-def _rows(out, src):
-    """Index of each row of ``out`` in ``src`` (rows of ``src`` are distinct)."""
-    eq = (out.flatten(1)[:, None] == src.flatten(1)[None]).all(-1)
-    assert (eq.sum(1) == 1).all(), "an output row is not a row of x0"
-    return eq.float().argmax(1)
-
-
 @pytest.fixture(params=sorted(FACTORIES))
 def name(request):
     return request.param
@@ -106,7 +101,7 @@ def test_labels_keep_every_pairing_within_its_class(name, tmp_path):
         return
     noise = torch.randn(B, *SHAPE, generator=torch.Generator().manual_seed(5))
     x0, _ = c(x1, idx, x0=noise, labels=y)
-    assert torch.equal(y[_rows(x0, noise)], y)
+    assert torch.equal(y[source_rows(x0, noise)], y)
 
 
 def test_x0_is_paired_by_the_couplings_that_take_noise_and_refused_by_loom(name, tmp_path):
@@ -115,7 +110,7 @@ def test_x0_is_paired_by_the_couplings_that_take_noise_and_refused_by_loom(name,
     noise = torch.randn(B, *SHAPE, generator=torch.Generator().manual_seed(6))
     if name in TAKES_X0:
         x0, _ = c(x1, idx, x0=noise)
-        assert sorted(_rows(x0, noise).tolist()) == list(range(B))
+        assert sorted(source_rows(x0, noise).tolist()) == list(range(B))
     else:
         with pytest.raises(ValueError, match="x0 must be None"):
             c(x1, idx, x0=noise)

@@ -11,8 +11,10 @@ import shutil
 import pytest
 import torch
 
-from gloo_ranks import run_rank, spawn
 from loom_kernels.couplings import LoomCoupling
+
+from gloo_ranks import run_rank, spawn
+from harness import clustered
 
 pytestmark = pytest.mark.distributed
 
@@ -22,10 +24,7 @@ SCOPES = (("global", G), ("local", G), ("grouped", G), ("grouped", 10**6))
 
 
 def _data():
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn((P, *SHAPE), generator=g)
-    x[: P // 3] += 2.0
-    return x, torch.randint(CLASSES, (P,), generator=g)
+    return clustered(P, SHAPE, 1, shifted=3, classes=CLASSES)
 
 
 def _batches(world, steps, salt=0):
