@@ -23,6 +23,9 @@ needs_interpreter = pytest.mark.skipif(
 
 # Every backend that runs on CPU tensors: the torch path always, Triton through the interpreter.
 BACKENDS = ["torch", pytest.param("triton", marks=needs_interpreter)]
+# The same, with the interpreted Triton case in the slow run (CI runs it; the default run keeps the torch
+# path and the lighter Triton cases): the interpreter takes 10-30 s a case on 2 cores.
+BACKENDS_SLOW_TRITON = ["torch", pytest.param("triton", marks=[needs_interpreter, pytest.mark.slow])]
 
 
 @contextmanager

@@ -34,6 +34,7 @@ def test_class_conditional_guidance_moves_samples_toward_their_class():
     assert len(means) == 3 and means[0] > means[1] and means[0] > means[2]
 
 
+@pytest.mark.slow  # heavy; CI runs it in its slow step
 @pytest.mark.distributed
 def test_ddp_example_under_torchrun():
     out = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

@@ -4,7 +4,7 @@ The Triton kernels run elsewhere in the tests only under TRITON_INTERPRET=1, whi
 compiles them. Here ``compile_check.py`` (beside this file) compiles each with the launch settings its
 launcher picks (recorded on meta tensors) in a clean process (no interpreter), and nvcc compiles
 the CUDA module; a compile error, a kernel beyond the target's shared memory or registers, a
-kernel with no case, or a register spill fails. Deselect with ``-m "not gpu_compile"``.
+kernel with no case, or a register spill fails. Deselected by default (pyproject addopts); run with ``-m gpu_compile``.
 The numbers depend on the triton version (its ptxas): the ``test`` extra pins the one checked.
 """
 from __future__ import annotations

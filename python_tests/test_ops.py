@@ -160,6 +160,7 @@ def test_compiled_step_on_cuda_equals_eager():
     assert got[0].device.type == "cuda" and got[2].device.type == "cuda"
 
 
+@pytest.mark.slow  # heavy; CI runs it in its slow step
 def test_first_call_compiled_registers_the_op_itself():
     # Eager calls never import loom_kernels.ops (nor triton through it); a first call under compile
     # imports it while Dynamo traces, and still makes one graph.

@@ -108,7 +108,7 @@ def _worker(rank, world, store, out_dir):
     run_rank(rank, world, store, out_dir, lambda: _results(rank, world))
 
 
-@pytest.fixture(scope="module", params=[2, 4, pytest.param(8, marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow)])
 def world(request, tmp_path_factory):
     w = request.param
     return w, spawn(w, tmp_path_factory.mktemp(f"w{w}"), _worker)

@@ -140,23 +140,24 @@ def _check_rounds(rows, expect):
         assert row["files"] == ["table.npy"], row  # journal folded in on reopen, no temp files
 
 
-@pytest.mark.parametrize("durability", ["crash", "power"])
+# the "power" variants (fdatasync) in the slow run: the crash-safe default is the one each default run checks
+@pytest.mark.parametrize("durability", ["crash", pytest.param("power", marks=pytest.mark.slow)])
 def test_kill9_at_random_instants_leaves_a_whole_table(tmp_path, durability):
     _check_rounds(_run_worker(tmp_path, "random", 6, seed=11, timeout=240, durability=durability), expect=None)
 
 
-@pytest.mark.parametrize("durability", ["crash", "power"])
+@pytest.mark.parametrize("durability", ["crash", pytest.param("power", marks=pytest.mark.slow)])
 def test_kill9_mid_journal_write_leaves_the_previous_table(tmp_path, durability):
     _check_rounds(_run_worker(tmp_path, "journal", 3, seed=12, timeout=120, durability=durability), expect=0)
 
 
-@pytest.mark.parametrize("durability", ["crash", "power"])
+@pytest.mark.parametrize("durability", ["crash", pytest.param("power", marks=pytest.mark.slow)])
 def test_kill9_mid_table_write_redoes_the_call(tmp_path, durability):
     _check_rounds(_run_worker(tmp_path, "apply", 3, seed=13, timeout=120, durability=durability), expect=1)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("durability", ["crash", "power"])
+@pytest.mark.parametrize("durability", ["crash", pytest.param("power", marks=pytest.mark.slow)])
 def test_kill9_stress(tmp_path, durability):
     _check_rounds(_run_worker(tmp_path, "random", 60, seed=14, timeout=1500, durability=durability), expect=None)
     _check_rounds(_run_worker(tmp_path, "apply", 20, seed=15, timeout=600, durability=durability), expect=1)

@@ -99,6 +99,7 @@ def test_dopri5_sample_counts_and_solves():
     assert torch.allclose(x1, x0 * np.exp(-1.5), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # heavy; CI runs it in its slow step
 def test_demo_quick_digits_cli(tmp_path):
     out = str(tmp_path / "d")
     p = subprocess.run([sys.executable, "-m", "loom_kernels.demo", "--quick", "--data", "digits", "--out", out,

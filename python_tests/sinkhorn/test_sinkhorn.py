@@ -12,7 +12,7 @@ import torch
 from loom_kernels.sinkhorn import SinkhornWarning, _tiles, dense_plan, sinkhorn, sinkhorn_cost
 from loom_kernels.sinkhorn.reference import sinkhorn_dense, sq_cost64
 
-from kernel_paths import BACKENDS, on
+from kernel_paths import BACKENDS, BACKENDS_SLOW_TRITON, on
 
 
 def _uniform(k):
@@ -45,7 +45,7 @@ def _case(name):
 CASES = ["random", "far_apart", "huge_scale", "duplicates", "wide_d", "one_point"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 @pytest.mark.parametrize("case", CASES)
 def test_balanced_matches_pot(backend, case):
     x, y = _case(case)
@@ -112,7 +112,7 @@ def test_weights_and_zero_weights(backend):
     assert _tv(plan[keep], ref) < 2e-4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 @pytest.mark.parametrize("tau", [0.1, 1.0])
 def test_unbalanced_matches_pot(backend, tau):
     x, y = _case("random")
@@ -129,7 +129,7 @@ def test_unbalanced_matches_pot(backend, tau):
     assert _tv(plan, ref) < 2e-4 * float(ref.sum())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 def test_scale_and_translation_invariant(backend):
     x, y = _case("random")
     base = dense_plan(on(backend, sinkhorn, x, y, epsilon=0.03, tol=1e-7), x.double(), y.double())
@@ -139,7 +139,7 @@ def test_scale_and_translation_invariant(backend):
         assert _tv(plan, base) < 2e-4, (s, t)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 def test_batch_equals_per_problem(backend):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(3, 30, 5, generator=g) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]
@@ -243,7 +243,7 @@ class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_SLOW_TRITON)
 def test_memory_is_bounded_by_the_tile(backend, monkeypatch):
     """n = m = 700 (490,000 cost entries) with 4,096-number tiles: no tensor beyond one tile or
     the (B, n + m) vectors; the same solve with the default tile gives the same potentials."""

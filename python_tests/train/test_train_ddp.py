@@ -113,6 +113,7 @@ def test_ddp_training_and_nonfinite_agreement(tmp_path):
     assert "on another rank) at step 3" in m0 and "(nan on rank 1) at step 3" in m1, (m0, m1)
 
 
+@pytest.mark.slow  # heavy; CI runs it in its slow step
 def test_ddp_sigterm_on_one_rank_saves_on_all_at_the_same_step(tmp_path):
     # The save is collective: a rank that saw the signal must not save alone (the other would hang).
     procs, outs = _two_ranks(tmp_path, "sigterm", signal_rank=1)
@@ -125,6 +126,7 @@ def test_ddp_sigterm_on_one_rank_saves_on_all_at_the_same_step(tmp_path):
     assert ck["step"] == steps[0] and ck["world_size"] == 2
 
 
+@pytest.mark.slow  # heavy; CI runs it in its slow step
 def test_cli_under_torchrun(tmp_path):
     out = str(tmp_path / "run")
     env = dict(os.environ, OMP_NUM_THREADS="1")
