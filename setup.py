@@ -6,6 +6,7 @@ every architecture the toolkit supports from sm_75 up as machine code, plus PTX 
 LOOM_NATIVE=1 tunes the CPU module for the build machine (-march=native: it may crash with an
 illegal instruction elsewhere); the default is a portable build that picks AVX2 / AVX-512 at run time.
 """
+
 import os
 import shutil
 import subprocess

@@ -11,6 +11,7 @@ solves the same matrix (one cached factory per group), and its total is checked 
 once, outside the timing. Single problems run on one thread for every provider; batches use
 every core for the providers that can.
 """
+
 import functools
 import os
 

@@ -7,6 +7,7 @@ on the GPU beforehand. Host baselines get the host copy of the same float32 cost
 
 Targets (H100/H200): 64x256 batch <= 1 ms, N=2048 <= 10 ms, N=8192 <= 200 ms.
 """
+
 import numpy as np
 import pytest
 

@@ -10,6 +10,7 @@ dependencies; see bench/RESULTS.md for how it was run).
 Run: ``OMP_NUM_THREADS=1 python -m pytest bench/bench_compat_matchers.py --benchmark-columns=median,iqr,rounds``
 (``LOOM_BENCH_UNET="batch,channels,steps[,rounds]"`` sizes the UNet case; default ``64,32,100,3``).
 """
+
 import os
 
 import numpy as np
@@ -59,10 +60,22 @@ def _unet_case():
     batch, channels, steps, *rounds = (int(v) for v in os.environ.get("LOOM_BENCH_UNET", "64,32,100,3").split(","))
     unet = pytest.importorskip("torchcfm.models.unet.unet")
     torch.manual_seed(0)
-    model = unet.UNetModelWrapper(dim=(3, 32, 32), num_res_blocks=2, num_channels=channels, channel_mult=[1, 2, 2, 2],
-                                  num_heads=4, num_head_channels=64, attention_resolutions="16", dropout=0.1).eval()
-    return model, torch.randn(batch, 3, 32, 32), torch.linspace(0, 1, steps + 1), (batch, channels, steps,
-                                                                                     rounds[0] if rounds else 3)
+    model = unet.UNetModelWrapper(
+        dim=(3, 32, 32),
+        num_res_blocks=2,
+        num_channels=channels,
+        channel_mult=[1, 2, 2, 2],
+        num_heads=4,
+        num_head_channels=64,
+        attention_resolutions="16",
+        dropout=0.1,
+    ).eval()
+    return (
+        model,
+        torch.randn(batch, 3, 32, 32),
+        torch.linspace(0, 1, steps + 1),
+        (batch, channels, steps, rounds[0] if rounds else 3),
+    )
 
 
 @pytest.mark.parametrize("provider", ["loom", "torchdyn", "torchdiffeq"])

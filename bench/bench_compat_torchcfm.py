@@ -7,6 +7,7 @@ with ``OMP_NUM_THREADS=1`` so our cost GEMM gets one thread too (the module also
 
 Run: ``OMP_NUM_THREADS=1 python -m pytest bench/bench_compat_torchcfm.py --benchmark-columns=median,iqr,rounds``
 """
+
 import numpy as np
 import pytest
 import torch

@@ -7,6 +7,7 @@ Dynamo cache) is in extra_info and printed.
 
 Run: ``python -m pytest bench/bench_compile.py --benchmark-columns=median,iqr,rounds``
 """
+
 import time
 
 import pytest

@@ -3,6 +3,7 @@ formula of the LOOM reference code, and (GPU) a bare torch.bmm of the same shape
 
     python -m pytest bench/bench_cost.py --benchmark-columns=median,iqr,rounds
 """
+
 import pytest
 import torch
 

@@ -10,6 +10,7 @@ At b=1024 the reference's broadcast would need 12-16 GB; it is skipped there (ou
 Run: ``python -m pytest bench/bench_coupling.py --benchmark-columns=median,iqr,rounds``
 (GPU cases: ``-m cuda``, on a machine with a GPU).
 """
+
 import itertools
 
 import pytest
@@ -32,7 +33,7 @@ def _problem(b, shape, device="cpu", batches=4):
     data = torch.tanh(torch.randn(n, 32, generator=g) @ basis + 0.1 * torch.randn(n, d, generator=g))
     data = data.reshape(n, *shape).to(device)
     perm = torch.randperm(n, generator=g)
-    return n, data, [perm[a:a + b] for a in range(0, n, b)]
+    return n, data, [perm[a : a + b] for a in range(0, n, b)]
 
 
 def _cycle_step(coupling, data, batches, sync=None):

@@ -15,6 +15,7 @@ it is added to: the overhead's upper bound, measurable where whole steps are too
 Run: ``python -m pytest bench/bench_coupling_cond.py --benchmark-columns=median,iqr,rounds``
 (GPU cases: ``-m cuda``, on a machine with a GPU).
 """
+
 import itertools
 import os
 import statistics
@@ -44,7 +45,7 @@ def _problem(device):
     conds = {k: None if dc is None else torch.randn(n, dc, generator=g).to(device) for k, dc in CONDS.items()}
     noise = torch.randn(n, d, generator=g).reshape(n, *SHAPE).to(device)
     perm = torch.randperm(n, generator=g)
-    return n, data.reshape(n, *SHAPE).to(device), noise, conds, [perm[a:a + B] for a in range(0, n, B)]
+    return n, data.reshape(n, *SHAPE).to(device), noise, conds, [perm[a : a + B] for a in range(0, n, B)]
 
 
 def _step(coupling, data, noise, cond, batches, takes_x0, sync=None):
@@ -104,7 +105,7 @@ def test_cond_interleaved_cpu(benchmark, kind):
 
     def one_round():
         r = next(rounds)
-        for k in names[r % 3:] + names[:r % 3]:  # rotate the order: no provider always runs first
+        for k in names[r % 3 :] + names[: r % 3]:  # rotate the order: no provider always runs first
             t0 = time.perf_counter()
             steps[k]()
             times[k].append(time.perf_counter() - t0)

@@ -7,6 +7,7 @@ D = 3072 (CIFAR-shaped). The table file lives in pytest's tmp directory (the loc
 
 Run: ``OMP_NUM_THREADS=1 python -m pytest bench/bench_journal.py --benchmark-columns=median,iqr,rounds``
 """
+
 import itertools
 
 import pytest
@@ -29,7 +30,7 @@ def test_journal_cost(benchmark, table, shape_name, tmp_path):
     perm = torch.randperm(n, generator=g)
     kw = {} if table == "memory" else {"mmap_path": tmp_path / "table.npy", "durability": table.split("-")[1]}
     coupling = LoomCoupling(n, shape, num_caches=CACHES, seed=0, **kw)
-    it = itertools.cycle([(data[perm[a:a + B]], perm[a:a + B]) for a in range(0, n, B)])
+    it = itertools.cycle([(data[perm[a : a + B]], perm[a : a + B]) for a in range(0, n, B)])
 
     def step():
         x1, idx = next(it)

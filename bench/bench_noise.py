@@ -3,6 +3,7 @@ of the same size (GPU, with the write bandwidth of a plain fill_ as the roofline
 
     python -m pytest bench/bench_noise.py --benchmark-columns=median,iqr,rounds
 """
+
 import pytest
 import torch
 
@@ -45,8 +46,9 @@ def test_noise_cpu_256x3072(benchmark, provider):
 GPU_PROVIDERS = {
     "loom.gaussian_noise": lambda seeds, shape: gaussian_noise(seeds, shape),
     "torch.randn": lambda seeds, shape: torch.randn((len(seeds), *shape), device="cuda"),
-    "torch.empty.fill_ (write roofline)":
-        lambda seeds, shape: torch.empty((len(seeds), *shape), device="cuda").fill_(1.0),
+    "torch.empty.fill_ (write roofline)": lambda seeds, shape: torch.empty((len(seeds), *shape), device="cuda").fill_(
+        1.0
+    ),
 }
 
 

@@ -17,6 +17,7 @@ flow_matching is not installed)::
 
     OMP_NUM_THREADS=1 python -m pytest bench/bench_sampler.py -q -k "kwargs or flow_matching"
 """
+
 import pytest
 import torch
 
@@ -34,6 +35,7 @@ def _torchdiffeq():
         pytest.skip("torchdiffeq is not installed")
     return torchdiffeq
 
+
 NFE = 8  # euler: 8 steps; midpoint: 4 steps of 2 evaluations
 CASES = {"mlp": 4096, "conv": 256}  # model -> batch
 
@@ -44,8 +46,10 @@ class MLP(torch.nn.Module):
     def __init__(self, dim=2, width=256):
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(dim + 1, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, width), torch.nn.SiLU(),
+            torch.nn.Linear(dim + 1, width),
+            torch.nn.SiLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.SiLU(),
             torch.nn.Linear(width, dim),
         )
 
@@ -59,8 +63,10 @@ class ConvNet(torch.nn.Module):
     def __init__(self, width=32):
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(2, width, 3, padding=1), torch.nn.SiLU(),
-            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(2, width, 3, padding=1),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(width, width, 3, padding=1),
+            torch.nn.SiLU(),
             torch.nn.Conv2d(width, 1, 3, padding=1),
         )
 
@@ -120,9 +126,11 @@ def _check_and_time(benchmark, fn, want, device, rounds, group, tol=2e-4, **extr
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     timed = fn
     if device == "cuda":
+
         def timed():
             fn()
             torch.cuda.synchronize()
+
     benchmark.group = group
     benchmark.extra_info.update(extra)
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
@@ -131,9 +139,17 @@ def _check_and_time(benchmark, fn, want, device, rounds, group, tol=2e-4, **extr
 def _run(benchmark, case, method, provider, device):
     model, x0 = make_problem(case, device)
     fn = provider_fn(provider, model, x0, method)
-    _check_and_time(benchmark, fn, python_loop(model, x0, method), device, 20 if device == "cuda" else 5,
-                    f"sampler {method} nfe {NFE}, {case} batch {CASES[case]}, {device}",
-                    provider=provider, nfe=NFE, batch=CASES[case])
+    _check_and_time(
+        benchmark,
+        fn,
+        python_loop(model, x0, method),
+        device,
+        20 if device == "cuda" else 5,
+        f"sampler {method} nfe {NFE}, {case} batch {CASES[case]}, {device}",
+        provider=provider,
+        nfe=NFE,
+        batch=CASES[case],
+    )
 
 
 @pytest.mark.parametrize("provider", ["loom", "loop", "torchdiffeq"])
@@ -159,11 +175,14 @@ def test_heun_update_cuda(benchmark, numel, provider):
     x, v1, v2 = (torch.randn(numel, device="cuda") for _ in range(3))
     out = torch.empty_like(x)
     if provider == "loom":
+
         def fn():
             sampler_update.update(x, v1, v2, 0.25, 0.25, out)
     else:
+
         def fn():
             torch.add(x, v1, alpha=0.25, out=out).add_(v2, alpha=0.25)
+
     fn()
     torch.testing.assert_close(out, x + 0.25 * (v1 + v2), rtol=1e-6, atol=1e-6)
 
@@ -206,6 +225,7 @@ def _run_kwargs(benchmark, method, provider, device):
     """``sample(model_kwargs={"y": y})`` against the same model with ``y`` fixed on it (no kwargs)."""
     model, x0, y = _kwargs_problem(device)
     if provider == "model_kwargs":
+
         def fn():
             return sample(model, x0, NFE, method=method, model_kwargs={"y": y})
     else:
@@ -215,9 +235,18 @@ def _run_kwargs(benchmark, method, provider, device):
 
         def fn():
             return sample(bound, x0, NFE, method=method)
-    _check_and_time(benchmark, fn, python_loop(lambda x, t: model(x, t, y), x0, method), device, 20,
-                    f"sampler {method} nfe {NFE} with/without model_kwargs, cond-MLP batch {KW_BATCH}, {device}",
-                    provider=provider, nfe=NFE, batch=KW_BATCH)
+
+    _check_and_time(
+        benchmark,
+        fn,
+        python_loop(lambda x, t: model(x, t, y), x0, method),
+        device,
+        20,
+        f"sampler {method} nfe {NFE} with/without model_kwargs, cond-MLP batch {KW_BATCH}, {device}",
+        provider=provider,
+        nfe=NFE,
+        batch=KW_BATCH,
+    )
 
 
 @pytest.mark.parametrize("provider", ["model_kwargs", "no_kwargs"])
@@ -260,9 +289,17 @@ def _run_fm(benchmark, batch, method, provider, device):
         return solver.sample(x0, step_size=1.0 / FM_STEPS, method=method)
 
     want = fm_solver.ODESolver(velocity_model=model).sample(x0, step_size=1.0 / FM_STEPS, method=method)
-    _check_and_time(benchmark, fn, want, device, 20,
-                    f"ODESolver.sample {method}, {FM_STEPS} steps, 3x256 MLP batch {batch}, {device}",
-                    provider=provider, steps=FM_STEPS, batch=batch)
+    _check_and_time(
+        benchmark,
+        fn,
+        want,
+        device,
+        20,
+        f"ODESolver.sample {method}, {FM_STEPS} steps, 3x256 MLP batch {batch}, {device}",
+        provider=provider,
+        steps=FM_STEPS,
+        batch=batch,
+    )
 
 
 @pytest.mark.parametrize("provider", ["loom", "flow_matching"])
@@ -283,22 +320,33 @@ def test_flow_matching_solver_cuda(benchmark, batch, method, provider):
 def diffeq_dopri5(model, x0, tol=1e-5):
     grid = torch.tensor([0.0, 1.0], device=x0.device, dtype=x0.dtype)
     with torch.no_grad():
-        return _torchdiffeq().odeint(lambda t, x: model(x, t.expand(x.shape[0])), x0, grid, method="dopri5",
-                                  rtol=tol, atol=tol)[-1]
+        return _torchdiffeq().odeint(
+            lambda t, x: model(x, t.expand(x.shape[0])), x0, grid, method="dopri5", rtol=tol, atol=tol
+        )[-1]
 
 
 def _run_dopri5(benchmark, provider, device):
     model, x0 = make_problem("mlp", device)
     if provider == "loom":
+
         def fn():
             return sample(model, x0, method="dopri5", rtol=1e-5, atol=1e-5)
     else:
+
         def fn():
             return diffeq_dopri5(model, x0)
+
     # Both are adaptive with the same tolerance: they agree to about the tolerance, not to rounding.
-    _check_and_time(benchmark, fn, diffeq_dopri5(model, x0), device, 5,
-                    f"sampler dopri5 rtol=atol=1e-5, mlp batch {CASES['mlp']}, {device}", tol=1e-3,
-                    provider=provider)
+    _check_and_time(
+        benchmark,
+        fn,
+        diffeq_dopri5(model, x0),
+        device,
+        5,
+        f"sampler dopri5 rtol=atol=1e-5, mlp batch {CASES['mlp']}, {device}",
+        tol=1e-3,
+        provider=provider,
+    )
 
 
 @pytest.mark.parametrize("provider", ["loom", "torchdiffeq"])

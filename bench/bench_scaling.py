@@ -14,6 +14,7 @@ kind runs in fresh processes).
 Run: ``PYTHONPATH=. python bench/bench_scaling.py --worlds 2 4 8 --b 256 --group-size 512``
      ``PYTHONPATH=. python bench/bench_scaling.py --big-table 100000000 --big-dir /tmp/bigtable``
 """
+
 import argparse
 import datetime
 import multiprocessing
@@ -37,18 +38,18 @@ def _worker(rank, world, store, args, queue):
     from loom_kernels.couplings import LoomCoupling
     from loom_kernels.couplings.distributed import count_bytes
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=1800))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)
+    )
     b, n_points = args.b, 4 * world * args.b
     g = torch.Generator().manual_seed(0)
     data = torch.rand((n_points, *SHAPE), generator=g)
     out = {}
     for scope, table in ((s, t) for s in args.scopes for t in args.tables):
-        c = LoomCoupling(n_points, SHAPE, num_caches=args.caches, scope=scope, group_size=args.group_size,
-                         table=table)
+        c = LoomCoupling(n_points, SHAPE, num_caches=args.caches, scope=scope, group_size=args.group_size, table=table)
         times, nbytes = [], None
         for step in range(args.steps + 1):
-            idx = torch.randperm(n_points, generator=g)[: world * b][rank * b:(rank + 1) * b]
+            idx = torch.randperm(n_points, generator=g)[: world * b][rank * b : (rank + 1) * b]
             x1 = data[idx]
             dist.barrier()
             with count_bytes() as cnt:
@@ -65,8 +66,10 @@ def run(world, args, target=_worker, extra=()):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=target, args=(r, world, os.path.join(tmp, "store"), args, queue, *extra))
-                 for r in range(world)]
+        procs = [
+            ctx.Process(target=target, args=(r, world, os.path.join(tmp, "store"), args, queue, *extra))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         results = dict(queue.get() for _ in procs)
@@ -90,8 +93,9 @@ def _big_worker(rank, world, store, args, queue, kind):
         import torch.distributed as dist
 
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=1800))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)
+        )
     n, d = args.big_table, os.path.join(args.big_dir, kind)
     os.makedirs(d, exist_ok=True)
     kw = {"sharded": {"table": "sharded"}, "mmap": {"mmap_path": os.path.join(d, "table.npy")}}.get(kind, {})
@@ -100,8 +104,8 @@ def _big_worker(rank, world, store, args, queue, kind):
     x1 = torch.rand((args.b, *SHAPE), generator=g)
     steps = []
     for _ in range(4):
-        idx = torch.randint(n // 1000, (1,)).item() * 1000 + torch.randperm(1000 * world)[:world * args.b]
-        idx = (idx % n)[rank * args.b:(rank + 1) * args.b]
+        idx = torch.randint(n // 1000, (1,)).item() * 1000 + torch.randperm(1000 * world)[: world * args.b]
+        idx = (idx % n)[rank * args.b : (rank + 1) * args.b]
         t0 = time.perf_counter()
         c(x1, idx)
         steps.append(time.perf_counter() - t0)
@@ -116,15 +120,20 @@ def _big_worker(rank, world, store, args, queue, kind):
 
 
 def big_table(args):
-    print(f"# {args.big_table:,}-row seed table (K = 1, {8 * args.big_table / 2**30:.2f} GiB), D=3072, b={args.b}, "
-          f"scope=grouped, {os.cpu_count()} cores, torch {torch.__version__}, {datetime.date.today()}")
+    print(
+        f"# {args.big_table:,}-row seed table (K = 1, {8 * args.big_table / 2**30:.2f} GiB), D=3072, b={args.b}, "
+        f"scope=grouped, {os.cpu_count()} cores, torch {torch.__version__}, {datetime.date.today()}"
+    )
     print("| table | ranks | create s | step ms | save s | load s | peak RSS GiB / process |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for kind, world in (("ram", 1), ("mmap", 1), ("sharded", 2)):
         res = run(world, args, _big_worker, (kind,))
         worst = [max(res[r][j] for r in res) for j in range(5)]
-        print(f"| {kind} | {world} | {worst[0]:.1f} | {1e3 * worst[1]:.0f} | {worst[2]:.1f} | {worst[3]:.1f} | "
-              f"{worst[4]:.2f} |", flush=True)
+        print(
+            f"| {kind} | {world} | {worst[0]:.1f} | {1e3 * worst[1]:.0f} | {worst[2]:.1f} | {worst[3]:.1f} | "
+            f"{worst[4]:.2f} |",
+            flush=True,
+        )
         shutil.rmtree(os.path.join(args.big_dir, kind), ignore_errors=True)
 
 
@@ -145,8 +154,10 @@ def main():
     d = 1
     for s in SHAPE:
         d *= s
-    print(f"# LoomCoupling step, D={d}, b={args.b}, G={args.group_size}, K={args.caches}, gloo, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, {datetime.date.today()}")
+    print(
+        f"# LoomCoupling step, D={d}, b={args.b}, G={args.group_size}, K={args.caches}, gloo, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {datetime.date.today()}"
+    )
     print("| W | scope | table | step ms (slowest rank, median) | sent KiB/rank | received KiB/rank (max) |")
     print("|---|---|---|---|---|---|")
     for world in args.worlds:

@@ -6,6 +6,7 @@ column marginal error (checked every 10 iterations), and L1 >= L2, so ours stops
     OMP_NUM_THREADS=2 python -m pytest bench/bench_sinkhorn.py --benchmark-columns=median,iqr,rounds
     python bench/bench_sinkhorn.py --memory      # n = m = 65,536, D = 64 on the CPU: peak RSS, time per pass
 """
+
 from __future__ import annotations
 
 import pytest
@@ -38,8 +39,11 @@ def _pot(x, y, eps_abs):
 
 def _mean_cost(x, y):
     xd, yd = x.double(), y.double()
-    return float(((xd - xd.mean(0)) ** 2).sum(1).mean() + ((yd - yd.mean(0)) ** 2).sum(1).mean()
-                 + ((xd.mean(0) - yd.mean(0)) ** 2).sum())
+    return float(
+        ((xd - xd.mean(0)) ** 2).sum(1).mean()
+        + ((yd - yd.mean(0)) ** 2).sum(1).mean()
+        + ((xd.mean(0) - yd.mean(0)) ** 2).sum()
+    )
 
 
 PROVIDERS = {"loom.sinkhorn": _ours, "pot.sinkhorn_log": _pot}
@@ -67,6 +71,7 @@ def _cuda(fn, *args):
         out = fn(*args)
         torch.cuda.synchronize()
         return out
+
     return run
 
 
@@ -130,9 +135,11 @@ def _memory():
     prob.lse(f, eps, transpose=True)
     t3 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"inputs {2 * x.numel() * 4 / 2**20:.0f} MiB; peak RSS {peak:.0f} MiB, {peak - base:.0f} MiB above the "
-          f"inputs (dense cost: {65536**2 * 4 / 2**30:.0f} GiB); setup {t1 - t0:.2f} s, row pass {t2 - t1:.1f} s, "
-          f"column pass {t3 - t2:.1f} s (one iteration = both), threads {torch.get_num_threads()}")
+    print(
+        f"inputs {2 * x.numel() * 4 / 2**20:.0f} MiB; peak RSS {peak:.0f} MiB, {peak - base:.0f} MiB above the "
+        f"inputs (dense cost: {65536**2 * 4 / 2**30:.0f} GiB); setup {t1 - t0:.2f} s, row pass {t2 - t1:.1f} s, "
+        f"column pass {t3 - t2:.1f} s (one iteration = both), threads {torch.get_num_threads()}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Benchmarks: GPU cases carry the `cuda` marker and skip without a GPU (see python_tests/conftest)."""
+
 import numpy as np
 import pytest
 

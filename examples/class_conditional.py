@@ -5,6 +5,7 @@ the same class (the pairing then respects the conditioning); labels are dropped 
 10% of the time so one network learns both v(x, t, y) and v(x, t). Sampling: ``guidance=w`` mixes
 them as v_null + w (v_cond - v_null).   python examples/class_conditional.py [--tiny]
 """
+
 import argparse
 
 import torch

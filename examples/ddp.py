@@ -8,6 +8,7 @@ for large worlds, see docs/scaling.md). LoomCoupling's table stays identical on 
     torchrun --nproc_per_node 2 examples/ddp.py            # gloo on CPU; nccl when on GPUs
     torchrun --nproc_per_node 2 examples/ddp.py --tiny     # what CI runs
 """
+
 import argparse
 import os
 
@@ -25,7 +26,7 @@ def train(model, opt, coupling, data, batch, steps, rank, world, gen):
         # The same permutation on every rank (shared generator), each rank takes its slice: no
         # index appears twice in the global batch, as a DistributedSampler guarantees.
         perm = torch.randperm(n, generator=gen)[: batch * world]
-        idx = perm[rank * batch:(rank + 1) * batch]
+        idx = perm[rank * batch : (rank + 1) * batch]
         if isinstance(coupling, LoomCoupling):
             x0, x1 = coupling(data[idx], idx)
         else:

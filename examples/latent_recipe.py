@@ -5,6 +5,7 @@ latents; LOOM-CFM needs only each latent's index (its row in the seed table) bes
 noise lives in latent space (``shape`` = the latent's shape); decode the sampled latents at the
 end.   python examples/latent_recipe.py [--tiny]
 """
+
 import argparse
 
 import torch
@@ -28,14 +29,15 @@ def main(argv=None):
     encoder = nn.Sequential(nn.Conv2d(img[0], lat[0], down, stride=down), nn.Tanh()).eval().requires_grad_(False)
     decoder = nn.ConvTranspose2d(lat[0], img[0], down, stride=down).eval().requires_grad_(False)
     with torch.no_grad():  # encode once; keep (index, latent) pairs, as a cached-latents dataset does
-        latents = torch.cat([encoder(images[i:i + 256]) for i in range(0, n, 256)])
+        latents = torch.cat([encoder(images[i : i + 256]) for i in range(0, n, 256)])
     scale = latents.std()  # latents scaled to unit variance, like a VAE's scaling factor
     latents = latents / scale
     indices = torch.arange(n)
     assert latents.shape[1:] == lat
 
-    model = nn.Sequential(nn.Flatten(), nn.Linear(latents[0].numel() + 1, 256), nn.SiLU(),
-                          nn.Linear(256, latents[0].numel()))
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(latents[0].numel() + 1, 256), nn.SiLU(), nn.Linear(256, latents[0].numel())
+    )
     velocity = lambda x, t: model[1:](torch.cat([x.flatten(1), t[:, None]], 1)).view_as(x)  # noqa: E731
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     coupling = LoomCoupling(n, lat, num_caches=2)  # one noise seed per latent, in latent space

@@ -6,6 +6,7 @@ improving the pairing. Run:  python examples/torchcfm_images.py          (CIFAR-
                              python examples/torchcfm_images.py --tiny   (seconds; what CI runs)
 Swap in a real dataset that yields (index, image) and a real UNet (torchcfm.models.unet.UNetModel).
 """
+
 import argparse
 
 import torch
@@ -21,9 +22,13 @@ class TinyVelocity(nn.Module):
 
     def __init__(self, channels: int, width: int = 32):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(channels + 1, width, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(width, channels, 3, padding=1))
+        self.net = nn.Sequential(
+            nn.Conv2d(channels + 1, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, channels, 3, padding=1),
+        )
 
     def forward(self, x, t):
         return self.net(torch.cat([x, t.view(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])], dim=1))

@@ -27,6 +27,7 @@ compiles the ``loom_kernels`` found on the path (``PYTHONPATH=src`` for a checko
 Works with triton 3.6-3.9 (``triton.compile`` + ``ASTSource`` + ``GPUTarget`` +
 ``native_specialize_impl``); ``api_missing()`` names what an other version lacks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -131,18 +132,47 @@ def _cost_cases():
     cases = []
     for dtype in (f32, f16, bf16, f64):
         for d in (3072, 2352, 784, 40, 37, 2):  # CIFAR, 28x28x3, MNIST; odd D: rows not 16-aligned
-            cases.append((f"{dtype} 64x256x{d}", lambda dt=dtype, d=d: cost._launch(
-                _meta(64, 256, d, dtype=dt), _meta(64, 256, d, dtype=dt), False, False)))
+            cases.append(
+                (
+                    f"{dtype} 64x256x{d}",
+                    lambda dt=dtype, d=d: cost._launch(
+                        _meta(64, 256, d, dtype=dt), _meta(64, 256, d, dtype=dt), False, False
+                    ),
+                )
+            )
         # a 2-D x shared by a batch (stride-0 batch), tiny sets (16-wide tiles), transposed rows
-        cases.append((f"{dtype} shared-x 256x3072", lambda dt=dtype: cost._launch(
-            _meta(256, 3072, dtype=dt).expand(8, -1, -1), _meta(8, 256, 3072, dtype=dt), True, False)))
-        cases.append((f"{dtype} 4x10x3", lambda dt=dtype: cost._launch(
-            _meta(4, 10, 3, dtype=dt), _meta(4, 12, 3, dtype=dt), True, False)))
-        cases.append((f"{dtype} transposed 8x256x37", lambda dt=dtype: cost._launch(
-            _meta(8, 37, 256, dtype=dt).transpose(1, 2), _meta(8, 37, 256, dtype=dt).transpose(1, 2), False, False)))
+        cases.append(
+            (
+                f"{dtype} shared-x 256x3072",
+                lambda dt=dtype: cost._launch(
+                    _meta(256, 3072, dtype=dt).expand(8, -1, -1), _meta(8, 256, 3072, dtype=dt), True, False
+                ),
+            )
+        )
+        cases.append(
+            (
+                f"{dtype} 4x10x3",
+                lambda dt=dtype: cost._launch(_meta(4, 10, 3, dtype=dt), _meta(4, 12, 3, dtype=dt), True, False),
+            )
+        )
+        cases.append(
+            (
+                f"{dtype} transposed 8x256x37",
+                lambda dt=dtype: cost._launch(
+                    _meta(8, 37, 256, dtype=dt).transpose(1, 2),
+                    _meta(8, 37, 256, dtype=dt).transpose(1, 2),
+                    False,
+                    False,
+                ),
+            )
+        )
     for d in (3072, 37):
-        cases.append((f"float32 tf32 64x256x{d}", lambda d=d: cost._launch(
-            _meta(64, 256, d, dtype=f32), _meta(64, 256, d, dtype=f32), False, True)))
+        cases.append(
+            (
+                f"float32 tf32 64x256x{d}",
+                lambda d=d: cost._launch(_meta(64, 256, d, dtype=f32), _meta(64, 256, d, dtype=f32), False, True),
+            )
+        )
     patches = dict(check_launchable=lambda *a: None, interpreting=lambda: False)
     return cost, "_pairwise_cost_kernel", patches, cases
 
@@ -157,8 +187,14 @@ def _noise_cases():
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64):
         for n in (3072, 5):
             raw = dtype == torch.int64
-            cases.append((f"{dtype} 256x{n}", lambda dt=dtype, n=n, raw=raw: noise._launch(
-                _meta(256, dtype=torch.int64), n, _meta(256, n, dtype=dt), raw)))
+            cases.append(
+                (
+                    f"{dtype} 256x{n}",
+                    lambda dt=dtype, n=n, raw=raw: noise._launch(
+                        _meta(256, dtype=torch.int64), n, _meta(256, n, dtype=dt), raw
+                    ),
+                )
+            )
     patches = dict(check_launchable=lambda *a: None, interpreting=lambda: False)
     return noise, "_gaussian_noise_kernel", patches, cases
 
@@ -170,10 +206,12 @@ def _sampler_cases():
     cases = []
     for dtype in sampler_update.TRITON_DTYPES:
         for two in (False, True):
+
             def run(dt=dtype, two=two):
                 x = _meta(4096, 2, dtype=dt)
                 v2 = _meta(4096, 2, dtype=dt) if two else None
                 sampler_update.update(x, _meta(4096, 2, dtype=dt), v2, 0.1, 0.2, x)
+
             cases.append((f"{dtype} 4096x2 {'two' if two else 'one'}", run))
     return sampler_update, "_ode_update_kernel", dict(_use_triton=lambda x: True), cases
 
@@ -197,10 +235,14 @@ def _sinkhorn_cases():
 
     cases = []
     for mode in ("lse", "sample", "argmax"):
-        cases += [(f"{mode} {n}x{m}x{d}", launch(1, n, m, d, mode)) for n, m, d in
-                  [(65536, 65536, 64), (4096, 4096, 2), (4096, 4096, 3072), (4096, 4000, 37), (10, 7, 3)]]
-        cases += [(f"{mode} tf32 4096x4096x64", launch(1, 4096, 4096, 64, mode, True)),
-                  (f"{mode} batch 64x256x256x100", launch(64, 256, 256, 100, mode))]
+        cases += [
+            (f"{mode} {n}x{m}x{d}", launch(1, n, m, d, mode))
+            for n, m, d in [(65536, 65536, 64), (4096, 4096, 2), (4096, 4096, 3072), (4096, 4000, 37), (10, 7, 3)]
+        ]
+        cases += [
+            (f"{mode} tf32 4096x4096x64", launch(1, 4096, 4096, 64, mode, True)),
+            (f"{mode} batch 64x256x256x100", launch(64, 256, 256, 100, mode)),
+        ]
     patches = dict(check_launchable=lambda *a: None, interpreting=lambda: False)
     return _kernels, "_sinkhorn_stream_kernel", patches, cases
 
@@ -260,8 +302,9 @@ def specialize(kernel, args, kwargs):
         if p.is_constexpr:
             signature[p.name], constexprs[p.name] = "constexpr", value
             continue
-        ty, spec = native_specialize_impl(CUDABackend, value, p.is_const, not p.do_not_specialize,
-                                          not p.do_not_specialize_on_alignment)[:2]
+        ty, spec = native_specialize_impl(
+            CUDABackend, value, p.is_const, not p.do_not_specialize, not p.do_not_specialize_on_alignment
+        )[:2]
         if ty == "constexpr":  # an int equal to 1
             signature[p.name], constexprs[p.name] = "constexpr", spec
         else:
@@ -273,8 +316,16 @@ def specialize(kernel, args, kwargs):
 
 def _key(kernel_name, arch, spec):
     signature, constexprs, attrs, options = spec
-    return json.dumps([kernel_name, arch, signature, {k: str(v) for k, v in constexprs.items()},
-                       sorted((str(k), v) for k, v in attrs.items()), sorted(options.items())])
+    return json.dumps(
+        [
+            kernel_name,
+            arch,
+            signature,
+            {k: str(v) for k, v in constexprs.items()},
+            sorted((str(k), v) for k, v in attrs.items()),
+            sorted(options.items()),
+        ]
+    )
 
 
 # ---- 4. compile and read the resources ----------------------------------------------------------
@@ -295,8 +346,9 @@ def resources(cubin: bytes) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        text = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
     m = _RES.findall(text)
     if len(m) != 1:
         raise RuntimeError(f"cuobjdump -res-usage: expected one kernel, got:\n{text}")
@@ -313,9 +365,11 @@ def parse_ptxas(log: str) -> dict:
     (None where the log has no such line)."""
     spills = [tuple(map(int, m)) for m in _PTXAS_SPILL.findall(log)]
     regs = [int(m) for m in _PTXAS_REGS.findall(log)]
-    return {"ptxas_regs": max(regs) if regs else None,
-            "spill_stores": sum(s for s, _ in spills) if spills else None,
-            "spill_loads": sum(ld for _, ld in spills) if spills else None}
+    return {
+        "ptxas_regs": max(regs) if regs else None,
+        "spill_stores": sum(s for s, _ in spills) if spills else None,
+        "spill_loads": sum(ld for _, ld in spills) if spills else None,
+    }
 
 
 def compile_case(kernel, arch: int, spec) -> dict:
@@ -332,13 +386,21 @@ def compile_case(kernel, arch: int, spec) -> dict:
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # the nvidia backend prints ptxas -v to stdout
     try:
         with contextlib.redirect_stdout(log):
-            ck = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                                target=GPUTarget("cuda", arch, 32), options=dict(options))
+            ck = triton.compile(
+                ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options=dict(options),
+            )
         res = resources(ck.asm["cubin"])
     except Exception as e:  # a compile error is a result, reported by the caller
         return {"error": f"{type(e).__name__}: {str(e)[-2000:]}", "seconds": time.perf_counter() - t0}
-    return {"shared": int(ck.metadata.shared), "num_warps": int(ck.metadata.num_warps), **res,
-            **parse_ptxas(log.getvalue()), "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "shared": int(ck.metadata.shared),
+        "num_warps": int(ck.metadata.num_warps),
+        **res,
+        **parse_ptxas(log.getvalue()),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def problems(row: dict) -> list:
@@ -354,8 +416,10 @@ def problems(row: dict) -> list:
     if row["spill_stores"] is None:  # no ptxas log from this triton: the stack frame is the bound
         spilled, what = row["stack"] or row["local"], f"{row['stack']} B stack frame (no ptxas log)"
     else:
-        spilled, what = row["spill_stores"] + row["spill_loads"], (
-            f"{row['spill_stores']} B spill stores, {row['spill_loads']} B spill loads")
+        spilled, what = (
+            row["spill_stores"] + row["spill_loads"],
+            (f"{row['spill_stores']} B spill stores, {row['spill_loads']} B spill loads"),
+        )
     if spilled and not any(row["kernel"] == k and row["cases"][0].startswith(p) for k, p in ALLOWED_SPILLS):
         out.append(f"spills: {what} per thread at {row['regs']} registers")
     return out
@@ -365,9 +429,16 @@ def _work(item):
     kernel_name, arch, label_list, spec, control = item
     module, name, _, _ = CASES[kernel_name]()
     kernel = getattr(module, name)
-    return {"kernel": kernel_name, "arch": arch, "cases": label_list, "control": control,
-            "signature": spec[0], "constexprs": {k: str(v) for k, v in spec[1].items()},
-            "options": spec[3], **compile_case(kernel, arch, spec)}
+    return {
+        "kernel": kernel_name,
+        "arch": arch,
+        "cases": label_list,
+        "control": control,
+        "signature": spec[0],
+        "constexprs": {k: str(v) for k, v in spec[1].items()},
+        "options": spec[3],
+        **compile_case(kernel, arch, spec),
+    }
 
 
 def _control():
@@ -383,7 +454,7 @@ def _control():
     with _recording(cost, "_pairwise_cost_kernel", **patches) as rec:
         x = _meta(64, 256, 37, dtype=torch.bfloat16)
         cost._launch(x, x, False, False)
-    (_, args, kw), = rec.calls
+    ((_, args, kw),) = rec.calls
     spec = specialize(rec.kernel, args, kw)
     label = "control: pre-fix bf16 64x256x37 at 128x128x64"
     return ("loom_kernels.cost:_pairwise_cost_kernel", 90, [label], spec, True)
@@ -423,14 +494,27 @@ def run(kernels=None, archs=ARCHS, jobs: int = 1, control: bool = False) -> list
 
 CUDA_SOURCE = "csrc/cuda/auction_cuda.cu"
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
-_PROPS = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
-                    r"(\d+) bytes spill loads")
+_PROPS = re.compile(
+    r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill stores, "
+    r"(\d+) bytes spill loads"
+)
 
 
 def nvcc_command(nvcc: str, root: Path, arch: int, out: Path) -> list:
     """The CUDA module's device compile for ``sm_<arch>`` (CMakeLists' flags), ptxas reporting."""
-    return [nvcc, "-std=c++17", "-O3", f"-I{root / 'csrc'}", f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v",
-            "-o", str(out), str(root / CUDA_SOURCE)]
+    return [
+        nvcc,
+        "-std=c++17",
+        "-O3",
+        f"-I{root / 'csrc'}",
+        f"-arch=sm_{arch}",
+        "-cubin",
+        "-Xptxas",
+        "-v",
+        "-o",
+        str(out),
+        str(root / CUDA_SOURCE),
+    ]
 
 
 def parse_nvcc_ptxas(log: str) -> dict:
@@ -467,16 +551,28 @@ def main(argv=None):
     rows = run(args.kernel, tuple(args.arch or ARCHS), args.jobs, args.control)
     wall = time.perf_counter() - t0
     if args.json:
-        Path(args.json).write_text(json.dumps({"triton": triton.__version__, "seconds": wall, "rows": rows,
-                                               "discovered": discover(), "cases": sorted(CASES)}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "triton": triton.__version__,
+                    "seconds": wall,
+                    "rows": rows,
+                    "discovered": discover(),
+                    "cases": sorted(CASES),
+                },
+                indent=1,
+            )
+        )
     print(f"triton {triton.__version__}, {len(rows)} compiles in {wall:.1f} s\n")
     print("| kernel | sm | cases | warps | stages | shared B | regs | spill st/ld B | problems |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in rows:
         p = "; ".join(problems(r)) or "ok"
-        print(f"| {r['kernel'].split(':')[1]} | {r['arch']} | {', '.join(r['cases'])[:60]} | "
-              f"{r['options'].get('num_warps', '')} | {r['options'].get('num_stages', '')} | {r.get('shared', '')} | "
-              f"{r.get('regs', '')} | {r.get('spill_stores', '')}/{r.get('spill_loads', '')} | {p[:120]} |")
+        print(
+            f"| {r['kernel'].split(':')[1]} | {r['arch']} | {', '.join(r['cases'])[:60]} | "
+            f"{r['options'].get('num_warps', '')} | {r['options'].get('num_stages', '')} | {r.get('shared', '')} | "
+            f"{r.get('regs', '')} | {r.get('spill_stores', '')}/{r.get('spill_loads', '')} | {p[:120]} |"
+        )
     return rows
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: every test is seeded; the GPU gate (gpu_gate.py) runs, skips or fails `cuda` tests."""
+
 import os
 import random
 import zlib
@@ -74,8 +75,9 @@ def pytest_sessionfinish(session, exitstatus):
     gate = session.config.stash.get(_GATE, None)
     if gate is None:
         return
-    status, why = gpu_gate.final_status(gate, session.config.getoption("markexpr") or "",
-                                        _cuda_passed[0], int(exitstatus))
+    status, why = gpu_gate.final_status(
+        gate, session.config.getoption("markexpr") or "", _cuda_passed[0], int(exitstatus)
+    )
     if why is not None:
         session.exitstatus = status
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -2,6 +2,7 @@
 each rank's result (or every rank's traceback) in the parent (``spawn`` + ``run_rank``); or, where a rank
 must be a whole interpreter (a script's own process group, a signal to one rank), launch W copies of a
 script (``launch``) on a free port (``free_port``, also what torchrun's --master_port gets)."""
+
 from __future__ import annotations
 
 import datetime
@@ -26,8 +27,9 @@ def run_rank(rank, world, store, out_dir, body):
         torch.set_num_threads(1)
         import torch.distributed as dist
 
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+        )
         torch.save(body(), os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
@@ -44,8 +46,7 @@ def spawn(world, out, target, extra=()):
     rank times out (``TIMEOUT_S``), raises or exits non-zero, with every rank's traceback.
     """
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=target, args=(r, world, str(out / "store"), str(out), *extra))
-             for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, str(out / "store"), str(out), *extra)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -74,9 +75,17 @@ def launch(world, argv, cwd, env=None, signal_rank=None, started=None, timeout=2
     as the file ``started`` exists (or after 120 s, or when rank 0 exited). No process outlives the call."""
     port = str(free_port())
     base = dict(os.environ if env is None else env)
-    procs = [subprocess.Popen([sys.executable, *map(str, argv)], cwd=cwd,
-                              env=dict(base, RANK=str(r), PORT=port, OMP_NUM_THREADS="1"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *map(str, argv)],
+            cwd=cwd,
+            env=dict(base, RANK=str(r), PORT=port, OMP_NUM_THREADS="1"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     try:
         if signal_rank is not None:
             deadline = time.time() + 120

@@ -11,6 +11,7 @@ CUDA module ``loom_kernels._cuda``. The rules (:func:`decide`):
 
 :func:`probe` gathers the facts from this machine; conftest.py applies the decision.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -61,18 +62,33 @@ def decide(f: Facts) -> Gate:
     if not f.gpu:
         return Gate(False, False, None, "needs a CUDA GPU (torch.cuda.is_available() is False)")
     if f.module_found and f.import_error is not None:
-        return Gate(True, False, f"a CUDA GPU is visible but loom_kernels._cuda is built and does not import "
-                                 f"({f.import_error}): the CUDA build is broken", "")
+        return Gate(
+            True,
+            False,
+            f"a CUDA GPU is visible but loom_kernels._cuda is built and does not import "
+            f"({f.import_error}): the CUDA build is broken",
+            "",
+        )
     if f.module_found and not f.module_devices:
-        return Gate(True, False, f"torch sees {f.torch_devices} CUDA device(s) but loom_kernels._cuda sees "
-                                 f"{f.module_devices}: a driver/runtime mismatch", "")
+        return Gate(
+            True,
+            False,
+            f"torch sees {f.torch_devices} CUDA device(s) but loom_kernels._cuda sees "
+            f"{f.module_devices}: a driver/runtime mismatch",
+            "",
+        )
     if f.module_found:
         return Gate(True, True, None, "")
     if f.expect_cuda == "0":
         return Gate(True, False, None, "loom_kernels was built without its CUDA module (LOOM_CUDA=0)")
-    return Gate(True, False, "a CUDA GPU is visible but loom_kernels was built without its CUDA module "
-                             "(loom_kernels._cuda not found): rebuild with nvcc on PATH, or set LOOM_CUDA=0 to "
-                             "run the tests without it on purpose", "")
+    return Gate(
+        True,
+        False,
+        "a CUDA GPU is visible but loom_kernels was built without its CUDA module "
+        "(loom_kernels._cuda not found): rebuild with nvcc on PATH, or set LOOM_CUDA=0 to "
+        "run the tests without it on purpose",
+        "",
+    )
 
 
 def needs_native(item) -> bool:

@@ -3,6 +3,7 @@ the tests share. (The multi-process harness is ``gloo_ranks.py``.)
 
 Not shipped in the wheel; the references it checks against are :mod:`loom_kernels.testing`'s.
 """
+
 from __future__ import annotations
 
 import numpy as np

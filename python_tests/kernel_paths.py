@@ -1,5 +1,6 @@
 """Test-side helpers for the Triton paths: the switch that runs a kernel on CPU tensors, the
 backends every CPU-tensor test is parametrized over, and the marks that skip what cannot run here."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -3,6 +3,7 @@
 Assignments are compared by their total cost (ties allow several optima): exactly for integer
 costs, within 1e-9 relative for floats (the exact solver works in float64 like scipy).
 """
+
 import subprocess
 import sys
 
@@ -102,7 +103,8 @@ def test_int64_beyond_2_53_exact(rng, shape, maximize, torch_input):
     assert _exact_total(cost, rows, cols) == _exact_total(cost, ref_rows, ref_cols)
     if shape[0] == shape[1]:
         assert _exact_total(cost, np.arange(shape[0]), assign(cost, maximize=maximize)) == _exact_total(
-            cost, ref_rows, ref_cols)
+            cost, ref_rows, ref_cols
+        )
 
 
 @pytest.mark.parametrize("lo,hi", [(0, 2**62), (-(2**62), 2**62), (0, 2**53)])

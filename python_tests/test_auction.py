@@ -4,6 +4,7 @@ Both are checked against scipy on every problem family; the GPU is also checked 
 the CPU twin exactly (same assignment, same number of bidding rounds) in float64 and float32,
 which is how a failure on the GPU is told apart from a failure of the algorithm.
 """
+
 import numpy as np
 import pytest
 

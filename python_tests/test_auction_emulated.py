@@ -7,6 +7,7 @@ without a GPU: the same assignment, status and round count as the twin (and as t
 ``_C.solve_auction``), bit for bit. It cannot see what only hardware shows (the memory model,
 shared-memory capacity, timing); the ``cuda`` tests in test_auction.py cover those on a GPU.
 """
+
 import ctypes
 import shutil
 import subprocess
@@ -32,9 +33,21 @@ def _build(tmp_dir, name):
     if cxx is None or not (_CSRC / "cuda" / "auction_cuda.cu").exists():
         pytest.skip("needs a C++20 compiler and the csrc/ sources (a source checkout)")
     so = tmp_dir / f"auction_emu_{name}.so"
-    cmd = [cxx, "-O1", "-std=c++20", "-pthread", "-shared", "-fPIC", f"-I{_HERE / 'cuda_emu'}", f"-I{_CSRC}",
-           *_BUILDS[name], str(_HERE / "cuda_emu" / "auction_emu.cpp"), str(_CSRC / "cpu" / "auction_cpu.cpp"),
-           "-o", str(so)]
+    cmd = [
+        cxx,
+        "-O1",
+        "-std=c++20",
+        "-pthread",
+        "-shared",
+        "-fPIC",
+        f"-I{_HERE / 'cuda_emu'}",
+        f"-I{_CSRC}",
+        *_BUILDS[name],
+        str(_HERE / "cuda_emu" / "auction_emu.cpp"),
+        str(_CSRC / "cpu" / "auction_cpu.cpp"),
+        "-o",
+        str(so),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-4000:]
     return ctypes.CDLL(str(so))
@@ -59,18 +72,39 @@ def _emu(lib, cost, maximize=False, tol=1e-9, mode=1, threads=64, blocks=2):
     3 the cooperative kernel with `blocks` blocks; `threads` per block."""
     B, N, M = cost.shape
     col, st, rounds = _outputs(B, N)
-    lib.emu_solve(_ptr(cost), ctypes.c_int(cost.dtype == np.float64), ctypes.c_int64(B), ctypes.c_int64(N),
-                  ctypes.c_int64(M), ctypes.c_int(bool(maximize)), ctypes.c_double(tol), ctypes.c_int(mode),
-                  ctypes.c_int(threads), ctypes.c_int(blocks), _ptr(col), _ptr(st), _ptr(rounds))
+    lib.emu_solve(
+        _ptr(cost),
+        ctypes.c_int(cost.dtype == np.float64),
+        ctypes.c_int64(B),
+        ctypes.c_int64(N),
+        ctypes.c_int64(M),
+        ctypes.c_int(bool(maximize)),
+        ctypes.c_double(tol),
+        ctypes.c_int(mode),
+        ctypes.c_int(threads),
+        ctypes.c_int(blocks),
+        _ptr(col),
+        _ptr(st),
+        _ptr(rounds),
+    )
     return col, st, rounds
 
 
 def _twin(lib, cost, maximize=False, tol=1e-9):
     B, N, M = cost.shape
     col, st, rounds = _outputs(B, N)
-    lib.twin_solve(_ptr(cost), ctypes.c_int(cost.dtype == np.float64), ctypes.c_int64(B), ctypes.c_int64(N),
-                   ctypes.c_int64(M), ctypes.c_int(bool(maximize)), ctypes.c_double(tol), _ptr(col), _ptr(st),
-                   _ptr(rounds))
+    lib.twin_solve(
+        _ptr(cost),
+        ctypes.c_int(cost.dtype == np.float64),
+        ctypes.c_int64(B),
+        ctypes.c_int64(N),
+        ctypes.c_int64(M),
+        ctypes.c_int(bool(maximize)),
+        ctypes.c_double(tol),
+        _ptr(col),
+        _ptr(st),
+        _ptr(rounds),
+    )
     return col, st, rounds
 
 
@@ -95,9 +129,14 @@ def _assert_twin(libs, cost, maximize=False, tol=1e-9, build="default", **kw):
 _DEFAULT_RUN = {("uniform", (24, 24)), ("int_ties", (18, 40)), ("negative", (30, 34))}  # the rest: slow
 
 
-@pytest.mark.parametrize("family, shape", [
-    pytest.param(f, s, marks=() if (f, s) in _DEFAULT_RUN else pytest.mark.slow, id=f"{f}-{s[0]}x{s[1]}")
-    for f in ASSIGN_FAMILIES for s in [(24, 24), (18, 40), (30, 34)]])
+@pytest.mark.parametrize(
+    "family, shape",
+    [
+        pytest.param(f, s, marks=() if (f, s) in _DEFAULT_RUN else pytest.mark.slow, id=f"{f}-{s[0]}x{s[1]}")
+        for f in ASSIGN_FAMILIES
+        for s in [(24, 24), (18, 40), (30, 34)]
+    ],
+)
 def test_emulated_block_kernel_matches_twin(libs, family, shape, rng):
     dtype = np.float32 if family in ("uniform", "sq_high") else np.float64
     cost = assignment_problem(family, *shape, batch=2, rng=rng, dtype=dtype)
@@ -106,16 +145,18 @@ def test_emulated_block_kernel_matches_twin(libs, family, shape, rng):
     assert (st == 0).all()
 
 
-@pytest.mark.parametrize("family", ["uniform", *(pytest.param(f, marks=pytest.mark.slow)
-                                                 for f in ("int_ties", "sq_low", "huge_range"))])
+@pytest.mark.parametrize(
+    "family", ["uniform", *(pytest.param(f, marks=pytest.mark.slow) for f in ("int_ties", "sq_low", "huge_range"))]
+)
 def test_emulated_window_build_matches_twin(libs, family, rng):
     cost = assignment_problem(family, 28, batch=2, rng=rng)
     _, st, _ = _assert_twin(libs, cost, tol=0.0 if family == "int_ties" else 1e-9, build="window")
     assert (st == 0).all()
 
 
-@pytest.mark.parametrize("family", ["int_ties", *(pytest.param(f, marks=pytest.mark.slow)
-                                                  for f in ("uniform", "sq_low"))])
+@pytest.mark.parametrize(
+    "family", ["int_ties", *(pytest.param(f, marks=pytest.mark.slow) for f in ("uniform", "sq_low"))]
+)
 def test_emulated_grid_kernel_matches_twin(libs, family, rng):
     cost = assignment_problem(family, 26, 30, batch=1, rng=rng)
     _assert_twin(libs, cost, tol=0.0 if family == "int_ties" else 1e-9, mode=3, threads=64, blocks=2)
@@ -150,8 +191,15 @@ H200 = dict(sms=132, smem_optin=232448)  # cudaDevAttrMaxSharedMemoryPerBlockOpt
 
 def _plan(lib, B, M, mode=0, sms=132, smem_optin=232448, per_sm=0):
     out = np.zeros(5, np.int64)
-    lib.emu_plan(ctypes.c_int64(B), ctypes.c_int64(M), ctypes.c_int(mode), ctypes.c_int(sms), ctypes.c_int(smem_optin),
-                 ctypes.c_int(per_sm), _ptr(out))
+    lib.emu_plan(
+        ctypes.c_int64(B),
+        ctypes.c_int64(M),
+        ctypes.c_int(mode),
+        ctypes.c_int(sms),
+        ctypes.c_int(smem_optin),
+        ctypes.c_int(per_sm),
+        _ptr(out),
+    )
     return dict(zip(("grid", "in_shared", "blocks", "workspace", "dynamic_smem"), out.tolist()))
 
 
@@ -174,10 +222,22 @@ def _emu_planned(lib, cost, threads, tol=1e-9):
     B, N, M = cost.shape
     col, st, rounds = _outputs(B, N)
     plan = np.zeros(3, np.int64)
-    rc = lib.emu_solve_planned(_ptr(cost), ctypes.c_int(cost.dtype == np.float64), ctypes.c_int64(B), ctypes.c_int64(N),
-                               ctypes.c_int64(M), ctypes.c_int(0), ctypes.c_double(tol), ctypes.c_int(threads),
-                               ctypes.c_int(H200["sms"]), ctypes.c_int(H200["smem_optin"]), _ptr(col), _ptr(st),
-                               _ptr(rounds), _ptr(plan))
+    rc = lib.emu_solve_planned(
+        _ptr(cost),
+        ctypes.c_int(cost.dtype == np.float64),
+        ctypes.c_int64(B),
+        ctypes.c_int64(N),
+        ctypes.c_int64(M),
+        ctypes.c_int(0),
+        ctypes.c_double(tol),
+        ctypes.c_int(threads),
+        ctypes.c_int(H200["sms"]),
+        ctypes.c_int(H200["smem_optin"]),
+        _ptr(col),
+        _ptr(st),
+        _ptr(rounds),
+        _ptr(plan),
+    )
     assert rc == 0, "a block wrote past its dynamic shared memory or its workspace slice"
     return (col, st, rounds), dict(zip(("in_shared", "dynamic_smem", "workspace"), plan.tolist()))
 
@@ -241,8 +301,9 @@ def test_cuda_large_m_launch_matches_twin(n, m, rng):
     col, st = _solve_cuda(t, False, 1e-9, rounds=rounds)
     torch.cuda.synchronize()
     ref = _native.cpu().solve_auction(cost, False, 1e-9, 1, True)
-    for name, x, y in zip(("col4row", "status", "rounds"), (col.cpu().numpy(), st.cpu().numpy(),
-                                                          rounds.cpu().numpy()), ref):
+    for name, x, y in zip(
+        ("col4row", "status", "rounds"), (col.cpu().numpy(), st.cpu().numpy(), rounds.cpu().numpy()), ref
+    ):
         np.testing.assert_array_equal(x, y, err_msg=f"GPU launch at M={m} differs from the twin in {name}")
     optin = getattr(torch.cuda.get_device_properties(t.device), "shared_memory_per_block_optin", None)
     if optin is not None:

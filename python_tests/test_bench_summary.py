@@ -1,4 +1,5 @@
 """bench/tools/summary.py's targets table on a fabricated pytest-benchmark JSON: met, missed, not run."""
+
 import importlib.util
 import json
 import sys
@@ -21,9 +22,14 @@ def summary():
 
 
 def _bench(group, provider, median_s):
-    return {"group": group, "name": f"test[{provider}]", "fullname": f"bench/x.py::test[{provider}]",
-            "params": {"provider": provider}, "extra_info": {},
-            "stats": {"median": median_s, "iqr": median_s / 10, "rounds": 5}}
+    return {
+        "group": group,
+        "name": f"test[{provider}]",
+        "fullname": f"bench/x.py::test[{provider}]",
+        "params": {"provider": provider},
+        "extra_info": {},
+        "stats": {"median": median_s, "iqr": median_s / 10, "rounds": 5},
+    }
 
 
 # group -> {provider: median seconds}
@@ -33,11 +39,17 @@ FAKE_GROUPS = {
     # assign 2048: 12 ms -> missed
     "assign cuda 1x2048 sq3072 f32": {"loom-cuda": 12e-3},
     # cost bf16: bmm 1.0 ms, ours 1.1 ms -> 0.91 >= 0.8 met; the tf32 variant must not count as ours
-    "cost gpu B=64 256x256 D=3072 bfloat16": {"loom.pairwise_cost": 1.1e-3, "loom.pairwise_cost(tf32)": 0.1e-3,
-                                              "torch.bmm (product only)": 1.0e-3},
+    "cost gpu B=64 256x256 D=3072 bfloat16": {
+        "loom.pairwise_cost": 1.1e-3,
+        "loom.pairwise_cost(tf32)": 0.1e-3,
+        "torch.bmm (product only)": 1.0e-3,
+    },
     # cost f32: bmm 1 ms, ours 2 ms -> 0.5 missed; cdist 12 ms -> 6x met
-    "cost gpu B=64 256x256 D=3072 float32": {"loom.pairwise_cost": 2e-3, "torch.bmm (product only)": 1e-3,
-                                             "torch.cdist": 12e-3},
+    "cost gpu B=64 256x256 D=3072 float32": {
+        "loom.pairwise_cost": 2e-3,
+        "torch.bmm (product only)": 1e-3,
+        "torch.cdist": 12e-3,
+    },
     # sampler: ours (graph) 0.5 ms, eager faster must not count, torchdiffeq 1 ms -> 2x missed
     "sampler euler nfe 8, mlp batch 4096, cuda": {"loom": 0.5e-3, "loom_eager": 0.1e-3, "torchdiffeq": 1e-3},
     # compat solver present, flow_matching baseline absent -> not run

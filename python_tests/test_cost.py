@@ -122,8 +122,9 @@ def test_non_finite_inputs_are_not_hidden(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("xs, ys, expect", [((0, 4), (3, 4), (0, 3)), ((2, 5, 4), (2, 0, 4), (2, 5, 0)),
-                                            ((0, 5, 4), (0, 3, 4), (0, 5, 3))])
+@pytest.mark.parametrize(
+    "xs, ys, expect", [((0, 4), (3, 4), (0, 3)), ((2, 5, 4), (2, 0, 4), (2, 5, 0)), ((0, 5, 4), (0, 3, 4), (0, 5, 3))]
+)
 def test_empty(backend, xs, ys, expect):
     out = on(backend, pairwise_cost, torch.randn(xs), torch.randn(ys))
     assert out.shape == expect and out.dtype == torch.float32
@@ -158,9 +159,15 @@ class _KernelSpy:
 
 
 @needs_interpreter
-@pytest.mark.parametrize("dtype, allow_tf32, precision", [
-    (torch.float32, False, "ieee"), (torch.float32, True, "tf32"), (torch.float64, False, "ieee"),
-    (torch.float16, False, "tf32")])
+@pytest.mark.parametrize(
+    "dtype, allow_tf32, precision",
+    [
+        (torch.float32, False, "ieee"),
+        (torch.float32, True, "tf32"),
+        (torch.float64, False, "ieee"),
+        (torch.float16, False, "tf32"),
+    ],
+)
 def test_allow_tf32_reaches_the_kernel(monkeypatch, dtype, allow_tf32, precision):
     # The flag only matters on the kernel (the CPU path ignores it): it must arrive as the dot's precision,
     # for float32 only (float64 is computed as float32; 16-bit operands always take tensor cores).
@@ -199,8 +206,9 @@ def test_bad_metric():
         pairwise_cost(x, x, "cosine")
 
 
-@pytest.mark.skipif(_triton.triton is None or _triton.interpreting(),
-                    reason="checks the error raised outside the interpreter")
+@pytest.mark.skipif(
+    _triton.triton is None or _triton.interpreting(), reason="checks the error raised outside the interpreter"
+)
 def test_triton_on_cpu_without_interpreter_raises():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         on("triton", pairwise_cost, torch.randn(2, 3), torch.randn(2, 3))

@@ -7,6 +7,7 @@ the edge cases (NaN/inf propagation, large-offset cancellation, empty inputs) ag
 reference. What the interpreter cannot show (register pressure, spills, tensor-core rounding) is in
 test_gpu_compile.py and the `cuda` tests of test_cost.py.
 """
+
 import pytest
 import torch
 
@@ -103,8 +104,15 @@ def test_each_gpu_tile_large_offset_cancellation(gpu_tiles, dtype, d, transposed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("xs, ys, expect", [((0, 40), (130, 40), (0, 130)), ((2, 130, 40), (2, 0, 40), (2, 130, 0)),
-                                            ((0, 5, 16), (0, 3, 16), (0, 5, 3)), ((130, 0), (7, 0), (130, 7))])
+@pytest.mark.parametrize(
+    "xs, ys, expect",
+    [
+        ((0, 40), (130, 40), (0, 130)),
+        ((2, 130, 40), (2, 0, 40), (2, 130, 0)),
+        ((0, 5, 16), (0, 3, 16), (0, 5, 3)),
+        ((130, 0), (7, 0), (130, 7)),
+    ],
+)
 def test_gpu_tiles_on_empty_inputs(gpu_tiles, dtype, xs, ys, expect):
     x, y = torch.randn(xs).to(dtype), torch.randn(ys).to(dtype)
     out = on("triton", pairwise_cost, x, y, "euclidean")
@@ -115,11 +123,11 @@ def test_gpu_tiles_on_empty_inputs(gpu_tiles, dtype, xs, ys, expect):
         assert gpu_tiles == []
 
 
-@pytest.mark.parametrize("n, m, d, tile", [(5, 7, 3, (16, 16, 16)), (20, 40, 33, (32, 64, 16)),
-                                           (100, 9, 300, (64, 16, 16))])
+@pytest.mark.parametrize(
+    "n, m, d, tile", [(5, 7, 3, (16, 16, 16)), (20, 40, 33, (32, 64, 16)), (100, 9, 300, (64, 16, 16))]
+)
 def test_small_problems_shrink_the_gpu_tile(gpu_tiles, n, m, d, tile):
     x, y = torch.randn(n, d), torch.randn(m, d)
     out = on("triton", pairwise_cost, x, y)
     assert gpu_tiles == [tile]
     _check(out, x, y, "sqeuclidean", 2.0**-24)
-

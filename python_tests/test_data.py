@@ -1,4 +1,5 @@
 """Built-in data sets: shapes, ranges, determinism, held-out splits, .npy loading, errors."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """examples/ run as a user copies them, at tiny sizes (issue 22): each script with --tiny, DDP under torchrun."""
+
 import os
 import subprocess
 import sys
@@ -14,8 +15,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def _run(args, timeout=600):
     # OMP 1: the examples run beside each other on small CI machines; the package is the installed one.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
-                         cwd=EXAMPLES.parent)
+    out = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=EXAMPLES.parent
+    )
     assert out.returncode == 0, f"{args} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
@@ -37,7 +39,17 @@ def test_class_conditional_guidance_moves_samples_toward_their_class():
 @pytest.mark.slow  # heavy; CI runs it in its slow step
 @pytest.mark.distributed
 def test_ddp_example_under_torchrun():
-    out = _run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                str(EXAMPLES / "ddp.py"), "--tiny"])
+    out = _run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(EXAMPLES / "ddp.py"),
+            "--tiny",
+        ]
+    )
     for name in ("LOOM-CFM, global batch", "minibatch OT, global batch", "minibatch OT, groups of 8"):
         assert f"{name}: world 2" in out, out

@@ -7,6 +7,7 @@ the CUDA module; a compile error, a kernel beyond the target's shared memory or 
 kernel with no case, or a register spill fails. Deselected by default (pyproject addopts); run with ``-m gpu_compile``.
 The numbers depend on the triton version (its ptxas): the ``test`` extra pins the one checked.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,11 +55,23 @@ def compiled(tmp_path_factory):
     elif not (ROOT / cc.CUDA_SOURCE).is_file():
         cuda = f"{cc.CUDA_SOURCE} not found next to the tests"
     else:
-        cuda = {a: subprocess.Popen(cc.nvcc_command(nvcc, ROOT, a, tmp / f"auction_{a}.cubin"), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True) for a in cc.ARCHS}
+        cuda = {
+            a: subprocess.Popen(
+                cc.nvcc_command(nvcc, ROOT, a, tmp / f"auction_{a}.cubin"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for a in cc.ARCHS
+        }
     out = tmp / "triton.json"
-    proc = subprocess.run([sys.executable, str(Path(cc.__file__).resolve()), "--jobs", "2", "--control",
-                           "--json", str(out)], capture_output=True, text=True, env=_clean_env(), timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(Path(cc.__file__).resolve()), "--jobs", "2", "--control", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        timeout=600,
+    )
     if isinstance(cuda, dict):
         logs = {}
         for a, p in cuda.items():
@@ -97,38 +110,54 @@ def test_every_kernel_has_a_case():
     assert found, "no @triton.jit kernel found in the package: discovery is broken"
     assert sorted(cc.CASES) == found, (
         f"kernels without a compile case: {sorted(set(found) - set(cc.CASES))}; "
-        f"cases for no kernel: {sorted(set(cc.CASES) - set(found))} (edit python_tests/compile_check.py CASES)")
+        f"cases for no kernel: {sorted(set(cc.CASES) - set(found))} (edit python_tests/compile_check.py CASES)"
+    )
 
 
 def _row(**kw):
-    row = {"kernel": "m:k", "arch": 90, "cases": ["c"], "shared": 1024, "num_warps": 4, "regs": 64, "stack": 0,
-           "local": 0, "spill_stores": 0, "spill_loads": 0}
+    row = {
+        "kernel": "m:k",
+        "arch": 90,
+        "cases": ["c"],
+        "shared": 1024,
+        "num_warps": 4,
+        "regs": 64,
+        "stack": 0,
+        "local": 0,
+        "spill_stores": 0,
+        "spill_loads": 0,
+    }
     row.update(kw)
     return row
 
 
-@pytest.mark.parametrize("kw, expect", [
-    ({}, None),
-    ({"stack": 32}, None),  # a stack frame without spills: libdevice's trig reduction array
-    ({"error": "CompilationError: dot shape"}, "compile error"),
-    ({"shared": 232449}, "shared memory"),
-    ({"arch": 80, "shared": 200000}, "shared memory"),
-    ({"regs": 255, "num_warps": 16}, "registers"),
-    ({"spill_stores": 4, "spill_loads": 8}, "spills"),
-    ({"spill_stores": None, "spill_loads": None, "stack": 8}, "spills"),  # no ptxas log: stack counts
-])
+@pytest.mark.parametrize(
+    "kw, expect",
+    [
+        ({}, None),
+        ({"stack": 32}, None),  # a stack frame without spills: libdevice's trig reduction array
+        ({"error": "CompilationError: dot shape"}, "compile error"),
+        ({"shared": 232449}, "shared memory"),
+        ({"arch": 80, "shared": 200000}, "shared memory"),
+        ({"regs": 255, "num_warps": 16}, "registers"),
+        ({"spill_stores": 4, "spill_loads": 8}, "spills"),
+        ({"spill_stores": None, "spill_loads": None, "stack": 8}, "spills"),  # no ptxas log: stack counts
+    ],
+)
 def test_problems_flags_each_limit(kw, expect):
     found = cc.problems(_row(**kw))
     assert (found == []) if expect is None else any(expect in p for p in found), found
 
 
 def test_parse_ptxas_logs():
-    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
-           "ptxas info    : Function properties for k\n"
-           "    392 bytes stack frame, 760 bytes spill stores, 752 bytes spill loads\n"
-           "ptxas info    : Used 255 registers, used 1 barriers, 392 bytes cumulative stack size\n"
-           "ptxas info    : Function properties for helper\n"
-           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90a'\n"
+        "ptxas info    : Function properties for k\n"
+        "    392 bytes stack frame, 760 bytes spill stores, 752 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 392 bytes cumulative stack size\n"
+        "ptxas info    : Function properties for helper\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+    )
     assert cc.parse_ptxas(log) == {"ptxas_regs": 255, "spill_stores": 760, "spill_loads": 752}
     assert cc.parse_ptxas("") == {"ptxas_regs": None, "spill_stores": None, "spill_loads": None}
     parsed = cc.parse_nvcc_ptxas(log)
@@ -187,6 +216,9 @@ def test_cuda_module_compiles_without_spills(compiled, arch):
     funcs = cc.parse_nvcc_ptxas(log)
     for kernel in CUDA_ALLOWED_SPILLS:
         assert any(kernel in f for f in funcs), f"sm_{arch}: no {kernel} in the ptxas report:\n{log[-2000:]}"
-    bad = {f: v for f, v in funcs.items() if v["spill_stores"] > _spill_ceiling(f)
-           or (v["spill_loads"] and not _spill_ceiling(f))}
+    bad = {
+        f: v
+        for f, v in funcs.items()
+        if v["spill_stores"] > _spill_ceiling(f) or (v["spill_loads"] and not _spill_ceiling(f))
+    }
     assert not bad, f"sm_{arch} spills (bytes per thread) above CUDA_ALLOWED_SPILLS: " + json.dumps(bad, indent=1)

@@ -1,5 +1,6 @@
 """The GPU gate (gpu_gate.py, wired in conftest.py): simulated machines, the decision, and whole pytest
 sessions run in-process (pytester) on the real conftest with the machine's facts monkeypatched."""
+
 import os
 
 import pytest
@@ -9,13 +10,19 @@ from gpu_gate import Facts, decide
 
 pytest_plugins = ["pytester"]
 
-CPU = Facts(gpu=False, torch_devices=0, module_found=False, import_error=None, module_devices=None,
-            expect_cuda="auto")
+CPU = Facts(gpu=False, torch_devices=0, module_found=False, import_error=None, module_devices=None, expect_cuda="auto")
 GOOD = Facts(gpu=True, torch_devices=1, module_found=True, import_error=None, module_devices=1, expect_cuda="auto")
-BROKEN = Facts(gpu=True, torch_devices=1, module_found=True, module_devices=None, expect_cuda="auto",
-               import_error="ImportError: libcudart.so.13: cannot open shared object file")
-MISSING = Facts(gpu=True, torch_devices=1, module_found=False, import_error=None, module_devices=None,
-                expect_cuda="auto")
+BROKEN = Facts(
+    gpu=True,
+    torch_devices=1,
+    module_found=True,
+    module_devices=None,
+    expect_cuda="auto",
+    import_error="ImportError: libcudart.so.13: cannot open shared object file",
+)
+MISSING = Facts(
+    gpu=True, torch_devices=1, module_found=False, import_error=None, module_devices=None, expect_cuda="auto"
+)
 
 
 def test_decide_on_simulated_machines():
@@ -39,13 +46,23 @@ def test_probe_on_this_machine():
     assert f.expect_cuda == os.environ.get("LOOM_CUDA", "auto").strip().lower()
 
 
-@pytest.mark.parametrize("expr, asks", [("cuda", True), ("cuda and not slow", True), ("(cuda or slow)", True),
-                                        ("not cuda", False), ("slow", False), ("", False), ("cudagraph", False)])
+@pytest.mark.parametrize(
+    "expr, asks",
+    [
+        ("cuda", True),
+        ("cuda and not slow", True),
+        ("(cuda or slow)", True),
+        ("not cuda", False),
+        ("slow", False),
+        ("", False),
+        ("cudagraph", False),
+    ],
+)
 def test_asks_for_cuda(expr, asks):
     assert gpu_gate.asks_for_cuda(expr) == asks
 
 
-_MODULE = '''
+_MODULE = """
 import pytest
 
 @pytest.mark.cuda
@@ -58,7 +75,7 @@ def test_triton():
 
 def test_cpu():
     pass
-'''
+"""
 
 
 @pytest.fixture
@@ -116,7 +133,8 @@ def test_gpu_check_stops_on_a_failed_build(tmp_path, fails, says):
     fake.write_text(f'#!/bin/sh\ncase "$*" in *"{fails}"*) echo "stand-in failure"; exit 1;; esac\nexit 0\n')
     fake.chmod(0o755)
     env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), CHECK_SECONDS="60")
-    res = subprocess.run(["bash", os.path.join(root, "bench", "gpu_check.sh")], capture_output=True, text=True,
-                         env=env, timeout=60)
+    res = subprocess.run(
+        ["bash", os.path.join(root, "bench", "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=60
+    )
     assert res.returncode != 0 and says in res.stdout, res.stdout + res.stderr
     assert "=== CUDA tests" not in res.stdout

@@ -1,4 +1,5 @@
 """loom_kernels._io.atomic_write: the one place every persisted file goes through."""
+
 import os
 
 import pytest
@@ -83,7 +84,7 @@ def test_a_full_disk_is_named(tmp_path):
     assert p.read_bytes() == b"old" and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
-FSIZE = r'''
+FSIZE = r"""
 import resource, signal, sys, torch
 from loom_kernels.checkpoint import atomic_save
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -92,7 +93,7 @@ try:
     atomic_save({"w": torch.zeros(1 << 20)}, sys.argv[1])
 except OSError as exc:
     print(exc.errno, exc)
-'''
+"""
 
 
 def test_torch_save_past_the_space_limit_is_named(tmp_path):

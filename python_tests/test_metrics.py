@@ -1,5 +1,6 @@
 """loom_kernels.metrics: W2 against scipy, coupling cost against numpy, straightness against
 closed forms (0 for straight flows, the arc formula for a rotation)."""
+
 import math
 
 import numpy as np
@@ -191,8 +192,9 @@ def test_fid_matches_scipy_sqrtm(n, m, d):
     assert fid_from_features(torch.from_numpy(real), torch.from_numpy(fake)) == pytest.approx(ref, rel=1e-9, abs=1e-9)
     # float32 features are promoted to float64 before any arithmetic
     r32, f32 = real.astype(np.float32), fake.astype(np.float32)
-    assert fid_from_features(r32, f32) == pytest.approx(_fid_scipy(r32.astype(np.float64), f32.astype(np.float64)),
-                                                        rel=1e-9, abs=1e-9)
+    assert fid_from_features(r32, f32) == pytest.approx(
+        _fid_scipy(r32.astype(np.float64), f32.astype(np.float64)), rel=1e-9, abs=1e-9
+    )
 
 
 def test_fid_closed_forms():

@@ -1,4 +1,5 @@
 """loom_kernels.models: shapes, class conditioning (null label), spec round trip, errors."""
+
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
 """loom_kernels.noise.gaussian_noise: the Philox4x32-10 stream against Random123's known answers
 and a plain-Python reference, CPU vs Triton (interpreter / CUDA) agreement, the pure-function
 contract (batch/position independence) and statistical sanity."""
+
 import math
 
 import numpy as np
@@ -133,8 +134,9 @@ def test_bad_input(seeds, shape, kwargs, exc, match):
         gaussian_noise(seeds, shape, **kwargs)
 
 
-@pytest.mark.skipif(_triton.triton is None or _triton.interpreting(),
-                    reason="checks the error raised outside the interpreter")
+@pytest.mark.skipif(
+    _triton.triton is None or _triton.interpreting(), reason="checks the error raised outside the interpreter"
+)
 def test_triton_on_cpu_without_interpreter_raises():
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         on("triton", gaussian_noise, [1], 4)
@@ -224,8 +226,9 @@ def test_cuda_noise_matches_cpu(dtype):
     if dtype in (torch.float32, torch.float64):
         torch.testing.assert_close(gpu.double().cpu(), cpu32.double(), rtol=0, atol=1e-5)
     else:  # both round the float32 value: at most one ulp apart where it sits near a tie
-        torch.testing.assert_close(gpu.cpu().float(), cpu32.to(dtype).float(),
-                                   rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+        torch.testing.assert_close(
+            gpu.cpu().float(), cpu32.to(dtype).float(), rtol=2 * torch.finfo(dtype).eps, atol=1e-5
+        )
 
 
 @pytest.mark.cuda(triton_only=True)
@@ -331,7 +334,7 @@ def test_compiled_thread_count_does_not_change_the_stream(rows, n):
         assert np.array_equal(C.philox_normal(seeds, n, threads), z1)
         assert np.array_equal(C.philox_uint32(seeds, n, threads), w1)
     # the long row's tail against the numpy path (the last chunk, ragged)
-    assert np.array_equal(w1[:, -300:], _stream_numpy(seeds, -(-n // 4), normals=False)[:, n - 300:n])
+    assert np.array_equal(w1[:, -300:], _stream_numpy(seeds, -(-n // 4), normals=False)[:, n - 300 : n])
 
 
 @needs_compiled

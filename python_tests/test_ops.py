@@ -4,6 +4,7 @@ The compiled minibatch-OT step (noise -> cost -> assignment -> paired batch) mus
 graph (torch._dynamo.explain), give eager's result exactly, and raise eager's error on a bad
 shape; a compiled model's training step runs beside an (eager) coupling call.
 """
+
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment as scipy_lsa
@@ -167,10 +168,12 @@ def test_first_call_compiled_registers_the_op_itself():
     import subprocess
     import sys
 
-    code = ("import sys, torch; from loom_kernels.assign import assign; c = torch.randn(6, 6); assign(c); "
-            "assert 'loom_kernels.ops' not in sys.modules; "
-            "f = torch.compile(lambda c: assign(c), fullgraph=True, backend='aot_eager'); "
-            "assert torch.equal(f(c), assign(c)); print('loom_kernels.ops' in sys.modules)")
+    code = (
+        "import sys, torch; from loom_kernels.assign import assign; c = torch.randn(6, 6); assign(c); "
+        "assert 'loom_kernels.ops' not in sys.modules; "
+        "f = torch.compile(lambda c: assign(c), fullgraph=True, backend='aot_eager'); "
+        "assert torch.equal(f(c), assign(c)); print('loom_kernels.ops' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "True"

@@ -3,6 +3,7 @@
 These run against whatever ``loom_kernels`` is imported: the source tree in development, the
 installed wheel in CI's wheel step (.ci/run), which is the point.
 """
+
 import ast
 import os
 import re
@@ -45,8 +46,9 @@ def test_stubs_name_what_the_native_module_has(name):
 
 
 def _run(code, **env):
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -54,9 +56,11 @@ def _run(code, **env):
 def test_scalar_path_as_on_a_cpu_without_avx2(rng):
     # An old CPU (no AVX2) gets the plain x86-64 kernels; LOOM_CPU_ISA=scalar forces the same path.
     cost = rng.random((3, 40, 50))
-    code = ("import os, numpy as np; from loom_kernels import _native; from loom_kernels.assign import assign; "
-            "c = np.frombuffer(bytes.fromhex(os.environ['COST']), dtype=np.float64).reshape(3, 40, 50); "
-            "print(_native.cpu_isa()); print(assign(c).tolist())")
+    code = (
+        "import os, numpy as np; from loom_kernels import _native; from loom_kernels.assign import assign; "
+        "c = np.frombuffer(bytes.fromhex(os.environ['COST']), dtype=np.float64).reshape(3, 40, 50); "
+        "print(_native.cpu_isa()); print(assign(c).tolist())"
+    )
     hexed = cost.tobytes().hex()
     scalar = _run(code, LOOM_CPU_ISA="scalar", COST=hexed).splitlines()
     best = _run(code, COST=hexed).splitlines()

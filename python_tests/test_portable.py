@@ -6,6 +6,7 @@ and the vector code lives only in the per-ISA namespaces of ``_C`` (objdump over
 
 The paths are process-global state of ``_C``; each test restores the one it found.
 """
+
 import os
 import re
 import shutil
@@ -122,8 +123,13 @@ def _assert_normals_agree(results):
 def test_noise_paths_agree(row_len):
     seeds = np.array([0, 1, -1, 2**40 + 3, -(2**63), 2**63 - 1, 12345], dtype=np.int64)
     mod = _native.cpu()
-    res = _on_each_path(lambda: (mod.philox_uint32(seeds, row_len, 0), mod.philox_normal(seeds, row_len, 1),
-                                 mod.philox_normal(seeds, row_len, 2)))
+    res = _on_each_path(
+        lambda: (
+            mod.philox_uint32(seeds, row_len, 0),
+            mod.philox_normal(seeds, row_len, 1),
+            mod.philox_normal(seeds, row_len, 2),
+        )
+    )
     _assert_all_equal({isa: r[:1] for isa, r in res.items()})  # the words: identical everywhere
     _assert_normals_agree({isa: r[1] for isa, r in res.items()})
     for _words, one, two in res.values():
@@ -202,8 +208,9 @@ _VECTOR = re.compile(r"%[xyz]mm(1[6-9]|2\d|3[01])|%[yz]mm|%k[0-7]")  # ymm/zmm, 
 
 
 def _vector_code_by_function(so):
-    dis = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", so], capture_output=True, text=True,
-                         check=True).stdout
+    dis = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", "-C", so], capture_output=True, text=True, check=True
+    ).stdout
     counts, fn = {}, None
     for line in dis.splitlines():
         head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
@@ -223,8 +230,10 @@ def test_vector_code_only_in_the_per_isa_namespaces():
         pytest.skip(f"not a portable x86-64 build on an AVX2 CPU ({ISAS})")
     so = _native.cpu().__file__
     counts = _vector_code_by_function(so)
-    if not any("loom::" in f for f in counts) and "loom::" not in subprocess.run(
-            ["nm", "-C", so], capture_output=True, text=True).stdout:
+    if (
+        not any("loom::" in f for f in counts)
+        and "loom::" not in subprocess.run(["nm", "-C", so], capture_output=True, text=True).stdout
+    ):
         pytest.skip("_C was stripped of its symbol table")
     guarded = [f for f in counts if re.search(r"loom::isa_avx(2|512)::", f)]
     assert any("isa_avx512::" in f for f in guarded) and any("isa_avx2::" in f for f in guarded), guarded

@@ -1,6 +1,7 @@
 """Public paths that had no test: the top-level package's lazy names and has_cuda(), load_model(model=...),
 the sample command line in-process (dopri5, --weights raw, --seed, image --plot, --n > --batch-size, its
 argument checks) and ``python -m loom_kernels.study`` with --jobs 2 (one subprocess)."""
+
 import json
 import os
 import subprocess
@@ -22,9 +23,17 @@ from loom_kernels.sampler import sample
 def test_top_level_names_are_the_submodules_objects():
     import importlib
 
-    where = {"linear_sum_assignment": "assign", "pairwise_cost": "cost", "gaussian_noise": "noise",
-             "IndependentCoupling": "couplings", "MinibatchOTCoupling": "couplings", "LoomCoupling": "couplings",
-             "w2": "metrics", "straightness": "metrics", "coupling_cost": "metrics"}
+    where = {
+        "linear_sum_assignment": "assign",
+        "pairwise_cost": "cost",
+        "gaussian_noise": "noise",
+        "IndependentCoupling": "couplings",
+        "MinibatchOTCoupling": "couplings",
+        "LoomCoupling": "couplings",
+        "w2": "metrics",
+        "straightness": "metrics",
+        "coupling_cost": "metrics",
+    }
     assert set(loom_kernels.__all__) == set(where) | {"has_cuda", "__version__"}
     for name, mod in where.items():
         assert getattr(loom_kernels, name) is getattr(importlib.import_module(f"loom_kernels.{mod}"), name), name
@@ -82,9 +91,33 @@ def run_dir(tmp_path_factory):
     from loom_kernels.cli.train import main as train_main
 
     out = tmp_path_factory.mktemp("run")
-    assert train_main(["--data", "moons", "--coupling", "independent", "--points", "64", "--batch-size", "16",
-                       "--hidden", "8", "--depth", "1", "--steps", "3", "--warmup", "0", "--ema-decay", "0.5",
-                       "--out", str(out), "--no-progress", "--device", "cpu"]) in (0, None)
+    assert train_main(
+        [
+            "--data",
+            "moons",
+            "--coupling",
+            "independent",
+            "--points",
+            "64",
+            "--batch-size",
+            "16",
+            "--hidden",
+            "8",
+            "--depth",
+            "1",
+            "--steps",
+            "3",
+            "--warmup",
+            "0",
+            "--ema-decay",
+            "0.5",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    ) in (0, None)
     torch.manual_seed(1)
     img = MLPVelocity((1, 8, 8), hidden=8, depth=1)
     save_model(str(out / "image.pt"), img, metadata={"model": img.spec})
@@ -110,8 +143,23 @@ def _expected(model, n, shape, seed, batch, nfe, method, **kw):
 
 def test_sample_cli_dopri5_reports_the_nfe_it_made(run_dir, tmp_path, capsys):
     npy = tmp_path / "d.npy"
-    text = _sample(["--ckpt", run_dir / "model.pt", "--method", "dopri5", "--rtol", "1e-3", "--atol", "1e-3",
-                    "--n", "12", "--out", npy], capsys)
+    text = _sample(
+        [
+            "--ckpt",
+            run_dir / "model.pt",
+            "--method",
+            "dopri5",
+            "--rtol",
+            "1e-3",
+            "--atol",
+            "1e-3",
+            "--n",
+            "12",
+            "--out",
+            npy,
+        ],
+        capsys,
+    )
     net = load_model(str(run_dir / "model.pt")).eval()
     want, nfes = _expected(net, 12, (2,), 0, 4096, None, "dopri5", rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(np.load(npy), want, rtol=0, atol=1e-6)
@@ -121,11 +169,29 @@ def test_sample_cli_dopri5_reports_the_nfe_it_made(run_dir, tmp_path, capsys):
 def test_sample_cli_weights_seed_and_batches(run_dir, tmp_path, capsys):
     ema, raw = (load_model(str(run_dir / "checkpoint.pt"), weights=w).eval() for w in ("ema", "raw"))
     outs = {}
-    for name, extra in {"ema": [], "raw": ["--weights", "raw"], "seed": ["--seed", "7"],
-                        "batches": ["--batch-size", "4"]}.items():
+    for name, extra in {
+        "ema": [],
+        "raw": ["--weights", "raw"],
+        "seed": ["--seed", "7"],
+        "batches": ["--batch-size", "4"],
+    }.items():
         npy = tmp_path / f"{name}.npy"
-        text = _sample(["--ckpt", run_dir / "checkpoint.pt", "--n", "10", "--nfe", "2", "--method", "midpoint",
-                        "--out", npy, *extra], capsys)
+        text = _sample(
+            [
+                "--ckpt",
+                run_dir / "checkpoint.pt",
+                "--n",
+                "10",
+                "--nfe",
+                "2",
+                "--method",
+                "midpoint",
+                "--out",
+                npy,
+                *extra,
+            ],
+            capsys,
+        )
         assert "(midpoint, NFE 2)" in text
         outs[name] = np.load(npy)
         assert outs[name].shape == (10, 2)
@@ -147,15 +213,18 @@ def test_sample_cli_image_plot(run_dir, tmp_path, capsys):
     assert img.ndim == 3 and min(img.shape[:2]) > 100 and img.std() > 0  # a real picture, not a blank
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--n", "0"], "--n must be positive, got 0"),
-    (["--batch-size", "0"], "--batch-size must be positive"),
-    (["--out", "x.txt"], "--out must end in .npy"),
-    (["--method", "dopri5", "--nfe", "8"], "--nfe is for the fixed-step methods"),
-    (["--nfe", "0"], "--nfe must be positive, got 0"),
-    (["--method", "heun", "--nfe", "3"], "--nfe must be positive and even for heun, got 3"),
-    (["--label", "1"], "--label/--guidance need a class-conditional model"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--n", "0"], "--n must be positive, got 0"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--out", "x.txt"], "--out must end in .npy"),
+        (["--method", "dopri5", "--nfe", "8"], "--nfe is for the fixed-step methods"),
+        (["--nfe", "0"], "--nfe must be positive, got 0"),
+        (["--method", "heun", "--nfe", "3"], "--nfe must be positive and even for heun, got 3"),
+        (["--label", "1"], "--label/--guidance need a class-conditional model"),
+    ],
+)
 def test_sample_cli_argument_checks(run_dir, tmp_path, argv, match):
     npy = tmp_path / "x.npy"
     with pytest.raises(SystemExit, match=match):
@@ -179,10 +248,30 @@ def test_study_module_with_two_jobs_matches_a_direct_run(tmp_path):
     from loom_kernels import study
 
     out = tmp_path / "s"
-    argv = ["--data", "8gaussians", "--variants", "ot", "loom1", "--seeds", "1", "--steps", "6", "--points", "64",
-            "--n-eval", "32", "--batch-size", "16", "--jobs", "2", "--out", str(out)]
-    res = subprocess.run([sys.executable, "-m", "loom_kernels.study", *argv], capture_output=True, text=True,
-                         timeout=600, cwd=tmp_path)
+    argv = [
+        "--data",
+        "8gaussians",
+        "--variants",
+        "ot",
+        "loom1",
+        "--seeds",
+        "1",
+        "--steps",
+        "6",
+        "--points",
+        "64",
+        "--n-eval",
+        "32",
+        "--batch-size",
+        "16",
+        "--jobs",
+        "2",
+        "--out",
+        str(out),
+    ]
+    res = subprocess.run(
+        [sys.executable, "-m", "loom_kernels.study", *argv], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "2 at a time" in res.stdout and "[2/2" in res.stdout
     for name in ("study.csv", "study_summary.csv", "study.md", "study.png"):

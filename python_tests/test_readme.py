@@ -5,6 +5,7 @@ A block is marked by an HTML comment on the line before its fence: ``<!-- runnab
 directory, with small stand-ins for the names a snippet leaves to the reader (``dataset``, ``loader``,
 ``model``).
 """
+
 import json
 import os
 import re
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs"))
-                              if f.endswith(".md"))
+DOCS = ["README.md"] + sorted(
+    os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")
+)
 MARK = re.compile(r"^<!-- runnable(?::\s*(?P<need>[\w ]+))? -->\n```python\n(?P<code>.*?)^```", re.M | re.S)
 
 
@@ -26,8 +28,11 @@ def _blocks():
         for m in MARK.finditer(text):
             line = text.count("\n", 0, m.start()) + 2
             need = (m.group("need") or "").split()
-            found.append(pytest.param(m.group("code"), need, id=f"{name}:{line}",
-                                      marks=[pytest.mark.cuda] if "cuda" in need else []))
+            found.append(
+                pytest.param(
+                    m.group("code"), need, id=f"{name}:{line}", marks=[pytest.mark.cuda] if "cuda" in need else []
+                )
+            )
     return found
 
 
@@ -42,8 +47,7 @@ def _stand_ins():
     """What the snippets leave to the reader: a tiny image dataset, its loader of (index, image), a model."""
     images = torch.rand(32, 3, 32, 32) * 2 - 1
     dataset = torch.utils.data.TensorDataset(torch.arange(32), images)
-    return {"dataset": dataset, "loader": torch.utils.data.DataLoader(dataset, batch_size=8),
-            "model": lambda x, t: x}
+    return {"dataset": dataset, "loader": torch.utils.data.DataLoader(dataset, batch_size=8), "model": lambda x, t: x}
 
 
 @pytest.mark.parametrize("code, need", BLOCKS)
@@ -81,8 +85,8 @@ def _matches(n, numbers):
 def test_readme_highlights_are_results_numbers():
     # every time and ratio of the README's highlight table is one of bench/RESULTS.md's, as rounded there
     readme, results = _read("README.md"), _read("bench/RESULTS.md")
-    table = readme[readme.index("| what | ours | baseline | ratio |"):]
-    table = table[:table.index("\n\n")]
+    table = readme[readme.index("| what | ours | baseline | ratio |") :]
+    table = table[: table.index("\n\n")]
     quoted = set(re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?=\s*(?:ms|x|s)\b)", table))
     recorded = [float(v) for v in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", results)]
     missing = sorted(n for n in quoted if not _matches(n, recorded))

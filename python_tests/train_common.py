@@ -1,4 +1,5 @@
 """Shared by the trainer's tests (test_train_*.py): a small run, its config, and instrumented couplings/models."""
+
 import torch
 
 from loom_kernels import data

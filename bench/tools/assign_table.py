@@ -3,6 +3,7 @@ and group, speedup over scipy, and the geometric-mean speedups over the single-p
 
 Usage: python bench/tools/assign_table.py /tmp/assign.json
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def main(path):
         print(f"| {g} | {' | '.join(cells)} | {ratios} |")
     for base, r in ratios.items():
         gm = math.exp(sum(map(math.log, r)) / len(r))
-        print(f"\ngeometric-mean speedup of loom-cpu over {base} (single problems, {len(r)} groups): {gm:.2f}x; "
-              f"min {min(r):.2f}x, max {max(r):.2f}x")
+        print(
+            f"\ngeometric-mean speedup of loom-cpu over {base} (single problems, {len(r)} groups): {gm:.2f}x; "
+            f"min {min(r):.2f}x, max {max(r):.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ family ``sq3072``) and the other benchmark families, tol 1e-6 as ``assign`` uses
     python bench/tools/auction_rounds.py            # the table of bench/RESULTS.md (N=8192 takes minutes)
     python bench/tools/auction_rounds.py --quick    # without the N >= 4096 problems
 """
+
 from __future__ import annotations
 
 import argparse

@@ -6,6 +6,7 @@ A batch on the GPU takes as long as its slowest problem. Needs g++ and the csrc/
 
     python bench/tools/auction_tuning.py [--theta 4 8 16] [--switch 0 1 3 6] [--batch 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,9 +33,24 @@ def build(theta, switch, workdir):
     src = Path(workdir) / "wrapper.cpp"
     src.write_text(WRAPPER)
     so = Path(workdir) / f"twin_{theta}_{switch}.so"
-    subprocess.run(["g++", "-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", f"-I{CSRC}",
-                    f"-DLOOM_AUCTION_THETA={float(theta)}", f"-DLOOM_AUCTION_SAP_SWITCH={int(switch)}",
-                    str(src), str(CSRC / "cpu" / "auction_cpu.cpp"), "-o", str(so)], check=True)
+    subprocess.run(
+        [
+            "g++",
+            "-O2",
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            "-pthread",
+            f"-I{CSRC}",
+            f"-DLOOM_AUCTION_THETA={float(theta)}",
+            f"-DLOOM_AUCTION_SAP_SWITCH={int(switch)}",
+            str(src),
+            str(CSRC / "cpu" / "auction_cpu.cpp"),
+            "-o",
+            str(so),
+        ],
+        check=True,
+    )
     return ctypes.CDLL(str(so))
 
 
@@ -44,8 +60,9 @@ def steps(lib, cost):
     st = np.empty(B, np.int8)
     rounds = np.empty(B, np.int64)
     p = [a.ctypes.data_as(ctypes.c_void_p) for a in (cost, col, st, rounds)]
-    lib.solve_f32(p[0], ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(M), ctypes.c_double(1e-6),
-                  p[1], p[2], p[3])
+    lib.solve_f32(
+        p[0], ctypes.c_int64(B), ctypes.c_int64(N), ctypes.c_int64(M), ctypes.c_double(1e-6), p[1], p[2], p[3]
+    )
     if np.any(st != 0):
         raise SystemExit(f"status {np.unique(st)}")
     return rounds
@@ -57,8 +74,9 @@ def main():
     ap.add_argument("--switch", type=int, nargs="+", default=[0, 1, 2, 3, 4, 6])
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
-    cost = np.ascontiguousarray(assignment_problem("sq3072", 256, batch=args.batch, rng=np.random.default_rng(0),
-                                                   dtype=np.float32))
+    cost = np.ascontiguousarray(
+        assignment_problem("sq3072", 256, batch=args.batch, rng=np.random.default_rng(0), dtype=np.float32)
+    )
     print("| theta | switch | steps max | steps mean |")
     print("|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:

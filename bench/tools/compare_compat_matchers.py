@@ -6,6 +6,7 @@ bench/bench_compat_matchers.py, one thread, and the medians and minima are compa
 
 Run: ``OMP_NUM_THREADS=1 python bench/tools/compare_compat_matchers.py --rounds 40``
 """
+
 import argparse
 import sys
 import time
@@ -40,8 +41,10 @@ def main() -> None:
                 fm.sample_location_and_conditional_flow(x0, x1)
                 times[k].append((time.perf_counter() - t0) * 1e3)
         lo, th = np.array(times["loom"]), np.array(times["torchcfm"])
-        print(f"| {key} | {np.median(lo):.2f} | {np.median(th):.2f} | {np.median(th) / np.median(lo):.2f} | "
-              f"{lo.min():.2f} | {th.min():.2f} |")
+        print(
+            f"| {key} | {np.median(lo):.2f} | {np.median(th):.2f} | {np.median(th) / np.median(lo):.2f} | "
+            f"{lo.min():.2f} | {th.min():.2f} |"
+        )
 
 
 if __name__ == "__main__":

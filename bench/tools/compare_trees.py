@@ -7,6 +7,7 @@ alike. Every case prints the median per tree, the ratio and whether the outputs 
 
 Run: ``OMP_NUM_THREADS=1 python bench/tools/compare_trees.py --tree new=src --tree old=/path/old --rounds 15``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -209,19 +210,43 @@ for line in sys.stdin:
     dt = (time.perf_counter() - t) / req["iters"]
     print(json.dumps({"s": dt, "digest": digest(out)}), flush=True)
 '''
-CASES = ("loom_step", "minibatch_ot", "assign", "cost", "noise", "sample", "sample_guided", "sample_dopri5",
-         "straightness", "train")
+CASES = (
+    "loom_step",
+    "minibatch_ot",
+    "assign",
+    "cost",
+    "noise",
+    "sample",
+    "sample_guided",
+    "sample_dopri5",
+    "straightness",
+    "train",
+)
 # couplings: a fresh coupling per call (deterministic outputs and tables), every scope and table kind at W=1
-COUPLING_CASES = ("loom_caches_labels", "loom_grouped", "loom_sharded", "loom_local", "loom_mmap",
-                  "loom_resample_save_load", "minibatch_labels_rect", "minibatch_grouped", "independent")
+COUPLING_CASES = (
+    "loom_caches_labels",
+    "loom_grouped",
+    "loom_sharded",
+    "loom_local",
+    "loom_mmap",
+    "loom_resample_save_load",
+    "minibatch_labels_rect",
+    "minibatch_grouped",
+    "independent",
+)
 # The LOOM step changes its table each call: its digest is compared on the first call only.
 STATEFUL = {"loom_step"}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tree", action="append", required=True, metavar="NAME=DIR",
-                   help="a directory holding the loom_kernels package (give two)")
+    p.add_argument(
+        "--tree",
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a directory holding the loom_kernels package (give two)",
+    )
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--iters", type=int, default=3, help="calls per timed turn")
     p.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES + COUPLING_CASES)
@@ -230,8 +255,9 @@ def main(argv=None) -> int:
     workers = {}
     for name, path in trees.items():
         env = dict(os.environ, PYTHONPATH=os.path.abspath(path), OMP_NUM_THREADS="1")
-        workers[name] = subprocess.Popen([sys.executable, "-c", WORKER], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True, env=env, cwd="/")
+        workers[name] = subprocess.Popen(
+            [sys.executable, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd="/"
+        )
 
     def ask(name, case, iters):
         w = workers[name]
@@ -249,15 +275,18 @@ def main(argv=None) -> int:
         times = {n: [] for n in names}
         digests = {n: set() for n in names}
         for r in range(args.rounds):
-            for n in (names if r % 2 == 0 else names[::-1]):
+            for n in names if r % 2 == 0 else names[::-1]:
                 rep = ask(n, case, args.iters)
                 times[n].append(rep["s"])
                 digests[n].add(rep["digest"])
         med = {n: statistics.median(times[n]) * 1e3 for n in names}
         later_same = case in STATEFUL or len({frozenset(d) for d in digests.values()}) == 1
         same = len(set(first.values())) == 1 and later_same
-        print(f"{case:<24}" + "".join(f"{med[n]:>12.3f}" for n in names)
-              + f"{med[names[0]] / med[names[1]]:>8.2f}  {'yes' if same else 'NO'}")
+        print(
+            f"{case:<24}"
+            + "".join(f"{med[n]:>12.3f}" for n in names)
+            + f"{med[names[0]] / med[names[1]]:>8.2f}  {'yes' if same else 'NO'}"
+        )
     for w in workers.values():
         w.stdin.close()
         w.wait()

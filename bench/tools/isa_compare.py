@@ -11,6 +11,7 @@ problems, the noise as bench_noise.py's 256x3072 float32 minibatch (one thread).
 
 Providers: each ``--other`` build (loaded beside this one), then this build's paths (``_C.isas()``).
 """
+
 import argparse
 import importlib.util
 import statistics
@@ -69,7 +70,7 @@ def main():
     for case, fn, rounds in _cases([int(s) for s in args.sizes.split(",")], args.repeat):
         times = {n: [] for n in names}
         for r in range(len(names) * (rounds // len(names) + 1) + 1):  # round 0 warms up
-            for n in names[r % len(names):] + names[:r % len(names)]:
+            for n in names[r % len(names) :] + names[: r % len(names)]:
                 mod, isa = providers[n]
                 if isa:
                     this.set_isa(isa)
@@ -79,8 +80,10 @@ def main():
         times = {n: t[1:] for n, t in times.items()}  # the same rounds for every provider: paired
         base = times[names[0]]
         ratios = [statistics.median(b / a for a, b in zip(base, times[n])) for n in names[1:]]
-        print(f"| {case} | {statistics.median(base) * 1e3:.3g} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |",
-              flush=True)
+        print(
+            f"| {case} | {statistics.median(base) * 1e3:.3g} | " + " | ".join(f"{r:.3f}" for r in ratios) + " |",
+            flush=True,
+        )
     this.set_isa(before)
 
 

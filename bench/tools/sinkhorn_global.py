@@ -9,6 +9,7 @@ hence a script:
 
     python bench/tools/sinkhorn_global.py --world 4 --b 1024 --dim 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def _rank(rank, world, store, args, queue):
     from loom_kernels.couplings import sinkhorn as mod
     from loom_kernels.couplings.distributed import count_bytes
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600)
+    )
     x1, x0 = _data(world * args.b, args.dim)
     sl = slice(rank * args.b, (rank + 1) * args.b)
     c = _coupling(args.eps, args.tol)
@@ -93,8 +95,10 @@ def main(argv=None):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_rank, args=(r, args.world, os.path.join(tmp, "store"), args, queue))
-                 for r in range(args.world)]
+        procs = [
+            ctx.Process(target=_rank, args=(r, args.world, os.path.join(tmp, "store"), args, queue))
+            for r in range(args.world)
+        ]
         for pr in procs:
             pr.start()
         res = sorted(queue.get(timeout=1800) for _ in procs)
@@ -104,14 +108,20 @@ def main(argv=None):
     slowest = max(statistics.median(r[1]) for r in res)
     comm = max(statistics.median(r[2]) for r in res)
     one_med = statistics.median(single)
-    print(f"W={args.world} b={args.b} D={args.dim} eps={args.eps} tol={args.tol} iterations: one process "
-          f"{int(one.stats['iterations'])}, ranks {[r[4] for r in res]}")
+    print(
+        f"W={args.world} b={args.b} D={args.dim} eps={args.eps} tol={args.tol} iterations: one process "
+        f"{int(one.stats['iterations'])}, ranks {[r[4] for r in res]}"
+    )
     print(f"one process, {n} items, 1 thread: median {one_med:.3f} s over {args.repeats}")
-    print(f"global scope, slowest rank (1 thread each, {os.cpu_count()} cores): median {slowest:.3f} s "
-          f"(all-reduce/gather time inside: {comm:.3f} s); ratio to one process {slowest / one_med:.2f}x; "
-          f"ratio of (rank time - comm) to one process {(slowest - comm) / one_med:.2f}x")
-    print(f"bytes sent per rank per call: {res[0][3]:,}; pairs equal to one process: {torch.equal(outs, ref)} "
-          f"({int((outs != ref).any(-1).sum())} rows differ)")
+    print(
+        f"global scope, slowest rank (1 thread each, {os.cpu_count()} cores): median {slowest:.3f} s "
+        f"(all-reduce/gather time inside: {comm:.3f} s); ratio to one process {slowest / one_med:.2f}x; "
+        f"ratio of (rank time - comm) to one process {(slowest - comm) / one_med:.2f}x"
+    )
+    print(
+        f"bytes sent per rank per call: {res[0][3]:,}; pairs equal to one process: {torch.equal(outs, ref)} "
+        f"({int((outs != ref).any(-1).sum())} rows differ)"
+    )
     return 0
 
 

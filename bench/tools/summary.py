@@ -9,6 +9,7 @@ a benchmark that did not run (missing module, skipped, failed) gives a "not run"
 an error. New benchmarks meet a target by using these names: the compat solver's group must
 match ``compat.*solver`` with providers ``loom...`` and ``flow_matching...``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,24 +63,64 @@ class Target:
 
 
 TARGETS = [
-    Target("assign CUDA: 64x256 sq-Euclidean <= 1 ms (#3)", r"^assign cuda 64x256", r"loom-cuda$", max_ms=1.0,
-           beside=r"loom-cpu$"),
-    Target("assign CUDA: single N=2048 <= 10 ms (#3)", r"^assign cuda 1x2048", r"loom-cuda$", max_ms=10.0,
-           beside=r"loom-cpu$"),
+    Target(
+        "assign CUDA: 64x256 sq-Euclidean <= 1 ms (#3)",
+        r"^assign cuda 64x256",
+        r"loom-cuda$",
+        max_ms=1.0,
+        beside=r"loom-cpu$",
+    ),
+    Target(
+        "assign CUDA: single N=2048 <= 10 ms (#3)",
+        r"^assign cuda 1x2048",
+        r"loom-cuda$",
+        max_ms=10.0,
+        beside=r"loom-cpu$",
+    ),
     Target("assign CUDA: single N=8192 <= 200 ms (#3)", r"^assign cuda 1x8192", r"loom-cuda$", max_ms=200.0),
-    Target("pairwise_cost GPU bf16 >= 80% of bmm's rate (#4)", r"^cost gpu .*b(f|float)16$", r"loom\.pairwise_cost$",
-           baseline=r"torch\.bmm", min_ratio=0.8),
-    Target("pairwise_cost GPU f32 >= 80% of bmm's rate (#4)", r"^cost gpu .*f(loat)?32$", r"loom\.pairwise_cost$",
-           baseline=r"torch\.bmm", min_ratio=0.8),
-    Target("pairwise_cost GPU f32 >= 5x torch.cdist (#4)", r"^cost gpu .*f(loat)?32$", r"loom\.pairwise_cost$",
-           baseline=r"torch\.cdist", min_ratio=5.0),
-    Target("gaussian_noise GPU >= 70% of write bandwidth (#4)", r"^noise gpu 16384x", r"loom\.gaussian_noise$",
-           baseline=r"torch\.empty\.fill_", min_ratio=0.7),
+    Target(
+        "pairwise_cost GPU bf16 >= 80% of bmm's rate (#4)",
+        r"^cost gpu .*b(f|float)16$",
+        r"loom\.pairwise_cost$",
+        baseline=r"torch\.bmm",
+        min_ratio=0.8,
+    ),
+    Target(
+        "pairwise_cost GPU f32 >= 80% of bmm's rate (#4)",
+        r"^cost gpu .*f(loat)?32$",
+        r"loom\.pairwise_cost$",
+        baseline=r"torch\.bmm",
+        min_ratio=0.8,
+    ),
+    Target(
+        "pairwise_cost GPU f32 >= 5x torch.cdist (#4)",
+        r"^cost gpu .*f(loat)?32$",
+        r"loom\.pairwise_cost$",
+        baseline=r"torch\.cdist",
+        min_ratio=5.0,
+    ),
+    Target(
+        "gaussian_noise GPU >= 70% of write bandwidth (#4)",
+        r"^noise gpu 16384x",
+        r"loom\.gaussian_noise$",
+        baseline=r"torch\.empty\.fill_",
+        min_ratio=0.7,
+    ),
     Target("LOOM step GPU b=256 CIFAR <= 1 ms (#5)", r"^coupling step cuda cifar .*b=256\b", r"loom", max_ms=1.0),
-    Target("sampler GPU (CUDA graph) >= 3x torchdiffeq, MLP 4096 (#6)", r"^sampler euler .*mlp batch 4096.*cuda",
-           r"loom$", baseline=r"torchdiffeq", min_ratio=3.0),
-    Target("compat ODESolver (CUDA graph) >= 3x flow_matching", r"(?i)compat.*solver", r"loom",
-           baseline=r".*flow_matching", min_ratio=3.0),
+    Target(
+        "sampler GPU (CUDA graph) >= 3x torchdiffeq, MLP 4096 (#6)",
+        r"^sampler euler .*mlp batch 4096.*cuda",
+        r"loom$",
+        baseline=r"torchdiffeq",
+        min_ratio=3.0,
+    ),
+    Target(
+        "compat ODESolver (CUDA graph) >= 3x flow_matching",
+        r"(?i)compat.*solver",
+        r"loom",
+        baseline=r".*flow_matching",
+        min_ratio=3.0,
+    ),
 ]
 
 
@@ -111,17 +152,24 @@ def evaluate(data, targets=TARGETS):
             ours = _pick(benches, t.ours)
             other_p = t.baseline or t.beside
             other = _pick(benches, other_p) if other_p else None
-            row = dict(name=t.name, group=g, ours=_fmt_ms(ours),
-                       other=f"{_label(other_p)}: {_fmt_ms(other)}" if other is not None else "")
+            row = dict(
+                name=t.name,
+                group=g,
+                ours=_fmt_ms(ours),
+                other=f"{_label(other_p)}: {_fmt_ms(other)}" if other is not None else "",
+            )
             if ours is None or (t.min_ratio is not None and other is None):
                 row.update(value="", status="not run")
             elif t.max_ms is not None:
-                row.update(value=f"{ours * 1e3:.4g} ms (limit {t.max_ms:g})",
-                           status="met" if ours * 1e3 <= t.max_ms else "missed")
+                row.update(
+                    value=f"{ours * 1e3:.4g} ms (limit {t.max_ms:g})",
+                    status="met" if ours * 1e3 <= t.max_ms else "missed",
+                )
             else:
                 ratio = other / ours
-                row.update(value=f"{ratio:.2f}x (need {t.min_ratio:g}x)",
-                           status="met" if ratio >= t.min_ratio else "missed")
+                row.update(
+                    value=f"{ratio:.2f}x (need {t.min_ratio:g}x)", status="met" if ratio >= t.min_ratio else "missed"
+                )
             out.append(row)
     return out
 

@@ -2,6 +2,7 @@
 
 In-process (``main(argv)``), as the CLI's own code runs: a launch costs seconds of imports. One subprocess
 smoke test per command checks the ``python -m`` entry itself."""
+
 import csv
 import os
 import subprocess
@@ -30,8 +31,14 @@ def _launch(module, *args, timeout=180):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # Run outside the checkout: `python -m` puts the cwd first on sys.path, and the source tree of a
     # non-editable install has no compiled modules.
-    p = subprocess.run([sys.executable, "-m", module, *args], cwd=tempfile.gettempdir(), env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=tempfile.gettempdir(),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     return p.stdout
 
@@ -39,9 +46,26 @@ def _launch(module, *args, timeout=180):
 def test_python_m_train_and_sample_smoke(tmp_path):
     # the one launch of each command: its __main__ and the printed report
     out = str(tmp_path / "run")
-    printed = _launch("loom_kernels.train", "--data", "moons", "--coupling", "loom", "--points", "128",
-                      "--batch-size", "32", "--hidden", "16", "--depth", "1", "--steps", "3", "--out", out,
-                      "--no-progress")
+    printed = _launch(
+        "loom_kernels.train",
+        "--data",
+        "moons",
+        "--coupling",
+        "loom",
+        "--points",
+        "128",
+        "--batch-size",
+        "32",
+        "--hidden",
+        "16",
+        "--depth",
+        "1",
+        "--steps",
+        "3",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert "trained 3 steps" in printed
     npy = str(tmp_path / "s.npy")
     _launch("loom_kernels.sample", "--ckpt", os.path.join(out, "model.pt"), "--nfe", "2", "--n", "10", "--out", npy)
@@ -50,15 +74,47 @@ def test_python_m_train_and_sample_smoke(tmp_path):
 
 def test_cli_train_resume_and_sample(tmp_path, capsys):
     out = str(tmp_path / "run")
-    common = ["--data", "moons", "--coupling", "loom", "--points", "256", "--batch-size", "32", "--hidden", "16",
-              "--depth", "1", "--out", out, "--no-progress", "--log-every", "1", "--num-caches", "2"]
+    common = [
+        "--data",
+        "moons",
+        "--coupling",
+        "loom",
+        "--points",
+        "256",
+        "--batch-size",
+        "32",
+        "--hidden",
+        "16",
+        "--depth",
+        "1",
+        "--out",
+        out,
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--num-caches",
+        "2",
+    ]
     assert "trained 6 steps" in _cli("loom_kernels.train", *common, "--steps", "6", capsys=capsys)
     assert "trained 10 steps" in _cli("loom_kernels.train", *common, "--steps", "10", "--resume", capsys=capsys)
     with open(os.path.join(out, "log.csv")) as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 11))
     npy, png = str(tmp_path / "s.npy"), str(tmp_path / "s.png")
-    _cli("loom_kernels.sample", "--ckpt", os.path.join(out, "model.pt"), "--nfe", "2", "--n", "100", "--out", npy,
-         "--plot", png, "--method", "midpoint")
+    _cli(
+        "loom_kernels.sample",
+        "--ckpt",
+        os.path.join(out, "model.pt"),
+        "--nfe",
+        "2",
+        "--n",
+        "100",
+        "--out",
+        npy,
+        "--plot",
+        png,
+        "--method",
+        "midpoint",
+    )
     x = np.load(npy)
     assert x.shape == (100, 2) and np.isfinite(x).all()
     assert os.path.getsize(png) > 1000
@@ -76,9 +132,33 @@ def test_cli_help_and_errors(tmp_path, capsys):
 
 def test_cli_unet_flip_and_sample_refuses_nan(tmp_path):
     out = str(tmp_path / "run")
-    _cli("loom_kernels.train", "--data", "digits", "--coupling", "loom", "--model", "unet", "--channels", "8",
-         "--flip", "--steps", "4", "--batch-size", "32", "--points", "128", "--out", out, "--no-progress",
-         "--metric", "euclidean", "--schedule", "cosine", "--caches", "2")
+    _cli(
+        "loom_kernels.train",
+        "--data",
+        "digits",
+        "--coupling",
+        "loom",
+        "--model",
+        "unet",
+        "--channels",
+        "8",
+        "--flip",
+        "--steps",
+        "4",
+        "--batch-size",
+        "32",
+        "--points",
+        "128",
+        "--out",
+        out,
+        "--no-progress",
+        "--metric",
+        "euclidean",
+        "--schedule",
+        "cosine",
+        "--caches",
+        "2",
+    )
     ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ck["metadata"]["model"]["kind"] == "unet" and ck["coupling"]["config"]["num_points"] == 256  # 2 x 128 views
     npy = str(tmp_path / "s.npy")
@@ -98,9 +178,30 @@ def _class_seeds(seeds, y):
 
 
 def test_cli_conditional_digits_with_loom_keeps_each_class_seeds_and_resumes_exactly(tmp_path, capsys):
-    common = ["--data", "digits", "--model", "unet", "--channels", "8", "--conditional", "--points", "160",
-              "--batch-size", "32", "--caches", "2", "--no-progress", "--log-every", "1", "--ckpt-every", "0",
-              "--coupling", "loom", "--seed", "1"]
+    common = [
+        "--data",
+        "digits",
+        "--model",
+        "unet",
+        "--channels",
+        "8",
+        "--conditional",
+        "--points",
+        "160",
+        "--batch-size",
+        "32",
+        "--caches",
+        "2",
+        "--no-progress",
+        "--log-every",
+        "1",
+        "--ckpt-every",
+        "0",
+        "--coupling",
+        "loom",
+        "--seed",
+        "1",
+    ]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert "trained 8 steps" in _cli("loom_kernels.train", *common, "--steps", "8", "--out", a, capsys=capsys)
     _cli("loom_kernels.train", *common, "--steps", "4", "--out", b)
@@ -124,14 +225,47 @@ def test_cli_conditional_digits_with_loom_keeps_each_class_seeds_and_resumes_exa
 
 def test_cli_conditional_digits_with_minibatch_ot_and_sample_a_class(tmp_path):
     out = str(tmp_path / "ot")
-    _cli("loom_kernels.train", "--data", "digits", "--model", "unet", "--channels", "8", "--conditional",
-         "--points", "160", "--batch-size", "32", "--coupling", "ot", "--steps", "3", "--log-every", "1",
-         "--no-progress", "--out", out)
+    _cli(
+        "loom_kernels.train",
+        "--data",
+        "digits",
+        "--model",
+        "unet",
+        "--channels",
+        "8",
+        "--conditional",
+        "--points",
+        "160",
+        "--batch-size",
+        "32",
+        "--coupling",
+        "ot",
+        "--steps",
+        "3",
+        "--log-every",
+        "1",
+        "--no-progress",
+        "--out",
+        out,
+    )
     with open(os.path.join(out, "log.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(float(r["post_cost"]) <= float(r["pre_cost"]) + 1e-6 for r in rows)
     assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["coupling_class"] == "MinibatchOTCoupling"
     npy = str(tmp_path / "s.npy")
-    _cli("loom_kernels.sample", "--ckpt", os.path.join(out, "model.pt"), "--nfe", "2", "--n", "6", "--label", "3",
-         "--guidance", "2", "--out", npy)
+    _cli(
+        "loom_kernels.sample",
+        "--ckpt",
+        os.path.join(out, "model.pt"),
+        "--nfe",
+        "2",
+        "--n",
+        "6",
+        "--label",
+        "3",
+        "--guidance",
+        "2",
+        "--out",
+        npy,
+    )
     assert np.load(npy).shape == (6, 1, 8, 8)

@@ -49,8 +49,9 @@ def test_sample_plan_cond_weight_zero_and_huge():
     y = torch.randint(3, (30,), generator=g)
     values = torch.tensor([[0.5], [-1.25], [2.0]])
     plain = OTPlanSampler("exact").sample_plan(x0, x1, replace=False)[0]
-    assert torch.equal(OTPlanSampler("exact", cond_weight=0.0).sample_plan(x0, x1, replace=False, cond=values[y])[0],
-                       plain)
+    assert torch.equal(
+        OTPlanSampler("exact", cond_weight=0.0).sample_plan(x0, x1, replace=False, cond=values[y])[0], plain
+    )
     by_label = OTPlanSampler("exact").sample_plan(x0, x1, replace=False, labels=y)[0]
     huge = OTPlanSampler("exact", cond_weight=1e8).sample_plan(x0, x1, replace=False, cond=values[y])[0]
     assert torch.equal(huge, by_label) and not torch.equal(by_label, plain)
@@ -86,8 +87,9 @@ def test_matchers_pair_with_the_penalised_permutation(matcher):
     t = torch.rand(24, generator=g)
     _, xt, ut, eps = fm.sample_location_and_conditional_flow(x0, x1, t=t, return_noise=True, cond=cond)
     sigma_t = fm.compute_sigma_t(t)[:, None] if matcher == "sb" else 0.0
-    np.testing.assert_allclose((xt - sigma_t * eps).numpy(), (t[:, None] * x1 + (1 - t[:, None]) * x0p).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        (xt - sigma_t * eps).numpy(), (t[:, None] * x1 + (1 - t[:, None]) * x0p).numpy(), rtol=1e-5, atol=1e-5
+    )
     if matcher == "exact":
         np.testing.assert_allclose(ut.numpy(), (x1 - x0p).numpy(), rtol=1e-6, atol=1e-6)
     y0, y1 = torch.arange(24), torch.arange(24) + 100
@@ -95,7 +97,8 @@ def test_matchers_pair_with_the_penalised_permutation(matcher):
     assert torch.equal(out[4], y1) and torch.equal(x0[out[3]], x0p)  # y0 follows x0, y1 keeps x1's order
     with pytest.raises(ValueError, match="cond need method='exact'"):
         SchrodingerBridgeConditionalFlowMatcher(sigma=0.5, ot_method="sinkhorn").sample_location_and_conditional_flow(
-            x0, x1, cond=cond)
+            x0, x1, cond=cond
+        )
 
 
 def test_loom_matcher_passes_cond_to_its_coupling():

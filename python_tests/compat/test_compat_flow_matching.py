@@ -1,6 +1,7 @@
 """loom_kernels.compat.flow_matching.ODESolver against flow_matching's own ODESolver (same model, same
 x_init): euler and midpoint, with and without intermediates, step_size or time_grid, forwards and
 backwards; other methods and enable_grad go through torchdiffeq as flow_matching does."""
+
 import pytest
 import torch
 
@@ -60,8 +61,9 @@ def test_other_methods_and_gradients_match_flow_matching():
     model = Wrapped().eval()
     x = torch.randn(8, 3)
     for kw in (dict(step_size=None, method="dopri5", atol=1e-6, rtol=1e-6), dict(step_size=0.25, method="rk4")):
-        torch.testing.assert_close(compat.ODESolver(model).sample(x, **kw), fm_solver.ODESolver(model).sample(x, **kw),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            compat.ODESolver(model).sample(x, **kw), fm_solver.ODESolver(model).sample(x, **kw), rtol=0, atol=0
+        )
     xg = x.clone().requires_grad_(True)
     out = compat.ODESolver(model).sample(xg, 0.25, method="euler", enable_grad=True)
     out.sum().backward()  # gradients flow only when asked

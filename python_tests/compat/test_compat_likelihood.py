@@ -1,5 +1,6 @@
 """ODESolver.compute_likelihood (loom_kernels.compat.flow_matching) against flow_matching's own, the exact
 change of variables of a linear field, and a Jacobian trace by autograd."""
+
 import math
 
 import pytest
@@ -63,8 +64,16 @@ def test_linear_field_exact_likelihood_and_gradients():
     x_1 = torch.randn(5, 3, dtype=torch.float64)
     for exact in (True, False):
         a.grad = None
-        x0, logp = solver.compute_likelihood(x_1, _normal, step_size=None, method="dopri5", atol=1e-10, rtol=1e-10,
-                                             exact_divergence=exact, enable_grad=True)
+        x0, logp = solver.compute_likelihood(
+            x_1,
+            _normal,
+            step_size=None,
+            method="dopri5",
+            atol=1e-10,
+            rtol=1e-10,
+            exact_divergence=exact,
+            enable_grad=True,
+        )
         ref = _normal(x_1 * math.exp(-0.7)) - 0.7 * 3
         torch.testing.assert_close(x0, x_1 * math.exp(-0.7), rtol=1e-8, atol=1e-8)
         torch.testing.assert_close(logp, ref, rtol=1e-8, atol=1e-8)  # Hutchinson is exact for a multiple of I
@@ -77,8 +86,9 @@ def test_exact_divergence_of_images_is_the_jacobian_trace():
     conv = torch.nn.Conv2d(2, 2, 3, padding=1).double()
     solver = ODESolver(lambda x, t: torch.tanh(conv(x)))
     x_1 = torch.randn(3, 2, 4, 4, dtype=torch.float64)
-    x0, logp = solver.compute_likelihood(x_1, lambda x: torch.zeros(x.shape[0], dtype=x.dtype), step_size=1.0,
-                                         exact_divergence=True)
+    x0, logp = solver.compute_likelihood(
+        x_1, lambda x: torch.zeros(x.shape[0], dtype=x.dtype), step_size=1.0, exact_divergence=True
+    )
     # one Euler step backwards from t=1: log_det = -div u(x_1)
     jac = torch.autograd.functional.jacobian(lambda y: torch.tanh(conv(y)).flatten(1).sum(0), x_1)  # (32, 3, 2, 4, 4)
     trace = torch.stack([jac.flatten(2)[:, b].diagonal().sum() for b in range(3)])  # jac[i, b, i] summed over i
@@ -117,5 +127,6 @@ def test_errors_name_the_problem():
     # a field that does not depend on x has divergence 0 (flow_matching's autograd call fails here)
     p = torch.nn.Parameter(torch.ones(2))
     _, logp = ODESolver(lambda x, t: p.expand(x.shape[0], 2)).compute_likelihood(
-        torch.zeros(3, 2), _normal, step_size=0.5)
+        torch.zeros(3, 2), _normal, step_size=0.5
+    )
     torch.testing.assert_close(logp, _normal(-torch.ones(3, 2)))

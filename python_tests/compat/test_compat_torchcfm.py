@@ -3,6 +3,7 @@
 Pins the behaviour of torchcfm's published tests (tests/test_optimal_transport.py and
 tests/test_conditional_flow_matcher.py) and compares with the real torchcfm / POT where installed.
 """
+
 import subprocess
 import sys
 

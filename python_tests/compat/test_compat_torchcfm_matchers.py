@@ -3,6 +3,7 @@
 Also: the package's import paths (torchcfm's module names), ``sample_plan_with_scipy``, POT's entropic
 plans on the torch backend, the device draw, and the label checks of issue #23 item 10.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -79,10 +80,12 @@ def test_guided_matches_torchcfm(key):
     x0, x1 = noise_data_pair(48, (3,), 5)
     y0, y1 = torch.randint(10, (48, 1)), torch.randint(10, (48,))
     for return_noise in (False, True):
-        a, _ = _run(theirs, "guided_sample_location_and_conditional_flow", x0, x1, 2, y0=y0, y1=y1,
-                    return_noise=return_noise)
-        c, _ = _run(ours, "guided_sample_location_and_conditional_flow", x0, x1, 2, y0=y0, y1=y1,
-                    return_noise=return_noise)
+        a, _ = _run(
+            theirs, "guided_sample_location_and_conditional_flow", x0, x1, 2, y0=y0, y1=y1, return_noise=return_noise
+        )
+        c, _ = _run(
+            ours, "guided_sample_location_and_conditional_flow", x0, x1, 2, y0=y0, y1=y1, return_noise=return_noise
+        )
         assert len(a) == len(c) == 5 + return_noise
         assert all(torch.equal(u, v) for u, v in zip(a, c))
 
@@ -114,8 +117,12 @@ def test_subclass_mu_is_not_modified_in_place():
 
 
 def test_autograd_through_the_matchers():
-    for cls in (ConditionalFlowMatcher, TargetConditionalFlowMatcher, VariancePreservingConditionalFlowMatcher,
-                SchrodingerBridgeConditionalFlowMatcher):
+    for cls in (
+        ConditionalFlowMatcher,
+        TargetConditionalFlowMatcher,
+        VariancePreservingConditionalFlowMatcher,
+        SchrodingerBridgeConditionalFlowMatcher,
+    ):
         x0, x1 = (torch.randn(8, 3, requires_grad=True) for _ in range(2))
         t = torch.rand(8, requires_grad=True)
         _, xt, ut = cls(sigma=0.3).sample_location_and_conditional_flow(x0, x1, t=t.clamp(0.01, 0.99))
@@ -129,9 +136,14 @@ def test_import_paths_are_torchcfms():
     import loom_kernels.compat.torchcfm.optimal_transport as ot_mod
     import loom_kernels.compat.torchcfm.utils as utils
 
-    for name in ("ConditionalFlowMatcher", "ExactOptimalTransportConditionalFlowMatcher",
-                 "TargetConditionalFlowMatcher", "SchrodingerBridgeConditionalFlowMatcher",
-                 "VariancePreservingConditionalFlowMatcher", "pad_t_like_x"):
+    for name in (
+        "ConditionalFlowMatcher",
+        "ExactOptimalTransportConditionalFlowMatcher",
+        "TargetConditionalFlowMatcher",
+        "SchrodingerBridgeConditionalFlowMatcher",
+        "VariancePreservingConditionalFlowMatcher",
+        "pad_t_like_x",
+    ):
         assert getattr(compat, name) is getattr(cfm, name)
     assert compat.OTPlanSampler is ot_mod.OTPlanSampler and compat.wasserstein is ot_mod.wasserstein
     assert compat.torch_wrapper is utils.torch_wrapper
@@ -183,10 +195,11 @@ def test_entropic_plan_on_torch_backend_equals_pot(method, monkeypatch):
     if method == "sinkhorn":
         assert seen == [(torch.Tensor, torch.Tensor, torch.Tensor)]
     M = (torch.cdist(x0, x1) ** 2).double().numpy()
-    ref = {"sinkhorn": lambda: real(ot.unif(40), ot.unif(40), M, reg=0.5),
-           "unbalanced": lambda: ot.unbalanced.sinkhorn_knopp_unbalanced(ot.unif(40), ot.unif(40), M, reg=0.5,
-                                                                         reg_m=1.0),
-           "partial": lambda: ot.partial.entropic_partial_wasserstein(ot.unif(40), ot.unif(40), M, reg=0.5)}[method]()
+    ref = {
+        "sinkhorn": lambda: real(ot.unif(40), ot.unif(40), M, reg=0.5),
+        "unbalanced": lambda: ot.unbalanced.sinkhorn_knopp_unbalanced(ot.unif(40), ot.unif(40), M, reg=0.5, reg_m=1.0),
+        "partial": lambda: ot.partial.entropic_partial_wasserstein(ot.unif(40), ot.unif(40), M, reg=0.5),
+    }[method]()
     np.testing.assert_allclose(p.numpy(), ref, rtol=1e-9, atol=1e-15)
     # and TorchCFM's host call (float32 cost) agrees to rounding, so seeded draws match
     host = _plans.entropic_plan(method, x0, x1, reg=0.5, reg_m=1.0, normalize_cost=False)
@@ -243,7 +256,8 @@ def test_label_lengths_are_checked():
         fm.guided_sample_location_and_conditional_flow(x0, x1, y0=torch.arange(17), y1=y)
     with pytest.raises(ValueError, match="y0 must have one label per row of x0"):
         SchrodingerBridgeConditionalFlowMatcher().guided_sample_location_and_conditional_flow(
-            x0, x1, y0=torch.arange(15), y1=y)
+            x0, x1, y0=torch.arange(15), y1=y
+        )
     s.sample_plan_with_labels(x0, x1, y[:, None], y)  # (b, 1) labels, as TorchCFM's tests use, are fine
 
 
@@ -261,7 +275,8 @@ def test_empty_batch_draws_nothing(method):
         assert [tuple(o.shape) for o in out] == [(0, 3), (0, 3), (0,), (0,)]
     assert np.array_equal(np.random.get_state()[1], state)
     t, xt, ut, y0, y1 = ExactOptimalTransportConditionalFlowMatcher().guided_sample_location_and_conditional_flow(
-        x0, x1, y0=y, y1=y)
+        x0, x1, y0=y, y1=y
+    )
     assert xt.shape == (0, 3) and y0.shape == (0,)
     with pytest.raises(ValueError, match="x1 is empty: cannot draw 4 pairs"):
         s.sample_plan(torch.zeros(4, 3), x1)
@@ -275,8 +290,9 @@ def test_entropic_plans_stay_on_the_gpu_and_draw_like_torchcfm(method):
     ours = OTPlanSampler(method, reg=0.5)
     pi = ours._plan(x0.cuda(), x1.cuda())
     assert isinstance(pi, torch.Tensor) and pi.is_cuda
-    np.testing.assert_allclose(pi.cpu().numpy(), tcfm_ot.OTPlanSampler(method, reg=0.5).get_map(x0, x1),
-                               rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(
+        pi.cpu().numpy(), tcfm_ot.OTPlanSampler(method, reg=0.5).get_map(x0, x1), rtol=1e-5, atol=1e-12
+    )
     np.random.seed(3)
     a0, a1 = tcfm_ot.OTPlanSampler(method, reg=0.5).sample_plan(x0, x1)
     np.random.seed(3)

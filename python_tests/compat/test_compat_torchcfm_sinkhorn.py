@@ -4,6 +4,7 @@ Run here on CPU tensors with the native path forced (``native=True``): the plan 
 ``ot.sinkhorn`` to its tolerance, and TorchCFM's seeded draws (numpy's uniforms, plan-based sampling
 with replacement) come out the same. Host tensors keep POT's bit-identical call (the matcher tests).
 """
+
 import warnings
 from functools import partial
 

@@ -1,5 +1,6 @@
 """loom_kernels.compat.torchdyn.NeuralODE against torchdiffeq on the same fixed grid, torchdyn where importable,
 and the exact solutions of linear ODEs."""
+
 import math
 
 import pytest
@@ -44,6 +45,7 @@ def test_fixed_step_equals_torchdiffeq_on_the_same_grid(solver, dtype, tol, back
 
 def test_rk4_is_the_classical_method():
     """Order 4 on a time-dependent linear ODE (torchdyn 1.0.6's rk4 evaluates its stages at shifted times)."""
+
     def field(t, x):
         return torch.cos(3 * t) * x
 

@@ -1,4 +1,5 @@
 """Tests for loom_kernels.couplings: invariants of LOOM, exactness against scipy, persistence, errors."""
+
 import os
 
 import numpy as np
@@ -30,7 +31,7 @@ def _batches(num_points, b, epochs, seed=0):
     for _ in range(epochs):
         perm = torch.randperm(num_points, generator=g)
         for a in range(0, num_points - b + 1, b):
-            yield perm[a:a + b]
+            yield perm[a : a + b]
 
 
 def _slots_stream(seed, num_caches):
@@ -237,12 +238,17 @@ def test_loom_dtypes(dtype):
     np.testing.assert_array_equal(np.sort(c.seeds.numpy().ravel()), np.sort(fresh.numpy().ravel()))
 
 
-@pytest.mark.parametrize("as_indices", [lambda i: torch.tensor(i, dtype=torch.int32),
-                                        lambda i: torch.tensor(i, dtype=torch.int16),
-                                        lambda i: torch.tensor(i, dtype=torch.uint8),
-                                        lambda i: np.array(i, dtype=np.int32),  # numpy indices accepted
-                                        lambda i: list(i)],  # so are lists
-                         ids=["int32", "int16", "uint8", "numpy", "list"])
+@pytest.mark.parametrize(
+    "as_indices",
+    [
+        lambda i: torch.tensor(i, dtype=torch.int32),
+        lambda i: torch.tensor(i, dtype=torch.int16),
+        lambda i: torch.tensor(i, dtype=torch.uint8),
+        lambda i: np.array(i, dtype=np.int32),  # numpy indices accepted
+        lambda i: list(i),
+    ],  # so are lists
+    ids=["int32", "int16", "uint8", "numpy", "list"],
+)
 def test_loom_small_batches_and_index_dtypes(as_indices):
     # Every index type must address the same rows as int64 indices: each step against scipy.
     c = LoomCoupling(10, 3, seed=2)
@@ -422,8 +428,13 @@ def test_state_dict_roundtrip_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,key",
-    [(dict(num_points=49), "num_points"), (dict(num_caches=2), "num_caches"), (dict(seed=5), "seed"),
-     (dict(metric="euclidean"), "metric"), (dict(shape=(1, 3)), "shape")],
+    [
+        (dict(num_points=49), "num_points"),
+        (dict(num_caches=2), "num_caches"),
+        (dict(seed=5), "seed"),
+        (dict(metric="euclidean"), "metric"),
+        (dict(shape=(1, 3)), "shape"),
+    ],
 )
 def test_load_state_dict_refuses_other_config(kwargs, key):
     a = LoomCoupling(48, (3,), num_caches=3, seed=4)
@@ -522,8 +533,9 @@ def test_loom_cuda_matches_cpu(num_caches):
         xg, _ = g(data[idx].cuda(), idx.cuda())
         xc, _ = c(data[idx], idx)
         # same pairs up to float ties: compare the matched cost, then the conserved multiset
-        np.testing.assert_allclose(coupling_cost_np(data[idx], xg.cpu()).sum(),
-                                   coupling_cost_np(data[idx], xc).sum(), rtol=1e-5)
+        np.testing.assert_allclose(
+            coupling_cost_np(data[idx], xg.cpu()).sum(), coupling_cost_np(data[idx], xc).sum(), rtol=1e-5
+        )
         assert float(g.stats["post_cost"]) <= float(g.stats["pre_cost"])
     assert torch.equal(g.seeds.cpu().flatten().sort().values, c.seeds.flatten().sort().values)
     # CPU indices are accepted for a CUDA table
@@ -587,8 +599,11 @@ def test_minibatch_ot_refuses_noise_in_the_indices_place():
     # the second positional argument is the protocol's indices: a floating tensor there is TorchCFM's
     # (x0, x1) order by mistake, which would train the reverse flow
     x0, x1 = torch.randn(8, 2), torch.rand(8, 2)
-    with pytest.raises(TypeError, match=r"indices must be integer dataset indices.*keyword x0=: TorchCFM's order "
-                                        r"\(x0, x1\).*reverse flow"):
+    with pytest.raises(
+        TypeError,
+        match=r"indices must be integer dataset indices.*keyword x0=: TorchCFM's order "
+        r"\(x0, x1\).*reverse flow",
+    ):
         MinibatchOTCoupling()(x0, x1)
     out0, _ = MinibatchOTCoupling()(x1, x0=x0)
     assert sorted(source_rows(out0, x0).tolist()) == list(range(8))
@@ -681,8 +696,9 @@ def test_labels_on_cuda_match_cpu(classes):
     og, _ = MinibatchOTCoupling()(data[:b].cuda(), x0=x0.cuda(), labels=y[:b].cuda())
     oc, _ = MinibatchOTCoupling()(data[:b], x0=x0, labels=y[:b])
     assert torch.equal(y[:b][source_rows(og.cpu(), x0)], y[:b]), "a noise crossed classes on CUDA"
-    np.testing.assert_allclose(coupling_cost_np(data[:b], og.cpu()).sum(), coupling_cost_np(data[:b], oc).sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        coupling_cost_np(data[:b], og.cpu()).sum(), coupling_cost_np(data[:b], oc).sum(), rtol=1e-5
+    )
     g = LoomCoupling(p, shape, num_caches=2, seed=1, device="cuda")
     owned = {k: sorted(g.seeds.cpu()[y == k].flatten().tolist()) for k in torch.unique(y).tolist()}
     for idx in _batches(p, b, 2):

@@ -85,7 +85,7 @@ def test_minibatch_cond_is_optimal_for_the_penalised_cost(scope, metric, kind, d
     b, w = 48, 0.7
     x1, x0 = torch.randn(b, 2, 3, generator=g), torch.randn(b, 2, 3, generator=g)
     if kind == "ties":  # adversarial: duplicated data rows too
-        x1[b // 2:] = x1[: b // 2]
+        x1[b // 2 :] = x1[: b // 2]
     cond = _conds(kind, b, dc, g)
     c = MinibatchOTCoupling(metric, scope=scope, group_size=b, cond_weight=w)
     out, _, perm = c(x1, x0=x0, cond=cond, return_indices=True)
@@ -114,7 +114,8 @@ def test_minibatch_labels_forbid_and_cond_penalises(scope):
     x1, x0 = torch.randn(b, 3, generator=g), torch.randn(b, 3, generator=g)
     y, cond = torch.randint(3, (b,), generator=g), torch.randn(b, 2, generator=g)
     out, _, perm = MinibatchOTCoupling(scope=scope, group_size=b, cond_weight=2.0)(
-        x1, x0=x0, labels=y, cond=cond, return_indices=True)
+        x1, x0=x0, labels=y, cond=cond, return_indices=True
+    )
     assert torch.equal(y[perm], y), "a noise crossed its class"
     assert_optimal(ref_cost(x1, x0, cond, 2.0, labels=y), perm)
 
@@ -355,9 +356,11 @@ def test_bad_cond_refused_by_minibatch_and_independent(case, cls):
 @pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf"), True, "1", None])
 @pytest.mark.parametrize("cls", ["loom", "minibatch", "independent"])
 def test_bad_cond_weight(weight, cls):
-    make = {"loom": lambda: LoomCoupling(P, SHAPE, cond_weight=weight),
-            "minibatch": lambda: MinibatchOTCoupling(cond_weight=weight),
-            "independent": lambda: IndependentCoupling(cond_weight=weight)}[cls]
+    make = {
+        "loom": lambda: LoomCoupling(P, SHAPE, cond_weight=weight),
+        "minibatch": lambda: MinibatchOTCoupling(cond_weight=weight),
+        "independent": lambda: IndependentCoupling(cond_weight=weight),
+    }[cls]
     with pytest.raises(ValueError, match="cond_weight must be a finite float >= 0"):
         make()
 

@@ -116,9 +116,18 @@ def _errors(rank):
 
 
 def _worker(rank, world, store, out_dir):
-    run_rank(rank, world, store, out_dir, lambda: {
-        "loom": _loom_runs(rank, False), "loom_labels": _loom_runs(rank, True), "mb": _mb_runs(rank),
-        "errors": _errors(rank)})
+    run_rank(
+        rank,
+        world,
+        store,
+        out_dir,
+        lambda: {
+            "loom": _loom_runs(rank, False),
+            "loom_labels": _loom_runs(rank, True),
+            "mb": _mb_runs(rank),
+            "errors": _errors(rank),
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +143,9 @@ def test_loom_cond_equals_one_process_on_the_global_batch(ranks, name, labelled)
     single = LoomCoupling(P, SHAPE, num_caches=2, seed=4, cond_weight=WEIGHT, **kw)
     x0s, perms = [], []
     for gidx in _batches():
-        x0, _, perm = single(data[gidx], gidx, cond=cond[gidx], labels=y[gidx] if labelled else None,
-                             return_indices=True)
+        x0, _, perm = single(
+            data[gidx], gidx, cond=cond[gidx], labels=y[gidx] if labelled else None, return_indices=True
+        )
         x0s.append(x0)
         perms.append(perm)
     x0s, perms = torch.stack(x0s), torch.stack(perms)
@@ -143,8 +153,8 @@ def test_loom_cond_equals_one_process_on_the_global_batch(ranks, name, labelled)
     for r, res in enumerate(ranks):
         got = res[key][name]
         assert torch.equal(got["seeds"], single.seeds), f"rank {r}: table differs from one process"
-        np.testing.assert_allclose(got["x0"].numpy(), x0s[:, r * B:(r + 1) * B].numpy(), rtol=0, atol=1e-5)
-        assert torch.equal(got["perm"], perms[:, r * B:(r + 1) * B])
+        np.testing.assert_allclose(got["x0"].numpy(), x0s[:, r * B : (r + 1) * B].numpy(), rtol=0, atol=1e-5)
+        assert torch.equal(got["perm"], perms[:, r * B : (r + 1) * B])
     plain = LoomCoupling(P, SHAPE, num_caches=2, seed=4, **kw)  # the condition changed the outcome
     for gidx in _batches():
         plain(data[gidx], gidx, labels=y[gidx] if labelled else None)
@@ -157,7 +167,7 @@ def test_minibatch_global_equals_one_process_and_perm_indexes_the_concatenated_n
         ref, _, ref_perm = MinibatchOTCoupling(cond_weight=WEIGHT)(x1, x0=x0, cond=cond, return_indices=True)
         for r, res in enumerate(ranks):
             got, perm = res["mb"]["global"][step]
-            assert torch.equal(got, ref[r * B:(r + 1) * B]) and torch.equal(perm, ref_perm[r * B:(r + 1) * B])
+            assert torch.equal(got, ref[r * B : (r + 1) * B]) and torch.equal(perm, ref_perm[r * B : (r + 1) * B])
             assert torch.equal(got, x0[perm])
 
 
@@ -170,7 +180,7 @@ def test_minibatch_grouped_equals_each_group_solved_alone(ranks):
             ref[pos] = MinibatchOTCoupling(cond_weight=WEIGHT)(x1[pos], x0=x0[pos], cond=cond[pos])[0]
         for r, res in enumerate(ranks):
             got, perm = res["mb"]["grouped"][step]
-            assert torch.equal(got, ref[r * B:(r + 1) * B]), f"rank {r} step {step}"
+            assert torch.equal(got, ref[r * B : (r + 1) * B]), f"rank {r} step {step}"
             assert torch.equal(got, x0[perm])
 
 

@@ -53,7 +53,7 @@ def _loom_label_runs(rank, data):
         c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope)
         x0s = []
         for gidx in _global_batches():
-            idx = gidx[rank * B:(rank + 1) * B]
+            idx = gidx[rank * B : (rank + 1) * B]
             x0s.append(c(data[idx], idx, labels=y[idx])[0])
         out[scope] = {"seeds": c.seeds.clone(), "x0": torch.stack(x0s)}
     return out
@@ -96,7 +96,7 @@ def _global_batches():
     out = []
     while len(out) < STEPS:
         perm = torch.randperm(P, generator=g)
-        out += [perm[a:a + WORLD * B] for a in range(0, P - WORLD * B + 1, WORLD * B)]
+        out += [perm[a : a + WORLD * B] for a in range(0, P - WORLD * B + 1, WORLD * B)]
     return out[:STEPS]
 
 
@@ -109,25 +109,31 @@ def _results(rank):
         c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope)
         x0s, stats = [], []
         for gidx in _global_batches():
-            idx = gidx[rank * B:(rank + 1) * B]
+            idx = gidx[rank * B : (rank + 1) * B]
             x0, x1 = c(data[idx], idx)
             assert torch.equal(x1, data[idx])
             x0s.append(x0)
             stats.append([float(c.stats[k]) for k in ("pre_cost", "post_cost", "swaps")])
-        result[scope] = {"seeds": c.seeds.clone(), "x0": torch.stack(x0s), "gen": c._gen.get_state(),
-                         "stats": torch.tensor(stats)}
+        result[scope] = {
+            "seeds": c.seeds.clone(),
+            "x0": torch.stack(x0s),
+            "gen": c._gen.get_state(),
+            "stats": torch.tensor(stats),
+        }
     # an explicit process group behaves like the default one
     c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, process_group=dist.new_group(list(range(WORLD))))
     for gidx in _global_batches():
-        idx = gidx[rank * B:(rank + 1) * B]
+        idx = gidx[rank * B : (rank + 1) * B]
         c(data[idx], idx)
     assert torch.equal(c.seeds, result["global"]["seeds"]), "explicit process_group differs from the default"
     # error paths: every rank must raise the same error (no rank left waiting in a collective)
     c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED)
     before = c.seeds.clone()
     errors = []
-    for idx in (torch.tensor([5, 6, 7]) + rank,  # index 6 and 7 on both ranks: duplicates globally
-                torch.tensor([1, 2, 3, 4, 5])[: 3 + rank]):  # batch sizes differ across ranks
+    for idx in (
+        torch.tensor([5, 6, 7]) + rank,  # index 6 and 7 on both ranks: duplicates globally
+        torch.tensor([1, 2, 3, 4, 5])[: 3 + rank],
+    ):  # batch sizes differ across ranks
         try:
             c(data[idx], idx)
             errors.append("no error")
@@ -135,8 +141,10 @@ def _results(rank):
             errors.append(str(exc))
     idx = torch.tensor([10, 20]) + rank
     c(data[idx], idx)  # the group still works after the errors
-    for bad in (LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED + rank),  # seed=rank: a classic
-                LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=("global", "local")[rank])):
+    for bad in (
+        LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED + rank),  # seed=rank: a classic
+        LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=("global", "local")[rank]),
+    ):
         try:
             bad(data[idx], idx)
             errors.append("no error")
@@ -178,7 +186,7 @@ def test_global_scope_equals_one_process_on_the_global_batch(ranks):
         g = res["global"]
         assert torch.equal(g["seeds"], single.seeds), f"rank {r} table differs from the single process"
         assert torch.equal(g["gen"], single._gen.get_state())
-        np.testing.assert_allclose(g["x0"].numpy(), x0s[:, r * B:(r + 1) * B].numpy(), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(g["x0"].numpy(), x0s[:, r * B : (r + 1) * B].numpy(), rtol=0, atol=1e-6)
         np.testing.assert_allclose(g["stats"].numpy(), np.array(stats), rtol=1e-5)
     assert not torch.equal(single.seeds, LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED).seeds)
 
@@ -228,7 +236,7 @@ def test_minibatch_global_scope_equals_one_process_on_the_concatenated_batch(ran
         ref, _ = single(x1, x0=x0, labels=y if lab else None)
         for r, res in enumerate(ranks):
             got, post = res["mb"][dim, lab, "global"]
-            assert torch.equal(got[step], ref[r * B:(r + 1) * B]), f"rank {r} differs from one process"
+            assert torch.equal(got[step], ref[r * B : (r + 1) * B]), f"rank {r} differs from one process"
             if step == 1:
                 assert post == pytest.approx(float(single.stats["post_cost"]), rel=1e-6)
         if lab:
@@ -248,8 +256,9 @@ def test_loom_labels_global_equals_one_process_and_classes_keep_their_seeds(rank
     x0s = torch.stack([single(data[g], g, labels=y[g])[0] for g in _global_batches()])
     for r, res in enumerate(ranks):
         assert torch.equal(res["loom_labels"]["global"]["seeds"], single.seeds), f"rank {r} table differs"
-        np.testing.assert_allclose(res["loom_labels"]["global"]["x0"].numpy(), x0s[:, r * B:(r + 1) * B].numpy(),
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            res["loom_labels"]["global"]["x0"].numpy(), x0s[:, r * B : (r + 1) * B].numpy(), rtol=0, atol=1e-6
+        )
         for scope in ("global", "local"):
             seeds = res["loom_labels"][scope]["seeds"]
             assert torch.equal(seeds, ranks[0]["loom_labels"][scope]["seeds"])

@@ -1,4 +1,5 @@
 """PrefetchCoupling: the background-thread path equals the synchronous one bit for bit; errors reach result()."""
+
 import threading
 
 import pytest

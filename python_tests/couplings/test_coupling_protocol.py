@@ -46,8 +46,9 @@ FACTORIES = {
     # a small epsilon: the plan is (numerically) the exact permutation, so the protocol's checks hold
     "sinkhorn": lambda tmp: SinkhornCoupling(1e-3, generator=_gen(), max_iter=5000),
     "sinkhorn-local": lambda tmp: SinkhornCoupling(1e-3, generator=_gen(), scope="local", max_iter=5000),
-    "sinkhorn-grouped": lambda tmp: SinkhornCoupling(1e-3, generator=_gen(), scope="grouped", group_size=3,
-                                                     max_iter=5000),
+    "sinkhorn-grouped": lambda tmp: SinkhornCoupling(
+        1e-3, generator=_gen(), scope="grouped", group_size=3, max_iter=5000
+    ),
     "prefetch-independent": lambda tmp: PrefetchCoupling(IndependentCoupling(generator=_gen())),
     "prefetch-minibatch": lambda tmp: PrefetchCoupling(MinibatchOTCoupling(generator=_gen())),
     "prefetch-loom": lambda tmp: PrefetchCoupling(LoomCoupling(N, SHAPE, num_caches=2, seed=1)),

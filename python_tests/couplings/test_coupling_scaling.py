@@ -33,8 +33,11 @@ def _global_batches(world):
 
 def _mb_inputs(world, step):
     g = torch.Generator().manual_seed(1000 * world + step)
-    return (torch.randn(world * B, MB_DIM, generator=g), torch.randn(world * B, MB_DIM, generator=g),
-            torch.randint(CLASSES, (world * B,), generator=g))
+    return (
+        torch.randn(world * B, MB_DIM, generator=g),
+        torch.randn(world * B, MB_DIM, generator=g),
+        torch.randint(CLASSES, (world * B,), generator=g),
+    )
 
 
 def _loom_runs(rank, world, labelled):
@@ -46,8 +49,13 @@ def _loom_runs(rank, world, labelled):
             idx = gidx[sl]
             x0s.append(c(data[idx], idx, labels=y[idx] if labelled else None)[0])
             stats.append([float(c.stats[k]) for k in ("pre_cost", "post_cost", "swaps")])
-    return {"seeds": c.seeds.clone(), "x0": torch.stack(x0s), "gen": c._gen.get_state(),
-            "stats": torch.tensor(stats), "bytes": dict(nbytes)}
+    return {
+        "seeds": c.seeds.clone(),
+        "x0": torch.stack(x0s),
+        "gen": c._gen.get_state(),
+        "stats": torch.tensor(stats),
+        "bytes": dict(nbytes),
+    }
 
 
 def _mb_runs(rank, world):
@@ -68,7 +76,7 @@ def _errors(rank, world):
 
     data, _ = _data()
     c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope="grouped", group_size=G)
-    before, idx = c.seeds.clone(), _global_batches(world)[0][rank * B:(rank + 1) * B]
+    before, idx = c.seeds.clone(), _global_batches(world)[0][rank * B : (rank + 1) * B]
     x = data[idx].clone()
     if rank == world - 1:
         x[0, 0, 0] = float("nan")
@@ -108,7 +116,9 @@ def _worker(rank, world, store, out_dir):
     run_rank(rank, world, store, out_dir, lambda: _results(rank, world))
 
 
-@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow)])
+@pytest.fixture(
+    scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow), pytest.param(8, marks=pytest.mark.slow)]
+)
 def world(request, tmp_path_factory):
     w = request.param
     return w, spawn(w, tmp_path_factory.mktemp(f"w{w}"), _worker)
@@ -157,7 +167,7 @@ def test_grouped_loom_equals_each_group_solved_alone(world, labelled):
         got = res[key]
         assert torch.equal(got["seeds"], table), f"rank {r} table differs from the per-group reference"
         assert torch.equal(got["gen"], gen)
-        np.testing.assert_allclose(got["x0"].double().numpy(), x0s[:, r * B:(r + 1) * B].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got["x0"].double().numpy(), x0s[:, r * B : (r + 1) * B].numpy(), rtol=0, atol=1e-5)
         assert torch.equal(got["stats"], ranks[0][key]["stats"])
     assert not torch.equal(table, LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED).seeds)
 
@@ -177,7 +187,7 @@ def test_grouped_minibatch_equals_each_group_solved_alone(world):
                 src = source_rows(ref, x0)
                 assert torch.equal(y[src], y)
             for r, res in enumerate(ranks):
-                assert torch.equal(res["mb"][lab][0][step], ref[r * B:(r + 1) * B]), f"rank {r} step {step}"
+                assert torch.equal(res["mb"][lab][0][step], ref[r * B : (r + 1) * B]), f"rank {r} step {step}"
 
 
 def test_grouped_bytes_per_rank_stay_b_rows_of_data(world):
@@ -208,7 +218,7 @@ def test_errors_on_every_rank_and_subgroups_refused(world):
             x1, x0, _ = _mb_inputs(w, 0)
             half = slice((r // 2) * 2 * B, (r // 2 + 1) * 2 * B)
             ref, _ = MinibatchOTCoupling()(x1[half], x0=x0[half])
-            assert torch.equal(errors[4], ref[(r % 2) * B:(r % 2 + 1) * B])
+            assert torch.equal(errors[4], ref[(r % 2) * B : (r % 2 + 1) * B])
 
 
 @pytest.mark.parametrize("labelled", [False, True])
@@ -246,8 +256,9 @@ def test_cost_model_warning_once_and_only_past_the_budget(monkeypatch):
     msg = grouped.budget_warning("global", 64, 256, 3072, 1024, "cuda")
     assert "scope='global'" in msg and "W=64" in msg and "use scope='grouped'" in msg
     # the model grows with W for global only; grouped stays flat
-    t = [grouped.predicted_coupling_seconds(s, w, 256, 3072, 512, "cuda")
-         for s in ("global", "grouped") for w in (8, 64)]
+    t = [
+        grouped.predicted_coupling_seconds(s, w, 256, 3072, 512, "cuda") for s in ("global", "grouped") for w in (8, 64)
+    ]
     assert t[1] > 50 * t[0] and t[2] == t[3]
     data, _ = _data()
     idx = torch.arange(8)

@@ -5,6 +5,7 @@ save (as a sharded and as a replicated table) and keeps training. The parent pro
 W = 4 save too, and checks the refusals (a shard of another save, a missing or corrupted shard). Problems
 are tiny and ``P`` is not a multiple of ``W``, so shards have uneven sizes.
 """
+
 import os
 import shutil
 
@@ -36,7 +37,7 @@ def _steps(c, rank, batches, labelled):
     data, y = _data()
     x0s, stats = [], []
     for gidx in batches:
-        idx = gidx[rank * B:(rank + 1) * B]
+        idx = gidx[rank * B : (rank + 1) * B]
         x0s.append(c(data[idx], idx, labels=y[idx] if labelled else None)[0])
         stats.append(torch.stack([c.stats[k].double() for k in ("pre_cost", "post_cost", "swaps")]))
     return torch.stack(x0s), torch.stack(stats)
@@ -56,8 +57,13 @@ def _full_table(c):
 
 def _record(c, rank, batches, labelled):
     x0, stats = _steps(c, rank, batches, labelled)
-    return {"x0": x0, "stats": stats, "gen": c._gen.get_state(), "table": _full_table(c),
-            "local_rows": c.seeds.shape[0]}
+    return {
+        "x0": x0,
+        "stats": stats,
+        "gen": c._gen.get_state(),
+        "table": _full_table(c),
+        "local_rows": c.seeds.shape[0],
+    }
 
 
 def _compare_tables(rank, world):
@@ -65,8 +71,9 @@ def _compare_tables(rank, world):
     for scope in SCOPES:
         for labelled in (False, True):
             for table in ("replicated", "sharded"):
-                c = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope[0], group_size=scope[1],
-                                 table=table)
+                c = LoomCoupling(
+                    P, SHAPE, num_caches=CACHES, seed=SEED, scope=scope[0], group_size=scope[1], table=table
+                )
                 rec = _record(c, rank, _batches(world, STEPS), labelled)
                 c.resample(torch.tensor([3, P - 1]))  # every rank passes the same rows
                 rec["resampled"] = _full_table(c)
@@ -91,19 +98,27 @@ def _save_w4(rank, world, out_dir):
 
 
 def _worker4(rank, world, store, out_dir):
-    run_rank(rank, world, store, out_dir, lambda: {"cmp": _compare_tables(rank, world),
-                                                      "saved": _save_w4(rank, world, out_dir)})
+    run_rank(
+        rank,
+        world,
+        store,
+        out_dir,
+        lambda: {"cmp": _compare_tables(rank, world), "saved": _save_w4(rank, world, out_dir)},
+    )
 
 
 def _worker2(rank, world, store, out_dir, ckpt_dir):
     def body():
-        loaded = {"sharded": LoomCoupling.load(os.path.join(ckpt_dir, "ckpt.pt"), table="sharded"),
-                  "replicated": LoomCoupling.load(os.path.join(ckpt_dir, "ckpt.pt"), table="replicated"),
-                  "from_replicated": LoomCoupling.load(os.path.join(ckpt_dir, "rep.pt"), table="sharded")}
+        loaded = {
+            "sharded": LoomCoupling.load(os.path.join(ckpt_dir, "ckpt.pt"), table="sharded"),
+            "replicated": LoomCoupling.load(os.path.join(ckpt_dir, "ckpt.pt"), table="replicated"),
+            "from_replicated": LoomCoupling.load(os.path.join(ckpt_dir, "rep.pt"), table="sharded"),
+        }
         res = {k: {"at_load": _full_table(c), "gen_at_load": c._gen.get_state()} for k, c in loaded.items()}
         for k, c in loaded.items():
             res[k].update(_record(c, rank, _batches(world, 2, salt=5), True))
         return {"cmp": _compare_tables(rank, world), "loaded": res}
+
     run_rank(rank, world, store, out_dir, body)
 
 
@@ -126,8 +141,10 @@ def test_sharded_equals_replicated_bit_for_bit(runs, world):
                 for key in ("x0", "stats", "gen", "table", "resampled"):
                     assert torch.equal(rep[key], sh[key]), f"{key} differs: {what}"
                 assert sh["local_rows"] in (P // world, P // world + 1), what  # N*K*8/W bytes per rank
-            assert torch.equal(ranks[0]["cmp"][scope, labelled, "sharded"]["table"],
-                               ranks[-1]["cmp"][scope, labelled, "sharded"]["table"])
+            assert torch.equal(
+                ranks[0]["cmp"][scope, labelled, "sharded"]["table"],
+                ranks[-1]["cmp"][scope, labelled, "sharded"]["table"],
+            )
             # the test can fail: the steps changed the table
             init = LoomCoupling(P, SHAPE, num_caches=CACHES, seed=SEED).seeds
             assert not torch.equal(ranks[0]["cmp"][scope, labelled, "sharded"]["table"], init)

@@ -4,6 +4,7 @@ References are independent: POT's ``ot.sinkhorn_log`` on the dense cost (the pla
 pairs come from), per-class solves for labels, the explicitly augmented cost for ``cond``, and one
 process on the concatenated batch for the global scope on gloo ranks.
 """
+
 import math
 
 import pytest
@@ -37,8 +38,9 @@ def _pot_plan(x1, x0, eps_abs, extra=None):
     if extra is not None:
         M = M + extra
     n, m = M.shape
-    return torch.from_numpy(ot.bregman.sinkhorn_log(ot.unif(n), ot.unif(m), M.numpy(), eps_abs, stopThr=1e-12,
-                                                    numItermax=100000))
+    return torch.from_numpy(
+        ot.bregman.sinkhorn_log(ot.unif(n), ot.unif(m), M.numpy(), eps_abs, stopThr=1e-12, numItermax=100000)
+    )
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.5])
@@ -102,8 +104,9 @@ def test_cond_adds_exactly_the_weighted_condition_cost(w):
     cnd = torch.rand(40, 3, generator=_gen(7), dtype=torch.float64) * 3
     extra = w * torch.cdist(cnd, cnd) ** 2
     eps_abs = 0.1 * float((torch.cdist(x1, x0) ** 2 + extra).mean())
-    out, _ = SinkhornCoupling(eps_abs, relative=False, argmax=True, tol=1e-9, max_iter=100000,
-                              cond_weight=w)(x1, x0=x0, cond=cnd)
+    out, _ = SinkhornCoupling(eps_abs, relative=False, argmax=True, tol=1e-9, max_iter=100000, cond_weight=w)(
+        x1, x0=x0, cond=cnd
+    )
     P = _pot_plan(x1, x0, eps_abs, extra=extra)
     assert torch.equal(_rows(out, x0), P.argmax(1))
 
@@ -125,7 +128,8 @@ def test_stats_and_shapes():
     noise = torch.randn(64, 3, 2, generator=_gen(8))
     for scope in ("global", "local", "grouped"):
         out, _, idx = SinkhornCoupling(0.05, scope=scope, group_size=20, generator=_gen(2))(
-            x1, x0=noise, return_indices=True)
+            x1, x0=noise, return_indices=True
+        )
         assert idx.dtype == torch.int64 and torch.equal(out, noise[idx]), scope
 
 

@@ -6,6 +6,7 @@ once), kills it with SIGKILL at a random instant (or at the worst instant, from 
 the table and compares it with an in-memory coupling replayed call by call: it must be the table of
 the last completed call or the one before, never a mix. ``-m slow`` runs the long variant.
 """
+
 import json
 import os
 import pickle
@@ -24,7 +25,7 @@ from loom_kernels.couplings import LoomCoupling
 from loom_kernels.couplings.table import SeedTable, TableInUseError
 
 # The worker: MODE random|journal|apply runs ROUNDS rounds on a fresh table and prints one JSON line each.
-WORKER = r'''
+WORKER = r"""
 import json, os, random, signal, sys, time
 os.environ["OMP_NUM_THREADS"] = "1"
 import numpy as np, torch
@@ -114,7 +115,7 @@ for r in range(rounds):
     print(json.dumps({"round": r, "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
                       "done": done, "match": match, "distinct": distinct, "size": P * K,
                       "files": sorted(os.listdir(os.path.dirname(path)))}), flush=True)
-'''
+"""
 
 
 def _run_worker(tmp_path, mode, rounds, seed, timeout, durability="crash"):
@@ -122,8 +123,13 @@ def _run_worker(tmp_path, mode, rounds, seed, timeout, durability="crash"):
     script.write_text(WORKER)
     table = tmp_path / "t" / "table.npy"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(script), mode, str(rounds), str(seed), str(table), durability], env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, str(script), mode, str(rounds), str(seed), str(table), durability],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(rows) == rounds
@@ -165,7 +171,7 @@ def test_kill9_stress(tmp_path, durability):
 
 # ---- kill -9 during load ------------------------------------------------------------------------------
 
-LOAD_KILLER = r'''
+LOAD_KILLER = r"""
 import os, signal, sys
 import numpy as np
 from loom_kernels.couplings import LoomCoupling
@@ -182,7 +188,7 @@ def fill(dst, rows):
     return orig_fill(dst, killing_rows)
 table_mod.SeedTable._fill = staticmethod(fill)
 LoomCoupling.load(sys.argv[1])
-'''
+"""
 
 
 def test_kill9_during_load_keeps_the_previous_table(tmp_path):
@@ -211,13 +217,13 @@ def test_kill9_during_load_keeps_the_previous_table(tmp_path):
 
 # ---- sharing one table --------------------------------------------------------------------------------
 
-HOLDER = r'''
+HOLDER = r"""
 import sys, time
 from loom_kernels.couplings import LoomCoupling
 c = LoomCoupling(64, (2,), mmap_path=sys.argv[1])
 print("ready", flush=True)
 sys.stdin.read()
-'''
+"""
 
 
 def test_two_processes_on_one_table(tmp_path):
@@ -225,8 +231,9 @@ def test_two_processes_on_one_table(tmp_path):
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     env = dict(os.environ)
-    holder = subprocess.Popen([sys.executable, str(script), str(table)], env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, str(script), str(table)], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         inode = os.stat(table).st_ino

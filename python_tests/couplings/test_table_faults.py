@@ -6,6 +6,7 @@ durability option.
 Crashes are real: a forked child writes through a ``SeedTable`` (numpy only) and kills itself with SIGKILL.
 ``-m slow`` runs the long race variant.
 """
+
 import json
 import os
 import signal
@@ -34,8 +35,14 @@ def _rows(a, b):
 def _writes(n, salt=0, size=32):
     """``n`` deterministic writes ``(rows, slots, values)`` of ``size`` entries each."""
     g = np.random.default_rng(salt)
-    return [(torch.from_numpy(g.choice(P, size, replace=False)), torch.from_numpy(g.integers(0, K, size)),
-             torch.from_numpy(g.integers(1, 2**62, size))) for _ in range(n)]
+    return [
+        (
+            torch.from_numpy(g.choice(P, size, replace=False)),
+            torch.from_numpy(g.integers(0, K, size)),
+            torch.from_numpy(g.integers(1, 2**62, size)),
+        )
+        for _ in range(n)
+    ]
 
 
 def _expected(writes, start=None):
@@ -62,6 +69,7 @@ def _crash(fn):
 def _crashed_run(path, writes, create=True, torn=None):
     """A run that creates (or opens) ``path``, makes ``writes``, optionally ``torn`` bytes of one more record
     reach the journal, and is killed."""
+
     def run():
         t = SeedTable.create(path, (P, K), _rows) if create else SeedTable.open(path)
         for w in writes:
@@ -69,6 +77,7 @@ def _crashed_run(path, writes, create=True, torn=None):
         if torn is not None:
             os.write(t._journal(), torn)
         return t
+
     _crash(run)
 
 
@@ -93,7 +102,7 @@ def _open_seeds(path, **kw):
 
 # ---- item 1: concurrent creators of one new path --------------------------------------------------------
 
-RACE = r'''
+RACE = r"""
 import json, os, sys
 import torch
 from loom_kernels.couplings.table import SeedTable, TableInUseError, _seed_values
@@ -137,7 +146,7 @@ for r in range(rounds):
     print(json.dumps([sorted(got.decode().splitlines()), slot, sorted(os.listdir(d))]), flush=True)
     for name in os.listdir(d):
         os.unlink(os.path.join(d, name))
-'''
+"""
 
 
 def _race(tmp_path, creators, rounds):
@@ -145,8 +154,13 @@ def _race(tmp_path, creators, rounds):
     script.write_text(RACE)
     d = tmp_path / "tables"
     d.mkdir()
-    out = subprocess.run([sys.executable, str(script), str(creators), str(rounds), str(d)], capture_output=True,
-                         text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = subprocess.run(
+        [sys.executable, str(script), str(creators), str(rounds), str(d)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert len(lines) == rounds
@@ -176,6 +190,7 @@ def test_a_killed_creators_placeholder_is_taken_over(tmp_path):
 
 
 # ---- item 3: a journal is tied to its table ------------------------------------------------------------
+
 
 def test_a_journal_of_a_deleted_table_is_never_replayed(tmp_path):
     path = tmp_path / "t.npy"
@@ -214,9 +229,10 @@ def test_each_table_file_carries_its_own_id(tmp_path):
 
 # ---- item 4: damage in the middle of a journal is refused, a torn last record dropped ------------------
 
+
 def _cut(path, at, n):
     blob = open(path, "rb").read()
-    open(path, "wb").write(blob[:at] + blob[at + n:])
+    open(path, "wb").write(blob[:at] + blob[at + n :])
 
 
 def _flip(path, at, bit=3):
@@ -244,8 +260,11 @@ def test_damage_before_the_last_record_is_refused(tmp_path, damage):
         _cut(jpath, s + 40, size - e + 8)
         assert s + (e - s) > os.path.getsize(jpath)
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=r"journal '.*t.npy.journal' of the seed table .* is damaged at byte "
-                                         r".*LoomCoupling.load\(checkpoint, mmap_path="):
+    with pytest.raises(
+        ValueError,
+        match=r"journal '.*t.npy.journal' of the seed table .* is damaged at byte "
+        r".*LoomCoupling.load\(checkpoint, mmap_path=",
+    ):
         SeedTable.open(path)
     assert path.read_bytes() == before and os.path.exists(jpath)  # nothing applied, the journal kept
 
@@ -257,6 +276,7 @@ def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path, tail):
     extra = _writes(1, salt=6)[0]
     payload = (extra[0].numpy() * K + extra[1].numpy()).tobytes() + extra[2].numpy().tobytes()
     import zlib
+
     record = journal_mod._REC.pack(journal_mod._MAGIC, 32, zlib.crc32(payload)) + payload
     torn = {"half": record[: len(record) // 2], "header only": record[:10], "zeros": bytes(len(record))}[tail]
     _crashed_run(path, writes, torn=torn)
@@ -277,6 +297,7 @@ def test_a_whole_journal_is_replayed_after_a_crash(tmp_path):
 
 # ---- item 5: a damaged table file with a journal beside it --------------------------------------------
 
+
 @pytest.mark.parametrize("damage", ["cut header", "zeroed header", "cut data", "empty"])
 def test_starting_over_from_a_damaged_table_with_a_journal(tmp_path, damage):
     path, ckpt = tmp_path / "t.npy", tmp_path / "c.pt"
@@ -286,8 +307,14 @@ def test_starting_over_from_a_damaged_table_with_a_journal(tmp_path, damage):
     def crash_and_damage(create):
         _crashed_run(path, _writes(4, salt=8), create=create)
         blob = path.read_bytes()
-        path.write_bytes({"cut header": blob[:60], "zeroed header": bytes(128) + blob[128:],
-                          "cut data": blob[: len(blob) // 2], "empty": b""}[damage])
+        path.write_bytes(
+            {
+                "cut header": blob[:60],
+                "zeroed header": bytes(128) + blob[128:],
+                "cut data": blob[: len(blob) // 2],
+                "empty": b"",
+            }[damage]
+        )
 
     crash_and_damage(create=True)
     with pytest.warns(RuntimeWarning, match="discarded '.*t.npy.journal'"):
@@ -307,7 +334,7 @@ def test_starting_over_from_a_damaged_table_with_a_journal(tmp_path, damage):
 
 # ---- item 6: forked workers do not hold the table's lock ----------------------------------------------
 
-HOLDER = r'''
+HOLDER = r"""
 import multiprocessing, sys, time
 from loom_kernels.couplings import LoomCoupling
 c = LoomCoupling(64, (2,), mmap_path=sys.argv[1])
@@ -315,7 +342,7 @@ worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60
 worker.start()
 print(worker.pid, flush=True)
 time.sleep(120)
-'''
+"""
 
 
 def test_forked_workers_do_not_keep_the_lock(tmp_path):
@@ -365,6 +392,7 @@ def test_forked_workers_do_not_keep_the_lock(tmp_path):
 
 # ---- item 7: a seed duplicated across the shards of a sharded checkpoint ------------------------------
 
+
 def _sharded_checkpoint(path, edit=None):
     """A sharded checkpoint of world 2 written shard by shard (as ``save`` on 2 ranks writes it)."""
     c = LoomCoupling(P, (3,), num_caches=K, seed=4)
@@ -375,9 +403,18 @@ def _sharded_checkpoint(path, edit=None):
         edit(seeds)
     save_id, bounds = "00000000000000ab", [0, P // 2, P]
     for r in range(2):
-        atomic_save({"kind": SHARD_KIND, "save_id": save_id, "rank": r, "world": 2, "rows": bounds[r:r + 2],
-                     "config": state["config"], "seeds": seeds[bounds[r]:bounds[r + 1]].clone()},
-                    shard_path(path, save_id, r, 2))
+        atomic_save(
+            {
+                "kind": SHARD_KIND,
+                "save_id": save_id,
+                "rank": r,
+                "world": 2,
+                "rows": bounds[r : r + 2],
+                "config": state["config"],
+                "seeds": seeds[bounds[r] : bounds[r + 1]].clone(),
+            },
+            shard_path(path, save_id, r, 2),
+        )
     manifest = {k: v for k, v in state.items() if k not in ("seeds", "shard_rows")}
     manifest.update(save_id=save_id, world=2, bounds=bounds, table="sharded")
     atomic_save(manifest, path)
@@ -414,6 +451,7 @@ def _load_on_two(rank, world, store, out_dir, ckpt_dir):
             except ValueError as exc:
                 out[name] = ("refused", str(exc))
         return out
+
     run_rank(rank, world, store, out_dir, body)
 
 
@@ -432,6 +470,7 @@ def test_a_seed_duplicated_across_ranks_is_refused_on_every_rank(tmp_path):
 
 
 # ---- durability -----------------------------------------------------------------------------------------
+
 
 def test_durability_is_validated_and_chooses_the_sync(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"durability must be one of \('crash', 'power'\), got 'disk'"):
@@ -463,10 +502,11 @@ def test_a_table_and_journal_written_before_ids_still_open(tmp_path):
     mm[:] = _rows(0, P)
     mm.flush()
     del mm
-    (r, s, v), = _writes(1, salt=11)  # a header-less journal of the old format, one record
+    ((r, s, v),) = _writes(1, salt=11)  # a header-less journal of the old format, one record
     payload = (r.numpy() * K + s.numpy()).tobytes() + v.numpy().tobytes()
     (tmp_path / "old.npy.journal").write_bytes(
-        journal_mod._REC.pack(journal_mod._MAGIC, len(r), zlib.crc32(payload)) + payload)
+        journal_mod._REC.pack(journal_mod._MAGIC, len(r), zlib.crc32(payload)) + payload
+    )
     t = SeedTable.open(path)
     assert torch.equal(t.seeds, _expected([(r, s, v)])) and t._id != 0  # replayed, then given an id
     t.close()

@@ -1,5 +1,6 @@
 """The demo end to end on tiny settings (the report's structure, the figure, the JSON, the models),
 and its ranking rule (an order is stated only when every seed agrees) on hand-made numbers."""
+
 import json
 import os
 import subprocess
@@ -14,12 +15,25 @@ from loom_kernels.experiments import common, demo
 
 def test_demo_quick_in_process(tmp_path, capsys):
     out = str(tmp_path / "d")
-    summary = demo.run(demo._parser().parse_args(["--quick", "--out", out, "--no-progress", "--seed", "1",
-                                                  "--seeds", "2", "--steps", "20"]))
+    summary = demo.run(
+        demo._parser().parse_args(
+            ["--quick", "--out", out, "--no-progress", "--seed", "1", "--seeds", "2", "--steps", "20"]
+        )
+    )
     text = capsys.readouterr().out
-    for c in ("independent", "minibatch OT", "LOOM-CFM", "data floor", "Euler@1", "midpoint@8",
-              "mean±sd over 2 seeds", "Rankings (stated only where the order is the same on all 2 seeds)",
-              "Euler NFE 1 ", "midpoint NFE 8 ", "Global optimum for LOOM's noise set"):
+    for c in (
+        "independent",
+        "minibatch OT",
+        "LOOM-CFM",
+        "data floor",
+        "Euler@1",
+        "midpoint@8",
+        "mean±sd over 2 seeds",
+        "Rankings (stated only where the order is the same on all 2 seeds)",
+        "Euler NFE 1 ",
+        "midpoint NFE 8 ",
+        "Global optimum for LOOM's noise set",
+    ):
         assert c in text, c
     png = os.path.join(out, "demo_8gaussians.png")
     assert summary["figure"] == png and os.path.getsize(png) > 20_000
@@ -68,14 +82,25 @@ def test_report_says_not_resolved(capsys):
     # Two seeds that disagree at one column: the report must say so instead of printing an order.
     def fake(loom_e1):
         w = {c: 1.0 for c in common.COLUMNS}
-        return {"w2": dict(w, euler1=loom_e1), "straightness": 0.1, "pair_cost_end": 1.0, "final_loss": 1.0,
-                "train_seconds": 1.0, "eval_seconds": 1.0, "dopri5_nfe": 60}
+        return {
+            "w2": dict(w, euler1=loom_e1),
+            "straightness": 0.1,
+            "pair_cost_end": 1.0,
+            "final_loss": 1.0,
+            "train_seconds": 1.0,
+            "eval_seconds": 1.0,
+            "dopri5_nfe": 60,
+        }
 
     def seed_run(loom_e1):
         ot = fake(0.8)
         ind = {**fake(3.0), "w2": {c: 3.0 for c in common.COLUMNS}}
-        return {"w2_floor": 0.4, "n_eval": 10, "n_train": 10,
-                "couplings": {"loom": {**fake(loom_e1), "global_optimum": None}, "ot": ot, "independent": ind}}
+        return {
+            "w2_floor": 0.4,
+            "n_eval": 10,
+            "n_train": 10,
+            "couplings": {"loom": {**fake(loom_e1), "global_optimum": None}, "ot": ot, "independent": ind},
+        }
 
     runs = [seed_run(0.5), seed_run(0.9)]
     agg = demo._aggregate(runs, dopri5=True)
@@ -102,17 +127,42 @@ def test_dopri5_sample_counts_and_solves():
 @pytest.mark.slow  # heavy; CI runs it in its slow step
 def test_demo_quick_digits_cli(tmp_path):
     out = str(tmp_path / "d")
-    p = subprocess.run([sys.executable, "-m", "loom_kernels.demo", "--quick", "--data", "digits", "--out", out,
-                        "--no-progress", "--steps", "20", "--seeds", "1", "--no-dopri5"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loom_kernels.demo",
+            "--quick",
+            "--data",
+            "digits",
+            "--out",
+            out,
+            "--no-progress",
+            "--steps",
+            "20",
+            "--seeds",
+            "1",
+            "--no-dopri5",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "Euler@1" in p.stdout and "total wall time" in p.stdout and "dopri5 reference skipped" in p.stdout
     assert os.path.getsize(os.path.join(out, "demo_digits.png")) > 20_000
 
 
-@pytest.mark.parametrize("argv, match", [(["--data", "cifar10"], "--data must be one of"),
-                                         (["--steps", "0"], "--steps must be positive"),
-                                         (["--seeds", "0"], "--seeds must be positive")])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--data", "cifar10"], "--data must be one of"),
+        (["--steps", "0"], "--steps must be positive"),
+        (["--seeds", "0"], "--seeds must be positive"),
+    ],
+)
 def test_demo_bad_arguments(argv, match, tmp_path):
     with pytest.raises(SystemExit, match=match):
         demo.run(demo._parser().parse_args(argv + ["--out", str(tmp_path)]))

@@ -1,5 +1,6 @@
 """The ablation study on tiny settings: its couplings (fixed noise, pre-convergence), one run of each
 variant, the grid's outputs and its resume, and the summary's statistics on hand-made records."""
+
 import csv
 import json
 import os
@@ -96,8 +97,27 @@ def test_run_one_records(variant):
 
 def test_grid_outputs_and_resume(tmp_path, capsys):
     out = str(tmp_path / "s")
-    argv = ["--data", "8gaussians", "--variants", "ot", "loom1", "--seeds", "2", "--steps", "10",
-            "--points", "96", "--n-eval", "48", "--batch-size", "16", "--jobs", "1", "--out", out]
+    argv = [
+        "--data",
+        "8gaussians",
+        "--variants",
+        "ot",
+        "loom1",
+        "--seeds",
+        "2",
+        "--steps",
+        "10",
+        "--points",
+        "96",
+        "--n-eval",
+        "48",
+        "--batch-size",
+        "16",
+        "--jobs",
+        "1",
+        "--out",
+        out,
+    ]
     records = study.run(study._parser().parse_args(argv))
     assert len(records) == 4
     for name in ("study.csv", "study_summary.csv", "study.md", "study.png"):
@@ -117,15 +137,26 @@ def test_grid_outputs_and_resume(tmp_path, capsys):
 
 def test_summary_statistics_and_table():
     def rec(variant, seed, fresh, train):
-        return {"data": "moons", "variant": variant, "seed": seed, "caches": None if variant == "ot" else 1,
-                "n_train": 10, "noise_total": None if variant == "ot" else 10, "steps": 1, "batch_size": 1,
-                "n_eval": 10, "w2_fresh": {k: fresh for k in study.NFES},
-                "w2_train": {k: train for k in study.NFES}, "w2_floor": 0.3, "straightness": 0.1}
+        return {
+            "data": "moons",
+            "variant": variant,
+            "seed": seed,
+            "caches": None if variant == "ot" else 1,
+            "n_train": 10,
+            "noise_total": None if variant == "ot" else 10,
+            "steps": 1,
+            "batch_size": 1,
+            "n_eval": 10,
+            "w2_fresh": {k: fresh for k in study.NFES},
+            "w2_train": {k: train for k in study.NFES},
+            "w2_floor": 0.3,
+            "straightness": 0.1,
+        }
 
     records = [rec("ot", 0, 1.0, None), rec("ot", 1, 2.0, None), rec("loom1", 0, 1.0, 0.5), rec("loom1", 1, 1.4, 0.6)]
     summary = {s["variant"]: s for s in study.summarize(records)}
     w2 = summary["ot"]["w2_fresh_nfe1"]
-    assert w2["mean"] == 1.5 and w2["sd"] == pytest.approx(0.5 ** 0.5)
+    assert w2["mean"] == 1.5 and w2["sd"] == pytest.approx(0.5**0.5)
     assert "w2_train_nfe1" not in summary["ot"]
     assert summary["loom1"]["gap_nfe1"]["values"] == pytest.approx([0.5, 0.8])
     md = study.markdown(list(summary.values()))

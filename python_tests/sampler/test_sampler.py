@@ -1,6 +1,7 @@
 """loom_kernels.sampler: accuracy against analytic solutions and a float64 reference, measured
 convergence orders, exact NFE counts, time handling, errors, the Triton update kernel under the
 interpreter, and (on a GPU) CPU/CUDA agreement and CUDA-graph replay."""
+
 import math
 import warnings
 
@@ -82,9 +83,7 @@ def test_time_field_quadratic():
         torch.testing.assert_close(sample(model, x0, 6, method=method), exact(x0, 0.0, 1.0), rtol=0, atol=1e-14)
     # euler's left Riemann sum misses exactly c h / 2 (h = 1/steps)
     steps = 5
-    torch.testing.assert_close(
-        sample(model, x0, steps), exact(x0, 0.0, 1.0) - c / (2 * steps), rtol=0, atol=1e-14
-    )
+    torch.testing.assert_close(sample(model, x0, steps), exact(x0, 0.0, 1.0) - c / (2 * steps), rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -174,7 +173,8 @@ def test_time_grid_uniform_equals_default_and_other_interval():
     torch.testing.assert_close(
         sample(cos_field, x0, 8, method="heun", time_grid=torch.linspace(0, 1, 5, dtype=torch.float64)),
         sample(cos_field, x0, 8, method="heun"),
-        rtol=1e-14, atol=1e-14,
+        rtol=1e-14,
+        atol=1e-14,
     )
     grid = [0.2, 0.4, 0.9]
     out = sample(cos_field, x0, 2, time_grid=grid, t0=0.2, t1=0.9)
@@ -306,7 +306,6 @@ def test_bad_model_and_input():
 
 
 # ---- the Triton update kernel, through the interpreter on CPU -----------------------------------
-
 
 
 @needs_interpreter
@@ -466,9 +465,7 @@ def test_cuda_graph_sees_inplace_updates_and_new_models():
     torch.testing.assert_close(sample(net, x0, 4), sample(net, x0, 4, cuda_graph=False), rtol=1e-6, atol=1e-6)
     other = _mlp("cuda", seed=2)  # a different model must never hit net's graph
     for _ in range(3):
-        torch.testing.assert_close(
-            sample(other, x0, 4), sample(other, x0, 4, cuda_graph=False), rtol=1e-6, atol=1e-6
-        )
+        torch.testing.assert_close(sample(other, x0, 4), sample(other, x0, 4, cuda_graph=False), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.cuda(triton_only=True)
@@ -606,8 +603,16 @@ def test_signatures_match_the_default_convention():
 
 def test_torchcfm_unet_runs_unchanged():
     unet = pytest.importorskip("torchcfm.models.unet")  # imports without torchdyn
-    model = unet.UNetModel(dim=(1, 8, 8), num_channels=32, num_res_blocks=1, num_classes=4, class_cond=True,
-                           attention_resolutions="4", channel_mult=(1, 2), num_heads=1)
+    model = unet.UNetModel(
+        dim=(1, 8, 8),
+        num_channels=32,
+        num_res_blocks=1,
+        num_classes=4,
+        class_cond=True,
+        attention_resolutions="4",
+        channel_mult=(1, 2),
+        num_heads=1,
+    )
     x0 = torch.randn(3, 1, 8, 8)
     y = torch.tensor([0, 3, 1])
     got = sample(model, x0, 2, signature="torchcfm", model_kwargs={"y": y})
@@ -621,8 +626,10 @@ def test_kwargs_and_guidance_errors():
     net = LabelField()
     x0 = torch.randn(4, 2)
     y = torch.tensor([0, 1, 2, 1])
-    msg = (r"calling the model as model\(x, t_B, \*\*kw\) with model_kwargs \['y', 'z'\]"
-           r".*unexpected keyword argument 'z'")
+    msg = (
+        r"calling the model as model\(x, t_B, \*\*kw\) with model_kwargs \['y', 'z'\]"
+        r".*unexpected keyword argument 'z'"
+    )
     with pytest.raises(TypeError, match=msg):
         sample(net, x0, 2, model_kwargs={"y": y, "z": 1})
     with pytest.raises(ValueError, match=r"labels in \[0, 3\], outside the model's 3 classes"):
@@ -669,10 +676,24 @@ def test_model_kwargs_take_any_tensor_without_guidance():
     net = LabelField()
     labels = torch.tensor([0, 1, 2, 1])
     with pytest.raises(TypeError, match=r"model_kwargs\['c'\] \(class labels\) must be an integer"):
-        sample(lambda x, t, c, y: x, x0, 2, model_kwargs={"c": labels.float(), "y": labels.float()},
-               guidance=2.0, label_key="c", null_label=3)
-    sample(lambda x, t, c, y: x, x0, 2, model_kwargs={"c": labels, "y": labels.float()},
-           guidance=2.0, label_key="c", null_label=3)
+        sample(
+            lambda x, t, c, y: x,
+            x0,
+            2,
+            model_kwargs={"c": labels.float(), "y": labels.float()},
+            guidance=2.0,
+            label_key="c",
+            null_label=3,
+        )
+    sample(
+        lambda x, t, c, y: x,
+        x0,
+        2,
+        model_kwargs={"c": labels, "y": labels.float()},
+        guidance=2.0,
+        label_key="c",
+        null_label=3,
+    )
     assert net.num_classes == 3
 
 
@@ -682,8 +703,15 @@ def test_velocity_hook_sees_every_raw_model_output():
     y = torch.tensor([0, 1, 2, 1])
     seen = []
     want = sample(net, x0, 6, method="midpoint", model_kwargs={"y": y}, guidance=2.0)
-    got = sample(net, x0, 6, method="midpoint", model_kwargs={"y": y}, guidance=2.0,
-                 velocity_hook=lambda v: seen.append(v.clone()))
+    got = sample(
+        net,
+        x0,
+        6,
+        method="midpoint",
+        model_kwargs={"y": y},
+        guidance=2.0,
+        velocity_hook=lambda v: seen.append(v.clone()),
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert [tuple(v.shape) for v in seen] == [(8, 2)] * 6  # raw: the doubled batch, before guidance
     times, weights = sampler.quadrature("midpoint", 6)
@@ -737,8 +765,9 @@ def test_dopri5_matches_torchdiffeq():
         return net(x, t.expand(x.shape[0]))
 
     with torch.no_grad():
-        want = torchdiffeq.odeint(f, x0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5",
-                                  rtol=1e-8, atol=1e-8)[-1]
+        want = torchdiffeq.odeint(
+            f, x0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="dopri5", rtol=1e-8, atol=1e-8
+        )[-1]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert 0.5 * len(calls) <= info["nfe"] <= 2 * len(calls)  # the same control, within a few steps
 
@@ -835,4 +864,3 @@ def test_graph_cache_bookkeeping_without_a_gpu():
     cache.mark_failed("y")
     cache.clear()
     assert len(cache) == 0 and not cache.seen and not cache.failed
-

@@ -1,5 +1,6 @@
 """loom_kernels.sinkhorn: the streamed solver (torch tiles and the Triton kernel under the
 interpreter) against POT and a dense float64 reference, its bad-input errors and its memory bound."""
+
 from __future__ import annotations
 
 import math
@@ -105,8 +106,9 @@ def test_weights_and_zero_weights(backend):
     res = on(backend, sinkhorn, x, y, a.float(), b.float(), epsilon=0.05, tol=1e-6)
     assert torch.isneginf(res.f[[3, 17]]).all() and torch.isfinite(res.g).all()
     keep = a > 0
-    ref = ot.bregman.sinkhorn_log(a[keep], b, sq_cost64(x[keep], y), float(res.epsilon), stopThr=1e-12,
-                                  numItermax=100000)
+    ref = ot.bregman.sinkhorn_log(
+        a[keep], b, sq_cost64(x[keep], y), float(res.epsilon), stopThr=1e-12, numItermax=100000
+    )
     plan = dense_plan(res, x.double(), y.double())
     assert float(plan[~keep].abs().max()) == 0.0
     assert _tv(plan[keep], ref) < 2e-4
@@ -123,8 +125,17 @@ def test_unbalanced_matches_pot(backend, tau):
     assert float(res.tau) == pytest.approx(tau * float(cost.mean()), rel=1e-6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # POT warns that reg_type="entropy" overwrites c
-        ref = ot.unbalanced.sinkhorn_unbalanced(a, b, cost, float(res.epsilon), float(res.tau), reg_type="entropy",
-                                                method="sinkhorn_stabilized", stopThr=1e-13, numItermax=200000)
+        ref = ot.unbalanced.sinkhorn_unbalanced(
+            a,
+            b,
+            cost,
+            float(res.epsilon),
+            float(res.tau),
+            reg_type="entropy",
+            method="sinkhorn_stabilized",
+            stopThr=1e-13,
+            numItermax=200000,
+        )
     plan = dense_plan(res, x.double(), y.double())
     assert _tv(plan, ref) < 2e-4 * float(ref.sum())
 
@@ -174,16 +185,19 @@ def test_epsilon_scaling_reaches_the_same_plan():
 # ---- bad input ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"epsilon": 0.0}, "epsilon must be a positive number"),
-    ({"epsilon": -1.0}, "epsilon must be a positive number"),
-    ({"epsilon": math.nan}, "epsilon must be a positive number"),
-    ({"tau": 0.0}, "tau must be a positive number"),
-    ({"tau": math.nan}, "tau must be a positive number"),
-    ({"tol": 0.0}, "tol must be a positive number"),
-    ({"max_iter": 0}, "max_iter must be a positive int"),
-    ({"eps_scaling": 1.0}, r"eps_scaling must be in \(0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"epsilon": 0.0}, "epsilon must be a positive number"),
+        ({"epsilon": -1.0}, "epsilon must be a positive number"),
+        ({"epsilon": math.nan}, "epsilon must be a positive number"),
+        ({"tau": 0.0}, "tau must be a positive number"),
+        ({"tau": math.nan}, "tau must be a positive number"),
+        ({"tol": 0.0}, "tol must be a positive number"),
+        ({"max_iter": 0}, "max_iter must be a positive int"),
+        ({"eps_scaling": 1.0}, r"eps_scaling must be in \(0, 1\)"),
+    ],
+)
 def test_bad_parameters(kw, match):
     x, y = _case("random")
     with pytest.raises(ValueError, match=match):

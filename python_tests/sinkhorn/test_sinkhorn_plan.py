@@ -1,5 +1,6 @@
 """loom_kernels.sinkhorn.draw_pairs / plan_sharpness: pairs drawn from the plan without forming
 it (Gumbel-max over the streamed tiles) and the normalised entropy, against the dense plan."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,8 +44,10 @@ def test_reproducible_and_seed_dependent(backend):
     big = on(backend, draw_pairs, res, x, y, seed=2**63 + 5)  # any 64-bit pattern is a seed
     assert big.shape == (40,)
     gen = torch.Generator().manual_seed(3)
-    assert torch.equal(on(backend, draw_pairs, res, x, y, seed=gen),
-                       on(backend, draw_pairs, res, x, y, seed=torch.Generator().manual_seed(3)))
+    assert torch.equal(
+        on(backend, draw_pairs, res, x, y, seed=gen),
+        on(backend, draw_pairs, res, x, y, seed=torch.Generator().manual_seed(3)),
+    )
 
 
 @needs_interpreter
@@ -56,8 +59,9 @@ def test_triton_and_torch_draw_the_same_pairs():
         a = on("torch", draw_pairs, res, x, y, seed=seed)
         b = on("triton", draw_pairs, res, x, y, seed=seed)
         assert (a == b).float().mean() >= 0.99, seed
-    assert torch.equal(on("torch", draw_pairs, res, x, y, argmax=True),
-                       on("triton", draw_pairs, res, x, y, argmax=True))
+    assert torch.equal(
+        on("torch", draw_pairs, res, x, y, argmax=True), on("triton", draw_pairs, res, x, y, argmax=True)
+    )
 
 
 def test_tiling_does_not_change_the_draws(monkeypatch):

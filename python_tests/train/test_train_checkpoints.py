@@ -1,6 +1,7 @@
 """Checkpoints and resume: exact resume, periodic saves, resume with other settings, torn logs, SIGTERM, and the
 non-finite guard (#23 item 2: a finite loss with a NaN gradient stops or skips before the optimizer step;
 nothing non-finite reaches Adam, the weights, the EMA or a checkpoint; the stop names a finite checkpoint)."""
+
 import csv
 import os
 import subprocess
@@ -20,8 +21,13 @@ from train_common import NaNAfter, param_copy, setup_run, small_config
 
 def test_checkpoint_round_trip_and_ema_is_saved(tmp_path):
     model, ds, coupling = setup_run("loom")
-    res = train(model, ds, coupling, small_config(steps=30, out_dir=str(tmp_path), ema_decay=0.9),
-                metadata={"model": model.spec, "note": "x"})
+    res = train(
+        model,
+        ds,
+        coupling,
+        small_config(steps=30, out_dir=str(tmp_path), ema_decay=0.9),
+        metadata={"model": model.spec, "note": "x"},
+    )
     ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert ck["step"] == 30 and ck["epoch"] == 4 and ck["metadata"]["note"] == "x"
     for key in ("model", "ema", "optimizer", "scheduler", "scaler", "coupling", "rng", "config"):
@@ -93,8 +99,14 @@ def test_periodic_checkpoints_and_no_overwrite(tmp_path):
     model, ds, coupling = setup_run("loom")
     out = str(tmp_path)
     seen = []
-    train(model, ds, coupling, small_config(steps=8, out_dir=out, ckpt_every=3),
-          callback=lambda step, **kw: seen.append((step, sorted(kw))), callback_every=4)
+    train(
+        model,
+        ds,
+        coupling,
+        small_config(steps=8, out_dir=out, ckpt_every=3),
+        callback=lambda step, **kw: seen.append((step, sorted(kw))),
+        callback_every=4,
+    )
     assert seen == [(4, ["coupling", "ema", "model"]), (8, ["coupling", "ema", "model"])]
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.csv", "model.pt"]  # no temp files left
     with pytest.raises(FileExistsError, match="resume"):
@@ -150,8 +162,9 @@ def test_sigterm_saves_then_exits(tmp_path):
         train(MLPVelocity((2,), hidden=8, depth=1), ds, make_coupling("loom", 64, (2,)),
               TrainConfig(steps=100000, batch_size=16, progress=False, out_dir={out!r}), callback=cb, callback_every=1)
     """)
-    p = subprocess.Popen([sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", script], env=dict(os.environ, OMP_NUM_THREADS="1"), stderr=subprocess.PIPE, text=True
+    )
     import time
 
     deadline = time.time() + 120
@@ -217,8 +230,11 @@ def _finite(state: dict) -> bool:
 def test_nan_gradient_with_finite_loss_stops_before_the_step(tmp_path, grad_clip):
     out = str(tmp_path)
     model = SqrtAtZero(dies_at=5)
-    with pytest.raises(FloatingPointError, match=r"non-finite gradient norm .*loss .*at step 5: training stopped "
-                                                 r"before the optimizer step.*last good one is .*checkpoint\.pt"):
+    with pytest.raises(
+        FloatingPointError,
+        match=r"non-finite gradient norm .*loss .*at step 5: training stopped "
+        r"before the optimizer step.*last good one is .*checkpoint\.pt",
+    ):
         train(model, _ds(), IndependentCoupling(), _nf_config(out_dir=out, ckpt_every=2, grad_clip=grad_clip))
     # the weights, the optimizer state and the checkpoint the message names are all finite
     assert _finite(model.state_dict())
@@ -250,9 +266,18 @@ def test_checkpoint_is_never_written_from_nonfinite_weights(tmp_path):
             with torch.no_grad():
                 next(ema.parameters()).fill_(float("nan"))  # the loss stays finite: only the save sees it
 
-    with pytest.raises(FloatingPointError, match=r"not finite at step 4: checkpoint not written; the last good "
-                                                 r"checkpoint is .*checkpoint\.pt"):
-        train(model, _ds(), IndependentCoupling(), _nf_config(out_dir=out, ckpt_every=2), callback=poison,
-              callback_every=1)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"not finite at step 4: checkpoint not written; the last good "
+        r"checkpoint is .*checkpoint\.pt",
+    ):
+        train(
+            model,
+            _ds(),
+            IndependentCoupling(),
+            _nf_config(out_dir=out, ckpt_every=2),
+            callback=poison,
+            callback_every=1,
+        )
     ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ck["step"] == 2 and _finite(ck["model"]) and _finite(ck["ema"])

@@ -1,6 +1,7 @@
 """The trainer under DDP (2 gloo processes on the CPU): identical ranks, the global step, the mean loss, the
 collective checkpoint, non-finite losses agreed on by every rank, SIGTERM on one rank, and the CLI under
 torchrun. One launch of two processes runs several scenarios in turn (a launch costs seconds of imports)."""
+
 import os
 import subprocess
 import sys
@@ -130,11 +131,44 @@ def test_ddp_sigterm_on_one_rank_saves_on_all_at_the_same_step(tmp_path):
 def test_cli_under_torchrun(tmp_path):
     out = str(tmp_path / "run")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "loom_kernels.train", "--data", "moons", "--coupling", "loom", "--points", "128",
-                        "--batch-size", "16", "--hidden", "16", "--depth", "1", "--steps", "6", "--log-every", "1",
-                        "--device", "cpu", "--out", out, "--no-progress"],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "loom_kernels.train",
+            "--data",
+            "moons",
+            "--coupling",
+            "loom",
+            "--points",
+            "128",
+            "--batch-size",
+            "16",
+            "--hidden",
+            "16",
+            "--depth",
+            "1",
+            "--steps",
+            "6",
+            "--log-every",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("trained 6 steps") == 1  # rank 0 reports
     ck = load_checkpoint(os.path.join(out, "checkpoint.pt"))

@@ -1,4 +1,5 @@
 """The thin trainer: learning, logging, the coupling protocol, labels, flips, schedules and errors."""
+
 import csv
 import os
 
@@ -116,8 +117,12 @@ def test_cuda_training_with_autocast(tmp_path, precision):
     assert "cuda" in ck["rng"][0]
     model2, _, _ = setup_run("loom")
     coupling2 = make_coupling("loom", 96, (2,), num_caches=2, seed=0, device="cuda")
-    res2 = train(model2, ds, coupling2, small_config(steps=16, precision=precision, device="cuda",
-                                                     out_dir=str(tmp_path), resume=True))
+    res2 = train(
+        model2,
+        ds,
+        coupling2,
+        small_config(steps=16, precision=precision, device="cuda", out_dir=str(tmp_path), resume=True),
+    )
     assert res2.step == 16 and [r["step"] for r in res2.history] == [13, 14, 15, 16]
 
 
@@ -126,8 +131,12 @@ def test_class_conditional_digits_end_to_end_and_resume_with_labels(tmp_path):
         torch.manual_seed(0)
         model = Recording((1, 8, 8), channels=8, num_classes=10)
         coupling = LabelledIndependent()  # global RNG: checkpointed
-        res = train(model, digits_set(), coupling, small_config(steps=steps, batch_size=32, out_dir=out, resume=resume,
-                                                     label_dropout=0.25, ckpt_every=0))
+        res = train(
+            model,
+            digits_set(),
+            coupling,
+            small_config(steps=steps, batch_size=32, out_dir=out, resume=resume, label_dropout=0.25, ckpt_every=0),
+        )
         return res, model, coupling
 
     res, model, coupling = run(str(tmp_path / "a"), 8)
@@ -160,8 +169,12 @@ def test_flip_indices_and_views():
 
 def test_cosine_schedule_and_metric():
     model, ds, _ = setup_run("independent")
-    res = train(model, ds, make_coupling("ot", 96, (2,), metric="euclidean"),
-                small_config(steps=12, warmup=2, schedule="cosine", lr=1e-2))
+    res = train(
+        model,
+        ds,
+        make_coupling("ot", 96, (2,), metric="euclidean"),
+        small_config(steps=12, warmup=2, schedule="cosine", lr=1e-2),
+    )
     lrs = [r["lr"] for r in res.history]
     assert lrs[0] == pytest.approx(5e-3) and lrs[1] == pytest.approx(1e-2)
     # step 6: 4 of the 10 post-warm-up steps done

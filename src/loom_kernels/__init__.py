@@ -4,6 +4,7 @@ Submodules are imported lazily so ``import loom_kernels`` needs numpy only; torc
 are loaded by the modules that use them. ``loom_kernels.assign`` and ``loom_kernels.sampler`` are
 modules (their functions ``assign`` and ``sample`` live inside them), so they are not re-exported.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """Device resolution, in one place for the couplings, the metrics and the trainer."""
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ own, and the next write to ``NAME`` removes those of killed writers (same host, 
 get the permissions ``open()`` would give (``0o666`` less the umask), and a full disk is reported as
 ``OSError(ENOSPC)`` naming the file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -161,6 +162,7 @@ def atomic_write(path, write_fn, *, mode: str = "wb", suffix: str = ".tmp") -> N
 
 # ---- checksummed torch files (couplings, tables, checkpoints) ---------------------------------------
 
+
 def _feed(h, obj) -> None:
     """Hash ``obj`` canonically: tensors by dtype, shape and bytes; containers in order (dicts by key)."""
     if isinstance(obj, torch.Tensor):
@@ -195,9 +197,10 @@ def atomic_save(obj, path: str) -> None:
     """``torch.save`` to ``path`` atomically (temp file, fsync, rename); a dict gets a ``"checksum"`` entry
     over all its other entries, which :func:`load_verified` checks (a flipped bit in any weight or seed)."""
     if isinstance(obj, dict):
-        obj = {**{k: v for k, v in obj.items() if k != _CHECKSUM},
-               _CHECKSUM: {"algorithm": _ALGORITHM,
-                           "digest": checksum({k: v for k, v in obj.items() if k != _CHECKSUM})}}
+        obj = {
+            **{k: v for k, v in obj.items() if k != _CHECKSUM},
+            _CHECKSUM: {"algorithm": _ALGORITHM, "digest": checksum({k: v for k, v in obj.items() if k != _CHECKSUM})},
+        }
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -212,24 +215,32 @@ def _sniff(path: str, what: str) -> bool:
     """Name what is wrong with a file that is not a whole PyTorch file; True for the zip format."""
     size = os.path.getsize(path)
     if size == 0:
-        raise ValueError(f"{what} {path!r} is empty (0 bytes): its write was cut off (a crash or a full disk); "
-                         f"use the previous checkpoint or another copy")
+        raise ValueError(
+            f"{what} {path!r} is empty (0 bytes): its write was cut off (a crash or a full disk); "
+            f"use the previous checkpoint or another copy"
+        )
     with open(path, "rb") as f:
         head = f.read(64)
     if head.startswith(b"PK\x03\x04"):
         try:
             whole = zipfile.is_zipfile(path)
         except zipfile.BadZipFile as exc:  # a damaged end record (e.g. a flipped bit in its disk number)
-            raise ValueError(f"{what} {path!r} is damaged: its zip directory at the end is corrupt ({exc}); "
-                             f"use the previous checkpoint or another copy") from None
+            raise ValueError(
+                f"{what} {path!r} is damaged: its zip directory at the end is corrupt ({exc}); "
+                f"use the previous checkpoint or another copy"
+            ) from None
         if not whole:
-            raise ValueError(f"{what} {path!r} is truncated or damaged ({size:,} bytes; the zip directory at its end "
-                             f"is missing): use the previous checkpoint or another copy")
+            raise ValueError(
+                f"{what} {path!r} is truncated or damaged ({size:,} bytes; the zip directory at its end "
+                f"is missing): use the previous checkpoint or another copy"
+            )
         return True
     if head[:1] != b"\x80":  # torch.save's legacy format starts with a pickle protocol byte
         text = all(32 <= c < 127 or c in b"\t\r\n" for c in head)
-        raise ValueError(f"{what} {path!r} is not a PyTorch file ({'a text file, ' if text else ''}it starts with "
-                         f"{head[:16]!r}); expected a file written by torch.save")
+        raise ValueError(
+            f"{what} {path!r} is not a PyTorch file ({'a text file, ' if text else ''}it starts with "
+            f"{head[:16]!r}); expected a file written by torch.save"
+        )
     return False
 
 
@@ -253,12 +264,15 @@ def load_verified(path, what: str = "checkpoint", map_location="cpu", *, mmap: b
             obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and is_zip)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[-1][:300]
-        raise ValueError(f"{what} {path!r} holds objects that safe loading (weights_only=True) refuses, since "
-                         f"unpickling them could run code: {first}. Load it with torch.load(weights_only=False) "
-                         f"only if you trust where it came from") from None
+        raise ValueError(
+            f"{what} {path!r} holds objects that safe loading (weights_only=True) refuses, since "
+            f"unpickling them could run code: {first}. Load it with torch.load(weights_only=False) "
+            f"only if you trust where it came from"
+        ) from None
     except (RuntimeError, OSError, EOFError, KeyError, ValueError, IndexError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"{what} {path!r} is corrupt or truncated: torch.load failed with "
-                         f"{type(exc).__name__}: {str(exc)[:300]}") from None
+        raise ValueError(
+            f"{what} {path!r} is corrupt or truncated: torch.load failed with {type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
     if not isinstance(obj, dict):
         return obj
     stored = obj.pop(_CHECKSUM, None)
@@ -269,6 +283,8 @@ def load_verified(path, what: str = "checkpoint", map_location="cpu", *, mmap: b
         return obj
     digest = checksum(obj)
     if not isinstance(stored, dict) or stored.get("digest") != digest:
-        raise ValueError(f"{what} {path!r} fails its checksum (stored {stored!r:.80}, computed {digest!r}): its "
-                         f"bytes changed after it was written (disk or copy corruption); use another copy")
+        raise ValueError(
+            f"{what} {path!r} fails its checksum (stored {stored!r:.80}, computed {digest!r}): its "
+            f"bytes changed after it was written (disk or copy corruption); use another copy"
+        )
     return obj

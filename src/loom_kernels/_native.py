@@ -5,6 +5,7 @@ avx512; a LOOM_NATIVE=1 build has only "native"). ``LOOM_CPU_ISA=scalar|avx2|avx
 environment, read when ``_C`` is first loaded, or :func:`set_cpu_isa` forces one, e.g. to test
 or time a path: every path gives the same results.
 """
+
 from __future__ import annotations
 
 import functools

@@ -1,5 +1,6 @@
 """triton is optional (the CPU paths never need it): its import and the launch guard shared by the
 Triton kernels of cost.py, noise.py and sampler.py."""
+
 from __future__ import annotations
 
 import os

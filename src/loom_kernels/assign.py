@@ -7,6 +7,7 @@ the cost anyway, and reported here as the errors scipy raises.
 
 ``import loom_kernels.assign`` needs numpy only: torch is imported when a tensor is passed.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -217,8 +218,7 @@ def _check_options(maximize, backend, tol, method, threads):
 def _check_shape(shape):
     if len(shape) not in (2, 3):
         raise ValueError(
-            f"cost must have shape (N, M) or (B, N, M) (expected a matrix or a batch of matrices), "
-            f"got {tuple(shape)}"
+            f"cost must have shape (N, M) or (B, N, M) (expected a matrix or a batch of matrices), got {tuple(shape)}"
         )
 
 
@@ -317,8 +317,7 @@ def _raise_for_status(status, batched, maximize):
         raise ValueError(f"cost matrix is infeasible: no complete assignment avoids the +inf entries{where}")
     if status[b] == 3:
         raise RuntimeError(
-            f"the auction did not converge within its round bound{where}; "
-            f"use method='lap' (exact, CPU) or a larger tol"
+            f"the auction did not converge within its round bound{where}; use method='lap' (exact, CPU) or a larger tol"
         )
     raise RuntimeError(f"native solver returned unknown status {int(status[b])}{where}")
 
@@ -433,8 +432,20 @@ def _solve_cuda(t, maximize, tol, *, mode=0, rounds=None):
         ws = torch.empty((max(nbytes, 1),), dtype=torch.uint8, device=dev)
         stream = torch.cuda.current_stream(dev).cuda_stream
         mod.solve_auction(
-            t.data_ptr(), "float64" if t.dtype == torch.float64 else "float32", B, N, M, bool(maximize),
-            float(tol), col4row.data_ptr(), status.data_ptr(), ws.data_ptr(), nbytes,
-            0 if rounds is None else rounds.data_ptr(), stream, idx, int(mode),
+            t.data_ptr(),
+            "float64" if t.dtype == torch.float64 else "float32",
+            B,
+            N,
+            M,
+            bool(maximize),
+            float(tol),
+            col4row.data_ptr(),
+            status.data_ptr(),
+            ws.data_ptr(),
+            nbytes,
+            0 if rounds is None else rounds.data_ptr(),
+            stream,
+            idx,
+            int(mode),
         )
     return col4row, status

@@ -6,6 +6,7 @@ and read back with ``torch.load(weights_only=True)`` (no code runs from a crafte
 PyTorch file, refused objects, a checksum mismatch). They hold tensors and plain Python types only,
 so ``torch.load(path, weights_only=True)`` works for users too.
 """
+
 from __future__ import annotations
 
 import random
@@ -24,8 +25,13 @@ def _rng_state(device: torch.device) -> dict:
     kind, key, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": random.getstate(),
     }
     if device.type == "cuda":
@@ -37,8 +43,13 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
     if isinstance(npst, dict):
-        npst = (npst["kind"], npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
-                npst["cached_gaussian"])
+        npst = (
+            npst["kind"],
+            npst["key"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
     np.random.set_state(npst)  # a tuple in files written before the state was stored as tensors
     random.setstate(state["python"])
     if device.type == "cuda" and "cuda" in state:
@@ -51,8 +62,17 @@ def save_model(path: str, ema: nn.Module, *, metadata: dict | None = None, step:
     Example:
         >>> save_model("out/model.pt", result.ema, metadata={"model": result.ema.spec})  # doctest: +SKIP
     """
-    atomic_save({"format": "loom_kernels.model", "version": 2, "weights": "ema", "model": ema.state_dict(),
-                  "metadata": metadata or {}, "step": step}, path)
+    atomic_save(
+        {
+            "format": "loom_kernels.model",
+            "version": 2,
+            "weights": "ema",
+            "model": ema.state_dict(),
+            "metadata": metadata or {},
+            "step": step,
+        },
+        path,
+    )
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

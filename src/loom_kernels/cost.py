@@ -15,6 +15,7 @@ absolute error is a few float32 ulps of ``|x|^2 + |y|^2`` (times the input round
 inputs). This is what the coupling needs (costs are compared across pairs of similar norms).
 Non-finite inputs give non-finite (NaN) costs in their rows/columns, which ``assign`` rejects.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,10 +41,18 @@ if triton is not None:
         X,  # [B, N, D] float32/float16/bfloat16 (any strides)
         Y,  # [B, M, D] same dtype as X
         OUT,  # [B, N, M] float32
-        N, M, D,
-        sxb, sxn, sxd,
-        syb, sym, syd,
-        sob, son, som,
+        N,
+        M,
+        D,
+        sxb,
+        sxn,
+        sxd,
+        syb,
+        sym,
+        syd,
+        sob,
+        son,
+        som,
         BLOCK_N: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -152,17 +161,32 @@ def _launch(x: torch.Tensor, y: torch.Tensor, sqrt: bool, allow_tf32: bool) -> t
     # Launch on the inputs' GPU, not whichever is current; grid axis 2 holds at most 65535 problems.
     with _on_device(x.device):
         for b0 in range(0, B, _MAX_GRID_Z):
-            xb, yb, ob = x[b0:b0 + _MAX_GRID_Z], y[b0:b0 + _MAX_GRID_Z], out[b0:b0 + _MAX_GRID_Z]
+            xb, yb, ob = x[b0 : b0 + _MAX_GRID_Z], y[b0 : b0 + _MAX_GRID_Z], out[b0 : b0 + _MAX_GRID_Z]
             grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), xb.shape[0])
             _pairwise_cost_kernel[grid](
-                xb, yb, ob,
-                N, M, D,
-                xb.stride(0), xb.stride(1), xb.stride(2),
-                yb.stride(0), yb.stride(1), yb.stride(2),
-                ob.stride(0), ob.stride(1), ob.stride(2),
-                BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk,
-                SQRT=sqrt, INPUT_PRECISION=precision, UPCAST=upcast,
-                num_warps=warps, num_stages=stages,
+                xb,
+                yb,
+                ob,
+                N,
+                M,
+                D,
+                xb.stride(0),
+                xb.stride(1),
+                xb.stride(2),
+                yb.stride(0),
+                yb.stride(1),
+                yb.stride(2),
+                ob.stride(0),
+                ob.stride(1),
+                ob.stride(2),
+                BLOCK_N=bn,
+                BLOCK_M=bm,
+                BLOCK_K=bk,
+                SQRT=sqrt,
+                INPUT_PRECISION=precision,
+                UPCAST=upcast,
+                num_warps=warps,
+                num_stages=stages,
             )
     return out
 
@@ -208,9 +232,7 @@ def _check_points(name: str, t) -> None:
     if t.ndim not in (2, 3):
         raise ValueError(f"{name} must have shape (N, D) or (B, N, D), got {tuple(t.shape)}")
     if t.dtype not in _INPUT_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, float16, bfloat16 (or float64), got {t.dtype}"
-        )
+        raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {t.dtype}")
 
 
 def pairwise_cost(
@@ -258,9 +280,7 @@ def pairwise_cost(
         )
     batched = x.ndim == 3 or y.ndim == 3
     if x.ndim == 3 and y.ndim == 3 and x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"x and y must have the same batch size B, got x {tuple(x.shape)} and y {tuple(y.shape)}"
-        )
+        raise ValueError(f"x and y must have the same batch size B, got x {tuple(x.shape)} and y {tuple(y.shape)}")
     B = x.shape[0] if x.ndim == 3 else (y.shape[0] if y.ndim == 3 else 1)
     # A 2-D operand becomes a stride-0 batch: no copy on either path.
     x3 = x.unsqueeze(0).expand(B, -1, -1) if x.ndim == 2 else x

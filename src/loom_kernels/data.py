@@ -13,6 +13,7 @@ Datasets for the trainer: :class:`IndexedDataset` yields ``(i, x_i)``, :class:`L
 
 Checkerboard follows the FFJORD toy set (Grathwohl et al., 2019); moons is scikit-learn's.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,14 +81,18 @@ def _read_npz(name: str):
     with np.load(name, allow_pickle=False) as z:
         keys = list(z.keys())
         if "x" not in keys and len(keys) != 1:
-            raise ValueError(f"data file {name!r} must hold an array 'x' (N, *shape) and optionally labels 'y' (N,), "
-                             f"got arrays {keys}")
+            raise ValueError(
+                f"data file {name!r} must hold an array 'x' (N, *shape) and optionally labels 'y' (N,), "
+                f"got arrays {keys}"
+            )
         x = _check_array(z["x"] if "x" in keys else z[keys[0]], name, "'x' of shape (N, *shape)")
         y = z["y"] if "y" in keys else None
     if y is not None:
         if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"data file {name!r}: labels 'y' must be integers of shape ({x.shape[0]},) matching 'x' "
-                             f"{x.shape}, got {y.dtype} {y.shape}")
+            raise ValueError(
+                f"data file {name!r}: labels 'y' must be integers of shape ({x.shape[0]},) matching 'x' "
+                f"{x.shape}, got {y.dtype} {y.shape}"
+            )
         if y.size and y.min() < 0:
             raise ValueError(f"data file {name!r}: labels 'y' must be >= 0 (class indices), got min {y.min()}")
         y = y.astype(np.int64)

@@ -1,5 +1,6 @@
 """``python -m loom_kernels.demo``: the demo lives in :mod:`loom_kernels.experiments.demo`, its building
 blocks in :mod:`loom_kernels.experiments.common`; this module keeps the command and the old import path."""
+
 import sys
 
 from .experiments.common import (  # noqa: F401  (the old import path)

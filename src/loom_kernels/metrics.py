@@ -10,6 +10,7 @@
   to a Local Nash Equilibrium" (NeurIPS 2017): the Frechet distance between Gaussians fitted to
   two sets of features that the caller computed with their own network (nothing is downloaded).
 """
+
 from __future__ import annotations
 
 import math
@@ -139,15 +140,15 @@ def straightness(model: Callable[..., torch.Tensor], x0: torch.Tensor, nfe: int,
     if x0.ndim >= 1 and x0.shape[0] == 0:
         raise ValueError("straightness needs at least one sample, got B = 0")
     velocities = []
-    sample(model, x0, nfe, method=method, cuda_graph=False,
-           velocity_hook=lambda v: velocities.append(v.detach().clone()))
+    sample(
+        model, x0, nfe, method=method, cuda_graph=False, velocity_hook=lambda v: velocities.append(v.detach().clone())
+    )
     flat = [v.reshape(x0.shape[0], -1).to(torch.float64) for v in velocities]
     # The chord as the method's own sum (== x1 - x0 up to the state's rounding, which would
     # otherwise leak into S for a perfectly straight flow).
     chord = sum(w * v for w, v in zip(weights, flat))
     total = sum(w * (v - chord).square().sum(1) for w, v in zip(weights, flat) if w != 0.0)
     return float(total.mean())
-
 
 
 def _features(name, f) -> torch.Tensor:
@@ -197,12 +198,15 @@ def fid_from_features(real_feats: torch.Tensor | np.ndarray, fake_feats: torch.T
         8.0
     """
     if hasattr(real_feats, "device") and hasattr(fake_feats, "device") and real_feats.device != fake_feats.device:
-        raise ValueError(f"real_feats and fake_feats must be on the same device, got {real_feats.device} "
-                         f"and {fake_feats.device}")
+        raise ValueError(
+            f"real_feats and fake_feats must be on the same device, got {real_feats.device} and {fake_feats.device}"
+        )
     real, fake = _features("real_feats", real_feats), _features("fake_feats", fake_feats)
     if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"fid_from_features needs features of the same dimension D, got real_feats "
-                         f"{tuple(real.shape)} and fake_feats {tuple(fake.shape)}")
+        raise ValueError(
+            f"fid_from_features needs features of the same dimension D, got real_feats "
+            f"{tuple(real.shape)} and fake_feats {tuple(fake.shape)}"
+        )
     mu_r, s_r = _moments(real)
     mu_f, s_f = _moments(fake)
     root_r = _psd_sqrt(s_r)

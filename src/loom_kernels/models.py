@@ -5,6 +5,7 @@ Both take ``x`` of shape ``(B, *shape)`` and ``t`` of shape ``(B,)`` and return 
 Time enters through sinusoidal features (Vaswani et al., 2017; as in DDPM / TorchCFM's MLPs).
 A model is rebuilt from ``model.spec`` (a plain dict kept in checkpoints) by :func:`build`.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,23 +107,38 @@ class UNet(nn.Module):
         torch.Size([5, 1, 8, 8])
     """
 
-    def __init__(self, shape: Sequence[int], channels: int = 64, channel_mult: Sequence[int] = (1, 2),
-                 num_classes: int | None = None, time_dim: int = 64) -> None:
+    def __init__(
+        self,
+        shape: Sequence[int],
+        channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2),
+        num_classes: int | None = None,
+        time_dim: int = 64,
+    ) -> None:
         super().__init__()
         shape = tuple(int(s) for s in shape)
         mult = tuple(int(m) for m in channel_mult)
         if len(shape) != 3 or any(s <= 0 for s in shape):
             raise ValueError(f"shape must be (C, H, W) with positive entries, got {shape}")
         if channels <= 0 or not mult or any(m <= 0 for m in mult) or time_dim <= 0 or time_dim % 2:
-            raise ValueError(f"channels and channel_mult must be positive and time_dim positive and even, got "
-                             f"channels={channels}, channel_mult={mult}, time_dim={time_dim}")
+            raise ValueError(
+                f"channels and channel_mult must be positive and time_dim positive and even, got "
+                f"channels={channels}, channel_mult={mult}, time_dim={time_dim}"
+            )
         if any(s % 2 ** (len(mult) - 1) for s in shape[1:]):
-            raise ValueError(f"H and W must be divisible by 2**(len(channel_mult) - 1) = {2 ** (len(mult) - 1)}, "
-                             f"got shape {shape}")
+            raise ValueError(
+                f"H and W must be divisible by 2**(len(channel_mult) - 1) = {2 ** (len(mult) - 1)}, got shape {shape}"
+            )
         if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-        self.spec = {"kind": "unet", "shape": list(shape), "channels": channels, "channel_mult": list(mult),
-                     "num_classes": num_classes, "time_dim": time_dim}
+        self.spec = {
+            "kind": "unet",
+            "shape": list(shape),
+            "channels": channels,
+            "channel_mult": list(mult),
+            "num_classes": num_classes,
+            "time_dim": time_dim,
+        }
         self.shape, self.time_dim, self.num_classes = shape, time_dim, num_classes
         self.null_label = num_classes
         emb = 4 * channels

@@ -29,6 +29,7 @@ rounding of log/sqrt/sin/cos between the math libraries (< 1e-5). The
 value of row i depends on ``seeds[i]`` and ``shape`` only: not on the batch, the position or
 the dtype requested (float32 is computed, then cast).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -174,8 +175,9 @@ def _philox4x32_10(c0, c1, c2, c3, k0, k1):
     in uint32 buffers, so each round is ~10 passes over 4-byte words.
     """
     shape = np.broadcast_shapes(*(np.shape(v) for v in (c0, c1, c2, c3, k0, k1)))
-    c0, c1, c2, c3 = (np.array(np.broadcast_to(np.asarray(v, np.uint64), shape), dtype=np.uint32)
-                      for v in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = (
+        np.array(np.broadcast_to(np.asarray(v, np.uint64), shape), dtype=np.uint32) for v in (c0, c1, c2, c3)
+    )
     k0 = np.array(k0, dtype=np.uint64).astype(np.uint32)
     k1 = np.array(k1, dtype=np.uint64).astype(np.uint32)
     p0 = np.empty(shape, np.uint64)
@@ -212,9 +214,9 @@ def _stream_numpy(seeds: np.ndarray, num_blocks: int, normals: bool) -> np.ndarr
     j = np.arange(num_blocks, dtype=np.uint64)[None, :]
     rows = max(1, _CHUNK_WORDS // max(1, num_blocks))
     for r0 in range(0, S, rows):
-        part = u[r0:r0 + rows, None]
+        part = u[r0 : r0 + rows, None]
         words = _philox4x32_10(j, 0, 0, 0, part & np.uint64(0xFFFFFFFF), part >> np.uint64(32))
-        dst = out[r0:r0 + rows]
+        dst = out[r0 : r0 + rows]
         if not normals:
             for lane in range(4):
                 dst[..., lane] = words[lane]
@@ -237,8 +239,9 @@ def _as_seed_tensor(seeds) -> torch.Tensor:
     else:
         arr = np.asarray(seeds)
         if arr.dtype == object or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
-            raise TypeError("seeds must hold integers that fit in int64 (or uint64 bit patterns), "
-                            f"got dtype {arr.dtype}")
+            raise TypeError(
+                f"seeds must hold integers that fit in int64 (or uint64 bit patterns), got dtype {arr.dtype}"
+            )
         if arr.dtype == np.uint64:  # keep the 64 bits: two's complement view
             arr = arr.view(np.int64)
         t = torch.from_numpy(np.ascontiguousarray(arr.astype(np.int64, copy=False)))

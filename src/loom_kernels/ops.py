@@ -23,6 +23,7 @@ Example::
 The annotations below are real types (no ``from __future__ import annotations``): ``custom_op``
 reads them to infer the op schema, and torch 2.4 knows only the ``typing`` spellings.
 """
+
 import typing
 
 import torch
@@ -58,7 +59,11 @@ def _eager(fn, *args, **kwargs):
 
 @torch.library.custom_op("loom_kernels::assign", mutates_args=())
 def _assign_op(  # torch 2.4's schema inference knows the typing spellings only (noqa below)
-    cost: Tensor, backend: str, tol: typing.Optional[float], method: str, maximize: bool,  # noqa: UP045
+    cost: Tensor,
+    backend: str,
+    tol: float | None,
+    method: str,
+    maximize: bool,  # noqa: UP045
     threads: typing.Optional[int],  # noqa: UP045
 ) -> Tensor:
     return _eager(_assign.assign, cost, backend=backend, tol=tol, method=method, maximize=maximize, threads=threads)
@@ -117,9 +122,7 @@ def _check_cost(x, y, metric):
             f"got x {tuple(x.shape)} and y {tuple(y.shape)}"
         )
     if x.ndim == 3 and y.ndim == 3 and x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"x and y must have the same batch size B, got x {tuple(x.shape)} and y {tuple(y.shape)}"
-        )
+        raise ValueError(f"x and y must have the same batch size B, got x {tuple(x.shape)} and y {tuple(y.shape)}")
 
 
 @_pairwise_cost_op.register_fake
@@ -142,7 +145,10 @@ def pairwise_cost(x, y, metric="sqeuclidean", *, allow_tf32=False):
 
 @torch.library.custom_op("loom_kernels::gaussian_noise", mutates_args=())
 def _gaussian_noise_op(  # torch 2.4's schema inference knows the typing spellings only (noqa below)
-    seeds: Tensor, shape: typing.List[int], device: typing.Optional[torch.device], dtype: torch.dtype  # noqa: UP006, UP045
+    seeds: Tensor,
+    shape: list[int],
+    device: torch.device | None,
+    dtype: torch.dtype,  # noqa: UP006, UP045
 ) -> Tensor:
     return _eager(_noise.gaussian_noise, seeds, tuple(shape), device=device, dtype=dtype)
 

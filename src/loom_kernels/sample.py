@@ -1,4 +1,5 @@
 """``python -m loom_kernels.sample``: the sampling command line; its code is :mod:`loom_kernels.cli.sample`."""
+
 import sys
 
 from .cli.sample import main

@@ -1,5 +1,6 @@
 """``python -m loom_kernels.study``: the study lives in :mod:`loom_kernels.experiments.study`; this module
 keeps the command and the old import path."""
+
 import sys
 
 from .couplings.factory import FixedNoiseCoupling  # noqa: F401  (the old import path)

@@ -4,6 +4,7 @@ Every kernel has a plain numpy/scipy/float64-torch reference here; tests compare
 Each section is owned by the module it serves. The test harness (assertions, tolerances, counting
 models, convergence orders) lives beside the tests, in ``python_tests/harness.py``.
 """
+
 from __future__ import annotations
 
 # ---- assignment problems and references (loom_kernels.assign) --------------------------------
@@ -99,12 +100,21 @@ def scipy_assignment(cost, maximize=False):
 
 PHILOX4X32_10_KAT = (
     # (counter[4], key[2], expected[4]) from Random123's tests/kat_vectors ("philox4x32 10" lines).
-    ((0x00000000, 0x00000000, 0x00000000, 0x00000000), (0x00000000, 0x00000000),
-     (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-    ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
-     (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x00000000, 0x00000000, 0x00000000, 0x00000000),
+        (0x00000000, 0x00000000),
+        (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8),
+    ),
+    (
+        (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+        (0xFFFFFFFF, 0xFFFFFFFF),
+        (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD),
+    ),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 )
 
 
@@ -258,7 +268,7 @@ class ReferencePaperCoupling:
             z[j].normal_(generator=torch.Generator().manual_seed(s))
         xf, zf = x1.reshape(b, -1), z.reshape(b, -1)
         step = b if self.chunk is None else self.chunk
-        cost = torch.cat([((xf[a:a + step, None] - zf[None]) ** 2).sum(-1).sqrt() for a in range(0, b, step)])
+        cost = torch.cat([((xf[a : a + step, None] - zf[None]) ** 2).sum(-1).sqrt() for a in range(0, b, step)])
         _, col = linear_sum_assignment(cost.numpy())
         for j, (i, t, k) in enumerate(zip(indices.tolist(), tables, slots)):
             t[k] = seeds[col[j]]

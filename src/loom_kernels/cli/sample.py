@@ -5,6 +5,7 @@ imported by the package. It loads the EMA weights (``model.pt``, or the ``ema`` 
 ``checkpoint.pt``), integrates from Gaussian noise with exactly ``--nfe`` evaluations and writes a
 ``.npy`` of shape ``(n, *shape)``, and optionally a PNG (a scatter for 2-D data, a grid for images).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,19 +22,32 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loom_kernels.sample",
         description="Sample a model trained by `python -m loom_kernels.train` (or the demo) with a fixed-step "
-                    "ODE solver and save the samples as .npy (and a PNG with --plot).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "ODE solver and save the samples as .npy (and a PNG with --plot).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--ckpt", required=True, help="DIR/model.pt (EMA weights) or DIR/checkpoint.pt")
-    p.add_argument("--nfe", type=int, default=None,
-                   help="model evaluations of a fixed-step method (default 4; even for midpoint / heun); "
-                        "dopri5 chooses its own (--rtol, --atol) and reports how many it made")
+    p.add_argument(
+        "--nfe",
+        type=int,
+        default=None,
+        help="model evaluations of a fixed-step method (default 4; even for midpoint / heun); "
+        "dopri5 chooses its own (--rtol, --atol) and reports how many it made",
+    )
     p.add_argument("--method", default="euler", choices=("euler", "midpoint", "heun", "dopri5"))
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 only")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 only")
-    p.add_argument("--label", type=int, default=None,
-                   help="class-conditional models: the class of every sample (default: classes in turn)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="class-conditional models: classifier-free guidance scale w (1 = plain conditional)")
+    p.add_argument(
+        "--label",
+        type=int,
+        default=None,
+        help="class-conditional models: the class of every sample (default: classes in turn)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="class-conditional models: classifier-free guidance scale w (1 = plain conditional)",
+    )
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--batch-size", type=int, default=4096, help="samples per sampler call")
     p.add_argument("--out", default="samples.npy", help="output .npy path")
@@ -94,9 +108,19 @@ def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
         m = min(args.batch_size, args.n - start)
         x0 = torch.randn(m, *shape, generator=gen).to(device)
         info = {}
-        chunks.append(sample(model, x0, args.nfe, method=args.method, info=info, guidance=args.guidance,
-                             model_kwargs=_labels(model, args, start, m, device), rtol=args.rtol,
-                             atol=args.atol).cpu())
+        chunks.append(
+            sample(
+                model,
+                x0,
+                args.nfe,
+                method=args.method,
+                info=info,
+                guidance=args.guidance,
+                model_kwargs=_labels(model, args, start, m, device),
+                rtol=args.rtol,
+                atol=args.atol,
+            ).cpu()
+        )
         nfes.append(info["nfe"])
     return torch.cat(chunks).numpy(), nfes
 
@@ -126,8 +150,10 @@ def main(argv=None) -> int:
     x, nfes = _draw(model, shape, args, device)
     nfe = str(nfes[0]) if min(nfes) == max(nfes) else f"{min(nfes)}-{max(nfes)}"  # per sampler call
     if not np.isfinite(x).all():
-        raise SystemExit(f"the samples contain NaN or inf ({int((~np.isfinite(x)).sum())} entries): nothing "
-                         f"written to {args.out}; the model in {args.ckpt!r} is broken (a diverged run?)")
+        raise SystemExit(
+            f"the samples contain NaN or inf ({int((~np.isfinite(x)).sum())} entries): nothing "
+            f"written to {args.out}; the model in {args.ckpt!r} is broken (a diverged run?)"
+        )
     atomic_write(args.out, lambda f: np.save(f, x))
     print(f"wrote {args.n} samples of shape {shape} ({args.method}, NFE {nfe}) to {args.out}")
     if args.plot:

@@ -1,4 +1,5 @@
 """``python -m loom_kernels.train``: the training command line (the library is :mod:`loom_kernels.train`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -27,13 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loom_kernels.train",
         description="Train a flow-matching velocity field with an independent, minibatch-OT or LOOM coupling. "
-                    "Writes DIR/checkpoint.pt (resume), DIR/model.pt (EMA weights, for "
-                    "`python -m loom_kernels.sample`) and DIR/log.csv. Runs under torchrun (DDP).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="8gaussians, moons, checkerboard, digits, PATH.npy (N, *shape) or "
-                   "PATH.npz with x (N, *shape) and optional integer labels y (N,)")
-    p.add_argument("--coupling", required=True, choices=COUPLINGS,
-                   help="fixed: fixed noise per item, never reassigned (the ablation)")
+        "Writes DIR/checkpoint.pt (resume), DIR/model.pt (EMA weights, for "
+        "`python -m loom_kernels.sample`) and DIR/log.csv. Runs under torchrun (DDP).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="8gaussians, moons, checkerboard, digits, PATH.npy (N, *shape) or "
+        "PATH.npz with x (N, *shape) and optional integer labels y (N,)",
+    )
+    p.add_argument(
+        "--coupling",
+        required=True,
+        choices=COUPLINGS,
+        help="fixed: fixed noise per item, never reassigned (the ablation)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--steps", type=int, default=5000, help="optimizer steps (global)")
     p.add_argument("--batch-size", type=int, default=256, help="items per process per step")
@@ -43,15 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--sigma", type=float, default=0.0, help="std of the noise added to x_t")
     p.add_argument("--num-caches", "--caches", type=int, default=1, help="LOOM noise caches per data point")
-    p.add_argument("--metric", default="sqeuclidean", choices=METRICS,
-                   help="pair cost of the coupling (the LOOM-CFM code uses euclidean)")
+    p.add_argument(
+        "--metric",
+        default="sqeuclidean",
+        choices=METRICS,
+        help="pair cost of the coupling (the LOOM-CFM code uses euclidean)",
+    )
     p.add_argument("--flip", action="store_true", help="horizontal-flip augmentation (item i + N is item i flipped)")
     p.add_argument("--model", default="mlp", choices=("mlp", "unet"), help="velocity network")
     p.add_argument("--channels", type=int, default=64, help="UNet width of its first level")
     p.add_argument("--channel-mult", default="1,2", help="UNet width multipliers per level")
     p.add_argument("--conditional", action="store_true", help="class-conditional model (data with labels)")
-    p.add_argument("--label-dropout", type=float, default=0.1,
-                   help="with --conditional: labels dropped to the null label")
+    p.add_argument(
+        "--label-dropout", type=float, default=0.1, help="with --conditional: labels dropped to the null label"
+    )
     p.add_argument("--schedule", default="constant", choices=SCHEDULES, help="LR schedule after the warm-up")
     p.add_argument("--nonfinite", default="stop", choices=NONFINITE, help="what a NaN/inf loss does")
     p.add_argument("--points", type=int, default=None, help="points of a 2-D set (default 4096) / rows kept otherwise")
@@ -109,24 +124,55 @@ def main(argv=None) -> int:
         dataset, n_classes = _dataset(args, data_mod)
         torch.manual_seed(args.seed)  # identical initial weights on every rank
         model = _model(args, dataset.shape, n_classes)
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                          schedule=args.schedule, grad_clip=args.grad_clip if args.grad_clip > 0 else None,
-                          ema_decay=args.ema_decay, sigma=args.sigma, seed=args.seed, precision=args.precision,
-                          label_dropout=args.label_dropout if n_classes else 0.0, nonfinite=args.nonfinite,
-                          device=device, out_dir=args.out, resume=args.resume, log_every=args.log_every,
-                          ckpt_every=args.ckpt_every if args.ckpt_every < args.steps else 0,
-                          progress=not args.no_progress)
-        coupling = make_coupling(args.coupling, len(dataset), dataset.shape, num_caches=args.num_caches,
-                                 seed=args.seed, device=device, metric=args.metric,
-                                 process_group=torch.distributed.group.WORLD if distributed else None)
-        meta = {"model": model.spec, "data": args.data, "n": args.points, "holdout": args.holdout, "seed": args.seed,
-                "coupling": args.coupling, "num_caches": args.num_caches, "flip": args.flip, "metric": args.metric}
+        cfg = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup=args.warmup,
+            schedule=args.schedule,
+            grad_clip=args.grad_clip if args.grad_clip > 0 else None,
+            ema_decay=args.ema_decay,
+            sigma=args.sigma,
+            seed=args.seed,
+            precision=args.precision,
+            label_dropout=args.label_dropout if n_classes else 0.0,
+            nonfinite=args.nonfinite,
+            device=device,
+            out_dir=args.out,
+            resume=args.resume,
+            log_every=args.log_every,
+            ckpt_every=args.ckpt_every if args.ckpt_every < args.steps else 0,
+            progress=not args.no_progress,
+        )
+        coupling = make_coupling(
+            args.coupling,
+            len(dataset),
+            dataset.shape,
+            num_caches=args.num_caches,
+            seed=args.seed,
+            device=device,
+            metric=args.metric,
+            process_group=torch.distributed.group.WORLD if distributed else None,
+        )
+        meta = {
+            "model": model.spec,
+            "data": args.data,
+            "n": args.points,
+            "holdout": args.holdout,
+            "seed": args.seed,
+            "coupling": args.coupling,
+            "num_caches": args.num_caches,
+            "flip": args.flip,
+            "metric": args.metric,
+        }
         res = train(model, dataset, coupling, cfg, metadata=meta)
         if dist_info()[0] == 0:
             last = res.history[-1] if res.history else {}
-            print(f"trained {res.step} steps on {args.data} ({len(dataset)} items) with the {args.coupling} "
-                  f"coupling; final loss {last.get('loss', float('nan')):.4f}; wrote "
-                  f"{os.path.join(args.out, MODEL)} (EMA), {CHECKPOINT}, {LOG}")
+            print(
+                f"trained {res.step} steps on {args.data} ({len(dataset)} items) with the {args.coupling} "
+                f"coupling; final loss {last.get('loss', float('nan')):.4f}; wrote "
+                f"{os.path.join(args.out, MODEL)} (EMA), {CHECKPOINT}, {LOG}"
+            )
     finally:
         if distributed:
             torch.distributed.destroy_process_group()

@@ -8,6 +8,7 @@ the exact divergence is taken over the flattened dimensions (equal to flow_match
 data). Gradients follow flow_matching's main branch: with ``enable_grad`` the graph runs through the
 dynamics and the divergence; without it nothing is tracked.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,14 @@ _NOT_DIFFERENTIABLE = (
 
 def _grad(out: torch.Tensor, x: torch.Tensor, create_graph: bool, retain_graph: bool = False) -> torch.Tensor:
     """d<out, 1>/dx; zeros where out does not depend on x."""
-    (g,) = torch.autograd.grad(out, x, grad_outputs=torch.ones_like(out).detach(), create_graph=create_graph,
-                               retain_graph=retain_graph or create_graph, allow_unused=True)
+    (g,) = torch.autograd.grad(
+        out,
+        x,
+        grad_outputs=torch.ones_like(out).detach(),
+        create_graph=create_graph,
+        retain_graph=retain_graph or create_graph,
+        allow_unused=True,
+    )
     return torch.zeros_like(x) if g is None else g
 
 
@@ -38,21 +45,36 @@ def _divergence(ut, xt, z, enable_grad: bool) -> torch.Tensor:
     return torch.einsum("ij,ij->i", grad_ut_dot_z.flatten(start_dim=1), z.flatten(start_dim=1))
 
 
-def compute_likelihood(velocity_model, x_1, log_p0, step_size, method, atol, rtol, time_grid, return_intermediates,
-                       exact_divergence, enable_grad, extras):
+def compute_likelihood(
+    velocity_model,
+    x_1,
+    log_p0,
+    step_size,
+    method,
+    atol,
+    rtol,
+    time_grid,
+    return_intermediates,
+    exact_divergence,
+    enable_grad,
+    extras,
+):
     """The body of :meth:`loom_kernels.compat.flow_matching.ODESolver.compute_likelihood` (see there)."""
     try:
         from torchdiffeq import odeint
     except ImportError:
-        raise ImportError("compute_likelihood is solved by torchdiffeq, which is not installed: "
-                          "pip install torchdiffeq") from None
+        raise ImportError(
+            "compute_likelihood is solved by torchdiffeq, which is not installed: pip install torchdiffeq"
+        ) from None
     if not isinstance(x_1, torch.Tensor) or not x_1.is_floating_point() or x_1.dim() < 2:
         got = f"{tuple(x_1.shape)} {x_1.dtype}" if isinstance(x_1, torch.Tensor) else type(x_1).__name__
         raise TypeError(f"x_1 must be a floating tensor of shape (B, *dims), got {got}")
     time_grid = torch.tensor([1.0, 0.0]) if time_grid is None else torch.as_tensor(time_grid)
     if time_grid.dim() != 1 or time_grid.numel() < 2 or not (time_grid[0] == 1.0 and time_grid[-1] == 0.0):
-        raise ValueError(f"time_grid must start at 1.0 and end at 0.0 (the likelihood integrates from the data "
-                         f"at t=1 to the source at t=0), got {time_grid.tolist()}")
+        raise ValueError(
+            f"time_grid must start at 1.0 and end at 0.0 (the likelihood integrates from the data "
+            f"at t=1 to the source at t=0), got {time_grid.tolist()}"
+        )
     time_grid = time_grid.to(x_1.device)
     # flow_matching's draw: one Rademacher probe per call, fixed over the solve (here in x_1's dtype, so
     # float64 data works; flow_matching's float32 probe fails there)

@@ -17,6 +17,7 @@ flow_matching does.
 One difference: ``sample`` puts an ``nn.Module`` in eval mode for the call (and restores it);
 flow_matching leaves the mode alone, so call ``.eval()`` first for identical results with dropout.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,13 +79,23 @@ class ODESolver:
 
     def __init__(self, velocity_model: Callable[..., torch.Tensor]) -> None:
         if not callable(velocity_model):
-            raise TypeError(f"velocity_model must be callable as velocity_model(x=x, t=t), got "
-                            f"{type(velocity_model).__name__}")
+            raise TypeError(
+                f"velocity_model must be callable as velocity_model(x=x, t=t), got {type(velocity_model).__name__}"
+            )
         self.velocity_model = velocity_model
 
-    def sample(self, x_init: torch.Tensor, step_size: float | None, method: str = "euler", atol: float = 1e-5,
-               rtol: float = 1e-5, time_grid: torch.Tensor | None = None, return_intermediates: bool = False,
-               enable_grad: bool = False, **model_extras) -> torch.Tensor:
+    def sample(
+        self,
+        x_init: torch.Tensor,
+        step_size: float | None,
+        method: str = "euler",
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        time_grid: torch.Tensor | None = None,
+        return_intermediates: bool = False,
+        enable_grad: bool = False,
+        **model_extras,
+    ) -> torch.Tensor:
         """Solves dx/dt = velocity_model(x=x, t=t, **model_extras) over ``time_grid``.
 
         Args:
@@ -108,13 +119,24 @@ class ODESolver:
             raise ValueError(f"time_grid must be 1-D with at least 2 points, got shape {tuple(time_grid.shape)}")
         if method in FUSED and not enable_grad:
             return self._fused(x_init, step_size, method, time_grid, return_intermediates, model_extras)
-        return self._torchdiffeq(x_init, step_size, method, atol, rtol, time_grid, return_intermediates,
-                                 enable_grad, model_extras)
+        return self._torchdiffeq(
+            x_init, step_size, method, atol, rtol, time_grid, return_intermediates, enable_grad, model_extras
+        )
 
-    def compute_likelihood(self, x_1: torch.Tensor, log_p0: Callable[[torch.Tensor], torch.Tensor],
-                           step_size: float | None, method: str = "euler", atol: float = 1e-5, rtol: float = 1e-5,
-                           time_grid: torch.Tensor | None = None, return_intermediates: bool = False,
-                           exact_divergence: bool = False, enable_grad: bool = False, **model_extras):
+    def compute_likelihood(
+        self,
+        x_1: torch.Tensor,
+        log_p0: Callable[[torch.Tensor], torch.Tensor],
+        step_size: float | None,
+        method: str = "euler",
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        time_grid: torch.Tensor | None = None,
+        return_intermediates: bool = False,
+        exact_divergence: bool = False,
+        enable_grad: bool = False,
+        **model_extras,
+    ):
         """log p_1(x_1) = log p0(x_0) + int_1^0 div u_t(x_t) dt, solving the ODE from x_1 at t=1 back to t=0.
 
         Args:
@@ -147,30 +169,53 @@ class ODESolver:
         """
         from ._likelihood import compute_likelihood
 
-        return compute_likelihood(self.velocity_model, x_1, log_p0, step_size, method, atol, rtol, time_grid,
-                                  return_intermediates, exact_divergence, enable_grad, model_extras)
+        return compute_likelihood(
+            self.velocity_model,
+            x_1,
+            log_p0,
+            step_size,
+            method,
+            atol,
+            rtol,
+            time_grid,
+            return_intermediates,
+            exact_divergence,
+            enable_grad,
+            model_extras,
+        )
 
     def _fused(self, x_init, step_size, method, time_grid, return_intermediates, extras):
-        if step_size is not None and not (isinstance(step_size, (int, float)) and math.isfinite(step_size)
-                                          and step_size > 0):
+        if step_size is not None and not (
+            isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0
+        ):
             raise ValueError(f"step_size must be a positive number or None, got {step_size!r}")
         grid_t = time_grid if step_size is None else _step_grid(time_grid, step_size)
         grid = grid_t.double().cpu().tolist()
         steps = len(grid) - 1
-        out = _sample(self.velocity_model, x_init, steps * METHODS[method], method=method, t0=grid[0],
-                      t1=grid[-1], time_grid=grid, return_trajectory=return_intermediates,
-                      signature="flow_matching", model_kwargs=extras)
+        out = _sample(
+            self.velocity_model,
+            x_init,
+            steps * METHODS[method],
+            method=method,
+            t0=grid[0],
+            t1=grid[-1],
+            time_grid=grid,
+            return_trajectory=return_intermediates,
+            signature="flow_matching",
+            model_kwargs=extras,
+        )
         if not return_intermediates or step_size is None:
             return out
         return _interp(out, grid, time_grid.double().cpu().tolist())
 
-    def _torchdiffeq(self, x_init, step_size, method, atol, rtol, time_grid, return_intermediates,
-                     enable_grad, extras):
+    def _torchdiffeq(self, x_init, step_size, method, atol, rtol, time_grid, return_intermediates, enable_grad, extras):
         try:
             from torchdiffeq import odeint
         except ImportError:
-            raise ImportError(f"method={method!r} (or enable_grad=True) is solved by torchdiffeq, which is not "
-                              "installed: pip install torchdiffeq, or use method='euler'/'midpoint'") from None
+            raise ImportError(
+                f"method={method!r} (or enable_grad=True) is solved by torchdiffeq, which is not "
+                "installed: pip install torchdiffeq, or use method='euler'/'midpoint'"
+            ) from None
 
         def ode_func(t, x):
             return self.velocity_model(x=x, t=t, **extras)

@@ -19,6 +19,7 @@ Fixed-step solvers step through ``t_span`` itself, one step per interval, as tor
 Out of scope: training through the ODE. Any ``sensitivity`` is accepted for inference; a backward
 pass through the result raises an error saying so (use torchdyn or ``torchdiffeq.odeint_adjoint``).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -118,10 +119,23 @@ class NeuralODE(torch.nn.Module):
             traj = node.trajectory(torch.randn(64, 2), t_span=torch.linspace(0, 1, 100))  # (100, 64, 2)
     """
 
-    def __init__(self, vector_field: torch.nn.Module | Callable, solver: str = "tsit5", order: int = 1,
-                 atol: float = 1e-3, rtol: float = 1e-3, sensitivity: str = "autograd", solver_adjoint=None,
-                 atol_adjoint: float = 1e-4, rtol_adjoint: float = 1e-4, interpolator=None, integral_loss=None,
-                 seminorm: bool = False, return_t_eval: bool = True, optimizable_params=()) -> None:
+    def __init__(
+        self,
+        vector_field: torch.nn.Module | Callable,
+        solver: str = "tsit5",
+        order: int = 1,
+        atol: float = 1e-3,
+        rtol: float = 1e-3,
+        sensitivity: str = "autograd",
+        solver_adjoint=None,
+        atol_adjoint: float = 1e-4,
+        rtol_adjoint: float = 1e-4,
+        interpolator=None,
+        integral_loss=None,
+        seminorm: bool = False,
+        return_t_eval: bool = True,
+        optimizable_params=(),
+    ) -> None:
         super().__init__()
         if not callable(vector_field):
             raise TypeError(f"vector_field must be an nn.Module or a callable, got {type(vector_field).__name__}")
@@ -130,14 +144,20 @@ class NeuralODE(torch.nn.Module):
             raise ValueError(f"solver must be one of {sorted(set(SOLVERS))}, got {solver!r}{hint}")
         if sensitivity not in SENSITIVITIES:
             raise ValueError(f"sensitivity must be one of {SENSITIVITIES}, got {sensitivity!r}")
-        unsupported = {"order": (order, 1), "interpolator": (interpolator, None),
-                       "integral_loss": (integral_loss, None), "seminorm": (seminorm, False),
-                       "optimizable_params": (tuple(optimizable_params), ())}
+        unsupported = {
+            "order": (order, 1),
+            "interpolator": (interpolator, None),
+            "integral_loss": (integral_loss, None),
+            "seminorm": (seminorm, False),
+            "optimizable_params": (tuple(optimizable_params), ()),
+        }
         for name, (value, default) in unsupported.items():
             if value != default:
-                raise NotImplementedError(f"NeuralODE({name}={value!r}) is not supported by "
-                                          "loom_kernels.compat.torchdyn (inference of first-order ODEs only); "
-                                          "use torchdyn for it")
+                raise NotImplementedError(
+                    f"NeuralODE({name}={value!r}) is not supported by "
+                    "loom_kernels.compat.torchdyn (inference of first-order ODEs only); "
+                    "use torchdyn for it"
+                )
         for name, value in (("atol", atol), ("rtol", rtol)):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -156,8 +176,10 @@ class NeuralODE(torch.nn.Module):
             t_span = self.t_span if self.t_span is not None else torch.linspace(0, 1, 2)
         t_span = torch.as_tensor(t_span)
         if t_span.ndim != 1 or t_span.numel() < 2 or not t_span.is_floating_point():
-            raise ValueError(f"t_span must be a 1-D floating tensor of at least 2 times, got shape "
-                             f"{tuple(t_span.shape)} ({t_span.dtype})")
+            raise ValueError(
+                f"t_span must be a 1-D floating tensor of at least 2 times, got shape "
+                f"{tuple(t_span.shape)} ({t_span.dtype})"
+            )
         steps = t_span[1:] - t_span[:-1]
         if not (bool((steps > 0).all()) or bool((steps < 0).all())):
             raise ValueError("t_span must be strictly increasing or strictly decreasing")
@@ -168,11 +190,30 @@ class NeuralODE(torch.nn.Module):
         if self.solver == "rk4":
             return _rk4(self._field, x, t_span.to(x.dtype))
         if self.solver == "dopri5":
-            return sample(self._field, x, method="dopri5", time_grid=grid, t0=grid[0], t1=grid[-1],
-                          return_trajectory=True, signature="torchdiffeq", rtol=self.rtol, atol=self.atol)
+            return sample(
+                self._field,
+                x,
+                method="dopri5",
+                time_grid=grid,
+                t0=grid[0],
+                t1=grid[-1],
+                return_trajectory=True,
+                signature="torchdiffeq",
+                rtol=self.rtol,
+                atol=self.atol,
+            )
         nfe = (len(grid) - 1) * (2 if self.solver == "midpoint" else 1)
-        return sample(self._field, x, nfe, method=self.solver, time_grid=grid, t0=grid[0], t1=grid[-1],
-                      return_trajectory=True, signature="torchdiffeq")
+        return sample(
+            self._field,
+            x,
+            nfe,
+            method=self.solver,
+            time_grid=grid,
+            t0=grid[0],
+            t1=grid[-1],
+            return_trajectory=True,
+            signature="torchdiffeq",
+        )
 
     def trajectory(self, x: torch.Tensor, t_span: torch.Tensor) -> torch.Tensor:
         """The states at every time of ``t_span``: ``(len(t_span), *x.shape)``, ``x`` first."""
@@ -195,5 +236,6 @@ class NeuralODE(torch.nn.Module):
         return (t_eval, sol) if self.return_t_eval else sol
 
     def __repr__(self):
-        return (f"NeuralODE(solver={self.solver!r}, sensitivity={self.sensitivity!r}, atol={self.atol}, "
-                f"rtol={self.rtol})")
+        return (
+            f"NeuralODE(solver={self.solver!r}, sensitivity={self.sensitivity!r}, atol={self.atol}, rtol={self.rtol})"
+        )

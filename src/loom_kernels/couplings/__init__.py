@@ -32,6 +32,7 @@ Example::
         t = torch.rand(len(x1), device=x1.device)
         ...                                          # flow-matching loss on (1-t) x0 + t x1
 """
+
 from .base import Coupling
 from .common import METRICS
 from .factory import COUPLINGS, FixedNoiseCoupling, make_coupling  # noqa: F401  (public names)

@@ -1,4 +1,5 @@
 """The protocol every coupling follows, so a trainer calls any of them the same way (no ``hasattr``)."""
+
 from __future__ import annotations
 
 from types import MappingProxyType
@@ -37,9 +38,16 @@ class Coupling:
 
     stats: dict = MappingProxyType({})  # read-only "no stats yet"; each call assigns its own dict
 
-    def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                 return_indices: bool = False) -> tuple:
+    def __call__(
+        self,
+        x1: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        *,
+        x0: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        return_indices: bool = False,
+    ) -> tuple:
         raise NotImplementedError
 
     def state_dict(self) -> dict:

@@ -183,8 +183,9 @@ def cond_cost(c_rows: torch.Tensor, c_cols: torch.Tensor, cond_weight: float) ->
     return (rows @ (cols * cond_weight).T).clamp_(0.0, COND_PENALTY_CAP)
 
 
-def add_cond_cost(cost: torch.Tensor, c_rows: torch.Tensor | None, c_cols: torch.Tensor | None,
-                  cond_weight: float) -> torch.Tensor:
+def add_cond_cost(
+    cost: torch.Tensor, c_rows: torch.Tensor | None, c_cols: torch.Tensor | None, cond_weight: float
+) -> torch.Tensor:
     """``cost += cond_weight * ||c_rows[i] - c_cols[j]||^2`` in place (one pass), and return it.
 
     ``cost (n, m)`` float32 (rows: data items, columns: noises, column ``j`` carrying the condition

@@ -3,6 +3,7 @@
 Every collective goes through ``_all_gather`` or ``_all_to_all``, so ``count_bytes()`` sees all the
 traffic a coupling makes (the bench and docs/scaling.md quote these counts).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,7 +107,6 @@ def check_whole_world(process_group, who: str):
         )
 
 
-
 class Group:
     """The process group as one coupling call sees it: the exchange shared by both OT couplings.
 
@@ -154,7 +154,7 @@ class Group:
             )
         # The configuration first: ranks built differently (another scope, say) disagree on the sizes too,
         # and the configuration is what to fix.
-        cfg = rows[:, 1 + len(sizes) + len(inputs):]
+        cfg = rows[:, 1 + len(sizes) + len(inputs) :]
         bad = [name for j, name in enumerate(config) if (cfg[:, j] != cfg[0, j]).any()]
         if bad:
             raise ValueError(

@@ -3,6 +3,7 @@
 ``COUPLINGS`` are the names (the CLI's ``--coupling`` choices); ``"fixed"`` is the paper's "fixed
 noise, no reassignment" ablation (:class:`FixedNoiseCoupling`), the others the library's couplings.
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,17 @@ class FixedNoiseCoupling(Coupling):
         return x0, x1
 
 
-def make_coupling(name: str, num_points: int | None = None, shape=None, *, num_caches: int = 1, seed: int = 0,
-                  device=None, process_group=None, metric: str = "sqeuclidean") -> Coupling:
+def make_coupling(
+    name: str,
+    num_points: int | None = None,
+    shape=None,
+    *,
+    num_caches: int = 1,
+    seed: int = 0,
+    device=None,
+    process_group=None,
+    metric: str = "sqeuclidean",
+) -> Coupling:
     """The coupling named ``name``, one of ``COUPLINGS``.
 
     Args:
@@ -78,8 +88,15 @@ def make_coupling(name: str, num_points: int | None = None, shape=None, *, num_c
     if name in ("loom", "fixed") and (num_points is None or shape is None):
         raise ValueError(f"coupling {name!r} needs num_points and shape, got {num_points!r} and {shape!r}")
     if name == "loom":
-        return LoomCoupling(num_points, tuple(shape), num_caches=num_caches, seed=seed, device=device,
-                            process_group=process_group, metric=metric)
+        return LoomCoupling(
+            num_points,
+            tuple(shape),
+            num_caches=num_caches,
+            seed=seed,
+            device=device,
+            process_group=process_group,
+            metric=metric,
+        )
     if name == "fixed":
         return FixedNoiseCoupling(LoomCoupling(num_points, tuple(shape), seed=seed, device=device))
     raise ValueError(f"coupling must be one of {COUPLINGS}, got {name!r}")

@@ -11,6 +11,7 @@ Invariants (docs/scaling.md has the cost model):
 - an owner that refuses its groups' data (NaN) still takes part in every collective and flags it, so
   every rank raises the same error and none waits.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -57,7 +58,7 @@ class Partition:
         self.owner[self.perm] = owner_k
         self.slot = torch.empty(n, dtype=torch.int64)  # place in its owner's list
         self.slot[owned] = torch.arange(n) - starts[owner_k[order]]
-        self.lists = [owned[int(a):int(a + c)] for a, c in zip(starts, counts)]
+        self.lists = [owned[int(a) : int(a + c)] for a, c in zip(starts, counts)]
 
     def groups(self) -> list[torch.Tensor]:
         """Every group's positions, group order."""
@@ -65,7 +66,7 @@ class Partition:
 
     def segments(self, owner: int) -> list[tuple[int, int]]:
         """``(start, stop)`` of each group of ``owner`` within ``lists[owner]``."""
-        sizes = self.sizes[owner::self.world].tolist()
+        sizes = self.sizes[owner :: self.world].tolist()
         ends = torch.cumsum(torch.tensor(sizes, dtype=torch.int64), 0).tolist()
         return [(e - s, e) for s, e in zip(sizes, ends)]
 
@@ -110,10 +111,20 @@ def _raise_if_flagged(failed: torch.Tensor, grp: Group, data: str):
     )
 
 
-def solve_loom_groups(grp: Group, part: Partition, x1f: torch.Tensor, seeds: torch.Tensor,
-                      noise_fn: Callable, metric: str, labels: torch.Tensor | None, guard: Callable,
-                      gather: bool = True, cond: torch.Tensor | None = None, cond_weight: float = 0.0,
-                      want_perm: bool = False):
+def solve_loom_groups(
+    grp: Group,
+    part: Partition,
+    x1f: torch.Tensor,
+    seeds: torch.Tensor,
+    noise_fn: Callable,
+    metric: str,
+    labels: torch.Tensor | None,
+    guard: Callable,
+    gather: bool = True,
+    cond: torch.Tensor | None = None,
+    cond_weight: float = 0.0,
+    want_perm: bool = False,
+):
     """LOOM's grouped step: ``(new_seeds (n,) int64, stats, perm)``, the same on every rank but ``perm``.
 
     ``x1f (b, D)`` this rank's data; ``seeds (len(lists[rank]),)`` the current seeds of the items this
@@ -148,18 +159,19 @@ def solve_loom_groups(grp: Group, part: Partition, x1f: torch.Tensor, seeds: tor
         new[a:c] = seeds[a:c][col]
         if want_perm:
             src[a:c] = own[a:c][col.cpu()]
-        sums += torch.stack([st["pre_cost"].cpu() * (c - a), st["post_cost"].cpu() * (c - a),
-                             st["swaps"].cpu().double()])
+        sums += torch.stack(
+            [st["pre_cost"].cpu() * (c - a), st["post_cost"].cpu() * (c - a), st["swaps"].cpu().double()]
+        )
     # One all-gather returns everything: each owner's new seeds (padded), its stat sums and its flag.
     width = max(len(lst) for lst in part.lists) if gather else 0
     row = torch.zeros(width + 4, dtype=torch.int64)
     if gather:
         row[: len(own)] = new.cpu()
-    row[width:width + 3] = sums.view(torch.int64)
+    row[width : width + 3] = sums.view(torch.int64)
     row[-1] = int(failed)
     rows = grp.gather(row[None])
     _raise_if_flagged(rows[:, -1], grp, "x1")
-    tot = rows[:, width:width + 3].contiguous().view(torch.float64).sum(0)
+    tot = rows[:, width : width + 3].contiguous().view(torch.float64).sum(0)
     perm = route.to_homes(src).to(x1f.device) if want_perm else None
     if not gather:
         return new, _mean_stats(tot, part.n, x1f.device), perm
@@ -169,9 +181,18 @@ def solve_loom_groups(grp: Group, part: Partition, x1f: torch.Tensor, seeds: tor
     return out.to(seeds.device), _mean_stats(tot, part.n, x1f.device), perm
 
 
-def solve_minibatch_groups(grp: Group, part: Partition, x1f: torch.Tensor, x0: torch.Tensor,
-                           metric: str, labels: torch.Tensor | None, dtype, cond: torch.Tensor | None = None,
-                           cond_weight: float = 0.0, want_perm: bool = False):
+def solve_minibatch_groups(
+    grp: Group,
+    part: Partition,
+    x1f: torch.Tensor,
+    x0: torch.Tensor,
+    metric: str,
+    labels: torch.Tensor | None,
+    dtype,
+    cond: torch.Tensor | None = None,
+    cond_weight: float = 0.0,
+    want_perm: bool = False,
+):
     """Minibatch OT's grouped step: ``(x0 (b, ...) matched to this rank's items, stats, perm)``.
 
     ``x1f (b, D)`` this rank's data (cost dtype), ``x0 (b, ...)`` this rank's noise, ``labels (b,)``
@@ -198,8 +219,9 @@ def solve_minibatch_groups(grp: Group, part: Partition, x1f: torch.Tensor, x0: t
         if want_perm:
             pos[a:c] = pos[a:c][col.cpu()]
         st = pair_stats(cost, col)
-        sums[:3] += torch.stack([st["pre_cost"].cpu() * (c - a), st["post_cost"].cpu() * (c - a),
-                                 st["swaps"].cpu().double()])
+        sums[:3] += torch.stack(
+            [st["pre_cost"].cpu() * (c - a), st["post_cost"].cpu() * (c - a), st["swaps"].cpu().double()]
+        )
     back = route.to_homes(out)
     tot = grp.gather(sums[None])
     _raise_if_flagged(tot[:, 3], grp, "x1")
@@ -212,8 +234,11 @@ def _dev(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_stats(tot: torch.Tensor, n: int, device) -> dict:
-    return {"pre_cost": (tot[0] / n).to(device), "post_cost": (tot[1] / n).to(device),
-            "swaps": tot[2].round().to(torch.int64).to(device)}
+    return {
+        "pre_cost": (tot[0] / n).to(device),
+        "post_cost": (tot[1] / n).to(device),
+        "swaps": tot[2].round().to(torch.int64).to(device),
+    }
 
 
 # ---- the cost model (docs/scaling.md derives it and lists the measurements) -----------------------------
@@ -258,8 +283,15 @@ def budget_warning(scope: str, world: int, b: int, dim: int, group_size: int, de
     step = TYPICAL_STEP_S_PER_ITEM[kind] * b
     if b == 0 or t <= WARN_FRACTION * step:
         return None
-    advice = ("use scope='grouped' (group_size ~1024 on the CPU, 512-1024 on a GPU)" if scope == "global"
-              else "lower group_size" if scope == "grouped" else "lower the per-rank batch")
-    return (f"LoomCoupling(scope={scope!r}) at W={world} ranks, b={b} per rank, D={dim} is predicted to take "
-            f"{t:.3g} s per call on {kind}, more than {WARN_FRACTION:.0%} of a typical {step:.3g} s training step "
-            f"(docs/scaling.md has the cost model): {advice}")
+    advice = (
+        "use scope='grouped' (group_size ~1024 on the CPU, 512-1024 on a GPU)"
+        if scope == "global"
+        else "lower group_size"
+        if scope == "grouped"
+        else "lower the per-rank batch"
+    )
+    return (
+        f"LoomCoupling(scope={scope!r}) at W={world} ranks, b={b} per rank, D={dim} is predicted to take "
+        f"{t:.3g} s per call on {kind}, more than {WARN_FRACTION:.0%} of a typical {step:.3g} s training step "
+        f"(docs/scaling.md has the cost model): {advice}"
+    )

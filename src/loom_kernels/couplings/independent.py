@@ -1,4 +1,5 @@
 """Independent coupling: fresh Gaussian noise for every data item."""
+
 from __future__ import annotations
 
 import torch
@@ -26,16 +27,24 @@ class IndependentCoupling(Coupling):
         x0, x1 = IndependentCoupling()(torch.rand(8, 2))
     """
 
-    def __init__(self, *, generator: torch.Generator | None = None, metric: str = "sqeuclidean",
-                 cond_weight: float = 1.0) -> None:
+    def __init__(
+        self, *, generator: torch.Generator | None = None, metric: str = "sqeuclidean", cond_weight: float = 1.0
+    ) -> None:
         self.generator = generator
         self.cond_weight = check_cond_weight(cond_weight)
         self.metric = check_metric(metric)
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                 return_indices: bool = False) -> tuple:
+    def __call__(
+        self,
+        x1: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        *,
+        x0: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        return_indices: bool = False,
+    ) -> tuple:
         check_x1(x1)
         check_indices(indices, x1.shape[0], type(self).__name__)
         check_labels(labels, x1.shape[0], x1.device)
@@ -46,8 +55,10 @@ class IndependentCoupling(Coupling):
         else:
             check_x1(x0, "x0")
             if x0.shape != x1.shape or x0.device != x1.device or x0.dtype != x1.dtype:
-                raise ValueError(f"x0 must match x1 (shape {tuple(x1.shape)}, {x1.device}, {x1.dtype}), got "
-                                 f"{tuple(x0.shape)} on {x0.device}, {x0.dtype}")
+                raise ValueError(
+                    f"x0 must match x1 (shape {tuple(x1.shape)}, {x1.device}, {x1.dtype}), got "
+                    f"{tuple(x0.shape)} on {x0.device}, {x0.dtype}"
+                )
         d = (x1 - x0).flatten(1).double().pow(2).sum(1)
         c = d if self.metric == "sqeuclidean" else d.sqrt()
         mean = c.mean() if len(c) else c.sum()
@@ -56,4 +67,3 @@ class IndependentCoupling(Coupling):
         if return_indices:
             return x0, x1, torch.arange(x1.shape[0], device=x1.device)
         return x0, x1
-

@@ -12,6 +12,7 @@ Invariants:
   (a write the crash interrupted, which never reached the table); damage followed by more bytes is
   refused, naming the journal, and the journal is kept.
 """
+
 from __future__ import annotations
 
 import errno
@@ -50,7 +51,8 @@ def check_durability(durability) -> str:
         raise ValueError(
             f"durability must be one of {DURABILITIES}, got {durability!r}: 'crash' journals every call without "
             f"fdatasync (survives kill -9, OOM kills and every other process fault), 'power' also fdatasyncs "
-            f"each call's journal record (survives a power loss or kernel crash, ~0.1-7 ms a call)")
+            f"each call's journal record (survives a power loss or kernel crash, ~0.1-7 ms a call)"
+        )
     return durability
 
 
@@ -183,6 +185,7 @@ def claim(path: str) -> tuple:
 
 # ---- the table's identity ---------------------------------------------------------------------------
 
+
 def new_table_id() -> int:
     return int.from_bytes(os.urandom(8), "little") | 1  # never 0 (0 marks a table without an id)
 
@@ -200,8 +203,10 @@ def map_table(path: str):
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }.get(version)
             if read_header is None:
                 raise ValueError(f".npy format version {version} (a seed table is written as 1.0)")
             shape, fortran, dtype = read_header(f)
@@ -229,6 +234,7 @@ def map_table(path: str):
 
 # ---- the journal ------------------------------------------------------------------------------------
 
+
 def journal_header(table_id: int) -> bytes:
     ident = struct.pack("<Q", table_id)
     return _REC.pack(_HEAD, table_id, zlib.crc32(_HEAD + ident))
@@ -249,7 +255,7 @@ def _valid_record_at(data: bytes, pos: int, size: int) -> bool:
         return False
     magic, count, crc = _REC.unpack_from(data, pos)
     end = pos + _REC.size + 16 * count
-    return magic == _MAGIC and end <= len(data) and zlib.crc32(memoryview(data)[pos + _REC.size:end]) == crc
+    return magic == _MAGIC and end <= len(data) and zlib.crc32(memoryview(data)[pos + _REC.size : end]) == crc
 
 
 def _torn_tail(data: bytes, pos: int, size: int) -> bool:
@@ -281,21 +287,23 @@ def parse_journal(jpath: str, data: bytes, table_id: int, size: int) -> list:
         if jid != table_id:
             raise ValueError(
                 f"the journal {jpath!r} belongs to another seed table (id {jid:016x}; "
-                f"{jpath[:-len('.journal')]!r} has id {table_id:016x}): it was left by a table that was deleted or "
+                f"{jpath[: -len('.journal')]!r} has id {table_id:016x}): it was left by a table that was deleted or "
                 f"replaced at this path. Nothing was applied; remove the journal to open the table as it is, or "
-                f"restore the table it belongs to")
+                f"restore the table it belongs to"
+            )
         pos = _REC.size
     elif data and (table_id != 0 or data[:4] != _MAGIC):  # a header-less journal only beside a table without id
         if not any(data):
             return records
         raise ValueError(
-            f"the journal {jpath!r} has no header naming its seed table, but {jpath[:-len('.journal')]!r} has id "
+            f"the journal {jpath!r} has no header naming its seed table, but {jpath[: -len('.journal')]!r} has id "
             f"{table_id:016x}: it belongs to another table. Nothing was applied; remove the journal to open the table "
-            f"as it is, or restore the table it belongs to")
+            f"as it is, or restore the table it belongs to"
+        )
     while pos < len(data):
         if _valid_record_at(data, pos, size):
             _, count, _ = _REC.unpack_from(data, pos)
-            payload = memoryview(data)[pos + _REC.size:pos + _REC.size + 16 * count]
+            payload = memoryview(data)[pos + _REC.size : pos + _REC.size + 16 * count]
             idx = np.frombuffer(payload, np.int64, count)
             if count and (idx.min() < 0 or idx.max() >= size):
                 raise _damaged(jpath, f"holds a record at byte {pos} with indices outside the table's {size} entries")
@@ -303,11 +311,16 @@ def parse_journal(jpath: str, data: bytes, table_id: int, size: int) -> list:
             pos += _REC.size + 16 * count
             continue
         if _torn_tail(data, pos, size):
-            warnings.warn(f"dropped the torn last record ({len(data) - pos} bytes) of {jpath!r}: the call it "
-                          f"belonged to had not changed the table", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"dropped the torn last record ({len(data) - pos} bytes) of {jpath!r}: the call it "
+                f"belonged to had not changed the table",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             break
-        raise _damaged(jpath, f"is damaged at byte {pos} of {len(data)} (a record fails its check and more "
-                              f"bytes follow)")
+        raise _damaged(
+            jpath, f"is damaged at byte {pos} of {len(data)} (a record fails its check and more bytes follow)"
+        )
     return records
 
 

@@ -236,8 +236,9 @@ class LoomCoupling(LoomPersistence, Coupling):
         return torch.randint(self.num_caches, (n,), generator=self._gen, dtype=torch.int64)
 
     @serialized
-    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None, cond=None,
-                 return_indices: bool = False) -> tuple:
+    def __call__(
+        self, x1: torch.Tensor, indices=None, *, x0=None, labels=None, cond=None, return_indices: bool = False
+    ) -> tuple:
         """Couple ``x1 (b, *shape)`` with dataset indices ``indices (b,)`` (and ``labels (b,)``, ``cond (b, Dc)``).
 
         Returns ``(x0, x1)`` (``(x0, x1, perm)`` with ``return_indices=True``): ``x0[i]`` is the noise
@@ -247,14 +248,23 @@ class LoomCoupling(LoomPersistence, Coupling):
             indices, labels, cond = self._check_inputs(x1, indices, x0, labels, cond, return_indices)
         except (TypeError, ValueError):
             if grp.world > 1:  # the other ranks raise too instead of waiting in a collective
-                grp.agree("LoomCoupling", {"batch size": -1, "cond columns": -1},
-                          {"labels": False, "cond": False, "return_indices": False}, self._fingerprint(), failed=True)
+                grp.agree(
+                    "LoomCoupling",
+                    {"batch size": -1, "cond columns": -1},
+                    {"labels": False, "cond": False, "return_indices": False},
+                    self._fingerprint(),
+                    failed=True,
+                )
             raise
         b = x1.shape[0]
         if grp.world > 1:  # the fingerprint reads the table: only when there is something to agree on
             given = {"labels": labels is not None, "cond": cond is not None, "return_indices": return_indices}
-            grp.agree("LoomCoupling", {"batch size": b, "cond columns": 0 if cond is None else cond.shape[1]},
-                      given, self._fingerprint())
+            grp.agree(
+                "LoomCoupling",
+                {"batch size": b, "cond columns": 0 if cond is None else cond.shape[1]},
+                given,
+                self._fingerprint(),
+            )
         g_idx = grp.gather(indices, grp.cdev)  # left on the comm device: validated after the solve's sync
         self._warn_budget(grp.world, b)
         # One shared slot stream over the global batch: identical generator states on all ranks.

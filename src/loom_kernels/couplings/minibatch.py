@@ -1,4 +1,5 @@
 """Minibatch OT: the exact assignment between each minibatch and its noise (Pooladian et al. 2023; Tong et al. 2023)."""
+
 from __future__ import annotations
 
 import torch
@@ -73,9 +74,17 @@ class MinibatchOTCoupling(Coupling):
         # x0[i] is the noise paired with x1[i]; coupling.stats["post_cost"] <= ["pre_cost"]
     """
 
-    def __init__(self, metric: str = "sqeuclidean", *, generator: torch.Generator | None = None,
-                 process_group=None, scope: str = "global", group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0,
-                 cond_weight: float = 1.0):
+    def __init__(
+        self,
+        metric: str = "sqeuclidean",
+        *,
+        generator: torch.Generator | None = None,
+        process_group=None,
+        scope: str = "global",
+        group_size: int = DEFAULT_GROUP_SIZE,
+        seed: int = 0,
+        cond_weight: float = 1.0,
+    ):
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -89,9 +98,16 @@ class MinibatchOTCoupling(Coupling):
         self.cond_weight = check_cond_weight(cond_weight)
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
-                 return_indices: bool = False) -> tuple:
+    def __call__(
+        self,
+        x1: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        *,
+        x0: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        return_indices: bool = False,
+    ) -> tuple:
         """Couple ``x1 (b, *shape)`` with ``x0 (m, *shape)`` (drawn when None); ``indices`` are checked, unused."""
         world = Group(self.process_group)  # every rank agrees on the config, whatever the scope
         grp = Group(self.process_group, local=self.scope == "local")
@@ -101,9 +117,13 @@ class MinibatchOTCoupling(Coupling):
             check_indices(indices, x1.shape[0], name)
             check_flag(return_indices, "return_indices")
         except (TypeError, ValueError):
-            world.agree(name, {"batch size": -1, "x0 rows": -1, "cond columns": -1},
-                        {"labels": 0, "cond": 0, "return_indices": 0},
-                        self._config(), failed=True)
+            world.agree(
+                name,
+                {"batch size": -1, "x0 rows": -1, "cond columns": -1},
+                {"labels": 0, "cond": 0, "return_indices": 0},
+                self._config(),
+                failed=True,
+            )
             raise
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
@@ -111,8 +131,11 @@ class MinibatchOTCoupling(Coupling):
         # scope="local" couples each rank's batch alone: its sizes and inputs may differ across ranks
         sizes = {"batch size": b, "x0 rows": x0.shape[0], "cond columns": 0 if cond is None else cond.shape[1]}
         sizes = sizes if grp.world > 1 else dict.fromkeys(sizes, 0)
-        given = {"labels": labels is not None and grp.world > 1, "cond": cond is not None and grp.world > 1,
-                 "return_indices": return_indices and world.world > 1}
+        given = {
+            "labels": labels is not None and grp.world > 1,
+            "cond": cond is not None and grp.world > 1,
+            "return_indices": return_indices and world.world > 1,
+        }
         world.agree(name, sizes, given, self._config())
         if b == 0:
             self.stats = {}
@@ -122,9 +145,18 @@ class MinibatchOTCoupling(Coupling):
             cond = None  # nothing to add: the unconditioned coupling, bit for bit, and nothing sent
         if self.scope == "grouped":
             part = Partition(grp.world * b, b, grp.world, self.group_size, self._part_gen)
-            x0, self.stats, perm = solve_minibatch_groups(grp, part, x1.flatten(1).to(dt), x0, self.metric, labels,
-                                                          dt, cond=cond, cond_weight=self.cond_weight,
-                                                          want_perm=return_indices)
+            x0, self.stats, perm = solve_minibatch_groups(
+                grp,
+                part,
+                x1.flatten(1).to(dt),
+                x0,
+                self.metric,
+                labels,
+                dt,
+                cond=cond,
+                cond_weight=self.cond_weight,
+                want_perm=return_indices,
+            )
             return self._out(x0, x1, perm, return_indices)
         g_x0 = grp.gather(x0)  # every rank's noise: rank r's rows may be matched with it
         cost = grp.global_cost(x1.flatten(1).to(dt), g_x0.flatten(1).to(dt), self.metric)
@@ -132,7 +164,7 @@ class MinibatchOTCoupling(Coupling):
         cost = add_cond_cost(cost, g_cond, g_cond, self.cond_weight)
         col = solve(cost, None if labels is None else grp.gather(labels))
         self.stats = pair_stats(cost, col)
-        perm = col[grp.rank * b:(grp.rank + 1) * b]
+        perm = col[grp.rank * b : (grp.rank + 1) * b]
         return self._out(g_x0[perm], x1, perm, return_indices)
 
     @staticmethod
@@ -141,9 +173,13 @@ class MinibatchOTCoupling(Coupling):
 
     def _config(self) -> dict:
         state = self._part_gen.get_state().to(torch.int64)
-        return {"metric": METRICS.index(self.metric), "scope": _SCOPES.index(self.scope),
-                "group_size": self.group_size, "cond_weight": float_bits(self.cond_weight),
-                "partition generator": int((state * torch.arange(1, len(state) + 1)).sum())}
+        return {
+            "metric": METRICS.index(self.metric),
+            "scope": _SCOPES.index(self.scope),
+            "group_size": self.group_size,
+            "cond_weight": float_bits(self.cond_weight),
+            "partition generator": int((state * torch.arange(1, len(state) + 1)).sum()),
+        }
 
     def state_dict(self) -> dict:
         """The partition generator's state (``scope="grouped"``; the other scopes have no state)."""
@@ -154,8 +190,9 @@ class MinibatchOTCoupling(Coupling):
             return super().load_state_dict(state)
         gen = state.get("partition_generator") if isinstance(state, dict) else None
         if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
-            raise ValueError("state_dict['partition_generator'] must be a uint8 tensor (Generator.get_state()), "
-                             f"got {gen!r:.80}")
+            raise ValueError(
+                f"state_dict['partition_generator'] must be a uint8 tensor (Generator.get_state()), got {gen!r:.80}"
+            )
         self._part_gen.set_state(gen)
 
     @staticmethod

@@ -18,6 +18,7 @@ main thread: on one process group they could be issued in different orders on di
 or a mismatch), so a distributed coupling must have its own group spanning the whole world
 (``process_group=torch.distributed.new_group()``), which ``PrefetchCoupling`` checks.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -85,8 +86,9 @@ class PrefetchCoupling(Coupling):
         self._streams: dict = {}
         self.stats = {}
 
-    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None, cond=None,
-                 return_indices: bool = False) -> tuple:
+    def __call__(
+        self, x1: torch.Tensor, indices=None, *, x0=None, labels=None, cond=None, return_indices: bool = False
+    ) -> tuple:
         """``coupling(x1, indices, x0=x0, labels=labels, cond=cond, ...)`` through the worker (after the
         pending calls); ``return_indices=True`` returns the wrapped coupling's ``(x0, x1, perm)``."""
         kwargs = {k: v for k, v in (("x0", x0), ("labels", labels), ("cond", cond)) if v is not None}

@@ -109,7 +109,8 @@ def seed_numbers_checked(seeds, seed: int, next_counter: int, where: str) -> np.
         chunk = chunk.cpu().numpy() if hasattr(chunk, "cpu") else np.asarray(chunk)
         if (chunk < 0).any():
             raise ValueError(
-                f"{where}['seeds'] holds negative seeds (e.g. {int(chunk[chunk < 0][0])}): seeds lie in [0, 2**63)")
+                f"{where}['seeds'] holds negative seeds (e.g. {int(chunk[chunk < 0][0])}): seeds lie in [0, 2**63)"
+            )
         if a == 0 and total > 1 and not chunk.any():
             raise ValueError(f"{where}['seeds'] is all zeros (a zeroed or never-written table)")
         numbers[a:b] = seed_numbers(seed, chunk)

@@ -14,6 +14,7 @@ Invariants:
   another save (another run, another step) is refused at load. Gathering to rank 0 instead would make one
   rank write all ``8*N*K`` bytes alone (48 GB at N = 10^9, K = 6) while the others wait.
 """
+
 from __future__ import annotations
 
 import os
@@ -123,6 +124,7 @@ class ShardedSeedTable:
 
 # ---- checkpoints ------------------------------------------------------------------------------------
 
+
 def new_save_id(grp: Group) -> str:
     """A random id drawn by rank 0 and shared with every rank (one tiny all-gather)."""
     mine = torch.tensor([[secrets.randbits(63) if grp.rank == 0 else 0]], dtype=torch.int64)
@@ -133,9 +135,18 @@ def save_shards(grp: Group, table: ShardedSeedTable, path: str, save_id: str, co
     """Every rank writes its own shard file (atomically, with a checksum); raises on every rank if any failed."""
     err: BaseException | None = None
     try:
-        atomic_save({"kind": SHARD_KIND, "save_id": save_id, "rank": table.rank, "world": table.world,
-                     "rows": [table.lo, table.hi], "config": config, "seeds": table.seeds.cpu()},
-                    shard_path(path, save_id, table.rank, table.world))
+        atomic_save(
+            {
+                "kind": SHARD_KIND,
+                "save_id": save_id,
+                "rank": table.rank,
+                "world": table.world,
+                "rows": [table.lo, table.hi],
+                "config": config,
+                "seeds": table.seeds.cpu(),
+            },
+            shard_path(path, save_id, table.rank, table.world),
+        )
     except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
         err = exc
     flags = grp.gather(torch.tensor([[int(err is not None)]], dtype=torch.int64))
@@ -143,8 +154,10 @@ def save_shards(grp: Group, table: ShardedSeedTable, path: str, save_id: str, co
         raise err
     bad = torch.nonzero(flags.flatten()).flatten().tolist()
     if bad:
-        raise OSError(f"rank(s) {bad} failed to write their seed-table shard of {os.fspath(path)!r} (see the error "
-                      f"raised there); the previous checkpoint at that path is untouched")
+        raise OSError(
+            f"rank(s) {bad} failed to write their seed-table shard of {os.fspath(path)!r} (see the error "
+            f"raised there); the previous checkpoint at that path is untouched"
+        )
 
 
 def write_manifest(grp: Group, manifest: dict, path) -> None:
@@ -202,10 +215,19 @@ class ShardReader:
                 f"every shard must be on a file system this rank can read (a shared directory)"
             )
         s = load_verified(p, "seed-table shard", mmap=True)
-        expected = {"kind": SHARD_KIND, "save_id": self.save_id, "rank": r, "world": self.world,
-                    "rows": [self.bounds[r], self.bounds[r + 1]], "config": self.config}
-        wrong = {k: (s.get(k) if isinstance(s, dict) else None, v) for k, v in expected.items()
-                 if not isinstance(s, dict) or s.get(k) != v}
+        expected = {
+            "kind": SHARD_KIND,
+            "save_id": self.save_id,
+            "rank": r,
+            "world": self.world,
+            "rows": [self.bounds[r], self.bounds[r + 1]],
+            "config": self.config,
+        }
+        wrong = {
+            k: (s.get(k) if isinstance(s, dict) else None, v)
+            for k, v in expected.items()
+            if not isinstance(s, dict) or s.get(k) != v
+        }
         if wrong:
             detail = ", ".join(f"{k}: file {a!r:.60} vs manifest {b!r:.60}" for k, (a, b) in wrong.items())
             raise ValueError(
@@ -214,10 +236,15 @@ class ShardReader:
             )
         seeds = s["seeds"]
         k = int(self.config["num_caches"])
-        if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or \
-                tuple(seeds.shape) != (self.bounds[r + 1] - self.bounds[r], k):
-            raise ValueError(f"seed-table shard {p!r} holds {getattr(seeds, 'shape', seeds)!r:.60}, expected int64 "
-                             f"rows [{self.bounds[r]}, {self.bounds[r + 1]}) x {k}")
+        if (
+            not isinstance(seeds, torch.Tensor)
+            or seeds.dtype != torch.int64
+            or tuple(seeds.shape) != (self.bounds[r + 1] - self.bounds[r], k)
+        ):
+            raise ValueError(
+                f"seed-table shard {p!r} holds {getattr(seeds, 'shape', seeds)!r:.60}, expected int64 "
+                f"rows [{self.bounds[r]}, {self.bounds[r + 1]}) x {k}"
+            )
         self._shards[r] = seeds
         return seeds
 
@@ -228,7 +255,7 @@ class ShardReader:
             lo, hi = self.bounds[r], self.bounds[r + 1]
             stop = min(b, hi)
             if stop > a:
-                yield r, self._shard(r)[a - lo:stop - lo]
+                yield r, self._shard(r)[a - lo : stop - lo]
             a, r = max(a, stop), r + 1
 
     def rows(self, a: int, b: int) -> torch.Tensor:
@@ -249,17 +276,20 @@ def check_shards(reader: ShardReader, lo: int, hi: int, seed: int, next_counter,
     err, numbers = None, np.empty(0, dtype=np.uint64)
     try:
         check_counter(next_counter, reader.bounds[-1] * int(reader.config["num_caches"]), where)
-        parts = [seed_numbers_checked(part, seed, next_counter, shard_path(reader.path, reader.save_id, r,
-                                                                           reader.world))
-                 for r, part in reader.parts(lo, hi)]
+        parts = [
+            seed_numbers_checked(part, seed, next_counter, shard_path(reader.path, reader.save_id, r, reader.world))
+            for r, part in reader.parts(lo, hi)
+        ]
         numbers = np.sort(np.concatenate(parts)) if parts else numbers
     except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank knows
         err = exc
     if grp is not None and grp.world > 1:
         failed = grp.gather(torch.tensor([[int(err is not None)]], dtype=torch.int64)).flatten()
         if err is None and bool(failed.any()):
-            raise ValueError(f"rank(s) {torch.nonzero(failed).flatten().tolist()} refused {where} (see the error "
-                             f"raised there); every rank raises so that none waits in a collective")
+            raise ValueError(
+                f"rank(s) {torch.nonzero(failed).flatten().tolist()} refused {where} (see the error "
+                f"raised there); every rank raises so that none waits in a collective"
+            )
     if err is not None:
         raise err
     if grp is not None and grp.world > 1:
@@ -267,8 +297,10 @@ def check_shards(reader: ShardReader, lo: int, hi: int, seed: int, next_counter,
     else:
         dup = count_duplicates(numbers)
     if dup:
-        raise ValueError(f"{where} holds {dup} duplicated seeds across its shards: a corrupted or hand-edited "
-                         f"checkpoint (noise would be lost and doubled); restore the shard files saved with it")
+        raise ValueError(
+            f"{where} holds {dup} duplicated seeds across its shards: a corrupted or hand-edited "
+            f"checkpoint (noise would be lost and doubled); restore the shard files saved with it"
+        )
 
 
 def _count_duplicates_across(grp: Group, numbers: np.ndarray, next_counter: int) -> int:

@@ -13,6 +13,7 @@ are ``loom_kernels.sinkhorn`` (the cost is never stored); this file holds the bo
   updates are combined by a log-sum-exp all-reduce (``_AllReduce``), ``O(W b)`` numbers per iteration;
   ``"grouped"``: the partition and routes of ``grouped.py``, each group solved by its owner.
 """
+
 from __future__ import annotations
 
 import math
@@ -105,10 +106,21 @@ class SinkhornCoupling(Coupling):
         x0, x1 = coupling(torch.randn(4096, 2))      # x0[i] drawn from x1[i]'s row of the plan
     """
 
-    def __init__(self, epsilon: float = 0.05, *, relative: bool = True, tol: float = 1e-3, max_iter: int = 1000,
-                 generator: torch.Generator | None = None, scope: str = "global", process_group=None,
-                 group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, argmax: bool = False,
-                 cond_weight: float = 1.0):
+    def __init__(
+        self,
+        epsilon: float = 0.05,
+        *,
+        relative: bool = True,
+        tol: float = 1e-3,
+        max_iter: int = 1000,
+        generator: torch.Generator | None = None,
+        scope: str = "global",
+        process_group=None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        seed: int = 0,
+        argmax: bool = False,
+        cond_weight: float = 1.0,
+    ):
         self.epsilon = _check_positive("epsilon", epsilon)
         self.tol = _check_positive("tol", tol)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
@@ -126,16 +138,33 @@ class SinkhornCoupling(Coupling):
 
     def _config(self) -> dict:
         # floats as their bit patterns: equal configurations agree exactly
-        bits = [torch.tensor(v, dtype=torch.float64).view(torch.int64).item()
-                for v in (self.epsilon, self.tol, self.cond_weight)]
+        bits = [
+            torch.tensor(v, dtype=torch.float64).view(torch.int64).item()
+            for v in (self.epsilon, self.tol, self.cond_weight)
+        ]
         state = self._part_gen.get_state().to(torch.int64)
-        return {"epsilon": bits[0], "relative": int(self.relative), "tol": bits[1], "max_iter": self.max_iter,
-                "scope": _SCOPES.index(self.scope), "argmax": int(self.argmax), "cond_weight": bits[2],
-                "group_size": self.group_size,
-                "partition generator": int((state * torch.arange(1, len(state) + 1)).sum())}
+        return {
+            "epsilon": bits[0],
+            "relative": int(self.relative),
+            "tol": bits[1],
+            "max_iter": self.max_iter,
+            "scope": _SCOPES.index(self.scope),
+            "argmax": int(self.argmax),
+            "cond_weight": bits[2],
+            "group_size": self.group_size,
+            "partition generator": int((state * torch.arange(1, len(state) + 1)).sum()),
+        }
 
-    def __call__(self, x1: torch.Tensor, indices: torch.Tensor | None = None, *, x0: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None, cond: torch.Tensor | None = None, return_indices: bool = False):
+    def __call__(
+        self,
+        x1: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        *,
+        x0: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cond: torch.Tensor | None = None,
+        return_indices: bool = False,
+    ):
         """Couple ``x1 (b, *shape)`` with ``x0 (m, *shape)`` (drawn when None) -> ``(x0 (b, *shape), x1)``.
 
         ``return_indices=True``: also the int64 ``(b,)`` rows of the noise each item drew (rows of this
@@ -150,17 +179,26 @@ class SinkhornCoupling(Coupling):
             if not bool(torch.isfinite(x1).all()) or (x0 is not None and not bool(torch.isfinite(x0).all())):
                 raise_bad_data("x1" if not bool(torch.isfinite(x1).all()) else "x0")
         except (TypeError, ValueError):
-            world.agree(name, {"batch size": -1, "x0 rows": -1, "cond dim": -1}, {"labels": 0, "cond": 0},
-                        self._config(), failed=True)
+            world.agree(
+                name,
+                {"batch size": -1, "x0 rows": -1, "cond dim": -1},
+                {"labels": 0, "cond": 0},
+                self._config(),
+                failed=True,
+            )
             raise
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         b = x1.shape[0]
         many = grp.world > 1
-        sizes = {"batch size": b if many else 0, "x0 rows": x0.shape[0] if many else 0,
-                 "cond dim": cond.shape[1] if (many and cond is not None) else 0}
-        world.agree(name, sizes, {"labels": labels is not None and many, "cond": cond is not None and many},
-                    self._config())
+        sizes = {
+            "batch size": b if many else 0,
+            "x0 rows": x0.shape[0] if many else 0,
+            "cond dim": cond.shape[1] if (many and cond is not None) else 0,
+        }
+        world.agree(
+            name, sizes, {"labels": labels is not None and many, "cond": cond is not None and many}, self._config()
+        )
         if b == 0:
             self.stats = {}
             empty = torch.zeros(0, dtype=torch.int64, device=x1.device)
@@ -205,8 +243,17 @@ class SinkhornCoupling(Coupling):
         Y = torch.stack([_pad(yf, c, mmax) for c in cols])
         a = torch.stack([_weights(r, nmax, n_all, xf) for r in rows]).to(xf.device)
         bw = torch.stack([_weights(c, mmax, total, xf) for c in cols]).to(xf.device)
-        res = sinkhorn(X, Y, a.to(X.dtype), bw.to(X.dtype), epsilon=eps, relative=relative, tol=self.tol,
-                       max_iter=self.max_iter, row_shards=shards)
+        res = sinkhorn(
+            X,
+            Y,
+            a.to(X.dtype),
+            bw.to(X.dtype),
+            epsilon=eps,
+            relative=relative,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            row_shards=shards,
+        )
         j = draw_pairs(res, X, Y, seed=seed, argmax=self.argmax)  # (K, nmax)
         col = torch.empty(n, dtype=torch.int64, device=xf.device)
         for k, r in enumerate(rows):
@@ -215,8 +262,11 @@ class SinkhornCoupling(Coupling):
         stats = _pair_stats(xf, yf, col, offset, shards, n_all)
         # a class's sharpness weighted by its share of the items
         share = torch.tensor([len(c) / total for c in cols], dtype=torch.float64, device=sharp.device)
-        stats.update(iterations=torch.tensor(res.iterations), error=res.error.max().to(xf.device),
-                     sharpness=(sharp * share).sum().to(xf.device))
+        stats.update(
+            iterations=torch.tensor(res.iterations),
+            error=res.error.max().to(xf.device),
+            sharpness=(sharp * share).sum().to(xf.device),
+        )
         return col, stats
 
     def _grouped(self, grp, x1f, x0f, x0, labels, seed):
@@ -235,15 +285,28 @@ class SinkhornCoupling(Coupling):
             col, st = self._solve(xo[a:c], no[a:c], lab, lab, 0, seed + a, None)
             pick[a:c], pick_pos[a:c] = raw[a:c][col], pos[a:c][col]
             w = c - a
-            sums += torch.stack([st["pre_cost"].cpu() * w, st["post_cost"].cpu() * w, st["swaps"].cpu().double(),
-                                 st["iterations"].double(), st["error"].cpu(), st["sharpness"].cpu() * w])
+            sums += torch.stack(
+                [
+                    st["pre_cost"].cpu() * w,
+                    st["post_cost"].cpu() * w,
+                    st["swaps"].cpu().double(),
+                    st["iterations"].double(),
+                    st["error"].cpu(),
+                    st["sharpness"].cpu() * w,
+                ]
+            )
         home, home_pos = route.to_homes(pick), route.to_homes(pick_pos)
         tot = grp.gather(sums[None])
         n = part.n
         s = tot.sum(0)
-        stats = {"pre_cost": (s[0] / n).to(x1f.device), "post_cost": (s[1] / n).to(x1f.device),
-                 "swaps": s[2].round().to(torch.int64).to(x1f.device), "iterations": tot[:, 3].max().to(torch.int64),
-                 "error": tot[:, 4].max().to(x1f.device), "sharpness": (s[5] / n).to(x1f.device)}
+        stats = {
+            "pre_cost": (s[0] / n).to(x1f.device),
+            "post_cost": (s[1] / n).to(x1f.device),
+            "swaps": s[2].round().to(torch.int64).to(x1f.device),
+            "iterations": tot[:, 3].max().to(torch.int64),
+            "error": tot[:, 4].max().to(x1f.device),
+            "sharpness": (s[5] / n).to(x1f.device),
+        }
         return home, home_pos, stats
 
 

@@ -3,6 +3,7 @@
 The seed stream the table is filled from lives in ``seed_stream.py``; the file machinery (lock, identity,
 journal) in ``journal.py``.
 """
+
 from __future__ import annotations
 
 import errno
@@ -116,8 +117,16 @@ class SeedTable:
         t.close(); t = SeedTable.open("table.npy")
     """
 
-    def __init__(self, seeds: torch.Tensor, *, path: str | None = None, memmap=None, lock_fd: int | None = None,
-                 table_id: int = 0, durability: str = DEFAULT_DURABILITY):
+    def __init__(
+        self,
+        seeds: torch.Tensor,
+        *,
+        path: str | None = None,
+        memmap=None,
+        lock_fd: int | None = None,
+        table_id: int = 0,
+        durability: str = DEFAULT_DURABILITY,
+    ):
         self.seeds = seeds
         self.path = path
         self.durability = check_durability(durability)
@@ -139,8 +148,9 @@ class SeedTable:
         return t
 
     @classmethod
-    def create(cls, path, shape: tuple, rows: RowsFn, *, overwrite: bool = False,
-               durability: str = DEFAULT_DURABILITY) -> SeedTable:
+    def create(
+        cls, path, shape: tuple, rows: RowsFn, *, overwrite: bool = False, durability: str = DEFAULT_DURABILITY
+    ) -> SeedTable:
         """A new table file at ``path`` holding ``rows``; an existing file is replaced only with ``overwrite``.
 
         ``durability``: "crash" (default) or "power" (see the class). A damaged file (or journal) at
@@ -180,8 +190,10 @@ class SeedTable:
             raise FileNotFoundError(f"seed table {path!r} does not exist")
         try:
             if os.fstat(fd).st_size == 0:
-                raise ValueError(f"seed table {path!r} is empty: its creation was killed before the table was "
-                                 f"written; create it again (overwrite=True) or restore it with LoomCoupling.load")
+                raise ValueError(
+                    f"seed table {path!r} is empty: its creation was killed before the table was "
+                    f"written; create it again (overwrite=True) or restore it with LoomCoupling.load"
+                )
             mm, table_id = map_table(path)
             recover(path, mm, table_id)
             if table_id == 0:  # a file written before tables had ids: give it one now
@@ -239,7 +251,8 @@ class SeedTable:
         if self._lock_fd is None:
             raise RuntimeError(
                 f"seed table {self.path!r} is closed, or this process is a forked child of the one that holds it "
-                f"(a DataLoader worker): only the process that opened the table may write it")
+                f"(a DataLoader worker): only the process that opened the table may write it"
+            )
         if self._jfd is None:
             self._jfd = open_journal(self.path, self._id, self.durability)
             self._jbytes = 0
@@ -258,7 +271,7 @@ class SeedTable:
         fd = self._journal()
         view = memoryview(record)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         if self.durability == "power":  # a process crash keeps the page cache; a power loss needs the disk
             os.fdatasync(fd)
         self._memmap.reshape(-1)[flat] = vals

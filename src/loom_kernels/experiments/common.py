@@ -1,5 +1,6 @@
 """The building blocks the demo and the study share: run sizes, fitting (``fit``), sample quality
 (``quality``, ``dopri5_sample``), spread over seeds and rankings that hold on every seed."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ def column_label(col: str) -> str:
     if col == "dopri5":
         return "dopri5"
     method = col.rstrip("0123456789")
-    return f"{'Euler' if method == 'euler' else method} NFE {col[len(method):]}"
+    return f"{'Euler' if method == 'euler' else method} NFE {col[len(method) :]}"
 
 
 # settings key -> command-line flag (its dest) of the run sizes the demo and the study share
@@ -47,8 +48,9 @@ def add_size_options(p: argparse.ArgumentParser) -> None:
     """The run-size options of the demo and the study (each defaults to its data set's preset)."""
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per data set)")
     p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default per data set)")
-    p.add_argument("--points", type=int, default=None,
-                   help="training points of a 2-D set (held-out set: the same size)")
+    p.add_argument(
+        "--points", type=int, default=None, help="training points of a 2-D set (held-out set: the same size)"
+    )
     p.add_argument("--n-eval", type=int, default=None, help="generated samples / held-out points for W2")
 
 
@@ -105,8 +107,18 @@ def quality(model, x0: torch.Tensor, x_ref: torch.Tensor, *, dopri5: bool = True
     return w2s, samples, nfe_ref
 
 
-def fit(model, x_train: torch.Tensor, coupling, s: dict, *, seed: int, device, progress: bool = False,
-        track_cost: bool = False, metadata: dict | None = None) -> dict:
+def fit(
+    model,
+    x_train: torch.Tensor,
+    coupling,
+    s: dict,
+    *,
+    seed: int,
+    device,
+    progress: bool = False,
+    track_cost: bool = False,
+    metadata: dict | None = None,
+) -> dict:
     """Trains ``model`` on ``x_train`` (N, *shape) under ``coupling`` with the budget ``s`` (steps,
     batch_size, lr) through ``loom_kernels.train.train``.
 
@@ -118,8 +130,17 @@ def fit(model, x_train: torch.Tensor, coupling, s: dict, *, seed: int, device, p
     from ..data import IndexedDataset
     from ..train import TrainConfig, train
 
-    cfg = TrainConfig(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], warmup=min(200, s["steps"] // 10),
-                      ema_decay=0.999, seed=seed, device=str(device), log_every=1, progress=progress)
+    cfg = TrainConfig(
+        steps=s["steps"],
+        batch_size=s["batch_size"],
+        lr=s["lr"],
+        warmup=min(200, s["steps"] // 10),
+        ema_decay=0.999,
+        seed=seed,
+        device=str(device),
+        log_every=1,
+        progress=progress,
+    )
     x_dev = x_train.to(device)
     curve, callback, every = [], None, 0
     if track_cost:
@@ -133,17 +154,27 @@ def fit(model, x_train: torch.Tensor, coupling, s: dict, *, seed: int, device, p
                 curve.append((step, dataset_cost(coupling, x_dev)))
 
     t0 = time.perf_counter()
-    res = train(model, IndexedDataset(x_train), coupling, cfg, callback=callback, callback_every=every,
-                metadata=metadata)
-    return {"ema": res.ema.eval(), "history": res.history, "train_seconds": time.perf_counter() - t0,
-            "dataset_cost": curve}
+    res = train(
+        model, IndexedDataset(x_train), coupling, cfg, callback=callback, callback_every=every, metadata=metadata
+    )
+    return {
+        "ema": res.ema.eval(),
+        "history": res.history,
+        "train_seconds": time.perf_counter() - t0,
+        "dataset_cost": curve,
+    }
 
 
 def spread(values) -> dict:
     """Mean, sample standard deviation (0 for one value), min, max and the values themselves."""
     v = np.asarray(list(values), dtype=np.float64)
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-            "min": float(v.min()), "max": float(v.max()), "values": v.tolist()}
+    return {
+        "mean": float(v.mean()),
+        "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "values": v.tolist(),
+    }
 
 
 def fmt(sp: dict, digits: int = 3) -> str:

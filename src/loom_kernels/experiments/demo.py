@@ -19,6 +19,7 @@ The default is a setting where minibatch OT is far from the global optimum (batc
 points), the regime LOOM-CFM (Davtyan et al., ICLR 2025) targets. ``python -m loom_kernels.study``
 runs the paper's ablations with the same building blocks (``fit``, ``quality``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,11 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loom_kernels.demo",
         description="Train the same flow-matching model with independent, minibatch-OT and LOOM-CFM couplings "
-                    "(same steps, batch and seed) over several seeds and compare sample quality (exact W2 vs "
-                    "held-out data) at Euler NFE 1/2/4/8, midpoint NFE 2/4/8 and dopri5, straightness and "
-                    "coupling cost, as mean and spread over seeds. Prints tables and the rankings that hold on "
-                    "every seed, writes a PNG figure, a JSON of the numbers and the EMA model of each run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "(same steps, batch and seed) over several seeds and compare sample quality (exact W2 vs "
+        "held-out data) at Euler NFE 1/2/4/8, midpoint NFE 2/4/8 and dopri5, straightness and "
+        "coupling cost, as mean and spread over seeds. Prints tables and the rankings that hold on "
+        "every seed, writes a PNG figure, a JSON of the numbers and the EMA model of each run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--data", default="8gaussians", help="8gaussians, moons, checkerboard or digits")
     add_size_options(p)
     p.add_argument("--num-caches", type=int, default=1, help="LOOM noise caches per data point")
@@ -73,11 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="loom_demo", help="output folder (figure, JSON, models)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads; the demo's small models run fastest on one (several threads "
-                        "spin-wait on tiny ops and slow down badly on a busy machine); 0 keeps torch's choice")
-    p.add_argument("--max-opt-points", type=int, default=4096,
-                   help="solve LOOM's global optimum (the floor of its cost) only up to this many points x caches")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the demo's small models run fastest on one (several threads "
+        "spin-wait on tiny ops and slow down badly on a busy machine); 0 keeps torch's choice",
+    )
+    p.add_argument(
+        "--max-opt-points",
+        type=int,
+        default=4096,
+        help="solve LOOM's global optimum (the floor of its cost) only up to this many points x caches",
+    )
     p.add_argument("--no-dopri5", action="store_true", help="skip the dopri5 reference")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds) for smoke tests")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -122,31 +132,63 @@ def _run_seed(args, s, seed, device, dopri5) -> dict:
     x0_eval = torch.randn(n_eval, *shape, generator=eval_gen).to(device)  # the same noise for every model
     x_test_eval = x_test[torch.randperm(len(x_test), generator=eval_gen)[:n_eval]].to(device)
     x_train_eval = x_train[torch.randperm(len(x_train), generator=eval_gen)[:n_eval]].to(device)
-    out = {"seed": seed, "n_train": len(x_train), "n_eval": n_eval, "w2_floor": w2(x_train_eval, x_test_eval),
-           "x_test": x_test_eval.cpu(), "couplings": {}}
+    out = {
+        "seed": seed,
+        "n_train": len(x_train),
+        "n_eval": n_eval,
+        "w2_floor": w2(x_train_eval, x_test_eval),
+        "x_test": x_test_eval.cpu(),
+        "couplings": {},
+    }
     for name in COUPLINGS:
         torch.manual_seed(seed)  # the same initial weights for every coupling
         model = MLPVelocity(shape, hidden=s["hidden"], depth=s["depth"])
         coupling = make_coupling(name, len(x_train), shape, num_caches=args.num_caches, seed=seed, device=device)
-        meta = {"model": model.spec, "data": args.data, "n": s["n"], "seed": seed, "coupling": name,
-                "num_caches": args.num_caches}
-        f = fit(model, x_train, coupling, s, seed=seed, device=device, progress=not args.no_progress,
-                track_cost=name == "loom", metadata=meta)
+        meta = {
+            "model": model.spec,
+            "data": args.data,
+            "n": s["n"],
+            "seed": seed,
+            "coupling": name,
+            "num_caches": args.num_caches,
+        }
+        f = fit(
+            model,
+            x_train,
+            coupling,
+            s,
+            seed=seed,
+            device=device,
+            progress=not args.no_progress,
+            track_cost=name == "loom",
+            metadata=meta,
+        )
         ema = f["ema"]
-        save_model(os.path.join(args.out, f"{args.data}_{name}_seed{seed}", "model.pt"), ema, metadata=meta,
-                   step=s["steps"])
+        save_model(
+            os.path.join(args.out, f"{args.data}_{name}_seed{seed}", "model.pt"), ema, metadata=meta, step=s["steps"]
+        )
         t_eval = time.perf_counter()
         w2s, samples, nfe_ref = quality(ema, x0_eval, x_test_eval, dopri5=dopri5)
         hist = f["history"]
-        tail = hist[-max(1, len(hist) // 10):]
-        r = {"w2": w2s, "dopri5_nfe": nfe_ref, "straightness": straightness(ema, x0_eval, STRAIGHTNESS_NFE),
-             "train_seconds": f["train_seconds"], "final_loss": float(np.mean([h["loss"] for h in tail])),
-             "pair_cost_end": (f["dataset_cost"][-1][1] if name == "loom"
-                               else float(np.mean([h["post_cost"] for h in tail]))),
-             "cost_curve": ([h["step"] for h in hist], [h["post_cost"] for h in hist]),
-             "dataset_cost": f["dataset_cost"], "samples": samples,
-             "trajectory": (sample(ema, x0_eval[:48], STRAIGHTNESS_NFE, method="euler", return_trajectory=True).cpu()
-                            if len(shape) == 1 else None)}
+        tail = hist[-max(1, len(hist) // 10) :]
+        r = {
+            "w2": w2s,
+            "dopri5_nfe": nfe_ref,
+            "straightness": straightness(ema, x0_eval, STRAIGHTNESS_NFE),
+            "train_seconds": f["train_seconds"],
+            "final_loss": float(np.mean([h["loss"] for h in tail])),
+            "pair_cost_end": (
+                f["dataset_cost"][-1][1] if name == "loom" else float(np.mean([h["post_cost"] for h in tail]))
+            ),
+            "cost_curve": ([h["step"] for h in hist], [h["post_cost"] for h in hist]),
+            "dataset_cost": f["dataset_cost"],
+            "samples": samples,
+            "trajectory": (
+                sample(ema, x0_eval[:48], STRAIGHTNESS_NFE, method="euler", return_trajectory=True).cpu()
+                if len(shape) == 1
+                else None
+            ),
+        }
         if name == "loom":
             t_opt = time.perf_counter()
             r["global_optimum"] = global_optimum(coupling.seeds, x_train.to(device), args.max_opt_points)
@@ -188,29 +230,57 @@ def run(args) -> dict:
     dopri5 = not args.no_dopri5
     seeds = list(range(args.seed, args.seed + s["seeds"]))
     os.makedirs(args.out, exist_ok=True)
-    print(f"LOOM-CFM demo: {args.data}, {s['n'] or 'all'} training points per seed; MLP {s['depth']}x{s['hidden']}; "
-          f"{s['steps']} steps x batch {s['batch_size']} per coupling; seeds {seeds}; device {device}"
-          + ("" if dopri5 else "; dopri5 reference skipped"),
-          flush=True)
+    print(
+        f"LOOM-CFM demo: {args.data}, {s['n'] or 'all'} training points per seed; MLP {s['depth']}x{s['hidden']}; "
+        f"{s['steps']} steps x batch {s['batch_size']} per coupling; seeds {seeds}; device {device}"
+        + ("" if dopri5 else "; dopri5 reference skipped"),
+        flush=True,
+    )
     runs = []
     for seed in seeds:
         t0 = time.perf_counter()
         runs.append(_run_seed(args, s, seed, device, dopri5))
         w = {n: runs[-1]["couplings"][n]["w2"]["euler1"] for n in COUPLINGS}
-        print(f"seed {seed} done in {time.perf_counter() - t0:.0f} s: W2 at Euler NFE 1 "
-              + ", ".join(f"{LABELS[n]} {w[n]:.3f}" for n in COUPLINGS), flush=True)
+        print(
+            f"seed {seed} done in {time.perf_counter() - t0:.0f} s: W2 at Euler NFE 1 "
+            + ", ".join(f"{LABELS[n]} {w[n]:.3f}" for n in COUPLINGS),
+            flush=True,
+        )
     agg = _aggregate(runs, dopri5)
     _report(args, s, runs, agg, dopri5)
-    summary = {"data": args.data, "settings": s, "seeds": seeds, "num_caches": args.num_caches,
-               "n_eval": runs[0]["n_eval"], "dopri5": {"rtol": DOPRI5_TOL, "atol": DOPRI5_TOL} if dopri5 else None,
-               **agg,
-               "per_seed": [{"seed": r["seed"], "w2_floor": r["w2_floor"],
-                             "couplings": {n: {k: r["couplings"][n][k] for k in
-                                               ("w2", "dopri5_nfe", "straightness", "pair_cost_end", "final_loss",
-                                                "train_seconds", "eval_seconds")}
-                                           | {"global_optimum": r["couplings"][n].get("global_optimum")}
-                                           for n in COUPLINGS},
-                             "loom_dataset_cost": r["couplings"]["loom"]["dataset_cost"]} for r in runs]}
+    summary = {
+        "data": args.data,
+        "settings": s,
+        "seeds": seeds,
+        "num_caches": args.num_caches,
+        "n_eval": runs[0]["n_eval"],
+        "dopri5": {"rtol": DOPRI5_TOL, "atol": DOPRI5_TOL} if dopri5 else None,
+        **agg,
+        "per_seed": [
+            {
+                "seed": r["seed"],
+                "w2_floor": r["w2_floor"],
+                "couplings": {
+                    n: {
+                        k: r["couplings"][n][k]
+                        for k in (
+                            "w2",
+                            "dopri5_nfe",
+                            "straightness",
+                            "pair_cost_end",
+                            "final_loss",
+                            "train_seconds",
+                            "eval_seconds",
+                        )
+                    }
+                    | {"global_optimum": r["couplings"][n].get("global_optimum")}
+                    for n in COUPLINGS
+                },
+                "loom_dataset_cost": r["couplings"]["loom"]["dataset_cost"],
+            }
+            for r in runs
+        ],
+    }
     fig_path = os.path.join(args.out, f"demo_{args.data}.png")
     demo_figure(fig_path, args, s, runs, agg, dopri5)
     summary["figure"] = fig_path
@@ -229,8 +299,10 @@ def _report(args, s, runs, agg, dopri5) -> None:
     k = len(runs)
     cols = [c for c in COLUMNS if dopri5 or c != "dopri5"]
     n_eval = runs[0]["n_eval"]
-    print(f"\nExact W2 between {n_eval} generated samples and {n_eval} held-out points (lower is better), "
-          f"mean±sd over {k} seeds (min-max in the JSON)")
+    print(
+        f"\nExact W2 between {n_eval} generated samples and {n_eval} held-out points (lower is better), "
+        f"mean±sd over {k} seeds (min-max in the JSON)"
+    )
     head = f"{'coupling':<14}" + "".join(f"{column_label(c).replace(' NFE ', '@'):>13}" for c in cols)
     print(head)
     print("-" * len(head))
@@ -245,19 +317,29 @@ def _report(args, s, runs, agg, dopri5) -> None:
     print(f"\n{'coupling':<14}{'straightness':>16}{'pair cost':>16}{'loss':>16}{'train s':>10}")
     for name in COUPLINGS:
         a = agg["couplings"][name]
-        print(f"{LABELS[name]:<14}{fmt(a['straightness'], 4):>16}{fmt(a['pair_cost_end']):>16}"
-              f"{fmt(a['final_loss'], 4):>16}{a['train_seconds']['mean']:>10.1f}")
+        print(
+            f"{LABELS[name]:<14}{fmt(a['straightness'], 4):>16}{fmt(a['pair_cost_end']):>16}"
+            f"{fmt(a['final_loss'], 4):>16}{a['train_seconds']['mean']:>10.1f}"
+        )
     opt = agg["loom_global_optimum"]
     size = f"{runs[0]['n_train']} points" + (f" x {args.num_caches} caches" if args.num_caches > 1 else "")
     if opt is not None:
-        gaps = {n: spread((r["couplings"][n]["pair_cost_end"] / r["couplings"]["loom"]["global_optimum"] - 1) * 100
-                          for r in runs) for n in ("ot", "loom")}
-        print(f"pair cost = mean ||x1 - x0||^2 of the training pairs at the end (minibatch OT: its minibatch optimum; "
-              f"LOOM: over the whole data set). Global optimum for LOOM's noise set ({size}): {fmt(opt)}; "
-              f"LOOM is {fmt(gaps['loom'], 2)}% above it, minibatch OT's pairs {fmt(gaps['ot'], 1)}% above it")
+        gaps = {
+            n: spread(
+                (r["couplings"][n]["pair_cost_end"] / r["couplings"]["loom"]["global_optimum"] - 1) * 100 for r in runs
+            )
+            for n in ("ot", "loom")
+        }
+        print(
+            f"pair cost = mean ||x1 - x0||^2 of the training pairs at the end (minibatch OT: its minibatch optimum; "
+            f"LOOM: over the whole data set). Global optimum for LOOM's noise set ({size}): {fmt(opt)}; "
+            f"LOOM is {fmt(gaps['loom'], 2)}% above it, minibatch OT's pairs {fmt(gaps['ot'], 1)}% above it"
+        )
     else:
-        print(f"pair cost = mean ||x1 - x0||^2 of the training pairs at the end; global optimum not computed "
-              f"({size} > --max-opt-points {args.max_opt_points})")
+        print(
+            f"pair cost = mean ||x1 - x0||^2 of the training pairs at the end; global optimum not computed "
+            f"({size} > --max-opt-points {args.max_opt_points})"
+        )
 
     print(f"\nRankings (stated only where the order is the same on all {k} seeds):")
     for c in cols + ["straightness"]:
@@ -266,9 +348,13 @@ def _report(args, s, runs, agg, dopri5) -> None:
         what = column_label(c) if c != "straightness" else "straightness"
         means = {n: (vals[n]["w2"][c] if c != "straightness" else vals[n]["straightness"]) for n in COUPLINGS}
         lo = r["below"]["loom<ot"]
-        pair = ("LOOM-CFM below minibatch OT on every seed" if lo == k else
-                "minibatch OT below LOOM-CFM on every seed" if r["below"]["ot<loom"] == k else
-                f"LOOM-CFM vs minibatch OT not resolved (LOOM below on {lo}/{k} seeds)")
+        pair = (
+            "LOOM-CFM below minibatch OT on every seed"
+            if lo == k
+            else "minibatch OT below LOOM-CFM on every seed"
+            if r["below"]["ot<loom"] == k
+            else f"LOOM-CFM vs minibatch OT not resolved (LOOM below on {lo}/{k} seeds)"
+        )
         if r["order"] is not None:
             print(f"  {what:<17} {_order_text(r['order'], means)} on every seed; {pair}")
         else:

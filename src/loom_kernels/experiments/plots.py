@@ -1,5 +1,6 @@
 """The figures of the demo and the study (matplotlib, imported only when a figure is drawn), and
 ``image_grid``, the image tiling the sample CLI also uses."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,7 +25,7 @@ def image_grid(x: torch.Tensor, rows: int, cols: int) -> np.ndarray:
     grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c), dtype=np.float32)
     for k in range(len(x)):
         i, j = divmod(k, cols)
-        grid[i * (h + 1): i * (h + 1) + h, j * (w + 1): j * (w + 1) + w] = (x[k].transpose(1, 2, 0) + 1) / 2
+        grid[i * (h + 1) : i * (h + 1) + h, j * (w + 1) : j * (w + 1) + w] = (x[k].transpose(1, 2, 0) + 1) / 2
     return grid[..., 0] if c == 1 else grid
 
 
@@ -37,8 +38,11 @@ def _sample_panel(ax, key, x, c, r, first, ref, is_2d) -> None:
         ax.scatter(tr[0, :, 0], tr[0, :, 1], s=6, color="black", zorder=3, label="noise")
         ax.scatter(tr[-1, :, 0], tr[-1, :, 1], s=6, color=COLORS[c], zorder=3, label="sample")
         ax.legend(loc="upper right", fontsize=7)
-        ax.set_title(f"{LABELS[c]}: {STRAIGHTNESS_NFE}-step trajectories (seed {first['seed']}), "
-                     f"straightness {r['straightness']:.3f}", fontsize=9)
+        ax.set_title(
+            f"{LABELS[c]}: {STRAIGHTNESS_NFE}-step trajectories (seed {first['seed']}), "
+            f"straightness {r['straightness']:.3f}",
+            fontsize=9,
+        )
         return
     if is_2d:
         ax.scatter(ref[:, 0], ref[:, 1], s=2, color="lightgray", label="held-out data")
@@ -62,12 +66,23 @@ def _cost_panel(ax, s, runs) -> None:
         ax.plot(st, val, color=COLORS[c], label=f"{LABELS[c]}: fresh minibatch pairs (seed {first['seed']})")
     for i, r in enumerate(runs):
         st, val = zip(*r["couplings"]["loom"]["dataset_cost"])
-        ax.plot(st, val, color=COLORS["loom"], lw=1.5, alpha=0.8,
-                label=f"LOOM-CFM: whole data set ({len(runs)} seeds)" if i == 0 else None)
+        ax.plot(
+            st,
+            val,
+            color=COLORS["loom"],
+            lw=1.5,
+            alpha=0.8,
+            label=f"LOOM-CFM: whole data set ({len(runs)} seeds)" if i == 0 else None,
+        )
         opt = r["couplings"]["loom"].get("global_optimum")
         if opt is not None:
-            ax.axhline(opt, color=COLORS["loom"], ls="--", lw=0.8,
-                       label="global OT optimum (LOOM's noise set)" if i == 0 else None)
+            ax.axhline(
+                opt,
+                color=COLORS["loom"],
+                ls="--",
+                lw=0.8,
+                label="global OT optimum (LOOM's noise set)" if i == 0 else None,
+            )
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
@@ -94,10 +109,13 @@ def demo_figure(path, args, s, runs, agg, dopri5) -> None:
     ref = x_test[:1000] if is_2d else None
     for row, c in enumerate(COUPLINGS):  # one row of sample panels per coupling
         r = first["couplings"][c]
-        panels = [("euler1", r["samples"]["euler1"]), ("euler2", r["samples"]["euler2"]),
-                  ("trajectories" if is_2d else "euler8", r["trajectory"] if is_2d else r["samples"]["euler8"])]
+        panels = [
+            ("euler1", r["samples"]["euler1"]),
+            ("euler2", r["samples"]["euler2"]),
+            ("trajectories" if is_2d else "euler8", r["trajectory"] if is_2d else r["samples"]["euler8"]),
+        ]
         for col, (key, x) in enumerate(panels):
-            ax = fig.add_subplot(gs[row, 2 * col: 2 * col + 2])
+            ax = fig.add_subplot(gs[row, 2 * col : 2 * col + 2])
             _sample_panel(ax, key, x, c, r, first, ref, is_2d)
             if is_2d:
                 ax.set_xlim(-lim, lim)
@@ -105,8 +123,13 @@ def demo_figure(path, args, s, runs, agg, dopri5) -> None:
                 ax.set_aspect("equal")
 
     bottom = gs[3, :].subgridspec(1, 2 if is_2d else 3, wspace=0.3)
-    w2_panel(fig.add_subplot(bottom[0]), {LABELS[c]: agg["couplings"][c]["w2"] for c in COUPLINGS},
-             {LABELS[c]: COLORS[c] for c in COUPLINGS}, agg["w2_floor"], len(runs))
+    w2_panel(
+        fig.add_subplot(bottom[0]),
+        {LABELS[c]: agg["couplings"][c]["w2"] for c in COUPLINGS},
+        {LABELS[c]: COLORS[c] for c in COUPLINGS},
+        agg["w2_floor"],
+        len(runs),
+    )
     _cost_panel(fig.add_subplot(bottom[1]), s, runs)
     if not is_2d:
         ax = fig.add_subplot(bottom[2])
@@ -117,9 +140,14 @@ def demo_figure(path, args, s, runs, agg, dopri5) -> None:
 
     fig.canvas.draw()  # apply the equal aspects, then put the title just above the top row
     top = max(a.get_position().y1 for a in fig.axes)
-    fig.text(0.5, top + 0.025, f"Independent vs minibatch OT vs LOOM-CFM on {args.data}: same model, "
-             f"{s['steps']} steps, batch {s['batch_size']}, {len(runs)} seeds (samples: seed {first['seed']})",
-             ha="center", fontsize=12)
+    fig.text(
+        0.5,
+        top + 0.025,
+        f"Independent vs minibatch OT vs LOOM-CFM on {args.data}: same model, "
+        f"{s['steps']} steps, batch {s['batch_size']}, {len(runs)} seeds (samples: seed {first['seed']})",
+        ha="center",
+        fontsize=12,
+    )
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90, bbox_inches="tight"))
     plt.close(fig)
 
@@ -137,8 +165,9 @@ def w2_panel(ax, curves: dict, colors: dict, floor: dict | None, n_seeds: int) -
             sp = [w[f"{method}{k}"] for k in nfes]
             mean = np.array([x["mean"] for x in sp])
             err = np.array([[x["mean"] - x["min"] for x in sp], [x["max"] - x["mean"] for x in sp]])
-            ax.errorbar(nfes, mean, yerr=err, fmt="o" + ls, ms=4, capsize=3, color=colors[label],
-                        label=f"{label} ({method})")
+            ax.errorbar(
+                nfes, mean, yerr=err, fmt="o" + ls, ms=4, capsize=3, color=colors[label], label=f"{label} ({method})"
+            )
         if "dopri5" in w:
             ax.axhline(w["dopri5"]["mean"], color=colors[label], ls=":", lw=1)
     if floor is not None:
@@ -166,8 +195,16 @@ def _study_w2_panel(ax, summary, data, color, labels, nfes) -> None:
             sp = [s[f"{key}_nfe{k}"] for k in nfes]
             mean = np.array([x["mean"] for x in sp])
             err = np.array([[x["mean"] - x["min"] for x in sp], [x["max"] - x["mean"] for x in sp]])
-            ax.errorbar(nfes, mean, yerr=err, fmt="o" + ls, ms=3, capsize=2, color=color[v],
-                        label=labels[v] if key == "w2_fresh" else None)
+            ax.errorbar(
+                nfes,
+                mean,
+                yerr=err,
+                fmt="o" + ls,
+                ms=3,
+                capsize=2,
+                color=color[v],
+                label=labels[v] if key == "w2_fresh" else None,
+            )
     floor = next(x for x in summary if x["data"] == data)["w2_floor"]["mean"]
     ax.axhline(floor, color="black", ls=":", label="data floor")
     ax.set_xscale("log", base=2)
@@ -188,8 +225,15 @@ def _study_cost_panel(ax, records, data, variants, color, labels) -> None:
             if not curve:
                 continue
             st, val = zip(*curve)
-            ax.plot(np.maximum(st, 0.5), val, color=color[v], lw=1, alpha=0.8,
-                    ls="-" if r["dataset_cost_curve"] else "--", label=labels[v] if i == 0 else None)
+            ax.plot(
+                np.maximum(st, 0.5),
+                val,
+                color=color[v],
+                lw=1,
+                alpha=0.8,
+                ls="-" if r["dataset_cost_curve"] else "--",
+                label=labels[v] if i == 0 else None,
+            )
         opt = [r.get("global_optimum") for r in rs if r.get("global_optimum") is not None]
         if v == "loom1" and opt:
             ax.axhline(float(np.mean(opt)), color=color[v], ls=":", lw=1, label="global optimum (1 cache)")
@@ -204,8 +248,11 @@ def _study_cost_panel(ax, records, data, variants, color, labels) -> None:
 def _memorisation_panel(ax, records, datasets, k, cmap) -> None:
     """The gap between fresh- and training-noise W2 against the total number of noise samples."""
     for i, data in enumerate(datasets):
-        pts = [(r["noise_total"], r["w2_fresh"][k] - r["w2_train"][k]) for r in records
-               if r["data"] == data and r["variant"].startswith("loom")]
+        pts = [
+            (r["noise_total"], r["w2_fresh"][k] - r["w2_train"][k])
+            for r in records
+            if r["data"] == data and r["variant"].startswith("loom")
+        ]
         if pts:
             x, y = zip(*pts)
             ax.scatter(x, y, color=cmap(i), s=14, label=data)

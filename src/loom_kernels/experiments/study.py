@@ -21,6 +21,7 @@ Outputs in ``--out``: ``study.csv`` (one row per run), ``study_summary.csv`` and
 sd, min, max over seeds), ``study.png``, ``runs/*.json`` (each run, with its curves; a rerun skips
 the runs already there, so an interrupted grid resumes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,10 +54,17 @@ SINKHORN_VARIANTS = ("sinkhorn32_e0.1", "sinkhornN_e0.1", "sinkhornN_e0.01")
 ALL_VARIANTS = ("independent",) + VARIANTS + SINKHORN_VARIANTS
 
 
-LABELS = {"independent": "independent", "ot": "minibatch OT", "fixed": "fixed noise, no reassignment",
-          "converged": "trained after convergence", "loom1": "LOOM 1 cache", "loom4": "LOOM 4 caches",
-          "loom16": "LOOM 16 caches", "loom64": "LOOM 64 caches",
-          **{v: f"Sinkhorn batch {v[8:].split('_')[0]}, eps {v.split('_e')[1]}" for v in SINKHORN_VARIANTS}}
+LABELS = {
+    "independent": "independent",
+    "ot": "minibatch OT",
+    "fixed": "fixed noise, no reassignment",
+    "converged": "trained after convergence",
+    "loom1": "LOOM 1 cache",
+    "loom4": "LOOM 4 caches",
+    "loom16": "LOOM 16 caches",
+    "loom64": "LOOM 64 caches",
+    **{v: f"Sinkhorn batch {v[8:].split('_')[0]}, eps {v.split('_e')[1]}" for v in SINKHORN_VARIANTS},
+}
 
 
 NFES = (1, 2, 4, 8)  # Euler
@@ -92,7 +100,7 @@ def converge(coupling, x_train: torch.Tensor, batch_size: int, seed: int) -> lis
     for epoch in range(1, CONVERGE_MAX_EPOCHS + 1):
         perm = torch.randperm(n, generator=gen)
         for i in range(n // batch_size):
-            idx = perm[i * batch_size:(i + 1) * batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             coupling(x_train[idx], idx)
         curve.append((epoch, dataset_cost(coupling, x_train)))
         if curve[-2][1] - curve[-1][1] <= CONVERGE_RTOL * curve[-2][1]:
@@ -125,20 +133,19 @@ class LargeBatchSinkhorn(Coupling):
         return self.x0_all[torch.as_tensor(indices)].to(x1.device, x1.dtype), x1
 
 
-
 def _coupling(variant: str, n: int, shape, seed: int, x_train=None, batch_size: int = 32):
     from ..couplings.factory import make_coupling
 
     if variant in SINKHORN_VARIANTS:
         from ..couplings import SinkhornCoupling
 
-        size, eps = variant[len("sinkhorn"):].split("_e")
+        size, eps = variant[len("sinkhorn") :].split("_e")
         if size == "N":
             return LargeBatchSinkhorn(x_train, float(eps), n // batch_size, seed)
         return SinkhornCoupling(float(eps), generator=torch.Generator().manual_seed(seed + 777))
     if variant in ("independent", "ot", "fixed"):
         return make_coupling(variant, n, shape, seed=seed)
-    caches = 1 if variant == "converged" else int(variant[len("loom"):])
+    caches = 1 if variant == "converged" else int(variant[len("loom") :])
     return make_coupling("loom", n, shape, num_caches=caches, seed=seed)
 
 
@@ -146,7 +153,7 @@ def caches_of(variant: str) -> int | None:
     """Noise caches per point of a variant with a finite noise set (None: fresh noise every step)."""
     if variant in ("independent", "ot") or variant in SINKHORN_VARIANTS:
         return None
-    return 1 if variant in ("fixed", "converged") else int(variant[len("loom"):])
+    return 1 if variant in ("fixed", "converged") else int(variant[len("loom") :])
 
 
 def run_one(data: str, variant: str, seed: int, s: dict, threads: int = 1) -> dict:
@@ -170,8 +177,17 @@ def run_one(data: str, variant: str, seed: int, s: dict, threads: int = 1) -> di
     floor = w2(x_train[rows], x_ref)
 
     coupling = _coupling(variant, n, shape, seed, x_train, s["batch_size"])
-    rec = {"data": data, "variant": variant, "seed": seed, "n_train": n, "n_eval": n_eval, "caches": caches_of(variant),
-           "steps": s["steps"], "batch_size": s["batch_size"], "w2_floor": floor}
+    rec = {
+        "data": data,
+        "variant": variant,
+        "seed": seed,
+        "n_train": n,
+        "n_eval": n_eval,
+        "caches": caches_of(variant),
+        "steps": s["steps"],
+        "batch_size": s["batch_size"],
+        "w2_floor": floor,
+    }
     rec["noise_total"] = None if rec["caches"] is None else rec["caches"] * n
     t0 = time.perf_counter()
     if variant == "converged":
@@ -197,7 +213,7 @@ def run_one(data: str, variant: str, seed: int, s: dict, threads: int = 1) -> di
     rec["straightness"] = straightness(ema, x0_fresh, 16)
     rec["eval_seconds"] = time.perf_counter() - t_eval
     hist = f["history"]
-    tail = hist[-max(1, len(hist) // 10):]
+    tail = hist[-max(1, len(hist) // 10) :]
     rec["minibatch_cost_end"] = float(np.mean([h["post_cost"] for h in tail]))
     rec["minibatch_cost_curve"] = _thin([(h["step"], h["post_cost"]) for h in hist], 200)
     rec["dataset_cost_curve"] = f["dataset_cost"]
@@ -212,8 +228,10 @@ def _thin(points: list, k: int) -> list:
     if len(points) <= k:
         return points
     w = len(points) // k
-    return [(points[i + w - 1][0], float(np.mean([p[1] for p in points[i:i + w]])))
-            for i in range(0, len(points) - w + 1, w)]
+    return [
+        (points[i + w - 1][0], float(np.mean([p[1] for p in points[i : i + w]])))
+        for i in range(0, len(points) - w + 1, w)
+    ]
 
 
 # ---- the grid ------------------------------------------------------------------------------------------
@@ -225,10 +243,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m loom_kernels.study",
         description="The paper's ablations (minibatch OT, fixed noise without reassignment, training after "
-                    "convergence, LOOM with 1/4/16/64 caches) on the built-in data sets over several seeds: "
-                    "W2 on fresh and on training noise, straightness, coupling cost curves; CSV, markdown "
-                    "table and figure.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "convergence, LOOM with 1/4/16/64 caches) on the built-in data sets over several seeds: "
+        "W2 on fresh and on training noise, straightness, coupling cost curves; CSV, markdown "
+        "table and figure.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
@@ -253,9 +272,12 @@ def run(args) -> list:
     os.makedirs(runs_dir, exist_ok=True)
     tasks = [(d, v, k) for d in args.data for v in args.variants for k in range(args.seeds)]
     todo = [t for t in tasks if not os.path.exists(_run_path(runs_dir, *t))]
-    print(f"study: {len(tasks)} runs "
-          f"({len(args.data)} data sets x {len(args.variants)} variants x {args.seeds} seeds), "
-          f"{len(tasks) - len(todo)} already in {runs_dir}; {args.jobs} at a time", flush=True)
+    print(
+        f"study: {len(tasks)} runs "
+        f"({len(args.data)} data sets x {len(args.variants)} variants x {args.seeds} seeds), "
+        f"{len(tasks) - len(todo)} already in {runs_dir}; {args.jobs} at a time",
+        flush=True,
+    )
     t0 = time.perf_counter()
     if todo:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
@@ -264,9 +286,11 @@ def run(args) -> list:
                 rec = fut.result()
                 path = _run_path(runs_dir, rec["data"], rec["variant"], rec["seed"])
                 atomic_write(path, lambda f, r=rec: json.dump(r, f), mode="w")
-                print(f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f} s] {rec['data']:<12} {rec['variant']:<10} "
-                      f"seed {rec['seed']}: W2 fresh@1 {rec['w2_fresh'][1]:.3f}  train {rec['train_seconds']:.0f} s",
-                      flush=True)
+                print(
+                    f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f} s] {rec['data']:<12} {rec['variant']:<10} "
+                    f"seed {rec['seed']}: W2 fresh@1 {rec['w2_fresh'][1]:.3f}  train {rec['train_seconds']:.0f} s",
+                    flush=True,
+                )
     records = []
     for t in tasks:
         with open(_run_path(runs_dir, *t)) as f:
@@ -295,11 +319,24 @@ def _fix_keys(rec: dict) -> dict:
 
 # ---- outputs ---------------------------------------------------------------------------------------------
 
-CSV_COLUMNS = (["data", "variant", "seed", "caches", "n_train", "noise_total", "steps", "batch_size", "n_eval"]
-               + [f"w2_fresh_nfe{k}" for k in NFES] + [f"w2_train_nfe{k}" for k in NFES]
-               + [f"gap_nfe{k}" for k in NFES]
-               + ["w2_floor", "straightness", "dataset_cost_start", "dataset_cost_end", "global_optimum",
-                  "minibatch_cost_end", "converge_epochs", "final_loss", "train_seconds", "eval_seconds"])
+CSV_COLUMNS = (
+    ["data", "variant", "seed", "caches", "n_train", "noise_total", "steps", "batch_size", "n_eval"]
+    + [f"w2_fresh_nfe{k}" for k in NFES]
+    + [f"w2_train_nfe{k}" for k in NFES]
+    + [f"gap_nfe{k}" for k in NFES]
+    + [
+        "w2_floor",
+        "straightness",
+        "dataset_cost_start",
+        "dataset_cost_end",
+        "global_optimum",
+        "minibatch_cost_end",
+        "converge_epochs",
+        "final_loss",
+        "train_seconds",
+        "eval_seconds",
+    ]
+)
 
 
 def _row(r: dict) -> dict:
@@ -321,8 +358,13 @@ def summarize(records: list) -> list:
         groups.setdefault((r["data"], r["variant"]), []).append(_row(r))
     out = []
     for (data, variant), rows in groups.items():
-        s = {"data": data, "variant": variant, "seeds": len(rows), "caches": rows[0]["caches"],
-             "noise_total": rows[0]["noise_total"]}
+        s = {
+            "data": data,
+            "variant": variant,
+            "seeds": len(rows),
+            "caches": rows[0]["caches"],
+            "noise_total": rows[0]["noise_total"],
+        }
         for col in CSV_COLUMNS[9:]:
             vals = [x[col] for x in rows if x[col] is not None]
             if vals:
@@ -337,13 +379,29 @@ def _fmt(sp, digits=3):
 
 def markdown(summary: list) -> str:
     """The study's table: per data set and variant, mean ± sd over seeds."""
-    head = ("variant", "noise samples", "W2 fresh NFE1", "NFE2", "NFE4", "NFE8", "W2 train-noise NFE1", "NFE8",
-            "gap NFE1 (fresh - train)", "gap NFE8", "straightness", "dataset cost at the end", "global optimum")
+    head = (
+        "variant",
+        "noise samples",
+        "W2 fresh NFE1",
+        "NFE2",
+        "NFE4",
+        "NFE8",
+        "W2 train-noise NFE1",
+        "NFE8",
+        "gap NFE1 (fresh - train)",
+        "gap NFE8",
+        "straightness",
+        "dataset cost at the end",
+        "global optimum",
+    )
     lines = []
     for data in dict.fromkeys(s["data"] for s in summary):
         rows = [s for s in summary if s["data"] == data]
-        lines += [f"\n**{data}** ({rows[0]['seeds']} seeds; W2 data floor {_fmt(rows[0]['w2_floor'])})\n",
-                  "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        lines += [
+            f"\n**{data}** ({rows[0]['seeds']} seeds; W2 data floor {_fmt(rows[0]['w2_floor'])})\n",
+            "| " + " | ".join(head) + " |",
+            "|---|" + "---:|" * (len(head) - 1),
+        ]
         for s in rows:
             cells = [LABELS[s["variant"]], str(s["noise_total"] or "fresh")]
             cells += [_fmt(s[f"w2_fresh_nfe{k}"]) for k in NFES]
@@ -360,16 +418,25 @@ def versus_ot(records: list) -> str:
     variants = [v for v in dict.fromkeys(r["variant"] for r in records) if v != "ot"]
     if not ot or not variants:
         return ""
-    lines = ["\n**Against minibatch OT**: seeds on which the variant's W2 (fresh noise) is below minibatch OT's, "
-             "at Euler NFE 1 / NFE 8\n", "| variant | " + " | ".join(datasets) + " |",
-             "|---|" + "---:|" * len(datasets)]
+    lines = [
+        "\n**Against minibatch OT**: seeds on which the variant's W2 (fresh noise) is below minibatch OT's, "
+        "at Euler NFE 1 / NFE 8\n",
+        "| variant | " + " | ".join(datasets) + " |",
+        "|---|" + "---:|" * len(datasets),
+    ]
     for v in variants:
         cells = []
         for d in datasets:
-            pairs = [(r, ot[(d, r["seed"])]) for r in records if r["data"] == d and r["variant"] == v
-                     and (d, r["seed"]) in ot]
-            cells.append(" / ".join(f"{sum(a['w2_fresh'][k] < b['w2_fresh'][k] for a, b in pairs)}/{len(pairs)}"
-                                    for k in (1, 8)) if pairs else "-")
+            pairs = [
+                (r, ot[(d, r["seed"])])
+                for r in records
+                if r["data"] == d and r["variant"] == v and (d, r["seed"]) in ot
+            ]
+            cells.append(
+                " / ".join(f"{sum(a['w2_fresh'][k] < b['w2_fresh'][k] for a, b in pairs)}/{len(pairs)}" for k in (1, 8))
+                if pairs
+                else "-"
+            )
         lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -386,9 +453,12 @@ def _memorisation_table(summary: list) -> str:
     if not rows:
         return ""
     head = "| data | " + " | ".join(LABELS[v] for v in looms) + " |"
-    return ("\n**Memorisation**: W2 from fresh noise minus W2 from the training noise at Euler NFE 8 "
-            "(mean ± sd over seeds; in brackets the noise samples, caches x points)\n\n"
-            + "\n".join([head, "|---|" + "---:|" * len(looms)] + rows) + "\n")
+    return (
+        "\n**Memorisation**: W2 from fresh noise minus W2 from the training noise at Euler NFE 8 "
+        "(mean ± sd over seeds; in brackets the noise samples, caches x points)\n\n"
+        + "\n".join([head, "|---|" + "---:|" * len(looms)] + rows)
+        + "\n"
+    )
 
 
 def write_outputs(records: list, out: str) -> None:

@@ -24,6 +24,7 @@ The package, one idea per module:
 - ``graphs``  CUDA-graph capture and replay, ``GraphCache``
 - ``dopri5``  the adaptive Dormand-Prince 5(4) pair
 """
+
 from __future__ import annotations
 
 from .api import sample

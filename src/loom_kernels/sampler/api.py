@@ -1,5 +1,6 @@
 """``sample``: the public entry of the sampler; checks its arguments once, then runs the fixed-step
 loop (eagerly or as a CUDA graph) or dopri5."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -27,13 +28,16 @@ def _check_cuda_graph(cuda_graph, x0, progress, method, velocity_hook) -> None:
     if not (isinstance(cuda_graph, str) and cuda_graph == "auto" or cuda_graph is True or cuda_graph is False):
         raise ValueError(f"cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
     if velocity_hook is not None and not callable(velocity_hook):
-        raise TypeError(f"velocity_hook must be callable as velocity_hook(v) or None, got "
-                        f"{type(velocity_hook).__name__}")
+        raise TypeError(
+            f"velocity_hook must be callable as velocity_hook(v) or None, got {type(velocity_hook).__name__}"
+        )
     if cuda_graph is not True:
         return
     if velocity_hook is not None:
-        raise ValueError("velocity_hook= runs eagerly (a graph would call it only at capture); it cannot be "
-                         "combined with cuda_graph=True")
+        raise ValueError(
+            "velocity_hook= runs eagerly (a graph would call it only at capture); it cannot be "
+            "combined with cuda_graph=True"
+        )
     if not x0.is_cuda:
         raise ValueError(f"cuda_graph=True needs x0 on a CUDA device, got x0 on {x0.device}")
     if progress:
@@ -152,8 +156,16 @@ def sample(
     kwargs = check_kwargs(model, x0, signature, model_kwargs, guidance, null_label, label_key)
     if guidance is not None and null_label is None:
         null_label = model.null_label
-    field = Field(model, signature, kwargs, None if guidance is None else float(guidance), label_key,
-                  null_label, x0.shape[0], velocity_hook)
+    field = Field(
+        model,
+        signature,
+        kwargs,
+        None if guidance is None else float(guidance),
+        label_key,
+        null_label,
+        x0.shape[0],
+        velocity_hook,
+    )
     if isinstance(method, str) and method in ADAPTIVE:
         grid = adaptive_grid(nfe, t0, t1, time_grid, rtol, atol, max_nfe)
         with torch.no_grad(), eval_mode(model):
@@ -165,13 +177,24 @@ def sample(
     plan = make_plan(method, nfe, t0, t1, time_grid)
     if info is not None:
         info.update(nfe=len(plan.weights))
-    graphs = (x0.is_cuda and cuda_graph is not False and not progress and velocity_hook is None
-              and not torch.is_autocast_enabled())
+    graphs = (
+        x0.is_cuda
+        and cuda_graph is not False
+        and not progress
+        and velocity_hook is None
+        and not torch.is_autocast_enabled()
+    )
     with torch.no_grad(), eval_mode(model):
         if graphs:
             with torch.cuda.device(x0.device):
-                out = run_graphed(field, x0, plan, return_trajectory, cuda_graph,
-                                  DEFAULT_CACHE if graph_cache is None else graph_cache)
+                out = run_graphed(
+                    field,
+                    x0,
+                    plan,
+                    return_trajectory,
+                    cuda_graph,
+                    DEFAULT_CACHE if graph_cache is None else graph_cache,
+                )
             if out is not None:
                 return out
         return run_eager(field, x0, plan, return_trajectory, progress)

@@ -1,6 +1,7 @@
 """dopri5: the adaptive Dormand-Prince 5(4) pair with FSAL and the usual step-size control
 (Hairer, Norsett, Wanner, "Solving Ordinary Differential Equations I", sec. II.4-5), eager, one host
 read per step for the error norm (the RMS over the whole batch, as torchdiffeq does)."""
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,7 @@ def run_dopri5(field, x0, grid, return_trajectory, rtol, atol, max_nfe) -> tuple
             else:
                 rejected += 1
             # Step-size control (safety 0.9, growth in [0.2, 10], no shrinking after an accepted step).
-            grow = 10.0 if ratio == 0.0 else 0.9 / ratio ** 0.2
+            grow = 10.0 if ratio == 0.0 else 0.9 / ratio**0.2
             h = abs(hs) * min(10.0, max(grow, 1.0 if ratio <= 1.0 else 0.2))
         if traj is not None:
             traj.append(x.clone())
@@ -107,14 +108,16 @@ def run_dopri5(field, x0, grid, return_trajectory, rtol, atol, max_nfe) -> tuple
 
 def adaptive_grid(nfe, t0, t1, time_grid, rtol, atol, max_nfe) -> list:
     if nfe is not None:
-        raise ValueError(f"nfe must be None for method='dopri5' (it chooses its own steps; max_nfe bounds "
-                         f"them), got {nfe!r}")
+        raise ValueError(
+            f"nfe must be None for method='dopri5' (it chooses its own steps; max_nfe bounds them), got {nfe!r}"
+        )
     for name, tol in (("rtol", rtol), ("atol", atol)):
         if check_real(name, tol) <= 0:
             raise ValueError(f"{name} must be positive, got {tol}")
     if isinstance(max_nfe, bool) or not isinstance(max_nfe, int) or max_nfe < 8:
-        raise ValueError(f"max_nfe must be an int >= 8 (dopri5 needs 8 evaluations for its first step), "
-                         f"got {max_nfe!r}")
+        raise ValueError(
+            f"max_nfe must be an int >= 8 (dopri5 needs 8 evaluations for its first step), got {max_nfe!r}"
+        )
     t0, t1 = check_real("t0", t0), check_real("t1", t1)
     if t0 == t1:
         raise ValueError(f"t0 and t1 must differ, got t0 = t1 = {t0}")

@@ -4,6 +4,7 @@ classifier-free guidance (Ho & Salimans 2022), with their checks, in one place.
 Every convention is one row of ``CONVENTIONS``: its documented form, the call itself, and the
 keywords it passes on its own (which ``model_kwargs`` must not hold).
 """
+
 from __future__ import annotations
 
 import math
@@ -90,7 +91,8 @@ class Field:
             raise TypeError(
                 f"calling the model as {SIGNATURES[sig]} with model_kwargs {sorted(kw)} raised TypeError: "
                 f"{exc} (signature= picks the convention, one of {sorted(SIGNATURES)}; model_kwargs "
-                "must be keywords the model accepts)") from exc
+                "must be keywords the model accepts)"
+            ) from exc
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"the model ({SIGNATURES[sig]}) must return a torch.Tensor, got {type(v).__name__}")
         if v.shape != x.shape or v.device != x.device or not v.is_floating_point():
@@ -104,7 +106,6 @@ class Field:
             cond, null = v.chunk(2)
             v = torch.lerp(null, cond, self.guidance)
         return v
-
 
 
 def check_kwargs(model, x0, signature, model_kwargs, guidance, null_label, label_key) -> dict:
@@ -129,14 +130,16 @@ def check_kwargs(model, x0, signature, model_kwargs, guidance, null_label, label
         if not isinstance(labels, torch.Tensor):
             raise ValueError(
                 f"guidance needs the class labels as model_kwargs[{label_key!r}] (a (B,) integer tensor; "
-                f"label_key= names another key), got model_kwargs keys {sorted(model_kwargs)}")
+                f"label_key= names another key), got model_kwargs keys {sorted(model_kwargs)}"
+            )
         _check_labels(model, labels, x0.shape[0], label_key)
         if null_label is None:
             null_label = getattr(model, "null_label", None)
         if isinstance(null_label, bool) or not isinstance(null_label, int):
             raise ValueError(
                 "guidance needs null_label= (the label the model was trained with for 'no class'; "
-                f"models.UNet exposes it as .null_label), got {null_label!r}")
+                f"models.UNet exposes it as .null_label), got {null_label!r}"
+            )
     return model_kwargs
 
 
@@ -144,13 +147,15 @@ def _check_labels(model, labels, batch, label_key) -> None:
     if labels.dtype in (torch.bool,) or labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"model_kwargs[{label_key!r}] (class labels) must be an integer tensor, got {labels.dtype}")
     if labels.ndim != 1 or labels.shape[0] != batch:
-        raise ValueError(f"model_kwargs[{label_key!r}] (class labels) must have shape ({batch},) like x0's "
-                         f"batch, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"model_kwargs[{label_key!r}] (class labels) must have shape ({batch},) like x0's "
+            f"batch, got {tuple(labels.shape)}"
+        )
     n = getattr(model, "num_classes", None)
     if isinstance(n, int) and not isinstance(n, bool) and labels.numel():
         lo, hi = int(labels.min()), int(labels.max())  # one host read per call, before the loop
         if lo < 0 or hi >= n:
-            raise ValueError(f"model_kwargs[{label_key!r}] holds labels in [{lo}, {hi}], outside the model's "
-                             f"{n} classes [0, {n - 1}]")
-
-
+            raise ValueError(
+                f"model_kwargs[{label_key!r}] holds labels in [{lo}, {hi}], outside the model's "
+                f"{n} classes [0, {n - 1}]"
+            )

@@ -6,6 +6,7 @@ Methods (E. Hairer, S. P. Norsett, G. Wanner, "Solving Ordinary Differential Equ
 - midpoint: x' = x + h v(x + h/2 v(x, t), t + h/2)               (2 NFE per step, order 2)
 - heun:     x' = x + h/2 (v(x, t) + v(x + h v(x, t), t + h))     (2 NFE per step, order 2)
 """
+
 from __future__ import annotations
 
 import collections
@@ -98,7 +99,6 @@ def make_plan(method, nfe, t0, t1, time_grid) -> Plan:
     return Plan(method, tuple(grid), tuple(times), tuple(weights))
 
 
-
 def quadrature(method: str, nfe: int, t0: float = 0.0, t1: float = 1.0, time_grid=None) -> tuple:
     """The evaluation times and quadrature weights of a fixed-step method: ``(times, weights)``.
 
@@ -133,8 +133,9 @@ class Buffers:
         return self.traj if self.traj is not None else self.state
 
 
-def alloc(x0: torch.Tensor, plan: Plan, return_trajectory: bool, kwargs: dict, width: int,
-           static: bool = False) -> Buffers:
+def alloc(
+    x0: torch.Tensor, plan: Plan, return_trajectory: bool, kwargs: dict, width: int, static: bool = False
+) -> Buffers:
     shape = tuple(x0.shape)
     opts = dict(dtype=x0.dtype, device=x0.device)
     traj = torch.empty((plan.steps + 1,) + shape, **opts) if return_trajectory else None

@@ -3,6 +3,7 @@
 A graph reads its inputs by address, so each one owns static copies of x0 and the kwargs tensors,
 refreshed before each replay; parameters changed in place are seen, rebound ones change the key.
 """
+
 from __future__ import annotations
 
 import collections
@@ -145,8 +146,7 @@ def _graph_key(field: Field, x0, plan, return_trajectory):
     if isinstance(model, torch.nn.Module):
         # Rebinding a parameter/buffer to a new tensor moves its address: a graph would read the old one.
         tensors = tuple(
-            (p.data_ptr(), p.dtype, tuple(p.shape))
-            for p in list(model.parameters()) + list(model.buffers())
+            (p.data_ptr(), p.dtype, tuple(p.shape)) for p in list(model.parameters()) + list(model.buffers())
         )
     autocast = torch.is_autocast_enabled()
     call = (field.signature, kw, field.guidance, field.label_key, field.null_label)
@@ -229,4 +229,3 @@ def run_graphed(field, x0, plan, return_trajectory, cuda_graph, cache: GraphCach
     if key is not None:
         cache.store(key, entry, model)
     return result
-

@@ -1,5 +1,6 @@
 """The fused state update of the fixed-step loop: ``out = x + a v1 (+ b v2)`` as one Triton kernel on
 CUDA (fp32 accumulation, one rounding to the state's dtype), the same arithmetic in torch elsewhere."""
+
 from __future__ import annotations
 
 import torch
@@ -45,9 +46,7 @@ def _use_triton(x: torch.Tensor) -> bool:
     if not use_kernel(x.device):
         return False
     if not x.is_cuda and not interpreting():
-        raise RuntimeError(
-            "loom_kernels._triton.KERNELS_ON_CPU needs TRITON_INTERPRET=1 set before triton is imported"
-        )
+        raise RuntimeError("loom_kernels._triton.KERNELS_ON_CPU needs TRITON_INTERPRET=1 set before triton is imported")
     return True
 
 
@@ -62,12 +61,19 @@ def update(x, v1, v2, a: float, b: float, out) -> None:
         v2 = v2.contiguous() if two else v1
         n = out.numel()
         _ode_update_kernel[(triton.cdiv(n, _BLOCK),)](
-            x, v1, v2, out, float(a), float(b), n,
-            TWO=two, BLOCK=_BLOCK, num_warps=4,
+            x,
+            v1,
+            v2,
+            out,
+            float(a),
+            float(b),
+            n,
+            TWO=two,
+            BLOCK=_BLOCK,
+            num_warps=4,
         )
         return
     if v2 is not None:  # velocities first, as in the kernel: x + (a v1 + b v2)
         v1 = torch.add(v1 * a, v2, alpha=b)
         a = 1.0
     torch.add(x, v1, alpha=a, out=out)
-

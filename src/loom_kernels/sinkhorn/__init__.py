@@ -9,8 +9,17 @@ O(B (n + m) + tile). See docs/sinkhorn.md.
     >>> res = sinkhorn(x1, x0, epsilon=0.01)          # relative to the mean cost
     >>> j = draw_pairs(res, x1, x0, seed=0)           # (n,) int64: x0[j[i]] pairs with x1[i]
 """
+
 from .plan import dense_plan, draw_pairs, plan_sharpness
 from .solver import RowShards, SinkhornResult, SinkhornWarning, sinkhorn, sinkhorn_cost
 
-__all__ = ["RowShards", "SinkhornResult", "SinkhornWarning", "dense_plan", "draw_pairs", "plan_sharpness", "sinkhorn",
-           "sinkhorn_cost"]
+__all__ = [
+    "RowShards",
+    "SinkhornResult",
+    "SinkhornWarning",
+    "dense_plan",
+    "draw_pairs",
+    "plan_sharpness",
+    "sinkhorn",
+    "sinkhorn_cost",
+]

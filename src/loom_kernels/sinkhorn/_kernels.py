@@ -13,6 +13,7 @@ registers, so memory beyond the inputs is the ``(B, n)`` output.
 The launchers (``lse``, ``argmax``) hold the policy: float32 contiguous operands (the solver
 centres and converts once per solve), tile sizes, warps, the grid.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,10 +35,23 @@ if triton is not None:
         KI,  # [B, N] int64: row hash keys mix32(key_b ^ i) (read when GUMBEL)
         KJ,  # [M] int64: column hash keys mix32(j + golden) (read when GUMBEL)
         OUT,  # [B, N] float32 LSE_j(s_ij), or int64 argmax_j(s_ij [+ Gumbel]) when ARGMAX
-        N, M, D,
-        sxb, sxn, syb, sym, sub, skb, sob,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        ONE_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, ARGMAX: tl.constexpr, GUMBEL: tl.constexpr,
+        N,
+        M,
+        D,
+        sxb,
+        sxn,
+        syb,
+        sym,
+        sub,
+        skb,
+        sob,
+        BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        ONE_K: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        ARGMAX: tl.constexpr,
+        GUMBEL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
@@ -145,10 +159,32 @@ def _grid_launch(x, y, u, scale, ki, kj, out, allow_tf32, argmax, gumbel):
             xb, yb, ub, kb, ob = x[sl], y[sl], u[sl], ki[sl], out[sl]
             grid = (triton.cdiv(N, bn), xb.shape[0])
             _sinkhorn_stream_kernel[grid](
-                xb, yb, ub, scale[sl], kb, kj, ob, N, M, D,
-                xb.stride(0), xb.stride(1), yb.stride(0), yb.stride(1), ub.stride(0), kb.stride(0), ob.stride(0),
-                BLOCK_N=bn, BLOCK_M=bm, BLOCK_K=bk, ONE_K=one_k, INPUT_PRECISION=precision,
-                ARGMAX=argmax, GUMBEL=gumbel, num_warps=warps, num_stages=stages,
+                xb,
+                yb,
+                ub,
+                scale[sl],
+                kb,
+                kj,
+                ob,
+                N,
+                M,
+                D,
+                xb.stride(0),
+                xb.stride(1),
+                yb.stride(0),
+                yb.stride(1),
+                ub.stride(0),
+                kb.stride(0),
+                ob.stride(0),
+                BLOCK_N=bn,
+                BLOCK_M=bm,
+                BLOCK_K=bk,
+                ONE_K=one_k,
+                INPUT_PRECISION=precision,
+                ARGMAX=argmax,
+                GUMBEL=gumbel,
+                num_warps=warps,
+                num_stages=stages,
             )
     return out
 

@@ -1,5 +1,6 @@
 """Validation of a Sinkhorn problem and the one dispatch point between the Triton kernels and the
 blocked torch path (``Problem.lse`` / ``Problem.argmax``)."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,9 @@ def _check_tensor(name, t, ndims, what):
 def _weights(name, w, batch, size, device, dtype, allow_empty=False):
     """log-weights ``(B, size)`` (``-inf`` where a weight is 0) and the masses ``(B,)`` float64."""
     if w is None:
-        return torch.full((batch, size), -math.log(size), device=device, dtype=dtype), \
-            torch.ones(batch, dtype=torch.float64, device=device)
+        return torch.full((batch, size), -math.log(size), device=device, dtype=dtype), torch.ones(
+            batch, dtype=torch.float64, device=device
+        )
     _check_tensor(name, w, (1, 2), f"({size},) or ({batch}, {size})")
     if w.shape[-1] != size or (w.ndim == 2 and w.shape[0] != batch):
         raise ValueError(f"{name} must have shape ({size},) or ({batch}, {size}), got {tuple(w.shape)}")
@@ -89,8 +91,9 @@ class Problem:
         # mean_ij |x_i - y_j|^2 = mean|x - c|^2 + mean|y - c|^2 - 2 (mu_x - c).(mu_y - c): O((n + m) D),
         # little cancellation as c lies between the means
         dx, dy = mu_x - centre, mu_y - centre
-        self.mean_cost = (self.geo.xx.double().mean(1) + self.geo.yy.double().mean(1)
-                          - 2 * (dx * dy).sum(-1)).clamp_min(0)
+        self.mean_cost = (
+            self.geo.xx.double().mean(1) + self.geo.yy.double().mean(1) - 2 * (dx * dy).sum(-1)
+        ).clamp_min(0)
         # (max |x - c| + max |y - c|)^2 bounds every cost: where epsilon scaling starts
         self.max_cost = (self.geo.xx.double().amax(1).sqrt() + self.geo.yy.double().amax(1).sqrt()) ** 2
         self.kernel = use_kernel(self.device) and self.dtype == torch.float32
@@ -125,8 +128,7 @@ class Problem:
         ki = None if seed is None else _tiles.row_keys(seed, B, n, self.device)
         kj = None if seed is None else _tiles.col_keys(m, self.device)
         if self.kernel:
-            return _kernels.argmax(self.geo.x, self.geo.y, u.contiguous(), scale.contiguous(), ki, kj,
-                                   self.allow_tf32)
+            return _kernels.argmax(self.geo.x, self.geo.y, u.contiguous(), scale.contiguous(), ki, kj, self.allow_tf32)
         return _tiles.row_argmax(self.geo, u, scale, ki, kj)
 
     def unbatch(self, t):

@@ -16,6 +16,7 @@ The Gumbel noise of the sampler is a counter-based hash of ``(seed, b, i, j)`` (
 written once here in int64 arithmetic and once in the Triton kernel with the same operations, so
 both paths draw the same noise for the same seed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,7 +59,7 @@ def gumbel(ki: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
     ``h = mix32(ki ^ kj)``, uniform ``((h >> 8) + 0.5) * 2**-24`` in (0, 1) (exact in float32),
     ``-log(-log(u))``. The Triton kernel runs the very same integer operations."""
     h = mix32(ki[:, :, None] ^ kj[None, None, :])
-    u = ((h >> 8).to(torch.float32) + 0.5) * (2.0 ** -24)
+    u = ((h >> 8).to(torch.float32) + 0.5) * (2.0**-24)
     return -torch.log(-torch.log(u))
 
 

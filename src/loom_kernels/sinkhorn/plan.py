@@ -7,6 +7,7 @@ so a row's sample is one more streamed pass with a running argmax. The noise is 
 independent of tiling. Sharpness: the normalised entropy of M. Klein, A. Mousavi-Hosseini,
 S. Zhang, M. Cuturi, "On Fitting Flow Models with Large Sinkhorn Couplings", 2025.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,10 @@ def _problem(result, x, y, cost, allow_tf32=False):
     B, n, m = prob.shape
     f, g = (result.f, result.g) if prob.batched else (result.f[None], result.g[None])
     if f.shape != (B, n) or g.shape != (B, m):
-        raise ValueError(f"the problem has shape (B, n, m) = {(B, n, m)} but result.f is {tuple(result.f.shape)} "
-                         f"and result.g {tuple(result.g.shape)}: pass the inputs of the solve")
+        raise ValueError(
+            f"the problem has shape (B, n, m) = {(B, n, m)} but result.f is {tuple(result.f.shape)} "
+            f"and result.g {tuple(result.g.shape)}: pass the inputs of the solve"
+        )
     eps = result.epsilon.reshape(-1)[:, None].to(device=prob.device, dtype=prob.dtype)
     return prob, f.to(prob.dtype), g.to(prob.dtype), eps
 
@@ -41,8 +44,9 @@ def _seed(seed) -> int:
     return seed
 
 
-def draw_pairs(result: SinkhornResult, x=None, y=None, *, cost=None, seed=0, argmax: bool = False,
-               allow_tf32: bool = False) -> torch.Tensor:
+def draw_pairs(
+    result: SinkhornResult, x=None, y=None, *, cost=None, seed=0, argmax: bool = False, allow_tf32: bool = False
+) -> torch.Tensor:
     """For each row i, a column j drawn from ``P_ij / sum_j P_ij`` (or its argmax), streamed.
 
     Args:

@@ -1,4 +1,5 @@
 """Dense float64 references for the tests: the plan formed, nothing streamed, no epsilon scaling."""
+
 from __future__ import annotations
 
 import torch

@@ -13,6 +13,7 @@ streams the cost (``_problem.Problem.lse``). The row pass also measures, for fre
 error of the pair it starts from: the row sums of ``(f, g)`` are ``a_i exp((f_i - f'_i) / eps)``,
 so the returned pair's error is measured exactly, never estimated.
 """
+
 from __future__ import annotations
 
 import math
@@ -122,8 +123,11 @@ def _shard(prob, shards):
 
 def _scales(prob, epsilon, relative, tau):
     """Absolute ``(eps, tau)`` float64 ``(B,)``; a problem whose cost is all 0 keeps ``epsilon`` as is."""
-    scale = torch.where(prob.mean_cost > 0, prob.mean_cost, torch.ones_like(prob.mean_cost)) if relative \
+    scale = (
+        torch.where(prob.mean_cost > 0, prob.mean_cost, torch.ones_like(prob.mean_cost))
+        if relative
         else torch.ones_like(prob.mean_cost)
+    )
     return epsilon * scale, (None if tau is None else tau * scale)
 
 
@@ -132,7 +136,7 @@ def _schedule(prob, eps, eps_scaling):
     if eps_scaling is None:
         return []
     r0 = float((prob.max_cost / eps).max())
-    stages = [] if r0 <= 1 else [r0 * eps_scaling ** k for k in range(int(math.log(r0) / -math.log(eps_scaling)) + 1)]
+    stages = [] if r0 <= 1 else [r0 * eps_scaling**k for k in range(int(math.log(r0) / -math.log(eps_scaling)) + 1)]
     return [r for r in stages if r > 1]
 
 
@@ -148,9 +152,11 @@ def _solve(prob, epsilon, relative, tau, tol, max_iter, eps_scaling, shards=None
     if shards is not None:
         _shard(prob, shards)
     if tau is None and bool(((prob.mass_a - prob.mass_b).abs() > 1e-6 * torch.maximum(prob.mass_a, prob.mass_b)).any()):
-        raise ValueError(f"a and b must have the same total mass for a balanced problem (tau=None), got "
-                         f"{prob.unbatch(prob.mass_a).tolist()} and {prob.unbatch(prob.mass_b).tolist()}; "
-                         f"pass tau for an unbalanced one")
+        raise ValueError(
+            f"a and b must have the same total mass for a balanced problem (tau=None), got "
+            f"{prob.unbatch(prob.mass_a).tolist()} and {prob.unbatch(prob.mass_b).tolist()}; "
+            f"pass tau for an unbalanced one"
+        )
     eps64, tau64 = _scales(prob, epsilon, relative, tau)
     B, n, m = prob.shape
 
@@ -179,17 +185,42 @@ def _solve(prob, epsilon, relative, tau, tol, max_iter, eps_scaling, shards=None
         g = _update(prob, f, e, lam(e), rows=False, shards=shards)
         it += 1
     if not done:
-        warnings.warn(SinkhornWarning(
-            f"sinkhorn stopped at max_iter={max_iter} with marginal error {float(err.max()):.3g} > tol={tol} "
-            f"(epsilon {prob.unbatch(eps64).tolist()}): raise max_iter or epsilon, or loosen tol"), stacklevel=3)
+        warnings.warn(
+            SinkhornWarning(
+                f"sinkhorn stopped at max_iter={max_iter} with marginal error {float(err.max()):.3g} > tol={tol} "
+                f"(epsilon {prob.unbatch(eps64).tolist()}): raise max_iter or epsilon, or loosen tol"
+            ),
+            stacklevel=3,
+        )
     u = prob.unbatch
-    return SinkhornResult(f=u(f), g=u(g), epsilon=u(eps64), tau=u(tau64), mean_cost=u(prob.mean_cost),
-                          iterations=it, error=u(err), converged=done, tol=tol)
+    return SinkhornResult(
+        f=u(f),
+        g=u(g),
+        epsilon=u(eps64),
+        tau=u(tau64),
+        mean_cost=u(prob.mean_cost),
+        iterations=it,
+        error=u(err),
+        converged=done,
+        tol=tol,
+    )
 
 
-def sinkhorn(x, y, a=None, b=None, *, epsilon: float = 0.05, relative: bool = True, tau: float | None = None,
-             tol: float = 1e-3, max_iter: int = 1000, eps_scaling: float | None = None,
-             allow_tf32: bool = False, row_shards: RowShards | None = None) -> SinkhornResult:
+def sinkhorn(
+    x,
+    y,
+    a=None,
+    b=None,
+    *,
+    epsilon: float = 0.05,
+    relative: bool = True,
+    tau: float | None = None,
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    eps_scaling: float | None = None,
+    allow_tf32: bool = False,
+    row_shards: RowShards | None = None,
+) -> SinkhornResult:
     """Entropic OT between point clouds for the squared-Euclidean cost, the cost never stored.
 
     Args:
@@ -225,13 +256,21 @@ def sinkhorn(x, y, a=None, b=None, *, epsilon: float = 0.05, relative: bool = Tr
         >>> cols = draw_pairs(res, x1, x0, seed=0)   # a noise index for each data row
     """
     prob = Problem(x=x, y=y, a=a, b=b, allow_tf32=allow_tf32, row_shard=row_shards is not None)
-    return _solve(prob, epsilon, relative, tau, tol, max_iter,
-                  eps_scaling, row_shards)
+    return _solve(prob, epsilon, relative, tau, tol, max_iter, eps_scaling, row_shards)
 
 
-def sinkhorn_cost(cost, a=None, b=None, *, epsilon: float = 0.05, relative: bool = True,
-                  tau: float | None = None, tol: float = 1e-3, max_iter: int = 1000,
-                  eps_scaling: float | None = None) -> SinkhornResult:
+def sinkhorn_cost(
+    cost,
+    a=None,
+    b=None,
+    *,
+    epsilon: float = 0.05,
+    relative: bool = True,
+    tau: float | None = None,
+    tol: float = 1e-3,
+    max_iter: int = 1000,
+    eps_scaling: float | None = None,
+) -> SinkhornResult:
     """``sinkhorn`` on a given cost matrix ``(n, m)`` or ``(B, n, m)`` (any metric), read tile by tile.
 
     Example:

@@ -23,6 +23,7 @@ The package: ``config`` (settings, result, schedule), ``batches`` (device, rank,
 ``log`` (log.csv), ``run`` (the run's state: build, restore, save), ``step`` (one optimizer step),
 ``loop`` (the loop and :func:`train`); the command line is :mod:`loom_kernels.cli.train`.
 """
+
 from __future__ import annotations
 
 from ..checkpoint import load_checkpoint, load_model, save_model
@@ -46,6 +47,24 @@ from .loop import train
 
 _Schedule = _Warmup = Schedule  # the names older checkpoints may have pickled
 
-__all__ = ["train", "TrainConfig", "TrainResult", "make_coupling", "resolve_device", "dist_info", "load_model",
-           "save_model", "load_checkpoint", "CHECKPOINT", "MODEL", "LOG", "LOG_COLUMNS", "PRECISIONS", "SCHEDULES",
-           "NONFINITE", "FIXED_ON_RESUME", "OVERRIDABLE_ON_RESUME", "Schedule"]
+__all__ = [
+    "train",
+    "TrainConfig",
+    "TrainResult",
+    "make_coupling",
+    "resolve_device",
+    "dist_info",
+    "load_model",
+    "save_model",
+    "load_checkpoint",
+    "CHECKPOINT",
+    "MODEL",
+    "LOG",
+    "LOG_COLUMNS",
+    "PRECISIONS",
+    "SCHEDULES",
+    "NONFINITE",
+    "FIXED_ON_RESUME",
+    "OVERRIDABLE_ON_RESUME",
+    "Schedule",
+]

@@ -1,5 +1,6 @@
 """Where each step's data comes from: the device, the rank, the epoch order and the batch fetch, and the
 data set's fingerprint kept in checkpoints."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,11 +43,14 @@ def fetch(dataset, idx: torch.Tensor):
     for i in idx.tolist():
         item = dataset[i]
         if not (isinstance(item, (tuple, list)) and len(item) in (2, 3)):
-            raise ValueError(f"dataset items must be (index, x) pairs or (index, x, y) triples, got "
-                             f"{type(item).__name__} for item {i}")
+            raise ValueError(
+                f"dataset items must be (index, x) pairs or (index, x, y) triples, got "
+                f"{type(item).__name__} for item {i}"
+            )
         if int(item[0]) != i:
             raise ValueError(
-                f"dataset item {i} returned index {int(item[0])}: items must be (index, x) with index == i")
+                f"dataset item {i} returned index {int(item[0])}: items must be (index, x) with index == i"
+            )
         xs.append(torch.as_tensor(item[1]))
         if len(item) == 3:
             ys.append(torch.as_tensor(item[2]))

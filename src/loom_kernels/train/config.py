@@ -1,4 +1,5 @@
 """The trainer's settings (``TrainConfig``), its result (``TrainResult``), file names and the LR schedule."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,20 @@ NONFINITE = ("stop", "skip")
 # A resume refuses a change of these (they define the data order or the numerics) ...
 FIXED_ON_RESUME = ("batch_size", "seed", "precision")
 # ... and applies these, stating each change.
-OVERRIDABLE_ON_RESUME = ("steps", "lr", "warmup", "schedule", "weight_decay", "grad_clip", "ema_decay", "sigma",
-                         "label_dropout", "log_every", "ckpt_every", "nonfinite")
+OVERRIDABLE_ON_RESUME = (
+    "steps",
+    "lr",
+    "warmup",
+    "schedule",
+    "weight_decay",
+    "grad_clip",
+    "ema_decay",
+    "sigma",
+    "label_dropout",
+    "log_every",
+    "ckpt_every",
+    "nonfinite",
+)
 
 
 @dataclass
@@ -76,8 +89,14 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {lo}, got {v!r}")
 
-        for name, lo in (("steps", 1), ("batch_size", 1), ("warmup", 0), ("log_every", 1), ("ckpt_every", 0),
-                         ("seed", 0)):
+        for name, lo in (
+            ("steps", 1),
+            ("batch_size", 1),
+            ("warmup", 0),
+            ("log_every", 1),
+            ("ckpt_every", 0),
+            ("seed", 0),
+        ):
             _int(name, lo)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a positive finite number, got {self.lr!r}")

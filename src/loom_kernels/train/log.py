@@ -1,4 +1,5 @@
 """The training log: ``log.csv`` rows (torn-row tolerant on resume) and the coupling stats they carry."""
+
 from __future__ import annotations
 
 import csv
@@ -29,11 +30,16 @@ def _read_log(path: str, resume_step: int) -> list:
             [float(r[c]) for c in LOG_COLUMNS[1:]]
         except (TypeError, ValueError, KeyError):
             if k == len(rows) - 1:
-                warnings.warn(f"{path}: dropping its torn last row {k + 2} ({r}): the run was killed while "
-                              "writing it", RuntimeWarning, stacklevel=4)
+                warnings.warn(
+                    f"{path}: dropping its torn last row {k + 2} ({r}): the run was killed while writing it",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
                 break
-            raise ValueError(f"{path}: row {k + 2} is not a log row of columns {LOG_COLUMNS} (got {r}); "
-                             "fix or delete the file to resume") from None
+            raise ValueError(
+                f"{path}: row {k + 2} is not a log row of columns {LOG_COLUMNS} (got {r}); "
+                "fix or delete the file to resume"
+            ) from None
         if step <= resume_step:
             kept.append(r)
     return kept

@@ -1,4 +1,5 @@
 """The loop (restore, step, log, checkpoint) and :func:`train`, the trainer's entry."""
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,9 @@ def loop(run: Run, callback, callback_every) -> None:
     if run.rank == 0 and cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train[{type(run.user_coupling).__name__}]",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps, initial=run.step, desc=f"train[{type(run.user_coupling).__name__}]", dynamic_ncols=True
+        )
     run.model.train()
     try:
         with sigterm_flag() as run.sigterm:
@@ -58,8 +60,11 @@ def loop(run: Run, callback, callback_every) -> None:
                 if run.terminate:
                     if cfg.out_dir:
                         save(run)
-                    raise SystemExit(f"SIGTERM at step {run.step}: saved {run.ckpt_path}; exiting"
-                                     if cfg.out_dir else f"SIGTERM at step {run.step}: exiting (no out_dir)")
+                    raise SystemExit(
+                        f"SIGTERM at step {run.step}: saved {run.ckpt_path}; exiting"
+                        if cfg.out_dir
+                        else f"SIGTERM at step {run.step}: exiting (no out_dir)"
+                    )
                 if cfg.ckpt_every and run.step % cfg.ckpt_every == 0 and run.step < cfg.steps:
                     save(run)
             if cfg.out_dir:
@@ -69,8 +74,16 @@ def loop(run: Run, callback, callback_every) -> None:
             bar.close()
 
 
-def train(model: nn.Module, dataset, coupling, config: TrainConfig | None = None, *, callback=None,
-          callback_every: int = 0, metadata: dict | None = None) -> TrainResult:
+def train(
+    model: nn.Module,
+    dataset,
+    coupling,
+    config: TrainConfig | None = None,
+    *,
+    callback=None,
+    callback_every: int = 0,
+    metadata: dict | None = None,
+) -> TrainResult:
     """Trains ``model(x, t)`` (or ``model(x, t, y=y)`` on labelled data) by flow matching on ``coupling``'s pairs.
 
     Args:
@@ -121,7 +134,11 @@ def train(model: nn.Module, dataset, coupling, config: TrainConfig | None = None
         if run.log is not None:
             run.log.close()
     if run.skipped:
-        warnings.warn(f"{run.skipped} of the steps had a non-finite loss or gradient and were skipped", RuntimeWarning,
-                      stacklevel=2)
-    return TrainResult(model=run.model, ema=run.ema, history=run.history, step=run.step, out_dir=cfg.out_dir,
-                       skipped=run.skipped)
+        warnings.warn(
+            f"{run.skipped} of the steps had a non-finite loss or gradient and were skipped",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return TrainResult(
+        model=run.model, ema=run.ema, history=run.history, step=run.step, out_dir=cfg.out_dir, skipped=run.skipped
+    )

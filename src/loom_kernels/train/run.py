@@ -1,5 +1,6 @@
 """One training run's state (``Run``): building it, restoring it from a checkpoint (with the resume
 checks), and saving it (never from non-finite weights)."""
+
 from __future__ import annotations
 
 import copy
@@ -48,8 +49,10 @@ def as_coupling(coupling) -> Coupling:
         return coupling
     if callable(coupling):
         return _CallableCoupling(coupling)
-    raise TypeError(f"coupling must be a loom_kernels.couplings.Coupling (or a callable coupling(x1, indices=...)), "
-                    f"got {type(coupling).__name__}")
+    raise TypeError(
+        f"coupling must be a loom_kernels.couplings.Coupling (or a callable coupling(x1, indices=...)), "
+        f"got {type(coupling).__name__}"
+    )
 
 
 @dataclass
@@ -98,8 +101,10 @@ def build(model, dataset, coupling, cfg, metadata) -> Run:
         raise ValueError(f"precision={cfg.precision!r} (autocast) needs a CUDA device, got device {device}")
     n, global_batch = len(dataset), world * cfg.batch_size
     if n < global_batch:
-        raise ValueError(f"the data set has {n} items, fewer than one global batch of {global_batch} "
-                         f"(batch_size={cfg.batch_size} x world_size={world})")
+        raise ValueError(
+            f"the data set has {n} items, fewer than one global batch of {global_batch} "
+            f"(batch_size={cfg.batch_size} x world_size={world})"
+        )
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     net = model
@@ -108,27 +113,55 @@ def build(model, dataset, coupling, cfg, metadata) -> Run:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, Schedule(cfg.warmup, cfg.steps, cfg.schedule))
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
-    return Run(cfg, model, ema, net, proto, coupling, dataset, opt, sched, scaler, device, rank, world,
-                metadata or {}, fingerprint(dataset))
+    return Run(
+        cfg,
+        model,
+        ema,
+        net,
+        proto,
+        coupling,
+        dataset,
+        opt,
+        sched,
+        scaler,
+        device,
+        rank,
+        world,
+        metadata or {},
+        fingerprint(dataset),
+    )
 
 
 def _check_resume(run: Run, ck: dict) -> None:
     """Refuses a resume whose data or fixed settings differ from the checkpoint's; states every override."""
     path, old = run.ckpt_path, ck.get("config", {})
     if ck.get("data") is not None and ck["data"] != run.fingerprint:
-        raise ValueError(f"{path} was trained on another data set (length or contents differ: {ck['data'][:12]} vs "
-                         f"{run.fingerprint[:12]}); resume with the same --data/--points/--holdout/--flip, or use "
-                         "another out_dir")
-    fixed = [f"{k}: {old[k]!r} -> {getattr(run.cfg, k)!r}" for k in FIXED_ON_RESUME
-             if k in old and old[k] != getattr(run.cfg, k)]
+        raise ValueError(
+            f"{path} was trained on another data set (length or contents differ: {ck['data'][:12]} vs "
+            f"{run.fingerprint[:12]}); resume with the same --data/--points/--holdout/--flip, or use "
+            "another out_dir"
+        )
+    fixed = [
+        f"{k}: {old[k]!r} -> {getattr(run.cfg, k)!r}"
+        for k in FIXED_ON_RESUME
+        if k in old and old[k] != getattr(run.cfg, k)
+    ]
     if fixed:
-        raise ValueError(f"{path} cannot be resumed with other settings of {', '.join(fixed)} (they fix the data "
-                         "order or the numerics); resume with the checkpoint's values, or use another out_dir")
-    changed = [f"{k}: {old[k]!r} -> {getattr(run.cfg, k)!r}" for k in OVERRIDABLE_ON_RESUME
-               if k in old and old[k] != getattr(run.cfg, k)]
+        raise ValueError(
+            f"{path} cannot be resumed with other settings of {', '.join(fixed)} (they fix the data "
+            "order or the numerics); resume with the checkpoint's values, or use another out_dir"
+        )
+    changed = [
+        f"{k}: {old[k]!r} -> {getattr(run.cfg, k)!r}"
+        for k in OVERRIDABLE_ON_RESUME
+        if k in old and old[k] != getattr(run.cfg, k)
+    ]
     if changed:
-        warnings.warn(f"resuming {path} with new settings (they apply from step {ck['step']} on): "
-                      + "; ".join(changed), UserWarning, stacklevel=3)
+        warnings.warn(
+            f"resuming {path} with new settings (they apply from step {ck['step']} on): " + "; ".join(changed),
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _apply_overrides(run: Run) -> None:
@@ -167,8 +200,11 @@ def restore(run: Run) -> bool:
     if ck["world_size"] == run.world:
         _set_rng_state(ck["rng"][run.rank], run.device)
     else:
-        warnings.warn(f"resuming with world size {run.world} from a run with {ck['world_size']}: "
-                      "the data order is kept, the random streams are reseeded", stacklevel=3)
+        warnings.warn(
+            f"resuming with world size {run.world} from a run with {ck['world_size']}: "
+            "the data order is kept, the random streams are reseeded",
+            stacklevel=3,
+        )
         torch.manual_seed(cfg.seed + 7919 * run.rank + 104729 * run.step)
     return True
 
@@ -181,13 +217,23 @@ def state(run: Run) -> dict:
     else:
         rngs[0] = mine
     return {
-        "format": "loom_kernels.checkpoint", "version": 2,  # 2: carries a checksum (checkpoint.atomic_save)
-        "step": run.step, "epoch": run.epoch, "seen": run.seen, "world_size": run.world,
-        "model": run.model.state_dict(), "ema": run.ema.state_dict(),
-        "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "scaler": run.scaler.state_dict(),
+        "format": "loom_kernels.checkpoint",
+        "version": 2,  # 2: carries a checksum (checkpoint.atomic_save)
+        "step": run.step,
+        "epoch": run.epoch,
+        "seen": run.seen,
+        "world_size": run.world,
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "scheduler": run.sched.state_dict(),
+        "scaler": run.scaler.state_dict(),
         "coupling": run.coupling.state_dict(),
-        "coupling_class": type(run.user_coupling).__name__, "data": run.fingerprint,
-        "rng": rngs, "config": dataclasses.asdict(run.cfg), "metadata": run.metadata,
+        "coupling_class": type(run.user_coupling).__name__,
+        "data": run.fingerprint,
+        "rng": rngs,
+        "config": dataclasses.asdict(run.cfg),
+        "metadata": run.metadata,
     }
 
 
@@ -197,8 +243,11 @@ def _check_finite_weights(run: Run) -> None:
     One host read per checkpoint. Every rank holds the same weights, so every rank raises alike."""
     tensors = [t for m in (run.model, run.ema) for t in m.state_dict().values() if t.is_floating_point()]
     if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-        last = (f"; the last good checkpoint is {run.ckpt_path}" if run.ckpt_path and os.path.exists(run.ckpt_path)
-                else "; no checkpoint was written before")
+        last = (
+            f"; the last good checkpoint is {run.ckpt_path}"
+            if run.ckpt_path and os.path.exists(run.ckpt_path)
+            else "; no checkpoint was written before"
+        )
         raise FloatingPointError(f"the weights are not finite at step {run.step}: checkpoint not written{last}")
 
 

@@ -1,5 +1,6 @@
 """One optimizer step: the next batch, the coupling, the flow-matching loss, the guard against a
 non-finite loss or gradient (before the optimizer sees it), the update and the EMA; and the logged row."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,7 @@ def next_batch(run: Run):
         if run.order is not None:
             run.epoch, run.seen = run.epoch + 1, 0
         run.order = epoch_order(len(run.dataset), run.cfg.seed, run.epoch)
-    idx = run.order[run.seen + run.rank * b: run.seen + (run.rank + 1) * b]
+    idx = run.order[run.seen + run.rank * b : run.seen + (run.rank + 1) * b]
     run.seen += global_batch
     x1, y = fetch(run.dataset, idx)
     return idx, x1.to(run.device, non_blocking=True), (None if y is None else y.to(run.device))
@@ -109,13 +110,17 @@ def _stop(run: Run, loss, norm, bad_loss: bool):
     """Raises the non-finite stop: nothing of this step was applied and no checkpoint written."""
     mine_bad = not bool(torch.isfinite(loss)) if bad_loss else norm is not None and not bool(torch.isfinite(norm))
     where = "" if run.world == 1 else f" on rank {run.rank}" if mine_bad else " on another rank"
-    what = (f"non-finite loss ({float(loss.detach())}{where})" if bad_loss else
-            f"non-finite gradient norm ({float(norm) if norm is not None else 'nan'}{where}; loss "
-            f"{float(loss.detach()):.6g})")
+    what = (
+        f"non-finite loss ({float(loss.detach())}{where})"
+        if bad_loss
+        else f"non-finite gradient norm ({float(norm) if norm is not None else 'nan'}{where}; loss "
+        f"{float(loss.detach()):.6g})"
+    )
     raise FloatingPointError(
         f"{what} at step {run.step + 1}: training stopped before the optimizer step, without writing a checkpoint"
         + (f" (the last good one is {run.ckpt_path})" if run.ckpt_path and os.path.exists(run.ckpt_path) else "")
-        + "; lower --lr, or pass nonfinite='skip' to skip such steps")
+        + "; lower --lr, or pass nonfinite='skip' to skip such steps"
+    )
 
 
 def _agree(run: Run, bad: torch.Tensor, sigterm: bool) -> tuple[bool, bool, bool]:
@@ -137,8 +142,15 @@ def log_row(run: Run, loss, lr, bar) -> None:
         torch.distributed.all_reduce(loss)
         loss = loss / run.world
     stats = run.coupling.stats
-    row = {"step": run.step, "epoch": run.epoch, "loss": float(loss), "pre_cost": stat(stats, "pre_cost"),
-           "post_cost": stat(stats, "post_cost"), "swaps": stat(stats, "swaps"), "lr": lr}
+    row = {
+        "step": run.step,
+        "epoch": run.epoch,
+        "loss": float(loss),
+        "pre_cost": stat(stats, "pre_cost"),
+        "post_cost": stat(stats, "post_cost"),
+        "swaps": stat(stats, "swaps"),
+        "lr": lr,
+    }
     run.history.append(row)
     if run.log is not None:
         run.log.write(row)

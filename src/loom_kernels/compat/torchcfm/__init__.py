@@ -9,6 +9,7 @@ matchers). Modules: :mod:`.optimal_transport` (``OTPlanSampler``, ``wasserstein`
 :mod:`.loom` (``LoomConditionalFlowMatcher``, new), :mod:`.utils` (``torch_wrapper``). Sampling
 without torchdyn: :mod:`loom_kernels.compat.torchdyn`. Imports neither torchcfm nor POT.
 """
+
 from .conditional_flow_matching import (
     ConditionalFlowMatcher,
     ExactOptimalTransportConditionalFlowMatcher,

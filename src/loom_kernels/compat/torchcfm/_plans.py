@@ -10,6 +10,7 @@
   RNG and numpy's inverse-CDF rule (``cdf.searchsorted(u, side="right")``), so only ``b0`` floats
   cross to the device and seeded runs draw the same pairs.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -110,8 +111,9 @@ def entropic_plan(method: str, x0, x1, reg: float, reg_m: float, normalize_cost:
     return _entropic_fn(ot, method, reg, reg_m)(ot.unif(x0.shape[0]), ot.unif(x1.shape[0]), M.detach().cpu().numpy())
 
 
-def native_sinkhorn_plan(x0, x1, reg: float, normalize_cost: bool, tol: float = 1e-9,
-                         max_iter: int = 1000) -> torch.Tensor:
+def native_sinkhorn_plan(
+    x0, x1, reg: float, normalize_cost: bool, tol: float = 1e-9, max_iter: int = 1000
+) -> torch.Tensor:
     """``ot.sinkhorn(unif, unif, M, reg)`` by ``loom_kernels.sinkhorn`` on the batches' device: float64 ``(b0, b1)``.
 
     TorchCFM's cost ``M = cdist(x0, x1)**2`` (``/ M.max()`` when ``normalize_cost``) in float64, absolute
@@ -121,7 +123,7 @@ def native_sinkhorn_plan(x0, x1, reg: float, normalize_cost: bool, tol: float = 
     """
     from ...sinkhorn import dense_plan, sinkhorn_cost
 
-    M = (torch.cdist(flat(x0).detach().double(), flat(x1).detach().double()) ** 2)
+    M = torch.cdist(flat(x0).detach().double(), flat(x1).detach().double()) ** 2
     if normalize_cost:
         M = M / M.max()
     res = sinkhorn_cost(M, epsilon=float(reg), relative=False, tol=tol, max_iter=max_iter, eps_scaling=None)

@@ -10,6 +10,7 @@ when not given, then ``eps = torch.randn_like(x0)``), after the plan sampler's n
 What is faster: the OT matchers' plans come from loom_kernels' exact solver
 (:mod:`.optimal_transport`); the pointwise formulas reuse their intermediate buffers.
 """
+
 from __future__ import annotations
 
 import math
@@ -125,8 +126,9 @@ class _PlanMixin:
             x0, x1 = self.ot_sampler.sample_plan(x0, x1, replace=False, cond=cond)
         return super().sample_location_and_conditional_flow(x0, x1, t, return_noise)
 
-    def guided_sample_location_and_conditional_flow(self, x0, x1, y0=None, y1=None, t=None, return_noise=False,
-                                                    *, cond=None):
+    def guided_sample_location_and_conditional_flow(
+        self, x0, x1, y0=None, y1=None, t=None, return_noise=False, *, cond=None
+    ):
         """As TorchCFM: ``(t, xt, ut, y0, y1)`` (``eps`` last with ``return_noise``), labels drawn with the pairs.
 
         ``y0`` (``y1``) needs one entry per row of ``x0`` (``x1``), else a ValueError names it. With ``cond``

@@ -1,4 +1,5 @@
 """LOOM-CFM's persistent coupling behind TorchCFM's flow-matcher methods (new; not in TorchCFM)."""
+
 from __future__ import annotations
 
 import torch
@@ -36,13 +37,15 @@ class LoomConditionalFlowMatcher(ConditionalFlowMatcher):
         x0, _ = self.coupling(x1, indices, labels=labels, cond=cond)
         return x0
 
-    def sample_location_and_conditional_flow(self, x0, x1, t=None, return_noise=False, *, indices=None,
-                                             labels=None, cond=None):
+    def sample_location_and_conditional_flow(
+        self, x0, x1, t=None, return_noise=False, *, indices=None, labels=None, cond=None
+    ):
         x0 = self._couple(x0, x1, indices, labels, cond)
         return super().sample_location_and_conditional_flow(x0, x1, t, return_noise)
 
-    def guided_sample_location_and_conditional_flow(self, x0, x1, y0=None, y1=None, t=None, return_noise=False,
-                                                    *, indices=None, cond=None):
+    def guided_sample_location_and_conditional_flow(
+        self, x0, x1, y0=None, y1=None, t=None, return_noise=False, *, indices=None, cond=None
+    ):
         x0 = self._couple(x0, x1, indices, y1, cond)
         out = super().sample_location_and_conditional_flow(x0, x1, t, return_noise)
         return (*out[:3], y0, y1, *out[3:])

@@ -18,6 +18,7 @@ and generalizing flow-based generative models with minibatch optimal transport",
 
 This module imports neither torchcfm nor POT (POT is imported when a POT method is used).
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,17 @@ class OTPlanSampler:
         x0, x1 = sampler.sample_plan(noise, data, replace=False, cond=temperature[:, None])  # penalised
     """
 
-    def __init__(self, method: str, reg: float = 0.05, reg_m: float = 1.0, normalize_cost: bool = False,
-                 num_threads: int | str = 1, warn: bool = True, *, cond_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        method: str,
+        reg: float = 0.05,
+        reg_m: float = 1.0,
+        normalize_cost: bool = False,
+        num_threads: int | str = 1,
+        warn: bool = True,
+        *,
+        cond_weight: float = 1.0,
+    ) -> None:
         if method not in _METHODS:
             raise ValueError(f"Unknown method: {method} (expected one of {_METHODS})")
         self.method = method
@@ -104,8 +114,10 @@ class OTPlanSampler:
             p = _plans.entropic_plan(self.method, x0, x1, self.reg, self.reg_m, self.normalize_cost)
         finite = bool(torch.isfinite(p).all()) if isinstance(p, torch.Tensor) else bool(np.all(np.isfinite(p)))
         if not finite:
-            raise ValueError(f"the OT plan is not finite (method={self.method!r}, reg={self.reg}); check x0 and x1 "
-                             "for NaN/inf, or raise reg")
+            raise ValueError(
+                f"the OT plan is not finite (method={self.method!r}, reg={self.reg}); check x0 and x1 "
+                "for NaN/inf, or raise reg"
+            )
         if abs(float(p.sum())) < 1e-8:
             if self.warn:
                 warnings.warn("Numerical errors in OT plan, reverting to uniform plan.", stacklevel=3)
@@ -139,8 +151,9 @@ class OTPlanSampler:
             p = p.cpu().numpy()
         return self.sample_map(p, b0, replace=replace)
 
-    def sample_plan(self, x0, x1, replace: bool = True, *, labels: torch.Tensor | None = None,
-                    cond: torch.Tensor | None = None):
+    def sample_plan(
+        self, x0, x1, replace: bool = True, *, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None
+    ):
         """Pairs ``(x0[i], x1[j])`` from the OT plan; ``replace=False`` gives the exact permutation in ``x1``'s order.
 
         ``labels (b,)`` (integer, on ``x1``'s device; exact method, ``replace=False``): class-conditional
@@ -192,8 +205,9 @@ class OTPlanSampler:
                 "the drawn labels back)"
             )
 
-    def sample_plan_with_labels(self, x0, x1, y0=None, y1=None, replace: bool = True, *,
-                                cond: torch.Tensor | None = None):
+    def sample_plan_with_labels(
+        self, x0, x1, y0=None, y1=None, replace: bool = True, *, cond: torch.Tensor | None = None
+    ):
         """TorchCFM's labelled draw: ``(x0[i], x1[j], y0[i], y1[j])`` from the (label-blind) OT plan.
 
         ``y0`` (``y1``) needs one entry per row of ``x0`` (``x1``). As in TorchCFM the plan ignores the
@@ -221,8 +235,9 @@ class OTPlanSampler:
         return np.stack([X[:, t][indices[t]] for t in range(X.shape[1])], axis=1)
 
 
-def wasserstein(x0: torch.Tensor, x1: torch.Tensor, method: str | None = None, reg: float = 0.05,
-                power: int = 2, **kwargs) -> float:
+def wasserstein(
+    x0: torch.Tensor, x1: torch.Tensor, method: str | None = None, reg: float = 0.05, power: int = 2, **kwargs
+) -> float:
     """W1 or W2 (Euclidean ground cost) between two equal-weight point clouds ``x0 (b0, *dim)``, ``x1 (b1, *dim)``.
 
     ``method`` None or "exact" (ours for ``b0 == b1``, else POT's ``emd2``) or "sinkhorn" (POT). The

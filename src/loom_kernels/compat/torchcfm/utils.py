@@ -1,4 +1,5 @@
 """TorchCFM's ``torchcfm.utils.torch_wrapper`` (the rest of torchcfm.utils is plotting and toy data)."""
+
 from __future__ import annotations
 
 import torch
