@@ -399,16 +399,16 @@ def test_damaged_files_name_the_file_and_the_cause(tmp_path, kind):
 
 
 def test_checkpoints_load_with_weights_only(tmp_path):
-    from loom_kernels.checkpoint import _rng_state, _set_rng_state
+    from loom_kernels.checkpoint import restore_rng_state, rng_state
 
     np.random.seed(3)
-    st = _rng_state(torch.device("cpu"))
+    st = rng_state(torch.device("cpu"))
     path = tmp_path / "checkpoint.pt"
     atomic_save({"format": "loom_kernels.checkpoint", "rng": [st]}, path)
     raw = torch.load(path, weights_only=True)  # what a user does
     expect = np.random.rand(5)
     np.random.seed(99)
-    _set_rng_state(load_verified(path)["rng"][0], torch.device("cpu"))
+    restore_rng_state(load_verified(path)["rng"][0], torch.device("cpu"))
     np.testing.assert_array_equal(np.random.rand(5), expect)
     assert "checksum" in raw
 

@@ -46,7 +46,7 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     try:
         with open("/proc/self/status") as f:  # read without changing it (os.umask is process-wide, racy)
             for line in f:
@@ -59,7 +59,7 @@ def _umask() -> int:
     return old
 
 
-def _temp_prefix(base: str) -> str:
+def temp_prefix(base: str) -> str:
     return f"{base}.tmp-{socket.gethostname()}-{os.getpid()}-"
 
 
@@ -121,9 +121,9 @@ def atomic_path(path, *, suffix: str = ".tmp"):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(os.path.basename(path)), suffix=suffix, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(os.path.basename(path)), suffix=suffix, dir=directory)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give what open() would
     finally:
         os.close(fd)
     try:

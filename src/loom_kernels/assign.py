@@ -194,7 +194,7 @@ def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _check_options(maximize, backend, tol, method, threads):
+def check_options(maximize, backend, tol, method, threads):
     if not isinstance(maximize, (bool, np.bool_)):
         raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
     if backend not in _BACKENDS:
@@ -215,7 +215,7 @@ def _check_options(maximize, backend, tol, method, threads):
     return int(threads)
 
 
-def _check_shape(shape):
+def check_shape(shape):
     if len(shape) not in (2, 3):
         raise ValueError(
             f"cost must have shape (N, M) or (B, N, M) (expected a matrix or a batch of matrices), got {tuple(shape)}"
@@ -279,7 +279,7 @@ def _numpy_cost(cost):
     kind = a.dtype.kind
     if kind not in "biuf":
         raise TypeError(f"cost must hold real numbers (float, int or bool), got dtype {a.dtype}")
-    _check_shape(a.shape)
+    check_shape(a.shape)
     if kind == "f" and a.dtype.itemsize <= 4:
         return a.astype(np.float32, copy=False), "float32"
     if kind == "f":
@@ -293,7 +293,7 @@ def _torch_cost(t):
 
     if t.is_complex():
         raise TypeError(f"cost must hold real numbers (float, int or bool), got dtype {t.dtype}")
-    _check_shape(t.shape)
+    check_shape(t.shape)
     t = t.detach()
     if t.dtype == torch.float64:
         return t, "float64"
@@ -323,7 +323,7 @@ def _raise_for_status(status, batched, maximize):
 
 
 def _solve(cost, maximize, backend, tol, method, threads, caller):
-    threads = _check_options(maximize, backend, tol, method, threads)
+    threads = check_options(maximize, backend, tol, method, threads)
     maximize = bool(maximize)
 
     if _is_torch(cost):

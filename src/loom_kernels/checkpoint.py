@@ -20,7 +20,7 @@ from ._io import atomic_save, checksum, load_verified  # noqa: F401  (re-exporte
 __all__ = ["save_model", "load_checkpoint", "load_model", "load_verified"]
 
 
-def _rng_state(device: torch.device) -> dict:
+def rng_state(device: torch.device) -> dict:
     """The global RNG states as tensors and plain types (loadable with ``weights_only=True``)."""
     kind, key, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -39,7 +39,7 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
+def restore_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
     if isinstance(npst, dict):

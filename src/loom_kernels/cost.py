@@ -226,7 +226,7 @@ def _cost_torch(x: torch.Tensor, y: torch.Tensor, sqrt: bool) -> torch.Tensor:
 # ---- public function: validation and dispatch ---------------------------------------------------
 
 
-def _check_points(name: str, t) -> None:
+def check_points(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D) or (B, N, D), got {type(t).__name__}")
     if t.ndim not in (2, 3):
@@ -267,8 +267,8 @@ def pairwise_cost(
 
         if ops.compiling():
             return ops.pairwise_cost(x, y, metric, allow_tf32=allow_tf32)
-    _check_points("x", x)
-    _check_points("y", y)
+    check_points("x", x)
+    check_points("y", y)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if x.device != y.device:

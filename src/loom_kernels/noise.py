@@ -53,7 +53,7 @@ PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 _TWO_PI_F32 = float(np.float32(2.0 * math.pi))
 _MAX_ELEMENTS = 4 * 2**32  # the block counter j is one 32-bit word
-_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ---- Triton kernel: math only -------------------------------------------------------------------
@@ -252,7 +252,7 @@ def _as_seed_tensor(seeds) -> torch.Tensor:
     return t.to(torch.int64)
 
 
-def _as_shape(shape) -> tuple:
+def as_shape(shape) -> tuple:
     if isinstance(shape, numbers.Integral):
         shape = (shape,)
     try:
@@ -266,9 +266,9 @@ def _as_shape(shape) -> tuple:
     return shape
 
 
-def _prepare(seeds, shape, device):
+def prepare_seeds(seeds, shape, device):
     t = _as_seed_tensor(seeds)
-    shape = _as_shape(shape)
+    shape = as_shape(shape)
     if device is not None:
         device = torch.device(device)
     else:
@@ -312,9 +312,9 @@ def gaussian_noise(
 
         if ops.compiling():
             return ops.gaussian_noise(seeds, shape, device=device, dtype=dtype)
-    if dtype not in _OUT_DTYPES:
+    if dtype not in OUT_DTYPES:
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {dtype}")
-    t, shape, n, device = _prepare(seeds, shape, device)
+    t, shape, n, device = prepare_seeds(seeds, shape, device)
     S = t.numel()
     if use_kernel(device):
         out = torch.empty((S, n), device=device, dtype=dtype)
@@ -326,7 +326,7 @@ def gaussian_noise(
 
 def _philox_uint32(seeds, n: int, *, device=None) -> torch.Tensor:
     """The raw stream: ``(S, n)`` int64 holding the uint32 words ``x0, x1, x2, x3`` of blocks 0, 1, ..."""
-    t, _, n, device = _prepare(seeds, (n,), device)
+    t, _, n, device = prepare_seeds(seeds, (n,), device)
     S = t.numel()
     if use_kernel(device):
         out = torch.empty((S, n), device=device, dtype=torch.int64)

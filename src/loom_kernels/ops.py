@@ -71,10 +71,10 @@ def _assign_op(  # torch 2.4's schema inference knows the typing spellings only 
 
 def _check_assign(cost, backend, tol, method, maximize, threads):
     """The checks assign makes before it reads a value, with its messages."""
-    _assign._check_options(maximize, backend, tol, method, threads)
+    _assign.check_options(maximize, backend, tol, method, threads)
     if cost.is_complex():
         raise TypeError(f"cost must hold real numbers (float, int or bool), got dtype {cost.dtype}")
-    _assign._check_shape(cost.shape)
+    _assign.check_shape(cost.shape)
     if cost.shape[-2] > cost.shape[-1]:
         raise ValueError(
             f"assign needs N <= M (every row gets a column), got cost of shape {tuple(cost.shape)}: "
@@ -110,8 +110,8 @@ def _pairwise_cost_op(x: Tensor, y: Tensor, metric: str, allow_tf32: bool) -> Te
 
 def _check_cost(x, y, metric):
     """pairwise_cost's checks, with its messages, before it touches a value."""
-    _cost._check_points("x", x)
-    _cost._check_points("y", y)
+    _cost.check_points("x", x)
+    _cost.check_points("y", y)
     if metric not in _cost.METRICS:
         raise ValueError(f"metric must be one of {_cost.METRICS}, got {metric!r}")
     if x.device != y.device:
@@ -154,9 +154,9 @@ def _gaussian_noise_op(  # torch 2.4's schema inference knows the typing spellin
 
 
 def _check_noise(seeds, shape, device, dtype):
-    if dtype not in _noise._OUT_DTYPES:
+    if dtype not in _noise.OUT_DTYPES:
         raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {dtype}")
-    t, shape, _, device = _noise._prepare(seeds, shape, device)
+    t, shape, _, device = _noise.prepare_seeds(seeds, shape, device)
     return (t.shape[0], *shape), device
 
 
@@ -173,4 +173,4 @@ def gaussian_noise(seeds, shape, *, device=None, dtype=torch.float32):
     if device is not None:
         device = torch.device(device)
     _check_noise(seeds, shape, device, dtype)
-    return _gaussian_noise_op(seeds, list(_noise._as_shape(shape)), device, dtype)
+    return _gaussian_noise_op(seeds, list(_noise.as_shape(shape)), device, dtype)

@@ -26,7 +26,7 @@ import zlib
 
 import numpy as np
 
-from .._io import _temp_prefix, _umask, fsync_dir, remove_stale_temps
+from .._io import current_umask, fsync_dir, remove_stale_temps, temp_prefix
 
 # A journal: one header (magic, table id, crc32 of the id), then records: magic, entry count, crc32 of
 # the payload, then the payload: int64 flat indices (row * K + slot) and their int64 new seeds.
@@ -103,7 +103,7 @@ def _in_use(path: str) -> TableInUseError:
     )
 
 
-def _lock(path: str) -> int | None:
+def lock_table_path(path: str) -> int | None:
     """An fd holding an exclusive ``flock`` on the existing file ``path``; None when there is no file."""
     while True:
         try:
@@ -129,9 +129,9 @@ def _lock_new(path: str) -> int | None:
     directory, base = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(base), suffix=".lock", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(base), suffix=".lock", dir=directory)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows this file yet
         linked = _link_new(tmp, path)  # appears under its name already locked
     except BaseException:
@@ -175,7 +175,7 @@ def claim(path: str) -> tuple:
     :class:`TableInUseError`. An empty unlocked file is a placeholder whose creator died: ``existed`` False.
     """
     while True:
-        fd = _lock(path)
+        fd = lock_table_path(path)
         if fd is not None:
             return fd, os.fstat(fd).st_size > 0
         fd = _lock_new(path)
@@ -365,9 +365,9 @@ def open_journal(path: str, table_id: int, durability: str) -> int:
     (one whose table was deleted under it) is never shared.
     """
     directory, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(base + ".journal"), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(base + ".journal"), dir=directory)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~current_umask())
         os.write(fd, journal_header(table_id))
         if durability == "power":
             os.fdatasync(fd)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_path
-from .journal import (  # noqa: F401 - TableInUseError, journal_path, _lock, DURABILITIES: this module's API
+from .journal import (  # noqa: F401 - TableInUseError, journal_path, lock_table_path, DURABILITIES: this module's API
     _JOURNAL_LIMIT,
     _MAGIC,
     _REC,
@@ -27,13 +27,13 @@ from .journal import (  # noqa: F401 - TableInUseError, journal_path, _lock, DUR
     DURABILITIES,
     TableInUseError,
     _hold,
-    _lock,
     _release,
     check_durability,
     claim,
     close_journal,
     discard_journal,
     journal_path,
+    lock_table_path,
     map_table,
     new_table_id,
     open_journal,
@@ -185,7 +185,7 @@ class SeedTable:
     def open(cls, path, *, durability: str = DEFAULT_DURABILITY) -> SeedTable:
         """Open an existing table file (locked), first redoing the journal of a writer that crashed."""
         path, durability = os.fspath(path), check_durability(durability)
-        fd = _lock(path)
+        fd = lock_table_path(path)
         if fd is None:
             raise FileNotFoundError(f"seed table {path!r} does not exist")
         try:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import _rng_state, _set_rng_state, atomic_save, load_checkpoint, save_model
+from ..checkpoint import atomic_save, load_checkpoint, restore_rng_state, rng_state, save_model
 from ..couplings import Coupling
 from .batches import dist_info, fingerprint, resolve_device
 from .config import CHECKPOINT, FIXED_ON_RESUME, MODEL, OVERRIDABLE_ON_RESUME, Schedule, TrainConfig
@@ -198,7 +198,7 @@ def restore(run: Run) -> bool:
         run.coupling.load_state_dict(ck["coupling"])
     run.step, run.epoch, run.seen = ck["step"], ck["epoch"], ck["seen"]
     if ck["world_size"] == run.world:
-        _set_rng_state(ck["rng"][run.rank], run.device)
+        restore_rng_state(ck["rng"][run.rank], run.device)
     else:
         warnings.warn(
             f"resuming with world size {run.world} from a run with {ck['world_size']}: "
@@ -211,7 +211,7 @@ def restore(run: Run) -> bool:
 
 def state(run: Run) -> dict:
     rngs = [None] * run.world
-    mine = _rng_state(run.device)
+    mine = rng_state(run.device)
     if run.world > 1:
         torch.distributed.all_gather_object(rngs, mine)
     else:
