@@ -247,24 +247,10 @@ class LoomCoupling(LoomPersistence, Coupling):
         try:
             indices, labels, cond = self._check_inputs(x1, indices, x0, labels, cond, return_indices)
         except (TypeError, ValueError):
-            if grp.world > 1:  # the other ranks raise too instead of waiting in a collective
-                grp.agree(
-                    "LoomCoupling",
-                    {"batch size": -1, "cond columns": -1},
-                    {"labels": False, "cond": False, "return_indices": False},
-                    self._fingerprint(),
-                    failed=True,
-                )
+            self._agree(grp, None, labels=None, cond=None, return_indices=False)  # the other ranks raise too
             raise
         b = x1.shape[0]
-        if grp.world > 1:  # the fingerprint reads the table: only when there is something to agree on
-            given = {"labels": labels is not None, "cond": cond is not None, "return_indices": return_indices}
-            grp.agree(
-                "LoomCoupling",
-                {"batch size": b, "cond columns": 0 if cond is None else cond.shape[1]},
-                given,
-                self._fingerprint(),
-            )
+        self._agree(grp, b, labels, cond, return_indices)
         g_idx = grp.gather(indices, grp.cdev)  # left on the comm device: validated after the solve's sync
         self._warn_budget(grp.world, b)
         # One shared slot stream over the global batch: identical generator states on all ranks.
@@ -273,8 +259,26 @@ class LoomCoupling(LoomPersistence, Coupling):
             self.stats = {}
             empty = x1.new_empty(x1.shape)
             return (empty, x1, torch.zeros(0, dtype=torch.int64, device=x1.device)) if return_indices else (empty, x1)
+        batch = self._batch(grp, x1, g_idx, slots, labels, cond, return_indices)
+        x0, self.stats, perm = step_for(self.scope, grp.world)(self._table, grp, batch, self._spec)
+        x0 = x0.reshape(x1.shape).to(x1.dtype)
+        return (x0, x1, perm) if return_indices else (x0, x1)
+
+    def _agree(self, grp, b, labels, cond, return_indices) -> None:
+        """Every rank checks the others' call (``b=None``: this rank's inputs were refused, so all raise)."""
+        if grp.world == 1:  # the fingerprint reads the table: only when there is something to agree on
+            return
+        given = {"labels": labels is not None, "cond": cond is not None, "return_indices": return_indices}
+        sizes = {"batch size": -1 if b is None else b, "cond columns": -1 if b is None else 0}
+        if cond is not None:
+            sizes["cond columns"] = cond.shape[1]
+        grp.agree("LoomCoupling", sizes, given, self._fingerprint(), failed=b is None)
+
+    def _batch(self, grp, x1, g_idx, slots, labels, cond, return_indices) -> Batch:
+        """The step's view of this call: the data in the cost dtype, the table rows, slots and checks."""
+        b = x1.shape[0]
         check = IndexCheck(g_idx, self.num_points, grp.world)
-        batch = Batch(
+        return Batch(
             x1.flatten(1).to(cost_dtype(x1.dtype)),
             to_device(check.safe, self.table_device),
             slots,
@@ -284,9 +288,6 @@ class LoomCoupling(LoomPersistence, Coupling):
             cond=None if self.cond_weight == 0.0 else cond,  # weight 0: nothing added, nothing sent
             want_perm=return_indices,
         )
-        x0, self.stats, perm = step_for(self.scope, grp.world)(self._table, grp, batch, self._spec)
-        x0 = x0.reshape(x1.shape).to(x1.dtype)
-        return (x0, x1, perm) if return_indices else (x0, x1)
 
     def _warn_budget(self, world, b):
         if self._budget_checked or b == 0:
