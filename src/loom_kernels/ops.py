@@ -58,13 +58,13 @@ def _eager(fn, *args, **kwargs):
 
 
 @torch.library.custom_op("loom_kernels::assign", mutates_args=())
-def _assign_op(  # torch 2.4's schema inference knows the typing spellings only (noqa below)
+def _assign_op(  # the typing spellings: see pyproject.toml (per-file-ignores)
     cost: Tensor,
     backend: str,
-    tol: float | None,
+    tol: typing.Optional[float],
     method: str,
-    maximize: bool,  # noqa: UP045
-    threads: typing.Optional[int],  # noqa: UP045
+    maximize: bool,
+    threads: typing.Optional[int],
 ) -> Tensor:
     return _eager(_assign.assign, cost, backend=backend, tol=tol, method=method, maximize=maximize, threads=threads)
 
@@ -144,11 +144,11 @@ def pairwise_cost(x, y, metric="sqeuclidean", *, allow_tf32=False):
 
 
 @torch.library.custom_op("loom_kernels::gaussian_noise", mutates_args=())
-def _gaussian_noise_op(  # torch 2.4's schema inference knows the typing spellings only (noqa below)
+def _gaussian_noise_op(  # the typing spellings: see pyproject.toml (per-file-ignores)
     seeds: Tensor,
-    shape: list[int],
-    device: torch.device | None,
-    dtype: torch.dtype,  # noqa: UP006, UP045
+    shape: typing.List[int],
+    device: typing.Optional[torch.device],
+    dtype: torch.dtype,
 ) -> Tensor:
     return _eager(_noise.gaussian_noise, seeds, tuple(shape), device=device, dtype=dtype)
 
