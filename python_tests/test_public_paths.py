@@ -245,7 +245,7 @@ def test_sample_cli_refusals(run_dir, tmp_path, capsys):
 
 @pytest.mark.slow  # three interpreters (the command and its two workers) importing torch: ~25 s on 2 cores
 def test_study_module_with_two_jobs_matches_a_direct_run(tmp_path):
-    from loom_kernels import study
+    from loom_kernels.experiments import study
 
     out = tmp_path / "s"
     argv = [
