@@ -28,8 +28,13 @@ import pickle
 import numpy as np
 import torch
 
-# The globals a pickled numpy array needs (numpy 1 spells the module numpy.core, numpy 2 numpy._core).
+# The globals a pickled numpy array needs (numpy 1 spells the module numpy.core, numpy 2 numpy._core);
+# _codecs.encode (str -> bytes, nothing else) is how Python 3 writes an array's bytes at protocol 2,
+# numeric._frombuffer (bytes -> array) how numpy writes an array at protocol 5.
 _ALLOWED = {
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"),
@@ -54,12 +59,19 @@ class NumpyUnpickler(pickle.Unpickler):
                 f"refused to load {module}.{name}: a data pickle may only hold numpy arrays "
                 f"(allowed: {sorted(f'{m}.{n}' for m, n in _ALLOWED)})"
             )
-        if name == "_reconstruct":
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
+        if name in ("_reconstruct", "_frombuffer"):
+            import importlib
+
+            leaf = module.rsplit(".", 1)[1]
             try:
-                from numpy._core.multiarray import _reconstruct
+                mod = importlib.import_module(f"numpy._core.{leaf}")
             except ImportError:  # numpy 1
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
+                mod = importlib.import_module(f"numpy.core.{leaf}")
+            return getattr(mod, name)
         return getattr(np, name)
 
 
