@@ -4,7 +4,9 @@
   seeds and ``ranking`` (an order only where every seed agrees);
 - ``plots``: their figures and ``image_grid``;
 - ``demo``: ``python -m loom_kernels.demo`` (independent vs minibatch OT vs LOOM-CFM);
-- ``study``: ``python -m loom_kernels.study`` (the paper's ablations).
+- ``study``: ``python -m loom_kernels.study`` (the paper's ablations);
+- ``images``: ``python -m loom_kernels.experiments.images`` (MNIST and silhouettes: coupling cost vs the
+  exact optimum, training, reflow, conditional).
 
 The dataset-wide cost of a seed table and its global optimum are metrics (``loom_kernels.metrics``).
 """

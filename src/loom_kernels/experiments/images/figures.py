@@ -33,7 +33,9 @@ def p0_figure(records: list, path: str) -> None:
     ns = sorted({r["n"] for r in recs})
     fig, axes = plt.subplots(1, len(ns) + 1, figsize=(6 * (len(ns) + 1), 4.2), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    variants = list(dict.fromkeys(r["variant"] for r in recs))
+    from .p0 import VARIANTS
+
+    variants = sorted({r["variant"] for r in recs}, key=lambda v: VARIANTS.index(v) if v in VARIANTS else 99)
     for ax, n in zip(axes[0], ns):
         for i, v in enumerate(variants):
             rs = [r for r in recs if r["n"] == n and r["variant"] == v]
@@ -43,8 +45,7 @@ def p0_figure(records: list, path: str) -> None:
             e = np.arange(1, g.shape[1] + 1)
             ax.plot(e, g.mean(0), "-o" if g.shape[1] < 12 else "-", ms=3, color=cmap(i % 10), label=LABELS[v])
             ax.fill_between(e, g.min(0), g.max(0), color=cmap(i % 10), alpha=0.2)
-        ax.axhline(0, color="black", lw=1, ls=":")
-        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("% above the exact optimum (fresh noise)")
         ax.set_title(f"N = {n} images vs N(0, I): cost of the pairs per epoch", fontsize=10)
@@ -76,8 +77,7 @@ def p0_figure(records: list, path: str) -> None:
             if g:
                 ax.plot([LOOM_BATCH], [np.mean(g)], m, color=cmap(j), label=f"{LABELS[v]}, N={n}, last epoch")
     ax.set_xscale("log", base=2)
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.axhline(0, color="black", lw=1, ls=":")
+    ax.set_yscale("log")
     ax.set_xlabel("batch size b")
     ax.set_ylabel("% above the exact optimum")
     ax.set_title("coupling bias vs batch size (mean over epochs and seeds, bars min-max)", fontsize=10)

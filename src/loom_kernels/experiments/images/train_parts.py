@@ -218,6 +218,9 @@ def write_outputs(part: str, records: list, base: dict, out: str, tag: str = "")
     fmt = lambda vals, d=2: "-" if not vals else (lambda sp: f"{sp['mean']:.{d}f} ± {sp['sd']:.{d}f}")(spread(vals))  # noqa: E731
     head = ["coupling", "seeds"] + [f"FD-LeNet {column_label(c)}" for c in cols] + ["W2 Euler NFE 1", "straightness"]
     head += ["NN dist. fresh noise", "NN dist. training noise", "min class share x10 (Euler 8)"]
+    conditional = any(r.get("label_agreement") for r in done)
+    if conditional:
+        head.append("label agreement (Euler 8)")
     body = []
     for v in variants:
         rs = by[v]
@@ -228,6 +231,8 @@ def write_outputs(part: str, records: list, base: dict, out: str, tag: str = "")
             + [fmt([r["nn_dist_train_noise"] for r in rs if "nn_dist_train_noise" in r])]
             + [fmt([r["coverage"]["euler8"]["min_share_x_classes"] for r in rs if "euler8" in r["coverage"]])]
         )  # fmt: skip
+        if conditional:
+            body[-1].append(fmt([r["label_agreement"]["euler8"] for r in rs if r.get("label_agreement")], 3))
     skipped = {r["variant"]: r["skipped"] for r in records if "skipped" in r}
     md = (
         f"{part}: mean ± sd over seeds; floor FD-LeNet(train vs test) {base['fd']:.3f}, W2 floor {base['w2']:.3f}, "
