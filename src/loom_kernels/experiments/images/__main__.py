@@ -68,7 +68,8 @@ def run_p0(args) -> None:
         x, _ = load_images(args.data or "mnist", "train", size=size, n=n, seed=0)
         if len(x) < n:
             raise SystemExit(f"--n {n} is more than the {len(x)} training images of {args.data or 'mnist'}")
-        records += p0.run(x, args.out, variants=variants, seeds=args.seeds, epochs=epochs)
+        fit = 20 if args.tiny else None  # the semidiscrete potential's fit steps (None: its default)
+        records += p0.run(x, args.out, variants=variants, seeds=args.seeds, epochs=epochs, fit_steps=fit)
         print(f"P0 N={n}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(p0.write_outputs(records, args.out, args.tag))
 

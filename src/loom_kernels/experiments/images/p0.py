@@ -60,8 +60,9 @@ def exact_cost(x: torch.Tensor, z: torch.Tensor) -> float:
     return float(c.gather(1, col[:, None]).double().mean())
 
 
-def make(variant: str, n: int, shape, seed: int, x: torch.Tensor):
-    """The coupling of ``variant``, or a string saying why it is not available in this checkout."""
+def make(variant: str, n: int, shape, seed: int, x: torch.Tensor, fit_steps: int | None = None):
+    """The coupling of ``variant``, or a string saying why it is not available in this checkout
+    (``fit_steps``: the semidiscrete potential's, None for its default)."""
     from ...couplings import SinkhornCoupling
     from ...couplings.factory import make_coupling
 
@@ -73,28 +74,32 @@ def make(variant: str, n: int, shape, seed: int, x: torch.Tensor):
         return SinkhornCoupling(SINKHORN_EPS, generator=torch.Generator().manual_seed(seed + 777))
     if variant.startswith("loom"):
         return make_coupling("loom", n, shape, num_caches=int(variant[4:]), seed=seed)
-    if "semidiscrete" not in available_couplings():
-        return "not available: make_coupling has no 'semidiscrete' in this checkout"
-    try:  # the signature lands with the semidiscrete issue: the data set and a seeded / fresh mode
-        return make_coupling("semidiscrete", n, shape, seed=seed, data=x, seeded=variant.endswith("seeded"))
-    except TypeError as e:
-        return f"not available: make_coupling('semidiscrete', ...) refused the P0 arguments ({e})"
+    name = "semidiscrete-seeded" if variant.endswith("seeded") else "semidiscrete"
+    if name not in available_couplings():
+        return f"not available: make_coupling has no {name!r} in this checkout"
+    try:  # issue 32's signature: the data set to fit the potential on, options
+        opts = {"progress": False} | ({} if fit_steps is None else {"fit_steps": fit_steps})
+        return make_coupling(name, n, shape, seed=seed, data=x, options=opts)
+    except (TypeError, ValueError) as e:
+        return f"not available: make_coupling({name!r}, ...) refused the P0 arguments ({e})"
 
 
 def _pair_cost(x0: torch.Tensor, x1: torch.Tensor) -> float:
     return float((x1.flatten(1).double() - x0.flatten(1).double()).square().sum(1).sum())
 
 
-def run_one(x: torch.Tensor, variant: str, seed: int, epochs: int, opt: float, max_opt: int) -> dict:
+def run_one(x, variant: str, seed: int, epochs: int, opt: float, max_opt: int, fit_steps: int | None = None) -> dict:
     """One (variant, seed): the epoch costs (and LOOM's table cost per epoch)."""
     from ...metrics import dataset_cost, global_optimum
 
     n, shape = len(x), tuple(x.shape[1:])
-    c = make(variant, n, shape, seed, x)
+    t_make = time.perf_counter()
+    c = make(variant, n, shape, seed, x, fit_steps)
     rec = {"variant": variant, "seed": seed, "n": n, "epochs": epochs, "batch": batch_of(variant), "opt_fresh": opt}
     if isinstance(c, str):
         return {**rec, "skipped": c}
-    b, table = batch_of(variant), getattr(c, "seeds", None)
+    rec["build_seconds"] = time.perf_counter() - t_make  # the semidiscrete potential's fit is in here
+    b, table = min(batch_of(variant), n), getattr(c, "seeds", None)
     t0 = time.perf_counter()
     costs, table_costs = [], []
     if table is not None:
@@ -102,13 +107,14 @@ def run_one(x: torch.Tensor, variant: str, seed: int, epochs: int, opt: float, m
     for e in range(epochs):
         z, perm = epoch_noise(n, shape, seed, e)
         total = 0.0
-        for idx in perm.split(b):
-            if table is not None or variant.startswith("semidiscrete"):
+        chooses = hasattr(c, "draw")  # fresh semidiscrete: the coupling picks each batch's data points
+        for idx in [c.draw(b) for _ in range(n // b)] if chooses else perm.split(b):
+            if chooses or table is not None or variant.startswith("semidiscrete"):
                 x0, x1 = c(x[idx], idx)[:2]
             else:
                 x0, x1 = c(x[idx], x0=z[idx])[:2]
             total += _pair_cost(x0, x1)
-        costs.append(total / n)
+        costs.append(total / (b * (n // b) if chooses else n))
         if table is not None:
             table_costs.append(dataset_cost(c, x))
     rec["seconds"] = time.perf_counter() - t0
@@ -134,7 +140,7 @@ def optimum(x: torch.Tensor, seed: int, out: str) -> dict:
     return rec
 
 
-def run(x: torch.Tensor, out: str, *, variants=VARIANTS, seeds: int = 3, epochs: int = 20, max_opt: int = 10_000):
+def run(x, out: str, *, variants=VARIANTS, seeds: int = 3, epochs: int = 30, max_opt: int = 10_000, fit_steps=None):
     """P0 for data ``x`` (N, C, H, W); resumes from ``out/p0/runs``; returns the records."""
     n = len(x)
     records = []
@@ -145,7 +151,7 @@ def run(x: torch.Tensor, out: str, *, variants=VARIANTS, seeds: int = 3, epochs:
         rec = load_record(path)
         if rec is None:
             opt = optimum(x, s, out)
-            rec = run_one(x, v, s, epochs, opt["opt"], max_opt)
+            rec = run_one(x, v, s, epochs, opt["opt"], max_opt, fit_steps)
             rec["opt_seconds"] = opt["seconds"]
             save_record(path, rec)
         records.append(rec)
@@ -220,7 +226,9 @@ def markdown(rows: list) -> str:
         f"P0: mean squared distance of the pairs a coupling hands out in an epoch, in % above the exact optimum "
         f"between the data and the seed's epoch-1 noise (mean ± sd over seeds, {epochs} epochs). Fresh-noise "
         f"couplings meet that optimum's own noise in epoch 1 only; later epochs draw new noise, whose optimum "
-        f"differs by about ±0.1%.\n\n" + markdown_table(head, body)
+        f"differs by about ±0.1%. The fresh semidiscrete coupling picks its own data points for each batch (an "
+        f"epoch is N/b draws, not a pass over each image once), so it is not held to the N-point optimum and can "
+        f"fall below it.\n\n" + markdown_table(head, body)
     )
 
 

@@ -38,9 +38,11 @@ LABELS = {
 }
 
 FULL = dict(size=14, steps=6000, batch_size=128, lr=2e-3, channels=24, n_train=None, n_test=None,
-            n_eval=5000, n_w2=1000, n_mem=1000, cls_steps=2000, ckpt_every=500, guidance=2.0, dopri5=True)  # fmt: skip
+            n_eval=5000, n_w2=1000, n_mem=1000, cls_steps=2000, ckpt_every=500, guidance=2.0, dopri5=True,
+            sd_fit_steps=None)  # fmt: skip
 TINY = dict(size=14, steps=4, batch_size=16, lr=2e-3, channels=8, n_train=256, n_test=128,
-            n_eval=64, n_w2=32, n_mem=32, cls_steps=20, ckpt_every=2, guidance=2.0, dopri5=False)  # fmt: skip
+            n_eval=64, n_w2=32, n_mem=32, cls_steps=20, ckpt_every=2, guidance=2.0, dopri5=False,
+            sd_fit_steps=20)  # fmt: skip
 
 
 def settings(part: str, args) -> dict:
@@ -53,7 +55,7 @@ def settings(part: str, args) -> dict:
     return s
 
 
-def make_coupling_for(variant: str, n: int, shape, seed: int, x):
+def make_coupling_for(variant: str, n: int, shape, seed: int, x, fit_steps=None):
     """The coupling of a training variant, or a string saying why it is not available here."""
     from ...couplings import SinkhornCoupling
     from ...couplings.factory import make_coupling
@@ -67,7 +69,7 @@ def make_coupling_for(variant: str, n: int, shape, seed: int, x):
     if variant == "semidiscrete":
         from .p0 import make
 
-        return make("semidiscrete_seeded", n, shape, seed, x)
+        return make("semidiscrete_fresh", n, shape, seed, x, fit_steps)
     return f"unknown variant {variant!r}"
 
 
@@ -91,7 +93,7 @@ def run_one(part: str, variant: str, seed: int, s: dict, data, clf, out: str) ->
     name, x_tr, y_tr, x_te, y_te = data
     n, shape = len(x_tr), tuple(x_tr.shape[1:])
     rec = {"part": part, "data": name, "variant": variant, "seed": seed, "n_train": n, **s}
-    coupling = make_coupling_for(variant, n, shape, seed, x_tr)
+    coupling = make_coupling_for(variant, n, shape, seed, x_tr, s["sd_fit_steps"])
     if isinstance(coupling, str):
         return {**rec, "skipped": coupling}
     conditional = part == "p3"
