@@ -128,7 +128,8 @@ def test_tiny_p0_and_p1_write_finite_results_and_resume(tmp_path, capsys):
     runs = sorted((tmp_path / "out" / "p0" / "runs").glob("48_*.json"))
     recs = [json.loads(p.read_text()) for p in runs]
     ran = [r for r in recs if "skipped" not in r]
-    assert {r["variant"] for r in ran} >= {"independent", "ot32", "loom1", "loom4"} and len(recs) == 2 * 5
+    assert recs == ran and len(ran) in (2 * 4, 2 * 5)  # a skipped run (no semidiscrete here) leaves no record
+    assert {r["variant"] for r in ran} >= {"independent", "ot32", "loom1", "loom4"}
     rows = (tmp_path / "out" / "p0.csv").read_text().splitlines()
     assert len(rows) == 1 + len(ran)  # one CSV row per run that ran (semidiscrete: skipped until it lands)
     for r in recs:

@@ -188,7 +188,8 @@ def main(part: str, args) -> list:
             rec = load_record(path)
             if rec is None:
                 rec = run_one(part, v, seed, s, data, clf, args.out)
-                save_record(path, rec)
+                if "skipped" not in rec:  # a coupling missing now runs once it lands
+                    save_record(path, rec)
                 print(f"{part} {v} seed {seed}: {_brief(rec)}", flush=True)
             records.append(rec)
     write_outputs(part, records, base, args.out, args.tag)
