@@ -34,9 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--data",
-        required=True,
+        default=None,
         help="8gaussians, moons, checkerboard, digits, PATH.npy (N, *shape) or "
-        "PATH.npz with x (N, *shape) and optional integer labels y (N,)",
+        "PATH.npz with x (N, *shape) and optional integer labels y (N,); not with --coupling reflow",
     )
     p.add_argument(
         "--coupling",
@@ -80,11 +80,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=int, default=1000, help="0: only at the end")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument(
+        "--pairs", default=None, metavar="DIR", help="--coupling reflow: the pairs folder (its targets are the data)"
+    )
+    p.add_argument(
+        "--t-dist",
+        default="uniform",
+        help="timesteps: uniform, beta(a,b), u_shaped or logit_normal(m,s) (loom_kernels.timesteps)",
+    )
+    p.add_argument("--init-from", default=None, metavar="PATH", help="start from this run's model.pt / checkpoint.pt")
+    p.add_argument("--init-weights", default="ema", choices=("ema", "raw"), help="with --init-from: which weights")
+    p.add_argument("--init-optimizer", action="store_true", help="with --init-from (a checkpoint.pt): its Adam moments")
     return p
 
 
 def _dataset(args, data_mod):
     """The training set of the CLI arguments (labelled with --conditional, flipped with --flip), and its classes."""
+    if args.coupling == "reflow" or args.pairs is not None:
+        if args.coupling != "reflow" or args.pairs is None or args.data is not None or args.flip:
+            raise SystemExit("--pairs DIR goes with --coupling reflow (and replaces --data; no --flip)")
+        from ..reflow import pairs_dataset
+
+        ds = pairs_dataset(args.pairs)
+        args.conditional = hasattr(ds, "labels")
+        return ds, (ds.num_classes if args.conditional else None)
+    if args.data is None:
+        raise SystemExit("--data is required (or --coupling reflow --pairs DIR)")
     x, y = data_mod.load_labeled(args.data, "train", n=args.points, seed=args.seed, holdout=args.holdout)
     if args.conditional and y is None:
         raise SystemExit(f"--conditional needs labels: {args.data!r} has none (a .npz with 'y', or digits)")
@@ -143,6 +164,10 @@ def main(argv=None) -> int:
             log_every=args.log_every,
             ckpt_every=args.ckpt_every if args.ckpt_every < args.steps else 0,
             progress=not args.no_progress,
+            t_dist=args.t_dist,
+            init_from=args.init_from,
+            init_weights=args.init_weights,
+            init_optimizer=args.init_optimizer,
         )
         coupling = make_coupling(
             args.coupling,
@@ -153,6 +178,7 @@ def main(argv=None) -> int:
             device=device,
             metric=args.metric,
             process_group=torch.distributed.group.WORLD if distributed else None,
+            pairs=args.pairs,
         )
         meta = {
             "model": model.spec,
@@ -164,13 +190,15 @@ def main(argv=None) -> int:
             "num_caches": args.num_caches,
             "flip": args.flip,
             "metric": args.metric,
+            "pairs": args.pairs,
+            "t_dist": args.t_dist,
         }
         res = train(model, dataset, coupling, cfg, metadata=meta)
         if dist_info()[0] == 0:
             last = res.history[-1] if res.history else {}
             print(
-                f"trained {res.step} steps on {args.data} ({len(dataset)} items) with the {args.coupling} "
-                f"coupling; final loss {last.get('loss', float('nan')):.4f}; wrote "
+                f"trained {res.step} steps on {args.data or args.pairs} ({len(dataset)} items) with the "
+                f"{args.coupling} coupling; final loss {last.get('loss', float('nan')):.4f}; wrote "
                 f"{os.path.join(args.out, MODEL)} (EMA), {CHECKPOINT}, {LOG}"
             )
     finally:

@@ -15,7 +15,7 @@ from .minibatch import MinibatchOTCoupling
 
 __all__ = ["COUPLINGS", "make_coupling", "FixedNoiseCoupling"]
 
-COUPLINGS = ("independent", "ot", "loom", "fixed")
+COUPLINGS = ("independent", "ot", "loom", "fixed", "reflow")
 
 
 class FixedNoiseCoupling(Coupling):
@@ -66,6 +66,7 @@ def make_coupling(
     device=None,
     process_group=None,
     metric: str = "sqeuclidean",
+    pairs=None,
 ) -> Coupling:
     """The coupling named ``name``, one of ``COUPLINGS``.
 
@@ -76,6 +77,7 @@ def make_coupling(
         shape: one item's shape (``"loom"``/``"fixed"``).
         num_caches, seed, device, process_group: ``LoomCoupling``'s (``"fixed"`` uses ``seed``/``device``).
         metric: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's).
+        pairs: ``"reflow"``: the pairs folder (``loom_kernels.reflow``); the data are its targets.
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
@@ -85,6 +87,12 @@ def make_coupling(
         return IndependentCoupling(metric=metric)
     if name == "ot":
         return MinibatchOTCoupling(metric=metric)
+    if name == "reflow":
+        from .reflow import ReflowCoupling
+
+        if pairs is None:
+            raise ValueError("coupling 'reflow' needs pairs= (a pairs folder, --pairs DIR)")
+        return ReflowCoupling(pairs)
     if name in ("loom", "fixed") and (num_points is None or shape is None):
         raise ValueError(f"coupling {name!r} needs num_points and shape, got {num_points!r} and {shape!r}")
     if name == "loom":

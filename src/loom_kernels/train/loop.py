@@ -123,6 +123,10 @@ def train(
         raise ValueError(f"callback_every must be a positive integer when a callback is given, got {callback_every}")
     run = build(model, dataset, coupling, cfg, metadata)
     resumed = restore(run)
+    if cfg.init_from is not None and not resumed:
+        from .init import init_from
+
+        init_from(run)
     if run.rank == 0 and cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         run.log = CsvLog(os.path.join(cfg.out_dir, LOG), run.step if resumed else None)
