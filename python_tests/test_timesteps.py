@@ -102,3 +102,15 @@ def test_type_error_and_custom_argument_name():
         timestep_dist("normal", arg="--t-dist")
     with pytest.raises(ValueError, match="generator"):
         timestep_dist("beta").sample(3, generator=torch.Generator())
+
+
+def test_torchcfm_layer_takes_a_distribution_name_for_t():
+    from loom_kernels.compat.torchcfm import ConditionalFlowMatcher
+
+    fm = ConditionalFlowMatcher(sigma=0.0)
+    x0, x1 = torch.zeros(50_000, 2), torch.ones(50_000, 2)
+    t, xt, ut = fm.sample_location_and_conditional_flow(x0, x1, t="logit_normal(0.5, 0.7)")
+    assert stats.kstest(t.double().numpy(), CASES[-1][1]).pvalue > 1e-3
+    torch.testing.assert_close(xt[:, 0], t)  # x_t = t x1 + (1 - t) x0 with the drawn t
+    with pytest.raises(ValueError, match="^t must be one of"):
+        fm.sample_location_and_conditional_flow(x0, x1, t="normal")
