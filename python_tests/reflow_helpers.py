@@ -59,4 +59,6 @@ def euler_reference(model, x0, nfe, **kw):
 if __name__ == "__main__":  # the kill test: generate slowly into sys.argv[1] until killed
     from loom_kernels.reflow import generate_pairs
 
-    generate_pairs(TinyField(delay=0.05), 64, "euler", 2, sys.argv[1], batch_size=4, device="cpu", progress=False)
+    generate_pairs(
+        TinyField(delay=0.05), 64, "euler", 2, sys.argv[1], batch_size=4, device="cpu", progress=False, commit_every=0
+    )

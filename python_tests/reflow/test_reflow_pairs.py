@@ -119,6 +119,13 @@ def test_resume_after_kill_9_keeps_every_pair_once(tmp_path):
     np.testing.assert_array_equal(pf.seeds, whole.seeds)
 
 
+def test_power_durability_writes_the_same_folder(tmp_path):
+    a = _gen(TinyField(), tmp_path / "a", durability="power")
+    b = _gen(TinyField(), tmp_path / "b")
+    np.testing.assert_array_equal(np.asarray(a.targets), np.asarray(b.targets))
+    assert a.block_digests == b.block_digests and open_pairs(tmp_path / "a").complete
+
+
 def test_a_second_run_on_a_finished_folder_samples_nothing(tmp_path):
     _gen(TinyField(), tmp_path / "p")
     model = TinyField()
@@ -201,6 +208,8 @@ def test_missing_and_unfinished_folders(tmp_path):
         ({"dtype": "bfloat16"}, "dtype must be one of"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"labels": "balanced"}, "labels were given but the model is not conditional"),
+        ({"durability": "disk"}, "durability must be 'crash' or 'power'"),
+        ({"commit_every": -1}, "commit_every must be a number of seconds >= 0"),
     ],
 )
 def test_bad_arguments_are_named(tmp_path, kw, match):
@@ -225,6 +234,18 @@ def test_non_finite_targets_are_not_stored(tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite targets for pairs 0..15"):
         _gen(Bad(), tmp_path / "p")
     assert PairsFolder(tmp_path / "p").done == 0
+
+    class LateBad(TinyField):  # the second batch fails: the first one, already written, is kept
+        def forward(self, x, t):
+            self.calls += 0
+            v = super().forward(x, t)
+            return v * float("nan") if self.calls > 16 * 4 else v
+
+    with pytest.raises(FloatingPointError, match="non-finite targets for pairs 16..31.*the 16 pairs before it"):
+        _gen(LateBad(), tmp_path / "q", commit_every=3600)
+    pf = PairsFolder(tmp_path / "q")
+    assert pf.done == 16
+    np.testing.assert_allclose(np.asarray(pf.targets[:16]), np.asarray(_gen(TinyField(), tmp_path / "r").targets[:16]))
 
 
 def test_command_line(tmp_path, capsys):

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=DTYPES, help="how targets are stored")
     g.add_argument("--batch-size", type=int, default=256, help="pairs per sampler call (and per committed block)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument(
+        "--durability", default="crash", choices=("crash", "power"), help="power: fsync each batch (power loss)"
+    )
     g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
@@ -57,6 +60,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             device=args.device,
             progress=not args.no_progress,
+            durability=args.durability,
         )
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         raise SystemExit(f"error: {exc}") from None

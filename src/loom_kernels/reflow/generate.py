@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import time
 
 import numpy as np
 import torch
@@ -86,10 +87,10 @@ def _check_args(num, method, nfe, dtype, batch_size, guidance):
         raise ValueError(f"guidance must be a number or None, got {guidance!r}")
 
 
-def _open_or_create(out, manifest, seeds, labels, cond) -> PairsFolder:
+def _open_or_create(out, manifest, seeds, labels, cond, durable) -> PairsFolder:
     out = os.fspath(out)
     if os.path.exists(os.path.join(out, MANIFEST)):
-        pf = PairsFolder(out, verify=True, writable=True)
+        pf = PairsFolder(out, verify=True, writable=True, durable=durable)
         old, new = pf.manifest, {**manifest, "files": pf.manifest["files"]}
         diff = [
             f"{k}: {old.get(k)!r} -> {new[k]!r}"
@@ -111,7 +112,7 @@ def _open_or_create(out, manifest, seeds, labels, cond) -> PairsFolder:
             raise FileExistsError(
                 f"out {out!r} is a folder with other files ({foreign[:3]}): give an empty or new folder"
             )
-    return create(out, manifest, seeds, labels, cond)
+    return create(out, manifest, seeds, labels, cond, durable)
 
 
 @torch.no_grad()
@@ -134,6 +135,8 @@ def generate_pairs(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     progress: bool = True,
+    durability: str = "crash",
+    commit_every: float = 1.0,
 ) -> PairsFolder:
     """Samples ``num`` reflow pairs ``(noise(seed_i), model's ODE solution from it)`` into the folder ``out``.
 
@@ -154,6 +157,10 @@ def generate_pairs(
         seed: the seeds are ``seeds_for(seed, num)`` (distinct); or give ``seeds`` ``(num,)`` (distinct).
         shape: one target's shape (default ``model.shape``). dtype: ``"float32"`` or ``"float16"``.
         device: where to sample (default CUDA if available). rtol, atol: dopri5's tolerances.
+        durability: ``"crash"`` (default: survives kill -9 and any process fault) or ``"power"`` (also a
+            power loss: each batch is msynced and fsynced before it counts).
+        commit_every: seconds between progress records (0: after every batch); a kill redoes at most the
+            batches since the last one, from their seeds.
 
     Returns:
         the :class:`~loom_kernels.reflow.store.PairsFolder`, complete.
@@ -163,6 +170,10 @@ def generate_pairs(
     """
     model, path = _load(model)
     _check_args(num, method, nfe, dtype, batch_size, guidance)
+    if durability not in ("crash", "power"):
+        raise ValueError(f"durability must be 'crash' or 'power', got {durability!r}")
+    if isinstance(commit_every, bool) or not (isinstance(commit_every, (int, float)) and commit_every >= 0):
+        raise ValueError(f"commit_every must be a number of seconds >= 0, got {commit_every!r}")
     shape = tuple(shape if shape is not None else getattr(model, "shape", ()) or ())
     if not shape:
         raise ValueError("shape: the model has no .shape; pass shape= (one target's shape)")
@@ -191,14 +202,16 @@ def generate_pairs(
         "count": int(num),
         "block": int(batch_size),
     }
-    pf = _open_or_create(out, manifest, s, y, c)
+    pf = _open_or_create(out, manifest, s, y, c, durability == "power")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=pf.count, initial=pf.done, desc="reflow pairs", unit="pair", dynamic_ncols=True)
+    written = len(pf.block_digests)  # blocks whose rows are all in the map
+    last = time.monotonic()
     try:
-        for j in range(len(pf.block_digests), -(-pf.count // pf.block)):
+        for j in range(written, -(-pf.count // pf.block)):
             rows = pf.block_rows(j)
             x0 = gaussian_noise(torch.from_numpy(pf.seeds[rows]), shape, device=dev)
             kw = {}
@@ -212,13 +225,17 @@ def generate_pairs(
             if not bool(torch.isfinite(x1).all()):
                 raise FloatingPointError(
                     f"the model produced non-finite targets for pairs {rows.start}..{rows.stop - 1}: nothing of "
-                    f"this batch was stored ({pf.done} pairs are kept)"
+                    f"this batch was stored (the {rows.start} pairs before it are kept)"
                 )
             pf.targets[rows] = x1.numpy().astype(pf.dtype, copy=False)
-            pf.commit(j)
+            written = j + 1
+            if time.monotonic() - last >= commit_every:
+                pf.commit(written)
+                last = time.monotonic()
             if bar is not None:
                 bar.update(rows.stop - rows.start)
     finally:
+        pf.commit(written)  # whatever is whole in the map (also on an error or Ctrl-C)
         if bar is not None:
             bar.close()
     return pf

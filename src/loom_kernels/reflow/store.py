@@ -10,23 +10,27 @@ Files (all written through ``loom_kernels._io``'s atomic writes except the targe
 - ``targets.npy`` ``(N, *shape)`` float16/float32, memory-mapped, filled block by block;
 - ``progress.json``: the pairs done and one blake2b digest per finished block of targets.
 
-Crash safety: a block's targets are written into the map and flushed (msync), then ``progress.json`` is
-replaced atomically. A kill at any point leaves either the old progress (the block is redone from its
-seeds: nothing is duplicated) or the new one over flushed rows (nothing is lost). Opening checks the
+Crash safety: a block's targets are written into the map, then ``progress.json`` is replaced atomically
+(rename). A kill at any point leaves either the old progress (the block is redone from its seeds: nothing
+is duplicated) or the new one over written rows (nothing is lost): the page cache outlives a killed process
+(durability ``"crash"``, the seed table's default). ``"power"`` also msyncs the rows and fsyncs each file
+before the rename, to survive a power loss (a few ms a batch). Opening checks the
 manifest's own checksum, the seeds' and labels' digests, the file sizes and every finished block's digest,
 and names the file at fault.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 
-from .._io import atomic_path, atomic_write
+from .._io import atomic_path, current_umask, temp_prefix
 
 __all__ = ["FORMAT", "PairsFolder", "open_pairs", "seeds_for"]
 
@@ -54,9 +58,34 @@ def _json_digest(obj: dict) -> str:
     return hashlib.blake2b(json.dumps(obj, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
-def _write_json(path: str, obj: dict) -> None:
+@contextlib.contextmanager
+def _replace(path: str, durable: bool, suffix: str):
+    """A temp path renamed over ``path`` on success: ``atomic_path`` (fsyncs) when ``durable``, else the same
+    rename without syncs (enough against kill -9: the page cache outlives the process, as for the seed
+    table's default durability "crash")."""
+    if durable:
+        with atomic_path(path, suffix=suffix) as tmp:
+            yield tmp
+        return
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(os.path.basename(path)), suffix=suffix, dir=os.path.dirname(path))
+    os.fchmod(fd, 0o666 & ~current_umask())
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: str, obj: dict, durable: bool = True) -> None:
     obj = {**obj, "checksum": _json_digest(obj)}
-    atomic_write(path, lambda f: json.dump(obj, f, sort_keys=True), mode="w")
+    with _replace(path, durable, ".tmp") as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, sort_keys=True)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _read_json(path: str, what: str) -> dict:
@@ -102,8 +131,8 @@ class PairsFolder:
     """An opened pairs folder: ``seeds`` ``(N,)`` int64, ``targets`` ``(N, *shape)`` (memory-mapped),
     ``labels`` ``(N,)`` or None, ``cond`` ``(N, Dc)`` or None, ``manifest``, ``done`` (pairs finished)."""
 
-    def __init__(self, path: str, *, verify: bool = True, writable: bool = False):
-        self.path = os.fspath(path)
+    def __init__(self, path: str, *, verify: bool = True, writable: bool = False, durable: bool = False):
+        self.path, self.durable = os.fspath(path), durable
         mpath = os.path.join(self.path, MANIFEST)
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"pairs folder {self.path!r} does not exist")
@@ -179,15 +208,16 @@ class PairsFolder:
                     f"{rows.start}..{rows.stop - 1}): damaged after it was written; regenerate the folder"
                 )
 
-    def commit(self, j: int) -> None:
-        """Block ``j``'s targets are in the map: flush them, then record them as done (atomically)."""
-        if j != len(self.block_digests):
-            raise RuntimeError(f"block {j} committed out of order (next is {len(self.block_digests)})")
-        rows = self.block_rows(j)
-        self.targets.flush()
-        self.block_digests.append(digest(self.targets[rows]))
-        self.done = rows.stop
-        _write_json(os.path.join(self.path, PROGRESS), {"done": self.done, "digests": self.block_digests})
+    def commit(self, upto: int) -> None:
+        """Blocks up to ``upto`` (exclusive) have their targets in the map: record them as done, atomically."""
+        first = len(self.block_digests)
+        if upto <= first:
+            return
+        if self.durable:
+            self.targets.flush()  # msync: the rows reach the disk before the progress that claims them
+        self.block_digests += [digest(self.targets[self.block_rows(j)]) for j in range(first, upto)]
+        self.done = self.block_rows(upto - 1).stop
+        _write_json(os.path.join(self.path, PROGRESS), {"done": self.done, "digests": self.block_digests}, self.durable)
 
     @property
     def complete(self) -> bool:
@@ -217,7 +247,7 @@ def open_pairs(path, *, verify: bool = True) -> PairsFolder:
     return pf
 
 
-def create(path: str, manifest: dict, seeds: np.ndarray, labels, cond) -> PairsFolder:
+def create(path: str, manifest: dict, seeds: np.ndarray, labels, cond, durable: bool) -> PairsFolder:
     """Writes a new folder (arrays first, manifest last) and opens it for writing."""
     os.makedirs(path, exist_ok=True)
     files = {SEEDS: seeds}
@@ -226,10 +256,14 @@ def create(path: str, manifest: dict, seeds: np.ndarray, labels, cond) -> PairsF
     if cond is not None:
         files[COND] = cond
     for name, a in files.items():
-        with atomic_path(os.path.join(path, name), suffix=".npy") as tmp:
-            np.save(tmp, a)
+        with _replace(os.path.join(path, name), durable, ".npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, a)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
     shape = (manifest["count"], *manifest["shape"])
-    with atomic_path(os.path.join(path, TARGETS), suffix=".npy") as tmp:
+    with _replace(os.path.join(path, TARGETS), durable, ".npy") as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=manifest["dtype"], shape=shape)
         mm.flush()
         del mm
@@ -239,12 +273,13 @@ def create(path: str, manifest: dict, seeds: np.ndarray, labels, cond) -> PairsF
             except (AttributeError, OSError) as exc:
                 if getattr(exc, "errno", None) in (28, 122):  # ENOSPC, EDQUOT
                     raise
-    _write_json(os.path.join(path, PROGRESS), {"done": 0, "digests": []})
+    _write_json(os.path.join(path, PROGRESS), {"done": 0, "digests": []}, durable)
     _write_json(
         os.path.join(path, MANIFEST),
         {**manifest, "format": FORMAT, "version": VERSION, "files": {k: digest(v) for k, v in files.items()}},
+        durable,
     )
-    return PairsFolder(path, verify=False, writable=True)
+    return PairsFolder(path, verify=False, writable=True, durable=durable)
 
 
 OUR_FILES = (MANIFEST, PROGRESS, SEEDS, LABELS, COND, TARGETS)
