@@ -107,7 +107,7 @@ def test_overhead_interleaved(benchmark, case, device):
     try:
         sampler_alone(model, case, device), pairs(model, case, device, os.path.join(root, "warm"))  # warm-up
         ratios, base, ours = [], [], []
-        for _ in range(7):
+        for _ in range(11):
             t0 = time.perf_counter()
             sampler_alone(model, case, device)
             if device == "cuda":

@@ -265,14 +265,15 @@ def create(path: str, manifest: dict, seeds: np.ndarray, labels, cond, durable: 
     shape = (manifest["count"], *manifest["shape"])
     with _replace(os.path.join(path, TARGETS), durable, ".npy") as tmp:
         mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=manifest["dtype"], shape=shape)
-        mm.flush()
-        del mm
+        del mm  # the header is written; the zero rows need no flush (they are rewritten before they count)
         with open(tmp, "r+b") as f:  # reserve the space: a sparse map would die with SIGBUS on a full disk
             try:
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
             except (AttributeError, OSError) as exc:
                 if getattr(exc, "errno", None) in (28, 122):  # ENOSPC, EDQUOT
                     raise
+            if durable:
+                os.fsync(f.fileno())
     _write_json(os.path.join(path, PROGRESS), {"done": 0, "digests": []}, durable)
     _write_json(
         os.path.join(path, MANIFEST),
