@@ -30,7 +30,9 @@ def _options(x0, labels, cond, return_indices) -> dict:
     return kw
 
 
-class _Pair(Coupling):
+class _Pair:
+    """What both mixes share (a mixin, so that only the two public classes are ``Coupling`` subclasses)."""
+
     accepts_t = True
 
     def __init__(self, first, second, generator):
@@ -56,7 +58,7 @@ class _Pair(Coupling):
                 raise ValueError(f"{name} has no load_state_dict, but the state holds keys {sorted(state[name])}")
 
 
-class MixedCoupling(_Pair):
+class MixedCoupling(_Pair, Coupling):
     """Each batch is coupled by ``first`` with probability ``p``, else by ``second`` (LOOM-CFM's ``MixedCoupling``).
 
     The call's keywords go to the chosen coupling as they are (``t=`` only if it takes timesteps), and its
@@ -88,7 +90,7 @@ def mix_probability(t: torch.Tensor, power: float) -> torch.Tensor:
     return (power * t.pow(power - 1) - (power - 1) * t.pow(power)).nan_to_num(1.0).clamp(0.0, 1.0)
 
 
-class TimestepMixedCoupling(_Pair):
+class TimestepMixedCoupling(_Pair, Coupling):
     """Item ``i`` is coupled by ``first`` with probability ``p(t_i)``, else by ``second`` (LOOM-CFM's
     ``TimestampMixedCoupling``), ``p(t) = power t^(power-1) - (power-1) t^power`` (:func:`mix_probability`).
 

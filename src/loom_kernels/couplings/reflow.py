@@ -19,7 +19,8 @@ class ReflowCoupling(Coupling):
     label_i])``), and ``coupling(x1, indices)`` returns ``x0[k] = gaussian_noise(seeds[indices[k]])``: the
     exact noise the target came from, regenerated on ``x1``'s device in ``x1``'s dtype. ``indices`` are
     required (the seeds are looked up by them); ``x0`` must be None (the noise is the pairs'). ``labels``
-    given must equal the stored labels of those pairs; ``cond`` is checked and otherwise unused. No
+    given must equal the stored labels of those pairs (pairs without labels accept any: no noise changes
+    item, so none crosses a class); ``cond`` is checked and otherwise unused. No
     reassignment: ``stats`` has pre = post cost, 0 swaps; ``return_indices=True`` gives ``arange(b)``. No
     state (the folder is the state).
 
@@ -51,7 +52,9 @@ class ReflowCoupling(Coupling):
         if x0 is not None:
             raise ValueError("ReflowCoupling regenerates the noise from the pairs' seeds: x0 must be None")
         if indices is None:
-            raise ValueError("ReflowCoupling needs the pairs' indices of the batch: call coupling(x1, indices)")
+            raise ValueError(
+                "ReflowCoupling needs the dataset indices of the batch (its pairs): call coupling(x1, indices)"
+            )
         idx = torch.as_tensor(indices)
         if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             raise TypeError(f"indices must be integer pair indices, got dtype {idx.dtype}")
@@ -65,9 +68,7 @@ class ReflowCoupling(Coupling):
             )
         if tuple(x1.shape[1:]) != self.shape:
             raise ValueError(f"x1 must hold items of the pairs' shape {self.shape}, got {tuple(x1.shape[1:])}")
-        if labels is not None:
-            if self.labels is None:
-                raise ValueError(f"labels were given but the pairs folder {self.pairs.path!r} holds none")
+        if labels is not None and self.labels is not None:  # without stored labels: nothing crosses a class
             if not torch.equal(labels.cpu().long(), self.labels[idx]):
                 raise ValueError(
                     "labels differ from the labels stored with these pairs: the batch is not the pairs' data"
