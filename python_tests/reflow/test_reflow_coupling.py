@@ -81,3 +81,14 @@ def test_bad_calls(pairs):
     c(x1, torch.arange(3), labels=torch.zeros(3, dtype=torch.long))  # no stored labels: any labels hold
     with pytest.raises(TypeError, match="return_indices must be True or False"):
         c(x1, torch.arange(3), return_indices=1)
+
+
+def test_the_torchcfm_layer_on_reflow_pairs(pairs):
+    from loom_kernels.compat.torchcfm import ConditionalFlowMatcher
+
+    c, ds = ReflowCoupling(pairs), pairs_dataset(pairs)
+    idx = torch.arange(10)
+    x0, x1 = c(ds.batch(idx)[0], idx)
+    t, xt, ut = ConditionalFlowMatcher(sigma=0.0).sample_location_and_conditional_flow(x0, x1, t="u_shaped")
+    torch.testing.assert_close(xt, t[:, None] * x1 + (1 - t[:, None]) * x0)
+    torch.testing.assert_close(ut, x1 - x0)

@@ -267,3 +267,28 @@ def test_command_line(tmp_path, capsys):
         cli_main([*argv[:4], "0", *argv[5:], "--no-progress", "--device", "cpu"])
     with pytest.raises(SystemExit, match="settings"):
         cli_main([*argv[:-1], str(tmp_path / "p"), "--method", "heun", "--no-progress", "--device", "cpu"])
+
+
+def test_command_line_conditional_model_needs_labels(tmp_path):
+    from loom_kernels import models
+    from loom_kernels.checkpoint import save_model
+
+    unet = models.UNet((1, 8, 8), channels=8, channel_mult=(1,), num_classes=3)
+    save_model(str(tmp_path / "u.pt"), unet, metadata={"model": unet.spec})
+    argv = ["generate", "--model", str(tmp_path / "u.pt"), "--num", "6", "--nfe", "1", "--out", str(tmp_path / "p")]
+    with pytest.raises(SystemExit, match="the model is conditional"):
+        cli_main([*argv, "--no-progress", "--device", "cpu"])
+    np.save(tmp_path / "y.npy", np.array([0, 1, 2, 2, 1, 0]))
+    assert cli_main([*argv, "--labels", str(tmp_path / "y.npy"), "--no-progress", "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(open_pairs(tmp_path / "p").labels, [0, 1, 2, 2, 1, 0])
+    with pytest.raises(SystemExit, match="--labels 'nope.npy': not 'balanced' nor a readable .npy"):
+        cli_main([*argv, "--labels", "nope.npy"])
+    # A reflow run on the labelled pairs: the trainer's CLI makes the model conditional from the pairs.
+    from loom_kernels.checkpoint import load_checkpoint
+    from loom_kernels.cli import train as train_cli
+
+    run = ["--coupling", "reflow", "--pairs", str(tmp_path / "p"), "--model", "unet", "--channels", "8"]
+    run += ["--channel-mult", "1", "--batch-size", "6", "--steps", "2", "--warmup", "1", "--device", "cpu"]
+    run += ["--init-from", str(tmp_path / "u.pt"), "--out", str(tmp_path / "r"), "--no-progress"]
+    assert train_cli.main(run) == 0
+    assert load_checkpoint(str(tmp_path / "r" / "model.pt"))["metadata"]["model"]["num_classes"] == 3

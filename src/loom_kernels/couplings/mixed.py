@@ -63,7 +63,9 @@ class MixedCoupling(_Pair, Coupling):
 
     The call's keywords go to the chosen coupling as they are (``t=`` only if it takes timesteps), and its
     ``stats`` are this coupling's, plus ``"first"`` (1 or 0). The choice comes from ``generator`` (a CPU
-    ``torch.Generator``) or torch's global RNG. ``state_dict`` holds both parts' states.
+    ``torch.Generator``) or torch's global RNG. Under DDP with parts that exchange across ranks (a global
+    scope), give every rank a generator with the same seed, so that all ranks choose the same part (the
+    trainer seeds the global RNG per rank). ``state_dict`` holds both parts' states.
 
     Example::
 
