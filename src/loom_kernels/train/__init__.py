@@ -2,8 +2,8 @@
 
 Objective: conditional flow matching / rectified flow (Lipman et al., 2023; Liu et al., 2023):
 ``x_t = (1 - t) x0 + t x1`` with ``t ~ U[0, 1]`` (or ``TrainConfig.t_dist``: :mod:`loom_kernels.timesteps`),
-regress ``model(x_t, t)`` on ``x1 - x0``. The pairs ``(x0, x1)`` come from a coupling: independent, minibatch OT (Tong et al., 2023; Pooladian et al., 2023)
-or LOOM-CFM (Davtyan et al., ICLR 2025), all called as ``coupling(x1, indices=indices)`` (and
+regress ``model(x_t, t)`` on ``x1 - x0``. The pairs ``(x0, x1)`` come from a coupling: independent,
+minibatch OT (Tong et al., 2023; Pooladian et al., 2023) or LOOM-CFM (Davtyan et al., ICLR 2025), all called as ``coupling(x1, indices=indices)`` (and
 ``labels=y`` for labelled data). Class-conditional models are called as ``model(x_t, t, y=y)`` with
 labels dropped to ``model.null_label`` at rate ``label_dropout`` (classifier-free guidance).
 
