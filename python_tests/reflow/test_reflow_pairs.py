@@ -107,11 +107,12 @@ def test_resume_after_kill_9_keeps_every_pair_once(tmp_path):
         if proc.poll() is None:
             proc.kill()
     before = PairsFolder(out)  # opens after the kill: checksums of the finished blocks hold
+    stale = [n for n in os.listdir(out) if ".tmp-" in n]
     assert 16 <= before.done < 64
     kept = np.array(before.targets[: before.done])
     model = TinyField()
     pf = _gen(model, out, num=64, nfe=2, batch_size=4)
-    assert pf.complete
+    assert pf.complete and not [n for n in os.listdir(out) if ".tmp-" in n], stale
     assert model.calls == 2 * (64 - before.done)  # only the missing pairs were sampled (2 evaluations each)
     np.testing.assert_array_equal(np.asarray(pf.targets[: before.done]), kept)
     whole = _gen(TinyField(), tmp_path / "whole", num=64, nfe=2, batch_size=4)

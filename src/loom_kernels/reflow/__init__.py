@@ -24,7 +24,9 @@ __all__ = ["generate_pairs", "open_pairs", "PairsFolder", "seeds_for", "METHODS"
 def pairs_dataset(pairs):
     """The pairs' targets as the trainer's data set: ``IndexedDataset`` (``LabeledDataset`` with labels), float32.
 
-    Item ``i`` is ``(i, target_i[, label_i])``, so ``ReflowCoupling`` finds seed ``i`` from the index."""
+    Item ``i`` is ``(i, target_i[, label_i])``, so ``ReflowCoupling`` finds seed ``i`` from the index. The
+    targets are read into memory (float32); for a plain loop over a larger folder, index ``PairsFolder.targets``
+    (memory-mapped) yourself."""
     import torch
 
     from ..data import IndexedDataset, LabeledDataset

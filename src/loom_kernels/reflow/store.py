@@ -30,7 +30,7 @@ import tempfile
 
 import numpy as np
 
-from .._io import atomic_path, current_umask, temp_prefix
+from .._io import atomic_path, current_umask, remove_stale_temps, temp_prefix
 
 __all__ = ["FORMAT", "PairsFolder", "open_pairs", "seeds_for"]
 
@@ -44,6 +44,7 @@ MANIFEST, PROGRESS, SEEDS, LABELS, COND, TARGETS = (
     "cond.npy",
     "targets.npy",
 )
+OUR_FILES = (MANIFEST, PROGRESS, SEEDS, LABELS, COND, TARGETS)
 DTYPES = ("float16", "float32")
 
 
@@ -118,9 +119,9 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _load_npy(path: str, what: str, mmap: bool = False) -> np.ndarray:
+def _load_npy(path: str, what: str, mmap: str | None = None) -> np.ndarray:
     try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        return np.load(path, mmap_mode=mmap, allow_pickle=False)
     except FileNotFoundError:
         raise FileNotFoundError(f"pairs file {path!r} ({what}) is missing") from None
     except (OSError, ValueError, EOFError) as exc:
@@ -162,10 +163,10 @@ class PairsFolder:
                     f"pairs file {tpath!r} (targets) is truncated: {os.path.getsize(tpath):,} bytes, at least "
                     f"{need:,} expected"
                 )
-        if writable:
-            self.targets = np.load(tpath, mmap_mode="r+")
-        else:
-            self.targets = _load_npy(tpath, "targets", mmap=True)
+        if writable:  # the temp files of a killed writer (crash durability leaves them behind)
+            for name in OUR_FILES:
+                remove_stale_temps(os.path.join(self.path, name))
+        self.targets = _load_npy(tpath, "targets", mmap="r+" if writable else "r")
         if self.targets.shape != expect or self.targets.dtype != self.dtype:
             raise ValueError(
                 f"pairs file {tpath!r} holds {self.targets.dtype} {self.targets.shape}, the manifest says "
@@ -281,6 +282,3 @@ def create(path: str, manifest: dict, seeds: np.ndarray, labels, cond, durable: 
         durable,
     )
     return PairsFolder(path, verify=False, writable=True, durable=durable)
-
-
-OUR_FILES = (MANIFEST, PROGRESS, SEEDS, LABELS, COND, TARGETS)
