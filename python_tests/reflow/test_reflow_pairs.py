@@ -293,3 +293,21 @@ def test_command_line_conditional_model_needs_labels(tmp_path):
     run += ["--init-from", str(tmp_path / "u.pt"), "--out", str(tmp_path / "r"), "--no-progress"]
     assert train_cli.main(run) == 0
     assert load_checkpoint(str(tmp_path / "r" / "model.pt"))["metadata"]["model"]["num_classes"] == 3
+
+
+def test_a_continuous_condition_is_passed_to_the_model_and_stored(tmp_path):
+    class CondField(TinyField):
+        def forward(self, x, t, cond=None):
+            return super().forward(x, t) + cond
+
+    cond = torch.linspace(-1, 1, 12)[:, None].repeat(1, 2)
+    pf = _gen(CondField(), tmp_path / "p", num=12, cond=cond, nfe=2)
+    np.testing.assert_array_equal(pf.cond, cond.numpy())
+    x0 = gaussian_noise(torch.from_numpy(np.asarray(pf.seeds)), (2,))
+    ref = euler_reference(CondField(), x0, 2, cond=cond.double())
+    np.testing.assert_allclose(np.asarray(pf.targets), ref.numpy(), atol=1e-5)
+    assert open_pairs(tmp_path / "p").cond.shape == (12, 2)
+    with pytest.raises(ValueError, match="cond differ"):
+        _gen(CondField(), tmp_path / "p", num=12, cond=cond + 1, nfe=2)
+    with pytest.raises(ValueError, match=r"cond must be a finite \(12, Dc\)"):
+        _gen(CondField(), tmp_path / "q", num=12, cond=cond[:5], nfe=2)
