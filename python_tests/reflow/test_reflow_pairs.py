@@ -270,6 +270,7 @@ def test_command_line(tmp_path, capsys):
         cli_main([*argv[:-1], str(tmp_path / "p"), "--method", "heun", "--no-progress", "--device", "cpu"])
 
 
+@pytest.mark.slow  # ~14 s on the loaded 2-core VM (a UNet); the Python-level conditional tests stay default
 def test_command_line_conditional_model_needs_labels(tmp_path):
     from loom_kernels import models
     from loom_kernels.checkpoint import save_model
