@@ -36,8 +36,7 @@ def test_class_conditional_guidance_moves_samples_toward_their_class():
     assert len(means) == 3 and means[0] > means[1] and means[0] > means[2]
 
 
-@pytest.mark.slow  # heavy; CI runs it in its slow step
-@pytest.mark.distributed
+@pytest.mark.distributed  # in the default run (~10 s): the example users copy must not crash at exit
 def test_ddp_example_under_torchrun():
     out = _run(
         [

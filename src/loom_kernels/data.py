@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -71,10 +72,32 @@ def _check_array(x: np.ndarray, name: str, what: str = "an array of shape (N, *s
         raise ValueError(f"data file {name!r} must hold {what}, got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise TypeError(f"data file {name!r} must hold real numbers, got dtype {x.dtype}")
+    integers = np.issubdtype(x.dtype, np.integer)
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"data file {name!r} contains NaN or inf entries")
+    _warn_scale(x, name, integers)
     return x
+
+
+def _warn_scale(x: np.ndarray, name: str, integers: bool) -> None:
+    """Warns about data far from the noise's scale: the flow carries N(0, I) noise to it, and raw pixel values
+    (0..255) or unscaled features train poorly. A warning, not an error: the data may be meant that way."""
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if integers:
+        warnings.warn(
+            f"data file {name!r} holds integers (range {lo:g}..{hi:g}), used as floats unscaled; the noise is "
+            "N(0, I): scale the data to about [-1, 1] first (8-bit images: x / 127.5 - 1)",
+            UserWarning,
+            stacklevel=4,
+        )
+    elif max(abs(lo), abs(hi)) > 50:
+        warnings.warn(
+            f"data file {name!r} spans {lo:g}..{hi:g}, far from the N(0, I) noise it is paired with: scale it "
+            "to about [-1, 1] or unit variance first",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _read_npz(name: str):
