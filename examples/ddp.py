@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import trange
 
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 
 
 def train(model, opt, coupling, data, batch, steps, rank, world, gen):
     n = len(data)
-    for _ in range(steps):
+    for _ in trange(steps, desc=f"rank {rank}", disable=None if rank == 0 else True):  # rank 0 shows a bar
         # The same permutation on every rank (shared generator), each rank takes its slice: no
         # index appears twice in the global batch, as a DistributedSampler guarantees.
         perm = torch.randperm(n, generator=gen)[: batch * world]

@@ -23,6 +23,8 @@ import warnings
 import numpy as np
 import torch
 
+from ._optional import require
+
 TOY_2D = ("8gaussians", "moons", "checkerboard")
 BUILTIN = TOY_2D + ("digits",)
 SPLITS = ("train", "test", "all")
@@ -40,8 +42,7 @@ def _toy_2d(name: str, n: int, seed: int) -> np.ndarray:
         centers = 4.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
         x = centers + 0.5 * rng.standard_normal((n, 2))
     elif name == "moons":
-        from sklearn.datasets import make_moons
-
+        make_moons = require("sklearn.datasets", "the 'moons' data set").make_moons
         x, _ = make_moons(n_samples=n, noise=0.05, random_state=int(rng.integers(2**31)))
         # Center and scale to roughly unit variance per axis, the scale of the noise.
         x = (x - np.array([0.5, 0.25])) * np.array([2.0, 4.0])
@@ -125,9 +126,7 @@ def _read_npz(name: str):
 def _load_arrays(name: str):
     """(x, y or None) of a named set or file, before any split."""
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
+        d = require("sklearn.datasets", "the 'digits' data set").load_digits()
         images = d.images.astype(np.float32)  # (1797, 8, 8), values 0..16
         return (images / 8.0 - 1.0)[:, None], d.target.astype(np.int64)
     if str(name).endswith((".npy", ".npz")):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +31,17 @@ DOPRI5_TOL = 1e-5  # the paper's dopri5 reference tolerance (rtol = atol)
 
 
 STRAIGHTNESS_NFE = 16
+
+
+def default_out(name: str) -> str:
+    """Where ``--out`` points when not given: ``name`` under the current directory, except inside a loom_kernels
+    checkout (found by its pyproject.toml and src/loom_kernels), where it goes beside the checkout: results
+    never land in the source tree unless the user names it there."""
+    cwd = Path.cwd().resolve()
+    for d in (cwd, *cwd.parents):
+        if (d / "pyproject.toml").is_file() and (d / "src" / "loom_kernels").is_dir():
+            return str(d.parent / name)
+    return name
 
 
 def column_label(col: str) -> str:
