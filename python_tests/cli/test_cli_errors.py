@@ -86,11 +86,15 @@ def test_data_errors_name_the_option(tmp_path):
 def test_missing_checkpoint_names_ckpt(tmp_path):
     ckpt = str(tmp_path / "model.pt")
     msg = _error(sample_cli.main, ["--ckpt", ckpt, "--out", str(tmp_path / "s.npy")])
-    assert (
-        msg.startswith(f"python -m loom_kernels.sample: error: --ckpt {ckpt}: ")
-        and "No such file" in msg
-        or ("does not exist" in msg)
-    )
+    assert msg == f"python -m loom_kernels.sample: error: --ckpt {ckpt}: checkpoint {ckpt!r} does not exist"
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    assert _train(["--data", "moons", "--coupling", "ot", "--out", out]) == 0
+    msg = _error(_train, ["--data", "moons", "--coupling", "ot", "--out", out])
+    ckpt = os.path.join(out, "checkpoint.pt")
+    assert msg.endswith(f"--out: {ckpt} exists; add --resume to continue that run, or choose another --out")
 
 
 def test_warnings_for_integer_and_unscaled_data(tmp_path, capsys):

@@ -24,6 +24,12 @@ def _shown(opt: str, value) -> str:
     return f"{opt} {value}"
 
 
+def refuse_overwrite(ckpt: str) -> None:
+    """Without ``--resume``, an existing checkpoint is never trained over."""
+    if os.path.exists(ckpt):
+        raise CliError(f"--out: {ckpt} exists; add --resume to continue that run, or choose another --out")
+
+
 def check(args, ckpt: str, meta: dict, config: dict) -> bool:
     """True: resume from ``ckpt``; False: start fresh (said on stderr). Raises :class:`CliError` naming each
     option whose value differs from the run in ``ckpt`` (``meta``/``config``: this run's, as they would be saved).

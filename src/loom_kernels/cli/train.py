@@ -196,8 +196,11 @@ def main(argv=None) -> int:
             "flip": args.flip,
             "metric": args.metric,
         }
-        if args.resume is not None:
-            cfg.resume = _resume.check(args, os.path.join(args.out, CHECKPOINT), meta, vars(cfg))
+        ckpt = os.path.join(args.out, CHECKPOINT)
+        if args.resume is None:
+            _resume.refuse_overwrite(ckpt)
+        else:
+            cfg.resume = _resume.check(args, ckpt, meta, vars(cfg))
         res = train(model, dataset, coupling, cfg, metadata=meta)
         if dist_info()[0] == 0:
             last = res.history[-1] if res.history else {}
