@@ -12,6 +12,7 @@ import pytest
 
 from loom_kernels.cli import sample as sample_cli
 from loom_kernels.cli import train as train_cli
+from loom_kernels.experiments import demo, study
 
 TINY = ["--points", "64", "--batch-size", "16", "--hidden", "8", "--depth", "1", "--steps", "2", "--no-progress"]
 
@@ -145,7 +146,7 @@ def test_resume_with_other_settings_names_each_option(tmp_path, change, named, f
     assert named in msg and fix in msg and "another --out" in msg, msg
 
 
-@pytest.mark.parametrize("module", [train_cli, sample_cli])
+@pytest.mark.parametrize("module", [train_cli, sample_cli, demo, study])
 def test_help_shows_each_default_once(module):
     parser = module._parser()
     formatter = parser._get_formatter()

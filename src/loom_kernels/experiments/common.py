@@ -58,8 +58,8 @@ SIZE_FLAGS = {"steps": "steps", "batch_size": "batch_size", "n": "points", "n_ev
 
 def add_size_options(p: argparse.ArgumentParser) -> None:
     """The run-size options of the demo and the study (each defaults to its data set's preset)."""
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per data set)")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default per data set)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (None: the data set's preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (None: the data set's preset)")
     p.add_argument(
         "--points", type=int, default=None, help="training points of a 2-D set (held-out set: the same size)"
     )

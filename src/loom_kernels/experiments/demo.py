@@ -33,6 +33,7 @@ import torch
 
 from .._io import atomic_write
 from .._optional import require
+from ..cli._errors import HelpFormatter
 from .common import (
     COLUMNS,
     COUPLINGS,
@@ -68,19 +69,19 @@ def _parser() -> argparse.ArgumentParser:
         "held-out data) at Euler NFE 1/2/4/8, midpoint NFE 2/4/8 and dopri5, straightness and "
         "coupling cost, as mean and spread over seeds. Prints tables and the rankings that hold on "
         "every seed, writes a PNG figure, a JSON of the numbers and the EMA model of each run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", default="8gaussians", help="8gaussians, moons, checkerboard or digits")
     add_size_options(p)
     p.add_argument("--num-caches", type=int, default=1, help="LOOM noise caches per data point")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (seed, seed+1, ...); default 3")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (seed, seed+1, ...); None: 3")
     p.add_argument(
         "--out",
         default=None,
         help="output folder (figure, JSON, models); None: loom_demo in the current directory (beside the "
         "checkout when run inside a loom_kernels checkout)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument(
         "--threads",

@@ -238,6 +238,7 @@ def _thin(points: list, k: int) -> list:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..cli._errors import HelpFormatter
     from .common import add_size_options
 
     p = argparse.ArgumentParser(
@@ -246,10 +247,10 @@ def _parser() -> argparse.ArgumentParser:
         "convergence, LOOM with 1/4/16/64 caches) on the built-in data sets over several seeds: "
         "W2 on fresh and on training noise, straightness, coupling cost curves; CSV, markdown "
         "table and figure.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
+    p.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS, help="data sets")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS, help="couplings compared")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     add_size_options(p)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, one thread each)")
