@@ -59,3 +59,16 @@ def test_default_out_is_beside_a_checkout(monkeypatch, tmp_path):
         assert default_out("loom_demo") == str(tmp_path / "loom_demo")
     monkeypatch.chdir(tmp_path)
     assert default_out("loom_demo") == "loom_demo"
+
+
+def test_train_cli_without_scikit_learn_names_the_extra(monkeypatch, tmp_path):
+    from loom_kernels.cli import train as train_cli
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(["--data", "moons", "--coupling", "ot", "--out", str(tmp_path / "r"), "--steps", "1"])
+    assert str(exc.value.code) == (
+        "python -m loom_kernels.train: error: --data moons: the 'moons' data set needs scikit-learn, which is not "
+        "installed: pip install 'loom_kernels[demo]' (or pip install scikit-learn)"
+    )
