@@ -174,17 +174,16 @@ def main(argv=None) -> int:
             ckpt_every=args.ckpt_every if args.ckpt_every < args.steps else 0,
             progress=not args.no_progress,
         )
-        with option("--coupling", args.coupling):
-            coupling = make_coupling(
-                args.coupling,
-                len(dataset),
-                dataset.shape,
-                num_caches=args.num_caches,
-                seed=args.seed,
-                device=device,
-                metric=args.metric,
-                process_group=torch.distributed.group.WORLD if distributed else None,
-            )
+        coupling = make_coupling(
+            args.coupling,
+            len(dataset),
+            dataset.shape,
+            num_caches=args.num_caches,
+            seed=args.seed,
+            device=device,
+            metric=args.metric,
+            process_group=torch.distributed.group.WORLD if distributed else None,
+        )
         meta = {
             "model": model.spec,
             "data": args.data,
