@@ -48,8 +48,7 @@ def test_reflow_example_trains_generates_and_samples_at_nfe_1(tmp_path):
     ]
 
 
-@pytest.mark.slow  # heavy; CI runs it in its slow step
-@pytest.mark.distributed
+@pytest.mark.distributed  # in the default run (~10 s): the example users copy must not crash at exit
 def test_ddp_example_under_torchrun():
     out = _run(
         [

@@ -155,7 +155,7 @@ def test_noise_in_the_indices_place_is_refused(name, tmp_path):
     # TorchCFM's order coupling(x0, x1) would train the reverse flow: every coupling refuses it
     c = FACTORIES[name](tmp_path)
     _, x1 = _batch()
-    with pytest.raises(TypeError, match="indices must (be integer|have an integer dtype)"):
+    with pytest.raises(TypeError, match="indices must be integer.*TorchCFM"):
         c(x1, torch.randn(B, *SHAPE))
     with pytest.raises(ValueError, match=r"indices must have shape \(b,\)"):
         c(x1, torch.arange(B + 1))

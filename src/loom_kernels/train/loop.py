@@ -41,8 +41,9 @@ def loop(run: Run, callback, callback_every) -> None:
     cfg = run.cfg
     bar = None
     if run.rank == 0 and cfg.progress:
-        from tqdm.auto import tqdm
+        from .._optional import require
 
+        tqdm = require("tqdm.auto", "the training progress bar (or --no-progress / progress=False)").tqdm
         bar = tqdm(
             total=cfg.steps, initial=run.step, desc=f"train[{type(run.user_coupling).__name__}]", dynamic_ncols=True
         )
