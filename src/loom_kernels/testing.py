@@ -300,6 +300,12 @@ def ode_reference(model, x0, grid, method):
             k1 = model(x, ta)
             k2 = model(x + h * k1, torch.full_like(ta, float(b)))
             x = x + 0.5 * h * (k1 + k2)
+        elif method == "rk4":
+            k1 = model(x, ta)
+            k2 = model(x + 0.5 * h * k1, ta + 0.5 * h)
+            k3 = model(x + 0.5 * h * k2, ta + 0.5 * h)
+            k4 = model(x + h * k3, torch.full_like(ta, float(b)))
+            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         else:
             raise ValueError(f"unknown method {method!r}")
         out.append(x)

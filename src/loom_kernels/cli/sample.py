@@ -100,7 +100,7 @@ def _labels(model, args, start, m, device):
 
 def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
     """The samples and the evaluations each sampler call made (dopri5's differ per call)."""
-    from ..sampler import sample
+    from ..sampler import Options, sample
 
     gen = torch.Generator().manual_seed(args.seed)
     chunks, nfes = [], []
@@ -114,11 +114,11 @@ def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
                 x0,
                 args.nfe,
                 method=args.method,
-                info=info,
-                guidance=args.guidance,
-                model_kwargs=_labels(model, args, start, m, device),
-                rtol=args.rtol,
                 atol=args.atol,
+                rtol=args.rtol,
+                model_kwargs=_labels(model, args, start, m, device),
+                guidance=args.guidance,
+                options=Options(info=info),
             ).cpu()
         )
         nfes.append(info["nfe"])

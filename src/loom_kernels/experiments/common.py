@@ -78,10 +78,10 @@ def dopri5_sample(model, x0: torch.Tensor, *, rtol: float = DOPRI5_TOL, atol: fl
     Example:
         >>> x1, nfe = dopri5_sample(lambda x, t: -x, torch.ones(4, 2))  # x1 = exp(-1)
     """
-    from ..sampler import sample
+    from ..sampler import Options, sample
 
     info = {}
-    x1 = sample(model, x0, method="dopri5", rtol=rtol, atol=atol, info=info)
+    x1 = sample(model, x0, method="dopri5", atol=atol, rtol=rtol, options=Options(info=info))
     return x1, info["nfe"]
 
 
