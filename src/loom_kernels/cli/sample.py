@@ -64,7 +64,7 @@ def _plot(path: str, x: np.ndarray, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..experiments.plots import image_grid
+    from ..visual import image_grid
 
     if x.ndim == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(5, 5))
@@ -127,7 +127,8 @@ def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from ..train import load_model, resolve_device
+    from .._device import resolve_device
+    from ..train import load_model
 
     if args.n <= 0:
         raise SystemExit(f"--n must be positive, got {args.n}")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         if args.nfe <= 0 or (args.method != "euler" and args.nfe % 2):
             even = "" if args.method == "euler" else f" and even for {args.method}"
             raise SystemExit(f"--nfe must be positive{even}, got {args.nfe}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, prefer_cuda=True)
     model = load_model(args.ckpt, weights=args.weights, map_location=device).eval()
     shape = tuple(model.spec["shape"]) if hasattr(model, "spec") else None
     if shape is None:

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    device = str(resolve_device(args.device if not distributed or not use_cuda else "cuda"))
+    device = str(resolve_device(args.device if not distributed or not use_cuda else "cuda", prefer_cuda=True))
     try:
         dataset, n_classes = _dataset(args, data_mod)
         torch.manual_seed(args.seed)  # identical initial weights on every rank

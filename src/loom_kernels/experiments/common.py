@@ -10,12 +10,7 @@ import numpy as np
 import torch
 
 from ..metrics import dataset_cost
-
-COUPLINGS = ("independent", "ot", "loom")
-
-
-LABELS = {"independent": "independent", "ot": "minibatch OT", "loom": "LOOM-CFM"}
-
+from .variants import COUPLINGS
 
 COLORS = {"independent": "tab:gray", "ot": "tab:blue", "loom": "tab:red"}
 
@@ -177,9 +172,9 @@ def spread(values) -> dict:
     }
 
 
-def fmt(sp: dict, digits: int = 3) -> str:
-    """'0.553±0.025' (mean ± sd over seeds)."""
-    return f"{sp['mean']:.{digits}f}±{sp['sd']:.{digits}f}"
+def fmt(sp: dict | None, digits: int = 3, sep: str = "±") -> str:
+    """'0.553±0.025' (mean ± sd over seeds; ``sep`` between them), '-' for None."""
+    return "-" if sp is None else f"{sp['mean']:.{digits}f}{sep}{sp['sd']:.{digits}f}"
 
 
 def ranking(per_seed: list, names=COUPLINGS) -> dict:

@@ -34,9 +34,7 @@ import torch
 from .._io import atomic_write
 from .common import (
     COLUMNS,
-    COUPLINGS,
     DOPRI5_TOL,
-    LABELS,
     SIZE_FLAGS,
     STRAIGHTNESS_NFE,
     add_size_options,
@@ -48,6 +46,7 @@ from .common import (
     ranking,
     spread,
 )
+from .variants import COUPLINGS, LABELS
 
 # Default budgets, sized so that the default (3 seeds) finishes inside 5 minutes on a 2-core CPU.
 _PRESETS = {
@@ -220,13 +219,13 @@ def _aggregate(runs: list, dopri5: bool) -> dict:
 
 def run(args) -> dict:
     """Runs the demo for parsed ``args`` (see ``--help``); returns the measured numbers as a dict."""
-    from ..train import resolve_device
+    from .._device import resolve_device
     from .plots import demo_figure
 
     if args.threads:
         torch.set_num_threads(args.threads)
     s = _settings(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, prefer_cuda=True)
     dopri5 = not args.no_dopri5
     seeds = list(range(args.seed, args.seed + s["seeds"]))
     os.makedirs(args.out, exist_ok=True)
