@@ -95,7 +95,7 @@ class LoomCoupling(Coupling):
     size ``b``. ``scope="global"`` couples the global batch of ``W * b`` items exactly, ``"local"`` each
     rank's batch alone (all updates reach every table), ``"grouped"`` random groups of at most
     ``group_size`` items solved by owner ranks in parallel (each group as one process would solve it
-    alone); ``loom_steps.py`` says what travels, docs/scaling.md what to choose at 8 to 512 GPUs. Noise
+    alone); ``steps.py`` says what travels, docs/scaling.md what to choose at 8 to 512 GPUs. Noise
     is never sent. Call ``resample`` with the same arguments on every rank.
 
     Tables: ``mmap_path`` keeps the table in a ``.npy`` file (numpy memmap, 10^8+ points; preallocated,
