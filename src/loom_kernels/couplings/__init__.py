@@ -1,4 +1,4 @@
-"""Data-noise couplings for flow matching: independent, minibatch OT, Sinkhorn, LOOM-CFM and fixed noise.
+"""Data-noise couplings for flow matching: independent, minibatch OT, Sinkhorn, LOOM-CFM, fixed noise, reflow, mixed.
 
 All couplings follow one protocol (``base.Coupling``):
 ``coupling(x1, indices=None, *, x0=None, labels=None, cond=None, return_indices=False)`` returns
@@ -14,6 +14,7 @@ This package holds only the bookkeeping::
       factory.py         COUPLINGS (the one list of names) and make_coupling
       independent.py     IndependentCoupling        minibatch.py  MinibatchOTCoupling
       sinkhorn.py        SinkhornCoupling           fixed.py      FixedNoiseCoupling
+      reflow.py          ReflowCoupling             mixed.py      MixedCoupling, TimestepMixedCoupling
       prefetch.py        PrefetchCoupling: couple batch t+1 on a host thread during step t
       scopes/            what every call shares: the process group (group.py), the scopes and the grouped
                          partition (partition.py), the agreement of ranks (agree.py), the solve (solve.py),
@@ -42,7 +43,9 @@ from .fixed import FixedNoiseCoupling
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
+from .mixed import MixedCoupling, TimestepMixedCoupling
 from .prefetch import PrefetchCoupling
+from .reflow import ReflowCoupling
 from .sinkhorn import SinkhornCoupling
 
 __all__ = [
@@ -53,7 +56,10 @@ __all__ = [
     "IndependentCoupling",
     "LoomCoupling",
     "MinibatchOTCoupling",
+    "MixedCoupling",
     "PrefetchCoupling",
+    "ReflowCoupling",
     "SinkhornCoupling",
+    "TimestepMixedCoupling",
     "make_coupling",
 ]

@@ -14,11 +14,12 @@ from .fixed import FixedNoiseCoupling
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
+from .reflow import ReflowCoupling
 from .sinkhorn import SinkhornCoupling
 
 __all__ = ["COUPLINGS", "make_coupling", "FixedNoiseCoupling"]
 
-COUPLINGS = ("independent", "ot", "sinkhorn", "loom", "fixed")
+COUPLINGS = ("independent", "ot", "sinkhorn", "loom", "fixed", "reflow")
 
 
 def make_coupling(
@@ -33,12 +34,13 @@ def make_coupling(
     metric: str = "sqeuclidean",
     epsilon: float = 0.05,
     generator: torch.Generator | None = None,
+    pairs=None,
 ) -> Coupling:
     """The coupling named ``name``, one of ``COUPLINGS``.
 
     Args:
-        name: ``"independent"``, ``"ot"`` (minibatch OT), ``"sinkhorn"`` (entropic OT), ``"loom"`` (LOOM-CFM)
-            or ``"fixed"``.
+        name: ``"independent"``, ``"ot"`` (minibatch OT), ``"sinkhorn"`` (entropic OT), ``"loom"`` (LOOM-CFM),
+            ``"fixed"`` or ``"reflow"``.
         num_points: data items N (``"loom"``/``"fixed"``); with flips ``2 * len(data)`` (each view
             keeps its own noise).
         shape: one item's shape (``"loom"``/``"fixed"``).
@@ -46,6 +48,7 @@ def make_coupling(
         metric: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's); Sinkhorn's
             is always ``"sqeuclidean"``.
         epsilon, generator: ``SinkhornCoupling``'s (its relative epsilon and the generator of its draws).
+        pairs: ``"reflow"``: the pairs folder (``loom_kernels.reflow``); the data are its targets.
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
@@ -61,6 +64,10 @@ def make_coupling(
                 f"coupling 'sinkhorn' streams the squared Euclidean cost: metric must be 'sqeuclidean', got {metric!r}"
             )
         return SinkhornCoupling(epsilon, generator=generator, process_group=process_group)
+    if name == "reflow":
+        if pairs is None:
+            raise ValueError("coupling 'reflow' needs pairs= (a pairs folder, --pairs DIR)")
+        return ReflowCoupling(pairs)
     if name in ("loom", "fixed") and (num_points is None or shape is None):
         raise ValueError(f"coupling {name!r} needs num_points and shape, got {num_points!r} and {shape!r}")
     if name == "loom":

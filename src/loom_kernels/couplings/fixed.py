@@ -46,7 +46,10 @@ class FixedNoiseCoupling(Coupling):
             raise ValueError("FixedNoiseCoupling needs the dataset indices of the batch: call coupling(x1, indices)")
         idx = torch.as_tensor(indices)
         if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-            raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
+            raise TypeError(
+                f"FixedNoiseCoupling(x1, indices): indices must be integer dataset indices, got dtype {idx.dtype}. "
+                "Is this TorchCFM's argument order coupling(x0, x1)? Call coupling(x1, indices) with the data first"
+            )
         idx = idx.to(device=self.seeds.device, dtype=torch.int64)
         if idx.shape != (x1.shape[0],):
             raise ValueError(f"indices must have shape (b,) = ({x1.shape[0]},) to match x1, got {tuple(idx.shape)}")
