@@ -10,9 +10,9 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from loom_kernels.couplings import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
-from loom_kernels.couplings.common import COND_PENALTY_CAP, add_cond_cost, check_cond, cond_cost
-from loom_kernels.couplings.prefetch import PrefetchCoupling
+from loom_kernels.couplings import IndependentCoupling, LoomCoupling, MinibatchOTCoupling, PrefetchCoupling
+from loom_kernels.couplings.base import check_cond
+from loom_kernels.couplings.scopes.solve import COND_PENALTY_CAP, add_cond_cost, cond_cost
 from loom_kernels.noise import gaussian_noise
 
 

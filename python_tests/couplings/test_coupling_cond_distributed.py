@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
-from loom_kernels.couplings.grouped import Partition
+from loom_kernels.couplings.scopes.partition import Partition
 
 from gloo_ranks import run_rank, spawn
 

@@ -22,7 +22,8 @@ import torch
 
 from loom_kernels.checkpoint import atomic_save, load_checkpoint, load_verified
 from loom_kernels.couplings import LoomCoupling
-from loom_kernels.couplings.table import SeedTable, TableInUseError
+from loom_kernels.couplings.loom.tables.file_lock import TableInUseError
+from loom_kernels.couplings.loom.tables.replicated import ReplicatedTable as SeedTable
 
 # The worker: MODE random|journal|apply runs ROUNDS rounds on a fresh table and prints one JSON line each.
 WORKER = r"""
@@ -31,8 +32,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import numpy as np, torch
 torch.set_num_threads(1)
 from loom_kernels.couplings import LoomCoupling
-from loom_kernels.couplings import table as table_mod
-from loom_kernels.couplings.table import SeedTable
+from loom_kernels.couplings.loom.tables import journal as journal_mod
+from loom_kernels.couplings.loom.tables.replicated import ReplicatedTable as SeedTable
 
 mode, rounds, seed, path, durability = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 P, B, K, SHAPE = 2048, 256, 2, (2,)
@@ -68,10 +69,10 @@ def worker(w, stop_at):
                 if durability == "power":
                     os.fdatasync(fd)
                 # the record is written; tear the table: half of this call's entries zeroed, then die
-                blob, pos = open(path + ".journal", "rb").read(), table_mod._REC.size  # past the header
+                blob, pos = open(path + ".journal", "rb").read(), journal_mod.REC.size  # past the header
                 while pos < len(blob):
-                    _, n, _ = table_mod._REC.unpack_from(blob, pos)
-                    last, pos = (pos + table_mod._REC.size, n), pos + table_mod._REC.size + 16 * n
+                    _, n, _ = journal_mod.REC.unpack_from(blob, pos)
+                    last, pos = (pos + journal_mod.REC.size, n), pos + journal_mod.REC.size + 16 * n
                 flat = np.frombuffer(blob, np.int64, last[1], last[0])
                 c._table._memmap.reshape(-1)[flat[: len(flat) // 2]] = 0
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -175,18 +176,16 @@ LOAD_KILLER = r"""
 import os, signal, sys
 import numpy as np
 from loom_kernels.couplings import LoomCoupling
-from loom_kernels.couplings import table as table_mod
-from loom_kernels.couplings.table import SeedTable
+from loom_kernels.couplings.loom.tables import replicated as table_mod
 table_mod._INIT_CHUNK = 64  # many chunks: die in the middle of the copy
-real, calls = table_mod._seed_values, []
-orig_fill = table_mod.SeedTable._fill
+orig_fill = table_mod.fill_rows
 def fill(dst, rows):
     def killing_rows(a, b):
         if a >= 256:
             os.kill(os.getpid(), signal.SIGKILL)
         return rows(a, b)
     return orig_fill(dst, killing_rows)
-table_mod.SeedTable._fill = staticmethod(fill)
+table_mod.fill_rows = fill
 LoomCoupling.load(sys.argv[1])
 """
 

@@ -21,15 +21,17 @@ import torch
 
 from loom_kernels.checkpoint import atomic_save
 from loom_kernels.couplings import LoomCoupling
-from loom_kernels.couplings import journal as journal_mod
-from loom_kernels.couplings.sharded import SHARD_KIND, shard_path
-from loom_kernels.couplings.table import SeedTable, _seed_values
+from loom_kernels.couplings.loom.seed_stream import seed_values
+from loom_kernels.couplings.loom.tables import file_lock
+from loom_kernels.couplings.loom.tables import journal as journal_mod
+from loom_kernels.couplings.loom.tables.replicated import ReplicatedTable as SeedTable
+from loom_kernels.couplings.loom.tables.shard_files import SHARD_KIND, shard_path
 
 P, K = 256, 2
 
 
 def _rows(a, b):
-    return _seed_values(7, a * K, (b - a) * K).reshape(b - a, K)
+    return seed_values(7, a * K, (b - a) * K).reshape(b - a, K)
 
 
 def _writes(n, salt=0, size=32):
@@ -84,10 +86,10 @@ def _crashed_run(path, writes, create=True, torn=None):
 def _records(jpath):
     """Byte offsets ``(start, end)`` of each record of a journal (past its header)."""
     blob, out = open(jpath, "rb").read(), []
-    pos = journal_mod._REC.size if blob[:4] == b"LJH1" else 0
+    pos = journal_mod.REC.size if blob[:4] == b"LJH1" else 0
     while pos < len(blob):
-        _, n, _ = journal_mod._REC.unpack_from(blob, pos)
-        out.append((pos, pos + journal_mod._REC.size + 16 * n))
+        _, n, _ = journal_mod.REC.unpack_from(blob, pos)
+        out.append((pos, pos + journal_mod.REC.size + 16 * n))
         pos = out[-1][1]
     return out
 
@@ -105,9 +107,11 @@ def _open_seeds(path, **kw):
 RACE = r"""
 import json, os, sys
 import torch
-from loom_kernels.couplings.table import SeedTable, TableInUseError, _seed_values
+from loom_kernels.couplings.loom.seed_stream import seed_values
+from loom_kernels.couplings.loom.tables.file_lock import TableInUseError
+from loom_kernels.couplings.loom.tables.replicated import ReplicatedTable as SeedTable
 n, rounds, d = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-rows = lambda a, b: _seed_values(1, 2 * a, 2 * (b - a)).reshape(b - a, 2)
+rows = lambda a, b: seed_values(1, 2 * a, 2 * (b - a)).reshape(b - a, 2)
 for r in range(rounds):
     path = os.path.join(d, f"t{r}.npy")
     go_r, go_w = os.pipe()
@@ -277,7 +281,7 @@ def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path, tail):
     payload = (extra[0].numpy() * K + extra[1].numpy()).tobytes() + extra[2].numpy().tobytes()
     import zlib
 
-    record = journal_mod._REC.pack(journal_mod._MAGIC, 32, zlib.crc32(payload)) + payload
+    record = journal_mod.REC.pack(journal_mod.MAGIC, 32, zlib.crc32(payload)) + payload
     torn = {"half": record[: len(record) // 2], "header only": record[:10], "zeros": bytes(len(record))}[tail]
     _crashed_run(path, writes, torn=torn)
     with pytest.warns(RuntimeWarning, match="dropped the torn last record"):
@@ -355,7 +359,7 @@ def test_forked_workers_do_not_keep_the_lock(tmp_path):
     pid = os.fork()
     if pid == 0:  # a forked worker: holds no lock and cannot write the parent's table
         try:
-            ok = c._table._lock_fd is None and journal_mod._HELD == set()
+            ok = c._table._lock_fd is None and file_lock._HELD == set()
             try:
                 c._table.write(torch.tensor([1]), torch.tensor([0]), torch.tensor([5]))
             except RuntimeError as exc:
@@ -505,7 +509,7 @@ def test_a_table_and_journal_written_before_ids_still_open(tmp_path):
     ((r, s, v),) = _writes(1, salt=11)  # a header-less journal of the old format, one record
     payload = (r.numpy() * K + s.numpy()).tobytes() + v.numpy().tobytes()
     (tmp_path / "old.npy.journal").write_bytes(
-        journal_mod._REC.pack(journal_mod._MAGIC, len(r), zlib.crc32(payload)) + payload
+        journal_mod.REC.pack(journal_mod.MAGIC, len(r), zlib.crc32(payload)) + payload
     )
     t = SeedTable.open(path)
     assert torch.equal(t.seeds, _expected([(r, s, v)])) and t._id != 0  # replayed, then given an id

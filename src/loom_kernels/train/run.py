@@ -31,17 +31,21 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 class _CallableCoupling(Coupling):
-    """A plain callable ``fn(x1, indices=...)`` (labels only when given) seen through the protocol.
+    """A plain callable ``fn(x1, indices=...)`` (``labels``, ``cond`` and ``return_indices`` only when given)
+    seen through the protocol.
 
     It has no stats and no state."""
 
     def __init__(self, fn):
         self.fn, self.stats = fn, {}
 
-    def __call__(self, x1, indices=None, *, x0=None, labels=None):
+    def __call__(self, x1, indices=None, *, x0=None, labels=None, cond=None, return_indices=False):
         if x0 is not None:
             raise ValueError("a plain callable coupling draws its own noise: x0 must be None")
-        return self.fn(x1, indices=indices) if labels is None else self.fn(x1, indices=indices, labels=labels)
+        kwargs = {k: v for k, v in (("labels", labels), ("cond", cond)) if v is not None}
+        if return_indices is not False:  # passed on as given: the callable checks it
+            kwargs["return_indices"] = return_indices
+        return self.fn(x1, indices=indices, **kwargs)
 
 
 def as_coupling(coupling) -> Coupling:

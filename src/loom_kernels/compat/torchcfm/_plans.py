@@ -19,14 +19,8 @@ import numpy as np
 import torch
 
 from ...cost import pairwise_cost
-from ...couplings.common import (  # noqa: F401  (check_labels, check_cond, check_cond_weight: re-exported)
-    add_cond_cost,
-    check_cond,
-    check_cond_weight,
-    check_labels,
-    cost_dtype,
-    solve,
-)
+from ...couplings.base import check_cond, check_cond_weight, check_labels  # noqa: F401  (re-exported)
+from ...couplings.scopes.solve import add_cond_cost, cost_dtype, solve
 
 _POT_HINT = "install the extra with pip install 'loom_kernels[torchcfm]' (or pip install POT)"
 
