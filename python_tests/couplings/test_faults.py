@@ -69,11 +69,10 @@ def worker(w, stop_at):
                 if durability == "power":
                     os.fdatasync(fd)
                 # the record is written; tear the table: half of this call's entries zeroed, then die
-                blob, pos = open(path + ".journal", "rb").read(), journal_mod.REC.size  # past the header
-                while pos < len(blob):
-                    _, n, _ = journal_mod.REC.unpack_from(blob, pos)
-                    last, pos = (pos + journal_mod.REC.size, n), pos + journal_mod.REC.size + 16 * n
-                flat = np.frombuffer(blob, np.int64, last[1], last[0])
+                blob = open(path + ".journal", "rb").read()
+                start, end = journal_mod.record_spans(blob)[-1]
+                head = journal_mod.REC.size
+                flat = np.frombuffer(blob, np.int64, (end - start - head) // 16, start + head)
                 c._table._memmap.reshape(-1)[flat[: len(flat) // 2]] = 0
                 os.kill(os.getpid(), signal.SIGKILL)
             return n
