@@ -84,6 +84,7 @@ class Run:
     order: torch.Tensor | None = None
     history: list = field(default_factory=list)
     skipped: int = 0
+    scaler_skips: object = 0  # fp16: the grad scaler's consecutive skipped steps (a device tensor once counted)
     log: CsvLog | None = None
     sigterm: dict = field(default_factory=lambda: {"set": False})  # this rank's flag (the signal handler sets it)
     terminate: bool = False  # every rank agreed to save and exit after this step
