@@ -592,3 +592,20 @@ def test_a_journal_that_skips_calls_is_refused_by_name(tmp_path):
         f.write(blob[: spans[0][0]] + blob[spans[2][0] :])
     with pytest.raises(ValueError, match=r"starts at call 3, but the table holds calls up to 0"):
         SeedTable.open(path)
+
+
+def test_a_killed_journal_creators_temp_file_is_removed(tmp_path):
+    # #34 item 11: a writer killed between creating the journal's temp file and renaming it into place left
+    # PATH.journal.tmp-HOST-PID-XXXXXXXX behind, which nothing removed. The next journal opened at that path
+    # removes it (its writer is gone); a live writer's temp is kept.
+    import socket
+
+    path = tmp_path / "t.npy"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f"t.npy.journal.tmp-{host}-{int(dead.stdout)}-abcd1234"
+    live = tmp_path / f"t.npy.journal.tmp-{host}-{os.getpid()}-wxyz5678"
+    stale.write_bytes(b"LJH1")
+    live.write_bytes(b"LJH1")
+    _crashed_run(path, _writes(2, salt=3))  # creates the table, opens its journal, writes, is killed
+    assert not stale.exists() and live.exists()
