@@ -609,3 +609,48 @@ def test_a_killed_journal_creators_temp_file_is_removed(tmp_path):
     live.write_bytes(b"LJH1")
     _crashed_run(path, _writes(2, salt=3))  # creates the table, opens its journal, writes, is killed
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("fail_at", ["partial", "fdatasync"])
+def test_a_failed_journal_append_is_rolled_back_and_names_the_journal(tmp_path, monkeypatch, fail_at):
+    # #34 items 5 and 8: a full disk mid-append left a partial record; the next call's record after it made
+    # the journal damaged before its end, so a crash later could not be replayed. The append is now cut
+    # back, the error names the journal, and the table is unchanged.
+    import errno
+
+    from loom_kernels.couplings.loom.tables import replicated as table_mod
+
+    path = tmp_path / "t.npy"
+    w = _writes(3, salt=5)
+    t = SeedTable.create(path, (P, K), _rows, durability="power")
+    try:
+        t.write(*w[0])
+        before = t.seeds.clone()
+        real_write, real_sync = os.write, os.fdatasync
+
+        def short_write(fd, data):  # half the record lands, then the disk is full
+            if len(data) > 8:
+                real_write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def bad_sync(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        if fail_at == "partial":
+            monkeypatch.setattr(table_mod.os, "write", short_write)
+        else:
+            monkeypatch.setattr(table_mod.os, "fdatasync", bad_sync)
+        with pytest.raises(OSError, match=r"cannot append to the journal .*t\.npy\.journal.*not applied") as exc:
+            t.write(*w[1])
+        assert exc.value.errno == errno.ENOSPC and exc.value.filename.endswith("t.npy.journal")
+        monkeypatch.setattr(table_mod.os, "write", real_write)
+        monkeypatch.setattr(table_mod.os, "fdatasync", real_sync)
+        assert torch.equal(t.seeds, before)
+        t.write(*w[2])
+        # what a crash now would replay: whole records only, the failed call's none
+        jpath = str(path) + ".journal"
+        assert len(journal_mod.record_spans(open(jpath, "rb").read())) == 2
+        assert torch.equal(t.seeds, _expected([w[0], w[2]]))
+    finally:
+        t.close()
+    assert torch.equal(_open_seeds(path), _expected([w[0], w[2]]))

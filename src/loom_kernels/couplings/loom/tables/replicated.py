@@ -269,17 +269,40 @@ class ReplicatedTable(LoomTable):
         call = self._mark.calls + 1
         record = pack_record(call, flat, vals)
         fd = self._journal()
-        view = memoryview(record)
-        while view:
-            view = view[os.write(fd, view) :]
-        if self.durability == "power":  # a process crash keeps the page cache; a power loss needs the disk
-            os.fdatasync(fd)
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            view = memoryview(record)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.durability == "power":  # a process crash keeps the page cache; a power loss needs the disk
+                os.fdatasync(fd)
+        except OSError as exc:
+            self._undo_append(fd, start, exc)
         self._memmap.reshape(-1)[flat] = vals
         self._mark.calls = call
         write_calls(self._lock_fd, self._mark)  # after the rows: a crash before it only redoes this call
         self._jbytes += len(record)
         if self._jbytes > JOURNAL_LIMIT:
             self.flush()
+
+    def _undo_append(self, fd: int, start: int, exc: OSError):
+        """Rolls a failed append (a full disk, say) back and raises naming the journal; the table is unchanged.
+
+        A partial record left in place, followed by the next call's record, would make the journal damaged
+        before its end, so a later crash could not be replayed. It is cut off; if even that fails, the table
+        is flushed, which folds the journal in and removes it (the table holds every completed call)."""
+        jpath = journal_path(self.path)
+        try:
+            os.ftruncate(fd, start)
+            os.lseek(fd, start, os.SEEK_SET)
+        except OSError:
+            self.flush()
+        raise OSError(
+            exc.errno,
+            f"cannot append to the journal {jpath!r} of the seed table {self.path!r} ({exc.strerror}): the call "
+            "was not applied and the table is unchanged; free space and call again",
+            jpath,
+        ) from exc
 
     def replace(self, rows: RowsFn) -> None:
         """Replace every row with ``rows(a, b)``; a file table gets a new file, renamed into place when full."""
