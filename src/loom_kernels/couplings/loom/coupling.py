@@ -337,13 +337,13 @@ class LoomCoupling(Coupling):
         self._restore(persistence.check_state(state, persistence.config_of(self), rows_needed))
 
     def _restore(self, restored: persistence.Restored):
-        """Install a verified table (``rows(a, b)``: global rows), generator state and seed counter."""
-        self._gen.set_state(restored.generator.cpu())
-        self._next_counter = int(restored.next_counter)
+        """Install a verified table, then its generator state and counter: a failed table write changes nothing."""
         if self._table is None:  # from the constructor: nothing to keep
             self._table = self._create_table(overwrite=True, rows=restored.rows)
         else:
             self._table.replace(restored.rows)
+        self._gen.set_state(restored.generator.cpu())
+        self._next_counter = int(restored.next_counter)
         self.flush()
 
     @serialized
