@@ -287,8 +287,8 @@ def test_points_whose_costs_overflow_float32_are_refused(scale):
 
 def test_a_cost_that_overflows_float32_is_refused():
     cost = torch.rand(8, 8, dtype=torch.float64) * 1e39
-    with pytest.raises(ValueError, match=r"cost hold entries so large that they overflow float32"):
+    with pytest.raises(ValueError, match=r"cost must be finite"):
         sinkhorn_cost(cost.float())  # inf after the cast
-    with pytest.raises(ValueError, match=r"overflow float32"):
+    with pytest.raises(ValueError, match=r"cost hold entries so large that they overflow float32 .*float64"):
         sinkhorn_cost(cost.float().clamp_max(1e38))
     sinkhorn_cost(cost * 1e-36)  # a float64 cost is solved in float64
