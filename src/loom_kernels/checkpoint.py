@@ -107,11 +107,14 @@ _OPTIONAL = {
 }
 
 
-def check_fields(ck: dict, path: str) -> None:
-    """Raises ValueError naming ``path`` and the field when a required field is missing or of the wrong type."""
+def check_fields(ck: dict, path: str, *, complete: bool = False) -> None:
+    """Raises ValueError naming ``path`` and the field when a field is of the wrong type, or (``complete``:
+    what resuming or sampling from the file needs) missing."""
     fields = _FIELDS[ck["format"]]
     for key, (what, ok) in fields.items():
         if key not in ck:
+            if not complete:
+                continue
             raise ValueError(f"{path!r} is damaged or not written by loom_kernels: its field {key!r} is missing")
         if not ok(ck[key]):
             raise ValueError(
@@ -124,7 +127,11 @@ def check_fields(ck: dict, path: str) -> None:
                 f"{path!r} is damaged or not written by loom_kernels: its field {key!r} must be {what}, "
                 f"got {type(ck[key]).__name__}"
             )
-    if ck["format"] == "loom_kernels.checkpoint" and len(ck["rng"]) != ck["world_size"]:
+    if (
+        ck["format"] == "loom_kernels.checkpoint"
+        and {"rng", "world_size"} <= ck.keys()
+        and len(ck["rng"]) != ck["world_size"]
+    ):
         raise ValueError(f"{path!r} is damaged: it holds {len(ck['rng'])} RNG states for world_size {ck['world_size']}")
 
 
@@ -156,6 +163,7 @@ def load_model(path: str, model: nn.Module | None = None, *, weights: str = "ema
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     ck = load_checkpoint(path, map_location=map_location)
+    check_fields(ck, path, complete=ck["format"] == "loom_kernels.model")
     if ck["format"] == "loom_kernels.model":
         if weights == "raw":
             raise ValueError(f"{path!r} holds only the EMA weights; weights='raw' needs checkpoint.pt")

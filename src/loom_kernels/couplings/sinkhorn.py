@@ -121,7 +121,8 @@ class SinkhornCoupling(Coupling):
                 raise_bad_data("x1" if not bool(torch.isfinite(x1).all()) else "x0")
         except (TypeError, ValueError):
             sizes = {"batch size": -1, "x0 rows": -1, "cond dim": -1}
-            agree(world, name, sizes, {"labels": 0, "cond": 0}, self._config(), failed=True)
+            specs = dict.fromkeys(("x1", "x0", "labels"))
+            agree(world, name, sizes, {"labels": 0, "cond": 0}, self._config(), failed=True, specs=specs)
             raise
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
@@ -133,7 +134,8 @@ class SinkhornCoupling(Coupling):
             "cond dim": cond.shape[1] if (many and cond is not None) else 0,
         }
         given = {"labels": labels is not None and many, "cond": cond is not None and many}
-        agree(world, name, sizes, given, self._config())
+        specs = {"x1": x1, "x0": x0, "labels": labels} if many else dict.fromkeys(("x1", "x0", "labels"))
+        agree(world, name, sizes, given, self._config(), specs=specs)
         if b == 0:
             self.stats = {}
             return pair_out(x0[:0], x1, torch.zeros(0, dtype=torch.int64, device=x1.device), return_indices)

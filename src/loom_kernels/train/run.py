@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_save, load_checkpoint, restore_rng_state, rng_state, save_model
+from ..checkpoint import atomic_save, check_fields, load_checkpoint, restore_rng_state, rng_state, save_model
 from ..couplings import Coupling
 from .batches import dist_info, fingerprint, resolve_device
 from .config import CHECKPOINT, FIXED_ON_RESUME, MODEL, OVERRIDABLE_ON_RESUME, Schedule, TrainConfig
@@ -192,6 +192,7 @@ def restore(run: Run) -> bool:
     if not cfg.resume:
         raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue it, or choose another out_dir")
     ck = load_checkpoint(path, map_location=run.device)
+    check_fields(ck, path, complete=True)
     _check_resume(run, ck)
     run.model.load_state_dict(ck["model"])
     run.ema.load_state_dict(ck["ema"])
