@@ -8,6 +8,7 @@ from .base import (
     METRICS,
     Coupling,
     check_cond_weight,
+    check_cost_range,
     check_flag,
     check_indices,
     check_metric,
@@ -108,6 +109,7 @@ class MinibatchOTCoupling(Coupling):
         name = type(self).__name__
         try:
             labels, cond = check_pair_inputs(x1, x0, labels, cond, self.scope)
+            check_cost_range("cond", cond, self.cond_weight, torch.float64, "scale cond down or lower cond_weight")
             check_indices(indices, x1.shape[0], name)
             check_flag(return_indices, "return_indices")
         except (TypeError, ValueError):
