@@ -525,3 +525,23 @@ def test_load_state_dict_failing_half_way_leaves_the_coupling_as_it_was(tmp_path
         c.close()
     r = LoomCoupling.load(tmp_path / "ck.pt", mmap_path=None)
     assert torch.equal(r.seeds, now["seeds"])
+
+
+def test_a_table_in_a_read_only_folder_says_mmap_path_none_loads_in_memory(tmp_path, monkeypatch):
+    # #34: LoomCoupling.load of a checkpoint whose table folder is read-only only said "Permission denied".
+    import errno
+
+    from loom_kernels.couplings.loom.tables import replicated
+
+    c = LoomCoupling(64, (2,), num_caches=2, seed=1, mmap_path=tmp_path / "t.npy")
+    c.save(tmp_path / "ck.pt")
+    c.close()
+
+    def read_only(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(replicated, "claim", read_only)
+    with pytest.raises(OSError, match=r"cannot write the seed table .*t\.npy.*mmap_path=None"):
+        LoomCoupling.load(tmp_path / "ck.pt")
+    monkeypatch.undo()
+    assert torch.equal(LoomCoupling.load(tmp_path / "ck.pt", mmap_path=None).seeds, c.seeds)

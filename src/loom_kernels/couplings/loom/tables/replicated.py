@@ -169,7 +169,17 @@ class ReplicatedTable(LoomTable):
         ``path`` is replaced as well with ``overwrite``.
         """
         path, durability = os.fspath(path), check_durability(durability)
-        old, existed = claim(path)  # locked before anything is written: one creator of a new path wins
+        try:
+            old, existed = claim(path)  # locked before anything is written: one creator of a new path wins
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise OSError(
+                exc.errno,
+                f"cannot write the seed table {path!r} ({exc.strerror}): pass mmap_path=None to hold the table "
+                "in memory (LoomCoupling.load(..., mmap_path=None) for a checkpoint), or a writable mmap_path",
+                path,
+            ) from exc
         try:
             if existed and not overwrite:
                 raise FileExistsError(
