@@ -167,6 +167,25 @@ def check_cond(cond, b: int, device: torch.device) -> torch.Tensor | None:
     return (cond[:, None] if cond.dim() == 1 else cond).to(torch.float64)
 
 
+def check_cost_range(name: str, x: torch.Tensor | None, weight: float, dtype: torch.dtype, fix: str) -> None:
+    """Refuses an input whose cost term ``weight * |x_i - x_j|^2`` can overflow ``dtype`` (one host read).
+
+    ``x (b, ...)`` (None: nothing to check). The bound ``weight * 4 max|x_i|^2`` is what the Gram identity of
+    the cost forms; past ``finfo(dtype).max / 64`` the cost turns to inf - inf = NaN, which read as bad data
+    (minibatch OT blamed x1 for a cond of 1e200) or, in the entropic solver, as one column for every row.
+    """
+    if x is None or weight == 0.0 or x.numel() == 0:
+        return
+    bound = weight * 4.0 * float(x.flatten(1).double().square().sum(1).amax())
+    limit = torch.finfo(dtype).max / 64
+    if not bound <= limit:
+        raise ValueError(
+            f"{name} holds values so large that its cost term overflows {str(dtype).replace('torch.', '')} "
+            f"(up to {bound:.3g}, the limit is {limit:.3g}): {fix}; the batch was refused and the coupling's "
+            "state left unchanged"
+        )
+
+
 def check_flag(value, name: str) -> bool:
     """A call's boolean keyword (``return_indices``): a real bool, not a truthy tensor or string."""
     if not isinstance(value, bool):

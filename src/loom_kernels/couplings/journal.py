@@ -14,9 +14,10 @@ from .loom.tables.journal import (
     new_table_id,
     open_journal,
     parse_journal,
+    record_spans,
     recover,
     unlink_if_same,
-    write_table_id,
+    write_mark,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "open_journal",
     "parse_journal",
     "recover",
+    "record_spans",
     "unlink_if_same",
-    "write_table_id",
+    "write_mark",
 ]

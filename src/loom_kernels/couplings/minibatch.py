@@ -8,6 +8,7 @@ from .base import (
     METRICS,
     Coupling,
     check_cond_weight,
+    check_cost_range,
     check_flag,
     check_indices,
     check_metric,
@@ -108,11 +109,13 @@ class MinibatchOTCoupling(Coupling):
         name = type(self).__name__
         try:
             labels, cond = check_pair_inputs(x1, x0, labels, cond, self.scope)
+            check_cost_range("cond", cond, self.cond_weight, torch.float64, "scale cond down or lower cond_weight")
             check_indices(indices, x1.shape[0], name)
             check_flag(return_indices, "return_indices")
         except (TypeError, ValueError):
             sizes = {"batch size": -1, "x0 rows": -1, "cond columns": -1}
-            agree(world, name, sizes, {"labels": 0, "cond": 0, "return_indices": 0}, self._config(), failed=True)
+            given = {"labels": 0, "cond": 0, "return_indices": 0}
+            agree(world, name, sizes, given, self._config(), failed=True, specs=dict.fromkeys(("x1", "x0", "labels")))
             raise
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
@@ -125,7 +128,8 @@ class MinibatchOTCoupling(Coupling):
             "cond": cond is not None and grp.world > 1,
             "return_indices": return_indices and world.world > 1,
         }
-        agree(world, name, sizes, given, self._config())
+        specs = {"x1": x1, "x0": x0, "labels": labels} if grp.world > 1 else dict.fromkeys(("x1", "x0", "labels"))
+        agree(world, name, sizes, given, self._config(), specs=specs)
         if b == 0:
             self.stats = {}
             return pair_out(x0[:0], x1, torch.zeros(0, dtype=torch.int64, device=x1.device), return_indices)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .base import Coupling, check_cond_weight, check_flag, check_indices, check_pair_inputs, pair_out
+from .base import Coupling, check_cond_weight, check_cost_range, check_flag, check_indices, check_pair_inputs, pair_out
 from .scopes.agree import agree, float_bits, generator_hash
 from .scopes.group import Group
 from .scopes.partition import DEFAULT_GROUP_SIZE, SCOPES, check_group_size, check_scope
@@ -119,9 +119,15 @@ class SinkhornCoupling(Coupling):
             check_flag(return_indices, "return_indices")
             if not bool(torch.isfinite(x1).all()) or (x0 is not None and not bool(torch.isfinite(x0).all())):
                 raise_bad_data("x1" if not bool(torch.isfinite(x1).all()) else "x0")
+            # The streamed cost is float32 (float64 for float64 data): refused here, naming the argument,
+            # before the generator moves (the solver alone would name its own x and y).
+            dt = torch.float64 if x1.dtype == torch.float64 else torch.float32
+            check_cost_range("x1", x1, 1.0, dt, "scale the data down, or pass float64 data")
+            check_cost_range("cond", cond, self.cond_weight, dt, "scale cond down or lower cond_weight")
         except (TypeError, ValueError):
             sizes = {"batch size": -1, "x0 rows": -1, "cond dim": -1}
-            agree(world, name, sizes, {"labels": 0, "cond": 0}, self._config(), failed=True)
+            specs = dict.fromkeys(("x1", "x0", "labels"))
+            agree(world, name, sizes, {"labels": 0, "cond": 0}, self._config(), failed=True, specs=specs)
             raise
         if x0 is None:
             x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
@@ -133,7 +139,8 @@ class SinkhornCoupling(Coupling):
             "cond dim": cond.shape[1] if (many and cond is not None) else 0,
         }
         given = {"labels": labels is not None and many, "cond": cond is not None and many}
-        agree(world, name, sizes, given, self._config())
+        specs = {"x1": x1, "x0": x0, "labels": labels} if many else dict.fromkeys(("x1", "x0", "labels"))
+        agree(world, name, sizes, given, self._config(), specs=specs)
         if b == 0:
             self.stats = {}
             return pair_out(x0[:0], x1, torch.zeros(0, dtype=torch.int64, device=x1.device), return_indices)

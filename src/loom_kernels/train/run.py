@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._device import resolve_device
-from ..checkpoint import atomic_save, load_checkpoint, restore_rng_state, rng_state, save_model
+from ..checkpoint import atomic_save, check_fields, load_checkpoint, restore_rng_state, rng_state, save_model
 from ..couplings import Coupling
 from .batches import dist_info, fingerprint
 from .config import CHECKPOINT, FIXED_ON_RESUME, MODEL, OVERRIDABLE_ON_RESUME, Schedule, TrainConfig
@@ -85,6 +85,7 @@ class Run:
     order: torch.Tensor | None = None
     history: list = field(default_factory=list)
     skipped: int = 0
+    scaler_skips: object = 0  # fp16: the grad scaler's consecutive skipped steps (a device tensor once counted)
     log: CsvLog | None = None
     sigterm: dict = field(default_factory=lambda: {"set": False})  # this rank's flag (the signal handler sets it)
     terminate: bool = False  # every rank agreed to save and exit after this step
@@ -192,6 +193,7 @@ def restore(run: Run) -> bool:
     if not cfg.resume:
         raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue it, or choose another out_dir")
     ck = load_checkpoint(path, map_location=run.device)
+    check_fields(ck, path, complete=True)
     _check_resume(run, ck)
     run.model.load_state_dict(ck["model"])
     run.ema.load_state_dict(ck["ema"])

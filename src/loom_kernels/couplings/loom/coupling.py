@@ -232,10 +232,10 @@ class LoomCoupling(Coupling):
         try:
             indices, labels, cond = check_inputs(self, x1, indices, x0, labels, cond, return_indices)
         except (TypeError, ValueError):
-            self._agree(grp, None, labels=None, cond=None, return_indices=False)  # the other ranks raise too
+            self._agree(grp, None, None, labels=None, cond=None, return_indices=False)  # the other ranks raise too
             raise
         b = x1.shape[0]
-        self._agree(grp, b, labels, cond, return_indices)
+        self._agree(grp, b, x1, labels, cond, return_indices)
         g_idx = grp.gather(indices, grp.cdev)  # left on the comm device: validated after the solve's sync
         self._warn_budget(grp.world, b)
         # One shared slot stream over the global batch: identical generator states on all ranks.
@@ -249,7 +249,7 @@ class LoomCoupling(Coupling):
         x0 = x0.reshape(x1.shape).to(x1.dtype)
         return (x0, x1, perm) if return_indices else (x0, x1)
 
-    def _agree(self, grp, b, labels, cond, return_indices) -> None:
+    def _agree(self, grp, b, x1, labels, cond, return_indices) -> None:
         """Every rank checks the others' call (``b=None``: this rank's inputs were refused, so all raise)."""
         if grp.world == 1:  # the fingerprint reads the table: only when there is something to agree on
             return
@@ -257,7 +257,8 @@ class LoomCoupling(Coupling):
         sizes = {"batch size": -1 if b is None else b, "cond columns": -1 if b is None else 0}
         if cond is not None:
             sizes["cond columns"] = cond.shape[1]
-        agree(grp, "LoomCoupling", sizes, given, self._fingerprint(), failed=b is None)
+        specs = {"x1": x1, "labels": labels}
+        agree(grp, "LoomCoupling", sizes, given, self._fingerprint(), failed=b is None, specs=specs)
 
     def _batch(self, grp, x1, g_idx, slots, labels, cond, return_indices) -> Batch:
         """The step's view of this call: the data in the cost dtype, the table rows, slots and checks."""
@@ -337,13 +338,13 @@ class LoomCoupling(Coupling):
         self._restore(persistence.check_state(state, persistence.config_of(self), rows_needed))
 
     def _restore(self, restored: persistence.Restored):
-        """Install a verified table (``rows(a, b)``: global rows), generator state and seed counter."""
-        self._gen.set_state(restored.generator.cpu())
-        self._next_counter = int(restored.next_counter)
+        """Install a verified table, then its generator state and counter: a failed table write changes nothing."""
         if self._table is None:  # from the constructor: nothing to keep
             self._table = self._create_table(overwrite=True, rows=restored.rows)
         else:
             self._table.replace(restored.rows)
+        self._gen.set_state(restored.generator.cpu())
+        self._next_counter = int(restored.next_counter)
         self.flush()
 
     @serialized

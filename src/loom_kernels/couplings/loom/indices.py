@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..base import check_cond, check_flag, check_labels, check_x1
+from ..base import check_cond, check_cost_range, check_flag, check_labels, check_x1
 from .seed_stream import seed_values
 
 
@@ -31,7 +31,9 @@ def check_inputs(coupling, x1, indices, x0, labels, cond, return_indices) -> tup
         )
     indices = as_index_tensor(indices, x1.shape[0], x1.shape, coupling.table_device)
     check_flag(return_indices, "return_indices")
-    return indices, check_labels(labels, x1.shape[0], x1.device), check_cond(cond, x1.shape[0], x1.device)
+    cond = check_cond(cond, x1.shape[0], x1.device)
+    check_cost_range("cond", cond, coupling.cond_weight, torch.float64, "scale cond down or lower cond_weight")
+    return indices, check_labels(labels, x1.shape[0], x1.device), cond
 
 
 def resample_rows(table, seed: int, start: int, num_points: int, indices) -> int:

@@ -22,13 +22,49 @@ def generator_hash(gen: torch.Generator) -> int:
     return int((state * torch.arange(1, len(state) + 1)).sum())
 
 
-def agree(grp: Group, who: str, sizes: dict, inputs: dict, config: dict, failed: bool = False) -> None:
+_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+_SPEC_DIMS = 6  # feature dimensions sent as they are; more are folded into the last (and still compared)
+
+
+def _spec_code(t) -> list:
+    """A tensor's feature shape (all but the batch dimension) and dtype as ``2 + _SPEC_DIMS`` ints (-1: absent)."""
+    if t is None:
+        return [-1] * (2 + _SPEC_DIMS)
+    feat = list(t.shape[1:])
+    if len(feat) > _SPEC_DIMS:
+        feat = [*feat[: _SPEC_DIMS - 1], hash(tuple(feat[_SPEC_DIMS - 1 :])) & (2**62 - 1)]
+    dtype = _DTYPES.index(t.dtype) if t.dtype in _DTYPES else 99
+    return [dtype, t.ndim, *feat, *([-1] * (_SPEC_DIMS - len(feat)))]
+
+
+def _spec_text(code: list) -> str:
+    dtype, ndim, *feat = code
+    name = str(_DTYPES[dtype]).replace("torch.", "") if 0 <= dtype < len(_DTYPES) else "another dtype"
+    return f"(b, {', '.join(str(d) for d in feat[: max(ndim - 1, 0)])}) {name}".replace("(b, )", "(b,)")
+
+
+def agree(
+    grp: Group, who: str, sizes: dict, inputs: dict, config: dict, failed: bool = False, specs: dict | None = None
+) -> None:
     """One small all-gather that every rank makes before the call's collectives (nothing on one rank).
 
     Raises on every rank at once (none is left waiting in a collective) when: a rank ``failed`` its
     own input checks (that rank then raises its own error), the coupling's ``config`` (name -> int)
     differs, the ``sizes`` differ (the first one is the batch size), or an optional input (``inputs``:
-    name -> given) is passed on some ranks only. Every rank must pass as many of each.
+    name -> given) is passed on some ranks only, or a tensor of ``specs`` (name -> tensor or None) has another
+    feature shape or dtype on some rank (``x1`` of other shapes would be gathered into a half-filled buffer;
+    gloo aborts on some). Every rank must pass as many of each.
 
     Example::
 
@@ -36,7 +72,9 @@ def agree(grp: Group, who: str, sizes: dict, inputs: dict, config: dict, failed:
     """
     if grp.world == 1:
         return
-    vals = [int(failed), *sizes.values(), *(int(v) for v in inputs.values()), *config.values()]
+    specs = specs or {}
+    codes = [c for t in specs.values() for c in _spec_code(None if failed else t)]
+    vals = [int(failed), *sizes.values(), *(int(v) for v in inputs.values()), *config.values(), *codes]
     rows = grp.all_gather_rows(torch.tensor([vals], dtype=torch.int64)).cpu()
     bad_ranks = torch.nonzero(rows[:, 0]).flatten().tolist()
     if bad_ranks:
@@ -48,7 +86,7 @@ def agree(grp: Group, who: str, sizes: dict, inputs: dict, config: dict, failed:
         )
     # The configuration first: ranks built differently (another scope, say) disagree on the sizes too,
     # and the configuration is what to fix.
-    cfg = rows[:, 1 + len(sizes) + len(inputs) :]
+    cfg = rows[:, 1 + len(sizes) + len(inputs) : 1 + len(sizes) + len(inputs) + len(config)]
     bad = [name for j, name in enumerate(config) if (cfg[:, j] != cfg[0, j]).any()]
     if bad:
         raise ValueError(
@@ -66,6 +104,13 @@ def agree(grp: Group, who: str, sizes: dict, inputs: dict, config: dict, failed:
                 f"{name} must be passed on every rank or on none: rank(s) {given} passed {name}, "
                 f"rank(s) {torch.nonzero(got == 0).flatten().tolist()} did not"
             )
+    at = 1 + len(sizes) + len(inputs) + len(config)
+    width = 2 + _SPEC_DIMS
+    for j, name in enumerate(specs):
+        got = rows[:, at + j * width : at + (j + 1) * width]
+        if (got != got[0]).any() and not (got[:, 0] == -1).any():  # -1: not passed (the inputs check above)
+            seen = "; ".join(f"rank {r}: {_spec_text(got[r].tolist())}" for r in range(len(got)))
+            raise ValueError(f"{name} must have the same feature shape and dtype on every rank to {who}, got {seen}")
     for j, (name, _) in enumerate(sizes.items()):
         got = rows[:, 1 + j]
         if (got != got[0]).any():

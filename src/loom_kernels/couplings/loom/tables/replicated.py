@@ -25,6 +25,7 @@ from .journal import (
     DEFAULT_DURABILITY,
     JOURNAL_LIMIT,
     TRAILER,
+    Mark,
     check_durability,
     close_journal,
     discard_journal,
@@ -35,7 +36,8 @@ from .journal import (
     pack_record,
     recover,
     unlink_if_same,
-    write_table_id,
+    write_calls,
+    write_mark,
 )
 
 _INIT_CHUNK = 1 << 22  # rows per chunk when filling or copying big (memory-mapped) tables
@@ -89,9 +91,9 @@ def _recover(path: str) -> int:
     """
     if not os.path.exists(journal_path(path)):
         return 0
-    mm, table_id = map_table(path)
+    mm, mark = map_table(path)
     try:
-        return recover(path, mm, table_id)
+        return recover(path, mm, mark)
     finally:
         del mm
 
@@ -134,7 +136,7 @@ class ReplicatedTable(LoomTable):
         path: str | None = None,
         memmap=None,
         lock_fd: int | None = None,
-        table_id: int = 0,
+        mark: Mark | None = None,
         durability: str = DEFAULT_DURABILITY,
     ):
         self.seeds = seeds
@@ -142,7 +144,7 @@ class ReplicatedTable(LoomTable):
         self.durability = check_durability(durability)
         self._memmap = memmap
         self._lock_fd = lock_fd
-        self._id = table_id
+        self._mark = mark  # a file table's id, version and calls applied (its trailer)
         self._jfd: int | None = None
         self._jbytes = 0
         if memmap is not None:
@@ -167,7 +169,17 @@ class ReplicatedTable(LoomTable):
         ``path`` is replaced as well with ``overwrite``.
         """
         path, durability = os.fspath(path), check_durability(durability)
-        old, existed = claim(path)  # locked before anything is written: one creator of a new path wins
+        try:
+            old, existed = claim(path)  # locked before anything is written: one creator of a new path wins
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise OSError(
+                exc.errno,
+                f"cannot write the seed table {path!r} ({exc.strerror}): pass mmap_path=None to hold the table "
+                "in memory (LoomCoupling.load(..., mmap_path=None) for a checkpoint), or a writable mmap_path",
+                path,
+            ) from exc
         try:
             if existed and not overwrite:
                 raise FileExistsError(
@@ -182,14 +194,14 @@ class ReplicatedTable(LoomTable):
                     discard_journal(path, f"the table it describes is being overwritten ({str(exc)[:300]})")
             else:  # a journal beside a new table was left by a table deleted from under it: never ours
                 discard_journal(path, "it belonged to a table no longer at this path (a new table was created)")
-            fd, mm, table_id = cls._build(path, shape, rows)
+            fd, mm, mark = cls._build(path, shape, rows)
         except BaseException:
             if not existed:  # our placeholder: a failed creation leaves nothing behind
                 unlink_if_same(path, old)
             raise
         finally:
             release(old)
-        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd, table_id=table_id, durability=durability)
+        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd, mark=mark, durability=durability)
 
     @classmethod
     def open(cls, path, *, durability: str = DEFAULT_DURABILITY) -> ReplicatedTable:
@@ -204,25 +216,24 @@ class ReplicatedTable(LoomTable):
                     f"seed table {path!r} is empty: its creation was killed before the table was "
                     f"written; create it again (overwrite=True) or restore it with LoomCoupling.load"
                 )
-            mm, table_id = map_table(path)
-            recover(path, mm, table_id)
-            if table_id == 0:  # a file written before tables had ids: give it one now
-                table_id = new_table_id()
-                write_table_id(fd, mm.offset + mm.nbytes, table_id)
+            mm, mark = map_table(path)
+            recover(path, mm, mark, fd)
+            if mark.version == 0:  # a file written before versions (or ids) existed: give it both now
+                mark = Mark(mark.table_id or new_table_id(), 1, 0, mark.at)
+                write_mark(fd, mark)
                 os.fsync(fd)
         except BaseException:
             release(fd)
             raise
-        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd, table_id=table_id, durability=durability)
+        return cls(torch.from_numpy(mm), path=path, memmap=mm, lock_fd=fd, mark=mark, durability=durability)
 
     @staticmethod
     def _build(path: str, shape: tuple, rows: RowsFn):
-        """A new file at ``path`` (temp, locked, preallocated, filled, synced, renamed): ``(lock fd, memmap, id)``."""
+        """A new file at ``path`` (temp, locked, preallocated, filled, synced, renamed): ``(lock fd, memmap, mark)``."""
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         nbytes = 128 + 8 * int(np.prod(shape)) + TRAILER.size  # the .npy header: 128 bytes for 2-D int64
         _check_space(directory, nbytes, path)
-        table_id = new_table_id()
         with atomic_path(path, suffix=".npy") as tmp:
             mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=tuple(shape))
             fd = hold(os.open(tmp, os.O_RDWR | os.O_CLOEXEC))
@@ -230,14 +241,15 @@ class ReplicatedTable(LoomTable):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked before it appears under its name
                 end = os.fstat(fd).st_size
                 _preallocate(fd, end + TRAILER.size, path)
-                write_table_id(fd, end, table_id)
+                mark = Mark(new_table_id(), 1, 0, end)
+                write_mark(fd, mark)
                 fill_rows(mm, rows)
                 mm.flush()
                 os.fsync(fd)
             except BaseException:
                 release(fd)
                 raise
-        return fd, mm, table_id
+        return fd, mm, mark
 
     # -- access ---------------------------------------------------------------------------------
 
@@ -252,7 +264,7 @@ class ReplicatedTable(LoomTable):
                 f"(a DataLoader worker): only the process that opened the table may write it"
             )
         if self._jfd is None:
-            self._jfd = open_journal(self.path, self._id, self.durability)
+            self._jfd = open_journal(self.path, self._mark, self.durability)
             self._jbytes = 0
         return self._jfd
 
@@ -264,17 +276,43 @@ class ReplicatedTable(LoomTable):
         k = self.seeds.shape[1]
         flat = rows.cpu().numpy().astype(np.int64) * k + slots.cpu().numpy()
         vals = np.ascontiguousarray(values.cpu().numpy(), dtype=np.int64)
-        record = pack_record(flat, vals)
+        call = self._mark.calls + 1
+        record = pack_record(call, flat, vals)
         fd = self._journal()
-        view = memoryview(record)
-        while view:
-            view = view[os.write(fd, view) :]
-        if self.durability == "power":  # a process crash keeps the page cache; a power loss needs the disk
-            os.fdatasync(fd)
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        try:
+            view = memoryview(record)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.durability == "power":  # a process crash keeps the page cache; a power loss needs the disk
+                os.fdatasync(fd)
+        except OSError as exc:
+            self._undo_append(fd, start, exc)
         self._memmap.reshape(-1)[flat] = vals
+        self._mark.calls = call
+        write_calls(self._lock_fd, self._mark)  # after the rows: a crash before it only redoes this call
         self._jbytes += len(record)
         if self._jbytes > JOURNAL_LIMIT:
             self.flush()
+
+    def _undo_append(self, fd: int, start: int, exc: OSError):
+        """Rolls a failed append (a full disk, say) back and raises naming the journal; the table is unchanged.
+
+        A partial record left in place, followed by the next call's record, would make the journal damaged
+        before its end, so a later crash could not be replayed. It is cut off; if even that fails, the table
+        is flushed, which folds the journal in and removes it (the table holds every completed call)."""
+        jpath = journal_path(self.path)
+        try:
+            os.ftruncate(fd, start)
+            os.lseek(fd, start, os.SEEK_SET)
+        except OSError:
+            self.flush()
+        raise OSError(
+            exc.errno,
+            f"cannot append to the journal {jpath!r} of the seed table {self.path!r} ({exc.strerror}): the call "
+            "was not applied and the table is unchanged; free space and call again",
+            jpath,
+        ) from exc
 
     def replace(self, rows: RowsFn) -> None:
         """Replace every row with ``rows(a, b)``; a file table gets a new file, renamed into place when full."""
@@ -282,9 +320,9 @@ class ReplicatedTable(LoomTable):
             fill_rows(self.seeds, rows)
             return
         self.flush()  # the journal describes the old file: fold it in before that file is replaced
-        fd, mm, table_id = self._build(self.path, tuple(self.seeds.shape), rows)
+        fd, mm, mark = self._build(self.path, tuple(self.seeds.shape), rows)
         release(self._lock_fd)
-        self._lock_fd, self._memmap, self.seeds, self._id = fd, mm, torch.from_numpy(mm), table_id
+        self._lock_fd, self._memmap, self.seeds, self._mark = fd, mm, torch.from_numpy(mm), mark
 
     def flush(self) -> None:
         """Persist a file table (msync) and fold its journal in (no-op in memory, closed or in a forked child)."""
@@ -292,6 +330,10 @@ class ReplicatedTable(LoomTable):
             return
         self._memmap.flush()
         if self._jfd is not None:
+            # A new version once the rows are synced: the journal (of the old one) is then known folded in,
+            # and a crash before its removal below leaves a journal that open() discards, not replays.
+            self._mark.version, self._mark.calls = self._mark.version + 1, 0
+            write_mark(self._lock_fd, self._mark)
             fd, self._jfd = self._jfd, None
             close_journal(self.path, fd)
 
