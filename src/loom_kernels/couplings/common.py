@@ -212,3 +212,81 @@ def check_flag(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {value!r:.40}")
     return value
+
+
+# ---- C2OT's condition options (issue 32): a cosine condition cost, an adaptive weight, oversampling ------
+
+COND_METRICS = ("sqeuclidean", "cosine")
+
+
+def check_cond_metric(cond_metric) -> str:
+    if cond_metric not in COND_METRICS:
+        raise ValueError(f"cond_metric must be one of {COND_METRICS}, got {cond_metric!r}")
+    return cond_metric
+
+
+def check_cond_ratio(ratio) -> float:
+    """The target fraction ``r`` of ``cond_weight="adaptive"``: a float strictly inside (0, 1)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
+        raise ValueError(f"cond_ratio must be a float in (0, 1) (the condition term's share of the cost), got {ratio!r}")
+    return float(ratio)
+
+
+def check_cond_weight_or_adaptive(cond_weight):
+    """``cond_weight``: a finite float >= 0, or ``"adaptive"`` (searched per batch to the ratio ``cond_ratio``)."""
+    return "adaptive" if cond_weight == "adaptive" else check_cond_weight(cond_weight)
+
+
+def check_oversample(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"oversample must be an int >= 1 (k*b noise rows drawn, b kept), got {k!r}")
+    return k
+
+
+def unit_rows(c: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm (a zero row stays zero: cosine similarity 0 with everything)."""
+    return c / c.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def cond_pair_cost(c_rows: torch.Tensor, c_cols: torch.Tensor, cond_metric: str = "sqeuclidean") -> torch.Tensor:
+    """The unit-weight condition cost ``(n, m)`` float64: ``||c_i - c_j||^2``, or ``1 - cos(c_i, c_j)`` (C2OT's
+    cosine option, for embeddings whose norm carries no meaning)."""
+    if cond_metric == "cosine":
+        return (1.0 - unit_rows(c_rows) @ unit_rows(c_cols).T).clamp_(0.0, 2.0)
+    return cond_cost(c_rows, c_cols, 1.0)
+
+
+def stream_cond_terms(c_rows, c_cols, weight: float, cond_metric: str):
+    """The condition term ``weight * d(c_i, c_j)`` as the streamed pass takes it: ``(aux, col_term, row_term)``
+    with ``d = row_term_i + col_term_j - <aux a_i, c_j> * w``, so ``streamed_argmin(..., aux=aux)`` with
+    ``g - col_term`` minimises ``c + weight * d`` (``row_term`` adds the rest to the value)."""
+    if cond_metric == "cosine":
+        a, c = unit_rows(c_rows), unit_rows(c_cols)
+        return (a, c, weight), torch.zeros_like(c[:, 0]), torch.full_like(a[:, 0], weight)
+    return (c_rows, c_cols, 2.0 * weight), weight * c_cols.square().sum(1), weight * c_rows.square().sum(1)
+
+
+def adaptive_cond_weight(cost: torch.Tensor, pen: torch.Tensor, ratio: float, solve_fn, iters: int = 12) -> float:
+    """The weight ``w`` at which the condition's share of the matched pairs' cost is ``ratio`` (C2OT's search).
+
+    ``cost (n, m)`` the data-noise cost, ``pen (n, m)`` the unit-weight condition cost, ``solve_fn(total)`` the
+    coupling's assignment (``col (n,)``). Bisection on ``log w`` over ``iters`` solves, started from the
+    weight that gives the share ``ratio`` on the mean over all pairs (the independent coupling's); the share
+    of the solved pairs grows with ``w`` up to the ties, so the bracket halves each solve.
+    """
+    mean_c, mean_p = float(cost.double().mean()), float(pen.mean())
+    if mean_p <= 0.0:  # every condition equal: the term is 0 whatever the weight
+        return 0.0
+    w0 = ratio / (1.0 - ratio) * mean_c / mean_p
+    lo, hi = torch.log(torch.tensor(w0 / 1e3)), torch.log(torch.tensor(w0 * 1e3))
+    ar = torch.arange(cost.shape[0], device=cost.device)
+    for _ in range(iters):
+        w = float(torch.exp((lo + hi) / 2))
+        col = solve_fn((cost.double() + w * pen).to(cost.dtype))
+        pc, cc = float((w * pen[ar, col]).sum()), float(cost[ar, col].double().sum())
+        share = pc / max(pc + cc, 1e-300)
+        if share > ratio:
+            hi = (lo + hi) / 2
+        else:
+            lo = (lo + hi) / 2
+    return float(torch.exp((lo + hi) / 2))

@@ -24,7 +24,7 @@ def col_keys(lo: int, hi: int, device) -> torch.Tensor:
 def rows_of(x, lo: int, hi: int, device, dtype) -> torch.Tensor:
     """Rows ``lo .. hi`` of the data set (a tensor or a numpy array / memmap) as ``(m, D)`` ``dtype``."""
     if isinstance(x, np.ndarray):
-        t = torch.from_numpy(np.ascontiguousarray(x[lo:hi]))
+        t = torch.from_numpy(np.array(x[lo:hi]))  # a copy of one tile (a memmap may be read-only)
     else:
         t = x[lo:hi]
     return t.reshape(hi - lo, -1).to(device=device, dtype=dtype)
