@@ -233,7 +233,7 @@ def check_cond_ratio(ratio) -> float:
 
 
 def check_cond_weight_or_adaptive(cond_weight):
-    """``cond_weight``: a finite float >= 0, or ``"adaptive"`` (searched per batch to the ratio ``cond_ratio``)."""
+    """``cond_weight``: a finite float >= 0, or ``"adaptive"`` (set per batch to the ratio ``cond_ratio``)."""
     return "adaptive" if cond_weight == "adaptive" else check_cond_weight(cond_weight)
 
 
@@ -266,27 +266,27 @@ def stream_cond_terms(c_rows, c_cols, weight: float, cond_metric: str):
     return (c_rows, c_cols, 2.0 * weight), weight * c_cols.square().sum(1), weight * c_rows.square().sum(1)
 
 
-def adaptive_cond_weight(cost: torch.Tensor, pen: torch.Tensor, ratio: float, solve_fn, iters: int = 12) -> float:
-    """The weight ``w`` at which the condition's share of the matched pairs' cost is ``ratio`` (C2OT's search).
+def adaptive_cond_weight(cost: torch.Tensor, pen: torch.Tensor, ratio: float) -> float:
+    """The weight ``w`` at which the condition is the fraction ``ratio`` of the mean pair cost (C2OT's target).
 
-    ``cost (n, m)`` the data-noise cost, ``pen (n, m)`` the unit-weight condition cost, ``solve_fn(total)`` the
-    coupling's assignment (``col (n,)``). Bisection on ``log w`` over ``iters`` solves, started from the
-    weight that gives the share ``ratio`` on the mean over all pairs (the independent coupling's); the share
-    of the solved pairs grows with ``w`` up to the ties, so the bracket halves each solve.
+    ``cost (n, m)`` the data-noise cost, ``pen (n, m)`` the unit-weight condition cost: ``w mean(pen) /
+    (mean(cost) + w mean(pen)) = ratio`` over all pairs (the independent coupling's pairs), solved in closed
+    form. The share in the *matched* pairs is no target: matching drives it to 0 as ``w`` grows (each noise
+    carries its own item's condition, so keeping one's noise costs no condition), so no weight reaches it.
     """
     mean_c, mean_p = float(cost.double().mean()), float(pen.mean())
-    if mean_p <= 0.0:  # every condition equal: the term is 0 whatever the weight
+    if mean_p <= 0.0 or mean_c <= 0.0:  # every condition equal (or a cost that is no distance): nothing to weigh
         return 0.0
-    w0 = ratio / (1.0 - ratio) * mean_c / mean_p
-    lo, hi = torch.log(torch.tensor(w0 / 1e3)), torch.log(torch.tensor(w0 * 1e3))
-    ar = torch.arange(cost.shape[0], device=cost.device)
-    for _ in range(iters):
-        w = float(torch.exp((lo + hi) / 2))
-        col = solve_fn((cost.double() + w * pen).to(cost.dtype))
-        pc, cc = float((w * pen[ar, col]).sum()), float(cost[ar, col].double().sum())
-        share = pc / max(pc + cc, 1e-300)
-        if share > ratio:
-            hi = (lo + hi) / 2
-        else:
-            lo = (lo + hi) / 2
-    return float(torch.exp((lo + hi) / 2))
+    return ratio / (1.0 - ratio) * mean_c / mean_p
+
+
+def add_c2ot_cond_cost(cost, c_rows, c_cols, cond_weight, cond_metric, cond_ratio):
+    """``cost += w * d(c_rows[i], c_cols[j])`` in place with C2OT's options; returns ``(cost, w)``.
+
+    ``d``: ``cond_metric``'s unit cost (``cond_pair_cost``); ``w``: ``cond_weight``, or with ``"adaptive"``
+    ``adaptive_cond_weight``'s, per batch. Without a condition the cost is returned untouched."""
+    if c_rows is None:
+        return cost, cond_weight if cond_weight != "adaptive" else 0.0
+    pen = cond_pair_cost(c_rows.to(cost.device), c_cols.to(cost.device), cond_metric)
+    w = adaptive_cond_weight(cost, pen, cond_ratio) if cond_weight == "adaptive" else cond_weight
+    return cost.add_((w * pen).clamp_(max=COND_PENALTY_CAP).to(cost.dtype)), w

@@ -15,7 +15,7 @@ from .minibatch import MinibatchOTCoupling
 
 __all__ = ["COUPLINGS", "make_coupling", "FixedNoiseCoupling"]
 
-COUPLINGS = ("independent", "ot", "loom", "fixed")
+COUPLINGS = ("independent", "ot", "loom", "fixed", "semidiscrete", "semidiscrete-seeded", "knn")
 
 
 class FixedNoiseCoupling(Coupling):
@@ -66,6 +66,9 @@ def make_coupling(
     device=None,
     process_group=None,
     metric: str = "sqeuclidean",
+    data=None,
+    labels=None,
+    options: dict | None = None,
 ) -> Coupling:
     """The coupling named ``name``, one of ``COUPLINGS``.
 
@@ -76,6 +79,11 @@ def make_coupling(
         shape: one item's shape (``"loom"``/``"fixed"``).
         num_caches, seed, device, process_group: ``LoomCoupling``'s (``"fixed"`` uses ``seed``/``device``).
         metric: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's).
+        data, labels: the data set ``(N, *shape)`` (tensor or memmap) and its classes, for ``"semidiscrete"``
+            (fresh noise: the trainer lets it choose each batch) and ``"semidiscrete-seeded"`` (LOOM's table
+            filled from the cells every ``refresh_every`` epochs).
+        options: ``"semidiscrete*"``: ``epsilon``, ``fit_steps`` (fitted here, default 2000), ``fit_batch``,
+            ``refresh_every``, ``progress``; ``"knn"``: ``k`` (default 16).
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
@@ -97,6 +105,30 @@ def make_coupling(
             process_group=process_group,
             metric=metric,
         )
+    if name in ("semidiscrete", "semidiscrete-seeded", "knn"):
+        return _new_coupling(name, num_points, shape, data, labels, dict(options or {}), seed, device, num_caches)
     if name == "fixed":
         return FixedNoiseCoupling(LoomCoupling(num_points, tuple(shape), seed=seed, device=device))
     raise ValueError(f"coupling must be one of {COUPLINGS}, got {name!r}")
+
+
+def _new_coupling(name, num_points, shape, data, labels, opts, seed, device, num_caches):
+    """The couplings of issue 32 (semidiscrete, fresh or seeded, and nearest-of-k), with their options."""
+    if name == "knn":
+        from .knn import KNNNoiseCoupling
+
+        return KNNNoiseCoupling(opts.pop("k", 16))
+    from .semidiscrete import SemidiscreteCoupling
+    from .semidiscrete_train import SemidiscreteSeededCoupling
+
+    if data is None:
+        raise ValueError(f"coupling {name!r} needs data= (the data set it fits its potential on)")
+    steps, batch = opts.pop("fit_steps", 2000), opts.pop("fit_batch", 256)
+    progress, refresh = opts.pop("progress", True), opts.pop("refresh_every", 1)
+    sd = SemidiscreteCoupling(data, labels=labels, seed=seed, device=device, **opts)
+    if steps:
+        sd.fit(steps, batch_size=batch, progress=progress)
+    if name == "semidiscrete":
+        return sd
+    loom = LoomCoupling(num_points, tuple(shape), num_caches=num_caches, seed=seed, device=device)
+    return SemidiscreteSeededCoupling(sd, loom, refresh_every=refresh)

@@ -6,14 +6,19 @@ import torch
 
 from .base import Coupling
 from .common import (
+    COND_METRICS,
     METRICS,
+    add_c2ot_cond_cost,
     add_cond_cost,
     check_cond,
-    check_cond_weight,
+    check_cond_metric,
+    check_cond_ratio,
+    check_cond_weight_or_adaptive,
     check_flag,
     check_indices,
     check_labels,
     check_metric,
+    check_oversample,
     check_x1,
     cost_dtype,
     float_bits,
@@ -44,7 +49,11 @@ class MinibatchOTCoupling(Coupling):
     ``metric(x1_i, x0_j) + cond_weight * ||cond_i - cond_j||^2`` (one ``(b, b)`` addition to the cost,
     ``common.add_cond_cost``); ``cond_weight=0`` is the unconditioned coupling bit for bit, a huge weight
     exchanges noise only between equal conditions, as ``labels`` do. ``stats`` include the penalty. With
-    ``labels`` too, labels forbid and cond penalises.
+    ``labels`` too, labels forbid and cond penalises. C2OT's options (Cheng, Schwing, ICCV 2025):
+    ``cond_metric="cosine"`` (``1 - cos(cond_i, cond_j)``), ``cond_weight="adaptive"`` (per batch, the weight
+    at which the condition is the fraction ``cond_ratio`` in (0, 1) of the mean pair cost) and
+    ``oversample=k`` (with ``x0`` drawn: ``k*b`` noise rows, the assignment keeps the best ``b``; rows
+    ``i*k .. i*k+k-1`` carry item i's condition and label). ``stats["cond_weight"]``: the weight used.
 
     ``return_indices=True`` returns ``(x0_matched, x1, perm)``: ``perm (b,)`` int64 with
     ``x0_matched == x0[perm]`` (under a process group of ``W`` ranks, in every scope but ``"local"``:
@@ -83,7 +92,10 @@ class MinibatchOTCoupling(Coupling):
         scope: str = "global",
         group_size: int = DEFAULT_GROUP_SIZE,
         seed: int = 0,
-        cond_weight: float = 1.0,
+        cond_weight: float | str = 1.0,
+        cond_metric: str = "sqeuclidean",
+        cond_ratio: float = 0.5,
+        oversample: int = 1,
     ):
         if scope not in _SCOPES:
             raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
@@ -95,7 +107,11 @@ class MinibatchOTCoupling(Coupling):
         self.generator = generator
         self.process_group = process_group
         self.scope = scope
-        self.cond_weight = check_cond_weight(cond_weight)
+        self.cond_weight = check_cond_weight_or_adaptive(cond_weight)
+        self.cond_metric, self.cond_ratio = check_cond_metric(cond_metric), check_cond_ratio(cond_ratio)
+        self.oversample = check_oversample(oversample)
+        if scope == "grouped" and (self.oversample > 1 or self._c2ot):
+            raise ValueError("scope='grouped' takes neither oversample > 1 nor cond_weight='adaptive' / cond_metric='cosine'")
         self.stats = {}
 
     def __call__(
@@ -125,8 +141,11 @@ class MinibatchOTCoupling(Coupling):
                 failed=True,
             )
             raise
-        if x0 is None:
-            x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
+        k = 1
+        if x0 is None:  # oversample=k: k*b rows (row i*k+j drawn for item i), the assignment keeps b
+            k = self.oversample
+            shape = (k * x1.shape[0], *x1.shape[1:])
+            x0 = torch.randn(shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         b = x1.shape[0]
         # scope="local" couples each rank's batch alone: its sizes and inputs may differ across ranks
         sizes = {"batch size": b, "x0 rows": x0.shape[0], "cond columns": 0 if cond is None else cond.shape[1]}
@@ -161,11 +180,25 @@ class MinibatchOTCoupling(Coupling):
         g_x0 = grp.gather(x0)  # every rank's noise: rank r's rows may be matched with it
         cost = grp.global_cost(x1.flatten(1).to(dt), g_x0.flatten(1).to(dt), self.metric)
         g_cond = None if cond is None else grp.gather(cond)  # row j of the noise carries item j's condition
-        cost = add_cond_cost(cost, g_cond, g_cond, self.cond_weight)
-        col = solve(cost, None if labels is None else grp.gather(labels))
+        g_lab = None if labels is None else grp.gather(labels)
+        if k > 1 or self._c2ot:  # C2OT's options (issue 32); the default path below is unchanged
+            cols = None if g_cond is None else g_cond.repeat_interleave(k, 0)
+            if g_lab is not None and k > 1:  # rectangular: forbid cross-label pairs here, not in solve
+                cost = cost.masked_fill(g_lab[:, None] != g_lab.repeat_interleave(k)[None, :], float("inf"))
+                g_lab = None
+            cost, w = add_c2ot_cond_cost(cost, g_cond, cols, self.cond_weight, self.cond_metric, self.cond_ratio)
+        else:
+            cost, w = add_cond_cost(cost, g_cond, g_cond, self.cond_weight), self.cond_weight
+        col = solve(cost, g_lab)
         self.stats = pair_stats(cost, col)
+        if cond is not None:
+            self.stats["cond_weight"] = torch.tensor(float(w))
         perm = col[grp.rank * b : (grp.rank + 1) * b]
         return self._out(g_x0[perm], x1, perm, return_indices)
+
+    @property
+    def _c2ot(self) -> bool:
+        return self.cond_weight == "adaptive" or self.cond_metric != "sqeuclidean"
 
     @staticmethod
     def _out(x0, x1, perm, return_indices):
@@ -177,7 +210,10 @@ class MinibatchOTCoupling(Coupling):
             "metric": METRICS.index(self.metric),
             "scope": _SCOPES.index(self.scope),
             "group_size": self.group_size,
-            "cond_weight": float_bits(self.cond_weight),
+            "cond_weight": float_bits(-1.0 if self.cond_weight == "adaptive" else self.cond_weight),
+            "cond_metric": COND_METRICS.index(self.cond_metric),
+            "cond_ratio": float_bits(self.cond_ratio),
+            "oversample": self.oversample,
             "partition generator": int((state * torch.arange(1, len(state) + 1)).sum()),
         }
 

@@ -197,8 +197,9 @@ class SemidiscreteCoupling(Coupling):
 
     # -- the assignment ---------------------------------------------------------------------------
 
-    def noise_conditions(self, b: int, labels=None, cond=None):
-        """The (labels, cond) the noise of a draw carries: given, or those of random items (the marginals)."""
+    def noise_conditions(self, b: int, labels=None, cond=None, start: int | None = None):
+        """The (labels, cond) the noise of a draw carries: given, or those of random items (the marginals),
+        keyed by the draw's first seed number ``start`` (default: the counter)."""
         if labels is not None:
             if self.labels is None:
                 raise ValueError("labels: this coupling was built without labels (pass labels= to the constructor)")
@@ -210,7 +211,8 @@ class SemidiscreteCoupling(Coupling):
                 raise ValueError(f"labels: class {int(labels[absent][0])} is absent from the fitted cells")
         need_random = (self.labels is not None and labels is None) or (self.cond is not None and cond is None)
         if need_random:
-            gen = torch.Generator().manual_seed(int(seed_values(self.seed ^ 0x5D, self.counter, 1)[0]))
+            start = self.counter if start is None else start
+            gen = torch.Generator().manual_seed(int(seed_values(self.seed ^ 0x5D, start, 1)[0]))
             src = torch.randint(self.num_points, (b,), generator=gen).to(self.device)
             if labels is None and self.labels is not None:
                 labels = self.labels[src]
@@ -236,26 +238,30 @@ class SemidiscreteCoupling(Coupling):
             aux, col_term, row_term = stream_cond_terms(cond, self.cond, self.cond_weight, self.cond_metric)
             g = g - col_term
         value, idx = streamed_argmin(
-            z.flatten(1), self.data, g, metric=self.metric, epsilon=eps, seed=self.seed * 1_000_003 + self.counter,
+            z.flatten(1), self.data, g, metric=self.metric, epsilon=eps, seed=self.seed * 1_000_003 + (
+                self.counter if seed is None else seed),
             x_sqnorm=self.x_sqnorm, aux=aux, labels=lab,
         )  # fmt: skip
         if aux is not None:
             value = value + row_term.to(value.dtype)
         return value, idx
 
-    def draw(self, b: int, *, labels=None, cond=None) -> torch.Tensor:
+    def draw(self, b: int, *, labels=None, cond=None, part: tuple = (0, 1)) -> torch.Tensor:
         """The data indices ``(b,)`` (int64, CPU) of the next batch: ``b`` fresh noises, each sent to its cell.
 
         The noise is remembered until ``coupling(x1, indices)`` asks for it (draws queue up in order, so a
         DataLoader's prefetching sampler works). ``labels``/``cond`` (b,) / (b, Dc): what each noise is
-        generated for (random items' by default)."""
+        generated for (random items' by default). ``part=(rank, world)``: this rank's share of a global batch of
+        ``world * b`` noises (every rank advances the counter alike, no communication)."""
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise ValueError(f"b must be an int >= 1, got {b!r}")
-        labels, cond = self.noise_conditions(b, labels, cond)
-        seeds = torch.from_numpy(seed_values(self.seed, self.counter, b))
+        rank, world = part
+        start = self.counter + rank * b
+        labels, cond = self.noise_conditions(b, labels, cond, start)
+        seeds = torch.from_numpy(seed_values(self.seed, start, b))
         z = gaussian_noise(seeds, self.shape, device=self.device)
-        _, idx = self.assign(z, labels=labels, cond=cond)
-        self.counter += b
+        _, idx = self.assign(z, labels=labels, cond=cond, seed=start)
+        self.counter += world * b
         idx = idx.cpu()
         self._pending.append((idx, seeds))
         return idx
