@@ -136,7 +136,8 @@ class SemidiscreteCoupling(Coupling):
         self.cond_weight = check_cond_weight_or_adaptive(cond_weight)
         self.cond_ratio = check_cond_ratio(cond_ratio)
         self.checksum = data_checksum(data)
-        self.x_sqnorm = sq_norms(data, self.device) if metric == "sqeuclidean" else None
+        wide = str(data.dtype).replace("torch.", "") == "float64"  # float64 data: float64 norms (the pass's dtype)
+        self.x_sqnorm = sq_norms(data, self.device, torch.float64 if wide else torch.float32) if metric == "sqeuclidean" else None
         if self.cond_weight == "adaptive":
             self.cond_weight = self._adaptive_weight() if self.cond is not None else 1.0
         self.g = torch.zeros(self.num_points, device=self.device, dtype=torch.float32)
