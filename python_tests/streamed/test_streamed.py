@@ -131,4 +131,6 @@ def test_backends_agree_with_every_option(backend, metric):
     assert torch.equal(i, ir)
     torch.testing.assert_close(v.double(), vr, rtol=1e-5, atol=1e-4)
     ref = streamed_argmin(z, x, g, metric=metric, epsilon=0.3, seed=9, aux=aux, labels=labels)[1]
-    assert torch.equal(on(backend, streamed_argmin, z, x, g, metric=metric, epsilon=0.3, seed=9, aux=aux, labels=labels)[1], ref)
+    assert torch.equal(
+        on(backend, streamed_argmin, z, x, g, metric=metric, epsilon=0.3, seed=9, aux=aux, labels=labels)[1], ref
+    )

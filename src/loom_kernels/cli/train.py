@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--knn-k", type=int, default=16, help="knn: noise candidates per item")
     p.add_argument("--sd-epsilon", type=float, default=0.0, help="semidiscrete: entropic epsilon (0: hard cells)")
-    p.add_argument("--sd-fit-steps", type=int, default=2000, help="semidiscrete: potential ascent steps before training")
+    p.add_argument(
+        "--sd-fit-steps", type=int, default=2000, help="semidiscrete: potential ascent steps before training"
+    )
     p.add_argument("--sd-fit-batch", type=int, default=256, help="semidiscrete: noises per ascent step")
     p.add_argument("--sd-refresh-every", type=int, default=1, help="semidiscrete-seeded: epochs between table refills")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -228,7 +228,9 @@ def check_cond_metric(cond_metric) -> str:
 def check_cond_ratio(ratio) -> float:
     """The target fraction ``r`` of ``cond_weight="adaptive"``: a float strictly inside (0, 1)."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
-        raise ValueError(f"cond_ratio must be a float in (0, 1) (the condition term's share of the cost), got {ratio!r}")
+        raise ValueError(
+            f"cond_ratio must be a float in (0, 1) (the condition term's share of the cost), got {ratio!r}"
+        )
     return float(ratio)
 
 

@@ -111,7 +111,9 @@ class MinibatchOTCoupling(Coupling):
         self.cond_metric, self.cond_ratio = check_cond_metric(cond_metric), check_cond_ratio(cond_ratio)
         self.oversample = check_oversample(oversample)
         if scope == "grouped" and (self.oversample > 1 or self._c2ot):
-            raise ValueError("scope='grouped' takes neither oversample > 1 nor cond_weight='adaptive' / cond_metric='cosine'")
+            raise ValueError(
+                "scope='grouped' takes neither oversample > 1 nor cond_weight='adaptive' / cond_metric='cosine'"
+            )
         self.stats = {}
 
     def __call__(

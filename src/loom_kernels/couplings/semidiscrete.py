@@ -118,7 +118,12 @@ class SemidiscreteCoupling(Coupling):
         device=None,
     ):
         _check_data(data)
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0 or math.isinf(epsilon):
+        if (
+            isinstance(epsilon, bool)
+            or not isinstance(epsilon, (int, float))
+            or not epsilon >= 0
+            or math.isinf(epsilon)
+        ):
             raise ValueError(f"epsilon must be a finite float >= 0 (0: the hard cell), got {epsilon!r}")
         if metric not in STREAM_METRICS:
             raise ValueError(f"metric must be one of {STREAM_METRICS}, got {metric!r}")
@@ -137,7 +142,9 @@ class SemidiscreteCoupling(Coupling):
         self.cond_ratio = check_cond_ratio(cond_ratio)
         self.checksum = data_checksum(data)
         wide = str(data.dtype).replace("torch.", "") == "float64"  # float64 data: float64 norms (the pass's dtype)
-        self.x_sqnorm = sq_norms(data, self.device, torch.float64 if wide else torch.float32) if metric == "sqeuclidean" else None
+        self.x_sqnorm = (
+            sq_norms(data, self.device, torch.float64 if wide else torch.float32) if metric == "sqeuclidean" else None
+        )
         if self.cond_weight == "adaptive":
             self.cond_weight = self._adaptive_weight() if self.cond is not None else 1.0
         self.g = torch.zeros(self.num_points, device=self.device, dtype=torch.float32)
@@ -171,7 +178,9 @@ class SemidiscreteCoupling(Coupling):
         if not isinstance(cond, torch.Tensor) or not cond.is_floating_point():
             raise TypeError("cond must be a floating tensor of shape (N, Dc) or (N,)")
         if cond.dim() not in (1, 2) or cond.shape[0] != self.num_points:
-            raise ValueError(f"cond must have shape (N, Dc) or (N,) with N = {self.num_points}, got {tuple(cond.shape)}")
+            raise ValueError(
+                f"cond must have shape (N, Dc) or (N,) with N = {self.num_points}, got {tuple(cond.shape)}"
+            )
         if not bool(torch.isfinite(cond).all()):
             raise ValueError("cond contains NaN or inf: refused")
         return (cond[:, None] if cond.dim() == 1 else cond).to(self.device, torch.float32)
@@ -307,7 +316,9 @@ class SemidiscreteCoupling(Coupling):
             "counter": self.counter,
             "fit_steps": self.fit_steps,
             "fit_report": dict(self.fit_report),
-            "fit_state": {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in self.fit_state.items()},
+            "fit_state": {
+                k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in self.fit_state.items()
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:

@@ -140,7 +140,15 @@ def streamed_argmin(
         xs = x.reshape(n, d).to(torch.float32).contiguous()
         kaux = None if aux is None else ((aux[0] * aux[2]).contiguous(), aux[1].contiguous())
         _, arg = _kernels.stream_max(
-            (zc * scale).contiguous(), xs, u.contiguous(), kaux, labels, keys, 1.0 / eps if eps else 1.0, offset, allow_tf32
+            (zc * scale).contiguous(),
+            xs,
+            u.contiguous(),
+            kaux,
+            labels,
+            keys,
+            1.0 / eps if eps else 1.0,
+            offset,
+            allow_tf32,
         )
     else:
         _, arg = _tiles.stream_max(Pass(zc, x, u, scale, aux, labels, eps, keys, offset), tile)
