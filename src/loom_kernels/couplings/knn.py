@@ -16,14 +16,16 @@ from .common import check_cond, check_flag, check_indices, check_x1, cost_dtype
 __all__ = ["KNNNoiseCoupling"]
 
 
-def nearest_of_k(x1: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
-    """``(b,)`` int64: for each item ``x1[i]`` ``(D,)``, the index in ``0..k-1`` of its nearest candidate among
-    ``cand[i*k : i*k+k]`` (``cand (b*k, D)``). One ``bmm`` of ``(b, k, D) x (b, D, 1)`` views (no copy) and
-    the candidates' norms: O(b k D) reads, one pass over the noise."""
+def nearest_of_k(x1: torch.Tensor, cand: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(j (b,) int64, d (b, k))``: for each item ``x1[i]`` ``(D,)``, the index in ``0..k-1`` of its nearest
+    candidate among ``cand[i*k : i*k+k]`` (``cand (b*k, D)``), and ``d = |z|^2 - 2 <x, z>`` (the squared
+    distances less ``|x|^2``). One ``bmm`` of ``(b, k, D) x (b, D, 1)`` views (no copy) and one norm reduction:
+    two reads of the noise, no ``(b, k, D)`` temporary."""
     b, d = x1.shape
     c3 = cand.view(b, k, d)
     dots = torch.bmm(c3, x1.unsqueeze(2)).squeeze(2)  # (b, k)
-    return (c3.square().sum(2) - 2.0 * dots).argmin(1)  # |z|^2 - 2<x, z>: |x|^2 is the same for every j
+    dist = torch.linalg.vector_norm(c3, dim=2).square_().sub_(2.0 * dots)
+    return dist.argmin(1), dist
 
 
 class KNNNoiseCoupling(Coupling):
@@ -65,13 +67,13 @@ class KNNNoiseCoupling(Coupling):
                 )
         dt = cost_dtype(x1.dtype)
         xf, cf = x1.reshape(b, -1).to(dt), x0.reshape(b * k, -1).to(dt)
-        j = nearest_of_k(xf, cf, k)
+        j, dist = nearest_of_k(xf, cf, k)
         perm = torch.arange(b, device=x1.device) * k + j
         out = x0[perm]
-        if b:
-            first = (xf - cf[::k]).float().square().sum(1)
-            post = (xf - cf[perm]).float().square().sum(1)
-            self.stats = {"pre_cost": first.double().mean(), "post_cost": post.double().mean(), "swaps": (j != 0).sum()}
+        if b:  # the costs from the pass's own distances: |x|^2 + d
+            xx = torch.linalg.vector_norm(xf.float(), dim=1).square().double()
+            first, post = xx + dist[:, 0].double(), xx + dist.gather(1, j[:, None])[:, 0].double()
+            self.stats = {"pre_cost": first.mean(), "post_cost": post.mean(), "swaps": (j != 0).sum()}
         else:
             self.stats = {}
         return (out, x1, perm) if return_indices else (out, x1)
