@@ -8,7 +8,9 @@ returns ``(x0, x1)`` with the source first: ``x0[i]`` is the noise paired with t
 This package holds only the bookkeeping:
 
 - ``base.py``: the protocol (``Coupling``: ``__call__``, ``stats``, ``state_dict``/``load_state_dict``);
-- ``independent.py``, ``minibatch.py``, ``loom.py``, ``sinkhorn.py``: the couplings, one per file;
+- ``independent.py``, ``minibatch.py``, ``loom.py``, ``sinkhorn.py``, ``knn.py``, ``semidiscrete.py``: the
+  couplings, one per file (``semidiscrete_fit.py``: the potential's ascent; ``semidiscrete_train.py``: fresh
+  and seeded training);
   ``loom.py`` is the conductor of LOOM: checks, slot draw, agreement of ranks, then one step;
 - ``loom_steps.py``: LOOM's global, local and grouped steps as functions over (table, group, batch);
 - ``indices.py``: LOOM's index checks; ``loom_state.py``: its argument checks, state_dict, save and load;
@@ -37,8 +39,22 @@ from .base import Coupling
 from .common import METRICS
 from .factory import COUPLINGS, FixedNoiseCoupling, make_coupling  # noqa: F401  (public names)
 from .independent import IndependentCoupling
+from .knn import KNNNoiseCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
+from .semidiscrete import SemidiscreteCoupling
+from .semidiscrete_train import SemidiscreteSampler, SemidiscreteSeededCoupling
 from .sinkhorn import SinkhornCoupling
 
-__all__ = ["Coupling", "IndependentCoupling", "MinibatchOTCoupling", "LoomCoupling", "METRICS", "SinkhornCoupling"]
+__all__ = [
+    "Coupling",
+    "IndependentCoupling",
+    "KNNNoiseCoupling",
+    "MinibatchOTCoupling",
+    "LoomCoupling",
+    "METRICS",
+    "SemidiscreteCoupling",
+    "SemidiscreteSampler",
+    "SemidiscreteSeededCoupling",
+    "SinkhornCoupling",
+]

@@ -62,7 +62,8 @@ class KNNNoiseCoupling(Coupling):
             check_x1(x0, "x0")
             if x0.shape != (b * k, *x1.shape[1:]) or x0.device != x1.device:
                 raise ValueError(
-                    f"x0 must hold k*b = {b * k} candidates of shape {tuple(x1.shape[1:])} on {x1.device}, got "
+                    f"x0 must be None (drawn here) or hold k*b = {b * k} candidates of shape {tuple(x1.shape[1:])} "
+                    f"on {x1.device}, got "
                     f"{tuple(x0.shape)} on {x0.device}"
                 )
         dt = cost_dtype(x1.dtype)
