@@ -179,3 +179,16 @@ def test_bad_data_labels_and_state():
     with pytest.raises(ValueError, match="11"):
         SemidiscreteCoupling(torch.randn(11, 2)).load_state_dict(state)
     assert torch.equal(sd.g, g) and torch.equal(other.g, torch.zeros(10))  # nothing changed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["semidiscrete", "semidiscrete-seeded", "knn"])
+def test_cli_trains_and_resumes(name, tmp_path):
+    from loom_kernels.cli.train import main
+
+    args = ["--data", "moons", "--coupling", name, "--points", "128", "--batch-size", "32", "--no-progress"]
+    args += ["--sd-fit-steps", "20", "--device", "cpu", "--out", str(tmp_path), "--log-every", "1"]
+    assert main([*args, "--steps", "4"]) == 0
+    assert main([*args, "--steps", "6", "--resume"]) == 0
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ck["coupling_class"] in ("SemidiscreteCoupling", "SemidiscreteSeededCoupling", "KNNNoiseCoupling")
