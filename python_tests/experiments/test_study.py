@@ -38,7 +38,7 @@ def test_fixed_noise_coupling_never_reassigns():
     # the protocol's refusals: no indices, noise in the indices' place, a given x0
     with pytest.raises(ValueError, match="needs the dataset indices"):
         fixed(x1)
-    with pytest.raises(TypeError, match="indices must have an integer dtype"):
+    with pytest.raises(TypeError, match="indices must be integer dataset indices.*TorchCFM's argument order"):
         fixed(x1, torch.randn(4, 3))
     with pytest.raises(ValueError, match="x0 must be None"):
         fixed(x1, idx, x0=x1)

@@ -107,7 +107,8 @@ class NeuralODE(torch.nn.Module):
         atol, rtol: dopri5's tolerances (torchdyn's defaults, 1e-3); ignored by fixed-step solvers.
         sensitivity: "autograd", "adjoint" or "interpolated_adjoint", accepted for inference only.
         return_t_eval: ``forward`` returns ``(t_eval, sol)`` (default) or ``sol``.
-        Other torchdyn arguments are accepted at their defaults and refused otherwise.
+
+    Other torchdyn arguments are accepted at their defaults and refused otherwise.
 
     Shapes: ``x (b, *dims)``, ``t_span (T,)`` strictly monotone (descending integrates backwards);
     ``trajectory`` returns ``(T, b, *dims)`` in x's dtype and device, ``x`` first.

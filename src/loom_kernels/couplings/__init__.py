@@ -42,6 +42,8 @@ from .independent import IndependentCoupling
 from .knn import KNNNoiseCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
+from .mixed import MixedCoupling, TimestepMixedCoupling
+from .reflow import ReflowCoupling
 from .semidiscrete import SemidiscreteCoupling
 from .semidiscrete_train import SemidiscreteSampler, SemidiscreteSeededCoupling
 from .sinkhorn import SinkhornCoupling
@@ -49,12 +51,15 @@ from .sinkhorn import SinkhornCoupling
 __all__ = [
     "Coupling",
     "IndependentCoupling",
-    "KNNNoiseCoupling",
     "MinibatchOTCoupling",
     "LoomCoupling",
     "METRICS",
+    "SinkhornCoupling",
+    "ReflowCoupling",
+    "MixedCoupling",
+    "TimestepMixedCoupling",
+    "KNNNoiseCoupling",
     "SemidiscreteCoupling",
     "SemidiscreteSampler",
     "SemidiscreteSeededCoupling",
-    "SinkhornCoupling",
 ]

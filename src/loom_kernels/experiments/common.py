@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +33,17 @@ DOPRI5_TOL = 1e-5  # the paper's dopri5 reference tolerance (rtol = atol)
 STRAIGHTNESS_NFE = 16
 
 
+def default_out(name: str) -> str:
+    """Where ``--out`` points when not given: ``name`` under the current directory, except inside a loom_kernels
+    checkout (found by its pyproject.toml and src/loom_kernels), where it goes beside the checkout: results
+    never land in the source tree unless the user names it there."""
+    cwd = Path.cwd().resolve()
+    for d in (cwd, *cwd.parents):
+        if (d / "pyproject.toml").is_file() and (d / "src" / "loom_kernels").is_dir():
+            return str(d.parent / name)
+    return name
+
+
 def column_label(col: str) -> str:
     """'euler1' -> 'Euler NFE 1', 'midpoint4' -> 'midpoint NFE 4', 'dopri5' -> 'dopri5'."""
     if col == "dopri5":
@@ -46,8 +58,8 @@ SIZE_FLAGS = {"steps": "steps", "batch_size": "batch_size", "n": "points", "n_ev
 
 def add_size_options(p: argparse.ArgumentParser) -> None:
     """The run-size options of the demo and the study (each defaults to its data set's preset)."""
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per data set)")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default per data set)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (None: the data set's preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (None: the data set's preset)")
     p.add_argument(
         "--points", type=int, default=None, help="training points of a 2-D set (held-out set: the same size)"
     )

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write
+from .._optional import require
 from .common import COLORS, COUPLINGS, EVALS, LABELS, STRAIGHTNESS_NFE, column_label
 
 
@@ -95,8 +96,7 @@ def _cost_panel(ax, s, runs) -> None:
 
 
 def demo_figure(path, args, s, runs, agg, dopri5) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the demo's figure")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -268,11 +268,10 @@ def _memorisation_panel(ax, records, datasets, k, cmap) -> None:
 
 def study_figure(records: list, summary: list, path: str) -> None:
     """Per data set: W2 vs NFE (fresh solid, training noise dashed), the cost curves; and the memorisation gap."""
-    import matplotlib
-
     from .study import ALL_VARIANTS, NFES
     from .study import LABELS as VARIANT_LABELS
 
+    matplotlib = require("matplotlib", "the study's figure")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

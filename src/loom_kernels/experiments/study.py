@@ -249,6 +249,7 @@ def _thin(points: list, k: int) -> list:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..cli._errors import HelpFormatter
     from .common import add_size_options
 
     p = argparse.ArgumentParser(
@@ -257,14 +258,14 @@ def _parser() -> argparse.ArgumentParser:
         "convergence, LOOM with 1/4/16/64 caches) on the built-in data sets over several seeds: "
         "W2 on fresh and on training noise, straightness, coupling cost curves; CSV, markdown "
         "table and figure.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
+    p.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS, help="data sets")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS, help="couplings compared")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     add_size_options(p)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, one thread each)")
-    p.add_argument("--out", default="loom_study")
+    p.add_argument("--out", default=None, help="output folder; None: loom_study here (beside a loom_kernels checkout)")
     return p
 
 
@@ -279,6 +280,11 @@ def run(args) -> list:
     if args.seeds < 1 or args.jobs < 1:
         raise SystemExit(f"--seeds and --jobs must be positive, got {args.seeds} and {args.jobs}")
     grid = {d: settings(args, d) for d in args.data}  # validates the flags before any work
+    from .._optional import require
+    from .common import default_out
+
+    require("matplotlib", "the study's figure")  # before the runs, not after them
+    args.out = args.out or default_out("loom_study")
     runs_dir = os.path.join(args.out, "runs")
     os.makedirs(runs_dir, exist_ok=True)
     tasks = [(d, v, k) for d in args.data for v in args.variants for k in range(args.seeds)]

@@ -214,8 +214,9 @@ def run_eager(field, x0, plan, return_trajectory, progress=False) -> torch.Tenso
     bufs.input.copy_(x0)
     steps_iter = None
     if progress:
-        from tqdm.auto import tqdm
+        from .._optional import require
 
+        tqdm = require("tqdm.auto", "sample(progress=True)").tqdm
         steps_iter = tqdm(range(plan.steps), desc=f"sample ({plan.method}, nfe={len(plan.weights)})")
     loop(field, bufs, plan, steps_iter)
     return bufs.output
