@@ -33,7 +33,7 @@ def test_knn_bad_input():
     for k in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="k must"):
             KNNNoiseCoupling(k)
-    with pytest.raises(ValueError, match="x0 must hold"):
+    with pytest.raises(ValueError, match=r"x0 must be None \(drawn here\) or hold k\*b = 12"):
         KNNNoiseCoupling(4)(torch.randn(3, 2), x0=torch.randn(11, 2))
 
 
