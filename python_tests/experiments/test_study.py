@@ -71,7 +71,7 @@ def test_converge_is_monotone_and_reaches_a_fixed_point():
 def test_run_one_records(variant):
     rec = study.run_one("moons", variant, 0, TINY)
     # every number of the CSV row is finite (the "fixed" variant wrote NaN into minibatch_cost_end)
-    row = study._row(rec)
+    row = study.csv_row(rec)
     numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert "minibatch_cost_end" in numbers and "straightness" in numbers
     assert all(np.isfinite(v) for v in numbers.values()), {k: v for k, v in numbers.items() if not np.isfinite(v)}

@@ -66,7 +66,7 @@ def _plot(path: str, x: np.ndarray, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..experiments.plots import image_grid
+    from ..visual import image_grid
 
     if x.ndim == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(5, 5))
@@ -102,7 +102,7 @@ def _labels(model, args, start, m, device):
 
 def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
     """The samples and the evaluations each sampler call made (dopri5's differ per call)."""
-    from ..sampler import sample
+    from ..sampler import Options, sample
 
     gen = torch.Generator().manual_seed(args.seed)
     chunks, nfes = [], []
@@ -116,11 +116,11 @@ def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
                 x0,
                 args.nfe,
                 method=args.method,
-                info=info,
-                guidance=args.guidance,
-                model_kwargs=_labels(model, args, start, m, device),
-                rtol=args.rtol,
                 atol=args.atol,
+                rtol=args.rtol,
+                model_kwargs=_labels(model, args, start, m, device),
+                guidance=args.guidance,
+                options=Options(info=info),
             ).cpu()
         )
         nfes.append(info["nfe"])
@@ -130,7 +130,8 @@ def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
 @entry("python -m loom_kernels.sample")
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from ..train import load_model, resolve_device
+    from .._device import resolve_device
+    from ..train import load_model
 
     if args.n <= 0:
         raise SystemExit(f"--n must be positive, got {args.n}")
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         if args.nfe <= 0 or (args.method != "euler" and args.nfe % 2):
             even = "" if args.method == "euler" else f" and even for {args.method}"
             raise SystemExit(f"--nfe must be positive{even}, got {args.nfe}")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, prefer_cuda=True)
     with option("--ckpt", args.ckpt):
         model = load_model(args.ckpt, weights=args.weights, map_location=device).eval()
     shape = tuple(model.spec["shape"]) if hasattr(model, "spec") else None

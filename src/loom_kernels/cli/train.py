@@ -190,7 +190,7 @@ def main(argv=None) -> int:
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    device = str(resolve_device(args.device if not distributed or not use_cuda else "cuda"))
+    device = str(resolve_device(args.device if not distributed or not use_cuda else "cuda", prefer_cuda=True))
     try:
         dataset, n_classes = _dataset(args, data_mod)
         world = torch.distributed.get_world_size() if distributed else 1

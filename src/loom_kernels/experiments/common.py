@@ -11,12 +11,7 @@ import numpy as np
 import torch
 
 from ..metrics import dataset_cost
-
-COUPLINGS = ("independent", "ot", "loom")
-
-
-LABELS = {"independent": "independent", "ot": "minibatch OT", "loom": "LOOM-CFM"}
-
+from .variants import COUPLINGS
 
 COLORS = {"independent": "tab:gray", "ot": "tab:blue", "loom": "tab:red"}
 
@@ -90,10 +85,10 @@ def dopri5_sample(model, x0: torch.Tensor, *, rtol: float = DOPRI5_TOL, atol: fl
     Example:
         >>> x1, nfe = dopri5_sample(lambda x, t: -x, torch.ones(4, 2))  # x1 = exp(-1)
     """
-    from ..sampler import sample
+    from ..sampler import Options, sample
 
     info = {}
-    x1 = sample(model, x0, method="dopri5", rtol=rtol, atol=atol, info=info)
+    x1 = sample(model, x0, method="dopri5", atol=atol, rtol=rtol, options=Options(info=info))
     return x1, info["nfe"]
 
 
@@ -189,9 +184,9 @@ def spread(values) -> dict:
     }
 
 
-def fmt(sp: dict, digits: int = 3) -> str:
-    """'0.553±0.025' (mean ± sd over seeds)."""
-    return f"{sp['mean']:.{digits}f}±{sp['sd']:.{digits}f}"
+def fmt(sp: dict | None, digits: int = 3, sep: str = "±") -> str:
+    """'0.553±0.025' (mean ± sd over seeds; ``sep`` between them), '-' for None."""
+    return "-" if sp is None else f"{sp['mean']:.{digits}f}{sep}{sp['sd']:.{digits}f}"
 
 
 def ranking(per_seed: list, names=COUPLINGS) -> dict:

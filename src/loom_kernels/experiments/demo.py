@@ -36,9 +36,7 @@ from .._optional import require
 from ..cli._errors import HelpFormatter
 from .common import (
     COLUMNS,
-    COUPLINGS,
     DOPRI5_TOL,
-    LABELS,
     SIZE_FLAGS,
     STRAIGHTNESS_NFE,
     add_size_options,
@@ -51,6 +49,7 @@ from .common import (
     ranking,
     spread,
 )
+from .variants import COUPLINGS, LABELS
 
 # Default budgets, sized so that the default (3 seeds) finishes inside 5 minutes on a 2-core CPU.
 _PRESETS = {
@@ -234,7 +233,7 @@ def _aggregate(runs: list, dopri5: bool) -> dict:
 
 def run(args) -> dict:
     """Runs the demo for parsed ``args`` (see ``--help``); returns the measured numbers as a dict."""
-    from ..train import resolve_device
+    from .._device import resolve_device
     from .plots import demo_figure
 
     if args.threads:
@@ -244,7 +243,7 @@ def run(args) -> dict:
     require("matplotlib", "the demo's figure")
     if not args.no_progress:
         require("tqdm", "the demo's progress bars (or --no-progress)")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, prefer_cuda=True)
     dopri5 = not args.no_dopri5
     seeds = list(range(args.seed, args.seed + s["seeds"]))
     args.out = args.out or default_out("loom_demo")

@@ -28,9 +28,10 @@ The package: ``config`` (settings, result, schedule), ``batches`` (device, rank,
 
 from __future__ import annotations
 
+from .._device import resolve_device
 from ..checkpoint import load_checkpoint, load_model, save_model
 from ..couplings.factory import make_coupling
-from .batches import dist_info, resolve_device
+from .batches import dist_info
 from .config import (
     CHECKPOINT,
     FIXED_ON_RESUME,
