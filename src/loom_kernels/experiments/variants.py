@@ -153,6 +153,6 @@ def make_variant(variant: str, n: int, shape, seed: int, x_train=None, batch_siz
 
 def caches_of(variant: str) -> int | None:
     """Noise caches per point of a variant with a finite noise set (None: fresh noise every step)."""
-    if variant in ("independent", "ot", "semidiscrete", "knn16") or variant in SINKHORN_VARIANTS:
+    if variant in ("independent", "ot") or variant in SINKHORN_VARIANTS + NEW_VARIANTS:  # sdseeded: refilled
         return None
-    return 1 if variant in ("fixed", "converged", "sdseeded") else int(variant[len("loom") :])
+    return 1 if variant in ("fixed", "converged") else int(variant[len("loom") :])
