@@ -192,3 +192,13 @@ def test_cli_trains_and_resumes(name, tmp_path):
     assert main([*args, "--steps", "6", "--resume"]) == 0
     ck = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert ck["coupling_class"] in ("SemidiscreteCoupling", "SemidiscreteSeededCoupling", "KNNNoiseCoupling")
+
+
+def test_rank_parts_of_a_global_draw():
+    """``draw(b, part=(rank, W))``: each rank assigns its own slice of the W*b global noises, alike on every rank."""
+    x = torch.randn(50, 2)
+    whole, r0, r1 = (SemidiscreteCoupling(x, seed=7) for _ in range(3))
+    idx = whole.draw(8)
+    i0, i1 = r0.draw(4, part=(0, 2)), r1.draw(4, part=(1, 2))
+    assert torch.equal(torch.cat([i0, i1]), idx)
+    assert r0.counter == r1.counter == whole.counter == 8

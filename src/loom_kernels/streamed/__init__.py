@@ -89,6 +89,7 @@ def streamed_argmin(
     labels: tuple | None = None,
     tile: int | None = None,
     allow_tf32: bool = False,
+    process_group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(value (b,), index (b,) int64)``: for each noise row, the data item minimising ``c(z_i, x_j) - g_j``.
 
@@ -106,6 +107,10 @@ def streamed_argmin(
             the caller folds its per-column part into ``g``).
         labels: ``(row (b,), col (N,))`` int64: only columns of the row's label are eligible (a row whose
             label no column has gets index 0 and value +inf).
+        process_group: the data set is sharded over its ranks, ``x`` (with ``g``, ``aux``'s columns, the
+            column labels) this rank's contiguous block starting at global row ``offset``; every rank passes the
+            same ``z`` and gets the global result: one all-gather of each rank's ``(score, index, value)``, the
+            best score wins (ties: the lowest rank, i.e. the lowest global index). Collective.
 
     Returns:
         ``value``: ``c(z_i, x_j) - g_j - w <a_i, c_j>`` at the chosen j (float, z's dtype on the torch
@@ -121,6 +126,28 @@ def streamed_argmin(
         if n == 0 and b:
             raise ValueError("x must hold at least one row (N >= 1)")
         return z.new_zeros((0,), dtype=dt), torch.zeros((0,), dtype=torch.int64, device=dev)
+    best, arg, value = _local(z, x, g, n, d, metric, eps, seed, offset, x_sqnorm, aux, labels, tile, allow_tf32, dt)
+    if process_group is None or torch.distributed.get_world_size(process_group) == 1:
+        return value, arg
+    return _global(best, arg + offset, value, process_group)
+
+
+def _global(best, arg, value, group):
+    """The (value, global index) of the best score over the ranks' shards (one all-gather of 3 x b numbers)."""
+    world = torch.distributed.get_world_size(group)
+    packed = torch.stack([best.double(), arg.double(), value.double()])  # indices < 2**53: exact in float64
+    parts = [torch.empty_like(packed) for _ in range(world)]
+    torch.distributed.all_gather(parts, packed, group=group)
+    allp = torch.stack(parts)  # (W, 3, b)
+    r = allp[:, 0].argmax(0)  # first maximum: the lowest rank on a tie
+    pick = allp.gather(0, r[None, None, :].expand(1, 3, -1))[0]
+    return pick[2].to(value.dtype), pick[1].to(torch.int64)
+
+
+def _local(z, x, g, n, d, metric, eps, seed, offset, x_sqnorm, aux, labels, tile, allow_tf32, dt):
+    """(best score, local index, value) on this process's rows: the dispatch between the backends."""
+    b, dev = z.shape[0], z.device
+    kernel = use_kernel(dev) and isinstance(x, torch.Tensor)
     zc = z.to(dt)
     gg = torch.zeros(n, device=dev, dtype=dt) if g is None else g.to(device=dev, dtype=dt)
     if metric == "sqeuclidean":
@@ -139,7 +166,7 @@ def streamed_argmin(
 
         xs = x.reshape(n, d).to(torch.float32).contiguous()
         kaux = None if aux is None else ((aux[0] * aux[2]).contiguous(), aux[1].contiguous())
-        _, arg = _kernels.stream_max(
+        best, arg = _kernels.stream_max(
             (zc * scale).contiguous(),
             xs,
             u.contiguous(),
@@ -151,7 +178,7 @@ def streamed_argmin(
             allow_tf32,
         )
     else:
-        _, arg = _tiles.stream_max(Pass(zc, x, u, scale, aux, labels, eps, keys, offset), tile)
+        best, arg = _tiles.stream_max(Pass(zc, x, u, scale, aux, labels, eps, keys, offset), tile)
     # the value at the chosen column, from its b rows (the maximised score may carry Gumbel noise)
     xj = x.reshape(n, d)[arg].to(dt) if isinstance(x, torch.Tensor) else _gather(x, arg, dev, dt)
     cost = (zc - xj).square().sum(1) if metric == "sqeuclidean" else -(zc * xj).sum(1)
@@ -160,7 +187,7 @@ def streamed_argmin(
         value = value - aux[2] * (aux[0] * aux[1][arg]).sum(1)
     if labels is not None:
         value = torch.where(labels[0] == labels[1][arg], value, torch.full_like(value, float("inf")))
-    return value, arg
+    return best, arg, value
 
 
 def _gather(x: np.ndarray, idx: torch.Tensor, device, dtype) -> torch.Tensor:
