@@ -94,3 +94,19 @@ def test_oversample_keeps_the_best_b_of_kb():
 def test_c2ot_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         MinibatchOTCoupling(**kw)
+
+
+def test_torchcfm_layer_for_knn_and_semidiscrete():
+    from loom_kernels.compat.torchcfm import KNNConditionalFlowMatcher, SemidiscreteConditionalFlowMatcher
+
+    x1 = torch.randn(6, 3)
+    cand = torch.randn(24, 3)
+    t, xt, ut = KNNConditionalFlowMatcher(4).sample_location_and_conditional_flow(cand, x1, t=torch.zeros(6))
+    d = (x1[:, None] - cand.view(6, 4, 3)).square().sum(2)
+    torch.testing.assert_close(xt, cand.view(6, 4, 3)[torch.arange(6), d.argmin(1)])  # t = 0: the chosen noise
+    data = torch.randn(30, 3)
+    fm = SemidiscreteConditionalFlowMatcher(data, seed=0)
+    idx = fm.draw(5)
+    t, xt, ut = fm.sample_location_and_conditional_flow(None, data[idx], t=torch.ones(5), indices=idx)
+    torch.testing.assert_close(xt, data[idx])  # t = 1: the data
+    fm.load_state_dict(fm.state_dict())
