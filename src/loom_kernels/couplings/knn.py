@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Coupling
-from .common import check_cond, check_flag, check_indices, check_x1, cost_dtype
+from .base import Coupling, check_cond, check_flag, check_indices, check_x1
+from .scopes.solve import cost_dtype
 
 __all__ = ["KNNNoiseCoupling"]
 

@@ -26,17 +26,15 @@ from .._device import resolve_device
 from .._io import atomic_save, load_verified
 from ..noise import gaussian_noise
 from ..streamed import STREAM_METRICS, sq_norms, streamed_argmin
-from .base import Coupling
-from .common import (
+from .base import Coupling, check_flag, check_x1
+from .c2ot import (
     check_cond_metric,
     check_cond_ratio,
     check_cond_weight_or_adaptive,
-    check_flag,
-    check_x1,
     cond_pair_cost,
     stream_cond_terms,
 )
-from .seed_stream import seed_values
+from .loom.seed_stream import seed_values
 
 _CHECK_ROWS = 1 << 14  # rows per block when scanning the data set (finite check, checksum)
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..noise import gaussian_noise
-from .seed_stream import seed_values
+from .loom.seed_stream import seed_values
 
 
 def _gap_scale(sd, b: int = 64, m: int = 8192) -> float:

@@ -13,7 +13,7 @@ import torch
 
 from ..noise import gaussian_noise
 from .base import Coupling
-from .seed_stream import seed_values
+from .loom.seed_stream import seed_values
 
 __all__ = ["SemidiscreteSampler", "SemidiscreteSeededCoupling", "fill_table"]
 
