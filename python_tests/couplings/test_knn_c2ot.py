@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from loom_kernels.couplings import MinibatchOTCoupling
-from loom_kernels.couplings.common import adaptive_cond_weight, cond_pair_cost
+from loom_kernels.couplings.c2ot import adaptive_cond_weight, cond_pair_cost
 from loom_kernels.couplings.knn import KNNNoiseCoupling
 
 scipy_opt = pytest.importorskip("scipy.optimize")
