@@ -392,10 +392,11 @@ void drive(const StreamArgs& a, float* lse, int64_t* arg, float* best, int threa
   }
   static const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
   int64_t nt = threads > 0 ? threads : hw;
-  // rows per item: at most 512 and ~64 KiB of scaled rows; at least 4 items per thread when there are rows
-  const int64_t cap = std::max<int64_t>(24, std::min<int64_t>(512, 16384 / std::max<int64_t>(a.D, 1)));
-  const int64_t want = (a.B * a.n + 4 * nt - 1) / (4 * nt);
-  const int64_t rows = std::max<int64_t>(24, std::min(cap, want));
+  // rows per item: each item packs every column once (O(m D)) for O(rows m D) products, so items
+  // are as tall as the threads allow, up to 512 rows and ~1 MiB of scaled rows
+  const int64_t cap = std::max<int64_t>(24, std::min<int64_t>(512, (int64_t{1} << 18) / std::max<int64_t>(a.D, 1)));
+  const int64_t want = (a.n + nt - 1) / nt;  // one item per thread and problem
+  const int64_t rows = std::max<int64_t>(std::min<int64_t>(24, a.n), std::min(cap, want));
   const int64_t per_b = (a.n + rows - 1) / rows, items = a.B * per_b;
   auto run = [=, &a](int64_t it) {
     const int64_t b = it / per_b, r0 = (it - b * per_b) * rows;
