@@ -35,6 +35,7 @@ def philox_normal(seeds: npt.ArrayLike, row_len: int, threads: int = 0) -> npt.N
 
 def philox_uint32(seeds: npt.ArrayLike, row_len: int, threads: int = 0) -> npt.NDArray[np.uint32]:
     """The raw Philox4x32-10 words: int64 seeds (S,) -> uint32 (S, row_len)."""
+
 def stream_lse(
     x: npt.NDArray[np.float32],
     y: npt.NDArray[np.float32],
