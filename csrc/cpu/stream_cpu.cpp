@@ -21,9 +21,11 @@
 #include <atomic>
 #include <ctime>
 #include <cmath>
+#include <condition_variable>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <system_error>
 #include <thread>
@@ -395,7 +397,8 @@ void drive(const StreamArgs& a, float* lse, int64_t* arg, float* best, int threa
   // rows per item: each item packs every column once (O(m D)) for O(rows m D) products, so items
   // are as tall as the threads allow, up to 512 rows and ~1 MiB of scaled rows
   const int64_t cap = std::max<int64_t>(24, std::min<int64_t>(512, (int64_t{1} << 18) / std::max<int64_t>(a.D, 1)));
-  const int64_t want = (a.n + nt - 1) / nt;  // one item per thread and problem
+  // ~4 items per thread (balance on a busy machine), but items of >= 256 rows where the rows allow
+  const int64_t want = std::max((a.n + 4 * nt - 1) / (4 * nt), std::min<int64_t>((a.n + nt - 1) / nt, 256));
   const int64_t rows = std::max<int64_t>(std::min<int64_t>(24, a.n), std::min(cap, want));
   const int64_t per_b = (a.n + rows - 1) / rows, items = a.B * per_b;
   auto run = [=, &a](int64_t it) {
@@ -410,6 +413,8 @@ void drive(const StreamArgs& a, float* lse, int64_t* arg, float* best, int threa
   }
   struct Progress {
     std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable all_done;
   };
   const auto progress = std::make_shared<Progress>();
   // helpers hold a copy of the arguments: one that starts after the call returned finds no item
@@ -418,7 +423,10 @@ void drive(const StreamArgs& a, float* lse, int64_t* arg, float* best, int threa
     for (int64_t it = progress->next.fetch_add(1); it < items; it = progress->next.fetch_add(1)) {
       const int64_t b = it / per_b, r0 = (it - b * per_b) * rows;
       stream_rows_on(*args, b, r0, std::min(args->n, r0 + rows), lse, arg, best);
-      progress->done.fetch_add(1, std::memory_order_release);
+      if (progress->done.fetch_add(1, std::memory_order_acq_rel) + 1 == items) {
+        std::lock_guard<std::mutex> lock(progress->mu);
+        progress->all_done.notify_all();
+      }
     }
   };
   for (int64_t t = 1; t < nt; ++t) {
@@ -429,7 +437,10 @@ void drive(const StreamArgs& a, float* lse, int64_t* arg, float* best, int threa
     }
   }
   drain();
-  while (progress->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  // sleep, not spin, until a late helper finishes its item: on a shared machine a spinning caller
+  // would take the core that helper waits for
+  std::unique_lock<std::mutex> lock(progress->mu);
+  progress->all_done.wait(lock, [&] { return progress->done.load(std::memory_order_acquire) == items; });
 }
 }  // namespace
 
