@@ -64,6 +64,25 @@ def test_sinkhorn_cpu_4096(benchmark, provider, d):
         assert out.converged
 
 
+@pytest.mark.parametrize("provider", ["loom.streamed", "torch tiles"])
+@pytest.mark.parametrize("d", [2, 64])
+def test_lse_pass_cpu_4096(benchmark, provider, d):
+    """One streamed LSE pass (half an iteration): the C++ kernel against the torch tiles it replaced."""
+    from loom_kernels import streamed
+    from loom_kernels.sinkhorn import _tiles
+
+    x, y = _problem(4096, d)
+    geo = _tiles.PointTiles(x[None].contiguous(), y[None].contiguous())
+    u, scale, _ = geo.terms(torch.zeros(1, 4096), torch.full((1, 1), EPS_REL * _mean_cost(x, y)))
+    u, scale = u.contiguous(), scale.contiguous()
+    benchmark.group = f"sinkhorn cpu LSE pass n=m=4096 D={d}"
+    benchmark.extra_info.update(provider=provider, threads=torch.get_num_threads())
+    if provider == "loom.streamed":
+        benchmark(streamed.lse, geo.x, geo.y, u, scale)
+    else:
+        benchmark(_tiles.row_lse, geo, u, scale)
+
+
 # ---- GPU ----------------------------------------------------------------------------------------
 
 
