@@ -14,69 +14,14 @@ public pass of the semidiscrete and nearest-neighbour couplings. The torch tiles
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from . import _native
+from ._triton import use_kernel
+from .sinkhorn import _kernels, _tiles
+from .sinkhorn._cpu import argmax, available, disabled, lse
+from .sinkhorn.plan import _seed
 
 __all__ = ["argmax", "available", "disabled", "lse", "streamed_argmin"]
-
-_ENABLED = True
-
-
-@contextlib.contextmanager
-def disabled():
-    """Within the block the Sinkhorn CPU path runs the torch tiles instead of the kernel."""
-    global _ENABLED
-    saved, _ENABLED = _ENABLED, False
-    try:
-        yield
-    finally:
-        _ENABLED = saved
-
-
-def available(device: torch.device, dtype: torch.dtype) -> bool:
-    """True when the kernel serves float32 tensors on ``device`` (CPU, module built, not disabled)."""
-    if not (_ENABLED and device.type == "cpu" and dtype == torch.float32):
-        return False
-    try:
-        _native.cpu()
-    except ImportError:
-        return False
-    return True
-
-
-def _threads(threads):
-    return torch.get_num_threads() if threads is None else int(threads)
-
-
-def _np(t: torch.Tensor):
-    return t.detach().contiguous().numpy()
-
-
-def _check_u(u):
-    if bool(torch.isnan(u).any()):
-        raise ValueError("u must not hold NaN (the column terms, e.g. potentials or log-weights)")
-
-
-def lse(x, y, u, scale, threads: int | None = None) -> torch.Tensor:
-    """``LSE_j(u_j + scale_b <x_i, y_j>)`` float32 ``(B, n)``; x ``(B, n, D)``, y ``(B, m, D)``,
-    u ``(B, m)``, scale ``(B,)``, float32 CPU. ``threads``: None follows ``torch.get_num_threads()``."""
-    _check_u(u)
-    out = _native.cpu().stream_lse(_np(x), _np(y), _np(u), _np(scale), _threads(threads))
-    return torch.from_numpy(out)
-
-
-def argmax(x, y, u, scale, ki=None, kj=None, threads: int | None = None, with_values: bool = False):
-    """int64 ``(B, n)``: argmax over j of the logits plus the Gumbel noise of the row keys ``ki``
-    ``(B, n)`` and column keys ``kj`` ``(m,)`` (``_tiles.row_keys`` / ``col_keys``), none where
-    they are None; ties go to the lowest column. ``with_values`` adds the maxima float32 ``(B, n)``."""
-    _check_u(u)
-    keys = (None, None) if ki is None else (_np(ki), _np(kj))
-    idx, best = _native.cpu().stream_argmax(_np(x), _np(y), _np(u), _np(scale), *keys, _threads(threads))
-    idx = torch.from_numpy(idx)
-    return (idx, torch.from_numpy(best)) if with_values else idx
 
 
 def _points(name, t, dims):
@@ -114,9 +59,6 @@ def streamed_argmin(z, x, g=None, *, metric: str = "sqeuclidean", eps: float = 0
     Example:
         >>> vals, idx = streamed_argmin(torch.randn(256, 784), data, g)   # semidiscrete assignment
     """
-    from .sinkhorn import _kernels, _tiles
-    from .sinkhorn.plan import _seed
-
     _points("z", z, None)
     _points("x", x, z.shape[1])
     if x.device != z.device:
@@ -155,8 +97,6 @@ def streamed_argmin(z, x, g=None, *, metric: str = "sqeuclidean", eps: float = 0
     elif available(dev, torch.float32):
         idx = argmax(zc[None], xc[None], u, scale, ki, kj, threads)[0]
     else:
-        from ._triton import use_kernel
-
         if use_kernel(dev):
             idx = _kernels.argmax(zc[None], xc[None], u, scale, ki, kj)[0]
         else:

@@ -1,5 +1,5 @@
 """Validation of a Sinkhorn problem and the one dispatch point between the Triton kernels, the
-fused C++ CPU kernel (``loom_kernels.streamed``) and the blocked torch path (``Problem.lse`` /
+fused C++ CPU kernel (``_cpu``, ``loom_kernels.streamed``) and the blocked torch path (``Problem.lse`` /
 ``Problem.argmax``)."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ import math
 
 import torch
 
-from .. import streamed
 from .._triton import use_kernel
-from . import _kernels, _tiles
+from . import _cpu, _kernels, _tiles
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -103,7 +102,7 @@ class Problem:
     def _cpu_kernel(self):
         """Points in float32 on the CPU (Triton not asked for): the C++ tile kernel."""
         points = isinstance(self.geo, _tiles.PointTiles)
-        return not self.kernel and points and streamed.available(self.device, self.dtype)
+        return not self.kernel and points and _cpu.available(self.device, self.dtype)
 
     def _init_cost(self, cost):
         _check_tensor("cost", cost, (2, 3), "(n, m) or (B, n, m)")
@@ -125,7 +124,7 @@ class Problem:
         if self.kernel:
             out = _kernels.lse(geo.x, geo.y, u.contiguous(), scale.contiguous(), self.allow_tf32)
         elif self._cpu_kernel():
-            out = streamed.lse(geo.x, geo.y, u, scale)
+            out = _cpu.lse(geo.x, geo.y, u, scale)
         else:
             out = _tiles.row_lse(geo, u, scale)
         return out + r
@@ -139,7 +138,7 @@ class Problem:
         if self.kernel:
             return _kernels.argmax(self.geo.x, self.geo.y, u.contiguous(), scale.contiguous(), ki, kj, self.allow_tf32)
         if self._cpu_kernel():
-            return streamed.argmax(self.geo.x, self.geo.y, u, scale, ki, kj)
+            return _cpu.argmax(self.geo.x, self.geo.y, u, scale, ki, kj)
         return _tiles.row_argmax(self.geo, u, scale, ki, kj)
 
     def unbatch(self, t):
