@@ -94,7 +94,7 @@ def test_readme_highlights_are_results_numbers():
 
 
 def test_docstring_example_of_the_cost_model():
-    from loom_kernels.couplings.grouped import predicted_coupling_seconds
+    from loom_kernels.couplings.scopes.cost_model import predicted_coupling_seconds
 
     doc = predicted_coupling_seconds.__doc__
     quoted = float(re.search(r'"cuda"\)\s+#\s*~\s*([\d.]+)\s*s', doc).group(1))
