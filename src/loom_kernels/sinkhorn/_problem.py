@@ -1,5 +1,6 @@
-"""Validation of a Sinkhorn problem and the one dispatch point between the Triton kernels and the
-blocked torch path (``Problem.lse`` / ``Problem.argmax``)."""
+"""Validation of a Sinkhorn problem and the one dispatch point between the Triton kernels, the
+fused C++ CPU kernel (``_cpu``, ``loom_kernels.streamed``) and the blocked torch path (``Problem.lse`` /
+``Problem.argmax``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import torch
 
 from .._triton import use_kernel
-from . import _kernels, _tiles
+from . import _cpu, _kernels, _tiles
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -114,6 +115,11 @@ class Problem:
         _check_range(self.max_cost, self.dtype, "x and y", "values so large that the squared distances")
         self.kernel = use_kernel(self.device) and self.dtype == torch.float32
 
+    def _cpu_kernel(self):
+        """Points in float32 on the CPU (Triton not asked for): the C++ tile kernel."""
+        points = isinstance(self.geo, _tiles.PointTiles)
+        return not self.kernel and points and _cpu.available(self.device, self.dtype)
+
     def _init_cost(self, cost):
         _check_tensor("cost", cost, (2, 3), "(n, m) or (B, n, m)")
         self.batched = cost.ndim == 3
@@ -134,6 +140,8 @@ class Problem:
         u, scale, r = geo.terms(g, eps)
         if self.kernel:
             out = _kernels.lse(geo.x, geo.y, u.contiguous(), scale.contiguous(), self.allow_tf32)
+        elif self._cpu_kernel():
+            out = _cpu.lse(geo.x, geo.y, u, scale)
         else:
             out = _tiles.row_lse(geo, u, scale)
         return out + r
@@ -146,6 +154,8 @@ class Problem:
         kj = None if seed is None else _tiles.col_keys(m, self.device)
         if self.kernel:
             return _kernels.argmax(self.geo.x, self.geo.y, u.contiguous(), scale.contiguous(), ki, kj, self.allow_tf32)
+        if self._cpu_kernel():
+            return _cpu.argmax(self.geo.x, self.geo.y, u, scale, ki, kj)
         return _tiles.row_argmax(self.geo, u, scale, ki, kj)
 
     def unbatch(self, t):

@@ -22,10 +22,15 @@ import numpy as np
 import torch
 
 from .._triton import use_kernel
+from ..sinkhorn import _cpu
+from ..sinkhorn._cpu import argmax, available, disabled, lse
 from ..sinkhorn._tiles import row_keys
 from . import _tiles
 
-__all__ = ["STREAM_METRICS", "streamed_argmin"]
+# lse / argmax / available / disabled: the fused C++ CPU tile kernel (csrc/cpu/stream_cpu.cpp) that serves
+# Sinkhorn's passes, draw_pairs and, below, the CPU float32 pass; ``disabled()`` routes all of them back
+# to the torch tiles (the reference in the tests).
+__all__ = ["STREAM_METRICS", "streamed_argmin", "lse", "argmax", "available", "disabled"]
 
 STREAM_METRICS = ("sqeuclidean", "inner")  # c = |z - x|^2, or c = -<z, x>
 
@@ -161,7 +166,21 @@ def _local(z, x, g, n, d, metric, eps, seed, offset, x_sqnorm, aux, labels, tile
     if labels is not None:
         labels = (labels[0].to(device=dev, dtype=torch.int64), labels[1].to(device=dev, dtype=torch.int64))
     keys = row_keys(seed, 1, b, dev)[0] if eps > 0 else None
-    if kernel:
+    if not kernel and _fused(x, dt, aux, labels, dev):
+        # The fused C++ kernel: the same scores (divided by epsilon, plus the same Gumbel noise) in registers.
+        t = eps if eps else 1.0
+        kj = None if keys is None else _tiles.col_keys(offset, offset + n, dev)
+        arg, best = _cpu.argmax(
+            (zc * (scale / t))[None],
+            x.reshape(n, d).to(torch.float32)[None],
+            (u / t)[None],
+            torch.ones(1),
+            None if keys is None else keys[None],
+            kj,
+            with_values=True,
+        )
+        best, arg = best[0], arg[0]
+    elif kernel:
         from . import _kernels
 
         xs = x.reshape(n, d).to(torch.float32).contiguous()
@@ -188,6 +207,18 @@ def _local(z, x, g, n, d, metric, eps, seed, offset, x_sqnorm, aux, labels, tile
     if labels is not None:
         value = torch.where(labels[0] == labels[1][arg], value, torch.full_like(value, float("inf")))
     return best, arg, value
+
+
+def _fused(x, dt, aux, labels, dev) -> bool:
+    """Whether the fused C++ CPU kernel serves this pass: float32 points resident in a tensor, no condition
+    cross term or labels (those stay on the torch tiles)."""
+    return (
+        dt == torch.float32
+        and isinstance(x, torch.Tensor)
+        and aux is None
+        and labels is None
+        and (_cpu.available(dev, torch.float32))
+    )
 
 
 def _gather(x: np.ndarray, idx: torch.Tensor, device, dtype) -> torch.Tensor:
