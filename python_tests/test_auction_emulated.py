@@ -455,7 +455,7 @@ def test_solve_cuda_drives_the_host_code(libs, rng, monkeypatch, mode, m):
     monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=0))
-    cost = np.ascontiguousarray(assignment_problem("uniform", 6, m, batch=2, rng=rng))
+    cost = np.ascontiguousarray(assignment_problem("uniform", 3, m, batch=2, rng=rng))
     rounds = torch.full((2,), -1, dtype=torch.int64)
     col, st = assign._solve_cuda(torch.from_numpy(cost), False, 1e-9, mode=mode, rounds=rounds)
     ref = _twin(lib, cost)
@@ -463,8 +463,8 @@ def test_solve_cuda_drives_the_host_code(libs, rng, monkeypatch, mode, m):
         np.testing.assert_array_equal(x, y, err_msg=f"mode {mode}, M={m}: {name}")
     ws = 0 if mode in (0, 1) else (2 if mode == 2 else 1) * (128 + 52 * m)
     assert stub.calls == [
-        ("workspace_bytes", 2, 6, m, mode, 0),
-        ("solve_auction", "float64", 2, 6, m, False, ws, 0, mode),
+        ("workspace_bytes", 2, 3, m, mode, 0),
+        ("solve_auction", "float64", 2, 3, m, False, ws, 0, mode),
     ]
 
 
