@@ -475,12 +475,12 @@ def test_cuda_large_m_launch_matches_twin(n, m, rng):
     # beyond the device's opt-in limit (M >= 4468 on an H100/H200), 512 threads; bit-identical to the twin.
     import torch
 
-    from loom_kernels.assign import _solve_cuda
+    from loom_kernels.assign.dispatch import solve_cuda
 
     cost = np.ascontiguousarray(assignment_problem("sq_low", n, m, batch=2, rng=rng))
     t = torch.as_tensor(cost, device="cuda")
     rounds = torch.full((2,), -1, dtype=torch.int64, device="cuda")
-    col, st = _solve_cuda(t, False, 1e-9, rounds=rounds)
+    col, st = solve_cuda(t, False, 1e-9, rounds=rounds)
     torch.cuda.synchronize()
     ref = _native.cpu().solve_auction(cost, False, 1e-9, 1, True)
     for name, x, y in zip(

@@ -163,16 +163,16 @@ def test_compiled_step_on_cuda_equals_eager():
 
 @pytest.mark.slow  # heavy; CI runs it in its slow step
 def test_first_call_compiled_registers_the_op_itself():
-    # Eager calls never import loom_kernels.ops (nor triton through it); a first call under compile
-    # imports it while Dynamo traces, and still makes one graph.
+    # Eager calls never import loom_kernels.assign.op (nor register the op); a first call under
+    # compile imports it while Dynamo traces, and still makes one graph.
     import subprocess
     import sys
 
     code = (
         "import sys, torch; from loom_kernels.assign import assign; c = torch.randn(6, 6); assign(c); "
-        "assert 'loom_kernels.ops' not in sys.modules; "
+        "assert 'loom_kernels.assign.op' not in sys.modules; "
         "f = torch.compile(lambda c: assign(c), fullgraph=True, backend='aot_eager'); "
-        "assert torch.equal(f(c), assign(c)); print('loom_kernels.ops' in sys.modules)"
+        "assert torch.equal(f(c), assign(c)); print('loom_kernels.assign.op' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -233,7 +233,7 @@ def test_sample_cli_argument_checks(run_dir, tmp_path, argv, match):
 
 
 def test_sample_cli_refusals(run_dir, tmp_path, capsys):
-    with pytest.raises(ValueError, match="holds only the EMA weights; weights='raw' needs checkpoint.pt"):
+    with pytest.raises(SystemExit, match="--ckpt .*holds only the EMA weights; weights='raw' needs checkpoint.pt"):
         sample_main(["--ckpt", str(run_dir / "model.pt"), "--weights", "raw", "--out", str(tmp_path / "x.npy")])
     with pytest.raises(SystemExit) as exc:
         sample_main(["--ckpt", str(run_dir / "model.pt"), "--method", "rk4"])

@@ -39,6 +39,18 @@ from .factory import COUPLINGS, FixedNoiseCoupling, make_coupling  # noqa: F401 
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
+from .mixed import MixedCoupling, TimestepMixedCoupling
+from .reflow import ReflowCoupling
 from .sinkhorn import SinkhornCoupling
 
-__all__ = ["Coupling", "IndependentCoupling", "MinibatchOTCoupling", "LoomCoupling", "METRICS", "SinkhornCoupling"]
+__all__ = [
+    "Coupling",
+    "IndependentCoupling",
+    "MinibatchOTCoupling",
+    "LoomCoupling",
+    "METRICS",
+    "SinkhornCoupling",
+    "ReflowCoupling",
+    "MixedCoupling",
+    "TimestepMixedCoupling",
+]

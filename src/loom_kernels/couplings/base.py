@@ -25,7 +25,10 @@ class Coupling:
     that ``x0[i]`` is the noise of source ``perm[i]`` (each coupling says what its sources are: the rows of
     the given ``x0``, or the noises the batch's items held); use it to regroup per-noise fields or losses.
     ``stats`` holds the last call's ``pre_cost``, ``post_cost`` and
-    ``swaps`` (0-dim tensors). ``state_dict``/``load_state_dict`` default to "no state", so every coupling can
+    ``swaps`` (0-dim tensors). ``t (b,)`` (keyword only, optional) are the timesteps the trainer drew for the
+    batch, for couplings that depend on them (``TimestepMixedCoupling``); such a coupling sets ``accepts_t =
+    True`` and the trainer passes ``t=`` only to those (:func:`call_coupling`), so the others need not take it.
+    ``state_dict``/``load_state_dict`` default to "no state", so every coupling can
     be checkpointed.
 
     Example::
@@ -37,6 +40,7 @@ class Coupling:
     """
 
     stats: dict = MappingProxyType({})  # read-only "no stats yet"; each call assigns its own dict
+    accepts_t: bool = False  # True: __call__ takes the batch's timesteps as t=
 
     def __call__(
         self,
@@ -47,6 +51,7 @@ class Coupling:
         labels: torch.Tensor | None = None,
         cond: torch.Tensor | None = None,
         return_indices: bool = False,
+        t: torch.Tensor | None = None,
     ) -> tuple:
         raise NotImplementedError
 
@@ -58,3 +63,10 @@ class Coupling:
         """Restore ``state_dict()``; a coupling without state accepts only an empty one."""
         if state:
             raise ValueError(f"{type(self).__name__} has no state to load, got a state with keys {sorted(state)}")
+
+
+def call_coupling(coupling, x1, indices=None, *, t=None, **kw) -> tuple:
+    """``coupling(x1, indices, **kw)``, with ``t=t`` added when the coupling takes timesteps (``accepts_t``)."""
+    if t is not None and getattr(coupling, "accepts_t", False):
+        kw["t"] = t
+    return coupling(x1, indices, **kw)

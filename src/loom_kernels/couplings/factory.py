@@ -15,7 +15,7 @@ from .minibatch import MinibatchOTCoupling
 
 __all__ = ["COUPLINGS", "make_coupling", "FixedNoiseCoupling"]
 
-COUPLINGS = ("independent", "ot", "loom", "fixed")
+COUPLINGS = ("independent", "ot", "loom", "fixed", "reflow")
 
 
 class FixedNoiseCoupling(Coupling):
@@ -46,7 +46,10 @@ class FixedNoiseCoupling(Coupling):
             raise ValueError("FixedNoiseCoupling needs the dataset indices of the batch: call coupling(x1, indices)")
         idx = torch.as_tensor(indices)
         if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-            raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
+            raise TypeError(
+                f"FixedNoiseCoupling(x1, indices): indices must be integer dataset indices, got dtype {idx.dtype}. "
+                "Is this TorchCFM's argument order coupling(x0, x1)? Call coupling(x1, indices) with the data first"
+            )
         idx = idx.to(device=self.seeds.device, dtype=torch.int64)
         if idx.shape != (x1.shape[0],):
             raise ValueError(f"indices must have shape (b,) = ({x1.shape[0]},) to match x1, got {tuple(idx.shape)}")
@@ -66,6 +69,7 @@ def make_coupling(
     device=None,
     process_group=None,
     metric: str = "sqeuclidean",
+    pairs=None,
 ) -> Coupling:
     """The coupling named ``name``, one of ``COUPLINGS``.
 
@@ -76,6 +80,7 @@ def make_coupling(
         shape: one item's shape (``"loom"``/``"fixed"``).
         num_caches, seed, device, process_group: ``LoomCoupling``'s (``"fixed"`` uses ``seed``/``device``).
         metric: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's).
+        pairs: ``"reflow"``: the pairs folder (``loom_kernels.reflow``); the data are its targets.
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
@@ -85,6 +90,12 @@ def make_coupling(
         return IndependentCoupling(metric=metric)
     if name == "ot":
         return MinibatchOTCoupling(metric=metric)
+    if name == "reflow":
+        from .reflow import ReflowCoupling
+
+        if pairs is None:
+            raise ValueError("coupling 'reflow' needs pairs= (a pairs folder, --pairs DIR)")
+        return ReflowCoupling(pairs)
     if name in ("loom", "fixed") and (num_points is None or shape is None):
         raise ValueError(f"coupling {name!r} needs num_points and shape, got {num_points!r} and {shape!r}")
     if name == "loom":

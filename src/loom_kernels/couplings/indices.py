@@ -17,7 +17,11 @@ def as_index_tensor(indices, b: int, x1_shape: tuple, table_device: torch.device
     if not isinstance(indices, torch.Tensor):
         indices = torch.as_tensor(np.asarray(indices))
     if indices.dtype == torch.bool or indices.is_floating_point() or indices.is_complex():
-        raise TypeError(f"indices must have an integer dtype, got {indices.dtype}")
+        raise TypeError(
+            f"LoomCoupling(x1, indices, *, labels=None): indices must be integer dataset indices, got dtype "
+            f"{indices.dtype}. Is this TorchCFM's argument order coupling(x0, x1)? LOOM draws the noise itself: "
+            f"call coupling(x1, indices) with the data first"
+        )
     if indices.dim() != 1 or indices.shape[0] != b:
         raise ValueError(
             f"indices must have shape (b,) = ({b},) to match x1 {tuple(x1_shape)}, got {tuple(indices.shape)}"

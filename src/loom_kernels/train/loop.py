@@ -41,8 +41,9 @@ def loop(run: Run, callback, callback_every) -> None:
     cfg = run.cfg
     bar = None
     if run.rank == 0 and cfg.progress:
-        from tqdm.auto import tqdm
+        from .._optional import require
 
+        tqdm = require("tqdm.auto", "the training progress bar (or --no-progress / progress=False)").tqdm
         bar = tqdm(
             total=cfg.steps, initial=run.step, desc=f"train[{type(run.user_coupling).__name__}]", dynamic_ncols=True
         )
@@ -123,6 +124,10 @@ def train(
         raise ValueError(f"callback_every must be a positive integer when a callback is given, got {callback_every}")
     run = build(model, dataset, coupling, cfg, metadata)
     resumed = restore(run)
+    if cfg.init_from is not None and not resumed:
+        from .init import init_from
+
+        init_from(run)
     if run.rank == 0 and cfg.out_dir:
         os.makedirs(cfg.out_dir, exist_ok=True)
         run.log = CsvLog(os.path.join(cfg.out_dir, LOG), run.step if resumed else None)

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._device import resolve_device
 from ..checkpoint import atomic_save, load_checkpoint, restore_rng_state, rng_state, save_model
 from ..couplings import Coupling
-from .batches import dist_info, fingerprint, resolve_device
+from .batches import dist_info, fingerprint
 from .config import CHECKPOINT, FIXED_ON_RESUME, MODEL, OVERRIDABLE_ON_RESUME, Schedule, TrainConfig
 from .log import CsvLog
 
@@ -96,7 +97,7 @@ class Run:
 def build(model, dataset, coupling, cfg, metadata) -> Run:
     proto = as_coupling(coupling)
     rank, world = dist_info()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, prefer_cuda=True)
     if cfg.precision != "fp32" and device.type != "cuda":
         raise ValueError(f"precision={cfg.precision!r} (autocast) needs a CUDA device, got device {device}")
     n, global_batch = len(dataset), world * cfg.batch_size

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..couplings.base import call_coupling
+from ..timesteps import timestep_dist
 from .batches import epoch_order, fetch
 from .log import stat
 from .run import Run, ema_update
@@ -43,8 +45,13 @@ def _loss(run: Run):
     cfg = run.cfg
     idx, x1, y = next_batch(run)
     # CPU indices: every coupling accepts them (LoomCoupling's table may live on either side).
-    x0, x1 = run.coupling(x1, indices=idx, labels=y)
-    t = torch.rand(x1.shape[0], device=run.device)
+    draw = timestep_dist(cfg.t_dist).sample
+    if run.coupling.accepts_t:  # t first, for the coupling; otherwise the order (and streams) of old runs
+        t = draw(x1.shape[0], device=run.device)
+        x0, x1 = call_coupling(run.coupling, x1, idx, labels=y, t=t)
+    else:
+        x0, x1 = run.coupling(x1, indices=idx, labels=y)
+        t = draw(x1.shape[0], device=run.device)
     tb = t.view(-1, *([1] * (x1.ndim - 1)))
     xt = (1 - tb) * x0 + tb * x1
     if cfg.sigma > 0:

@@ -6,8 +6,8 @@ reproduces the twin's count exactly (test_auction.py, ``cuda`` tests). Problems:
 squared-Euclidean cost (noise vs data-like points, D=3072, float32, ``testing.assignment_problem``
 family ``sq3072``) and the other benchmark families, tol 1e-6 as ``assign`` uses for float32.
 
-    python bench/tools/auction_rounds.py            # the table of bench/RESULTS.md (N=8192 takes minutes)
-    python bench/tools/auction_rounds.py --quick    # without the N >= 4096 problems
+    python tools/auction_rounds.py            # the table of bench/RESULTS.md (N=8192 takes minutes)
+    python tools/auction_rounds.py --quick    # without the N >= 4096 problems
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ one runs at a higher AVX-512 clock), and the ratio to the first provider is take
 (paired), then its median. The solver is called raw (``_C.solve_lap``, one thread) on bench_assign.py's
 problems, the noise as bench_noise.py's 256x3072 float32 minibatch (one thread).
 
-    python bench/tools/isa_compare.py --other today=/path/to/old/_C.so --other native=/path/to/native/_C.so
+    python tools/isa_compare.py --other today=/path/to/old/_C.so --other native=/path/to/native/_C.so
 
 Providers: each ``--other`` build (loaded beside this one), then this build's paths (``_C.isas()``).
 """

@@ -1,8 +1,8 @@
 """pytest-benchmark JSON as markdown: every group's providers with their ratio to ours (providers
 named ``loom*``), or with ``--targets`` one table of every GPU target of bench/RESULTS.md.
 
-    python bench/tools/summary.py bench.json [more.json ...] [--gpu NAME]   # per-group table
-    python bench/tools/summary.py out/bench_*.json --targets                # met / missed / not run
+    python tools/summary.py bench.json [more.json ...] [--gpu NAME]   # per-group table
+    python tools/summary.py out/bench_*.json --targets                # met / missed / not run
 
 A target finds its benchmarks by group and provider names (regular expressions), so
 a benchmark that did not run (missing module, skipped, failed) gives a "not run" row instead of

@@ -5,7 +5,7 @@ modules, e.g. ``src`` of this checkout and an old checkout built in place) gets 
 the workers take turns call by call (rotating which goes first), so load on a shared machine hits both
 alike. Every case prints the median per tree, the ratio and whether the outputs are bit-identical.
 
-Run: ``OMP_NUM_THREADS=1 python bench/tools/compare_trees.py --tree new=src --tree old=/path/old --rounds 15``
+Run: ``OMP_NUM_THREADS=1 python tools/compare_trees.py --tree new=src --tree old=/path/old --rounds 15``
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 digest per case and rank (every scope x table kind x labels, a sharded save loaded as replicated, minibatch OT
 in every scope). Run it once per tree and compare the printed JSON:
 
-    PYTHONPATH=src python bench/tools/compare_trees_gloo.py > new.json
-    PYTHONPATH=<old checkout>/src python bench/tools/compare_trees_gloo.py > old.json && cmp new.json old.json
+    PYTHONPATH=src python tools/compare_trees_gloo.py > new.json
+    PYTHONPATH=<old checkout>/src python tools/compare_trees_gloo.py > old.json && cmp new.json old.json
 """
 
 import datetime

@@ -4,7 +4,7 @@ pytest-benchmark times one provider after the other; on a shared machine the loa
 the two. Here the providers take turns (the order alternating every round) on the batch of
 bench/bench_compat_matchers.py, one thread, and the medians and minima are compared.
 
-Run: ``OMP_NUM_THREADS=1 python bench/tools/compare_compat_matchers.py --rounds 40``
+Run: ``OMP_NUM_THREADS=1 python tools/compare_compat_matchers.py --rounds 40``
 """
 
 import argparse
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for the shared problem factory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/, for the shared problem factory
 from bench_compat_matchers import MATCHERS, _problem  # noqa: E402
 
 import loom_kernels.compat.torchcfm as ours  # noqa: E402

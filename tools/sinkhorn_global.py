@@ -7,7 +7,7 @@ the same run. Also reported: the all-reduce share of each rank's time, the bytes
 whether the ranks' pairs equal the one-process pairs. pytest-benchmark cannot drive four processes,
 hence a script:
 
-    python bench/tools/sinkhorn_global.py --world 4 --b 1024 --dim 64
+    python tools/sinkhorn_global.py --world 4 --b 1024 --dim 64
 """
 
 from __future__ import annotations

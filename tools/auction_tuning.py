@@ -4,7 +4,7 @@ the path finish starts; 0 = bidding only) and counts the sequential steps (biddi
 sweeps) of the slowest problem of the coupling's 64 x 256 batch (``sq3072``, float32, tol 1e-6).
 A batch on the GPU takes as long as its slowest problem. Needs g++ and the csrc/ sources.
 
-    python bench/tools/auction_tuning.py [--theta 4 8 16] [--switch 0 1 3 6] [--batch 64]
+    python tools/auction_tuning.py [--theta 4 8 16] [--switch 0 1 3 6] [--batch 64]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from loom_kernels.testing import assignment_problem
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 WRAPPER = """
 #include "cpu/auction_cpu.h"
 extern "C" void solve_f32(const float* c, int64_t B, int64_t N, int64_t M, double tol, int64_t* col,

@@ -1,7 +1,7 @@
 """Print bench_assign.py's pytest-benchmark JSON as the RESULTS.md table: median ms per provider
 and group, speedup over scipy, and the geometric-mean speedups over the single-problem grid.
 
-Usage: python bench/tools/assign_table.py /tmp/assign.json
+Usage: python tools/assign_table.py /tmp/assign.json
 """
 
 from __future__ import annotations
