@@ -440,13 +440,13 @@ class _StubCuda:
 
 @pytest.mark.parametrize("mode, m", [(0, 20), (0, 1000), (2, 20), (3, 20)])
 def test_solve_cuda_drives_the_host_code(libs, rng, monkeypatch, mode, m):
-    """assign._solve_cuda without a GPU: torch's device calls stand in, the ``_cuda`` module is the stub above,
+    """assign's solve_cuda without a GPU: torch's device calls stand in, the ``_cuda`` module is the stub above,
     so its buffers, workspace size, argument order and mode reach the real host code and the kernels."""
     import types
 
     import torch
 
-    from loom_kernels import assign
+    from loom_kernels.assign.dispatch import solve_cuda
 
     lib = libs["default"]
     lib.emu_host_config(*(ctypes.c_int(v) for v in (132, 232448, 1, 9, 0, 1, 0, 0, 1, 64)))
@@ -457,7 +457,7 @@ def test_solve_cuda_drives_the_host_code(libs, rng, monkeypatch, mode, m):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=0))
     cost = np.ascontiguousarray(assignment_problem("uniform", 3, m, batch=2, rng=rng))
     rounds = torch.full((2,), -1, dtype=torch.int64)
-    col, st = assign._solve_cuda(torch.from_numpy(cost), False, 1e-9, mode=mode, rounds=rounds)
+    col, st = solve_cuda(torch.from_numpy(cost), False, 1e-9, mode=mode, rounds=rounds)
     ref = _twin(lib, cost)
     for name, x, y in zip(("col4row", "status", "rounds"), (col.numpy(), st.numpy(), rounds.numpy()), ref):
         np.testing.assert_array_equal(x, y, err_msg=f"mode {mode}, M={m}: {name}")

@@ -135,7 +135,7 @@ int emu_host_solve(const void* cost, int is_double, int64_t B, int64_t N, int64_
   }
 }
 
-// The _cuda module's two entry points (csrc/bindings_cuda.cpp) over the stub: assign._solve_cuda's
+// The _cuda module's two entry points (csrc/bindings_cuda.cpp) over the stub: assign.dispatch.solve_cuda's
 // calls, with its CPU tensors' addresses. Errors as in emu_host_solve.
 int64_t emu_host_workspace_bytes(int64_t B, int64_t N, int64_t M, int mode, int device) {
   return static_cast<int64_t>(loom::auction_cuda_workspace_bytes(B, N, M, mode, device));
