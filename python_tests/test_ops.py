@@ -114,6 +114,22 @@ def test_bad_shape_under_compile_raises_eager_error(fn, args):
     assert str(eager.value) in str(full.value) or "Observed exception" in str(full.value)
 
 
+def test_wrong_device_under_compile_raises_eager_error():
+    # #34 item 12: a host tensor with backend="cuda" gave Dynamo's TorchRuntimeError (raised by the fake
+    # implementation); now eager's own exception: ValueError on a CUDA build, the "built without CUDA"
+    # RuntimeError on a CPU-only one.
+    def fn(c):
+        return assign(c, backend="cuda")
+
+    c = torch.randn(4, 4)
+    with pytest.raises((ValueError, RuntimeError)) as eager:
+        fn(c)
+    torch._dynamo.reset()
+    with pytest.raises(type(eager.value)) as compiled:
+        torch.compile(fn, backend="aot_eager")(c)
+    assert str(compiled.value) == str(eager.value) and "backend='cuda'" in str(eager.value)
+
+
 def test_fake_impl_raises_eager_message_for_the_op_itself():
     # Straight to the op (no Python-side check): the fake implementation names the same problem.
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:

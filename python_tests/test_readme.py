@@ -138,7 +138,7 @@ def test_the_highlight_check_can_fail():
 
 
 def test_docstring_example_of_the_cost_model():
-    from loom_kernels.couplings.grouped import predicted_coupling_seconds
+    from loom_kernels.couplings.scopes.cost_model import predicted_coupling_seconds
 
     doc = predicted_coupling_seconds.__doc__
     quoted = float(re.search(r'"cuda"\)\s+#\s*~\s*([\d.]+)\s*s', doc).group(1))

@@ -123,6 +123,69 @@ def case_independent():
     x1 = data(256, 64, 19)
     return lambda: [IndependentCoupling(generator=torch.Generator().manual_seed(1))(x1)[0]]
 
+def case_loom_cond_perm():
+    from loom_kernels.couplings import LoomCoupling
+    x, cond = torch.tanh(data(256, 8, 30)), data(256, 2, 31)
+    def run():
+        outs = []
+        for scope in ("global", "grouped"):
+            c = LoomCoupling(256, (8,), num_caches=2, seed=6, scope=scope, group_size=40, cond_weight=0.5)
+            for s in range(3):
+                idx = torch.randperm(256, generator=torch.Generator().manual_seed(40 + s))[:96]
+                outs += list(c(x[idx], idx, cond=cond[idx], return_indices=True)) + [c.stats["post_cost"]]
+            outs.append(c.seeds.clone())
+        return outs
+    return run
+
+def case_minibatch_cond_perm():
+    from loom_kernels.couplings import MinibatchOTCoupling
+    x1, x0, cond = torch.tanh(data(160, 16, 32)), data(160, 16, 33), data(160, 3, 34)
+    def run():
+        outs = []
+        for scope in ("global", "local", "grouped"):
+            c = MinibatchOTCoupling(scope=scope, group_size=50, seed=1, cond_weight=2.0)
+            outs += list(c(x1, x0=x0, cond=cond, return_indices=True)) + [c.stats["post_cost"]]
+        return outs
+    return run
+
+def case_sinkhorn():
+    from loom_kernels.couplings import SinkhornCoupling
+    x1, x0 = torch.tanh(data(300, 8, 35)), data(300, 8, 36)
+    cond, labels = data(300, 2, 37), torch.randint(3, (300,), generator=torch.Generator().manual_seed(38))
+    def run():
+        outs = []
+        for scope in ("global", "local", "grouped"):
+            for kw in ({}, {"labels": labels}, {"cond": cond}):
+                c = SinkhornCoupling(0.05, generator=torch.Generator().manual_seed(9), scope=scope, group_size=70)
+                outs += list(c(x1, x0=x0, return_indices=True, **kw))
+                outs += [c.stats[k] for k in ("pre_cost", "post_cost", "swaps", "error", "sharpness")]
+                outs.append(c(x1)[0])  # noise drawn from the generator, argmax off
+        c = SinkhornCoupling(0.01, relative=False, argmax=True, generator=torch.Generator().manual_seed(3))
+        outs += list(c(x1, x0=x0, labels=labels, cond=cond, return_indices=True))
+        return outs
+    return run
+
+def case_fixed():
+    from loom_kernels.couplings import FixedNoiseCoupling, LoomCoupling
+    x = torch.tanh(data(200, 6, 39))
+    def run():
+        c = FixedNoiseCoupling(LoomCoupling(200, (6,), seed=2))
+        idx = torch.randperm(200, generator=torch.Generator().manual_seed(5))[:64]
+        return [c(x[idx], idx)[0], c.stats["post_cost"]]
+    return run
+
+def case_factory():
+    from loom_kernels.couplings.factory import make_coupling
+    x = torch.tanh(data(120, 4, 41))
+    def run():
+        outs = []
+        for name in ("independent", "ot", "loom", "fixed"):
+            torch.manual_seed(7)
+            c = make_coupling(name, 120, (4,), num_caches=2, seed=1)
+            outs.append(c(x[:40], torch.arange(40))[0])
+        return outs
+    return run
+
 def case_assign():
     from loom_kernels.assign import assign
     from loom_kernels.cost import pairwise_cost
@@ -233,6 +296,11 @@ COUPLING_CASES = (
     "minibatch_labels_rect",
     "minibatch_grouped",
     "independent",
+    "loom_cond_perm",
+    "minibatch_cond_perm",
+    "sinkhorn",
+    "fixed",
+    "factory",
 )
 # The LOOM step changes its table each call: its digest is compared on the first call only.
 STATEFUL = {"loom_step"}

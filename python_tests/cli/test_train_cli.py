@@ -127,7 +127,7 @@ def test_cli_help_and_errors(tmp_path, capsys):
             main(["--help"])
         assert exc.value.code == 0 and flag in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
-        train_cli.main(["--data", "moons", "--coupling", "sinkhorn", "--out", str(tmp_path)])
+        train_cli.main(["--data", "moons", "--coupling", "nope", "--out", str(tmp_path)])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 

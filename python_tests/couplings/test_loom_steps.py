@@ -6,7 +6,7 @@ the CUDA auction (within its tolerance) can, so the guard is checked here with m
 
 import torch
 
-from loom_kernels.couplings.loom_steps import keep_if_cheaper
+from loom_kernels.couplings.loom.steps import keep_if_cheaper
 
 
 def _total(cost, col):

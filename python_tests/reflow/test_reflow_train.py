@@ -176,7 +176,7 @@ def test_loom_run_pairs_and_reflow_run_from_the_cli(tmp_path, capsys):
         train_cli.main(["--data", "moons", "--coupling", "loom", "--pairs", p, "--out", str(tmp_path / "c"), *common])
     with pytest.raises(SystemExit, match="--data is required"):
         train_cli.main(["--coupling", "loom", "--out", str(tmp_path / "c"), *common])
-    with pytest.raises(ValueError, match="--init-from .* layer 'net.0.weight'"):
+    with pytest.raises(SystemExit, match="--init-from .* layer 'net.0.weight'"):
         train_cli.main(
             [
                 *re_args[:5],

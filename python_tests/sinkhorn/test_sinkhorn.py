@@ -273,6 +273,27 @@ def test_memory_is_bounded_by_the_tile(backend, monkeypatch):
     torch.testing.assert_close(res.f, ref.f, atol=1e-4 * float(res.epsilon), rtol=0)
 
 
+@pytest.mark.parametrize("scale", [1e19, 3e18])
+def test_points_whose_costs_overflow_float32_are_refused(scale):
+    # #34 item 7: a float32 cost past ~1e38 made every (g - C) / eps inf - inf; the solver ran to max_iter and
+    # drew one column for every row, its only sign a max_iter warning. Now refused, naming the inputs.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g) * scale, torch.randn(32, 4, generator=g)
+    with pytest.raises(ValueError, match=r"x and y hold values so large .* overflow float32 .*float64"):
+        sinkhorn(x, y)
+    res = sinkhorn(x.double(), y.double(), max_iter=50)  # float64 holds them
+    assert torch.isfinite(res.f).all()
+
+
+def test_a_cost_that_overflows_float32_is_refused():
+    cost = torch.rand(8, 8, dtype=torch.float64) * 1e39
+    with pytest.raises(ValueError, match=r"cost must be finite"):
+        sinkhorn_cost(cost.float())  # inf after the cast
+    with pytest.raises(ValueError, match=r"cost hold entries so large that they overflow float32 .*float64"):
+        sinkhorn_cost(cost.float().clamp_max(1e38))
+    sinkhorn_cost(cost * 1e-36)  # a float64 cost is solved in float64
+
+
 # ---- the streamed Triton kernel on a GPU, against float64 references and the CPU (torch tile) path -------
 
 

@@ -4,7 +4,8 @@ never imports ``torch.library`` for it."""
 
 import torch
 
-from .checks import check_tensor
+from .. import _native
+from .checks import check_tensor, check_tensor_device
 from .dispatch import solve
 
 __all__ = ["assign_op", "custom_op"]
@@ -37,4 +38,9 @@ def assign_op(cost, *, backend="auto", tol=None, method="auto", maximize=False, 
     # Checked here too, while Dynamo traces: a bad shape then raises eager's own exception when
     # the frame falls back to eager (under fullgraph=True, Dynamo's error names it).
     check_tensor(cost, backend, tol, method, maximize, threads)
+    # The device checks too, with eager's exceptions: from the fake implementation they would reach the
+    # user wrapped in Dynamo's TorchRuntimeError.
+    if backend == "cuda" and not _native.has_cuda_build():
+        _native.cuda()  # raises the "built without CUDA" error
+    check_tensor_device(cost.device, backend, method)
     return custom_op(cost, backend, None if tol is None else float(tol), method, maximize, threads)

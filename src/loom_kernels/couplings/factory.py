@@ -1,7 +1,8 @@
 """One factory for the couplings by name: the trainer, its command line and the study build them here.
 
-``COUPLINGS`` are the names (the CLI's ``--coupling`` choices); ``"fixed"`` is the paper's "fixed
-noise, no reassignment" ablation (:class:`FixedNoiseCoupling`), the others the library's couplings.
+``COUPLINGS`` are the names, the one list of them (the CLI's ``--coupling`` choices, the study's
+variants); ``"fixed"`` is the paper's "fixed noise, no reassignment" ablation (:class:`FixedNoiseCoupling`),
+the others the library's couplings. A new coupling adds its name here and one branch to ``make_coupling``.
 """
 
 from __future__ import annotations
@@ -9,54 +10,16 @@ from __future__ import annotations
 import torch
 
 from .base import Coupling
+from .fixed import FixedNoiseCoupling
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
+from .reflow import ReflowCoupling
+from .sinkhorn import SinkhornCoupling
 
 __all__ = ["COUPLINGS", "make_coupling", "FixedNoiseCoupling"]
 
-COUPLINGS = ("independent", "ot", "loom", "fixed", "reflow")
-
-
-class FixedNoiseCoupling(Coupling):
-    """Fixed noise without reassignment: item i is always paired with ``noise(seeds[i, 0])``.
-
-    Reads the seed table of a ``LoomCoupling`` (its initial, random pairing) and never reassigns it:
-    the paper's "fixed source, no reassignment" ablation. Its ``stats`` (pre = post cost, 0 swaps)
-    reach the trainer's log like every coupling's; it has no state of its own (the seeds are a pure
-    function of the LoomCoupling's seed).
-
-    Example:
-        >>> from loom_kernels.couplings import LoomCoupling
-        >>> c = FixedNoiseCoupling(LoomCoupling(100, (2,), seed=0))
-        >>> x0, x1 = c(torch.randn(8, 2), torch.arange(8))
-    """
-
-    def __init__(self, loom: LoomCoupling):
-        self.seeds = loom.seeds[:, :1].clone()  # (N, 1): one fixed noise per point
-        self.shape = tuple(loom.shape)
-        self.stats = {}
-
-    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None):  # noqa: ARG002 - labels: no swaps
-        from ..noise import gaussian_noise
-
-        if x0 is not None:
-            raise ValueError("FixedNoiseCoupling draws the noise from its seeds: x0 must be None")
-        if indices is None:
-            raise ValueError("FixedNoiseCoupling needs the dataset indices of the batch: call coupling(x1, indices)")
-        idx = torch.as_tensor(indices)
-        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-            raise TypeError(
-                f"FixedNoiseCoupling(x1, indices): indices must be integer dataset indices, got dtype {idx.dtype}. "
-                "Is this TorchCFM's argument order coupling(x0, x1)? Call coupling(x1, indices) with the data first"
-            )
-        idx = idx.to(device=self.seeds.device, dtype=torch.int64)
-        if idx.shape != (x1.shape[0],):
-            raise ValueError(f"indices must have shape (b,) = ({x1.shape[0]},) to match x1, got {tuple(idx.shape)}")
-        x0 = gaussian_noise(self.seeds[idx, 0], self.shape, device=x1.device, dtype=x1.dtype)
-        cost = (x1 - x0).flatten(1).square().sum(1).mean()
-        self.stats = {"pre_cost": cost, "post_cost": cost, "swaps": 0}
-        return x0, x1
+COUPLINGS = ("independent", "ot", "sinkhorn", "loom", "fixed", "reflow")
 
 
 def make_coupling(
@@ -69,17 +32,22 @@ def make_coupling(
     device=None,
     process_group=None,
     metric: str = "sqeuclidean",
+    epsilon: float = 0.05,
+    generator: torch.Generator | None = None,
     pairs=None,
 ) -> Coupling:
     """The coupling named ``name``, one of ``COUPLINGS``.
 
     Args:
-        name: ``"independent"``, ``"ot"`` (minibatch OT), ``"loom"`` (LOOM-CFM) or ``"fixed"``.
+        name: ``"independent"``, ``"ot"`` (minibatch OT), ``"sinkhorn"`` (entropic OT), ``"loom"`` (LOOM-CFM),
+            ``"fixed"`` or ``"reflow"``.
         num_points: data items N (``"loom"``/``"fixed"``); with flips ``2 * len(data)`` (each view
             keeps its own noise).
         shape: one item's shape (``"loom"``/``"fixed"``).
         num_caches, seed, device, process_group: ``LoomCoupling``'s (``"fixed"`` uses ``seed``/``device``).
-        metric: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's).
+        metric: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's); Sinkhorn's
+            is always ``"sqeuclidean"``.
+        epsilon, generator: ``SinkhornCoupling``'s (its relative epsilon and the generator of its draws).
         pairs: ``"reflow"``: the pairs folder (``loom_kernels.reflow``); the data are its targets.
 
     Example:
@@ -90,9 +58,13 @@ def make_coupling(
         return IndependentCoupling(metric=metric)
     if name == "ot":
         return MinibatchOTCoupling(metric=metric)
+    if name == "sinkhorn":
+        if metric != "sqeuclidean":
+            raise ValueError(
+                f"coupling 'sinkhorn' streams the squared Euclidean cost: metric must be 'sqeuclidean', got {metric!r}"
+            )
+        return SinkhornCoupling(epsilon, generator=generator, process_group=process_group)
     if name == "reflow":
-        from .reflow import ReflowCoupling
-
         if pairs is None:
             raise ValueError("coupling 'reflow' needs pairs= (a pairs folder, --pairs DIR)")
         return ReflowCoupling(pairs)

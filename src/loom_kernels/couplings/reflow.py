@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..noise import gaussian_noise
-from .base import Coupling
-from .common import check_cond, check_flag, check_labels, check_x1
+from .base import Coupling, check_cond, check_flag, check_labels, check_x1
 
 __all__ = ["ReflowCoupling"]
 
@@ -57,7 +56,10 @@ class ReflowCoupling(Coupling):
             )
         idx = torch.as_tensor(indices)
         if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-            raise TypeError(f"indices must be integer pair indices, got dtype {idx.dtype}")
+            raise TypeError(
+                f"ReflowCoupling(x1, indices): indices must be integer pair indices, got dtype {idx.dtype}. Is this "
+                "TorchCFM's argument order coupling(x0, x1)? Call coupling(x1, indices) with the data first"
+            )
         if idx.shape != (b,):
             raise ValueError(f"indices must have shape (b,) = ({b},) to match x1, got {tuple(idx.shape)}")
         idx = idx.to("cpu", torch.int64)

@@ -23,8 +23,10 @@ __all__ = [
     "caches_of",
 ]
 
-#: the couplings the demo compares (the factory's, but the paper's fixed noise: a study variant)
-COUPLINGS = tuple(c for c in COUPLING_NAMES if c != "fixed")
+#: the couplings the demo compares: three of the factory's names (the others are study variants or need
+#: inputs of their own, e.g. reflow's pairs)
+COUPLINGS = ("independent", "ot", "loom")
+assert set(COUPLINGS) <= set(COUPLING_NAMES)
 
 
 DATASETS = ("8gaussians", "moons", "checkerboard", "digits")
@@ -102,36 +104,40 @@ class LargeBatchSinkhorn(Coupling):
 
     Every ``refresh`` calls (one epoch of minibatches) it draws fresh noise for all ``N`` points, solves
     the ``N x N`` entropic problem (streamed) and draws each point's partner from its row of the plan;
-    each minibatch call then returns its items' partners. Called as the library's couplings.
+    each minibatch call then returns its items' partners. Called as the library's couplings; ``cond`` is
+    refused (the plan is unconditioned), ``return_indices=True`` also returns each item's partner's row of
+    the epoch's noise.
     """
 
     def __init__(self, x_train: torch.Tensor, epsilon: float, refresh: int, seed: int):
-        from ..couplings import SinkhornCoupling
+        from ..couplings.factory import make_coupling
 
         self.x_train, self.refresh, self.calls = x_train, max(1, refresh), 0
         self.gen = torch.Generator().manual_seed(seed + 777)
-        self.inner = SinkhornCoupling(epsilon, generator=self.gen)
-        self.x0_all, self.stats = None, {}
+        self.inner = make_coupling("sinkhorn", epsilon=epsilon, generator=self.gen)
+        self.x0_all, self.rows_all, self.stats = None, None, {}
 
-    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None):  # noqa: ARG002 - the signature
+    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None, cond=None, return_indices=False):  # noqa: ARG002
+        if cond is not None:
+            raise ValueError("LargeBatchSinkhorn solves one unconditioned plan per epoch: cond must be None")
         if self.calls % self.refresh == 0:
             noise = torch.randn(self.x_train.shape, generator=self.gen, dtype=self.x_train.dtype)
-            self.x0_all, _ = self.inner(self.x_train, x0=noise)
+            self.x0_all, _, self.rows_all = self.inner(self.x_train, x0=noise, return_indices=True)
             self.stats = dict(self.inner.stats)
         self.calls += 1
-        return self.x0_all[torch.as_tensor(indices)].to(x1.device, x1.dtype), x1
+        idx = torch.as_tensor(indices)
+        x0 = self.x0_all[idx].to(x1.device, x1.dtype)
+        return (x0, x1, self.rows_all[idx].to(x1.device)) if return_indices else (x0, x1)
 
 
 def make_variant(variant: str, n: int, shape, seed: int, x_train=None, batch_size: int = 32):
     from ..couplings.factory import make_coupling
 
     if variant in SINKHORN_VARIANTS:
-        from ..couplings import SinkhornCoupling
-
         size, eps = variant[len("sinkhorn") :].split("_e")
         if size == "N":
             return LargeBatchSinkhorn(x_train, float(eps), n // batch_size, seed)
-        return SinkhornCoupling(float(eps), generator=torch.Generator().manual_seed(seed + 777))
+        return make_coupling("sinkhorn", epsilon=float(eps), generator=torch.Generator().manual_seed(seed + 777))
     if variant in ("independent", "ot", "fixed"):
         return make_coupling(variant, n, shape, seed=seed)
     caches = 1 if variant == "converged" else int(variant[len("loom") :])

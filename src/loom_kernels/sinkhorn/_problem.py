@@ -24,6 +24,21 @@ def _check_tensor(name, t, ndims, what):
         raise ValueError(f"{name} must be finite: it holds NaN or inf")
 
 
+def _check_range(max_cost: torch.Tensor, dtype: torch.dtype, name: str, what: str) -> None:
+    """Refuses costs that overflow the solver's dtype (with headroom for the potentials added to them).
+
+    In float32 a cost past ~1e38 turns every ``(g_j - C_ij) / eps`` into inf - inf: the solver then
+    ran to max_iter and drew one column for every row, with no other sign."""
+    limit = torch.finfo(dtype).max / 64
+    worst = float(max_cost.max())
+    if not math.isfinite(worst) or worst > limit:
+        hint = "scale the data down, or pass float64 points/cost" if dtype != torch.float64 else "scale the data down"
+        raise ValueError(
+            f"{name} hold {what} overflow {str(dtype).replace('torch.', '')} (largest cost {worst:.3g}, the "
+            f"limit is {limit:.3g}): {hint}"
+        )
+
+
 def _weights(name, w, batch, size, device, dtype, allow_empty=False):
     """log-weights ``(B, size)`` (``-inf`` where a weight is 0) and the masses ``(B,)`` float64."""
     if w is None:
@@ -96,6 +111,7 @@ class Problem:
         ).clamp_min(0)
         # (max |x - c| + max |y - c|)^2 bounds every cost: where epsilon scaling starts
         self.max_cost = (self.geo.xx.double().amax(1).sqrt() + self.geo.yy.double().amax(1).sqrt()) ** 2
+        _check_range(self.max_cost, self.dtype, "x and y", "values so large that the squared distances")
         self.kernel = use_kernel(self.device) and self.dtype == torch.float32
 
     def _init_cost(self, cost):
@@ -105,7 +121,8 @@ class Problem:
         self.dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
         c = (cost if self.batched else cost[None]).to(self.dtype)
         self.mean_cost = c.double().mean((1, 2))
-        self.max_cost = c.double().abs().amax((1, 2))
+        self.max_cost = cost.double().abs().amax((-2, -1)).reshape(-1)
+        _check_range(self.max_cost, self.dtype, "cost", "entries so large that they")
         self.geo = _tiles.CostTiles(c)
         self.kernel = False  # a stored cost is read by the torch tiles on every device
 

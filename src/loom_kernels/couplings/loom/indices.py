@@ -1,4 +1,5 @@
-"""LOOM's index checks: dataset indices must lie in ``[0, num_points)`` and be distinct within a (global) batch.
+"""LOOM's input checks (``check_inputs``) and index checks: dataset indices must lie in ``[0, num_points)`` and
+be distinct within a (global) batch; ``resample_rows`` draws fresh seeds for named rows.
 
 Host indices are checked at once; device indices are flagged on the device and checked after the solve's
 own host sync (no extra stall), while clamped copies keep the table's gathers in bounds meanwhile.
@@ -8,6 +9,47 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+from ..base import check_cond, check_cost_range, check_flag, check_labels, check_x1
+from .seed_stream import seed_values
+
+
+def check_inputs(coupling, x1, indices, x0, labels, cond, return_indices) -> tuple:
+    """A call's inputs checked against ``coupling`` (a ``LoomCoupling``): ``(indices, labels, cond)``."""
+    check_x1(x1)
+    if tuple(x1.shape[1:]) != coupling.shape:
+        raise ValueError(f"x1 must have shape (b, {', '.join(map(str, coupling.shape))}), got {tuple(x1.shape)}")
+    if x1.device != coupling.device:
+        raise ValueError(
+            f"x1 is on {x1.device} but the coupling computes on {coupling.device}; "
+            f"build it with LoomCoupling(..., device={str(x1.device)!r}) or move x1"
+        )
+    if x0 is not None:
+        raise ValueError(
+            "LoomCoupling draws the noise from its seed table: x0 must be None (use "
+            "MinibatchOTCoupling to pair a given noise batch)"
+        )
+    indices = as_index_tensor(indices, x1.shape[0], x1.shape, coupling.table_device)
+    check_flag(return_indices, "return_indices")
+    cond = check_cond(cond, x1.shape[0], x1.device)
+    check_cost_range("cond", cond, coupling.cond_weight, torch.float64, "scale cond down or lower cond_weight")
+    return indices, check_labels(labels, x1.shape[0], x1.device), cond
+
+
+def resample_rows(table, seed: int, start: int, num_points: int, indices) -> int:
+    """Give the rows ``indices`` of ``table`` (all when None) fresh seeds, numbers ``start`` on of the stream of
+    ``seed``, every cache slot; returns the next unused seed number."""
+    k = table.seeds.shape[1]
+    if indices is None:
+        table.replace(lambda a, b: seed_values(seed, start + a * k, (b - a) * k).reshape(b - a, k))
+        return start + num_points * k
+    idx = resample_indices(indices, num_points)
+    if len(idx):
+        vals = torch.from_numpy(seed_values(seed, start, len(idx) * k))
+        rows = idx.repeat_interleave(k).to(table.device)
+        slots = torch.arange(k).repeat(len(idx)).to(table.device)
+        table.write_same(rows, slots, vals.to(table.device))
+    return start + len(idx) * k
 
 
 def as_index_tensor(indices, b: int, x1_shape: tuple, table_device: torch.device) -> torch.Tensor:

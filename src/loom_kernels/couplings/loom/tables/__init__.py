@@ -1,8 +1,12 @@
 """LOOM's seed tables behind one interface (:class:`.base.LoomTable`), one module per kind.
 
-- ``base.py``: the interface the steps (``couplings/loom_steps.py``) and persistence use;
-- ``replicated.py``: every rank holds the whole table, in memory or memory-mapped (storage: ``couplings/table.py``);
-- ``sharded.py``: each rank holds one block of rows (storage, routing, checkpoint files: ``couplings/sharded.py``).
+- ``base.py``: the interface the steps (``loom/steps.py``) and persistence use;
+- ``replicated.py``: every rank holds the whole table, in memory or memory-mapped (storage and interface);
+  its file's lock is ``file_lock.py``, its identity and journal ``journal.py``;
+- ``sharded.py``: each rank holds one block of rows (storage, routing); its layout and checkpoint files
+  ``shard_files.py``.
+
+A new table kind is one class over ``base.LoomTable`` in a module of its own, added to ``make_table``.
 
 ``make_table`` builds either kind; ``rows_for`` says which rows a rank holds before its table exists.
 """
@@ -11,12 +15,11 @@ from __future__ import annotations
 
 import os
 
-from ..distributed import Group
-from ..journal import DEFAULT_DURABILITY
-from ..sharded import shard_bounds
-from ..table import RowsFn
+from ...scopes.group import Group
 from .base import LoomTable
-from .replicated import ReplicatedTable
+from .journal import DEFAULT_DURABILITY
+from .replicated import ReplicatedTable, RowsFn
+from .shard_files import shard_bounds
 from .sharded import ShardedTable
 
 TABLES = ("replicated", "sharded")

@@ -7,7 +7,7 @@ kind never shows here: replicated and sharded tables differ only inside ``tables
 
 The continuous condition ``cond (b, Dc)`` travels in :class:`Batch` beside ``labels``: gathered where the
 labels are (``gathered``) in the global step, routed to the owners with the data in the grouped one, and
-``spec.cond_weight * ||c_i - c_j||^2`` is added to each cost (``common.add_cond_cost``) before the solve.
+``spec.cond_weight * ||c_i - c_j||^2`` is added to each cost (``scopes.solve.add_cond_cost``) before the solve.
 Column ``j`` is the noise item ``j`` holds, so it carries item ``j``'s condition; the diagonal (each item
 keeping its noise) has no penalty, so ``keep_if_cheaper`` makes the table's total cost never increase and
 each applied matching pays its penalty out of that decrease.
@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cost import pairwise_cost
-from ..noise import gaussian_noise
-from .common import add_cond_cost, solve, to_device
-from .distributed import Group
-from .grouped import Partition, solve_loom_groups
+from ...cost import pairwise_cost
+from ...noise import gaussian_noise
+from ..scopes.group import Group, to_device
+from ..scopes.partition import Partition, Route, mean_stats, raise_if_flagged
+from ..scopes.solve import add_cond_cost, solve
 from .tables import LoomTable
 
 
@@ -123,7 +123,7 @@ def grouped_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> 
     def noise_fn(s):
         return spec.noise(s, batch.x1f.dtype).flatten(1)
 
-    new, stats, perm = solve_loom_groups(
+    new, stats, perm = solve_groups(
         grp,
         part,
         batch.x1f,
@@ -147,3 +147,73 @@ def step_for(scope: str, world: int) -> Callable:
     if scope == "grouped":
         return grouped_step
     return local_step if scope == "local" and world > 1 else global_step
+
+
+def solve_groups(
+    grp: Group,
+    part: Partition,
+    x1f: torch.Tensor,
+    seeds: torch.Tensor,
+    noise_fn: Callable,
+    metric: str,
+    labels: torch.Tensor | None,
+    guard: Callable,
+    gather: bool = True,
+    cond: torch.Tensor | None = None,
+    cond_weight: float = 0.0,
+    want_perm: bool = False,
+):
+    """LOOM's grouped step: ``(new_seeds (n,) int64, stats, perm)``, the same on every rank but ``perm``.
+
+    ``x1f (b, D)`` this rank's data; ``seeds (len(lists[rank]),)`` the current seeds of the items this
+    rank owns (list order); ``noise_fn(seeds) -> (k, D)``; ``labels (n,)`` global or None; ``guard(cost,
+    col) -> (col, stats)`` keeps the current pairs when the solve found nothing cheaper. ``gather=False``
+    (a sharded table, which needs no replica of the updates): returns the owned items' new seeds
+    ``(len(lists[rank]),)`` in list order instead, and only the stats and flags are all-gathered.
+    ``cond (b, Dc)`` this rank's conditions (float64) or None travel to the owners beside the data, and each
+    group's cost gets ``cond_weight * ||c_i - c_j||^2``. ``want_perm`` (the same on every rank): ``perm (b,)``,
+    for each of this rank's items the global position whose noise it now holds (one more all-to-all of
+    ``b`` int64), else None.
+    """
+    rank = grp.rank
+    own = part.lists[rank]
+    route = Route(part, grp)
+    xo = route.to_owners(x1f)
+    co = None if cond is None else route.to_owners(cond)
+    src = own.clone() if want_perm else None
+    new = seeds.clone()
+    sums = torch.zeros(3, dtype=torch.float64)
+    failed = False
+    noise = noise_fn(seeds)
+    for a, c in part.segments(rank):
+        cost = pairwise_cost(xo[a:c], noise[a:c], metric=metric)
+        cost = add_cond_cost(cost, *(None, None) if co is None else (co[a:c], co[a:c]), cond_weight)
+        try:
+            col = solve(cost, None if labels is None else labels[own[a:c].to(labels.device)])
+        except ValueError:
+            failed = True
+            break
+        col, st = guard(cost, col)
+        new[a:c] = seeds[a:c][col]
+        if want_perm:
+            src[a:c] = own[a:c][col.cpu()]
+        sums += torch.stack(
+            [st["pre_cost"].cpu() * (c - a), st["post_cost"].cpu() * (c - a), st["swaps"].cpu().double()]
+        )
+    # One all-gather returns everything: each owner's new seeds (padded), its stat sums and its flag.
+    width = max(len(lst) for lst in part.lists) if gather else 0
+    row = torch.zeros(width + 4, dtype=torch.int64)
+    if gather:
+        row[: len(own)] = new.cpu()
+    row[width : width + 3] = sums.view(torch.int64)
+    row[-1] = int(failed)
+    rows = grp.gather(row[None])
+    raise_if_flagged(rows[:, -1], grp, "x1")
+    tot = rows[:, width : width + 3].contiguous().view(torch.float64).sum(0)
+    perm = route.to_homes(src).to(x1f.device) if want_perm else None
+    if not gather:
+        return new, mean_stats(tot, part.n, x1f.device), perm
+    out = torch.empty(part.n, dtype=torch.int64)
+    for o, lst in enumerate(part.lists):
+        out[lst] = rows[o, : len(lst)]
+    return out.to(seeds.device), mean_stats(tot, part.n, x1f.device), perm

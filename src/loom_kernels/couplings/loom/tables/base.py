@@ -3,7 +3,7 @@
 A table holds the ``(num_points, num_caches)`` int64 seeds, or this rank's block of them. The steps never
 ask which kind it is: every difference between a replicated table (each rank holds every row) and a
 sharded one (each rank one block, reads and writes are all-to-alls) lives in the implementations:
-``tables.replicated.ReplicatedTable`` (in memory or memory-mapped) and ``tables.sharded.ShardedTable``.
+``replicated.ReplicatedTable`` (in memory or memory-mapped) and ``sharded.ShardedTable``.
 
 Conventions: ``rows``/``slots`` are int64 on the table's ``device``; ``mine`` is the slice of this rank's
 items in a global batch (``rank*b .. rank*b+b``); a method marked *collective* must be called on every
@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from ..distributed import Group
-from ..grouped import Partition
+from ...scopes.group import Group
+from ...scopes.partition import Partition
 
 
 class LoomTable:

@@ -5,12 +5,13 @@ Data-Noise Coupling" (LOOM-CFM, "Looking Out Of Minibatch"), ICLR 2025: keep the
 assignments and compose them, tau_k = omega_k o tau_{k-1} (their Algorithm 1).
 
 This module is the conductor: argument checks, the slot draw and the agreement of ranks, then one of the
-steps of ``loom_steps.py`` over the table (``tables/``: replicated or sharded behind one interface);
-index checks live in ``indices.py``, checkpoint checks and reading in ``loom_state.py``.
+steps of ``steps.py`` over the table (``tables/``: replicated or sharded behind one interface);
+index checks live in ``indices.py``, checkpoint checks and reading in ``persistence.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -19,34 +20,33 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._device import resolve_device
-from . import loom_state
-from .base import Coupling
-from .common import (
-    METRICS,
-    check_cond,
-    check_cond_weight,
-    check_flag,
-    check_labels,
-    check_metric,
-    check_x1,
-    cost_dtype,
-    float_bits,
-    to_device,
-)
-from .distributed import Group, check_whole_world
-from .grouped import DEFAULT_GROUP_SIZE, budget_warning, check_group_size
-from .indices import IndexCheck, as_index_tensor, resample_indices
-from .journal import DEFAULT_DURABILITY, check_durability
-from .loom_state import LoomPersistence, serialized
-from .loom_steps import Batch, LoomSpec, step_for
+from ..._device import resolve_device
+from ..base import METRICS, Coupling, check_cond_weight, check_metric
+from ..scopes.agree import agree, float_bits, generator_hash
+from ..scopes.cost_model import budget_warning
+from ..scopes.group import Group, check_whole_world, to_device
+from ..scopes.partition import DEFAULT_GROUP_SIZE, SCOPES, check_group_size
+from ..scopes.solve import cost_dtype
+from . import persistence
+from .indices import IndexCheck, check_inputs, resample_rows
 from .seed_stream import seed_values
-from .tables import TABLES, LoomTable, check_table_args, make_table
+from .steps import Batch, LoomSpec, step_for
+from .tables import TABLES, LoomTable, check_table_args, make_table, rows_for
+from .tables.journal import DEFAULT_DURABILITY, check_durability
 
-SCOPES = ("global", "local", "grouped")
+
+def serialized(method):
+    """Run ``method`` under the coupling's lock: threads sharing one coupling take turns on the table."""
+
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
-class LoomCoupling(LoomPersistence, Coupling):
+class LoomCoupling(Coupling):
     """LOOM-CFM: a persistent data-noise assignment, improved by every minibatch (exact, fast, DDP-aware).
 
     The coupling owns a seed table ``seeds`` of shape ``(num_points, num_caches)`` (int64): data point
@@ -95,7 +95,7 @@ class LoomCoupling(LoomPersistence, Coupling):
     size ``b``. ``scope="global"`` couples the global batch of ``W * b`` items exactly, ``"local"`` each
     rank's batch alone (all updates reach every table), ``"grouped"`` random groups of at most
     ``group_size`` items solved by owner ranks in parallel (each group as one process would solve it
-    alone); ``loom_steps.py`` says what travels, docs/scaling.md what to choose at 8 to 512 GPUs. Noise
+    alone); ``steps.py`` says what travels, docs/scaling.md what to choose at 8 to 512 GPUs. Noise
     is never sent. Call ``resample`` with the same arguments on every rank.
 
     Tables: ``mmap_path`` keeps the table in a ``.npy`` file (numpy memmap, 10^8+ points; preallocated,
@@ -106,8 +106,9 @@ class LoomCoupling(LoomPersistence, Coupling):
     ``8 * num_points * num_caches / W`` bytes, in memory), results equal to the replicated table's bit
     for bit; ``save`` writes one file per rank plus a manifest, loadable on any world size as either kind.
 
-    Threads: calls, ``resample``, ``save`` and ``load_state_dict`` take a lock, so threads sharing one
-    coupling take turns.
+    ``initial``: a verified checkpoint (``persistence.Restored``) installed instead of the seed stream's
+    table (what ``load`` passes). Threads: calls, ``resample``, ``save`` and ``load_state_dict`` take a
+    lock, so threads sharing one coupling take turns.
 
     ``stats`` after each call (0-dim tensors on the device, read with ``float()``): ``pre_cost`` and
     ``post_cost`` (mean pair cost before/after, over the coupled batch), ``swaps`` (items whose noise
@@ -122,8 +123,6 @@ class LoomCoupling(LoomPersistence, Coupling):
         x0, x1 = coupling(torch.randn(64, 2), torch.randperm(1000)[:64])
         coupling.save("coupling.pt"); coupling = LoomCoupling.load("coupling.pt")
     """
-
-    _defer_table = False  # set on the instance by load(), which attaches the checkpoint's table
 
     def __init__(
         self,
@@ -142,8 +141,9 @@ class LoomCoupling(LoomPersistence, Coupling):
         table: str = "replicated",
         durability: str = DEFAULT_DURABILITY,
         cond_weight: float = 1.0,
+        initial: persistence.Restored | None = None,
     ):
-        shape = loom_state.check_args(num_points, shape, num_caches, seed, scope, SCOPES)
+        shape = persistence.check_args(num_points, shape, num_caches, seed, scope)
         check_table_args(table, mmap_path)
         check_whole_world(process_group, "LoomCoupling")
         self.group_size = check_group_size(group_size)
@@ -164,8 +164,11 @@ class LoomCoupling(LoomPersistence, Coupling):
         self._budget_checked = False  # the cost-model warning is given once, at the first call
         self._spec = LoomSpec(self.shape, self.metric, self.device, self.group_size, self._gen, self.cond_weight)
         self.stats = {}
-        # load() attaches the checkpoint's table itself (a file is built from its rows, then renamed in).
-        self._table: LoomTable | None = None if self._defer_table else self._create_table(overwrite)
+        self._table: LoomTable | None = None
+        if initial is None:
+            self._table = self._create_table(overwrite)
+        else:  # a verified checkpoint (load): a file is built from its rows, then renamed in
+            self._restore(initial)
 
     # -- table storage --------------------------------------------------------------------------
 
@@ -212,24 +215,6 @@ class LoomCoupling(LoomPersistence, Coupling):
 
     # -- the coupling ---------------------------------------------------------------------------
 
-    def _check_inputs(self, x1, indices, x0, labels, cond, return_indices):
-        check_x1(x1)
-        if tuple(x1.shape[1:]) != self.shape:
-            raise ValueError(f"x1 must have shape (b, {', '.join(map(str, self.shape))}), got {tuple(x1.shape)}")
-        if x1.device != self.device:
-            raise ValueError(
-                f"x1 is on {x1.device} but the coupling computes on {self.device}; "
-                f"build it with LoomCoupling(..., device={str(x1.device)!r}) or move x1"
-            )
-        if x0 is not None:
-            raise ValueError(
-                "LoomCoupling draws the noise from its seed table: x0 must be None (use "
-                "MinibatchOTCoupling to pair a given noise batch)"
-            )
-        indices = as_index_tensor(indices, x1.shape[0], x1.shape, self.table_device)
-        check_flag(return_indices, "return_indices")
-        return indices, check_labels(labels, x1.shape[0], x1.device), check_cond(cond, x1.shape[0], x1.device)
-
     def _draw_slots(self, n: int) -> torch.Tensor:
         if self.num_caches == 1:
             return torch.zeros(n, dtype=torch.int64)
@@ -245,12 +230,12 @@ class LoomCoupling(LoomPersistence, Coupling):
         paired with ``x1[i]``."""
         grp = Group(self.process_group)
         try:
-            indices, labels, cond = self._check_inputs(x1, indices, x0, labels, cond, return_indices)
+            indices, labels, cond = check_inputs(self, x1, indices, x0, labels, cond, return_indices)
         except (TypeError, ValueError):
-            self._agree(grp, None, labels=None, cond=None, return_indices=False)  # the other ranks raise too
+            self._agree(grp, None, None, labels=None, cond=None, return_indices=False)  # the other ranks raise too
             raise
         b = x1.shape[0]
-        self._agree(grp, b, labels, cond, return_indices)
+        self._agree(grp, b, x1, labels, cond, return_indices)
         g_idx = grp.gather(indices, grp.cdev)  # left on the comm device: validated after the solve's sync
         self._warn_budget(grp.world, b)
         # One shared slot stream over the global batch: identical generator states on all ranks.
@@ -264,7 +249,7 @@ class LoomCoupling(LoomPersistence, Coupling):
         x0 = x0.reshape(x1.shape).to(x1.dtype)
         return (x0, x1, perm) if return_indices else (x0, x1)
 
-    def _agree(self, grp, b, labels, cond, return_indices) -> None:
+    def _agree(self, grp, b, x1, labels, cond, return_indices) -> None:
         """Every rank checks the others' call (``b=None``: this rank's inputs were refused, so all raise)."""
         if grp.world == 1:  # the fingerprint reads the table: only when there is something to agree on
             return
@@ -272,7 +257,8 @@ class LoomCoupling(LoomPersistence, Coupling):
         sizes = {"batch size": -1 if b is None else b, "cond columns": -1 if b is None else 0}
         if cond is not None:
             sizes["cond columns"] = cond.shape[1]
-        grp.agree("LoomCoupling", sizes, given, self._fingerprint(), failed=b is None)
+        specs = {"x1": x1, "labels": labels}
+        agree(grp, "LoomCoupling", sizes, given, self._fingerprint(), failed=b is None, specs=specs)
 
     def _batch(self, grp, x1, g_idx, slots, labels, cond, return_indices) -> Batch:
         """The step's view of this call: the data in the cost dtype, the table rows, slots and checks."""
@@ -300,8 +286,6 @@ class LoomCoupling(LoomPersistence, Coupling):
 
     def _fingerprint(self) -> dict:
         """What must agree on every rank: config, slot-generator state, a checksum of the table's head."""
-        state = self._gen.get_state().to(torch.int64)
-        gen_hash = int((state * torch.arange(1, len(state) + 1)).sum())
         return {
             "seed": self.seed,
             "num_points": self.num_points,
@@ -311,7 +295,7 @@ class LoomCoupling(LoomPersistence, Coupling):
             "group_size": self.group_size,
             "cond_weight": float_bits(self.cond_weight),
             "table": TABLES.index(self.table),
-            "slot generator": gen_hash,
+            "slot generator": generator_hash(self._gen),
             "seed table": self._table.fingerprint(),
         }
 
@@ -329,18 +313,82 @@ class LoomCoupling(LoomPersistence, Coupling):
 
             coupling.resample(torch.tensor([3, 7]))   # rows 3 and 7 get new noise
         """
-        k, start = self.num_caches, self._next_counter
-        if indices is None:
-            self._table.replace(lambda a, b: seed_values(self.seed, start + a * k, (b - a) * k).reshape(b - a, k))
-            self._next_counter += self.num_points * k
-            return
-        idx = resample_indices(indices, self.num_points)
-        if len(idx):
-            vals = torch.from_numpy(seed_values(self.seed, start, len(idx) * k))
-            rows = idx.repeat_interleave(k).to(self.table_device)
-            slots = torch.arange(k).repeat(len(idx)).to(self.table_device)
-            self._table.write_same(rows, slots, vals.to(self.table_device))
-        self._next_counter += len(idx) * k
+        self._next_counter = resample_rows(self._table, self.seed, self._next_counter, self.num_points, indices)
+
+    # -- persistence (the checks and the format: persistence.py) --------------------------------
+
+    def state_dict(self) -> dict:
+        """Seeds, slot-generator state, seed counter and config (tensors, ints, strings only).
+
+        ``seeds`` is the live table (not a copy), as in ``nn.Module.state_dict``; with ``table="sharded"``
+        this rank's rows ``shard_rows`` (load it on the same rank of the same world size; ``save``/``load``
+        move a sharded table to another world size).
+        """
+        state = persistence.state_of(self, self._gen.get_state(), self._next_counter)
+        state.update(self._table.state())
+        return state
+
+    @serialized
+    def load_state_dict(self, state: dict):
+        """Restore a ``state_dict()``; refuses one made for another configuration (names what differs)
+        and a corrupt one (zeroed, negative or duplicated seeds, seeds the stream has not handed out,
+        a counter that would hand seeds out again). A memory-mapped table gets a new file, filled
+        before it is renamed over the old one."""
+        rows_needed = rows_for(self.table, self.num_points, Group(self.process_group))
+        self._restore(persistence.check_state(state, persistence.config_of(self), rows_needed))
+
+    def _restore(self, restored: persistence.Restored):
+        """Install a verified table, then its generator state and counter: a failed table write changes nothing."""
+        if self._table is None:  # from the constructor: nothing to keep
+            self._table = self._create_table(overwrite=True, rows=restored.rows)
+        else:
+            self._table.replace(restored.rows)
+        self._gen.set_state(restored.generator.cpu())
+        self._next_counter = int(restored.next_counter)
+        self.flush()
+
+    @serialized
+    def save(self, path: str | os.PathLike):
+        """Write ``state_dict()`` and its checksum to ``path`` atomically (temp file, fsync, rename, fsync
+        of the directory). A crash mid-save leaves the previous file intact; ``load`` verifies the checksum.
+        A sharded table writes one file per rank and a manifest at ``path`` (a collective).
+
+        Example: ``coupling.save("ckpt/coupling.pt")``.
+        """
+        self._table.save(Group(self.process_group), path, self.state_dict())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        *,
+        process_group=None,
+        scope: str | None = None,
+        group_size: int | None = None,
+        mmap_path: str | os.PathLike | None = "auto",
+        table: str | None = None,
+        durability: str = DEFAULT_DURABILITY,
+        cond_weight: float | None = None,
+    ):
+        """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
+
+        ``scope``, ``group_size``, ``cond_weight`` and ``table`` ("replicated" or "sharded") default to the
+        saved ones. A sharded checkpoint (a manifest at ``path``, one shard file per saving rank beside it)
+        loads on any world size, as either kind; every rank reads only the shards overlapping its rows,
+        each verified (checksum, save id).
+
+        ``mmap_path="auto"`` memory-maps the table again at the path it was saved from (None: in memory):
+        that file is replaced by the checkpoint's table (a new file, renamed in once filled), unless a
+        live coupling holds it (``TableInUseError``). The checkpoint file itself is never modified;
+        its checksum and contents are verified first. ``durability``: of that memory-mapped table, as in
+        the constructor (not stored in checkpoints: it is how this process runs, like ``device``). Example::
+
+            coupling = LoomCoupling.load("ckpt/coupling.pt", device="cuda")
+        """
+        args = (path, device, process_group, scope, group_size, mmap_path, table, durability, cond_weight)
+        kwargs, restored = persistence.load_plan(*args)
+        return cls(**kwargs, initial=restored)
 
     def __repr__(self):
         where = f"mmap_path={self.mmap_path!r}" if self.mmap_path else f"device={str(self.device)!r}"
