@@ -18,11 +18,14 @@ from loom_kernels.couplings import (
     Coupling,
     FixedNoiseCoupling,
     IndependentCoupling,
+    KNNNoiseCoupling,
     LoomCoupling,
     MinibatchOTCoupling,
     MixedCoupling,
     PrefetchCoupling,
     ReflowCoupling,
+    SemidiscreteCoupling,
+    SemidiscreteSeededCoupling,
     SinkhornCoupling,
     TimestepMixedCoupling,
 )
@@ -61,9 +64,16 @@ FACTORIES = {
     "mixed": lambda tmp: MixedCoupling(
         IndependentCoupling(generator=_gen()), MinibatchOTCoupling(generator=_gen()), p=0.5, generator=_gen()
     ),
+    "knn": lambda tmp: KNNNoiseCoupling(4, generator=_gen()),
+    "loom-sdseeded": lambda tmp: SemidiscreteSeededCoupling(
+        SemidiscreteCoupling(torch.randn(N, *SHAPE, generator=_gen())), LoomCoupling(N, SHAPE, num_caches=2, seed=1)
+    ),
 }
 # Covered by their own tests, not by these runs: TimestepMixedCoupling needs the batch's t= in every call.
 COVERED_ELSEWHERE = {TimestepMixedCoupling}
+# Couplings that choose the batch themselves (``idx = coupling.draw(b)``, then ``coupling(x1, idx)``): the
+# README's loop over the loader's indices does not apply; the signature test below still does.
+CHOOSES_BATCHES = {SemidiscreteCoupling}
 
 
 def _pairs(tmp):
@@ -209,7 +219,7 @@ def test_every_shipped_coupling_is_covered_by_the_protocol_runs(tmp_path):
         covered.add(type(c))
         if isinstance(c, PrefetchCoupling):
             covered.add(type(c.coupling))
-    mine = {c for c in _package_couplings() if c.__module__.startswith("loom_kernels.couplings")}
+    mine = {c for c in _package_couplings() if c.__module__.startswith("loom_kernels.couplings")} - CHOOSES_BATCHES
     assert mine <= covered, f"add a factory for {sorted(c.__name__ for c in mine - covered)}"
 
 

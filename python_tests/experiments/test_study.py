@@ -77,7 +77,8 @@ def test_run_one_records(variant):
     assert all(np.isfinite(v) for v in numbers.values()), {k: v for k, v in numbers.items() if not np.isfinite(v)}
     assert rec["variant"] == variant and rec["n_train"] == 128 and rec["n_eval"] == 64
     assert set(rec["w2_fresh"]) == set(study.NFES) and all(v > 0 for v in rec["w2_fresh"].values())
-    finite = variant not in ("independent", "ot") + study.SINKHORN_VARIANTS  # fresh noise: no table
+    fresh = ("independent", "ot") + study.SINKHORN_VARIANTS + study.NEW_VARIANTS  # sdseeded: refilled each epoch
+    finite = variant not in fresh  # fresh noise: no table
     assert (rec["caches"] is not None) == finite
     assert all((v is not None) == finite for v in rec["w2_train"].values())
     if finite:

@@ -46,6 +46,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=COUPLINGS,
         help="fixed: fixed noise per item, never reassigned (the ablation)",
     )
+    p.add_argument("--knn-k", type=int, default=16, help="knn: noise candidates per item")
+    p.add_argument("--sd-epsilon", type=float, default=0.0, help="semidiscrete: entropic epsilon (0: hard cells)")
+    p.add_argument(
+        "--sd-fit-steps", type=int, default=2000, help="semidiscrete: potential ascent steps before training"
+    )
+    p.add_argument("--sd-fit-batch", type=int, default=256, help="semidiscrete: noises per ascent step")
+    p.add_argument("--sd-refresh-every", type=int, default=1, help="semidiscrete-seeded: epochs between table refills")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--steps", type=int, default=5000, help="optimizer steps (global)")
     p.add_argument("--batch-size", type=int, default=256, help="items per process per step")
@@ -153,6 +160,25 @@ def _model(args, shape, num_classes):
         return MLPVelocity(shape, hidden=args.hidden, depth=args.depth)
 
 
+def _new_coupling_args(args, dataset) -> dict:
+    """data/labels/options of the semidiscrete and knn couplings (nothing for the others)."""
+    if args.coupling == "knn":
+        return {"options": {"k": args.knn_k}}
+    if not args.coupling.startswith("semidiscrete"):
+        return {}
+    if args.flip:
+        raise SystemExit("--flip is not supported with the semidiscrete couplings (their cells are the stored items)")
+    resuming = args.resume and os.path.exists(os.path.join(args.out, CHECKPOINT))
+    opts = {
+        "epsilon": args.sd_epsilon,
+        "fit_steps": 0 if resuming else args.sd_fit_steps,  # a resumed run loads the fitted potential
+        "fit_batch": args.sd_fit_batch,
+        "refresh_every": args.sd_refresh_every,
+        "progress": not args.no_progress,
+    }
+    return {"data": dataset.data, "labels": getattr(dataset, "labels", None), "options": opts}
+
+
 @entry("python -m loom_kernels.train")
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
@@ -209,6 +235,7 @@ def main(argv=None) -> int:
             metric=args.metric,
             process_group=torch.distributed.group.WORLD if distributed else None,
             pairs=args.pairs,
+            **_new_coupling_args(args, dataset),
         )
         meta = {
             "model": model.spec,

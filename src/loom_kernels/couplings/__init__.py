@@ -15,6 +15,9 @@ This package holds only the bookkeeping::
       independent.py     IndependentCoupling        minibatch.py  MinibatchOTCoupling
       sinkhorn.py        SinkhornCoupling           fixed.py      FixedNoiseCoupling
       reflow.py          ReflowCoupling             mixed.py      MixedCoupling, TimestepMixedCoupling
+      knn.py             KNNNoiseCoupling           c2ot.py       C2OT's condition options (functions)
+      semidiscrete.py    SemidiscreteCoupling; semidiscrete_fit.py (the potential's ascent),
+                         semidiscrete_train.py (SemidiscreteSampler, SemidiscreteSeededCoupling, fill_table)
       prefetch.py        PrefetchCoupling: couple batch t+1 on a host thread during step t
       scopes/            what every call shares: the process group (group.py), the scopes and the grouped
                          partition (partition.py), the agreement of ranks (agree.py), the solve (solve.py),
@@ -41,11 +44,14 @@ from .base import METRICS, Coupling
 from .factory import COUPLINGS, make_coupling
 from .fixed import FixedNoiseCoupling
 from .independent import IndependentCoupling
+from .knn import KNNNoiseCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
 from .mixed import MixedCoupling, TimestepMixedCoupling
 from .prefetch import PrefetchCoupling
 from .reflow import ReflowCoupling
+from .semidiscrete import SemidiscreteCoupling
+from .semidiscrete_train import SemidiscreteSampler, SemidiscreteSeededCoupling
 from .sinkhorn import SinkhornCoupling
 
 __all__ = [
@@ -54,11 +60,15 @@ __all__ = [
     "Coupling",
     "FixedNoiseCoupling",
     "IndependentCoupling",
+    "KNNNoiseCoupling",
     "LoomCoupling",
     "MinibatchOTCoupling",
     "MixedCoupling",
     "PrefetchCoupling",
     "ReflowCoupling",
+    "SemidiscreteCoupling",
+    "SemidiscreteSampler",
+    "SemidiscreteSeededCoupling",
     "SinkhornCoupling",
     "TimestepMixedCoupling",
     "make_coupling",

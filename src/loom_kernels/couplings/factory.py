@@ -19,7 +19,7 @@ from .sinkhorn import SinkhornCoupling
 
 __all__ = ["COUPLINGS", "make_coupling", "FixedNoiseCoupling"]
 
-COUPLINGS = ("independent", "ot", "sinkhorn", "loom", "fixed", "reflow")
+COUPLINGS = ("independent", "ot", "sinkhorn", "loom", "fixed", "reflow", "semidiscrete", "semidiscrete-seeded", "knn")
 
 
 def make_coupling(
@@ -35,6 +35,9 @@ def make_coupling(
     epsilon: float = 0.05,
     generator: torch.Generator | None = None,
     pairs=None,
+    data=None,
+    labels=None,
+    options: dict | None = None,
 ) -> Coupling:
     """The coupling named ``name``, one of ``COUPLINGS``.
 
@@ -49,6 +52,11 @@ def make_coupling(
             is always ``"sqeuclidean"``.
         epsilon, generator: ``SinkhornCoupling``'s (its relative epsilon and the generator of its draws).
         pairs: ``"reflow"``: the pairs folder (``loom_kernels.reflow``); the data are its targets.
+        data, labels: the data set ``(N, *shape)`` (tensor or memmap) and its classes, for ``"semidiscrete"``
+            (fresh noise: the trainer lets it choose each batch) and ``"semidiscrete-seeded"`` (LOOM's table
+            filled from the cells every ``refresh_every`` epochs).
+        options: ``"semidiscrete*"``: ``epsilon``, ``fit_steps`` (fitted here, default 2000), ``fit_batch``,
+            ``refresh_every``, ``progress``; ``"knn"``: ``k`` (default 16).
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
@@ -80,6 +88,30 @@ def make_coupling(
             process_group=process_group,
             metric=metric,
         )
+    if name in ("semidiscrete", "semidiscrete-seeded", "knn"):
+        return _new_coupling(name, num_points, shape, data, labels, dict(options or {}), seed, device, num_caches)
     if name == "fixed":
         return FixedNoiseCoupling(LoomCoupling(num_points, tuple(shape), seed=seed, device=device))
     raise ValueError(f"coupling must be one of {COUPLINGS}, got {name!r}")
+
+
+def _new_coupling(name, num_points, shape, data, labels, opts, seed, device, num_caches):
+    """The couplings of issue 32 (semidiscrete, fresh or seeded, and nearest-of-k), with their options."""
+    if name == "knn":
+        from .knn import KNNNoiseCoupling
+
+        return KNNNoiseCoupling(opts.pop("k", 16))
+    from .semidiscrete import SemidiscreteCoupling
+    from .semidiscrete_train import SemidiscreteSeededCoupling
+
+    if data is None:
+        raise ValueError(f"coupling {name!r} needs data= (the data set it fits its potential on)")
+    steps, batch = opts.pop("fit_steps", 2000), opts.pop("fit_batch", 256)
+    progress, refresh = opts.pop("progress", True), opts.pop("refresh_every", 1)
+    sd = SemidiscreteCoupling(data, labels=labels, seed=seed, device=device, **opts)
+    if steps:
+        sd.fit(steps, batch_size=batch, progress=progress)
+    if name == "semidiscrete":
+        return sd
+    loom = LoomCoupling(num_points, tuple(shape), num_caches=num_caches, seed=seed, device=device)
+    return SemidiscreteSeededCoupling(sd, loom, refresh_every=refresh)

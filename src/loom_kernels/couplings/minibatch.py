@@ -7,13 +7,20 @@ import torch
 from .base import (
     METRICS,
     Coupling,
-    check_cond_weight,
     check_cost_range,
     check_flag,
     check_indices,
     check_metric,
     check_pair_inputs,
     pair_out,
+)
+from .c2ot import (
+    COND_METRICS,
+    c2ot_global_step,
+    check_cond_metric,
+    check_cond_ratio,
+    check_cond_weight_or_adaptive,
+    check_oversample,
 )
 from .scopes.agree import agree, float_bits, generator_hash
 from .scopes.group import Group
@@ -40,7 +47,12 @@ class MinibatchOTCoupling(Coupling):
     ``metric(x1_i, x0_j) + cond_weight * ||cond_i - cond_j||^2`` (one ``(b, b)`` addition to the cost,
     ``scopes.solve.add_cond_cost``); ``cond_weight=0`` is the unconditioned coupling bit for bit, a huge weight
     exchanges noise only between equal conditions, as ``labels`` do. ``stats`` include the penalty. With
-    ``labels`` too, labels forbid and cond penalises.
+    ``labels`` too, labels forbid and cond penalises. C2OT's options (Cheng, Schwing, ICCV 2025;
+    ``c2ot.py``): ``cond_metric="cosine"`` (``1 - cos(cond_i, cond_j)``), ``cond_weight="adaptive"`` (per
+    batch, the weight at which the condition is the fraction ``cond_ratio`` in (0, 1) of the mean pair cost)
+    and ``oversample=k`` (with ``x0`` drawn: ``k*b`` noise rows, the assignment keeps the best ``b``; rows
+    ``i*k .. i*k+k-1`` carry item i's condition and label); not with ``scope="grouped"``.
+    ``stats["cond_weight"]``: the weight used.
 
     ``return_indices=True`` returns ``(x0_matched, x1, perm)``: ``perm (b,)`` int64 with
     ``x0_matched == x0[perm]`` (under a process group of ``W`` ranks, in every scope but ``"local"``:
@@ -79,7 +91,10 @@ class MinibatchOTCoupling(Coupling):
         scope: str = "global",
         group_size: int = DEFAULT_GROUP_SIZE,
         seed: int = 0,
-        cond_weight: float = 1.0,
+        cond_weight: float | str = 1.0,
+        cond_metric: str = "sqeuclidean",
+        cond_ratio: float = 0.5,
+        oversample: int = 1,
     ):
         check_scope(scope)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -90,7 +105,13 @@ class MinibatchOTCoupling(Coupling):
         self.generator = generator
         self.process_group = process_group
         self.scope = scope
-        self.cond_weight = check_cond_weight(cond_weight)
+        self.cond_weight = check_cond_weight_or_adaptive(cond_weight)
+        self.cond_metric, self.cond_ratio = check_cond_metric(cond_metric), check_cond_ratio(cond_ratio)
+        self.oversample = check_oversample(oversample)
+        if scope == "grouped" and (self.oversample > 1 or self._c2ot):
+            raise ValueError(
+                "scope='grouped' takes neither oversample > 1 nor cond_weight='adaptive' / cond_metric='cosine'"
+            )
         self.stats = {}
 
     def __call__(
@@ -109,7 +130,8 @@ class MinibatchOTCoupling(Coupling):
         name = type(self).__name__
         try:
             labels, cond = check_pair_inputs(x1, x0, labels, cond, self.scope)
-            check_cost_range("cond", cond, self.cond_weight, torch.float64, "scale cond down or lower cond_weight")
+            if self.cond_weight != "adaptive":
+                check_cost_range("cond", cond, self.cond_weight, torch.float64, "scale cond down or lower cond_weight")
             check_indices(indices, x1.shape[0], name)
             check_flag(return_indices, "return_indices")
         except (TypeError, ValueError):
@@ -117,8 +139,11 @@ class MinibatchOTCoupling(Coupling):
             given = {"labels": 0, "cond": 0, "return_indices": 0}
             agree(world, name, sizes, given, self._config(), failed=True, specs=dict.fromkeys(("x1", "x0", "labels")))
             raise
-        if x0 is None:
-            x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
+        k = 1
+        if x0 is None:  # oversample=k: k*b rows (row i*k+j drawn for item i), the assignment keeps b
+            k = self.oversample
+            shape = (k * x1.shape[0], *x1.shape[1:])
+            x0 = torch.randn(shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         b = x1.shape[0]
         # scope="local" couples each rank's batch alone: its sizes and inputs may differ across ranks
         sizes = {"batch size": b, "x0 rows": x0.shape[0], "cond columns": 0 if cond is None else cond.shape[1]}
@@ -135,8 +160,12 @@ class MinibatchOTCoupling(Coupling):
             return pair_out(x0[:0], x1, torch.zeros(0, dtype=torch.int64, device=x1.device), return_indices)
         if cond is not None and self.cond_weight == 0.0:
             cond = None  # nothing to add: the unconditioned coupling, bit for bit, and nothing sent
-        spec = MinibatchSpec(self.metric, self.group_size, self._part_gen, self.cond_weight)
         x1f = x1.flatten(1).to(cost_dtype(x1.dtype))
+        if k > 1 or self._c2ot:  # C2OT's options (issue 32); the default path below is unchanged
+            opts = (self.metric, k, self.cond_weight, self.cond_metric, self.cond_ratio)
+            x0, self.stats, perm = c2ot_global_step(grp, x1f, x0, labels, cond, *opts)
+            return pair_out(x0, x1, perm, return_indices)
+        spec = MinibatchSpec(self.metric, self.group_size, self._part_gen, self.cond_weight)
         x0, self.stats, perm = step_for(self.scope)(grp, x1f, x0, labels, cond, spec, return_indices)
         return pair_out(x0, x1, perm, return_indices)
 
@@ -145,9 +174,16 @@ class MinibatchOTCoupling(Coupling):
             "metric": METRICS.index(self.metric),
             "scope": SCOPES.index(self.scope),
             "group_size": self.group_size,
-            "cond_weight": float_bits(self.cond_weight),
+            "cond_weight": float_bits(-1.0 if self.cond_weight == "adaptive" else self.cond_weight),
+            "cond_metric": COND_METRICS.index(self.cond_metric),
+            "cond_ratio": float_bits(self.cond_ratio),
+            "oversample": self.oversample,
             "partition generator": generator_hash(self._part_gen),
         }
+
+    @property
+    def _c2ot(self) -> bool:
+        return self.cond_weight == "adaptive" or self.cond_metric != "sqeuclidean"
 
     def state_dict(self) -> dict:
         """The partition generator's state (``scope="grouped"``; the other scopes have no state)."""

@@ -14,6 +14,7 @@ __all__ = [
     "DATASETS",
     "VARIANTS",
     "SINKHORN_VARIANTS",
+    "NEW_VARIANTS",
     "ALL_VARIANTS",
     "NFES",
     "DEFAULTS",
@@ -40,7 +41,11 @@ VARIANTS = ("ot", "fixed", "converged", "loom1", "loom4", "loom16", "loom64")
 SINKHORN_VARIANTS = ("sinkhorn32_e0.1", "sinkhornN_e0.1", "sinkhornN_e0.01")
 
 
-ALL_VARIANTS = ("independent",) + VARIANTS + SINKHORN_VARIANTS
+# The field's newer couplings (issue 32): semidiscrete OT with fresh noise, LOOM seeded from its cells, nearest-of-16.
+NEW_VARIANTS = ("semidiscrete", "sdseeded", "knn16")
+
+
+ALL_VARIANTS = ("independent",) + VARIANTS + SINKHORN_VARIANTS + NEW_VARIANTS
 
 
 # Every name a table or figure prints: the demo's couplings and the study's variants.
@@ -55,6 +60,9 @@ LABELS = {
     "loom16": "LOOM 16 caches",
     "loom64": "LOOM 64 caches",
     **{v: f"Sinkhorn batch {v[8:].split('_')[0]}, eps {v.split('_e')[1]}" for v in SINKHORN_VARIANTS},
+    "semidiscrete": "semidiscrete OT, fresh noise",
+    "sdseeded": "LOOM seeded from semidiscrete cells",
+    "knn16": "nearest of 16 noises",
 }
 
 
@@ -140,12 +148,16 @@ def make_variant(variant: str, n: int, shape, seed: int, x_train=None, batch_siz
         return make_coupling("sinkhorn", epsilon=float(eps), generator=torch.Generator().manual_seed(seed + 777))
     if variant in ("independent", "ot", "fixed"):
         return make_coupling(variant, n, shape, seed=seed)
+    if variant in NEW_VARIANTS:
+        name = {"semidiscrete": "semidiscrete", "sdseeded": "semidiscrete-seeded", "knn16": "knn"}[variant]
+        opts = {"k": 16} if variant == "knn16" else {"fit_steps": 2000, "progress": False}
+        return make_coupling(name, n, shape, seed=seed, data=x_train, options=opts)
     caches = 1 if variant == "converged" else int(variant[len("loom") :])
     return make_coupling("loom", n, shape, num_caches=caches, seed=seed)
 
 
 def caches_of(variant: str) -> int | None:
     """Noise caches per point of a variant with a finite noise set (None: fresh noise every step)."""
-    if variant in ("independent", "ot") or variant in SINKHORN_VARIANTS:
+    if variant in ("independent", "ot") or variant in SINKHORN_VARIANTS + NEW_VARIANTS:  # sdseeded: refilled
         return None
     return 1 if variant in ("fixed", "converged") else int(variant[len("loom") :])

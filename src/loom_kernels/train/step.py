@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..couplings.base import call_coupling
+from ..couplings.semidiscrete import SemidiscreteCoupling
 from ..timesteps import timestep_dist
 from .batches import epoch_order, fetch
 from .log import stat
@@ -25,6 +26,8 @@ def next_batch(run: Run):
             run.epoch, run.seen = run.epoch + 1, 0
         run.order = epoch_order(len(run.dataset), run.cfg.seed, run.epoch)
     idx = run.order[run.seen + run.rank * b : run.seen + (run.rank + 1) * b]
+    if isinstance(run.coupling, SemidiscreteCoupling):  # fresh noise chooses the items (SD-FM's loader)
+        idx = run.coupling.draw(b, part=(run.rank, run.world))
     run.seen += global_batch
     x1, y = fetch(run.dataset, idx)
     return idx, x1.to(run.device, non_blocking=True), (None if y is None else y.to(run.device))

@@ -7,7 +7,8 @@
 importable from ``loom_kernels.compat.torchcfm`` itself (as ``from torchcfm import ...`` gives the
 matchers). Modules: :mod:`.optimal_transport` (``OTPlanSampler``, ``wasserstein``; plans in
 ``_plans``), :mod:`.conditional_flow_matching` (the five flow matchers, ``pad_t_like_x``),
-:mod:`.loom` (``LoomConditionalFlowMatcher``, new), :mod:`.utils` (``torch_wrapper``, the tutorials' toy
+:mod:`.loom` (``LoomConditionalFlowMatcher``, new), :mod:`.semidiscrete` (``KNNConditionalFlowMatcher``,
+``SemidiscreteConditionalFlowMatcher``, new), :mod:`.utils` (``torch_wrapper``, the tutorials' toy
 samplers and ``plot_trajectories``), :mod:`.models` (``MLP``, ``GradModel``, ``models.unet.UNetModel``). Sampling
 without torchdyn: :mod:`loom_kernels.compat.torchdyn`. Imports neither torchcfm nor POT.
 """
@@ -22,6 +23,7 @@ from .conditional_flow_matching import (
 )
 from .loom import LoomConditionalFlowMatcher
 from .optimal_transport import OTPlanSampler, wasserstein
+from .semidiscrete import KNNConditionalFlowMatcher, SemidiscreteConditionalFlowMatcher
 from .utils import torch_wrapper
 
 __all__ = [
@@ -34,5 +36,7 @@ __all__ = [
     "SchrodingerBridgeConditionalFlowMatcher",
     "VariancePreservingConditionalFlowMatcher",
     "LoomConditionalFlowMatcher",
+    "KNNConditionalFlowMatcher",
+    "SemidiscreteConditionalFlowMatcher",
     "torch_wrapper",
 ]
