@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -88,10 +89,28 @@ class CMakeBuild(build_ext):
             args.append("-GNinja")
         env = dict(os.environ)
         env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        # pip shows this only with -v (its spinner otherwise): say what compiles and roughly for how long.
+        print(f"[loom_kernels] compiling: {_plan(nvcc)}", flush=True)
+        start = time.monotonic()
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_dir, check=True, env=env)
         subprocess.run(["cmake", "--build", ".", "--config", cfg], cwd=build_dir, check=True, env=env)
         built = sorted(p.name for p in extdir.glob("_*.so"))
-        print(f"[loom_kernels] built {', '.join(built)} into {extdir}", flush=True)
+        took = time.monotonic() - start
+        print(f"[loom_kernels] built {', '.join(built)} into {extdir} in {took:.0f} s", flush=True)
+
+
+def _plan(nvcc):
+    """What the build compiles and its rough time (measured on a 2-core machine; bench/RESULTS.md)."""
+    cpu = "the CPU module _C (~1 min on 2 cores)"
+    if not nvcc:
+        return cpu
+    archs = os.environ.get("LOOM_CUDA_ARCHS", "").strip()
+    n = len([a for a in archs.replace(";", ",").split(",") if a.strip()]) if archs else 7
+    which = f"LOOM_CUDA_ARCHS={archs}" if archs else "sm_75 to the toolkit's newest, 7 with CUDA 13"
+    return (
+        f"{cpu} and the CUDA module _cuda for {n} GPU architecture(s) ({which}; ~25 s each on 2 cores, "
+        f"~{max(1, round(n * 25 / 60))} min; LOOM_CUDA_ARCHS=90 builds one, LOOM_CUDA=0 none)"
+    )
 
 
 # One CMake project produces _C and, when CUDA is on, _cuda; declaring both lets setuptools

@@ -2,7 +2,7 @@
 
 Run (about 5 minutes on 2 cores; the table printer gives the RESULTS.md table):
     python -m pytest bench/bench_assign.py --benchmark-json=/tmp/assign.json -q
-    python bench/tools/assign_table.py /tmp/assign.json
+    python tools/assign_table.py /tmp/assign.json
 
 Groups: one per (family, N) for single problems, families ``unif`` (U[0,1)), ``sq3072``
 (squared Euclidean, standard-normal noise vs data-like points in 3072 dims) and ``sq2``

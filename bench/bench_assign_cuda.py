@@ -13,7 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from loom_kernels.assign import _solve_cuda, assign  # noqa: E402
+from loom_kernels.assign import assign  # noqa: E402
+from loom_kernels.assign.dispatch import solve_cuda  # noqa: E402
 from loom_kernels.testing import datalike_points  # noqa: E402
 
 try:  # optional baseline
@@ -40,7 +41,7 @@ def _run(benchmark, provider, c, rounds=5):
     host = c.cpu().numpy()
     if provider == "loom-cuda":
         r = torch.zeros(B, dtype=torch.int64, device=c.device)
-        _solve_cuda(c, False, 1e-6, rounds=r)
+        solve_cuda(c, False, 1e-6, rounds=r)
         torch.cuda.synchronize()
         benchmark.extra_info["auction_rounds_max"] = int(r.max())
 

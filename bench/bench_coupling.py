@@ -1,6 +1,6 @@
 """One LOOM coupling step: ours (LoomCoupling) against the reference code's path, in the same run.
 
-The reference (``loom_kernels.testing.ReferencePaperCoupling``) is the LOOM-CFM code's path: per-sample
+The reference (``reference_paper.ReferencePaperCoupling``, beside this file) is the LOOM-CFM code's path: per-sample
 seed files, per-sample CPU ``torch.Generator`` noise, a broadcast Euclidean cost (b, b, D) and scipy.
 Both use the Euclidean metric (the reference code's choice) and the paper's cache counts (CIFAR10: 6
 caches; FFHQ-latent 4x32x32: 4). A step is: pick slots, regenerate noise, cost, assignment, write back.
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
-from loom_kernels.testing import ReferencePaperCoupling
+
+from reference_paper import ReferencePaperCoupling
 
 SHAPES = {"cifar": ((3, 32, 32), 6), "latent": ((4, 32, 32), 4)}
 CPU_THREADS = 2

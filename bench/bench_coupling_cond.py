@@ -26,7 +26,8 @@ import torch
 
 from loom_kernels.cost import pairwise_cost
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
-from loom_kernels.couplings.common import add_cond_cost, check_cond
+from loom_kernels.couplings.base import check_cond
+from loom_kernels.couplings.scopes.solve import add_cond_cost
 
 SHAPE, B, BATCHES = (3, 32, 32), 256, 4
 # 2 like the other CPU benches; LOOM_BENCH_THREADS=1 on a loaded machine, where every parallel region of

@@ -36,7 +36,7 @@ def _worker(rank, world, store, args, queue):
     import torch.distributed as dist
 
     from loom_kernels.couplings import LoomCoupling
-    from loom_kernels.couplings.distributed import count_bytes
+    from loom_kernels.couplings.scopes.group import count_bytes
 
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800)

@@ -5,6 +5,7 @@ column marginal error (checked every 10 iterations), and L1 >= L2, so ours stops
 
     OMP_NUM_THREADS=2 python -m pytest bench/bench_sinkhorn.py --benchmark-columns=median,iqr,rounds
     python bench/bench_sinkhorn.py --memory      # n = m = 65,536, D = 64 on the CPU: peak RSS, time per pass
+    python bench/bench_sinkhorn.py --equal-error --threads 1   # iterations and CPU time at equal error
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ def test_sinkhorn_cpu_4096(benchmark, provider, d):
     if provider == "loom.sinkhorn":
         benchmark.extra_info.update(iterations=out.iterations, error=float(out.error))
         assert out.converged
+
+
+@pytest.mark.parametrize("provider", ["loom.streamed", "torch tiles"])
+@pytest.mark.parametrize("d", [2, 64])
+def test_lse_pass_cpu_4096(benchmark, provider, d):
+    """One streamed LSE pass (half an iteration): the C++ kernel against the torch tiles it replaced."""
+    from loom_kernels import streamed
+    from loom_kernels.sinkhorn import _tiles
+
+    x, y = _problem(4096, d)
+    geo = _tiles.PointTiles(x[None].contiguous(), y[None].contiguous())
+    u, scale, _ = geo.terms(torch.zeros(1, 4096), torch.full((1, 1), EPS_REL * _mean_cost(x, y)))
+    u, scale = u.contiguous(), scale.contiguous()
+    benchmark.group = f"sinkhorn cpu LSE pass n=m=4096 D={d}"
+    benchmark.extra_info.update(provider=provider, threads=torch.get_num_threads())
+    if provider == "loom.streamed":
+        benchmark(streamed.lse, geo.x, geo.y, u, scale)
+    else:
+        benchmark(_tiles.row_lse, geo, u, scale)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------
@@ -142,8 +162,46 @@ def _memory():
     )
 
 
+def _equal_error(threads: int):
+    """n = m = 4,096, D = 2 and 64: POT ``sinkhorn_log`` at stopThr = TOL, then ours (i) at tol = TOL
+    and (ii) at tol = the error POT's plan reached, in one measure: the L1 marginal error of the
+    returned plan relative to the mass. POT's last update makes the rows exact and it stops on the
+    L2 norm of the column error (every 10th iteration); ours makes the columns exact and stops on the
+    L1 row error, measured every iteration. Times: process CPU seconds (the machine is shared)."""
+    import time
+
+    import ot
+
+    torch.set_num_threads(threads)
+    print(f"threads {threads}; eps = {EPS_REL} x mean cost (absolute for both), TOL = {TOL}")
+    for d in (2, 64):
+        x, y = _problem(4096, d)
+        eps = EPS_REL * _mean_cost(x, y)
+        n = len(x)
+        a = torch.full((n,), 1.0 / n)
+        c0 = time.process_time()
+        plan, log = ot.bregman.sinkhorn_log(a, a, ot.dist(x, y), eps, stopThr=TOL, numItermax=100000, log=True)
+        t_pot = time.process_time() - c0
+        err_pot = float((plan.double().sum(0) - 1.0 / n).abs().sum())  # rows exact: the column L1 error
+        del plan
+        c0 = time.process_time()
+        ours = _ours(x, y, eps)
+        t_ours = time.process_time() - c0
+        c0 = time.process_time()
+        same = sinkhorn(x, y, epsilon=eps, relative=False, tol=err_pot, max_iter=100000)
+        t_same = time.process_time() - c0
+        print(
+            f"D={d}: POT {t_pot:.2f} s, {log['niter'] + 1} it, L1 error {err_pot:.2e} (its L2 stop {TOL}) | "
+            f"ours tol={TOL}: {t_ours:.2f} s, {ours.iterations} it, L1 error {float(ours.error):.2e}, "
+            f"POT/ours {t_pot / t_ours:.2f}x | ours at POT's L1 error: {t_same:.2f} s, {same.iterations} it, "
+            f"POT/ours {t_pot / t_same:.2f}x"
+        )
+
+
 if __name__ == "__main__":
     import sys
 
     if "--memory" in sys.argv:
         _memory()
+    if "--equal-error" in sys.argv:
+        _equal_error(int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1)

@@ -72,8 +72,8 @@ for f in $(echo "$mods" | awk '!seen[$0]++'); do
 done
 
 stage "summary"
-$py "$root/bench/tools/summary.py" "$out"/bench_*.json --gpu "$(head -n1 "$out/gpu.txt")" >"$out/groups.md" 2>&1
-$py "$root/bench/tools/summary.py" "$out"/bench_*.json --targets --gpu "$(head -n1 "$out/gpu.txt")" | tee "$out/summary.md"
+$py "$root/tools/summary.py" "$out"/bench_*.json --gpu "$(head -n1 "$out/gpu.txt")" >"$out/groups.md" 2>&1
+$py "$root/tools/summary.py" "$out"/bench_*.json --targets --gpu "$(head -n1 "$out/gpu.txt")" | tee "$out/summary.md"
 echo "(per-group medians: $out/groups.md; total $(( $(date +%s) - start )) s)"
 # The check's status is the CUDA tests' (the benchmarks' own statuses are printed above).
 exit "$tests_rc"

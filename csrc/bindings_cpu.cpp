@@ -8,6 +8,7 @@
 #include "cpu/auction_cpu.h"
 #include "cpu/isa.h"
 #include "cpu/philox_cpu.h"
+#include "cpu/stream_cpu.h"
 
 namespace py = pybind11;
 
@@ -72,6 +73,66 @@ py::array_t<T> philox_t(py::array_t<int64_t, py::array::c_style> seeds, int64_t 
   }
   return out;
 }
+
+// The streamed logit pass (loom_kernels/streamed.py validates; these checks are the second line).
+using F32 = py::array_t<float, py::array::c_style>;
+using I64 = py::array_t<int64_t, py::array::c_style>;
+loom::StreamArgs stream_args(const F32& x, const F32& y, const F32& u, const F32& scale, const py::object& ki,
+                             const py::object& kj) {
+  if (x.ndim() != 3 || y.ndim() != 3 || u.ndim() != 2 || scale.ndim() != 1)
+    throw std::invalid_argument("stream: x (B, n, D), y (B, m, D), u (B, m), scale (B,) expected");
+  const int64_t B = x.shape(0), n = x.shape(1), D = x.shape(2), m = y.shape(1);
+  if (y.shape(0) != B || y.shape(2) != D || u.shape(0) != B || u.shape(1) != m || scale.shape(0) != B)
+    throw std::invalid_argument("stream: shapes of x, y, u, scale disagree");
+  loom::StreamArgs a{x.data(), y.data(), u.data(), scale.data(), nullptr, nullptr, B, n, m, D};
+  if (!ki.is_none()) {
+    auto kia = ki.cast<I64>(), kja = kj.cast<I64>();
+    if (kia.ndim() != 2 || kia.shape(0) != B || kia.shape(1) != n || kja.ndim() != 1 || kja.shape(0) != m)
+      throw std::invalid_argument("stream: ki must be (B, n) and kj (m,) int64");
+    a.ki = kia.data();
+    a.kj = kja.data();
+  }
+  return a;
+}
+
+py::array_t<float> stream_lse(F32 x, F32 y, F32 u, F32 scale, int threads) {
+  const auto a = stream_args(x, y, u, scale, py::none(), py::none());
+  py::array_t<float> out({a.B, a.n});
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    loom::stream_lse(a, o, threads);
+  }
+  return out;
+}
+
+py::tuple stream_argmax(F32 x, F32 y, F32 u, F32 scale, py::object ki, py::object kj, int threads) {
+  if (ki.is_none() != kj.is_none()) throw std::invalid_argument("stream: pass both ki and kj or neither");
+  I64 kia, kja;  // kept alive through the call
+  if (!ki.is_none()) {
+    kia = ki.cast<I64>();
+    kja = kj.cast<I64>();
+  }
+  const auto a = stream_args(x, y, u, scale, ki.is_none() ? py::none() : py::object(kia),
+                             kj.is_none() ? py::none() : py::object(kja));
+  py::array_t<int64_t> out({a.B, a.n});
+  py::array_t<float> best({a.B, a.n});
+  int64_t* o = out.mutable_data();
+  float* bo = best.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    loom::stream_argmax(a, o, bo, threads);
+  }
+  return py::make_tuple(out, best);
+}
+
+double roofline_read(F32 buf, int64_t reps) {
+  float sink = 0.0f;
+  const float* p = buf.data();
+  const int64_t n = buf.size();
+  py::gil_scoped_release nogil;
+  return loom::roofline_read(p, n, reps, &sink);
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -89,6 +150,19 @@ PYBIND11_MODULE(_C, m) {
         "Philox4x32-10 + Box-Muller normals of loom_kernels.noise: int64 seeds (S,) -> float32 (S, row_len)");
   m.def("philox_uint32", &philox_t<uint32_t>, py::arg("seeds"), py::arg("row_len"), py::arg("threads") = 0,
         "The raw Philox4x32-10 words of loom_kernels.noise: int64 seeds (S,) -> uint32 (S, row_len)");
+  m.def("stream_lse", &stream_lse, py::arg("x"), py::arg("y"), py::arg("u"), py::arg("scale"),
+        py::arg("threads") = 0,
+        "LSE_j(u_j + scale_b <x_i, y_j>) float32 (B, n) of float32 x (B, n, D), y (B, m, D), u (B, m), scale (B,)");
+  m.def("stream_argmax", &stream_argmax, py::arg("x"), py::arg("y"), py::arg("u"), py::arg("scale"),
+        py::arg("ki") = py::none(), py::arg("kj") = py::none(), py::arg("threads") = 0,
+        "(argmax_j int64 (B, n), max float32 (B, n)) of u_j + scale_b <x_i, y_j> [+ Gumbel(ki (B, n), kj (m,))]");
+  m.def("roofline_exp", &loom::roofline_exp, py::arg("n"), py::arg("reps"),
+        py::call_guard<py::gil_scoped_release>(), "Seconds for reps sweeps of n exps (L1-resident)");
+  m.def("roofline_fma", &loom::roofline_fma, py::arg("reps"), py::call_guard<py::gil_scoped_release>(),
+        "Seconds for reps * roofline_fma_per_rep() float32 FMAs in registers");
+  m.def("roofline_fma_per_rep", &loom::roofline_fma_per_rep);
+  m.def("roofline_read", &roofline_read, py::arg("buf"), py::arg("reps"),
+        "Seconds for reps sequential reads of the float32 buffer");
   m.def("isa", [] { return loom::isa_name(loom::active_isa()); },
         "The instruction set the solver and noise kernels run now: scalar, avx2, avx512 or native");
   m.def("isas", [] {

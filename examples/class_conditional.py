@@ -10,6 +10,7 @@ import argparse
 
 import torch
 from torch import nn
+from tqdm.auto import trange
 
 from loom_kernels.couplings import LoomCoupling
 from loom_kernels.sampler import sample
@@ -40,7 +41,7 @@ def main(argv=None):
     model = CondVelocity(dim, classes)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     coupling = LoomCoupling(n, dim, num_caches=2)
-    for _ in range(steps):
+    for _ in trange(steps, desc="training", disable=None):  # a bar on a terminal (tqdm: the [torch] extra)
         idx = torch.randperm(n)[:batch]
         x0, x1 = coupling(data[idx], idx, labels=labels[idx])  # noise exchanged within each class only
         y = labels[idx].clone()

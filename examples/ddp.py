@@ -11,18 +11,20 @@ for large worlds, see docs/scaling.md). LoomCoupling's table stays identical on 
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import trange
 
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
 
 
 def train(model, opt, coupling, data, batch, steps, rank, world, gen):
     n = len(data)
-    for _ in range(steps):
+    for _ in trange(steps, desc=f"rank {rank}", disable=None if rank == 0 else True):  # rank 0 shows a bar
         # The same permutation on every rank (shared generator), each rank takes its slice: no
         # index appears twice in the global batch, as a DistributedSampler guarantees.
         perm = torch.randperm(n, generator=gen)[: batch * world]
@@ -62,9 +64,16 @@ def main(argv=None):
         loss = train(model, opt, coupling, data, batch, steps, rank, world, gen)
         if rank == 0:
             print(f"{name}: world {world}, global batch {batch * world}, final loss {loss:.4f}")
+    dist.barrier()  # every rank is past its last collective before the group goes away
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without running C++ static destructors: gloo's transport threads can still be joinable at
+    # interpreter exit, and std::thread's destructor then aborts the process (SIGABRT, "terminate called
+    # without an active exception") after the results are printed. Copy this ending with the example.
+    os._exit(0)

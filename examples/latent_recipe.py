@@ -10,6 +10,7 @@ import argparse
 
 import torch
 from torch import nn
+from tqdm.auto import trange
 
 from loom_kernels.couplings import LoomCoupling
 from loom_kernels.sampler import sample
@@ -41,7 +42,7 @@ def main(argv=None):
     velocity = lambda x, t: model[1:](torch.cat([x.flatten(1), t[:, None]], 1)).view_as(x)  # noqa: E731
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     coupling = LoomCoupling(n, lat, num_caches=2)  # one noise seed per latent, in latent space
-    for _ in range(steps):
+    for _ in trange(steps, desc="training", disable=None):  # a bar on a terminal (tqdm: the [torch] extra)
         pick = torch.randperm(n)[:batch]
         x0, x1 = coupling(latents[pick], indices[pick])  # the cached latents and their indices
         t = torch.rand(batch)

@@ -12,6 +12,7 @@ import argparse
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
 
 from loom_kernels.compat.torchcfm import LoomConditionalFlowMatcher
 from loom_kernels.sampler import sample
@@ -51,6 +52,7 @@ def main(argv=None):
     fm = LoomConditionalFlowMatcher(n, shape, sigma=0.0, num_caches=2, device=device)
 
     step = 0
+    bar = tqdm(total=steps, desc="training", disable=None)  # a bar on a terminal (tqdm: the [torch] extra)
     while step < steps:
         for idx, x1 in loader:
             x1 = x1.to(device)
@@ -60,10 +62,12 @@ def main(argv=None):
             loss.backward()
             opt.step()
             step += 1
+            bar.update()
             if step % max(1, steps // 4) == 0:
                 print(f"step {step}: loss {loss.item():.4f}")
             if step == steps:
                 break
+    bar.close()
     # torch.save({"model": model.state_dict(), "coupling": fm.state_dict()}, "ckpt.pt") to resume.
     x = sample(model, torch.randn(8, *shape, device=device), nfe=4)
     print(f"sampled {tuple(x.shape)}, range [{x.min().item():.2f}, {x.max().item():.2f}]")

@@ -247,9 +247,35 @@ def _sinkhorn_cases():
     return _kernels, "_sinkhorn_stream_kernel", patches, cases
 
 
+def _streamed_cases():
+    """the streamed argmin (issue 32): the bench's shapes (b = 256, N = 50,000, D = 784 / 3,072), ragged D,
+    every option (condition dot, labels, Gumbel), TF32, one row."""
+    import torch
+
+    from loom_kernels.streamed import _kernels
+
+    f32, i64 = torch.float32, torch.int64
+
+    def launch(b, n, d, aux=False, labels=False, gumbel=False, tf32=False):
+        z, x, u = _meta(b, d, dtype=f32), _meta(n, d, dtype=f32), _meta(n, dtype=f32)
+        a = (_meta(b, 3, dtype=f32), _meta(n, 3, dtype=f32)) if aux else None
+        lab = (_meta(b, dtype=i64), _meta(n, dtype=i64)) if labels else None
+        keys = _meta(b, dtype=i64) if gumbel else None
+        return lambda: _kernels.stream_max(z, x, u, a, lab, keys, 2.0, 0, tf32)
+
+    cases = [(f"{b}x{n}x{d}", launch(b, n, d)) for b, n, d in [(256, 50000, 784), (256, 50000, 3072), (1, 10, 37)]]
+    cases += [
+        ("all options 256x50000x784", launch(256, 50000, 784, True, True, True)),
+        ("tf32 gumbel 256x50000x3072", launch(256, 50000, 3072, gumbel=True, tf32=True)),
+    ]
+    patches = dict(check_launchable=lambda *a: None, interpreting=lambda: False)
+    return _kernels, "_streamed_max_kernel", patches, cases
+
+
 #: kernel -> function returning (module, kernel attribute, patches, [(label, launch)]).
 CASES = {
     "loom_kernels.sinkhorn._kernels:_sinkhorn_stream_kernel": _sinkhorn_cases,
+    "loom_kernels.streamed._kernels:_streamed_max_kernel": _streamed_cases,
     "loom_kernels.cost:_pairwise_cost_kernel": _cost_cases,
     "loom_kernels.noise:_gaussian_noise_kernel": _noise_cases,
     "loom_kernels.sampler.update:_ode_update_kernel": _sampler_cases,

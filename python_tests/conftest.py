@@ -44,6 +44,7 @@ def rng(_seed_everything):
 
 _GATE = pytest.StashKey()
 _cuda_passed = [0]  # cuda tests passed this session (pytest_runtest_logreport gets no config)
+_cuda_skipped = []  # (test id, reason) of the cuda tests skipped this session
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,6 +52,7 @@ def pytest_collection_modifyitems(config, items):
     # fail where a GPU is visible but the CUDA build is broken (gpu_gate.decide has the rules).
     gate = config.stash[_GATE] = gpu_gate.decide(gpu_gate.probe())
     _cuda_passed[0] = 0
+    _cuda_skipped.clear()
     for item in (i for i in items if "cuda" in i.keywords):
         action = gpu_gate.item_action(gate, item)
         if action is not None and action[0] == "skip":
@@ -66,17 +68,23 @@ def pytest_runtest_setup(item):
 
 
 def pytest_runtest_logreport(report):
-    if report.when == "call" and report.passed and "cuda" in report.keywords:
+    if "cuda" not in report.keywords:
+        return
+    if report.when == "call" and report.passed:
         _cuda_passed[0] += 1
+    elif report.skipped:
+        lr = report.longrepr
+        _cuda_skipped.append((report.nodeid, lr[2] if isinstance(lr, tuple) else str(lr)))
 
 
 def pytest_sessionfinish(session, exitstatus):
-    # A broken CUDA build on a GPU machine fails any run; `-m cuda` that ran no cuda test fails too.
+    # A broken CUDA build (or a driver torch cannot use) fails any run; `-m cuda` fails when no cuda test passed
+    # or one skipped without the opt-out (gpu_gate.final_status).
     gate = session.config.stash.get(_GATE, None)
     if gate is None:
         return
     status, why = gpu_gate.final_status(
-        gate, session.config.getoption("markexpr") or "", _cuda_passed[0], int(exitstatus)
+        gate, session.config.getoption("markexpr") or "", _cuda_passed[0], int(exitstatus), tuple(_cuda_skipped)
     )
     if why is not None:
         session.exitstatus = status

@@ -209,11 +209,11 @@ def _gpu(cost, maximize=False, tol=1e-9, mode=0, stream=None):
     """Raw CUDA solve of a (B, N, M) array -> numpy (col4row, status, rounds)."""
     import torch
 
-    from loom_kernels.assign import _solve_cuda
+    from loom_kernels.assign.dispatch import solve_cuda
 
     t = torch.as_tensor(np.ascontiguousarray(cost), device="cuda")
     rounds = torch.full((t.shape[0],), -1, dtype=torch.int64, device="cuda")
-    col, st = _solve_cuda(t, maximize, tol, mode=mode, rounds=rounds)
+    col, st = solve_cuda(t, maximize, tol, mode=mode, rounds=rounds)
     torch.cuda.synchronize()
     return col.cpu().numpy(), st.cpu().numpy(), rounds.cpu().numpy()
 

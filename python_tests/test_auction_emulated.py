@@ -8,6 +8,7 @@ without a GPU: the same assignment, status and round count as the twin (and as t
 shared-memory capacity, timing); the ``cuda`` tests in test_auction.py cover those on a GPU.
 """
 
+import contextlib
 import ctypes
 import shutil
 import subprocess
@@ -286,6 +287,187 @@ def test_emulated_global_memory_fallback_at_512_threads(libs, rng):
     assert plan["workspace"] == 128 + 52 * 4468
 
 
+# ---- the host side (make_plan, launch, on_device, check) against the recording stub runtime ---------
+
+NO_KERNEL_IMAGE = 209  # cudaErrorNoKernelImageForDevice
+
+
+def _host(
+    lib,
+    cost,
+    mode=0,
+    device=0,
+    ws=-1,
+    sms=132,
+    smem_optin=232448,
+    per_sm=1,
+    cc=(8, 6),
+    count=1,
+    current=0,
+    fail=0,
+    run=False,
+    threads=64,
+):
+    """``loom::auction_cuda_solve`` on a simulated device -> (outputs, workspace bytes, error, stub log lines)."""
+    lib.emu_host_config(*(ctypes.c_int(v) for v in (sms, smem_optin, per_sm, *cc, count, current, fail, run, threads)))
+    B, N, M = cost.shape
+    col, st, rounds = _outputs(B, N)
+    need, err = np.zeros(1, np.int64), ctypes.create_string_buffer(2000)
+    rc = lib.emu_host_solve(
+        _ptr(cost), ctypes.c_int(cost.dtype == np.float64), *(ctypes.c_int64(v) for v in (B, N, M)),
+        ctypes.c_int(0), ctypes.c_double(1e-9), ctypes.c_int(mode), ctypes.c_int(device), ctypes.c_int64(ws),
+        _ptr(col), _ptr(st), _ptr(rounds), _ptr(need), err, ctypes.c_int64(len(err)),
+    )  # fmt: skip
+    log = ctypes.create_string_buffer(1 << 16)
+    lib.emu_host_log(log, ctypes.c_int64(len(log)))
+    assert (rc == 0) == (err.value == b"")
+    return (col, st, rounds), int(need[0]), err.value.decode(), log.value.decode().splitlines()
+
+
+def _zeros(B, N, M):
+    return np.zeros((B, N, M), np.float32)
+
+
+@pytest.mark.parametrize("m", [8, 900, 942, 943, 2000, 4467, 4468, 9000])
+def test_host_launch_plan_and_shared_memory_opt_in(libs, m):
+    """One block per problem, 512 threads; the state (128 + 52 M bytes) in dynamic shared memory while it fits
+    the device's opt-in limit, opted into above the 48 KB default (the stub refuses such a launch without it,
+    as a GPU does), in a global workspace of B states beyond."""
+    B, state, optin = 3, 128 + 52 * m, 232448
+    _, need, err, log = _host(libs["default"], _zeros(B, 2, m))
+    assert err == ""
+    if state > optin:
+        assert need == B * state and log == [f"launch grid={B} block=512 dyn=0 args=10"]
+    elif state > 48 * 1024:
+        assert need == 0 and log == [
+            f"set_attribute max_dynamic_smem={state}",
+            f"launch grid={B} block=512 dyn={state} args=10",
+        ]
+    else:
+        assert need == 0 and log == [f"launch grid={B} block=512 dyn={state} args=10"]
+
+
+def test_host_global_mode_and_a_smaller_device(libs):
+    # mode 2 (block, global state) never uses shared memory; a device with 99 KiB of opt-in moves M = 2000 out
+    _, need, _, log = _host(libs["default"], _zeros(2, 2, 100), mode=2)
+    assert need == 2 * (128 + 52 * 100) and log == ["launch grid=2 block=512 dyn=0 args=10"]
+    _, need, _, log = _host(libs["default"], _zeros(2, 2, 2000), smem_optin=101376)
+    assert need == 2 * (128 + 52 * 2000) and log == ["launch grid=2 block=512 dyn=0 args=10"]
+
+
+@pytest.mark.parametrize("m, sms, per_sm, blocks", [(10, 132, 1, 1), (1000, 132, 1, 63), (9000, 132, 1, 132),
+                                                    (9000, 132, 4, 264), (9000, 2, 0, None)])  # fmt: skip
+def test_host_cooperative_loop(libs, m, sms, per_sm, blocks):
+    """Mode 3: one cooperative launch per problem, a warp per column up to the resident blocks (at most 2 per SM)."""
+    B = 3
+    _, need, err, log = _host(libs["default"], _zeros(B, 2, m), mode=3, sms=sms, per_sm=per_sm)
+    if blocks is None:
+        assert "the grid kernel cannot be resident" in err
+        return
+    assert err == "" and need == 128 + 52 * m
+    assert log == ["occupancy block=512 dyn=0"] * 2 + [f"cooperative grid={blocks} block=512 dyn=0 args=9"] * B
+
+
+def test_host_error_paths(libs):
+    lib = libs["default"]
+    _, _, err, log = _host(lib, _zeros(2, 3, 5), fail=NO_KERNEL_IMAGE, cc=(12, 0))
+    assert "no kernel image is available" in err and "This GPU is sm_120" in err
+    assert 'LOOM_CUDA_ARCHS="120" pip install' in err and "backend='cpu'" in err
+    _, _, err, _ = _host(lib, _zeros(2, 3, 5), mode=3, fail=NO_KERNEL_IMAGE, cc=(7, 5))
+    assert "cudaLaunchCooperativeKernel failed" in err and "sm_75" in err
+    _, need, err, _ = _host(lib, _zeros(2, 3, 5000), ws=100)  # a workspace too small for the plan
+    assert need == 2 * (128 + 52 * 5000) and f"workspace of 100 bytes, needs {need}" in err
+    assert "N <= M" in _host(lib, _zeros(1, 6, 5))[2] and "unknown mode" in _host(lib, _zeros(1, 2, 5), mode=7)[2]
+    # N = 0: statuses and rounds zeroed, nothing launched
+    (_, st, rounds), _, err, log = _host(lib, _zeros(4, 0, 5))
+    assert err == "" and (st == 0).all() and (rounds == 0).all() and log == ["memset 4", "memset 32"]
+
+
+def test_host_switches_to_the_device_and_back(libs):
+    lib = libs["default"]
+    _, _, err, log = _host(lib, _zeros(1, 2, 5), device=1, count=2, current=0)
+    # the workspace query, then the solve: each on device 1, the caller's device 0 restored after
+    assert err == "" and log == [
+        "set_device 1",
+        "set_device 0",
+        "set_device 1",
+        "launch grid=1 block=512 dyn=388 args=10",
+        "set_device 0",
+    ]
+    _, _, err, log = _host(lib, _zeros(1, 2, 5), device=1, count=2, fail=NO_KERNEL_IMAGE)
+    assert "no kernel image" in err and log[-1] == "set_device 0"  # restored on the error path too
+    assert "cudaSetDevice failed: invalid device ordinal" in _host(lib, _zeros(1, 2, 5), device=3, count=2)[2]
+
+
+@pytest.mark.parametrize("mode, m", [(0, 40), (2, 40), (3, 30)])
+def test_host_launch_runs_the_kernels_with_their_arguments(libs, rng, mode, m):
+    """The launches run on the emulator (64 threads per block): the arguments the host code packs reach the
+    kernels in order, and the result is the CPU twin's, bit for bit."""
+    cost = np.ascontiguousarray(assignment_problem("uniform", 12, m, batch=2, rng=rng))
+    got, _, err, log = _host(libs["default"], cost, mode=mode, run=True, threads=64)
+    assert err == "", err
+    ref = _twin(libs["default"], cost)
+    for name, x, y in zip(("col4row", "status", "rounds"), got, ref):
+        np.testing.assert_array_equal(x, y, err_msg=f"mode {mode}: {name}")
+
+
+class _StubCuda:
+    """The ``_cuda`` module's entry points (csrc/bindings_cuda.cpp's names and argument order) over the stub."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, []
+        lib.emu_host_workspace_bytes.restype = ctypes.c_int64
+
+    def workspace_bytes(self, B, N, M, mode=0, device=0):
+        self.calls.append(("workspace_bytes", B, N, M, mode, device))
+        return self.lib.emu_host_workspace_bytes(*(ctypes.c_int64(v) for v in (B, N, M)), ctypes.c_int(mode),
+                                                 ctypes.c_int(device))  # fmt: skip
+
+    def solve_auction(self, cost_ptr, dtype, B, N, M, maximize, tol, col4row_ptr, status_ptr, workspace_ptr,
+                      workspace_bytes, rounds_ptr=0, stream=0, device=0, mode=0):  # fmt: skip
+        assert dtype in ("float32", "float64")
+        self.calls.append(("solve_auction", dtype, B, N, M, maximize, workspace_bytes, device, mode))
+        err = ctypes.create_string_buffer(2000)
+        u = ctypes.c_uint64
+        rc = self.lib.emu_host_solve_raw(
+            u(cost_ptr), ctypes.c_int(dtype == "float64"), *(ctypes.c_int64(v) for v in (B, N, M)),
+            ctypes.c_int(maximize), ctypes.c_double(tol), u(col4row_ptr), u(status_ptr), u(workspace_ptr),
+            u(workspace_bytes), u(rounds_ptr), ctypes.c_int(device), ctypes.c_int(mode), err, ctypes.c_int64(2000),
+        )  # fmt: skip
+        if rc:
+            raise RuntimeError(err.value.decode())
+
+
+@pytest.mark.parametrize("mode, m", [(0, 20), (0, 1000), (2, 20), (3, 20)])
+def test_solve_cuda_drives_the_host_code(libs, rng, monkeypatch, mode, m):
+    """assign's solve_cuda without a GPU: torch's device calls stand in, the ``_cuda`` module is the stub above,
+    so its buffers, workspace size, argument order and mode reach the real host code and the kernels."""
+    import types
+
+    import torch
+
+    from loom_kernels.assign.dispatch import solve_cuda
+
+    lib = libs["default"]
+    lib.emu_host_config(*(ctypes.c_int(v) for v in (132, 232448, 1, 9, 0, 1, 0, 0, 1, 64)))
+    stub = _StubCuda(lib)
+    monkeypatch.setattr(_native, "cuda", lambda: stub)
+    monkeypatch.setattr(torch.cuda, "device", lambda dev: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda dev=None: types.SimpleNamespace(cuda_stream=0))
+    cost = np.ascontiguousarray(assignment_problem("uniform", 3, m, batch=2, rng=rng))
+    rounds = torch.full((2,), -1, dtype=torch.int64)
+    col, st = solve_cuda(torch.from_numpy(cost), False, 1e-9, mode=mode, rounds=rounds)
+    ref = _twin(lib, cost)
+    for name, x, y in zip(("col4row", "status", "rounds"), (col.numpy(), st.numpy(), rounds.numpy()), ref):
+        np.testing.assert_array_equal(x, y, err_msg=f"mode {mode}, M={m}: {name}")
+    ws = 0 if mode in (0, 1) else (2 if mode == 2 else 1) * (128 + 52 * m)
+    assert stub.calls == [
+        ("workspace_bytes", 2, 3, m, mode, 0),
+        ("solve_auction", "float64", 2, 3, m, False, ws, 0, mode),
+    ]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("n, m", [(3, 943), (2, 4468), (64, 1024)])
 def test_cuda_large_m_launch_matches_twin(n, m, rng):
@@ -293,12 +475,12 @@ def test_cuda_large_m_launch_matches_twin(n, m, rng):
     # beyond the device's opt-in limit (M >= 4468 on an H100/H200), 512 threads; bit-identical to the twin.
     import torch
 
-    from loom_kernels.assign import _solve_cuda
+    from loom_kernels.assign.dispatch import solve_cuda
 
     cost = np.ascontiguousarray(assignment_problem("sq_low", n, m, batch=2, rng=rng))
     t = torch.as_tensor(cost, device="cuda")
     rounds = torch.full((2,), -1, dtype=torch.int64, device="cuda")
-    col, st = _solve_cuda(t, False, 1e-9, rounds=rounds)
+    col, st = solve_cuda(t, False, 1e-9, rounds=rounds)
     torch.cuda.synchronize()
     ref = _native.cpu().solve_auction(cost, False, 1e-9, 1, True)
     for name, x, y in zip(

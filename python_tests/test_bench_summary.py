@@ -1,4 +1,4 @@
-"""bench/tools/summary.py's targets table on a fabricated pytest-benchmark JSON: met, missed, not run."""
+"""tools/summary.py's targets table on a fabricated pytest-benchmark JSON: met, missed, not run."""
 
 import importlib.util
 import json
@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-SUMMARY = Path(__file__).resolve().parents[1] / "bench" / "tools" / "summary.py"
+SUMMARY = Path(__file__).resolve().parents[1] / "tools" / "summary.py"
 
 
 @pytest.fixture(scope="module")
 def summary():
     if not SUMMARY.is_file():
-        pytest.skip("bench/tools/summary.py is not next to the tests")
+        pytest.skip("tools/summary.py is not next to the tests")
     spec = importlib.util.spec_from_file_location("bench_summary", SUMMARY)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules

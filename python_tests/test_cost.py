@@ -179,8 +179,11 @@ def test_allow_tf32_reaches_the_kernel(monkeypatch, dtype, allow_tf32, precision
     out = on("triton", pairwise_cost, x, y, allow_tf32=allow_tf32)
     assert [k["INPUT_PRECISION"] for k in spy.launches] == [precision]
     _check(out, x, y, "sqeuclidean", eps=2.0**-11 if allow_tf32 else 2.0**-24)
-    # the torch path: the same values within the same tolerance, the flag ignored
-    assert torch.equal(pairwise_cost(x, y, allow_tf32=allow_tf32), pairwise_cost(x, y))
+    # the torch path ignores the flag: full float32 precision against the float64 reference even when
+    # allow_tf32 is set (a reduced-precision product would miss this tolerance), torch's own flags untouched
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision())
+    _check(pairwise_cost(x, y, allow_tf32=allow_tf32), x, y, "sqeuclidean", eps=2.0**-24)
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.get_float32_matmul_precision()) == before
 
 
 @pytest.mark.parametrize(

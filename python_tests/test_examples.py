@@ -36,8 +36,19 @@ def test_class_conditional_guidance_moves_samples_toward_their_class():
     assert len(means) == 3 and means[0] > means[1] and means[0] > means[2]
 
 
-@pytest.mark.slow  # heavy; CI runs it in its slow step
-@pytest.mark.distributed
+def test_reflow_example_trains_generates_and_samples_at_nfe_1(tmp_path):
+    out = _run([str(EXAMPLES / "reflow.py"), "--tiny", "--out", str(tmp_path)])
+    w2 = {line.split(":")[0]: float(line.rsplit("=", 1)[1]) for line in out.splitlines() if "NFE 1" in line}
+    assert set(w2) == {"loom", "reflow"} and all(v == v and v < 10 for v in w2.values())
+    assert sorted(os.listdir(tmp_path / "pairs")) == [
+        "manifest.json",
+        "progress.json",
+        "seeds.npy",
+        "targets.npy",
+    ]
+
+
+@pytest.mark.distributed  # in the default run (~10 s): the example users copy must not crash at exit
 def test_ddp_example_under_torchrun():
     out = _run(
         [

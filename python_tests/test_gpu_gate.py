@@ -62,7 +62,43 @@ def test_asks_for_cuda(expr, asks):
     assert gpu_gate.asks_for_cuda(expr) == asks
 
 
+DRIVER_NO_GPU = Facts(**{**CPU.__dict__, "driver": True, "torch_build": "torch 2.13.0+cpu, CUDA None"})
+
+
+def test_decide_driver_without_a_gpu_fails_unless_opted_out(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    gate = decide(DRIVER_NO_GPU)
+    assert not gate.gpu and "NVIDIA driver" in gate.error and "2.13.0+cpu" in gate.error
+    assert "CUDA_VISIBLE_DEVICES=''" in gate.error and "LOOM_CUDA=0" in gate.error
+    opted = decide(Facts(**{**DRIVER_NO_GPU.__dict__, "expect_cuda": "0"}))
+    assert opted.error is None and not opted.gpu and "LOOM_CUDA=0" in opted.skip_reason
+    assert decide(CPU).error is None  # no driver: a CPU machine, the cuda tests skip
+
+
+@pytest.mark.parametrize(
+    "smi, proc, driver", [(None, False, False), ("/usr/bin/nvidia-smi", False, True), (None, True, True)]
+)
+def test_probe_finds_the_driver(monkeypatch, smi, proc, driver):
+    real_exists = os.path.exists
+    monkeypatch.setattr(gpu_gate.shutil, "which", lambda name: smi if name == "nvidia-smi" else None)
+    monkeypatch.setattr(gpu_gate.os.path, "exists", lambda p: proc if p == "/proc/driver/nvidia" else real_exists(p))
+    assert gpu_gate.probe().driver == driver
+
+
+def test_final_status_minus_m_cuda_fails_on_any_skip_but_the_opt_out():
+    gate = decide(GOOD)
+    assert gpu_gate.final_status(gate, "cuda", 3, 0) == (0, None)
+    status, why = gpu_gate.final_status(gate, "cuda", 3, 0, (("t.py::a", "needs 2 GPUs"),))
+    assert status == 1 and "t.py::a: needs 2 GPUs" in why and "skipped 1 cuda test" in why
+    assert gpu_gate.final_status(gate, "cuda", 3, 0, (("t.py::b", "built without it (LOOM_CUDA=0)"),)) == (0, None)
+    assert gpu_gate.final_status(gate, "not cuda", 0, 0, (("t.py::a", "x"),)) == (0, None)  # not a GPU check
+    many = tuple((f"t.py::{i}", "no") for i in range(8))
+    assert "(and 3 more)" in gpu_gate.final_status(gate, "cuda and not slow", 1, 0, many)[1]
+
+
 _MODULE = """
+import os
+
 import pytest
 
 @pytest.mark.cuda
@@ -72,6 +108,11 @@ def test_native():
 @pytest.mark.cuda(triton_only=True)
 def test_triton():
     pass
+
+@pytest.mark.cuda(triton_only=True)
+def test_skips_itself():
+    if os.environ.get("SKIP_ONE"):
+        pytest.skip("needs 2 GPUs")
 
 def test_cpu():
     pass
@@ -97,21 +138,21 @@ def session(pytester, monkeypatch):
 
 def test_session_cpu_machine_skips_and_minus_m_cuda_fails(session):
     res, out = session(CPU)
-    assert res.ret == 0 and out == {"passed": 1, "skipped": 2}
+    assert res.ret == 0 and out == {"passed": 1, "skipped": 3}
     res, out = session(CPU, "-m", "cuda")  # a GPU check that runs nothing is a failure
-    assert res.ret == 1 and out.get("skipped") == 2 and "ran no cuda test" in res.stdout.str()
+    assert res.ret == 1 and out.get("skipped") == 3 and "ran no cuda test" in res.stdout.str()
 
 
 def test_session_gpu_machine_runs_everything(session):
     res, out = session(GOOD)
-    assert res.ret == 0 and out == {"passed": 3}
+    assert res.ret == 0 and out == {"passed": 4}
     res, out = session(GOOD, "-m", "cuda")
-    assert res.ret == 0 and out == {"passed": 2, "deselected": 1}
+    assert res.ret == 0 and out == {"passed": 3, "deselected": 1}
 
 
 def test_session_broken_cuda_build_fails_not_skips(session):
     res, out = session(BROKEN, "-m", "cuda")
-    assert res.ret == 1 and out.get("errors") == 2 and "skipped" not in out
+    assert res.ret == 1 and out.get("errors") == 3 and "skipped" not in out
     assert "does not import" in res.stdout.str() and "libcudart" in res.stdout.str()
     res, out = session(BROKEN, "-m", "not cuda")  # even a run that selects no cuda test fails
     assert res.ret == 1 and out.get("passed") == 1 and "does not import" in res.stdout.str()
@@ -119,7 +160,25 @@ def test_session_broken_cuda_build_fails_not_skips(session):
 
 def test_session_cpu_only_build_on_purpose_runs_triton(session):
     res, out = session(Facts(**{**MISSING.__dict__, "expect_cuda": "0"}), "-m", "cuda")
-    assert res.ret == 0 and out == {"passed": 1, "skipped": 1, "deselected": 1}
+    assert res.ret == 0 and out == {"passed": 2, "skipped": 1, "deselected": 1}
+
+
+def test_session_minus_m_cuda_fails_when_one_cuda_test_skips(session, monkeypatch):
+    monkeypatch.setenv("SKIP_ONE", "1")
+    res, out = session(GOOD)  # the plain run: a skip is a skip
+    assert res.ret == 0 and out == {"passed": 3, "skipped": 1}
+    res, out = session(GOOD, "-m", "cuda")  # the GPU check: two passed, one skipped for its own reason
+    assert res.ret == 1 and out == {"passed": 2, "skipped": 1, "deselected": 1}
+    assert "GPU gate: -m 'cuda' skipped 1 cuda test(s)" in res.stdout.str()
+    assert "test_mod.py::test_skips_itself: Skipped: needs 2 GPUs" in res.stdout.str()
+
+
+def test_session_driver_but_torch_sees_no_gpu_fails_loudly(session, monkeypatch):
+    res, out = session(DRIVER_NO_GPU)  # the plain `pytest` on a GPU machine with a CPU torch
+    assert res.ret == 1 and out.get("errors") == 3 and out.get("passed") == 1
+    assert "NVIDIA driver" in res.stdout.str() and "torch sees no CUDA device" in res.stdout.str()
+    res, out = session(Facts(**{**DRIVER_NO_GPU.__dict__, "expect_cuda": "0"}))  # left out on purpose
+    assert res.ret == 0 and out == {"passed": 1, "skipped": 3}
 
 
 @pytest.mark.parametrize("fails, says", [("pip", "BUILD FAILED"), ("_native import cuda", "CUDA MODULE BROKEN")])

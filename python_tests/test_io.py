@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from loom_kernels._io import atomic_write
 
@@ -109,3 +110,21 @@ def test_torch_save_past_the_space_limit_is_named(tmp_path):
     assert out.stdout.startswith(f"{errno.EFBIG} [Errno {errno.EFBIG}] no room to write"), out.stdout
     assert "checkpoint.pt" in out.stdout and "File too large" in out.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_a_checksummed_file_whose_bytes_changed_is_refused(tmp_path):
+    """atomic_save's checksum is compared on load: one flipped bit in a stored tensor is a clear error."""
+    from loom_kernels._io import atomic_save, load_verified
+
+    p = tmp_path / "state.pt"
+    seeds = torch.arange(1000, 1064, dtype=torch.int64)
+    atomic_save({"version": 2, "seeds": seeds}, p)
+    assert torch.equal(load_verified(p)["seeds"], seeds)  # intact: loads, without its checksum entry
+    blob = bytearray(p.read_bytes())
+    at = blob.find(seeds.numpy().tobytes())  # torch.save stores tensor bytes uncompressed
+    assert at > 0
+    blob[at + 8 * 17] ^= 0x04  # seed 1017 becomes 1021: still a valid file for torch.load
+    p.write_bytes(bytes(blob))
+    assert torch.load(p, weights_only=True)["seeds"][17] == 1021
+    with pytest.raises(ValueError, match=r"state\.pt.* fails its checksum"):
+        load_verified(p)

@@ -114,6 +114,22 @@ def test_bad_shape_under_compile_raises_eager_error(fn, args):
     assert str(eager.value) in str(full.value) or "Observed exception" in str(full.value)
 
 
+def test_wrong_device_under_compile_raises_eager_error():
+    # #34 item 12: a host tensor with backend="cuda" gave Dynamo's TorchRuntimeError (raised by the fake
+    # implementation); now eager's own exception: ValueError on a CUDA build, the "built without CUDA"
+    # RuntimeError on a CPU-only one.
+    def fn(c):
+        return assign(c, backend="cuda")
+
+    c = torch.randn(4, 4)
+    with pytest.raises((ValueError, RuntimeError)) as eager:
+        fn(c)
+    torch._dynamo.reset()
+    with pytest.raises(type(eager.value)) as compiled:
+        torch.compile(fn, backend="aot_eager")(c)
+    assert str(compiled.value) == str(eager.value) and "backend='cuda'" in str(eager.value)
+
+
 def test_fake_impl_raises_eager_message_for_the_op_itself():
     # Straight to the op (no Python-side check): the fake implementation names the same problem.
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
@@ -163,16 +179,16 @@ def test_compiled_step_on_cuda_equals_eager():
 
 @pytest.mark.slow  # heavy; CI runs it in its slow step
 def test_first_call_compiled_registers_the_op_itself():
-    # Eager calls never import loom_kernels.ops (nor triton through it); a first call under compile
-    # imports it while Dynamo traces, and still makes one graph.
+    # Eager calls never import loom_kernels.assign.op (nor register the op); a first call under
+    # compile imports it while Dynamo traces, and still makes one graph.
     import subprocess
     import sys
 
     code = (
         "import sys, torch; from loom_kernels.assign import assign; c = torch.randn(6, 6); assign(c); "
-        "assert 'loom_kernels.ops' not in sys.modules; "
+        "assert 'loom_kernels.assign.op' not in sys.modules; "
         "f = torch.compile(lambda c: assign(c), fullgraph=True, backend='aot_eager'); "
-        "assert torch.equal(f(c), assign(c)); print('loom_kernels.ops' in sys.modules)"
+        "assert torch.equal(f(c), assign(c)); print('loom_kernels.assign.op' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

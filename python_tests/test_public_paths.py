@@ -233,7 +233,7 @@ def test_sample_cli_argument_checks(run_dir, tmp_path, argv, match):
 
 
 def test_sample_cli_refusals(run_dir, tmp_path, capsys):
-    with pytest.raises(ValueError, match="holds only the EMA weights; weights='raw' needs checkpoint.pt"):
+    with pytest.raises(SystemExit, match="--ckpt .*holds only the EMA weights; weights='raw' needs checkpoint.pt"):
         sample_main(["--ckpt", str(run_dir / "model.pt"), "--weights", "raw", "--out", str(tmp_path / "x.npy")])
     with pytest.raises(SystemExit) as exc:
         sample_main(["--ckpt", str(run_dir / "model.pt"), "--method", "rk4"])
@@ -288,3 +288,50 @@ def test_study_module_with_two_jobs_matches_a_direct_run(tmp_path):
     # (workers run one thread each; this process may sum in another order: equal to float32 rounding)
     assert runs["loom1"]["w2_fresh"] == pytest.approx(direct["w2_fresh"], rel=1e-4)
     assert np.allclose(runs["loom1"]["dataset_cost_curve"], direct["dataset_cost_curve"], rtol=1e-4)
+
+
+# ---- the couplings' old module paths (issue 30: couplings/ as scopes/ and loom/) ---------------------------
+
+
+def test_the_couplings_old_module_paths_give_the_new_objects():
+    import importlib
+
+    from loom_kernels.couplings import scopes
+    from loom_kernels.couplings.loom import persistence, seed_stream
+    from loom_kernels.couplings.loom.tables import file_lock, journal, replicated, shard_files, sharded
+    from loom_kernels.couplings.scopes import cost_model, group, partition, solve
+
+    base = importlib.import_module("loom_kernels.couplings.base")
+    old = {
+        "common": {"add_cond_cost": solve, "check_cond": base, "cost_dtype": solve, "to_device": group},
+        "distributed": {"count_bytes": group, "Group": group},
+        "grouped": {
+            "Partition": partition,
+            "predicted_coupling_seconds": cost_model,
+            "TYPICAL_STEP_S_PER_ITEM": cost_model,
+        },
+        "table": {"TableInUseError": file_lock, "seed_values": seed_stream, "journal_path": journal},
+        "sharded": {"SHARD_KIND": shard_files, "shard_path": shard_files},
+        "journal": {"TableInUseError": file_lock, "DURABILITIES": journal, "recover": journal},
+    }
+    for mod, names in old.items():
+        m = importlib.import_module(f"loom_kernels.couplings.{mod}")
+        for name, new in names.items():
+            assert getattr(m, name) is getattr(new, name), (mod, name)
+    t = importlib.import_module("loom_kernels.couplings.table")
+    s = importlib.import_module("loom_kernels.couplings.sharded")
+    assert t.SeedTable is replicated.ReplicatedTable and s.ShardedSeedTable is sharded.ShardedTable
+    assert persistence.FORMAT_VERSION == 2 and scopes.__doc__
+    from loom_kernels.compat.torchcfm.loom import LoomCoupling as compat_loom
+    from loom_kernels.coupling import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
+    from loom_kernels.couplings import COUPLINGS, PrefetchCoupling, SinkhornCoupling, make_coupling
+    from loom_kernels.couplings.prefetch import PrefetchCoupling as old_prefetch
+
+    assert compat_loom is LoomCoupling and old_prefetch is PrefetchCoupling
+    assert {IndependentCoupling, MinibatchOTCoupling} <= set(type(make_coupling(n)) for n in ("independent", "ot"))
+    assert isinstance(make_coupling("sinkhorn", epsilon=0.1), SinkhornCoupling)
+    with pytest.raises(ValueError, match="coupling must be one of"):
+        make_coupling("nope")
+    from loom_kernels.cli import train as cli_train
+
+    assert cli_train.COUPLINGS is COUPLINGS  # the CLI's --coupling choices are the factory's one list

@@ -82,19 +82,63 @@ def _matches(n, numbers):
     return any(round(m, places) == float(n) for m in numbers)
 
 
-def test_readme_highlights_are_results_numbers():
-    # every time and ratio of the README's highlight table is one of bench/RESULTS.md's, as rounded there
+_NUMBER = r"(?<![\w.])\d+(?:\.\d+)?(?![\w.]*x\d)"  # not the 64 of "64x256"
+
+# Each README highlight (its "what" cell, start) -> the bench/RESULTS.md rows it quotes (a unique start of each).
+HIGHLIGHT_ROWS = {
+    "exact assignment, 18 CPU groups": [
+        "| assign CPU: geometric-mean speedup over scipy",
+        "| assign CPU goal: at or below lapx lapjvh",
+    ],
+    "assignment batch 64x256": ["| assign CPU goal: batch 64x256"],
+    "LOOM coupling step, b=256 CIFAR shape, CPU": ["| LOOM step CPU b=256 CIFAR"],
+    "noise 256x3072 from seeds": ["| gaussian_noise CPU >= 10x"],
+    "sampler, MLP batch 4096": ["| sampler GPU (CUDA graph) >= 3x torchdiffeq"],
+    "CUDA auction, 64x256 batch": ["| assign CUDA: 64x256 sq-Euclidean"],
+    "auction sequential steps, slowest of 64x256": ["| sq3072 256x256 (the coupling's step)"],
+    "the same, 64x1024": ["| sq3072 64x1024 (N << M", "| sq3072 2048x2048 |", "| sq3072 8192x8192 |"],
+}
+
+
+def _row(results, start):
+    rows = [line for line in results.splitlines() if line.startswith(start)]
+    assert len(rows) == 1, f"bench/RESULTS.md: {len(rows)} rows start with {start!r}"
+    return rows[0]
+
+
+def test_readme_highlights_are_their_own_results_rows():
+    """Every number of a highlight (ours, baseline, ratio) is one of its own RESULTS.md rows' numbers as rounded
+    there, or (a ratio) the quotient of two of the highlight's own times."""
     readme, results = _read("README.md"), _read("bench/RESULTS.md")
     table = readme[readme.index("| what | ours | baseline | ratio |") :]
-    table = table[: table.index("\n\n")]
-    quoted = set(re.findall(r"(?<![\w.])\d+(?:\.\d+)?(?=\s*(?:ms|x|s)\b)", table))
-    recorded = [float(v) for v in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", results)]
-    missing = sorted(n for n in quoted if not _matches(n, recorded))
-    assert len(quoted) > 10 and not missing, f"highlights with no bench/RESULTS.md number: {missing}"
+    table = table[: table.index("\n\n")].splitlines()[2:]
+    seen = set()
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        key = [k for k in HIGHLIGHT_ROWS if cells[0].startswith(k)]
+        assert len(key) == 1, f"README highlight {cells[0]!r} has no entry in HIGHLIGHT_ROWS (or several)"
+        seen.add(key[0])
+        own = [float(v) for start in HIGHLIGHT_ROWS[key[0]] for v in re.findall(_NUMBER, _row(results, start))]
+        times = [float(v) for v in re.findall(r"(\d+(?:\.\d+)?)\s*ms\b", " ".join(cells[1:3]))]
+        ratios = [b / a for a in times for b in times if a > 0 and b != a]
+        quoted = [n for cell in cells[1:4] for n in re.findall(_NUMBER, cell)]
+        assert quoted, line
+        for n in quoted:
+            is_ratio = re.search(rf"(?<![\w.]){re.escape(n)}x", " ".join(cells[1:4])) is not None
+            assert _matches(n, own) or (is_ratio and _matches(n, ratios)), (
+                f"highlight {cells[0]!r}: {n} is not a number of its RESULTS rows {HIGHLIGHT_ROWS[key[0]]}"
+            )
+    assert seen == set(HIGHLIGHT_ROWS)
+
+
+def test_the_highlight_check_can_fail():
+    # a number any other row holds is refused: 962 (the LOOM step's baseline) is not the noise row's
+    own = [float(v) for v in re.findall(_NUMBER, _row(_read("bench/RESULTS.md"), "| gaussian_noise CPU >= 10x"))]
+    assert _matches("10.45", own) and _matches("8.8", own) and not _matches("962", own) and not _matches("82", own)
 
 
 def test_docstring_example_of_the_cost_model():
-    from loom_kernels.couplings.grouped import predicted_coupling_seconds
+    from loom_kernels.couplings.scopes.cost_model import predicted_coupling_seconds
 
     doc = predicted_coupling_seconds.__doc__
     quoted = float(re.search(r'"cuda"\)\s+#\s*~\s*([\d.]+)\s*s', doc).group(1))

@@ -650,7 +650,8 @@ inline Plan plan_launch(int64_t B, int64_t M, int mode, int sms, int smem_optin,
   return plan;
 }
 
-#ifndef LOOM_CUDA_EMULATION  // the host side below needs the real runtime
+// The host side. Under LOOM_CUDA_EMULATION it is built against python_tests/cuda_emu's recording stub of
+// the runtime, so the launch plan, the opt-in, the cooperative loop and the error paths run without a GPU.
 #ifndef LOOM_CUDA_ARCHS_BUILT
 #define LOOM_CUDA_ARCHS_BUILT "?"
 #endif
@@ -706,7 +707,7 @@ void launch(const void* cost, int64_t B, int64_t N, int64_t M, bool maximize, do
       int64_t* rb = rounds ? rounds + b : nullptr;
       void* args[] = {(void*)&cb, (void*)&n, (void*)&mm, (void*)&maximize, (void*)&tol, (void*)&ws,
                       (void*)&ob, (void*)&sb, (void*)&rb};
-      check(cudaLaunchCooperativeKernel((const void*)kern, dim3(plan.blocks), dim3(kGridThreads), args, 0, stream),
+      check(cudaLaunchCooperativeKernel(kern, dim3(plan.blocks), dim3(kGridThreads), args, 0, stream),
             "cudaLaunchCooperativeKernel");
     }
     return;
@@ -716,9 +717,12 @@ void launch(const void* cost, int64_t B, int64_t N, int64_t M, bool maximize, do
   if (dyn > kDefaultDynamicSmem)
     check(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dyn)),
           "cudaFuncSetAttribute");
-  kern<<<static_cast<unsigned>(B), kBlockThreads, dyn, stream>>>(c, n, mm, maximize, tol, plan.in_shared, ws, col4row,
-                                                                  status, rounds);
-  check(cudaGetLastError(), "auction kernel launch");
+  bool in_shared = plan.in_shared;
+  void* args[] = {(void*)&c,         (void*)&n,  (void*)&mm,      (void*)&maximize, (void*)&tol,
+                  (void*)&in_shared, (void*)&ws, (void*)&col4row, (void*)&status,   (void*)&rounds};
+  // cudaLaunchKernel rather than <<<>>>: the same launch, and plain C++ for the emulator's stub runtime
+  check(cudaLaunchKernel(kern, dim3(static_cast<unsigned>(B)), dim3(kBlockThreads), args, dyn, stream),
+        "auction kernel launch");
 }
 
 // Runs f with `device` current, restoring the caller's device.
@@ -735,10 +739,8 @@ void on_device(int device, F&& f) {
   }
   if (cur != device) check(cudaSetDevice(cur), "cudaSetDevice");
 }
-#endif  // LOOM_CUDA_EMULATION
 }  // namespace
 
-#ifndef LOOM_CUDA_EMULATION
 size_t auction_cuda_workspace_bytes(int64_t B, int64_t N, int64_t M, int mode, int device) {
   (void)N;
   if (B <= 0 || N <= 0) return 0;
@@ -774,5 +776,4 @@ int auction_cuda_device_count() {
   if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
   return n;
 }
-#endif  // LOOM_CUDA_EMULATION
 }  // namespace loom

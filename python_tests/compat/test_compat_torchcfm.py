@@ -345,3 +345,15 @@ def test_exact_plan_on_cuda_stays_on_the_device():
     y = (torch.arange(256) % 10).cuda()
     l0, _ = OTPlanSampler("exact").sample_plan(x0.cuda(), x1.cuda(), replace=False, labels=y)
     assert torch.equal(y.cpu()[source_rows(l0.cpu(), x0)], y.cpu())
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "unbalanced", "partial"])
+@pytest.mark.parametrize("reg", [0.0, -0.05, float("nan"), float("inf")])
+def test_entropic_reg_must_be_positive_and_finite(method, reg):
+    # TorchCFM hands reg to POT unchecked: reg < 0 gives a plan costlier than independent pairs, reg = 0
+    # the independent plan. Refused at construction, with the reason (#34 item 10).
+    pytest.importorskip("ot")
+    with pytest.raises(ValueError, match=rf"reg must be a positive finite number for method='{method}'.*unchecked"):
+        OTPlanSampler(method=method, reg=reg)
+    with pytest.raises(ValueError, match="reg must be a positive finite number"):
+        wasserstein(torch.randn(8, 2), torch.randn(8, 2), method="sinkhorn", reg=reg)

@@ -42,7 +42,10 @@ def _batch(b0, b1, dims, seed, shift=0.5):
     return torch.randn((b0, *dims), generator=g), torch.randn((b1, *dims), generator=g) + shift
 
 
-@pytest.mark.parametrize("reg,normalize", [(0.5, False), (0.1, True), (2.0, False), (0.05, True)])
+# reg = 0.5: POT's own converged reference takes ~10-50 s on 2 loaded cores: in the slow run (CI step 6)
+@pytest.mark.parametrize(
+    "reg,normalize", [pytest.param(0.5, False, marks=pytest.mark.slow), (0.1, True), (2.0, False), (0.05, True)]
+)
 @pytest.mark.parametrize("b0,b1,dims", [(64, 64, (3,)), (40, 72, (2, 3)), (1, 9, (2,))])
 def test_native_plan_equals_pot(reg, normalize, b0, b1, dims):
     x0, x1 = _batch(b0, b1, dims, 7)
@@ -61,6 +64,7 @@ def test_native_plan_equals_pot(reg, normalize, b0, b1, dims):
     np.testing.assert_allclose(p.sum(0).numpy(), np.full(b1, 1 / b1), rtol=1e-9)  # columns: the last update
 
 
+@pytest.mark.slow  # issue 36 item 6: out of the default run (3-minute budget), still in CI step 6
 def test_both_solvers_warn_where_they_stop_short():
     x0, x1 = _batch(64, 64, (3,), 7)
     M = (torch.cdist(x0.double(), x1.double()) ** 2).numpy()

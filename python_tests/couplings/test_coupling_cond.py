@@ -10,9 +10,15 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from loom_kernels.couplings import IndependentCoupling, LoomCoupling, MinibatchOTCoupling
-from loom_kernels.couplings.common import COND_PENALTY_CAP, add_cond_cost, check_cond, cond_cost
-from loom_kernels.couplings.prefetch import PrefetchCoupling
+from loom_kernels.couplings import (
+    IndependentCoupling,
+    LoomCoupling,
+    MinibatchOTCoupling,
+    PrefetchCoupling,
+    SinkhornCoupling,
+)
+from loom_kernels.couplings.base import check_cond
+from loom_kernels.couplings.scopes.solve import COND_PENALTY_CAP, add_cond_cost, cond_cost
 from loom_kernels.noise import gaussian_noise
 
 
@@ -376,3 +382,33 @@ def test_cond_needs_one_noise_row_per_item_and_return_indices_a_bool():
     with pytest.raises(TypeError, match="return_indices must be True or False"):
         loom(torch.randn(4, *SHAPE), torch.arange(4), return_indices="yes")
     assert torch.equal(loom.seeds, seeds)
+
+
+@pytest.mark.parametrize(
+    "make, dtype",
+    [
+        (lambda: MinibatchOTCoupling(), torch.float64),
+        (lambda: LoomCoupling(16, (4,), cond_weight=1e300), torch.float64),
+        (lambda: SinkhornCoupling(cond_weight=1e38), torch.float32),
+    ],
+)
+def test_a_condition_term_that_overflows_is_refused_naming_cond(make, dtype):
+    # #34 item 7: a cond of 1e200 made minibatch OT's float64 penalty inf - inf = NaN, refused as "x1 contains
+    # NaN or inf"; a cond_weight of 1e38 made the Sinkhorn coupling draw one noise row for all items.
+    c = make()
+    x = torch.randn(16, 4)
+    big = torch.full((16, 1), 1e200 if dtype == torch.float64 else 1.0, dtype=torch.float64)
+    big[::2] *= -1
+    before = {k: v.clone() for k, v in c.state_dict().items() if isinstance(v, torch.Tensor)}
+    kw = {"indices": torch.arange(16)} if isinstance(c, LoomCoupling) else {}
+    with pytest.raises(ValueError, match=r"cond holds values so large that its cost term overflows .*cond_weight"):
+        c(x, cond=big if dtype == torch.float64 else big.float() * 4, **kw)
+    after = c.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # the refused call changed nothing
+
+
+def test_sinkhorn_coupling_names_x1_when_its_costs_overflow_float32():
+    with pytest.raises(ValueError, match=r"x1 holds values so large .* overflows float32 .*float64 data"):
+        SinkhornCoupling()(torch.randn(16, 4) * 1e19)
+    x0, x1 = SinkhornCoupling()(torch.randn(16, 4).double() * 1e19)  # float64 data holds them
+    assert torch.isfinite(x0).all()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling
-from loom_kernels.couplings.grouped import Partition
+from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling, SinkhornCoupling
+from loom_kernels.couplings.scopes.partition import Partition
 
 from gloo_ranks import run_rank, spawn
 
@@ -82,7 +82,7 @@ def _mb_runs(rank):
 
 
 def _errors(rank):
-    data, cond, _ = _data()
+    data, cond, y = _data()
     idx = torch.arange(B) + rank * B
     c = LoomCoupling(P, SHAPE, num_caches=2, seed=4, scope="grouped", group_size=G)
     cg = LoomCoupling(P, SHAPE, num_caches=2, seed=4)
@@ -101,6 +101,12 @@ def _errors(rank):
         "mb weights": lambda: MinibatchOTCoupling(cond_weight=1.0 + rank)(data[idx], cond=ci),
         "loom return_indices one rank": lambda: c(data[idx], idx, cond=ci, return_indices=rank == 0),
         "mb return_indices one rank": lambda: mb(data[idx], cond=ci, return_indices=rank == 0),
+        # #34 item 3: feature shapes and dtypes that differ across ranks (gloo aborted, or a half-filled buffer)
+        "mb dtype": lambda: MinibatchOTCoupling()(data[idx] if rank == 0 else data[idx].double()),
+        "mb features": lambda: MinibatchOTCoupling()(data[idx] if rank == 0 else data[idx][:, :1]),
+        "mb labels dtype": lambda: MinibatchOTCoupling()(data[idx], labels=y[idx] if rank == 0 else y[idx].int()),
+        "loom dtype": lambda: cg(data[idx] if rank == 0 else data[idx].double(), idx),
+        "sinkhorn dtype": lambda: SinkhornCoupling()(data[idx] if rank == 0 else data[idx].double()),
     }
     errors = {}
     for name, call in calls.items():
@@ -196,6 +202,14 @@ def test_cond_errors_are_raised_on_every_rank_and_tables_unchanged(ranks):
         assert "same cond columns" in errors["loom widths"]
         assert "differs across ranks (cond_weight)" in errors["loom weights"]
         assert "differs across ranks (cond_weight)" in errors["mb weights"]
+        for name, want in [
+            ("mb dtype", "rank 0: (b, 2, 3) float32; rank 1: (b, 2, 3) float64"),
+            ("mb features", "rank 0: (b, 2, 3) float32; rank 1: (b, 1, 3) float32"),
+            ("mb labels dtype", "labels must have the same feature shape and dtype on every rank"),
+            ("loom dtype", "x1 must have the same feature shape and dtype on every rank to LoomCoupling"),
+            ("sinkhorn dtype", "x1 must have the same feature shape and dtype on every rank to SinkhornCoupling"),
+        ]:
+            assert want in errors[name], (name, errors[name])
         if r == 1:  # the rank with the bad cond raises its own error; the other is told which rank refused
             assert "TypeError: cond must have a floating dtype" in errors["loom bad cond"]
             assert "cond contains NaN or inf" in errors["loom nan cond"]

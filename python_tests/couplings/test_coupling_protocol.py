@@ -1,4 +1,5 @@
-"""Every coupling follows one calling convention: ``coupling(x1, indices=None, *, x0=None, labels=None)``.
+"""Every coupling follows one calling convention:
+``coupling(x1, indices=None, *, x0=None, labels=None, cond=None, return_indices=False)``.
 
 Each coupling the library ships (every scope and table kind of the OT couplings, and the prefetching
 wrapper) runs through the same calls: the README's loop ``coupling(x1, idx)``, indices by keyword,
@@ -17,11 +18,17 @@ from loom_kernels.couplings import (
     Coupling,
     FixedNoiseCoupling,
     IndependentCoupling,
+    KNNNoiseCoupling,
     LoomCoupling,
     MinibatchOTCoupling,
+    MixedCoupling,
+    PrefetchCoupling,
+    ReflowCoupling,
+    SemidiscreteCoupling,
+    SemidiscreteSeededCoupling,
     SinkhornCoupling,
+    TimestepMixedCoupling,
 )
-from loom_kernels.couplings.prefetch import PrefetchCoupling
 
 from gloo_ranks import run_rank, spawn
 from harness import source_rows
@@ -53,7 +60,34 @@ FACTORIES = {
     "prefetch-minibatch": lambda tmp: PrefetchCoupling(MinibatchOTCoupling(generator=_gen())),
     "prefetch-loom": lambda tmp: PrefetchCoupling(LoomCoupling(N, SHAPE, num_caches=2, seed=1)),
     "fixed": lambda tmp: FixedNoiseCoupling(LoomCoupling(N, SHAPE, seed=1)),
+    "reflow": lambda tmp: ReflowCoupling(_pairs(tmp)),
+    "mixed": lambda tmp: MixedCoupling(
+        IndependentCoupling(generator=_gen()), MinibatchOTCoupling(generator=_gen()), p=0.5, generator=_gen()
+    ),
+    "knn": lambda tmp: KNNNoiseCoupling(4, generator=_gen()),
+    "loom-sdseeded": lambda tmp: SemidiscreteSeededCoupling(
+        SemidiscreteCoupling(torch.randn(N, *SHAPE, generator=_gen())), LoomCoupling(N, SHAPE, num_caches=2, seed=1)
+    ),
 }
+# Covered by their own tests, not by these runs: TimestepMixedCoupling needs the batch's t= in every call.
+COVERED_ELSEWHERE = {TimestepMixedCoupling}
+# Couplings that choose the batch themselves (``idx = coupling.draw(b)``, then ``coupling(x1, idx)``): the
+# README's loop over the loader's indices does not apply; the signature test below still does.
+CHOOSES_BATCHES = {SemidiscreteCoupling}
+
+
+def _pairs(tmp):
+    from loom_kernels.reflow import generate_pairs
+
+    class Shrink(torch.nn.Module):
+        shape = SHAPE
+
+        def forward(self, x, t):
+            return -0.5 * x
+
+    return generate_pairs(Shrink(), N, "euler", 2, str(tmp), device="cpu", progress=False)
+
+
 TAKES_X0 = {
     "independent",
     "minibatch",
@@ -64,8 +98,9 @@ TAKES_X0 = {
     "sinkhorn",
     "sinkhorn-local",
     "sinkhorn-grouped",
+    "mixed",
 }
-NEEDS_INDICES = {name for name in FACTORIES if "loom" in name or name == "fixed"}
+NEEDS_INDICES = {name for name in FACTORIES if "loom" in name or name in ("fixed", "reflow")}
 
 
 def _batch(k=0):
@@ -132,7 +167,7 @@ def test_noise_in_the_indices_place_is_refused(name, tmp_path):
     # TorchCFM's order coupling(x0, x1) would train the reverse flow: every coupling refuses it
     c = FACTORIES[name](tmp_path)
     _, x1 = _batch()
-    with pytest.raises(TypeError, match="indices must (be integer|have an integer dtype)"):
+    with pytest.raises(TypeError, match="indices must be integer.*TorchCFM"):
         c(x1, torch.randn(B, *SHAPE))
     with pytest.raises(ValueError, match=r"indices must have shape \(b,\)"):
         c(x1, torch.arange(B + 1))
@@ -154,7 +189,9 @@ MODULES = (
     "loom_kernels.couplings",
     "loom_kernels.couplings.prefetch",
     "loom_kernels.train",
+    "loom_kernels.train.run",
     "loom_kernels.study",
+    "loom_kernels.experiments.study",
     "loom_kernels.testing",
     "loom_kernels.compat.torchcfm",
 )
@@ -176,13 +213,13 @@ def _package_couplings():
 
 
 def test_every_shipped_coupling_is_covered_by_the_protocol_runs(tmp_path):
-    covered = set()
+    covered = set(COVERED_ELSEWHERE)
     for make in FACTORIES.values():
         c = make(tmp_path / str(len(covered)))
         covered.add(type(c))
         if isinstance(c, PrefetchCoupling):
             covered.add(type(c.coupling))
-    mine = {c for c in _package_couplings() if c.__module__.startswith("loom_kernels.couplings")}
+    mine = {c for c in _package_couplings() if c.__module__.startswith("loom_kernels.couplings")} - CHOOSES_BATCHES
     assert mine <= covered, f"add a factory for {sorted(c.__name__ for c in mine - covered)}"
 
 
@@ -198,16 +235,72 @@ def _signature_params():
         yield pytest.param(cls, id=key, marks=marks)
 
 
+def _protocol_problems(cls) -> list:
+    """What in ``cls.__call__``'s signature departs from the protocol's (empty: it conforms)."""
+    params = list(inspect.signature(cls.__call__).parameters.values())[1:]  # after self
+    P, problems = inspect.Parameter, []
+    if len(params) < 2 or [p.name for p in params[:2]] != ["x1", "indices"]:
+        return [f"x1, indices first, got {[p.name for p in params[:2]]}"]
+    if params[0].kind != P.POSITIONAL_OR_KEYWORD or params[1].kind != P.POSITIONAL_OR_KEYWORD:
+        problems.append("x1 and indices may be passed by position or keyword")
+    if params[1].default is not None:
+        problems.append("indices defaults to None")
+    kw = {p.name: p for p in params[2:]}
+    defaults = {"x0": None, "labels": None, "cond": None, "return_indices": False}
+    for key, default in defaults.items():
+        if key not in kw:
+            problems.append(f"no keyword {key}")
+        elif kw[key].kind != P.KEYWORD_ONLY or kw[key].default is not default:
+            problems.append(f"{key} keyword-only with default {default}")
+    if not all(p.kind == P.KEYWORD_ONLY and p.default is not P.empty for p in params[2:]):
+        problems.append("every parameter after indices keyword-only, with a default")
+    return problems
+
+
 @pytest.mark.parametrize("cls", list(_signature_params()))
 def test_every_coupling_class_has_the_protocol_signature(cls):
-    params = list(inspect.signature(cls.__call__).parameters.values())[1:]  # after self
-    P = inspect.Parameter
-    assert params[0].name == "x1" and params[0].kind == P.POSITIONAL_OR_KEYWORD, params
-    assert params[1].name == "indices" and params[1].kind == P.POSITIONAL_OR_KEYWORD and params[1].default is None
-    kw = {p.name: p for p in params[2:]}
-    for key in ("x0", "labels"):
-        assert key in kw and kw[key].kind == P.KEYWORD_ONLY and kw[key].default is None, (key, params)
-    assert all(p.kind == P.KEYWORD_ONLY and p.default is not P.empty for p in params[2:]), params
+    assert _protocol_problems(cls) == [], cls
+
+
+def test_the_signature_check_catches_a_coupling_without_cond_or_return_indices():
+    class Old(Coupling):  # the signature before issue 21 (module: this test file, not the package)
+        def __call__(self, x1, indices=None, *, x0=None, labels=None):
+            return x1, x1
+
+    class Flag(Coupling):
+        def __call__(self, x1, indices=None, *, x0=None, labels=None, cond=None, return_indices=None):
+            return x1, x1
+
+    assert _protocol_problems(Old) == ["no keyword cond", "no keyword return_indices"]
+    assert _protocol_problems(Flag) == ["return_indices keyword-only with default False"]
+    assert _protocol_problems(IndependentCoupling) == []
+
+
+def test_the_three_classes_that_lacked_them_are_checked():
+    names = {c.__qualname__ for c in _package_couplings()}
+    assert {"FixedNoiseCoupling", "_CallableCoupling", "LargeBatchSinkhorn", "PrefetchCoupling"} <= names
+
+
+def test_fixed_noise_and_callable_couplings_take_cond_and_return_indices():
+    from loom_kernels.train.run import as_coupling
+
+    idx, x1 = _batch()
+    fixed = FixedNoiseCoupling(LoomCoupling(N, SHAPE, seed=1))
+    x0, _ = fixed(x1, idx)
+    x0c, _, perm = fixed(x1, idx, cond=torch.rand(B), labels=idx % 2, return_indices=True)
+    assert torch.equal(x0, x0c) and torch.equal(perm, torch.arange(B))  # nothing exchanged
+    with pytest.raises(TypeError, match="return_indices must be True or False"):
+        fixed(x1, idx, return_indices=1)
+    seen = []
+
+    def fn(x1, indices=None, **kw):
+        seen.append(sorted(kw))
+        return torch.zeros_like(x1), x1
+
+    wrapped = as_coupling(fn)
+    wrapped(x1, idx)
+    wrapped(x1, idx, cond=torch.rand(B), return_indices=True)
+    assert seen == [[], ["cond", "return_indices"]]  # passed on only when given
 
 
 # ---- ranks that disagree on the scope (issue 23 item 9) ---------------------------------------------------

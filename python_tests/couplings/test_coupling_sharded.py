@@ -77,6 +77,8 @@ def _compare_tables(rank, world):
                 rec = _record(c, rank, _batches(world, STEPS), labelled)
                 c.resample(torch.tensor([3, P - 1]))  # every rank passes the same rows
                 rec["resampled"] = _full_table(c)
+                c.resample(torch.arange(P))  # every row: each shard's first and last rows included
+                rec["resampled_all"] = _full_table(c)
                 out[scope, labelled, table] = rec
     return out
 
@@ -138,7 +140,7 @@ def test_sharded_equals_replicated_bit_for_bit(runs, world):
             for r, res in enumerate(ranks):
                 rep, sh = res["cmp"][scope, labelled, "replicated"], res["cmp"][scope, labelled, "sharded"]
                 what = f"W={world} scope={scope} labels={labelled} rank {r}"
-                for key in ("x0", "stats", "gen", "table", "resampled"):
+                for key in ("x0", "stats", "gen", "table", "resampled", "resampled_all"):
                     assert torch.equal(rep[key], sh[key]), f"{key} differs: {what}"
                 assert sh["local_rows"] in (P // world, P // world + 1), what  # N*K*8/W bytes per rank
             assert torch.equal(

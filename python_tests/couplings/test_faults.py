@@ -22,7 +22,8 @@ import torch
 
 from loom_kernels.checkpoint import atomic_save, load_checkpoint, load_verified
 from loom_kernels.couplings import LoomCoupling
-from loom_kernels.couplings.table import SeedTable, TableInUseError
+from loom_kernels.couplings.loom.tables.file_lock import TableInUseError
+from loom_kernels.couplings.loom.tables.replicated import ReplicatedTable as SeedTable
 
 # The worker: MODE random|journal|apply runs ROUNDS rounds on a fresh table and prints one JSON line each.
 WORKER = r"""
@@ -31,8 +32,8 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import numpy as np, torch
 torch.set_num_threads(1)
 from loom_kernels.couplings import LoomCoupling
-from loom_kernels.couplings import table as table_mod
-from loom_kernels.couplings.table import SeedTable
+from loom_kernels.couplings.loom.tables import journal as journal_mod
+from loom_kernels.couplings.loom.tables.replicated import ReplicatedTable as SeedTable
 
 mode, rounds, seed, path, durability = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 P, B, K, SHAPE = 2048, 256, 2, (2,)
@@ -68,11 +69,10 @@ def worker(w, stop_at):
                 if durability == "power":
                     os.fdatasync(fd)
                 # the record is written; tear the table: half of this call's entries zeroed, then die
-                blob, pos = open(path + ".journal", "rb").read(), table_mod._REC.size  # past the header
-                while pos < len(blob):
-                    _, n, _ = table_mod._REC.unpack_from(blob, pos)
-                    last, pos = (pos + table_mod._REC.size, n), pos + table_mod._REC.size + 16 * n
-                flat = np.frombuffer(blob, np.int64, last[1], last[0])
+                blob = open(path + ".journal", "rb").read()
+                start, end = journal_mod.record_spans(blob)[-1]
+                head = journal_mod.REC.size
+                flat = np.frombuffer(blob, np.int64, (end - start - head) // 16, start + head)
                 c._table._memmap.reshape(-1)[flat[: len(flat) // 2]] = 0
                 os.kill(os.getpid(), signal.SIGKILL)
             return n
@@ -175,18 +175,16 @@ LOAD_KILLER = r"""
 import os, signal, sys
 import numpy as np
 from loom_kernels.couplings import LoomCoupling
-from loom_kernels.couplings import table as table_mod
-from loom_kernels.couplings.table import SeedTable
+from loom_kernels.couplings.loom.tables import replicated as table_mod
 table_mod._INIT_CHUNK = 64  # many chunks: die in the middle of the copy
-real, calls = table_mod._seed_values, []
-orig_fill = table_mod.SeedTable._fill
+orig_fill = table_mod.fill_rows
 def fill(dst, rows):
     def killing_rows(a, b):
         if a >= 256:
             os.kill(os.getpid(), signal.SIGKILL)
         return rows(a, b)
     return orig_fill(dst, killing_rows)
-table_mod.SeedTable._fill = staticmethod(fill)
+table_mod.fill_rows = fill
 LoomCoupling.load(sys.argv[1])
 """
 
@@ -484,3 +482,66 @@ def test_huge_data_names_x1_and_the_overflow():
     with pytest.raises(ValueError, match=msg):
         c(x1, torch.arange(8))
     assert torch.equal(c.seeds, before)
+
+
+def test_load_state_dict_failing_half_way_leaves_the_coupling_as_it_was(tmp_path, monkeypatch):
+    # #34 item 4: a load_state_dict whose table replacement failed (a full disk, a read-only folder) had
+    # already installed the new generator and counter over the old table; the state was then inconsistent
+    # and every later checkpoint was refused. Now all or nothing.
+    import errno
+
+    from loom_kernels.couplings.loom.tables.replicated import ReplicatedTable as SeedTable
+
+    p = 256
+    data = torch.randn(p, 2)
+    c = LoomCoupling(p, (2,), num_caches=2, seed=3, mmap_path=tmp_path / "t.npy")
+
+    def snapshot():  # state_dict()'s seeds may view the live table
+        return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in c.state_dict().items()}
+
+    try:
+        old = snapshot()
+        for _ in range(3):
+            idx = torch.randperm(p)[:64]
+            c(data[idx], idx)
+        c.resample(torch.arange(16))  # the counter moves on
+        now = snapshot()
+        assert now["next_counter"] != old["next_counter"]
+
+        def full_disk(self, rows):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(SeedTable, "replace", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            c.load_state_dict(old)
+        monkeypatch.undo()
+        after = snapshot()
+        assert torch.equal(after["seeds"], now["seeds"]) and after["next_counter"] == now["next_counter"]
+        assert torch.equal(after["generator"], now["generator"])
+        c.save(tmp_path / "ck.pt")  # consistent: a checkpoint of it loads
+        c.load_state_dict(old)  # and the load itself works once the disk has room
+        assert c.state_dict()["next_counter"] == old["next_counter"]
+    finally:
+        c.close()
+    r = LoomCoupling.load(tmp_path / "ck.pt", mmap_path=None)
+    assert torch.equal(r.seeds, now["seeds"])
+
+
+def test_a_table_in_a_read_only_folder_says_mmap_path_none_loads_in_memory(tmp_path, monkeypatch):
+    # #34: LoomCoupling.load of a checkpoint whose table folder is read-only only said "Permission denied".
+    import errno
+
+    from loom_kernels.couplings.loom.tables import replicated
+
+    c = LoomCoupling(64, (2,), num_caches=2, seed=1, mmap_path=tmp_path / "t.npy")
+    c.save(tmp_path / "ck.pt")
+    c.close()
+
+    def read_only(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(replicated, "claim", read_only)
+    with pytest.raises(OSError, match=r"cannot write the seed table .*t\.npy.*mmap_path=None"):
+        LoomCoupling.load(tmp_path / "ck.pt")
+    monkeypatch.undo()
+    assert torch.equal(LoomCoupling.load(tmp_path / "ck.pt", mmap_path=None).seeds, c.seeds)

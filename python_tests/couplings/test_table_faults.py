@@ -21,15 +21,17 @@ import torch
 
 from loom_kernels.checkpoint import atomic_save
 from loom_kernels.couplings import LoomCoupling
-from loom_kernels.couplings import journal as journal_mod
-from loom_kernels.couplings.sharded import SHARD_KIND, shard_path
-from loom_kernels.couplings.table import SeedTable, _seed_values
+from loom_kernels.couplings.loom.seed_stream import seed_values
+from loom_kernels.couplings.loom.tables import file_lock
+from loom_kernels.couplings.loom.tables import journal as journal_mod
+from loom_kernels.couplings.loom.tables.replicated import ReplicatedTable as SeedTable
+from loom_kernels.couplings.loom.tables.shard_files import SHARD_KIND, shard_path
 
 P, K = 256, 2
 
 
 def _rows(a, b):
-    return _seed_values(7, a * K, (b - a) * K).reshape(b - a, K)
+    return seed_values(7, a * K, (b - a) * K).reshape(b - a, K)
 
 
 def _writes(n, salt=0, size=32):
@@ -83,13 +85,7 @@ def _crashed_run(path, writes, create=True, torn=None):
 
 def _records(jpath):
     """Byte offsets ``(start, end)`` of each record of a journal (past its header)."""
-    blob, out = open(jpath, "rb").read(), []
-    pos = journal_mod._REC.size if blob[:4] == b"LJH1" else 0
-    while pos < len(blob):
-        _, n, _ = journal_mod._REC.unpack_from(blob, pos)
-        out.append((pos, pos + journal_mod._REC.size + 16 * n))
-        pos = out[-1][1]
-    return out
+    return journal_mod.record_spans(open(jpath, "rb").read())
 
 
 def _open_seeds(path, **kw):
@@ -105,9 +101,11 @@ def _open_seeds(path, **kw):
 RACE = r"""
 import json, os, sys
 import torch
-from loom_kernels.couplings.table import SeedTable, TableInUseError, _seed_values
+from loom_kernels.couplings.loom.seed_stream import seed_values
+from loom_kernels.couplings.loom.tables.file_lock import TableInUseError
+from loom_kernels.couplings.loom.tables.replicated import ReplicatedTable as SeedTable
 n, rounds, d = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-rows = lambda a, b: _seed_values(1, 2 * a, 2 * (b - a)).reshape(b - a, 2)
+rows = lambda a, b: seed_values(1, 2 * a, 2 * (b - a)).reshape(b - a, 2)
 for r in range(rounds):
     path = os.path.join(d, f"t{r}.npy")
     go_r, go_w = os.pipe()
@@ -219,9 +217,9 @@ def test_each_table_file_carries_its_own_id(tmp_path):
     ids = set()
     for name in ("a.npy", "b.npy"):
         t = SeedTable.create(tmp_path / name, (P, K), _rows)
-        ids.add(t._id)
+        ids.add(t._mark.table_id)
         t.replace(_rows)  # a replaced file is another table: a new id
-        ids.add(t._id)
+        ids.add(t._mark.table_id)
         t.close()
         np.testing.assert_array_equal(np.load(tmp_path / name), _rows(0, P))  # still a plain .npy file
     assert len(ids) == 4 and 0 not in ids
@@ -274,10 +272,7 @@ def test_a_torn_last_record_is_dropped_with_a_warning(tmp_path, tail):
     path = tmp_path / "t.npy"
     writes = _writes(5, salt=5)
     extra = _writes(1, salt=6)[0]
-    payload = (extra[0].numpy() * K + extra[1].numpy()).tobytes() + extra[2].numpy().tobytes()
-    import zlib
-
-    record = journal_mod._REC.pack(journal_mod._MAGIC, 32, zlib.crc32(payload)) + payload
+    record = journal_mod.pack_record(6, extra[0].numpy() * K + extra[1].numpy(), extra[2].numpy())
     torn = {"half": record[: len(record) // 2], "header only": record[:10], "zeros": bytes(len(record))}[tail]
     _crashed_run(path, writes, torn=torn)
     with pytest.warns(RuntimeWarning, match="dropped the torn last record"):
@@ -355,7 +350,7 @@ def test_forked_workers_do_not_keep_the_lock(tmp_path):
     pid = os.fork()
     if pid == 0:  # a forked worker: holds no lock and cannot write the parent's table
         try:
-            ok = c._table._lock_fd is None and journal_mod._HELD == set()
+            ok = c._table._lock_fd is None and file_lock._HELD == set()
             try:
                 c._table.write(torch.tensor([1]), torch.tensor([0]), torch.tensor([5]))
             except RuntimeError as exc:
@@ -505,9 +500,157 @@ def test_a_table_and_journal_written_before_ids_still_open(tmp_path):
     ((r, s, v),) = _writes(1, salt=11)  # a header-less journal of the old format, one record
     payload = (r.numpy() * K + s.numpy()).tobytes() + v.numpy().tobytes()
     (tmp_path / "old.npy.journal").write_bytes(
-        journal_mod._REC.pack(journal_mod._MAGIC, len(r), zlib.crc32(payload)) + payload
+        journal_mod._REC1.pack(journal_mod._MAGIC1, len(r), zlib.crc32(payload)) + payload
     )
     t = SeedTable.open(path)
-    assert torch.equal(t.seeds, _expected([(r, s, v)])) and t._id != 0  # replayed, then given an id
+    # replayed, then given an id and a version
+    assert torch.equal(t.seeds, _expected([(r, s, v)])) and t._mark.table_id != 0 and t._mark.version == 1
     t.close()
-    assert SeedTable.open(path)._id == t._id
+    assert SeedTable.open(path)._mark.table_id == t._mark.table_id
+
+
+# ---- #34 item 1: journal records carry the table version and call they apply to -------------------------
+
+
+def test_a_journal_cut_inside_an_earlier_record_replays_nothing_the_table_already_holds(tmp_path):
+    # The killed run's table holds all 6 calls (the page cache keeps them); its journal is then cut inside the
+    # third record, with nothing after the damage. Replaying the two whole records before it onto that table
+    # would undo calls 3-6 for those entries (seeds lost and doubled); the table's call count says it holds
+    # them all, so nothing is replayed.
+    path = tmp_path / "t.npy"
+    writes = _writes(6, salt=21)
+    _crashed_run(path, writes)
+    jpath = str(path) + ".journal"
+    spans = _records(jpath)
+    assert len(spans) == 6
+    cut = spans[2][0] + (spans[2][1] - spans[2][0]) // 2
+    os.truncate(jpath, cut)
+    with pytest.warns(RuntimeWarning, match="the table already holds its call"):
+        got = _open_seeds(path)
+    assert torch.equal(got, _expected(writes))
+    assert len(np.unique(got.numpy())) == P * K and not os.path.exists(jpath)
+
+
+def test_a_table_restored_from_a_backup_older_than_its_journal_is_refused(tmp_path):
+    import shutil
+
+    path, backup = tmp_path / "t.npy", tmp_path / "backup.npy"
+    w = _writes(5, salt=22)
+    t = SeedTable.create(path, (P, K), _rows)
+    t.write(*w[0])
+    t.close()  # folds the journal in: a new version
+    shutil.copy(path, backup)  # the backup: version 2
+    t = SeedTable.open(path)
+    t.write(*w[1])
+    t.close()  # version 3
+    _crashed_run(path, w[2:], create=False)  # its journal is of version 3
+    jpath = str(path) + ".journal"
+    shutil.copy(backup, path)  # the user restores the table from the backup, the crash's journal beside it
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"written for version 3 of the table, but the table file is at version 2"):
+        SeedTable.open(path)
+    assert path.read_bytes() == before and os.path.exists(jpath)  # nothing applied, the journal kept
+
+
+def test_a_backup_within_the_same_version_gets_exactly_the_calls_it_lacks(tmp_path):
+    import shutil
+
+    path, backup = tmp_path / "t.npy", tmp_path / "backup.npy"
+    w = _writes(6, salt=23)
+
+    def run():
+        t = SeedTable.create(path, (P, K), _rows)
+        for k, x in enumerate(w):
+            t.write(*x)
+            if k == 1:
+                shutil.copy(path, backup)  # a copy holding calls 1-2 (its trailer says so)
+        return t
+
+    _crash(run)
+    shutil.copy(backup, path)
+    assert torch.equal(_open_seeds(path), _expected(w))  # calls 3-6 replayed onto it
+
+
+def test_a_journal_that_skips_calls_is_refused_by_name(tmp_path):
+    path = tmp_path / "t.npy"
+    _crashed_run(path, _writes(4, salt=24))
+    jpath = str(path) + ".journal"
+    blob = open(jpath, "rb").read()
+    spans = _records(jpath)
+    with open(jpath, "wb") as f:  # the header, then records 1 and 3-4: call 2 is missing
+        f.write(blob[: spans[0][1]] + blob[spans[2][0] :])
+    # the table holds all 4 calls, so first pretend it holds none: its trailer's count set to 0
+    mm, mark = journal_mod.map_table(str(path))
+    del mm
+    fd = os.open(path, os.O_RDWR)
+    mark.calls = 0
+    journal_mod.write_mark(fd, mark)
+    os.close(fd)
+    with pytest.raises(ValueError, match=r"skips from call 1 to call 3"):
+        SeedTable.open(path)
+    with open(jpath, "wb") as f:  # the header, then records 3-4 only: calls 1-2 missing before them
+        f.write(blob[: spans[0][0]] + blob[spans[2][0] :])
+    with pytest.raises(ValueError, match=r"starts at call 3, but the table holds calls up to 0"):
+        SeedTable.open(path)
+
+
+def test_a_killed_journal_creators_temp_file_is_removed(tmp_path):
+    # #34 item 11: a writer killed between creating the journal's temp file and renaming it into place left
+    # PATH.journal.tmp-HOST-PID-XXXXXXXX behind, which nothing removed. The next journal opened at that path
+    # removes it (its writer is gone); a live writer's temp is kept.
+    import socket
+
+    path = tmp_path / "t.npy"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f"t.npy.journal.tmp-{host}-{int(dead.stdout)}-abcd1234"
+    live = tmp_path / f"t.npy.journal.tmp-{host}-{os.getpid()}-wxyz5678"
+    stale.write_bytes(b"LJH1")
+    live.write_bytes(b"LJH1")
+    _crashed_run(path, _writes(2, salt=3))  # creates the table, opens its journal, writes, is killed
+    assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("fail_at", ["partial", "fdatasync"])
+def test_a_failed_journal_append_is_rolled_back_and_names_the_journal(tmp_path, monkeypatch, fail_at):
+    # #34 items 5 and 8: a full disk mid-append left a partial record; the next call's record after it made
+    # the journal damaged before its end, so a crash later could not be replayed. The append is now cut
+    # back, the error names the journal, and the table is unchanged.
+    import errno
+
+    from loom_kernels.couplings.loom.tables import replicated as table_mod
+
+    path = tmp_path / "t.npy"
+    w = _writes(3, salt=5)
+    t = SeedTable.create(path, (P, K), _rows, durability="power")
+    try:
+        t.write(*w[0])
+        before = t.seeds.clone()
+        real_write, real_sync = os.write, os.fdatasync
+
+        def short_write(fd, data):  # half the record lands, then the disk is full
+            if len(data) > 8:
+                real_write(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def bad_sync(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        if fail_at == "partial":
+            monkeypatch.setattr(table_mod.os, "write", short_write)
+        else:
+            monkeypatch.setattr(table_mod.os, "fdatasync", bad_sync)
+        with pytest.raises(OSError, match=r"cannot append to the journal .*t\.npy\.journal.*not applied") as exc:
+            t.write(*w[1])
+        assert exc.value.errno == errno.ENOSPC and exc.value.filename.endswith("t.npy.journal")
+        monkeypatch.setattr(table_mod.os, "write", real_write)
+        monkeypatch.setattr(table_mod.os, "fdatasync", real_sync)
+        assert torch.equal(t.seeds, before)
+        t.write(*w[2])
+        # what a crash now would replay: whole records only, the failed call's none
+        jpath = str(path) + ".journal"
+        assert len(journal_mod.record_spans(open(jpath, "rb").read())) == 2
+        assert torch.equal(t.seeds, _expected([w[0], w[2]]))
+    finally:
+        t.close()
+    assert torch.equal(_open_seeds(path), _expected([w[0], w[2]]))

@@ -1,7 +1,8 @@
 // Runs the CUDA auction's device code (csrc/cuda/auction_cuda.cu) on the CPU through the
 // stand-in runtime of this folder, for test_auction_emulated.py (loaded with ctypes). Linked
 // with csrc/cpu/auction_cpu.cpp, so twin_solve is the CPU twin built with the same constants
-// (the tests also build variants with other -DLOOM_AUCTION_* values).
+// (the tests also build variants with other -DLOOM_AUCTION_* values). The host side (make_plan, launch,
+// on_device, check) is built against the recording stub of cuda_runtime.h here: emu_host_*.
 #define LOOM_CUDA_EMULATION 1
 #include "cpu/auction_cpu.h"
 #include "cuda/auction_cuda.cu"
@@ -93,5 +94,64 @@ int twin_solve(const void* cost, int is_double, int64_t B, int64_t N, int64_t M,
     loom::auction_solve_batch<float>(static_cast<const float*>(cost), B, N, M, maximize != 0, tol, col4row, status,
                                      rounds, 1);
   return 0;
+}
+
+// The simulated device of the stub runtime, and whether launches run their kernel (with `threads`
+// per block instead of the launched 512 when threads > 0) or fail with `fail_launch`.
+void emu_host_config(int sms, int smem_optin, int grid_per_sm, int major, int minor, int count, int current,
+                     int fail_launch, int run_kernels, int threads) {
+  emu::Host& h = emu::host();
+  h.dev = {sms, smem_optin, grid_per_sm, major, minor, count};
+  h.current = current;
+  h.fail_launch = fail_launch;
+  h.run_kernels = run_kernels != 0;
+  h.threads_override = threads;
+  h.max_dyn.clear();
+  h.log.clear();
+}
+
+// The stub's log since emu_host_config (one line per call), copied into out (NUL-terminated).
+void emu_host_log(char* out, int64_t size) {
+  std::snprintf(out, static_cast<size_t>(size), "%s", emu::host().log.c_str());
+}
+
+// loom::auction_cuda_workspace_bytes, then loom::auction_cuda_solve with a workspace of that size
+// (ws_bytes >= 0: this size instead), as auction_cuda.cpp calls them. Returns 0, or 1 with the
+// exception's message in err.
+int emu_host_solve(const void* cost, int is_double, int64_t B, int64_t N, int64_t M, int maximize, double tol,
+                   int mode, int device, int64_t ws_bytes, int64_t* col4row, int8_t* status, int64_t* rounds,
+                   int64_t* ws_out, char* err, int64_t err_size) {
+  try {
+    const size_t need = loom::auction_cuda_workspace_bytes(B, N, M, mode, device);
+    const size_t bytes = ws_bytes >= 0 ? static_cast<size_t>(ws_bytes) : need;
+    *ws_out = static_cast<int64_t>(need);
+    std::vector<double> ws(bytes / 8 + 1);
+    loom::auction_cuda_solve(cost, is_double != 0, B, N, M, maximize != 0, tol, bytes ? ws.data() : nullptr, bytes,
+                             col4row, status, rounds, nullptr, device, mode);
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(err, static_cast<size_t>(err_size), "%s", e.what());
+    return 1;
+  }
+}
+
+// The _cuda module's two entry points (csrc/bindings_cuda.cpp) over the stub: assign.dispatch.solve_cuda's
+// calls, with its CPU tensors' addresses. Errors as in emu_host_solve.
+int64_t emu_host_workspace_bytes(int64_t B, int64_t N, int64_t M, int mode, int device) {
+  return static_cast<int64_t>(loom::auction_cuda_workspace_bytes(B, N, M, mode, device));
+}
+int emu_host_solve_raw(uintptr_t cost, int is_double, int64_t B, int64_t N, int64_t M, int maximize, double tol,
+                       uintptr_t col4row, uintptr_t status, uintptr_t ws, uint64_t ws_bytes, uintptr_t rounds,
+                       int device, int mode, char* err, int64_t err_size) {
+  try {
+    loom::auction_cuda_solve(reinterpret_cast<const void*>(cost), is_double != 0, B, N, M, maximize != 0, tol,
+                             reinterpret_cast<void*>(ws), static_cast<size_t>(ws_bytes),
+                             reinterpret_cast<int64_t*>(col4row), reinterpret_cast<int8_t*>(status),
+                             reinterpret_cast<int64_t*>(rounds), nullptr, device, mode);
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(err, static_cast<size_t>(err_size), "%s", e.what());
+    return 1;
+  }
 }
 }

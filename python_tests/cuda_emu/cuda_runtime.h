@@ -19,6 +19,7 @@
 #include <string>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 using std::isfinite;  // CUDA's math functions live in the global namespace
@@ -174,3 +175,143 @@ T atomicMax(T* a, std::type_identity_t<T> v) { return emu::atomic_update(a, [v](
 inline int atomicAdd(int* a, int v) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); }
 inline int atomicSub(int* a, int v) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); }
 inline int atomicOr(int* a, int v) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); }
+
+// ---- The host API: a recording stub -------------------------------------------------------------
+// Enough of the runtime for csrc/cuda/auction_cuda.cu's host side (make_plan, launch, on_device,
+// check): a simulated device (emu::host().dev) answers the attribute queries, and every call that
+// shapes a launch is appended to emu::host().log, one line each, for test_auction_emulated.py. Launches
+// are checked as the real runtime checks them (dynamic shared memory over 48 KB without the opt-in,
+// an opt-in above the device's limit, a cooperative grid larger than can be resident), can be made to
+// fail with a given error (fail_launch: cudaErrorNoKernelImageForDevice, ...), and run the kernel on
+// the emulator when run_kernels is set ("device" pointers are host memory here).
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+constexpr cudaError_t cudaErrorInvalidValue = 1;
+constexpr cudaError_t cudaErrorInvalidDevice = 101;
+constexpr cudaError_t cudaErrorNoKernelImageForDevice = 209;
+constexpr cudaError_t cudaErrorInvalidDeviceFunction = 98;
+constexpr cudaError_t cudaErrorUnsupportedPtxVersion = 222;
+constexpr cudaError_t cudaErrorCooperativeLaunchTooLarge = 720;
+enum cudaDeviceAttr : int {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
+enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+namespace emu {
+struct Device {
+  int sms = 132, smem_optin = 232448, grid_per_sm = 1, major = 9, minor = 0, count = 1;
+};
+struct Host {
+  Device dev;
+  int current = 0;
+  cudaError_t fail_launch = cudaSuccess;  // returned by the next launches instead of running them
+  bool run_kernels = false;
+  int threads_override = 0;  // run a launch's kernel with this many threads per block (0: as launched)
+  std::vector<std::pair<const void*, int>> max_dyn;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize)
+  std::string log;
+};
+inline Host& host() {
+  static Host h;
+  return h;
+}
+inline void record(const std::string& line) { host().log += line + "\n"; }
+inline int opted_in(const void* f) {
+  for (auto& [g, v] : host().max_dyn)
+    if (g == f) return v;
+  return 48 * 1024;
+}
+template <typename... A, size_t... I>
+void call(void (*f)(A...), void** args, std::index_sequence<I...>) {
+  f(*static_cast<std::remove_reference_t<A>*>(args[I])...);
+}
+template <typename... A>
+cudaError_t launch_kernel(const char* kind, void (*f)(A...), dim3 grid, dim3 block, void** args, size_t dyn) {
+  record(std::string(kind) + " grid=" + std::to_string(grid.x) + " block=" + std::to_string(block.x) +
+         " dyn=" + std::to_string(dyn) + " args=" + std::to_string(sizeof...(A)));
+  if (host().fail_launch != cudaSuccess) return host().fail_launch;
+  if (block.x > 1024 || grid.x < 1 || dyn > static_cast<size_t>(opted_in(reinterpret_cast<const void*>(f))))
+    return cudaErrorInvalidValue;
+  if (host().run_kernels) {
+    const int threads = host().threads_override ? host().threads_override : static_cast<int>(block.x);
+    if (!launch(static_cast<int>(grid.x), threads, [&] { call(f, args, std::index_sequence_for<A...>{}); }, dyn))
+      return cudaErrorInvalidValue;  // wrote past its dynamic shared memory: "an illegal address" on a GPU
+  }
+  return cudaSuccess;
+}
+}  // namespace emu
+
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorNoKernelImageForDevice: return "no kernel image is available for execution on the device";
+    case cudaErrorCooperativeLaunchTooLarge: return "too many blocks in cooperative launch";
+    default: return "unknown error";
+  }
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDeviceCount(int* n) {
+  *n = emu::host().dev.count;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = emu::host().current;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) {
+  if (d < 0 || d >= emu::host().dev.count) return cudaErrorInvalidDevice;
+  emu::record("set_device " + std::to_string(d));
+  emu::host().current = d;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int device) {
+  if (device != emu::host().current) emu::record("attribute of a device not current");
+  const emu::Device& d = emu::host().dev;
+  switch (a) {
+    case cudaDevAttrMultiProcessorCount: *v = d.sms; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = d.major; break;
+    case cudaDevAttrComputeCapabilityMinor: *v = d.minor; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = d.smem_optin; break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaSuccess;
+}
+template <typename F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F*, int threads, size_t dyn) {
+  emu::record("occupancy block=" + std::to_string(threads) + " dyn=" + std::to_string(dyn));
+  *n = emu::host().dev.grid_per_sm;
+  return cudaSuccess;
+}
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute a, int value) {
+  emu::record("set_attribute max_dynamic_smem=" + std::to_string(value));
+  if (a != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > emu::host().dev.smem_optin)
+    return cudaErrorInvalidValue;
+  emu::host().max_dyn.emplace_back(reinterpret_cast<const void*>(f), value);
+  return cudaSuccess;
+}
+template <typename... A>
+cudaError_t cudaLaunchKernel(void (*f)(A...), dim3 grid, dim3 block, void** args, size_t dyn, cudaStream_t) {
+  return emu::launch_kernel("launch", f, grid, block, args, dyn);
+}
+template <typename... A>
+cudaError_t cudaLaunchCooperativeKernel(void (*f)(A...), dim3 grid, dim3 block, void** args, size_t dyn,
+                                        cudaStream_t) {
+  const emu::Device& d = emu::host().dev;
+  if (grid.x > static_cast<unsigned>(d.sms * d.grid_per_sm)) {
+    emu::record("cooperative grid=" + std::to_string(grid.x) + " too large");
+    return cudaErrorCooperativeLaunchTooLarge;
+  }
+  return emu::launch_kernel("cooperative", f, grid, block, args, dyn);
+}
+inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
+  emu::record("memset " + std::to_string(n));
+  std::memset(p, v, n);
+  return cudaSuccess;
+}

@@ -38,7 +38,7 @@ def test_fixed_noise_coupling_never_reassigns():
     # the protocol's refusals: no indices, noise in the indices' place, a given x0
     with pytest.raises(ValueError, match="needs the dataset indices"):
         fixed(x1)
-    with pytest.raises(TypeError, match="indices must have an integer dtype"):
+    with pytest.raises(TypeError, match="indices must be integer dataset indices.*TorchCFM's argument order"):
         fixed(x1, torch.randn(4, 3))
     with pytest.raises(ValueError, match="x0 must be None"):
         fixed(x1, idx, x0=x1)
@@ -71,13 +71,14 @@ def test_converge_is_monotone_and_reaches_a_fixed_point():
 def test_run_one_records(variant):
     rec = study.run_one("moons", variant, 0, TINY)
     # every number of the CSV row is finite (the "fixed" variant wrote NaN into minibatch_cost_end)
-    row = study._row(rec)
+    row = study.csv_row(rec)
     numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     assert "minibatch_cost_end" in numbers and "straightness" in numbers
     assert all(np.isfinite(v) for v in numbers.values()), {k: v for k, v in numbers.items() if not np.isfinite(v)}
     assert rec["variant"] == variant and rec["n_train"] == 128 and rec["n_eval"] == 64
     assert set(rec["w2_fresh"]) == set(study.NFES) and all(v > 0 for v in rec["w2_fresh"].values())
-    finite = variant not in ("independent", "ot") + study.SINKHORN_VARIANTS  # fresh noise: no table
+    fresh = ("independent", "ot") + study.SINKHORN_VARIANTS + study.NEW_VARIANTS  # sdseeded: refilled each epoch
+    finite = variant not in fresh  # fresh noise: no table
     assert (rec["caches"] is not None) == finite
     assert all((v is not None) == finite for v in rec["w2_train"].values())
     if finite:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loom_kernels import _triton, sampler
-from loom_kernels.sampler import METHODS, clear_graph_cache, sample
+from loom_kernels.sampler import METHODS, Guidance, Options, clear_graph_cache, sample
 from loom_kernels.sampler import field as sampler_field
 from loom_kernels.sampler import fixed as sampler_fixed
 from loom_kernels.sampler import graphs as sampler_graphs
@@ -21,7 +21,7 @@ from harness import CountingModel, convergence_order, linear_field, time_field
 from kernel_paths import needs_interpreter
 
 ALL = sorted(METHODS)
-ORDER = {"euler": 1.0, "midpoint": 2.0, "heun": 2.0}
+ORDER = {"euler": 1.0, "midpoint": 2.0, "heun": 2.0, "rk4": 4.0}
 
 
 def cos_field(x, t):
@@ -68,9 +68,10 @@ def test_linear_field_converges_to_exp(method):
     x0 = torch.randn(8, 4, dtype=torch.float64)
     err = (sample(model, x0, 256, method=method) - exact(x0, 0.0, 1.0)).abs().max().item()
     assert err < (5e-3 if method == "euler" else 3e-5)
-    # and the order-1 and order-2 errors are the textbook ones for one step of size 1
+    # and the order-1, 2 and 4 errors are the textbook ones for one step of size 1
     one = sample(model, x0, METHODS[method], method=method)
     growth = {"euler": 1 - 0.7, "midpoint": 1 - 0.7 + 0.7**2 / 2, "heun": 1 - 0.7 + 0.7**2 / 2}
+    growth["rk4"] = growth["midpoint"] - 0.7**3 / 6 + 0.7**4 / 24
     torch.testing.assert_close(one, x0 * growth[method], rtol=1e-14, atol=1e-14)
 
 
@@ -92,7 +93,8 @@ def test_straight_field_is_exact(method):
     x1 = torch.randn(64, 3)
     model = lambda x, t: x1 - x0  # noqa: E731  - the velocity of a known straight coupling
     out = sample(model, x0, METHODS[method], method=method)
-    torch.testing.assert_close(out, x0 + (x1 - x0), rtol=0, atol=0)
+    tol = 1e-6 if method == "rk4" else 0  # its weights 1/6, 1/3 round
+    torch.testing.assert_close(out, x0 + (x1 - x0), rtol=tol, atol=tol)
     torch.testing.assert_close(sample(model, x0, 8, method=method), x1, rtol=1e-6, atol=1e-6)
 
 
@@ -128,6 +130,7 @@ def test_empty_batch():
 @pytest.mark.parametrize("nfe", [2, 4, 10])
 @pytest.mark.parametrize("trajectory", [False, True])
 def test_exact_nfe(method, nfe, trajectory):
+    nfe *= METHODS[method] // 2 or 1  # rk4: 4 per step
     model = CountingModel(lambda x, t: -x)
     sample(model, torch.randn(3, 2), nfe, method=method, return_trajectory=trajectory)
     assert model.calls == nfe
@@ -149,6 +152,7 @@ def test_t_shape_dtype_and_values(method, dtype):
         "euler": g[:-1],
         "midpoint": [s for a in g[:-1] for s in (a, a + h / 2)],
         "heun": [s for a, b in zip(g[:-1], g[1:]) for s in (a, b)],
+        "rk4": [s for a, b in zip(g[:-1], g[1:]) for s in (a, a + h / 2, a + h / 2, b)],
     }[method]
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 if dtype == torch.float16 else 1e-7)
 
@@ -184,7 +188,7 @@ def test_time_grid_uniform_equals_default_and_other_interval():
 @pytest.mark.parametrize("method", ALL)
 def test_trajectory(method):
     x0 = torch.randn(5, 2, 2, dtype=torch.float64)
-    nfe = 6
+    nfe = 3 * METHODS[method]
     traj = sample(cos_field, x0, nfe, method=method, return_trajectory=True)
     steps = nfe // METHODS[method]
     assert traj.shape == (steps + 1, 5, 2, 2)
@@ -266,19 +270,23 @@ def test_mode_restored_when_model_raises():
         (dict(nfe=5, method="heun"), ValueError, "multiple of 2.*heun"),
         (dict(nfe=4.0), TypeError, "nfe must be an int, got float"),
         (dict(nfe=True), TypeError, "nfe must be an int, got bool"),
-        (dict(nfe=4, method="rk4"), ValueError, "method must be one of"),
+        (dict(nfe=4, method="rk5"), ValueError, "method must be one of"),
         (dict(nfe=4, method=None), ValueError, "method must be one of"),
         (dict(nfe=4, t0=0.5, t1=0.5), ValueError, "t0 and t1 must differ"),
         (dict(nfe=4, t1=float("nan")), ValueError, "t1 must be finite"),
         (dict(nfe=4, t0="0"), TypeError, "t0 must be a real number"),
-        (dict(nfe=2, time_grid=[0.0, 1.0]), ValueError, "time_grid must be 1-D with nfe/1 \\+ 1 = 3 points"),
+        (dict(nfe=2, time_grid=[0.0, 1.0], t0=0.0), ValueError, "time_grid must be 1-D with nfe/1 \\+ 1 = 3 points"),
         (dict(nfe=4, method="heun", time_grid=[0.0, 0.5, 0.7, 1.0]), ValueError, "3 points.*got shape \\(4,\\)"),
         (dict(nfe=2, time_grid=[[0.0, 0.5, 1.0]]), ValueError, "time_grid must be 1-D"),
         (dict(nfe=2, time_grid=[0.0, 0.7, 0.5, 1.0][:1] + [0.7, 0.5]), ValueError, "strictly increasing"),
         (dict(nfe=2, time_grid=[0.0, 0.0, 1.0]), ValueError, "strictly increasing"),
         (dict(nfe=2, time_grid=[0.0, float("nan"), 1.0]), ValueError, "finite"),
-        (dict(nfe=2, time_grid=[0.0, 0.5, 0.9]), ValueError, "from t0=0.0 to t1=1.0.*0.9"),
-        (dict(nfe=2, time_grid=[0.1, 0.5, 1.0]), ValueError, "from t0=0.0 to t1=1.0"),
+        (dict(nfe=2, time_grid=[0.0, 0.5, 0.9], t1=1.0), ValueError, "from t0=0.0 to t1=1.0.*0.9"),
+        (dict(nfe=2, time_grid=[0.1, 0.5, 1.0], t0=0.0), ValueError, "from t0=0.0 to t1=1.0"),
+        (dict(nfe=2, time_grid=[0.0, 0.0]), ValueError, "first and last times must differ"),
+        (dict(nfe=2, time_grid=[1.0, 0.5, 0.7]), ValueError, "strictly decreasing"),
+        (dict(nfe=2, options=dict(info={})), TypeError, "options must be a loom_kernels.sampler.Options"),
+        (dict(nfe=2, infos={}), TypeError, "unexpected keyword arguments \\['infos'\\]"),
         (dict(nfe=2, cuda_graph="yes"), ValueError, "cuda_graph must be 'auto', True or False"),
         (dict(nfe=2, cuda_graph=1), ValueError, "cuda_graph must be"),
         (dict(nfe=2, cuda_graph=True), ValueError, "cuda_graph=True needs x0 on a CUDA device, got x0 on cpu"),
@@ -370,7 +378,8 @@ def test_sample_through_triton_matches_torch(monkeypatch, method):
     monkeypatch.setattr(sampler_update, "_ode_update_kernel", Spy())
     got = sample(cos_field, x0, 4, method=method, return_trajectory=True)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    assert len(calls) == 4  # one fused launch per stage update: euler 4 steps, 2-stage 2x2
+    # one fused launch per update: euler 4 steps, 2-stage 2x2, rk4 one step of 6
+    assert len(calls) == (6 if method == "rk4" else 4)
     # float64 states keep the torch path (Triton would round h to fp32)
     calls.clear()
     sample(cos_field, x0.double(), 4, method=method)
@@ -864,3 +873,34 @@ def test_graph_cache_bookkeeping_without_a_gpu():
     cache.mark_failed("y")
     cache.clear()
     assert len(cache) == 0 and not cache.seen and not cache.failed
+
+
+def test_grouped_options_equal_the_legacy_keywords():
+    x0 = torch.randn(6, 3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+
+    def model(x, t, c):  # labels under another key than "y"
+        return -x * (1.0 + c[:, None].to(x.dtype)) + t[:, None]
+
+    new, old = {}, {}
+    a = sample(
+        model,
+        x0,
+        8,
+        method="heun",
+        time_grid=(0.2, 0.9),
+        model_kwargs={"c": y},
+        guidance=Guidance(2.0, null_label=3, label_key="c"),
+        options=Options(info=new),
+    )
+    b = sample(
+        model, x0, 8, method="heun", t0=0.2, t1=0.9, model_kwargs={"c": y}, guidance=2.0, null_label=3, label_key="c",
+        info=old,
+    )  # fmt: skip
+    assert torch.equal(a, b) and new == old == {"nfe": 8}
+    # a two-point time_grid is the interval (here backwards), split into uniform steps
+    on_grid = sample(model, x0, 4, time_grid=uniform(0.9, 0.2, 4), model_kwargs={"c": y})
+    on_interval = sample(model, x0, 4, time_grid=(0.9, 0.2), model_kwargs={"c": y})
+    torch.testing.assert_close(on_interval, on_grid, rtol=1e-13, atol=1e-13)
+    with pytest.raises(TypeError, match=r"pass \['null_label'\] inside Guidance"):
+        sample(model, x0, 8, model_kwargs={"c": y}, guidance=Guidance(2.0, label_key="c"), null_label=3)

@@ -271,3 +271,83 @@ def test_memory_is_bounded_by_the_tile(backend, monkeypatch):
     monkeypatch.setattr(_tiles, "TILE_ELEMENTS", 1 << 20)
     ref = on(backend, sinkhorn, x, y, epsilon=0.1, tol=1e-4)
     torch.testing.assert_close(res.f, ref.f, atol=1e-4 * float(res.epsilon), rtol=0)
+
+
+@pytest.mark.parametrize("scale", [1e19, 3e18])
+def test_points_whose_costs_overflow_float32_are_refused(scale):
+    # #34 item 7: a float32 cost past ~1e38 made every (g - C) / eps inf - inf; the solver ran to max_iter and
+    # drew one column for every row, its only sign a max_iter warning. Now refused, naming the inputs.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g) * scale, torch.randn(32, 4, generator=g)
+    with pytest.raises(ValueError, match=r"x and y hold values so large .* overflow float32 .*float64"):
+        sinkhorn(x, y)
+    res = sinkhorn(x.double(), y.double(), max_iter=50)  # float64 holds them
+    assert torch.isfinite(res.f).all()
+
+
+def test_a_cost_that_overflows_float32_is_refused():
+    cost = torch.rand(8, 8, dtype=torch.float64) * 1e39
+    with pytest.raises(ValueError, match=r"cost must be finite"):
+        sinkhorn_cost(cost.float())  # inf after the cast
+    with pytest.raises(ValueError, match=r"cost hold entries so large that they overflow float32 .*float64"):
+        sinkhorn_cost(cost.float().clamp_max(1e38))
+    sinkhorn_cost(cost * 1e-36)  # a float64 cost is solved in float64
+
+
+# ---- the streamed Triton kernel on a GPU, against float64 references and the CPU (torch tile) path -------
+
+
+def _logits64(x, y, u, scale):
+    return u.double()[:, None, :] + scale.double()[:, None, None] * torch.einsum("bnd,bmd->bnm", x.double(), y.double())
+
+
+def _kernel_inputs(d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 300, d, generator=g)
+    y = torch.randn(2, 517, d, generator=g)  # m spans several column tiles, not a multiple of any
+    u = torch.randn(2, 517, generator=g)
+    u[0, ::7] = -math.inf  # zero-weight columns
+    scale = torch.tensor([0.5, 2.0 / d])
+    return x, y, u, scale
+
+
+def _clear_winners(logits, margin=1e-3):
+    """Rows whose best logit leads the second by more than ``margin`` (float32 cannot order nearer ones)."""
+    top = logits.topk(2, dim=-1).values
+    return (top[..., 0] - top[..., 1]) > margin
+
+
+@pytest.mark.cuda(triton_only=True)
+@pytest.mark.parametrize("d", [3, 100])
+def test_cuda_stream_kernel_lse_and_argmax_match_float64(d):
+    from loom_kernels.sinkhorn import _kernels
+
+    x, y, u, scale = _kernel_inputs(d)
+    ref = _logits64(x, y, u, scale)
+    dev = [t.cuda() for t in (x, y, u, scale)]
+    got = _kernels.lse(*dev).cpu()
+    torch.testing.assert_close(got.double(), torch.logsumexp(ref, -1), rtol=1e-5, atol=1e-3)
+    idx = _kernels.argmax(*dev).cpu()
+    clear = _clear_winners(ref)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(idx[clear], ref.argmax(-1)[clear])
+    # Gumbel-max: the same integer noise as _tiles.gumbel (the CPU path's) on every tile
+    ki, kj = _tiles.row_keys(7, 2, 300, "cpu"), _tiles.col_keys(517, "cpu")
+    noisy = ref + _tiles.gumbel(ki, kj).double()
+    idx = _kernels.argmax(*dev, ki.cuda(), kj.cuda()).cpu()
+    clear = _clear_winners(noisy)
+    assert torch.equal(idx[clear], noisy.argmax(-1)[clear])
+
+
+@pytest.mark.cuda(triton_only=True)
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_solver_matches_the_cpu_path(case):
+    """``sinkhorn`` on CUDA tensors (the Triton kernel) reaches the plan of the CPU torch-tile path."""
+    x, y = _case(case)
+    cpu = on("torch", sinkhorn, x, y, epsilon=0.05, tol=1e-6)
+    gpu = sinkhorn(x.cuda(), y.cuda(), epsilon=0.05, tol=1e-6)
+    assert gpu.converged and gpu.f.is_cuda and float(gpu.error.max()) <= 1e-6
+    torch.testing.assert_close(gpu.epsilon.cpu(), cpu.epsilon, rtol=1e-6, atol=0)
+    plan_gpu = dense_plan(gpu, x.cuda().double(), y.cuda().double()).cpu()
+    plan_cpu = dense_plan(cpu, x.double(), y.double())
+    assert _tv(plan_gpu, plan_cpu) < 2e-4, _tv(plan_gpu, plan_cpu)

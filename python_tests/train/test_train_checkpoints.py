@@ -108,7 +108,8 @@ def test_periodic_checkpoints_and_no_overwrite(tmp_path):
         callback_every=4,
     )
     assert seen == [(4, ["coupling", "ema", "model"]), (8, ["coupling", "ema", "model"])]
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.csv", "model.pt"]  # no temp files left
+    # no temp files left; .lock is the trainer's directory lock (flock: it stays, only its lock goes)
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint.pt", "log.csv", "model.pt"]
     with pytest.raises(FileExistsError, match="resume"):
         train(model, ds, coupling, small_config(steps=8, out_dir=out))
 

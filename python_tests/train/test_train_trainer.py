@@ -100,7 +100,7 @@ def test_train_errors():
     with pytest.raises(ValueError, match=r"\(index, x\) pairs"):
         train(model, Bad(), coupling, small_config())
     with pytest.raises(ValueError, match="coupling must be one of"):
-        make_coupling("sinkhorn", 10, (2,))
+        make_coupling("nope", 10, (2,))
     with pytest.raises(FileNotFoundError):
         load_checkpoint("/no/such/checkpoint.pt")
 

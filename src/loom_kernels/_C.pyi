@@ -35,3 +35,35 @@ def philox_normal(seeds: npt.ArrayLike, row_len: int, threads: int = 0) -> npt.N
 
 def philox_uint32(seeds: npt.ArrayLike, row_len: int, threads: int = 0) -> npt.NDArray[np.uint32]:
     """The raw Philox4x32-10 words: int64 seeds (S,) -> uint32 (S, row_len)."""
+
+def stream_lse(
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float32],
+    u: npt.NDArray[np.float32],
+    scale: npt.NDArray[np.float32],
+    threads: int = 0,
+) -> npt.NDArray[np.float32]:
+    """LSE_j(u_j + scale_b <x_i, y_j>) float32 (B, n) of x (B, n, D), y (B, m, D), u (B, m), scale (B,)."""
+
+def stream_argmax(
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float32],
+    u: npt.NDArray[np.float32],
+    scale: npt.NDArray[np.float32],
+    ki: npt.NDArray[np.int64] | None = None,
+    kj: npt.NDArray[np.int64] | None = None,
+    threads: int = 0,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """(argmax_j int64 (B, n), max float32 (B, n)) of the logits [+ Gumbel(ki (B, n), kj (m,))]."""
+
+def roofline_exp(n: int, reps: int) -> float:
+    """This thread's CPU seconds for reps sweeps of n exps (the kernel's polynomial, L1-resident)."""
+
+def roofline_fma(reps: int) -> float:
+    """This thread's CPU seconds for reps * roofline_fma_per_rep() float32 FMAs in registers."""
+
+def roofline_fma_per_rep() -> int:
+    """FMAs (lanes counted) per rep of roofline_fma."""
+
+def roofline_read(buf: npt.NDArray[np.float32], reps: int) -> float:
+    """This thread's CPU seconds for reps sequential reads of the float32 buffer."""

@@ -75,6 +75,66 @@ def save_model(path: str, ema: nn.Module, *, metadata: dict | None = None, step:
     )
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# The fields each format must carry, with a check of their type: a file whose checksum is valid can still
+# have been written by other code (or edited and re-checksummed); torch would fail on it with a raw
+# TypeError/KeyError naming no file, or accept it (a step of 2.5 ends a run at 6.5).
+_FIELDS = {
+    "loom_kernels.checkpoint": {
+        "step": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
+        "epoch": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
+        "seen": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
+        "world_size": ("a positive int", lambda v: _is_int(v) and v >= 1),
+        "model": ("a state dict", lambda v: isinstance(v, dict)),
+        "ema": ("a state dict", lambda v: isinstance(v, dict)),
+        "optimizer": ("a state dict", lambda v: isinstance(v, dict)),
+        "scheduler": ("a state dict", lambda v: isinstance(v, dict)),
+        "scaler": ("a state dict", lambda v: isinstance(v, dict)),
+        "rng": ("a list of RNG states", lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v)),
+        "config": ("a dict", lambda v: isinstance(v, dict)),
+    },
+    "loom_kernels.model": {
+        "model": ("a state dict", lambda v: isinstance(v, dict)),
+    },
+}
+_OPTIONAL = {
+    "coupling": ("a state dict or None", lambda v: v is None or isinstance(v, dict)),
+    "metadata": ("a dict", lambda v: isinstance(v, dict)),
+    "data": ("a string or None", lambda v: v is None or isinstance(v, str)),
+}
+
+
+def check_fields(ck: dict, path: str, *, complete: bool = False) -> None:
+    """Raises ValueError naming ``path`` and the field when a field is of the wrong type, or (``complete``:
+    what resuming or sampling from the file needs) missing."""
+    fields = _FIELDS[ck["format"]]
+    for key, (what, ok) in fields.items():
+        if key not in ck:
+            if not complete:
+                continue
+            raise ValueError(f"{path!r} is damaged or not written by loom_kernels: its field {key!r} is missing")
+        if not ok(ck[key]):
+            raise ValueError(
+                f"{path!r} is damaged or not written by loom_kernels: its field {key!r} must be {what}, "
+                f"got {type(ck[key]).__name__} {ck[key]!r:.60}"
+            )
+    for key, (what, ok) in _OPTIONAL.items():
+        if key in ck and not ok(ck[key]):
+            raise ValueError(
+                f"{path!r} is damaged or not written by loom_kernels: its field {key!r} must be {what}, "
+                f"got {type(ck[key]).__name__}"
+            )
+    if (
+        ck["format"] == "loom_kernels.checkpoint"
+        and {"rng", "world_size"} <= ck.keys()
+        and len(ck["rng"]) != ck["world_size"]
+    ):
+        raise ValueError(f"{path!r} is damaged: it holds {len(ck['rng'])} RNG states for world_size {ck['world_size']}")
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Loads a ``checkpoint.pt`` or ``model.pt`` written by :func:`train` / :func:`save_model` as a dict.
 
@@ -85,6 +145,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     ck = load_verified(path, "checkpoint", map_location)
     if not isinstance(ck, dict) or ck.get("format") not in ("loom_kernels.checkpoint", "loom_kernels.model"):
         raise ValueError(f"{path!r} is not a loom_kernels checkpoint or model file (no loom_kernels format tag)")
+    check_fields(ck, path)
     return ck
 
 
@@ -102,6 +163,7 @@ def load_model(path: str, model: nn.Module | None = None, *, weights: str = "ema
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
     ck = load_checkpoint(path, map_location=map_location)
+    check_fields(ck, path, complete=ck["format"] == "loom_kernels.model")
     if ck["format"] == "loom_kernels.model":
         if weights == "raw":
             raise ValueError(f"{path!r} holds only the EMA weights; weights='raw' needs checkpoint.pt")

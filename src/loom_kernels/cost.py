@@ -24,7 +24,7 @@ import torch
 
 from ._triton import check_launchable, interpreting, tl, triton, use_kernel
 
-__all__ = ["pairwise_cost"]
+__all__ = ["pairwise_cost", "pairwise_cost_op", "custom_op"]
 
 # The metric names every module accepts (couplings, trainer, compat): defined once, here.
 METRICS = ("sqeuclidean", "euclidean")
@@ -235,6 +235,23 @@ def check_points(name: str, t) -> None:
         raise TypeError(f"{name} must be float32, float16, bfloat16 (or float64), got {t.dtype}")
 
 
+def check_inputs(x, y, metric) -> None:
+    """pairwise_cost's checks, before it touches a value (its custom op's fake runs them too)."""
+    check_points("x", x)
+    check_points("y", y)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if x.device != y.device:
+        raise ValueError(f"x and y must be on the same device, got x on {x.device} and y on {y.device}")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"x and y must have the same number of features D (last dimension), "
+            f"got x {tuple(x.shape)} and y {tuple(y.shape)}"
+        )
+    if x.ndim == 3 and y.ndim == 3 and x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same batch size B, got x {tuple(x.shape)} and y {tuple(y.shape)}")
+
+
 def pairwise_cost(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -262,25 +279,14 @@ def pairwise_cost(
         >>> x1 = torch.randn(128, 3, 32, 32); x0 = torch.randn(128, 3, 32, 32)
         >>> c = pairwise_cost(x0.flatten(1), x1.flatten(1))   # (128, 128) float32
     """
-    if torch.compiler.is_compiling():  # one graph node (the custom op), see loom_kernels.ops
-        from . import ops
+    if torch.compiler.is_compiling():  # one graph node: the custom op (end of this module)
+        return pairwise_cost_op(x, y, metric, allow_tf32=allow_tf32)
+    check_inputs(x, y, metric)
+    return _pairwise_cost(x, y, metric, allow_tf32)
 
-        if ops.compiling():
-            return ops.pairwise_cost(x, y, metric, allow_tf32=allow_tf32)
-    check_points("x", x)
-    check_points("y", y)
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if x.device != y.device:
-        raise ValueError(f"x and y must be on the same device, got x on {x.device} and y on {y.device}")
-    if x.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"x and y must have the same number of features D (last dimension), "
-            f"got x {tuple(x.shape)} and y {tuple(y.shape)}"
-        )
+
+def _pairwise_cost(x, y, metric, allow_tf32):
     batched = x.ndim == 3 or y.ndim == 3
-    if x.ndim == 3 and y.ndim == 3 and x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same batch size B, got x {tuple(x.shape)} and y {tuple(y.shape)}")
     B = x.shape[0] if x.ndim == 3 else (y.shape[0] if y.ndim == 3 else 1)
     # A 2-D operand becomes a stride-0 batch: no copy on either path.
     x3 = x.unsqueeze(0).expand(B, -1, -1) if x.ndim == 2 else x
@@ -292,3 +298,29 @@ def pairwise_cost(
     else:
         out = _cost_torch(x3, y3, sqrt)
     return out if batched else out[0]
+
+
+# ---- the custom op loom_kernels::pairwise_cost (torch.compile; see loom_kernels.ops) -------------
+
+
+def _fake(x, y, metric, allow_tf32):
+    check_inputs(x, y, metric)
+    shape = (x.shape[-2], y.shape[-2])
+    if x.ndim == 3 or y.ndim == 3:
+        shape = ((x if x.ndim == 3 else y).shape[0], *shape)
+    return x.new_empty(shape, dtype=torch.float32)
+
+
+custom_op = torch.library.custom_op(
+    "loom_kernels::pairwise_cost",
+    _pairwise_cost,
+    mutates_args=(),
+    schema="(Tensor x, Tensor y, str metric, bool allow_tf32) -> Tensor",
+)
+custom_op.register_fake(_fake)
+
+
+def pairwise_cost_op(x, y, metric="sqeuclidean", *, allow_tf32=False):
+    """:func:`pairwise_cost` as one graph node: the custom op ``loom_kernels::pairwise_cost``."""
+    check_inputs(x, y, metric)
+    return custom_op(x, y, metric, allow_tf32)

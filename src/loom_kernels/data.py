@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
+
+from ._optional import require
 
 TOY_2D = ("8gaussians", "moons", "checkerboard")
 BUILTIN = TOY_2D + ("digits",)
@@ -39,8 +42,7 @@ def _toy_2d(name: str, n: int, seed: int) -> np.ndarray:
         centers = 4.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
         x = centers + 0.5 * rng.standard_normal((n, 2))
     elif name == "moons":
-        from sklearn.datasets import make_moons
-
+        make_moons = require("sklearn.datasets", "the 'moons' data set").make_moons
         x, _ = make_moons(n_samples=n, noise=0.05, random_state=int(rng.integers(2**31)))
         # Center and scale to roughly unit variance per axis, the scale of the noise.
         x = (x - np.array([0.5, 0.25])) * np.array([2.0, 4.0])
@@ -71,10 +73,32 @@ def _check_array(x: np.ndarray, name: str, what: str = "an array of shape (N, *s
         raise ValueError(f"data file {name!r} must hold {what}, got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise TypeError(f"data file {name!r} must hold real numbers, got dtype {x.dtype}")
+    integers = np.issubdtype(x.dtype, np.integer)
     x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"data file {name!r} contains NaN or inf entries")
+    _warn_scale(x, name, integers)
     return x
+
+
+def _warn_scale(x: np.ndarray, name: str, integers: bool) -> None:
+    """Warns about data far from the noise's scale: the flow carries N(0, I) noise to it, and raw pixel values
+    (0..255) or unscaled features train poorly. A warning, not an error: the data may be meant that way."""
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if integers:
+        warnings.warn(
+            f"data file {name!r} holds integers (range {lo:g}..{hi:g}), used as floats unscaled; the noise is "
+            "N(0, I): scale the data to about [-1, 1] first (8-bit images: x / 127.5 - 1)",
+            UserWarning,
+            stacklevel=4,
+        )
+    elif max(abs(lo), abs(hi)) > 50:
+        warnings.warn(
+            f"data file {name!r} spans {lo:g}..{hi:g}, far from the N(0, I) noise it is paired with: scale it "
+            "to about [-1, 1] or unit variance first",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _read_npz(name: str):
@@ -102,9 +126,7 @@ def _read_npz(name: str):
 def _load_arrays(name: str):
     """(x, y or None) of a named set or file, before any split."""
     if name == "digits":
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
+        d = require("sklearn.datasets", "the 'digits' data set").load_digits()
         images = d.images.astype(np.float32)  # (1797, 8, 8), values 0..16
         return (images / 8.0 - 1.0)[:, None], d.target.astype(np.int64)
     if str(name).endswith((".npy", ".npz")):

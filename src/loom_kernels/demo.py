@@ -6,10 +6,8 @@ import sys
 from .experiments.common import (  # noqa: F401  (the old import path)
     COLORS,
     COLUMNS,
-    COUPLINGS,
     DOPRI5_TOL,
     EVALS,
-    LABELS,
     STRAIGHTNESS_NFE,
     column_label,
     dopri5_sample,
@@ -20,6 +18,7 @@ from .experiments.common import (  # noqa: F401  (the old import path)
     spread,
 )
 from .experiments.demo import main, run  # noqa: F401
+from .experiments.variants import COUPLINGS, LABELS  # noqa: F401
 from .metrics import dataset_cost, global_optimum  # noqa: F401
 
 if __name__ == "__main__":

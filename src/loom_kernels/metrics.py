@@ -132,7 +132,7 @@ def straightness(model: Callable[..., torch.Tensor], x0: torch.Tensor, nfe: int,
         >>> straightness(lambda x, t: torch.ones_like(x), torch.randn(16, 2), nfe=4)
         0.0
     """
-    from .sampler import quadrature, sample
+    from .sampler import Options, quadrature, sample
 
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"x0 must be a torch.Tensor of shape (B, *dims), got {type(x0).__name__}")
@@ -141,7 +141,11 @@ def straightness(model: Callable[..., torch.Tensor], x0: torch.Tensor, nfe: int,
         raise ValueError("straightness needs at least one sample, got B = 0")
     velocities = []
     sample(
-        model, x0, nfe, method=method, cuda_graph=False, velocity_hook=lambda v: velocities.append(v.detach().clone())
+        model,
+        x0,
+        nfe,
+        method=method,
+        options=Options(cuda_graph=False, velocity_hook=lambda v: velocities.append(v.detach().clone())),
     )
     flat = [v.reshape(x0.shape[0], -1).to(torch.float64) for v in velocities]
     # The chord as the method's own sum (== x1 - x0 up to the state's rounding, which would

@@ -43,7 +43,7 @@ import torch
 from . import _native
 from ._triton import check_launchable, interpreting, tl, triton, use_kernel
 
-__all__ = ["gaussian_noise"]
+__all__ = ["gaussian_noise", "gaussian_noise_op", "custom_op"]
 
 # Philox4x32 constants (Salmon et al. 2011, Random123 philox.h).
 PHILOX_M0 = 0xD2511F53
@@ -279,6 +279,13 @@ def prepare_seeds(seeds, shape, device):
     return t, shape, n, device
 
 
+def check_inputs(seeds, shape, device, dtype) -> tuple:
+    """gaussian_noise's checks (its custom op's fake runs them too): ``(seeds (S,) int64, shape, n, device)``."""
+    if dtype not in OUT_DTYPES:
+        raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {dtype}")
+    return prepare_seeds(seeds, shape, device)
+
+
 # ---- public function ----------------------------------------------------------------------------
 
 
@@ -307,14 +314,13 @@ def gaussian_noise(
         >>> x0 = gaussian_noise(torch.tensor([7, -3]), (3, 32, 32))     # (2, 3, 32, 32)
         >>> torch.equal(x0[1], gaussian_noise([-3], (3, 32, 32))[0])    # True
     """
-    if torch.compiler.is_compiling():  # one graph node (the custom op), see loom_kernels.ops
-        from . import ops
+    if torch.compiler.is_compiling():  # one graph node: the custom op (end of this module)
+        return gaussian_noise_op(seeds, shape, device=device, dtype=dtype)
+    t, shape, n, device = check_inputs(seeds, shape, device, dtype)
+    return _gaussian_noise(t, shape, n, device, dtype)
 
-        if ops.compiling():
-            return ops.gaussian_noise(seeds, shape, device=device, dtype=dtype)
-    if dtype not in OUT_DTYPES:
-        raise TypeError(f"dtype must be one of float32, float16, bfloat16, float64, got {dtype}")
-    t, shape, n, device = prepare_seeds(seeds, shape, device)
+
+def _gaussian_noise(t, shape, n, device, dtype):
     S = t.numel()
     if use_kernel(device):
         out = torch.empty((S, n), device=device, dtype=dtype)
@@ -332,3 +338,35 @@ def _philox_uint32(seeds, n: int, *, device=None) -> torch.Tensor:
         out = torch.empty((S, n), device=device, dtype=torch.int64)
         return _launch(t.to(device).contiguous(), n, out, raw=True)
     return torch.from_numpy(_stream_cpu(t, n, normals=False).astype(np.int64))
+
+
+# ---- the custom op loom_kernels::gaussian_noise (torch.compile; see loom_kernels.ops) ------------
+
+
+def _impl(seeds, shape, device, dtype):
+    return _gaussian_noise(*check_inputs(seeds, shape, device, dtype), dtype)
+
+
+def _fake(seeds, shape, device, dtype):
+    t, shape, _, device = check_inputs(seeds, shape, device, dtype)
+    return torch.empty((t.shape[0], *shape), dtype=dtype, device=device)
+
+
+custom_op = torch.library.custom_op(
+    "loom_kernels::gaussian_noise",
+    _impl,
+    mutates_args=(),
+    schema="(Tensor seeds, SymInt[] shape, Device? device, ScalarType dtype) -> Tensor",
+)
+custom_op.register_fake(_fake)
+
+
+def gaussian_noise_op(seeds, shape, *, device=None, dtype=torch.float32):
+    """:func:`gaussian_noise` as one graph node: the custom op ``loom_kernels::gaussian_noise`` (list seeds
+    become a tensor)."""
+    if not isinstance(seeds, torch.Tensor):
+        seeds = torch.as_tensor(seeds, dtype=torch.int64)
+    if device is not None:
+        device = torch.device(device)
+    check_inputs(seeds, shape, device, dtype)
+    return custom_op(seeds, list(as_shape(shape)), device, dtype)

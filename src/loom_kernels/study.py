@@ -3,7 +3,7 @@ keeps the command and the old import path."""
 
 import sys
 
-from .couplings.factory import FixedNoiseCoupling  # noqa: F401  (the old import path)
+from .couplings.fixed import FixedNoiseCoupling  # noqa: F401  (the old import path)
 from .experiments.study import (  # noqa: F401
     ALL_VARIANTS,
     DATASETS,

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from .._io import atomic_write
+from .._optional import require
+from ._errors import HelpFormatter, add_debug, entry, option
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,24 +25,24 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m loom_kernels.sample",
         description="Sample a model trained by `python -m loom_kernels.train` (or the demo) with a fixed-step "
         "ODE solver and save the samples as .npy (and a PNG with --plot).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--ckpt", required=True, help="DIR/model.pt (EMA weights) or DIR/checkpoint.pt")
     p.add_argument(
         "--nfe",
         type=int,
         default=None,
-        help="model evaluations of a fixed-step method (default 4; even for midpoint / heun); "
+        help="model evaluations of a fixed-step method (None: 4; even for midpoint / heun); "
         "dopri5 chooses its own (--rtol, --atol) and reports how many it made",
     )
-    p.add_argument("--method", default="euler", choices=("euler", "midpoint", "heun", "dopri5"))
+    p.add_argument("--method", default="euler", choices=("euler", "midpoint", "heun", "dopri5"), help="ODE solver")
     p.add_argument("--rtol", type=float, default=1e-5, help="dopri5 only")
     p.add_argument("--atol", type=float, default=1e-5, help="dopri5 only")
     p.add_argument(
         "--label",
         type=int,
         default=None,
-        help="class-conditional models: the class of every sample (default: classes in turn)",
+        help="class-conditional models: the class of every sample (None: the classes in turn)",
     )
     p.add_argument(
         "--guidance",
@@ -51,20 +53,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="number of samples")
     p.add_argument("--batch-size", type=int, default=4096, help="samples per sampler call")
     p.add_argument("--out", default="samples.npy", help="output .npy path")
-    p.add_argument("--plot", default=None, help="also write a PNG here")
+    p.add_argument("--plot", default=None, help="also write a PNG here (needs matplotlib: the [demo] extra)")
     p.add_argument("--weights", default="ema", choices=("ema", "raw"), help="raw needs checkpoint.pt")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda if available)")
+    add_debug(p)
     return p
 
 
 def _plot(path: str, x: np.ndarray, title: str) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "--plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..experiments.plots import image_grid
+    from ..visual import image_grid
 
     if x.ndim == 2 and x.shape[1] == 2:
         fig, ax = plt.subplots(figsize=(5, 5))
@@ -100,7 +102,7 @@ def _labels(model, args, start, m, device):
 
 def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
     """The samples and the evaluations each sampler call made (dopri5's differ per call)."""
-    from ..sampler import sample
+    from ..sampler import Options, sample
 
     gen = torch.Generator().manual_seed(args.seed)
     chunks, nfes = [], []
@@ -114,25 +116,29 @@ def _draw(model, shape, args, device) -> tuple[np.ndarray, list]:
                 x0,
                 args.nfe,
                 method=args.method,
-                info=info,
-                guidance=args.guidance,
-                model_kwargs=_labels(model, args, start, m, device),
-                rtol=args.rtol,
                 atol=args.atol,
+                rtol=args.rtol,
+                model_kwargs=_labels(model, args, start, m, device),
+                guidance=args.guidance,
+                options=Options(info=info),
             ).cpu()
         )
         nfes.append(info["nfe"])
     return torch.cat(chunks).numpy(), nfes
 
 
+@entry("python -m loom_kernels.sample")
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from ..train import load_model, resolve_device
+    from .._device import resolve_device
+    from ..train import load_model
 
     if args.n <= 0:
         raise SystemExit(f"--n must be positive, got {args.n}")
     if args.batch_size <= 0:
         raise SystemExit(f"--batch-size must be positive, got {args.batch_size}")
+    if args.plot:
+        require("matplotlib", "--plot")  # before the sampling, not after it
     if not args.out.endswith(".npy"):
         raise SystemExit(f"--out must end in .npy, got {args.out!r}")
     if args.method == "dopri5" and args.nfe is not None:
@@ -142,8 +148,9 @@ def main(argv=None) -> int:
         if args.nfe <= 0 or (args.method != "euler" and args.nfe % 2):
             even = "" if args.method == "euler" else f" and even for {args.method}"
             raise SystemExit(f"--nfe must be positive{even}, got {args.nfe}")
-    device = resolve_device(args.device)
-    model = load_model(args.ckpt, weights=args.weights, map_location=device).eval()
+    device = resolve_device(args.device, prefer_cuda=True)
+    with option("--ckpt", args.ckpt):
+        model = load_model(args.ckpt, weights=args.weights, map_location=device).eval()
     shape = tuple(model.spec["shape"]) if hasattr(model, "spec") else None
     if shape is None:
         raise SystemExit(f"{args.ckpt!r}: the model has no spec with its input shape")

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..sampler import METHODS
+from ..sampler import METHODS, Options
 from ..sampler import sample as _sample
 
 __all__ = ["ODESolver"]
@@ -197,12 +197,10 @@ class ODESolver:
             x_init,
             steps * METHODS[method],
             method=method,
-            t0=grid[0],
-            t1=grid[-1],
             time_grid=grid,
             return_trajectory=return_intermediates,
-            signature="flow_matching",
             model_kwargs=extras,
+            options=Options(signature="flow_matching"),
         )
         if not return_intermediates or step_size is None:
             return out

@@ -8,12 +8,12 @@ field is called as torchdyn calls it: ``vf(t, x, args={})`` when its ``forward``
 has an argument named ``t`` (``vf(t, x)`` when it takes no ``args``), else ``vf(x)``; ``t`` is a 0-dim
 tensor. The mode of an ``nn.Module`` is left alone, as torchdyn does (call ``.eval()`` yourself).
 
-Solvers: "euler", "midpoint" (our sampler: fused updates, CUDA graphs on repeated calls) and
-"dopri5" (our sampler's adaptive Dormand-Prince 5(4), output times hit exactly; its step controller
-is torchdiffeq's, not torchdyn's, so adaptive results agree to the tolerances, not to rounding),
-"rk4" (classical Runge-Kutta, here; stages at ``t, t + h/2, t + h/2, t + h``. torchdyn 1.0.6 evaluates
+Solvers, all our sampler's (fused updates, CUDA graphs on repeated calls): "euler", "midpoint",
+"rk4" (classical Runge-Kutta, stages at ``t, t + h/2, t + h/2, t + h``; torchdyn 1.0.6 evaluates
 them at ``t, t, t + h/2, t + h/2``: equal results for fields that do not depend on t, ours is the
-4th-order method for those that do). The sampler should expose rk4 so it can run fused too.
+4th-order method for those that do) and "dopri5" (adaptive Dormand-Prince 5(4), output times hit
+exactly; its step controller is torchdiffeq's, not torchdyn's, so adaptive results agree to the
+tolerances, not to rounding).
 Fixed-step solvers step through ``t_span`` itself, one step per interval, as torchdyn does.
 
 Out of scope: training through the ODE. Any ``sensitivity`` is accepted for inference; a backward
@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..sampler import sample
+from ..sampler import METHODS, Options, sample
 from .torchcfm.utils import torch_wrapper
 
 __all__ = ["NeuralODE", "torch_wrapper"]
@@ -54,19 +54,14 @@ def _call_style(vector_field) -> str:
     return "t_x_args" if ("args" in spec.args or "args" in spec.kwonlyargs or spec.varkw) else "t_x"
 
 
-class _Field:
+def _field(vector_field, style: str):
     """The vector field in the sampler's "torchdiffeq" convention ``f(t_0d, x)``; not an nn.Module, so the
     sampler leaves the model's train/eval mode alone (torchdyn never changes it)."""
-
-    def __init__(self, vector_field, style: str):
-        self.vf, self.style = vector_field, style
-
-    def __call__(self, t, x):
-        if self.style == "x":
-            return self.vf(x)
-        if self.style == "t_x_args":
-            return self.vf(t, x, args={})
-        return self.vf(t, x)
+    if style == "x":
+        return lambda t, x: vector_field(x)
+    if style == "t_x_args":
+        return lambda t, x: vector_field(t, x, args={})
+    return lambda t, x: vector_field(t, x)
 
 
 class _NoBackward(torch.autograd.Function):
@@ -82,20 +77,6 @@ class _NoBackward(torch.autograd.Function):
         raise RuntimeError(_NO_TRAINING.format(ctx.sensitivity))
 
 
-def _rk4(field: _Field, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Classical RK4 through the points of ``grid`` (1-D, x's dtype); returns (len(grid), *x.shape)."""
-    out = [x]
-    for k in range(grid.shape[0] - 1):
-        t, h = grid[k], grid[k + 1] - grid[k]
-        k1 = field(t, x)
-        k2 = field(t + h / 2, x + h * (0.5 * k1))
-        k3 = field(t + h / 2, x + h * (0.5 * k2))
-        k4 = field(t + h, x + h * k3)
-        x = x + h * (k1 / 6 + k2 / 3 + k3 / 3 + k4 / 6)
-        out.append(x)
-    return torch.stack(out)
-
-
 class NeuralODE(torch.nn.Module):
     """torchdyn's ``NeuralODE`` for sampling: ``trajectory(x, t_span)`` integrates dx/dt = vector_field(t, x).
 
@@ -107,7 +88,8 @@ class NeuralODE(torch.nn.Module):
         atol, rtol: dopri5's tolerances (torchdyn's defaults, 1e-3); ignored by fixed-step solvers.
         sensitivity: "autograd", "adjoint" or "interpolated_adjoint", accepted for inference only.
         return_t_eval: ``forward`` returns ``(t_eval, sol)`` (default) or ``sol``.
-        Other torchdyn arguments are accepted at their defaults and refused otherwise.
+
+    Other torchdyn arguments are accepted at their defaults and refused otherwise.
 
     Shapes: ``x (b, *dims)``, ``t_span (T,)`` strictly monotone (descending integrates backwards);
     ``trajectory`` returns ``(T, b, *dims)`` in x's dtype and device, ``x`` first.
@@ -166,7 +148,7 @@ class NeuralODE(torch.nn.Module):
         self.sensitivity, self.solver_adjoint = sensitivity, solver_adjoint
         self.atol_adjoint, self.rtol_adjoint = atol_adjoint, rtol_adjoint
         self.return_t_eval, self.t_span = return_t_eval, None
-        self._field = _Field(vector_field, _call_style(vector_field))
+        self._field = _field(vector_field, _call_style(vector_field))
 
     def _check(self, x, t_span) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -187,32 +169,18 @@ class NeuralODE(torch.nn.Module):
 
     def _solve(self, x: torch.Tensor, t_span: torch.Tensor) -> torch.Tensor:
         grid = t_span.double().cpu().tolist()
-        if self.solver == "rk4":
-            return _rk4(self._field, x, t_span.to(x.dtype))
-        if self.solver == "dopri5":
-            return sample(
-                self._field,
-                x,
-                method="dopri5",
-                time_grid=grid,
-                t0=grid[0],
-                t1=grid[-1],
-                return_trajectory=True,
-                signature="torchdiffeq",
-                rtol=self.rtol,
-                atol=self.atol,
-            )
-        nfe = (len(grid) - 1) * (2 if self.solver == "midpoint" else 1)
+        # Fixed-step solvers: one step per interval of t_span, as torchdyn steps.
+        nfe = None if self.solver == "dopri5" else (len(grid) - 1) * METHODS[self.solver]
         return sample(
             self._field,
             x,
             nfe,
             method=self.solver,
             time_grid=grid,
-            t0=grid[0],
-            t1=grid[-1],
+            atol=self.atol,
+            rtol=self.rtol,
             return_trajectory=True,
-            signature="torchdiffeq",
+            options=Options(signature="torchdiffeq"),
         )
 
     def trajectory(self, x: torch.Tensor, t_span: torch.Tensor) -> torch.Tensor:

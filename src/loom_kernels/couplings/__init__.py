@@ -1,28 +1,35 @@
-"""Data-noise couplings for flow matching: independent, minibatch OT and LOOM-CFM.
+"""Data-noise couplings for flow matching: independent, minibatch OT, Sinkhorn, LOOM-CFM, fixed noise, reflow, mixed.
 
-All couplings follow one protocol (``base.Coupling``): ``coupling(x1, indices=None, *, x0=None, labels=None)``
-returns ``(x0, x1)`` with the source first: ``x0[i]`` is the noise paired with the data item ``x1[i]``;
-``labels`` keep every exchange of noise within a class. The heavy lifting lives elsewhere:
+All couplings follow one protocol (``base.Coupling``):
+``coupling(x1, indices=None, *, x0=None, labels=None, cond=None, return_indices=False)`` returns
+``(x0, x1)`` with the source first (``(x0, x1, perm)`` with ``return_indices=True``): ``x0[i]`` is the
+noise paired with the data item ``x1[i]``; ``labels`` keep every exchange of noise within a class, ``cond``
+penalises exchanges between different conditions. The heavy lifting lives elsewhere:
 ``loom_kernels.noise.gaussian_noise`` (noise as a pure function of an int64 seed),
-``loom_kernels.cost.pairwise_cost`` and ``loom_kernels.assign.assign``.
-This package holds only the bookkeeping:
+``loom_kernels.cost.pairwise_cost``, ``loom_kernels.assign.assign`` and ``loom_kernels.sinkhorn``.
+This package holds only the bookkeeping::
 
-- ``base.py``: the protocol (``Coupling``: ``__call__``, ``stats``, ``state_dict``/``load_state_dict``);
-- ``independent.py``, ``minibatch.py``, ``loom.py``, ``sinkhorn.py``: the couplings, one per file;
-  ``loom.py`` is the conductor of LOOM: checks, slot draw, agreement of ranks, then one step;
-- ``loom_steps.py``: LOOM's global, local and grouped steps as functions over (table, group, batch);
-- ``indices.py``: LOOM's index checks; ``loom_state.py``: its argument checks, state_dict, save and load;
-- ``tables/``: the seed-table interface (``base.LoomTable``) and its two kinds, ``replicated.py`` (every rank
-  holds the table, in memory or memory-mapped) and ``sharded.py`` (one block of rows per rank);
-- ``table.py``: the table storage (memory, or a journaled, locked memory-mapped file);
-  ``seed_stream.py``: the seed stream it is filled from; ``sharded.py``: the shards' storage, routing and
-  checkpoint files;
-- ``prefetch.py``: ``PrefetchCoupling``: couple batch t+1 on a host thread (a CUDA side stream) during step t;
-- ``distributed.py``: the exchange both OT couplings use under ``torch.distributed`` (rank agreement,
-  gathers, the global batch's cost);
-- ``grouped.py``: ``scope="grouped"`` (a random partition of the global batch into groups solved by owner
-  ranks in parallel) and the cost model behind docs/scaling.md and LoomCoupling's budget warning;
-- ``common.py``: argument checks, metric names, devices, pair statistics, the label-aware solve.
+    couplings/
+      base.py            the protocol (Coupling) and the checks of its arguments
+      factory.py         COUPLINGS (the one list of names) and make_coupling
+      independent.py     IndependentCoupling        minibatch.py  MinibatchOTCoupling
+      sinkhorn.py        SinkhornCoupling           fixed.py      FixedNoiseCoupling
+      reflow.py          ReflowCoupling             mixed.py      MixedCoupling, TimestepMixedCoupling
+      knn.py             KNNNoiseCoupling           c2ot.py       C2OT's condition options (functions)
+      semidiscrete.py    SemidiscreteCoupling; semidiscrete_fit.py (the potential's ascent),
+                         semidiscrete_train.py (SemidiscreteSampler, SemidiscreteSeededCoupling, fill_table)
+      prefetch.py        PrefetchCoupling: couple batch t+1 on a host thread during step t
+      scopes/            what every call shares: the process group (group.py), the scopes and the grouped
+                         partition (partition.py), the agreement of ranks (agree.py), the solve (solve.py),
+                         the cost model (cost_model.py), minibatch OT's and Sinkhorn's steps (*_steps.py)
+      loom/              LoomCoupling (coupling.py, the conductor), its steps (steps.py), persistence
+                         (persistence.py), input checks (indices.py), seed stream (seed_stream.py)
+        tables/          one class per seed-table kind over base.LoomTable: replicated.py (in memory or
+                         memory-mapped), sharded.py (+ shard_files.py); file_lock.py and journal.py
+
+A new coupling is one file here plus its name in ``factory.py``; a new scope a step in ``scopes/``; a new
+table kind one class in ``loom/tables/``. ``common.py``, ``distributed.py``, ``grouped.py``, ``table.py``,
+``sharded.py`` and ``journal.py`` are the old import paths, re-exporting from the new homes.
 
 Example::
 
@@ -33,12 +40,36 @@ Example::
         ...                                          # flow-matching loss on (1-t) x0 + t x1
 """
 
-from .base import Coupling
-from .common import METRICS
-from .factory import COUPLINGS, FixedNoiseCoupling, make_coupling  # noqa: F401  (public names)
+from .base import METRICS, Coupling
+from .factory import COUPLINGS, make_coupling
+from .fixed import FixedNoiseCoupling
 from .independent import IndependentCoupling
+from .knn import KNNNoiseCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
+from .mixed import MixedCoupling, TimestepMixedCoupling
+from .prefetch import PrefetchCoupling
+from .reflow import ReflowCoupling
+from .semidiscrete import SemidiscreteCoupling
+from .semidiscrete_train import SemidiscreteSampler, SemidiscreteSeededCoupling
 from .sinkhorn import SinkhornCoupling
 
-__all__ = ["Coupling", "IndependentCoupling", "MinibatchOTCoupling", "LoomCoupling", "METRICS", "SinkhornCoupling"]
+__all__ = [
+    "COUPLINGS",
+    "METRICS",
+    "Coupling",
+    "FixedNoiseCoupling",
+    "IndependentCoupling",
+    "KNNNoiseCoupling",
+    "LoomCoupling",
+    "MinibatchOTCoupling",
+    "MixedCoupling",
+    "PrefetchCoupling",
+    "ReflowCoupling",
+    "SemidiscreteCoupling",
+    "SemidiscreteSampler",
+    "SemidiscreteSeededCoupling",
+    "SinkhornCoupling",
+    "TimestepMixedCoupling",
+    "make_coupling",
+]

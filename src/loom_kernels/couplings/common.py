@@ -1,214 +1,37 @@
-"""Helpers shared by every coupling: argument checks, metric names, devices, pair statistics, the solve.
+"""The old import path of the couplings' shared helpers: the argument checks live in ``base.py``, the solve
+and the condition penalty in ``scopes/solve.py``, devices in ``scopes/group.py``, ``float_bits`` in
+``scopes/agree.py``."""
 
-Public to the package (the couplings, the tables and compat import them); not part of the user API.
-"""
+from .base import (
+    METRICS,
+    check_cond,
+    check_cond_weight,
+    check_flag,
+    check_indices,
+    check_labels,
+    check_metric,
+    check_x1,
+)
+from .scopes.agree import float_bits
+from .scopes.group import to_device
+from .scopes.solve import COND_PENALTY_CAP, add_cond_cost, cond_cost, cost_dtype, pair_stats, raise_bad_data, solve
 
-from __future__ import annotations
-
-import torch
-
-from ..assign import assign
-from ..cost import METRICS  # the metric names live beside the code that computes them
-
-_COST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def check_metric(metric):
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    return metric
-
-
-def check_x1(x1, name="x1"):
-    if not isinstance(x1, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (b, *shape), got {type(x1).__name__}")
-    if not x1.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x1.dtype}")
-    if x1.dim() < 2:
-        raise ValueError(f"{name} must have shape (b, *shape) with at least one feature dim, got {tuple(x1.shape)}")
-
-
-def cost_dtype(dtype):
-    # pairwise_cost takes float32/float16/bfloat16; float64 data is compared in float32.
-    return dtype if dtype in _COST_DTYPES else torch.float32
-
-
-def pair_stats(cost, col):
-    """pre_cost (mean diagonal), post_cost (mean matched), swaps; 0-dim tensors, no host sync."""
-    n = cost.shape[0]
-    ar = torch.arange(n, device=cost.device)
-    pre = cost.diagonal()[:n].double().sum() / max(n, 1)
-    post = cost.gather(1, col[:, None]).double().sum() / max(n, 1)
-    return {"pre_cost": pre, "post_cost": post, "swaps": (col != ar).sum()}
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Move ``t`` to ``device``; host -> GPU goes through pinned memory so the copy never stalls the host
-    (a pageable source lets the driver synchronize with the stream)."""
-    if t.device == device:
-        return t
-    if t.device.type == "cpu" and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def check_indices(indices, b: int, who: str):
-    """``indices`` of a coupling that does not use them: ``None`` or ``b`` integers (tensor or array-like).
-
-    A floating tensor in their place is the noise passed positionally in TorchCFM's ``(x0, x1)`` order,
-    which would train the reverse flow: refused with a ``TypeError`` that names ``x0=``."""
-    if indices is None:
-        return None
-    idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(indices)
-    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-        raise TypeError(
-            f"{who}(x1, indices, *, x0=None, labels=None): indices must be integer dataset indices, got dtype "
-            f"{idx.dtype}. Pass the noise as the keyword x0=: TorchCFM's order (x0, x1) would treat the noise "
-            f"as data and train the reverse flow"
-        )
-    if idx.dim() != 1 or idx.shape[0] != b:
-        raise ValueError(f"indices must have shape (b,) = ({b},) to match x1, got {tuple(idx.shape)}")
-    return idx
-
-
-def check_labels(labels, b: int, device: torch.device):
-    """``labels`` as given (``None`` or an integer ``(b,)`` tensor on ``device``), or a clear error."""
-    if labels is None:
-        return None
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be an integer torch.Tensor of shape (b,), got {type(labels).__name__}")
-    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
-    if labels.dim() != 1 or labels.shape[0] != b:
-        raise ValueError(f"labels must have shape (b,) = ({b},) to match x1, got {tuple(labels.shape)}")
-    if labels.device != device:
-        raise ValueError(f"labels must be on x1's device {device}, got {labels.device}")
-    return labels
-
-
-def solve(cost: torch.Tensor, labels: torch.Tensor | None = None, data: str = "x1") -> torch.Tensor:
-    """``assign(cost)`` with the pairs of different labels forbidden; ``col (n,)`` int64.
-
-    ``cost (n, m)``: rows are data items, columns noises; with ``labels (n,)`` (square cost) column
-    ``j`` is item ``j``'s noise, so forbidding cross-label pairs (+inf) solves exact OT per class in
-    one batched solve (the identity stays feasible). A non-finite cost can only come from the data
-    (noise is finite), so it is reported as the argument ``data``'s, before any caller changes its state.
-    """
-    # No pass of our own over the cost: a bad data row makes assign refuse (NaN entries, or a row of
-    # +inf that leaves no feasible assignment), and only then is the cost checked, to name the data.
-    # On CUDA non-finite costs become NaN so the refusal needs no host read besides assign's own sync.
-    raw = cost
-    if cost.device.type != "cpu":
-        cost = torch.where(torch.isfinite(cost), cost, cost.new_full((), float("nan")))
-    if labels is not None:
-        cost = cost.masked_fill(labels[:, None] != labels[None, :], float("inf"))
-    try:
-        return assign(cost)
-    except ValueError:
-        if not bool(torch.isfinite(raw).all()):
-            raise_bad_data(data)
-        raise
-
-
-def raise_bad_data(data):
-    raise ValueError(
-        f"{data} contains NaN or inf (or values so large that the pair costs overflow float32): "
-        "the batch was refused and the coupling's state left unchanged"
-    ) from None
-
-
-# ---- continuous conditions (issue 21 item 6): shared by every coupling ----------------------------------
-
-# A penalty above this is capped: the cost stays finite (a +inf entry would read as bad data on CUDA) and
-# any cross-condition pair it marks is already far costlier than every pair of equal conditions.
-COND_PENALTY_CAP = 1e30
-
-
-def check_cond_weight(cond_weight) -> float:
-    """``cond_weight`` as a float, or a ``ValueError``: a finite real number ``>= 0``."""
-    if isinstance(cond_weight, bool) or not isinstance(cond_weight, (int, float)):
-        raise ValueError(f"cond_weight must be a finite float >= 0, got {cond_weight!r}")
-    w = float(cond_weight)
-    if not (w >= 0.0 and w != float("inf")):  # also refuses NaN
-        raise ValueError(f"cond_weight must be a finite float >= 0, got {cond_weight!r}")
-    return w
-
-
-def check_cond(cond, b: int, device: torch.device) -> torch.Tensor | None:
-    """``cond`` as a float64 ``(b, Dc)`` tensor (``(b,)`` is read as ``Dc = 1``), or None, or a clear error.
-
-    ``cond`` holds one row of condition values per data item (a timestep, a physical parameter, an
-    embedding). It must be a floating tensor on ``x1``'s device, finite: NaN or inf is refused here, before
-    anything changes (on CUDA this reads one flag back from the device). Float64 keeps the penalty's
-    precision whatever the input dtype, and every rank of a group sends the same dtype.
-
-    Example::
-
-        c = check_cond(torch.rand(8), 8, torch.device("cpu"))   # (8, 1) float64
-    """
-    if cond is None:
-        return None
-    if not isinstance(cond, torch.Tensor):
-        raise TypeError(f"cond must be a floating torch.Tensor of shape (b, Dc) or (b,), got {type(cond).__name__}")
-    if not cond.is_floating_point():
-        raise TypeError(
-            f"cond must have a floating dtype (continuous condition values), got {cond.dtype}; pass integer "
-            "class labels as labels= instead"
-        )
-    if cond.dim() not in (1, 2) or cond.shape[0] != b:
-        raise ValueError(f"cond must have shape (b, Dc) or (b,) with b = {b} to match x1, got {tuple(cond.shape)}")
-    if cond.device != device:
-        raise ValueError(f"cond must be on x1's device {device}, got {cond.device}")
-    if not bool(torch.isfinite(cond).all()):
-        raise ValueError("cond contains NaN or inf: the batch was refused and the coupling's state left unchanged")
-    return (cond[:, None] if cond.dim() == 1 else cond).to(torch.float64)
-
-
-def cond_cost(c_rows: torch.Tensor, c_cols: torch.Tensor, cond_weight: float) -> torch.Tensor:
-    """The ``(n, m)`` float64 penalty ``cond_weight * ||c_rows[i] - c_cols[j]||^2``, capped at ``COND_PENALTY_CAP``.
-
-    ``c_rows (n, Dc)``, ``c_cols (m, Dc)`` float64 (``check_cond``'s output). The Gram identity as ONE
-    matrix product of augmented rows, ``[c_i, |c_i|^2, 1] . w [-2 c_j, 1, |c_j|^2]`` (inner size ``Dc + 2``),
-    then one clamp: two passes over the ``(n, m)`` matrix and no ``(n, m, Dc)`` tensor. Few passes matter
-    more than flops here (each is a parallel region; the penalty's flops are ``Dc / D`` of the cost's).
-    Float64 keeps the cancellation error near ``1e-16 * w |c|^2``, far below the float32 cost's
-    resolution, so equal conditions cost (next to) nothing even at a huge weight.
-
-    Example::
-
-        pen = cond_cost(torch.zeros(4, 1, dtype=torch.float64), torch.ones(4, 1, dtype=torch.float64), 2.0)  # all 2
-    """
-    rows = torch.cat([c_rows, c_rows.square().sum(1, keepdim=True), torch.ones_like(c_rows[:, :1])], 1)
-    cols = torch.cat([-2.0 * c_cols, torch.ones_like(c_cols[:, :1]), c_cols.square().sum(1, keepdim=True)], 1)
-    return (rows @ (cols * cond_weight).T).clamp_(0.0, COND_PENALTY_CAP)
-
-
-def add_cond_cost(
-    cost: torch.Tensor, c_rows: torch.Tensor | None, c_cols: torch.Tensor | None, cond_weight: float
-) -> torch.Tensor:
-    """``cost += cond_weight * ||c_rows[i] - c_cols[j]||^2`` in place (one pass), and return it.
-
-    ``cost (n, m)`` float32 (rows: data items, columns: noises, column ``j`` carrying the condition
-    ``c_cols[j]`` of the item that drew or holds it), a fresh tensor the caller owns; without a condition
-    or at ``cond_weight == 0`` it is returned untouched, so the unconditioned coupling is reproduced bit
-    for bit. Any coupling (exact or entropic) adds its condition term here.
-
-    Example::
-
-        cost = add_cond_cost(pairwise_cost(x1f, noise), cond, cond, 1.0)
-    """
-    if c_rows is None or cond_weight == 0.0:
-        return cost
-    return cost.add_(cond_cost(c_rows.to(cost.device), c_cols.to(cost.device), cond_weight))
-
-
-def float_bits(value: float) -> int:
-    """A float as the int64 of its bits: how a float setting enters the ranks' agreement (ints only)."""
-    return int(torch.tensor(float(value), dtype=torch.float64).view(torch.int64))
-
-
-def check_flag(value, name: str) -> bool:
-    """A call's boolean keyword (``return_indices``): a real bool, not a truthy tensor or string."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r:.40}")
-    return value
+__all__ = [
+    "METRICS",
+    "COND_PENALTY_CAP",
+    "add_cond_cost",
+    "check_cond",
+    "check_cond_weight",
+    "check_flag",
+    "check_indices",
+    "check_labels",
+    "check_metric",
+    "check_x1",
+    "cond_cost",
+    "cost_dtype",
+    "float_bits",
+    "pair_stats",
+    "raise_bad_data",
+    "solve",
+    "to_device",
+]

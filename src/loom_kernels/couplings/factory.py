@@ -1,7 +1,8 @@
 """One factory for the couplings by name: the trainer, its command line and the study build them here.
 
-``COUPLINGS`` are the names (the CLI's ``--coupling`` choices); ``"fixed"`` is the paper's "fixed
-noise, no reassignment" ablation (:class:`FixedNoiseCoupling`), the others the library's couplings.
+``COUPLINGS`` are the names, the one list of them (the CLI's ``--coupling`` choices, the study's
+variants); ``"fixed"`` is the paper's "fixed noise, no reassignment" ablation (:class:`FixedNoiseCoupling`),
+the others the library's couplings. A new coupling adds its name here and one branch to ``make_coupling``.
 """
 
 from __future__ import annotations
@@ -9,51 +10,16 @@ from __future__ import annotations
 import torch
 
 from .base import Coupling
+from .fixed import FixedNoiseCoupling
 from .independent import IndependentCoupling
 from .loom import LoomCoupling
 from .minibatch import MinibatchOTCoupling
+from .reflow import ReflowCoupling
+from .sinkhorn import SinkhornCoupling
 
 __all__ = ["COUPLINGS", "make_coupling", "FixedNoiseCoupling"]
 
-COUPLINGS = ("independent", "ot", "loom", "fixed")
-
-
-class FixedNoiseCoupling(Coupling):
-    """Fixed noise without reassignment: item i is always paired with ``noise(seeds[i, 0])``.
-
-    Reads the seed table of a ``LoomCoupling`` (its initial, random pairing) and never reassigns it:
-    the paper's "fixed source, no reassignment" ablation. Its ``stats`` (pre = post cost, 0 swaps)
-    reach the trainer's log like every coupling's; it has no state of its own (the seeds are a pure
-    function of the LoomCoupling's seed).
-
-    Example:
-        >>> from loom_kernels.couplings import LoomCoupling
-        >>> c = FixedNoiseCoupling(LoomCoupling(100, (2,), seed=0))
-        >>> x0, x1 = c(torch.randn(8, 2), torch.arange(8))
-    """
-
-    def __init__(self, loom: LoomCoupling):
-        self.seeds = loom.seeds[:, :1].clone()  # (N, 1): one fixed noise per point
-        self.shape = tuple(loom.shape)
-        self.stats = {}
-
-    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None):  # noqa: ARG002 - labels: no swaps
-        from ..noise import gaussian_noise
-
-        if x0 is not None:
-            raise ValueError("FixedNoiseCoupling draws the noise from its seeds: x0 must be None")
-        if indices is None:
-            raise ValueError("FixedNoiseCoupling needs the dataset indices of the batch: call coupling(x1, indices)")
-        idx = torch.as_tensor(indices)
-        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
-            raise TypeError(f"indices must have an integer dtype, got {idx.dtype}")
-        idx = idx.to(device=self.seeds.device, dtype=torch.int64)
-        if idx.shape != (x1.shape[0],):
-            raise ValueError(f"indices must have shape (b,) = ({x1.shape[0]},) to match x1, got {tuple(idx.shape)}")
-        x0 = gaussian_noise(self.seeds[idx, 0], self.shape, device=x1.device, dtype=x1.dtype)
-        cost = (x1 - x0).flatten(1).square().sum(1).mean()
-        self.stats = {"pre_cost": cost, "post_cost": cost, "swaps": 0}
-        return x0, x1
+COUPLINGS = ("independent", "ot", "sinkhorn", "loom", "fixed", "reflow", "semidiscrete", "semidiscrete-seeded", "knn")
 
 
 def make_coupling(
@@ -66,16 +32,31 @@ def make_coupling(
     device=None,
     process_group=None,
     metric: str = "sqeuclidean",
+    epsilon: float = 0.05,
+    generator: torch.Generator | None = None,
+    pairs=None,
+    data=None,
+    labels=None,
+    options: dict | None = None,
 ) -> Coupling:
     """The coupling named ``name``, one of ``COUPLINGS``.
 
     Args:
-        name: ``"independent"``, ``"ot"`` (minibatch OT), ``"loom"`` (LOOM-CFM) or ``"fixed"``.
+        name: ``"independent"``, ``"ot"`` (minibatch OT), ``"sinkhorn"`` (entropic OT), ``"loom"`` (LOOM-CFM),
+            ``"fixed"`` or ``"reflow"``.
         num_points: data items N (``"loom"``/``"fixed"``); with flips ``2 * len(data)`` (each view
             keeps its own noise).
         shape: one item's shape (``"loom"``/``"fixed"``).
         num_caches, seed, device, process_group: ``LoomCoupling``'s (``"fixed"`` uses ``seed``/``device``).
-        metric: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's).
+        metric: the pair cost, ``"sqeuclidean"`` (default) or ``"euclidean"`` (the LOOM-CFM code's); Sinkhorn's
+            is always ``"sqeuclidean"``.
+        epsilon, generator: ``SinkhornCoupling``'s (its relative epsilon and the generator of its draws).
+        pairs: ``"reflow"``: the pairs folder (``loom_kernels.reflow``); the data are its targets.
+        data, labels: the data set ``(N, *shape)`` (tensor or memmap) and its classes, for ``"semidiscrete"``
+            (fresh noise: the trainer lets it choose each batch) and ``"semidiscrete-seeded"`` (LOOM's table
+            filled from the cells every ``refresh_every`` epochs).
+        options: ``"semidiscrete*"``: ``epsilon``, ``fit_steps`` (fitted here, default 2000), ``fit_batch``,
+            ``refresh_every``, ``progress``; ``"knn"``: ``k`` (default 16).
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
@@ -85,6 +66,16 @@ def make_coupling(
         return IndependentCoupling(metric=metric)
     if name == "ot":
         return MinibatchOTCoupling(metric=metric)
+    if name == "sinkhorn":
+        if metric != "sqeuclidean":
+            raise ValueError(
+                f"coupling 'sinkhorn' streams the squared Euclidean cost: metric must be 'sqeuclidean', got {metric!r}"
+            )
+        return SinkhornCoupling(epsilon, generator=generator, process_group=process_group)
+    if name == "reflow":
+        if pairs is None:
+            raise ValueError("coupling 'reflow' needs pairs= (a pairs folder, --pairs DIR)")
+        return ReflowCoupling(pairs)
     if name in ("loom", "fixed") and (num_points is None or shape is None):
         raise ValueError(f"coupling {name!r} needs num_points and shape, got {num_points!r} and {shape!r}")
     if name == "loom":
@@ -97,6 +88,30 @@ def make_coupling(
             process_group=process_group,
             metric=metric,
         )
+    if name in ("semidiscrete", "semidiscrete-seeded", "knn"):
+        return _new_coupling(name, num_points, shape, data, labels, dict(options or {}), seed, device, num_caches)
     if name == "fixed":
         return FixedNoiseCoupling(LoomCoupling(num_points, tuple(shape), seed=seed, device=device))
     raise ValueError(f"coupling must be one of {COUPLINGS}, got {name!r}")
+
+
+def _new_coupling(name, num_points, shape, data, labels, opts, seed, device, num_caches):
+    """The couplings of issue 32 (semidiscrete, fresh or seeded, and nearest-of-k), with their options."""
+    if name == "knn":
+        from .knn import KNNNoiseCoupling
+
+        return KNNNoiseCoupling(opts.pop("k", 16))
+    from .semidiscrete import SemidiscreteCoupling
+    from .semidiscrete_train import SemidiscreteSeededCoupling
+
+    if data is None:
+        raise ValueError(f"coupling {name!r} needs data= (the data set it fits its potential on)")
+    steps, batch = opts.pop("fit_steps", 2000), opts.pop("fit_batch", 256)
+    progress, refresh = opts.pop("progress", True), opts.pop("refresh_every", 1)
+    sd = SemidiscreteCoupling(data, labels=labels, seed=seed, device=device, **opts)
+    if steps:
+        sd.fit(steps, batch_size=batch, progress=progress)
+    if name == "semidiscrete":
+        return sd
+    loom = LoomCoupling(num_points, tuple(shape), num_caches=num_caches, seed=seed, device=device)
+    return SemidiscreteSeededCoupling(sd, loom, refresh_every=refresh)

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import Coupling
-from .common import check_cond, check_cond_weight, check_flag, check_indices, check_labels, check_metric, check_x1
+from .base import (
+    Coupling,
+    check_cond,
+    check_cond_weight,
+    check_flag,
+    check_indices,
+    check_labels,
+    check_metric,
+    check_x1,
+)
 
 
 class IndependentCoupling(Coupling):

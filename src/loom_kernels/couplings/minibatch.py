@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import torch
 
-from .base import Coupling
-from .common import (
+from .base import (
     METRICS,
-    add_cond_cost,
-    check_cond,
-    check_cond_weight,
+    Coupling,
+    check_cost_range,
     check_flag,
     check_indices,
-    check_labels,
     check_metric,
-    check_x1,
-    cost_dtype,
-    float_bits,
-    pair_stats,
-    solve,
+    check_pair_inputs,
+    pair_out,
 )
-from .distributed import Group
-from .grouped import DEFAULT_GROUP_SIZE, Partition, check_group_size, solve_minibatch_groups
-
-_SCOPES = ("global", "local", "grouped")
+from .c2ot import (
+    COND_METRICS,
+    c2ot_global_step,
+    check_cond_metric,
+    check_cond_ratio,
+    check_cond_weight_or_adaptive,
+    check_oversample,
+)
+from .scopes.agree import agree, float_bits, generator_hash
+from .scopes.group import Group
+from .scopes.minibatch_steps import MinibatchSpec, step_for
+from .scopes.partition import DEFAULT_GROUP_SIZE, SCOPES, check_group_size, check_scope
+from .scopes.solve import cost_dtype
 
 
 class MinibatchOTCoupling(Coupling):
@@ -42,9 +45,14 @@ class MinibatchOTCoupling(Coupling):
     ``cond (b, Dc)`` or ``(b,)`` (floating, on ``x1``'s device; needs ``m == b``): row ``j`` of ``x0`` is item
     ``j``'s noise and carries ``cond[j]``, so the cost of giving item ``i`` the noise ``j`` is
     ``metric(x1_i, x0_j) + cond_weight * ||cond_i - cond_j||^2`` (one ``(b, b)`` addition to the cost,
-    ``common.add_cond_cost``); ``cond_weight=0`` is the unconditioned coupling bit for bit, a huge weight
+    ``scopes.solve.add_cond_cost``); ``cond_weight=0`` is the unconditioned coupling bit for bit, a huge weight
     exchanges noise only between equal conditions, as ``labels`` do. ``stats`` include the penalty. With
-    ``labels`` too, labels forbid and cond penalises.
+    ``labels`` too, labels forbid and cond penalises. C2OT's options (Cheng, Schwing, ICCV 2025;
+    ``c2ot.py``): ``cond_metric="cosine"`` (``1 - cos(cond_i, cond_j)``), ``cond_weight="adaptive"`` (per
+    batch, the weight at which the condition is the fraction ``cond_ratio`` in (0, 1) of the mean pair cost)
+    and ``oversample=k`` (with ``x0`` drawn: ``k*b`` noise rows, the assignment keeps the best ``b``; rows
+    ``i*k .. i*k+k-1`` carry item i's condition and label); not with ``scope="grouped"``.
+    ``stats["cond_weight"]``: the weight used.
 
     ``return_indices=True`` returns ``(x0_matched, x1, perm)``: ``perm (b,)`` int64 with
     ``x0_matched == x0[perm]`` (under a process group of ``W`` ranks, in every scope but ``"local"``:
@@ -83,10 +91,12 @@ class MinibatchOTCoupling(Coupling):
         scope: str = "global",
         group_size: int = DEFAULT_GROUP_SIZE,
         seed: int = 0,
-        cond_weight: float = 1.0,
+        cond_weight: float | str = 1.0,
+        cond_metric: str = "sqeuclidean",
+        cond_ratio: float = 0.5,
+        oversample: int = 1,
     ):
-        if scope not in _SCOPES:
-            raise ValueError(f"scope must be one of {_SCOPES}, got {scope!r}")
+        check_scope(scope)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.group_size = check_group_size(group_size)
@@ -95,7 +105,13 @@ class MinibatchOTCoupling(Coupling):
         self.generator = generator
         self.process_group = process_group
         self.scope = scope
-        self.cond_weight = check_cond_weight(cond_weight)
+        self.cond_weight = check_cond_weight_or_adaptive(cond_weight)
+        self.cond_metric, self.cond_ratio = check_cond_metric(cond_metric), check_cond_ratio(cond_ratio)
+        self.oversample = check_oversample(oversample)
+        if scope == "grouped" and (self.oversample > 1 or self._c2ot):
+            raise ValueError(
+                "scope='grouped' takes neither oversample > 1 nor cond_weight='adaptive' / cond_metric='cosine'"
+            )
         self.stats = {}
 
     def __call__(
@@ -113,20 +129,21 @@ class MinibatchOTCoupling(Coupling):
         grp = Group(self.process_group, local=self.scope == "local")
         name = type(self).__name__
         try:
-            labels, cond = self._check_inputs(x1, x0, labels, cond, self.scope)
+            labels, cond = check_pair_inputs(x1, x0, labels, cond, self.scope)
+            if self.cond_weight != "adaptive":
+                check_cost_range("cond", cond, self.cond_weight, torch.float64, "scale cond down or lower cond_weight")
             check_indices(indices, x1.shape[0], name)
             check_flag(return_indices, "return_indices")
         except (TypeError, ValueError):
-            world.agree(
-                name,
-                {"batch size": -1, "x0 rows": -1, "cond columns": -1},
-                {"labels": 0, "cond": 0, "return_indices": 0},
-                self._config(),
-                failed=True,
-            )
+            sizes = {"batch size": -1, "x0 rows": -1, "cond columns": -1}
+            given = {"labels": 0, "cond": 0, "return_indices": 0}
+            agree(world, name, sizes, given, self._config(), failed=True, specs=dict.fromkeys(("x1", "x0", "labels")))
             raise
-        if x0 is None:
-            x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
+        k = 1
+        if x0 is None:  # oversample=k: k*b rows (row i*k+j drawn for item i), the assignment keeps b
+            k = self.oversample
+            shape = (k * x1.shape[0], *x1.shape[1:])
+            x0 = torch.randn(shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         b = x1.shape[0]
         # scope="local" couples each rank's batch alone: its sizes and inputs may differ across ranks
         sizes = {"batch size": b, "x0 rows": x0.shape[0], "cond columns": 0 if cond is None else cond.shape[1]}
@@ -136,50 +153,37 @@ class MinibatchOTCoupling(Coupling):
             "cond": cond is not None and grp.world > 1,
             "return_indices": return_indices and world.world > 1,
         }
-        world.agree(name, sizes, given, self._config())
+        specs = {"x1": x1, "x0": x0, "labels": labels} if grp.world > 1 else dict.fromkeys(("x1", "x0", "labels"))
+        agree(world, name, sizes, given, self._config(), specs=specs)
         if b == 0:
             self.stats = {}
-            return self._out(x0[:0], x1, torch.zeros(0, dtype=torch.int64, device=x1.device), return_indices)
-        dt = cost_dtype(x1.dtype)
+            return pair_out(x0[:0], x1, torch.zeros(0, dtype=torch.int64, device=x1.device), return_indices)
         if cond is not None and self.cond_weight == 0.0:
             cond = None  # nothing to add: the unconditioned coupling, bit for bit, and nothing sent
-        if self.scope == "grouped":
-            part = Partition(grp.world * b, b, grp.world, self.group_size, self._part_gen)
-            x0, self.stats, perm = solve_minibatch_groups(
-                grp,
-                part,
-                x1.flatten(1).to(dt),
-                x0,
-                self.metric,
-                labels,
-                dt,
-                cond=cond,
-                cond_weight=self.cond_weight,
-                want_perm=return_indices,
-            )
-            return self._out(x0, x1, perm, return_indices)
-        g_x0 = grp.gather(x0)  # every rank's noise: rank r's rows may be matched with it
-        cost = grp.global_cost(x1.flatten(1).to(dt), g_x0.flatten(1).to(dt), self.metric)
-        g_cond = None if cond is None else grp.gather(cond)  # row j of the noise carries item j's condition
-        cost = add_cond_cost(cost, g_cond, g_cond, self.cond_weight)
-        col = solve(cost, None if labels is None else grp.gather(labels))
-        self.stats = pair_stats(cost, col)
-        perm = col[grp.rank * b : (grp.rank + 1) * b]
-        return self._out(g_x0[perm], x1, perm, return_indices)
-
-    @staticmethod
-    def _out(x0, x1, perm, return_indices):
-        return (x0, x1, perm) if return_indices else (x0, x1)
+        x1f = x1.flatten(1).to(cost_dtype(x1.dtype))
+        if k > 1 or self._c2ot:  # C2OT's options (issue 32); the default path below is unchanged
+            opts = (self.metric, k, self.cond_weight, self.cond_metric, self.cond_ratio)
+            x0, self.stats, perm = c2ot_global_step(grp, x1f, x0, labels, cond, *opts)
+            return pair_out(x0, x1, perm, return_indices)
+        spec = MinibatchSpec(self.metric, self.group_size, self._part_gen, self.cond_weight)
+        x0, self.stats, perm = step_for(self.scope)(grp, x1f, x0, labels, cond, spec, return_indices)
+        return pair_out(x0, x1, perm, return_indices)
 
     def _config(self) -> dict:
-        state = self._part_gen.get_state().to(torch.int64)
         return {
             "metric": METRICS.index(self.metric),
-            "scope": _SCOPES.index(self.scope),
+            "scope": SCOPES.index(self.scope),
             "group_size": self.group_size,
-            "cond_weight": float_bits(self.cond_weight),
-            "partition generator": int((state * torch.arange(1, len(state) + 1)).sum()),
+            "cond_weight": float_bits(-1.0 if self.cond_weight == "adaptive" else self.cond_weight),
+            "cond_metric": COND_METRICS.index(self.cond_metric),
+            "cond_ratio": float_bits(self.cond_ratio),
+            "oversample": self.oversample,
+            "partition generator": generator_hash(self._part_gen),
         }
+
+    @property
+    def _c2ot(self) -> bool:
+        return self.cond_weight == "adaptive" or self.cond_metric != "sqeuclidean"
 
     def state_dict(self) -> dict:
         """The partition generator's state (``scope="grouped"``; the other scopes have no state)."""
@@ -194,29 +198,3 @@ class MinibatchOTCoupling(Coupling):
                 f"state_dict['partition_generator'] must be a uint8 tensor (Generator.get_state()), got {gen!r:.80}"
             )
         self._part_gen.set_state(gen)
-
-    @staticmethod
-    def _check_inputs(x1, x0, labels, cond, scope="global"):
-        check_x1(x1)
-        if x0 is not None:
-            check_x1(x0, "x0")
-            if x0.shape[1:] != x1.shape[1:] or x0.shape[0] < x1.shape[0]:
-                raise ValueError(
-                    f"x0 must have shape (m, *x1.shape[1:]) with m >= b = {x1.shape[0]}, "
-                    f"got x0 {tuple(x0.shape)} for x1 {tuple(x1.shape)}"
-                )
-            if x0.device != x1.device:
-                raise ValueError(f"x0 must be on x1's device {x1.device}, got {x0.device}")
-        if scope == "grouped" and x0 is not None and x0.shape[0] != x1.shape[0]:
-            raise ValueError(f"scope='grouped' needs x0 with exactly b = {x1.shape[0]} rows, got {x0.shape[0]}")
-        labels = check_labels(labels, x1.shape[0], x1.device)
-        if labels is not None and x0 is not None and x0.shape[0] != x1.shape[0]:
-            raise ValueError(
-                f"labels need x0 with exactly b = {x1.shape[0]} rows (row i is item i's noise), got {x0.shape[0]}"
-            )
-        cond = check_cond(cond, x1.shape[0], x1.device)
-        if cond is not None and x0 is not None and x0.shape[0] != x1.shape[0]:
-            raise ValueError(
-                f"cond needs x0 with exactly b = {x1.shape[0]} rows (row i is item i's noise), got {x0.shape[0]}"
-            )
-        return labels, cond

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..metrics import dataset_cost
-
-COUPLINGS = ("independent", "ot", "loom")
-
-
-LABELS = {"independent": "independent", "ot": "minibatch OT", "loom": "LOOM-CFM"}
-
+from .variants import COUPLINGS
 
 COLORS = {"independent": "tab:gray", "ot": "tab:blue", "loom": "tab:red"}
 
@@ -32,6 +28,17 @@ DOPRI5_TOL = 1e-5  # the paper's dopri5 reference tolerance (rtol = atol)
 STRAIGHTNESS_NFE = 16
 
 
+def default_out(name: str) -> str:
+    """Where ``--out`` points when not given: ``name`` under the current directory, except inside a loom_kernels
+    checkout (found by its pyproject.toml and src/loom_kernels), where it goes beside the checkout: results
+    never land in the source tree unless the user names it there."""
+    cwd = Path.cwd().resolve()
+    for d in (cwd, *cwd.parents):
+        if (d / "pyproject.toml").is_file() and (d / "src" / "loom_kernels").is_dir():
+            return str(d.parent / name)
+    return name
+
+
 def column_label(col: str) -> str:
     """'euler1' -> 'Euler NFE 1', 'midpoint4' -> 'midpoint NFE 4', 'dopri5' -> 'dopri5'."""
     if col == "dopri5":
@@ -46,8 +53,8 @@ SIZE_FLAGS = {"steps": "steps", "batch_size": "batch_size", "n": "points", "n_ev
 
 def add_size_options(p: argparse.ArgumentParser) -> None:
     """The run-size options of the demo and the study (each defaults to its data set's preset)."""
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default per data set)")
-    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default per data set)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (None: the data set's preset)")
+    p.add_argument("--batch-size", type=int, default=None, help="minibatch size (None: the data set's preset)")
     p.add_argument(
         "--points", type=int, default=None, help="training points of a 2-D set (held-out set: the same size)"
     )
@@ -78,10 +85,10 @@ def dopri5_sample(model, x0: torch.Tensor, *, rtol: float = DOPRI5_TOL, atol: fl
     Example:
         >>> x1, nfe = dopri5_sample(lambda x, t: -x, torch.ones(4, 2))  # x1 = exp(-1)
     """
-    from ..sampler import sample
+    from ..sampler import Options, sample
 
     info = {}
-    x1 = sample(model, x0, method="dopri5", rtol=rtol, atol=atol, info=info)
+    x1 = sample(model, x0, method="dopri5", atol=atol, rtol=rtol, options=Options(info=info))
     return x1, info["nfe"]
 
 
@@ -177,9 +184,9 @@ def spread(values) -> dict:
     }
 
 
-def fmt(sp: dict, digits: int = 3) -> str:
-    """'0.553±0.025' (mean ± sd over seeds)."""
-    return f"{sp['mean']:.{digits}f}±{sp['sd']:.{digits}f}"
+def fmt(sp: dict | None, digits: int = 3, sep: str = "±") -> str:
+    """'0.553±0.025' (mean ± sd over seeds; ``sep`` between them), '-' for None."""
+    return "-" if sp is None else f"{sp['mean']:.{digits}f}{sep}{sp['sd']:.{digits}f}"
 
 
 def ranking(per_seed: list, names=COUPLINGS) -> dict:

@@ -32,15 +32,16 @@ import numpy as np
 import torch
 
 from .._io import atomic_write
+from .._optional import require
+from ..cli._errors import HelpFormatter
 from .common import (
     COLUMNS,
-    COUPLINGS,
     DOPRI5_TOL,
-    LABELS,
     SIZE_FLAGS,
     STRAIGHTNESS_NFE,
     add_size_options,
     column_label,
+    default_out,
     fit,
     fmt,
     override_sizes,
@@ -48,6 +49,7 @@ from .common import (
     ranking,
     spread,
 )
+from .variants import COUPLINGS, LABELS
 
 # Default budgets, sized so that the default (3 seeds) finishes inside 5 minutes on a 2-core CPU.
 _PRESETS = {
@@ -66,14 +68,19 @@ def _parser() -> argparse.ArgumentParser:
         "held-out data) at Euler NFE 1/2/4/8, midpoint NFE 2/4/8 and dopri5, straightness and "
         "coupling cost, as mean and spread over seeds. Prints tables and the rankings that hold on "
         "every seed, writes a PNG figure, a JSON of the numbers and the EMA model of each run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", default="8gaussians", help="8gaussians, moons, checkerboard or digits")
     add_size_options(p)
     p.add_argument("--num-caches", type=int, default=1, help="LOOM noise caches per data point")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (seed, seed+1, ...); default 3")
-    p.add_argument("--out", default="loom_demo", help="output folder (figure, JSON, models)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (seed, seed+1, ...); None: 3")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (figure, JSON, models); None: loom_demo in the current directory (beside the "
+        "checkout when run inside a loom_kernels checkout)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (None: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="the first seed")
     p.add_argument(
         "--threads",
@@ -168,6 +175,11 @@ def _run_seed(args, s, seed, device, dopri5) -> dict:
             os.path.join(args.out, f"{args.data}_{name}_seed{seed}", "model.pt"), ema, metadata=meta, step=s["steps"]
         )
         t_eval = time.perf_counter()
+        print(
+            f"  seed {seed}, {LABELS[name]}: trained in {f['train_seconds']:.0f} s; evaluating W2 at 7 fixed-step "
+            f"samplers{' and dopri5 (the longest part)' if dopri5 else ''} on {n_eval} points...",
+            flush=True,
+        )
         w2s, samples, nfe_ref = quality(ema, x0_eval, x_test_eval, dopri5=dopri5)
         hist = f["history"]
         tail = hist[-max(1, len(hist) // 10) :]
@@ -194,6 +206,7 @@ def _run_seed(args, s, seed, device, dopri5) -> dict:
             r["global_optimum"] = global_optimum(coupling.seeds, x_train.to(device), args.max_opt_points)
             r["global_optimum_seconds"] = time.perf_counter() - t_opt
         r["eval_seconds"] = time.perf_counter() - t_eval
+        print(f"  seed {seed}, {LABELS[name]}: evaluated in {r['eval_seconds']:.0f} s", flush=True)
         out["couplings"][name] = r
     return out
 
@@ -220,20 +233,26 @@ def _aggregate(runs: list, dopri5: bool) -> dict:
 
 def run(args) -> dict:
     """Runs the demo for parsed ``args`` (see ``--help``); returns the measured numbers as a dict."""
-    from ..train import resolve_device
+    from .._device import resolve_device
     from .plots import demo_figure
 
     if args.threads:
         torch.set_num_threads(args.threads)
     s = _settings(args)
-    device = resolve_device(args.device)
+    # Before minutes of training, not after them: what the end (the figure) and the bars need.
+    require("matplotlib", "the demo's figure")
+    if not args.no_progress:
+        require("tqdm", "the demo's progress bars (or --no-progress)")
+    device = resolve_device(args.device, prefer_cuda=True)
     dopri5 = not args.no_dopri5
     seeds = list(range(args.seed, args.seed + s["seeds"]))
+    args.out = args.out or default_out("loom_demo")
     os.makedirs(args.out, exist_ok=True)
     print(
         f"LOOM-CFM demo: {args.data}, {s['n'] or 'all'} training points per seed; MLP {s['depth']}x{s['hidden']}; "
         f"{s['steps']} steps x batch {s['batch_size']} per coupling; seeds {seeds}; device {device}"
-        + ("" if dopri5 else "; dopri5 reference skipped"),
+        + ("" if dopri5 else "; dopri5 reference skipped")
+        + f"; writing to {os.path.abspath(args.out)}",
         flush=True,
     )
     runs = []

@@ -1,13 +1,15 @@
 """The figures of the demo and the study (matplotlib, imported only when a figure is drawn), and
-``image_grid``, the image tiling the sample CLI also uses."""
+the image panels tiled by ``loom_kernels.visual.image_grid``."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from .._io import atomic_write
-from .common import COLORS, COUPLINGS, EVALS, LABELS, STRAIGHTNESS_NFE, column_label
+from .._optional import require
+from ..visual import image_grid
+from .common import COLORS, EVALS, STRAIGHTNESS_NFE, column_label
+from .variants import ALL_VARIANTS, COUPLINGS, LABELS, NFES
 
 
 def _smooth(steps, values, window):
@@ -17,16 +19,6 @@ def _smooth(steps, values, window):
     hi = np.arange(1, len(values) + 1)
     lo = np.maximum(0, hi - max(1, window))
     return np.asarray(steps), (csum[hi] - csum[lo]) / (hi - lo)
-
-
-def image_grid(x: torch.Tensor, rows: int, cols: int) -> np.ndarray:
-    x = x[: rows * cols].float().clamp(-1, 1).numpy()
-    c, h, w = x.shape[1:]
-    grid = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1, c), dtype=np.float32)
-    for k in range(len(x)):
-        i, j = divmod(k, cols)
-        grid[i * (h + 1) : i * (h + 1) + h, j * (w + 1) : j * (w + 1) + w] = (x[k].transpose(1, 2, 0) + 1) / 2
-    return grid[..., 0] if c == 1 else grid
 
 
 def _sample_panel(ax, key, x, c, r, first, ref, is_2d) -> None:
@@ -95,8 +87,7 @@ def _cost_panel(ax, s, runs) -> None:
 
 
 def demo_figure(path, args, s, runs, agg, dopri5) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the demo's figure")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -268,11 +259,7 @@ def _memorisation_panel(ax, records, datasets, k, cmap) -> None:
 
 def study_figure(records: list, summary: list, path: str) -> None:
     """Per data set: W2 vs NFE (fresh solid, training noise dashed), the cost curves; and the memorisation gap."""
-    import matplotlib
-
-    from .study import ALL_VARIANTS, NFES
-    from .study import LABELS as VARIANT_LABELS
-
+    matplotlib = require("matplotlib", "the study's figure")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -282,8 +269,8 @@ def study_figure(records: list, summary: list, path: str) -> None:
     color = {v: cmap(i) for i, v in enumerate(ALL_VARIANTS)}
     fig, axes = plt.subplots(len(datasets) + 1, 2, figsize=(14, 4.2 * (len(datasets) + 1)), squeeze=False)
     for row, data in enumerate(datasets):
-        _study_w2_panel(axes[row, 0], summary, data, color, VARIANT_LABELS, NFES)
-        _study_cost_panel(axes[row, 1], records, data, variants, color, VARIANT_LABELS)
+        _study_w2_panel(axes[row, 0], summary, data, color, LABELS, NFES)
+        _study_cost_panel(axes[row, 1], records, data, variants, color, LABELS)
     for col, k in enumerate((1, 8)):
         _memorisation_panel(axes[-1, col], records, datasets, k, cmap)
     fig.tight_layout()

@@ -25,8 +25,6 @@ the runs already there, so an interrupted grid resumes).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import sys
@@ -38,122 +36,51 @@ import numpy as np
 import torch
 
 from .._io import atomic_write
-from ..couplings.base import Coupling
+from .report import csv_row, markdown, summarize, versus_ot, write_outputs
+from .variants import (
+    ALL_VARIANTS,
+    CONVERGE_MAX_EPOCHS,
+    CONVERGE_RTOL,
+    DATASETS,
+    DEFAULTS,
+    LABELS,
+    MAX_OPT_POINTS,
+    NEW_VARIANTS,
+    NFES,
+    SINKHORN_VARIANTS,
+    VARIANTS,
+    LargeBatchSinkhorn,
+    caches_of,
+    converge,
+    make_variant,
+)
 
-DATASETS = ("8gaussians", "moons", "checkerboard", "digits")
-
-
-VARIANTS = ("ot", "fixed", "converged", "loom1", "loom4", "loom16", "loom64")
-
-
-# The entropic rival (issue 25 item 5; Klein et al. 2025): Sinkhorn couplings at the study's batch (32, for
-# parity) and with the whole data set as one batch ("N"), at a relative epsilon (scale of the mean cost).
-SINKHORN_VARIANTS = ("sinkhorn32_e0.1", "sinkhornN_e0.1", "sinkhornN_e0.01")
-
-
-ALL_VARIANTS = ("independent",) + VARIANTS + SINKHORN_VARIANTS
-
-
-LABELS = {
-    "independent": "independent",
-    "ot": "minibatch OT",
-    "fixed": "fixed noise, no reassignment",
-    "converged": "trained after convergence",
-    "loom1": "LOOM 1 cache",
-    "loom4": "LOOM 4 caches",
-    "loom16": "LOOM 16 caches",
-    "loom64": "LOOM 64 caches",
-    **{v: f"Sinkhorn batch {v[8:].split('_')[0]}, eps {v.split('_e')[1]}" for v in SINKHORN_VARIANTS},
-}
-
-
-NFES = (1, 2, 4, 8)  # Euler
-
-
-# The default grid, sized to finish inside 30 minutes on 2 CPU cores (two runs at a time).
-DEFAULTS = {
-    "2d": dict(n=1024, steps=2000, batch_size=32, hidden=256, depth=3, lr=1e-3, n_eval=1024),
-    "digits": dict(n=None, steps=2000, batch_size=32, hidden=256, depth=3, lr=1e-3, n_eval=None),
-}
-
-
-CONVERGE_RTOL = 1e-4  # "converged": an epoch of reassignment improves the dataset cost by less than this
-
-
-CONVERGE_MAX_EPOCHS = 500
-
-
-MAX_OPT_POINTS = 2048  # the global optimum (a dense exact assignment) only up to this many noise samples
-
-
-def converge(coupling, x_train: torch.Tensor, batch_size: int, seed: int) -> list:
-    """Sweeps LOOM's reassignment over the data set (random minibatches of ``batch_size``, one epoch at a
-    time) until an epoch improves the dataset-wide cost by less than ``CONVERGE_RTOL`` (relative).
-
-    Returns the curve ``[(epoch, dataset cost)]`` from epoch 0 (the initial table).
-    """
-    from ..metrics import dataset_cost
-
-    gen = torch.Generator().manual_seed(seed + 4242)
-    n = len(x_train)
-    curve = [(0, dataset_cost(coupling, x_train))]
-    for epoch in range(1, CONVERGE_MAX_EPOCHS + 1):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(n // batch_size):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            coupling(x_train[idx], idx)
-        curve.append((epoch, dataset_cost(coupling, x_train)))
-        if curve[-2][1] - curve[-1][1] <= CONVERGE_RTOL * curve[-2][1]:
-            break
-    return curve
-
-
-class LargeBatchSinkhorn(Coupling):
-    """The whole data set as one Sinkhorn batch (OTT's ``LinearOTDataloader`` pattern, Klein et al. 2025).
-
-    Every ``refresh`` calls (one epoch of minibatches) it draws fresh noise for all ``N`` points, solves
-    the ``N x N`` entropic problem (streamed) and draws each point's partner from its row of the plan;
-    each minibatch call then returns its items' partners. Called as the library's couplings.
-    """
-
-    def __init__(self, x_train: torch.Tensor, epsilon: float, refresh: int, seed: int):
-        from ..couplings import SinkhornCoupling
-
-        self.x_train, self.refresh, self.calls = x_train, max(1, refresh), 0
-        self.gen = torch.Generator().manual_seed(seed + 777)
-        self.inner = SinkhornCoupling(epsilon, generator=self.gen)
-        self.x0_all, self.stats = None, {}
-
-    def __call__(self, x1: torch.Tensor, indices=None, *, x0=None, labels=None):  # noqa: ARG002 - the signature
-        if self.calls % self.refresh == 0:
-            noise = torch.randn(self.x_train.shape, generator=self.gen, dtype=self.x_train.dtype)
-            self.x0_all, _ = self.inner(self.x_train, x0=noise)
-            self.stats = dict(self.inner.stats)
-        self.calls += 1
-        return self.x0_all[torch.as_tensor(indices)].to(x1.device, x1.dtype), x1
-
-
-def _coupling(variant: str, n: int, shape, seed: int, x_train=None, batch_size: int = 32):
-    from ..couplings.factory import make_coupling
-
-    if variant in SINKHORN_VARIANTS:
-        from ..couplings import SinkhornCoupling
-
-        size, eps = variant[len("sinkhorn") :].split("_e")
-        if size == "N":
-            return LargeBatchSinkhorn(x_train, float(eps), n // batch_size, seed)
-        return SinkhornCoupling(float(eps), generator=torch.Generator().manual_seed(seed + 777))
-    if variant in ("independent", "ot", "fixed"):
-        return make_coupling(variant, n, shape, seed=seed)
-    caches = 1 if variant == "converged" else int(variant[len("loom") :])
-    return make_coupling("loom", n, shape, num_caches=caches, seed=seed)
-
-
-def caches_of(variant: str) -> int | None:
-    """Noise caches per point of a variant with a finite noise set (None: fresh noise every step)."""
-    if variant in ("independent", "ot") or variant in SINKHORN_VARIANTS:
-        return None
-    return 1 if variant in ("fixed", "converged") else int(variant[len("loom") :])
+# The variant table (variants.py) and the outputs (report.py), by this module's names too.
+__all__ = [
+    "run_one",
+    "settings",
+    "run",
+    "main",
+    "markdown",
+    "csv_row",
+    "summarize",
+    "versus_ot",
+    "write_outputs",
+    "ALL_VARIANTS",
+    "CONVERGE_MAX_EPOCHS",
+    "CONVERGE_RTOL",
+    "DATASETS",
+    "DEFAULTS",
+    "LABELS",
+    "MAX_OPT_POINTS",
+    "NFES",
+    "SINKHORN_VARIANTS",
+    "NEW_VARIANTS",
+    "VARIANTS",
+    "LargeBatchSinkhorn",
+    "caches_of",
+    "converge",
+]
 
 
 def run_one(data: str, variant: str, seed: int, s: dict, threads: int = 1) -> dict:
@@ -176,7 +103,7 @@ def run_one(data: str, variant: str, seed: int, s: dict, threads: int = 1) -> di
     rows = torch.randperm(n, generator=gen)[:n_eval]
     floor = w2(x_train[rows], x_ref)
 
-    coupling = _coupling(variant, n, shape, seed, x_train, s["batch_size"])
+    coupling = make_variant(variant, n, shape, seed, x_train, s["batch_size"])
     rec = {
         "data": data,
         "variant": variant,
@@ -238,6 +165,7 @@ def _thin(points: list, k: int) -> list:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ..cli._errors import HelpFormatter
     from .common import add_size_options
 
     p = argparse.ArgumentParser(
@@ -246,14 +174,14 @@ def _parser() -> argparse.ArgumentParser:
         "convergence, LOOM with 1/4/16/64 caches) on the built-in data sets over several seeds: "
         "W2 on fresh and on training noise, straightness, coupling cost curves; CSV, markdown "
         "table and figure.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS)
+    p.add_argument("--data", nargs="+", default=list(DATASETS), choices=DATASETS, help="data sets")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=ALL_VARIANTS, help="couplings compared")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, ...)")
     add_size_options(p)
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (processes, one thread each)")
-    p.add_argument("--out", default="loom_study")
+    p.add_argument("--out", default=None, help="output folder; None: loom_study here (beside a loom_kernels checkout)")
     return p
 
 
@@ -268,6 +196,11 @@ def run(args) -> list:
     if args.seeds < 1 or args.jobs < 1:
         raise SystemExit(f"--seeds and --jobs must be positive, got {args.seeds} and {args.jobs}")
     grid = {d: settings(args, d) for d in args.data}  # validates the flags before any work
+    from .._optional import require
+    from .common import default_out
+
+    require("matplotlib", "the study's figure")  # before the runs, not after them
+    args.out = args.out or default_out("loom_study")
     runs_dir = os.path.join(args.out, "runs")
     os.makedirs(runs_dir, exist_ok=True)
     tasks = [(d, v, k) for d in args.data for v in args.variants for k in range(args.seeds)]
@@ -315,178 +248,6 @@ def _fix_keys(rec: dict) -> dict:
     for key in ("w2_fresh", "w2_train"):
         rec[key] = {int(k): v for k, v in rec[key].items()}
     return rec
-
-
-# ---- outputs ---------------------------------------------------------------------------------------------
-
-CSV_COLUMNS = (
-    ["data", "variant", "seed", "caches", "n_train", "noise_total", "steps", "batch_size", "n_eval"]
-    + [f"w2_fresh_nfe{k}" for k in NFES]
-    + [f"w2_train_nfe{k}" for k in NFES]
-    + [f"gap_nfe{k}" for k in NFES]
-    + [
-        "w2_floor",
-        "straightness",
-        "dataset_cost_start",
-        "dataset_cost_end",
-        "global_optimum",
-        "minibatch_cost_end",
-        "converge_epochs",
-        "final_loss",
-        "train_seconds",
-        "eval_seconds",
-    ]
-)
-
-
-def _row(r: dict) -> dict:
-    row = {k: r.get(k) for k in CSV_COLUMNS}
-    for k in NFES:
-        row[f"w2_fresh_nfe{k}"] = r["w2_fresh"][k]
-        row[f"w2_train_nfe{k}"] = r["w2_train"][k]
-        row[f"gap_nfe{k}"] = None if r["w2_train"][k] is None else r["w2_fresh"][k] - r["w2_train"][k]
-    row["converge_epochs"] = r["converge_curve"][-1][0] if "converge_curve" in r else None
-    return row
-
-
-def summarize(records: list) -> list:
-    """One row per (data, variant): mean, sd, min, max over seeds of every numeric CSV column."""
-    from .common import spread
-
-    groups = {}
-    for r in records:
-        groups.setdefault((r["data"], r["variant"]), []).append(_row(r))
-    out = []
-    for (data, variant), rows in groups.items():
-        s = {
-            "data": data,
-            "variant": variant,
-            "seeds": len(rows),
-            "caches": rows[0]["caches"],
-            "noise_total": rows[0]["noise_total"],
-        }
-        for col in CSV_COLUMNS[9:]:
-            vals = [x[col] for x in rows if x[col] is not None]
-            if vals:
-                s[col] = spread(vals)
-        out.append(s)
-    return out
-
-
-def _fmt(sp, digits=3):
-    return "-" if sp is None else f"{sp['mean']:.{digits}f} ± {sp['sd']:.{digits}f}"
-
-
-def markdown(summary: list) -> str:
-    """The study's table: per data set and variant, mean ± sd over seeds."""
-    head = (
-        "variant",
-        "noise samples",
-        "W2 fresh NFE1",
-        "NFE2",
-        "NFE4",
-        "NFE8",
-        "W2 train-noise NFE1",
-        "NFE8",
-        "gap NFE1 (fresh - train)",
-        "gap NFE8",
-        "straightness",
-        "dataset cost at the end",
-        "global optimum",
-    )
-    lines = []
-    for data in dict.fromkeys(s["data"] for s in summary):
-        rows = [s for s in summary if s["data"] == data]
-        lines += [
-            f"\n**{data}** ({rows[0]['seeds']} seeds; W2 data floor {_fmt(rows[0]['w2_floor'])})\n",
-            "| " + " | ".join(head) + " |",
-            "|---|" + "---:|" * (len(head) - 1),
-        ]
-        for s in rows:
-            cells = [LABELS[s["variant"]], str(s["noise_total"] or "fresh")]
-            cells += [_fmt(s[f"w2_fresh_nfe{k}"]) for k in NFES]
-            cells += [_fmt(s.get(key)) for key in ("w2_train_nfe1", "w2_train_nfe8", "gap_nfe1", "gap_nfe8")]
-            cells += [_fmt(s["straightness"], 4), _fmt(s.get("dataset_cost_end")), _fmt(s.get("global_optimum"))]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + _memorisation_table(summary)
-
-
-def versus_ot(records: list) -> str:
-    """On how many seeds each variant's fresh-noise W2 is below minibatch OT's (same data set and seed)."""
-    ot = {(r["data"], r["seed"]): r for r in records if r["variant"] == "ot"}
-    datasets = list(dict.fromkeys(r["data"] for r in records))
-    variants = [v for v in dict.fromkeys(r["variant"] for r in records) if v != "ot"]
-    if not ot or not variants:
-        return ""
-    lines = [
-        "\n**Against minibatch OT**: seeds on which the variant's W2 (fresh noise) is below minibatch OT's, "
-        "at Euler NFE 1 / NFE 8\n",
-        "| variant | " + " | ".join(datasets) + " |",
-        "|---|" + "---:|" * len(datasets),
-    ]
-    for v in variants:
-        cells = []
-        for d in datasets:
-            pairs = [
-                (r, ot[(d, r["seed"])])
-                for r in records
-                if r["data"] == d and r["variant"] == v and (d, r["seed"]) in ot
-            ]
-            cells.append(
-                " / ".join(f"{sum(a['w2_fresh'][k] < b['w2_fresh'][k] for a, b in pairs)}/{len(pairs)}" for k in (1, 8))
-                if pairs
-                else "-"
-            )
-        lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _memorisation_table(summary: list) -> str:
-    """W2 on fresh minus W2 on training noise (Euler NFE 8) against caches x points, LOOM only."""
-    looms = [v for v in VARIANTS if v.startswith("loom")]
-    rows = []
-    for data in dict.fromkeys(s["data"] for s in summary):
-        by = {s["variant"]: s for s in summary if s["data"] == data}
-        cells = [f"{_fmt(by[v].get('gap_nfe8'))} ({by[v]['noise_total']})" if v in by else "-" for v in looms]
-        if any(c != "-" for c in cells):
-            rows.append(f"| {data} | " + " | ".join(cells) + " |")
-    if not rows:
-        return ""
-    head = "| data | " + " | ".join(LABELS[v] for v in looms) + " |"
-    return (
-        "\n**Memorisation**: W2 from fresh noise minus W2 from the training noise at Euler NFE 8 "
-        "(mean ± sd over seeds; in brackets the noise samples, caches x points)\n\n"
-        + "\n".join([head, "|---|" + "---:|" * len(looms)] + rows)
-        + "\n"
-    )
-
-
-def write_outputs(records: list, out: str) -> None:
-    def write_csv(path, rows, cols):
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")
-
-    write_csv(os.path.join(out, "study.csv"), [_row(r) for r in records], CSV_COLUMNS)
-    summary = summarize(records)
-    flat = []
-    for s in summary:
-        row = {k: s[k] for k in ("data", "variant", "seeds", "caches", "noise_total")}
-        for col in CSV_COLUMNS[9:]:
-            if col in s:
-                for stat in ("mean", "sd", "min", "max"):
-                    row[f"{col}_{stat}"] = s[col][stat]
-        flat.append(row)
-    cols = list(dict.fromkeys(k for row in flat for k in row))
-    write_csv(os.path.join(out, "study_summary.csv"), flat, cols)
-    md = markdown(summary) + versus_ot(records)
-    atomic_write(os.path.join(out, "study.md"), lambda f: f.write(md), mode="w")
-    print(md)
-    from .plots import study_figure
-
-    study_figure(records, summary, os.path.join(out, "study.png"))
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""ODE samplers for flow-matching models: Euler, explicit midpoint, Heun (fixed step) and dopri5 (adaptive).
+"""ODE samplers for flow-matching models: Euler, explicit midpoint, Heun, RK4 (fixed step) and dopri5 (adaptive).
 
 Integrates dx/dt = model(x, t) from t0 (noise) to t1 (data) with exactly ``nfe`` model
 evaluations (fixed-step methods) or as many as the tolerances need (dopri5: the Dormand-Prince 5(4)
@@ -11,6 +11,7 @@ and classifier-free guidance (Ho & Salimans 2022) batched into one call per eval
 - heun:     x' = x + h/2 (v(x, t) + v(x + h v(x, t), t + h))     (2 NFE per step, order 2;
             the explicit trapezoidal rule, *not* the EDM variant (Karras et al. 2022) that skips
             the correction on the last step: every step, the last included, costs 2 NFE.)
+- rk4:      classical Runge-Kutta                                (4 NFE per step, order 4)
 
 CUDA: every state update is one fused Triton kernel (``update.py``), the loop never synchronizes
 with the host, and repeated calls replay the whole loop as a CUDA graph. CPU: the same updates in
@@ -18,9 +19,11 @@ plain torch.
 
 The package, one idea per module:
 - ``api``     ``sample``, the public entry: argument checks, then one of the runs below
+- ``options`` ``Guidance`` and ``Options``, ``sample``'s grouped keywords
+- ``methods`` one class per fixed-step method (a new method: a class and a ``REGISTRY`` line)
 - ``update``  the fused update kernel and its torch twin
 - ``field``   the calling conventions (one table), keyword inputs and classifier-free guidance
-- ``fixed``   the fixed-step methods: time grid, quadrature weights, the loop, the eager run
+- ``fixed``   the fixed-step run: time grid, quadrature weights, the loop, the eager run
 - ``graphs``  CUDA-graph capture and replay, ``GraphCache``
 - ``dopri5``  the adaptive Dormand-Prince 5(4) pair
 """
@@ -30,7 +33,21 @@ from __future__ import annotations
 from .api import sample
 from .dopri5 import ADAPTIVE
 from .field import SIGNATURES
-from .fixed import METHODS, quadrature
+from .fixed import quadrature
 from .graphs import GraphCache, clear_graph_cache
+from .methods import METHODS, REGISTRY, Method
+from .options import Guidance, Options
 
-__all__ = ["sample", "quadrature", "clear_graph_cache", "GraphCache", "METHODS", "ADAPTIVE", "SIGNATURES"]
+__all__ = [
+    "sample",
+    "Guidance",
+    "Options",
+    "quadrature",
+    "clear_graph_cache",
+    "GraphCache",
+    "METHODS",
+    "REGISTRY",
+    "Method",
+    "ADAPTIVE",
+    "SIGNATURES",
+]

@@ -9,8 +9,9 @@ import torch
 
 from .dopri5 import adaptive_grid, run_dopri5
 from .field import Field, check_kwargs
-from .fixed import ADAPTIVE, eval_mode, make_plan, run_eager
-from .graphs import DEFAULT_CACHE, GraphCache, run_graphed
+from .fixed import ADAPTIVE, eval_mode, interval, make_plan, run_eager
+from .graphs import DEFAULT_CACHE, run_graphed
+from .options import Guidance, Options, resolve
 
 __all__ = ["sample", "check_x0"]
 
@@ -57,77 +58,54 @@ def sample(
     nfe: int | None = None,
     *,
     method: str = "euler",
-    t0: float = 0.0,
-    t1: float = 1.0,
     time_grid: torch.Tensor | Sequence[float] | None = None,
-    return_trajectory: bool = False,
-    cuda_graph: bool | str = "auto",
-    progress: bool = False,
-    model_kwargs: dict | None = None,
-    guidance: float | None = None,
-    null_label: int | torch.Tensor | None = None,
-    label_key: str = "y",
-    signature: str = "xt",
-    rtol: float = 1e-5,
     atol: float = 1e-5,
-    max_nfe: int = 10_000,
-    info: dict | None = None,
-    graph_cache: GraphCache | None = None,
-    velocity_hook: Callable[[torch.Tensor], None] | None = None,
+    rtol: float = 1e-5,
+    return_trajectory: bool = False,
+    model_kwargs: dict | None = None,
+    guidance: float | Guidance | None = None,
+    options: Options | None = None,
+    **legacy,
 ) -> torch.Tensor:
-    """Integrates dx/dt = model(x, t) from t0 to t1: ``nfe`` evaluations (fixed step) or adaptively (dopri5).
+    """Integrates dx/dt = model(x, t) over ``time_grid``: ``nfe`` evaluations (fixed step) or adaptively (dopri5).
+
+    The arguments follow flow_matching's ``ODESolver.sample`` (``x_init``, ``step_size``, ``method``,
+    ``atol``, ``rtol``, ``time_grid``, ``return_intermediates``, ``**model_extras``), with ``nfe`` for
+    the step size, plus ``guidance`` and ``options``.
 
     Args:
-        model: the velocity field, called as ``SIGNATURES[signature]``; by default ``model(x, t, **kw)``
-            with x of shape (W, *dims) and t of shape (W,) in x's dtype and device (W = B, or 2B
-            under guidance); it must return x's shape. An ``nn.Module`` is put in eval mode for the
-            call and every submodule's own mode is restored afterwards.
-        x0: (B, *dims) floating tensor, the state at t0 (noise). Never modified.
-        nfe: number of model evaluations: ``steps`` for euler, ``2 * steps`` for midpoint and heun
-            (which need an even nfe); None for dopri5. Under guidance one evaluation is one model
+        model: the velocity field, called as ``SIGNATURES[options.signature]``; by default
+            ``model(x, t, **kw)`` with x of shape (W, *dims) and t of shape (W,) in x's dtype and
+            device (W = B, or 2B under guidance); it must return x's shape. An ``nn.Module`` is put
+            in eval mode for the call and every submodule's own mode is restored afterwards.
+        x0: (B, *dims) floating tensor, the state at the start of ``time_grid`` (noise). Never modified.
+        nfe: number of model evaluations: ``steps`` for euler, ``2 * steps`` for midpoint and heun,
+            ``4 * steps`` for rk4; None for dopri5. Under guidance one evaluation is one model
             call on the doubled batch and counts as one NFE (the usual convention; the cost per
             call is that of a 2B batch).
-        method: "euler" (order 1), "midpoint" (order 2), "heun" (order 2, the explicit
-            trapezoidal rule: the last step also makes its correction, unlike EDM's Heun sampler)
-            or "dopri5" (adaptive Dormand-Prince 5(4), steps chosen by ``rtol``/``atol`` with the RMS
-            error norm over the whole batch, as torchdiffeq does; eager, one host read per step).
-        t0, t1: the interval; t1 < t0 integrates backwards (data to noise).
-        time_grid: optional 1-D tensor/sequence of strictly monotone times from t0 to t1 (checked
-            to 1e-6): for fixed-step methods the ``steps + 1`` grid points, replacing the uniform
-            grid; for dopri5 the output times (the trajectory's points), each hit exactly.
+        method: one of ``METHODS`` ("euler" order 1, "midpoint" and "heun" order 2 (heun is the
+            explicit trapezoidal rule: the last step also makes its correction, unlike EDM's Heun
+            sampler), "rk4" order 4) or "dopri5" (adaptive Dormand-Prince 5(4), steps chosen by
+            ``rtol``/``atol`` with the RMS error norm over the whole batch, as torchdiffeq does;
+            eager, one host read per step).
+        time_grid: 1-D tensor/sequence of strictly monotone times, default ``(0.0, 1.0)``; a
+            descending grid integrates backwards (data to noise). Two points are the interval,
+            split into uniform steps; for fixed-step methods it may instead hold the ``steps + 1``
+            grid points; for dopri5 its points are the output times (the trajectory's), each hit
+            exactly.
+        atol, rtol: dopri5's tolerances.
         return_trajectory: return the states at every grid point, (points, B, *dims), x0 first.
-        cuda_graph: CUDA tensors, fixed-step methods only. "auto" runs eagerly on the first call
-            and captures the loop as a CUDA graph on the second call with the same (model, shape,
-            dtype, device, nfe, method, grid, kwargs shapes and non-tensor values, guidance),
-            replaying it from then on; a model that cannot be captured (host syncs, ...) falls back
-            to eager with one warning. True captures on the first call and raises if capture
-            fails; False never captures. Graphs read parameters by address, so in-place updates
-            (optimizer steps, ``load_state_dict``) are seen; tensors in ``model_kwargs`` are static
-            inputs, copied into the graph before each replay; a model whose Python-side behaviour
-            changes between calls needs ``cuda_graph=False``. Ignored ("auto") or an error (True)
-            on CPU tensors, under autocast and for dopri5.
-        progress: show a tqdm bar over the steps; the loop then runs eagerly (no graph).
         model_kwargs: dict of keyword inputs passed to every model call (class labels, ...).
-            Labels under ``label_key`` must be a (B,) integer tensor, within ``[0, model.num_classes)``
-            when the model has ``num_classes`` (checked once per call, one host read).
-        guidance: classifier-free guidance scale w, or None. Each evaluation calls the model once on
-            ``[x; x]`` with labels ``[y; null_label]`` (other per-sample tensors of ``model_kwargs``,
-            first dimension B, are repeated) and uses ``v_null + w (v_cond - v_null)``: w = 1 is
-            the plain conditional model, w = 0 the unconditional one.
-        null_label: the label meaning "no class" (default: ``model.null_label``, as ``models.UNet`` has).
-        label_key: the key of the labels in ``model_kwargs`` (``"y"``, TorchCFM's name).
-        signature: the model's calling convention, one of ``SIGNATURES``: "xt" (ours), "torchcfm"
-            (``forward(t, x, y=...)``), "torchdiffeq" (``func(t, x)``, t 0-dim) or "flow_matching"
-            (``model(x=x, t=t, **extras)``, t 0-dim).
-        rtol, atol: dopri5's tolerances. max_nfe: dopri5 raises RuntimeError before exceeding it.
-        info: optional dict, filled with ``"nfe"`` (evaluations made) and, for dopri5,
-            ``"steps"`` (accepted) and ``"rejected"``.
-        graph_cache: the :class:`GraphCache` that keeps this call's CUDA graph; None uses the
-            default one (``clear_graph_cache()``).
-        velocity_hook: optional callable, given every model output ``v`` (W, *dims) as the model
-            returned it (under guidance the doubled batch, before the halves are combined), in call
-            order; a hook makes the call eager (no CUDA graph). With :func:`quadrature`'s weights
-            it gives the path's velocities, as ``metrics.straightness`` uses them.
+            Under guidance the labels (``model_kwargs[guidance.label_key]``) must be a (B,) integer
+            tensor, within ``[0, model.num_classes)`` when the model has ``num_classes`` (checked
+            once per call, one host read).
+        guidance: classifier-free guidance: a scale w or a :class:`Guidance` (scale, null label,
+            label key); None for none.
+        options: an :class:`Options`: the model's calling convention, CUDA graphs, progress bar,
+            dopri5's evaluation budget, the ``info`` dict, the graph cache, a velocity hook.
+        **legacy: the keywords written before the grouping, still accepted: ``t0``, ``t1`` (the
+            interval; a ``time_grid`` must then run from t0 to t1, checked to 1e-6),
+            ``null_label``, ``label_key`` (of a numeric ``guidance``) and every field of ``Options``.
 
     Returns:
         x1 of shape (B, *dims) in x0's dtype and device, or the trajectory (points, B, *dims).
@@ -138,39 +116,48 @@ def sample(
 
     Example:
         >>> import torch
-        >>> from loom_kernels.sampler import sample
+        >>> from loom_kernels.sampler import Options, sample
         >>> x1 = sample(lambda x, t: -x, torch.ones(4, 2), nfe=8, method="heun")
         >>> x1.shape
         torch.Size([4, 2])
         >>> stats = {}
-        >>> x1 = sample(lambda x, t: -x, torch.ones(4, 2), method="dopri5", rtol=1e-6, atol=1e-6, info=stats)
+        >>> x1 = sample(lambda x, t: -x, torch.ones(4, 2), method="dopri5", atol=1e-6, options=Options(info=stats))
         >>> stats["nfe"] > 0
         True
     """
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
     check_x0(x0)
-    if info is not None and not isinstance(info, dict):
-        raise TypeError(f"info must be a dict (filled with the evaluation count) or None, got {type(info).__name__}")
-    _check_cuda_graph(cuda_graph, x0, progress, method, velocity_hook)
-    kwargs = check_kwargs(model, x0, signature, model_kwargs, guidance, null_label, label_key)
+    guidance, opts, t0, t1 = resolve(guidance, options, legacy)
+    if opts.info is not None and not isinstance(opts.info, dict):
+        raise TypeError(
+            f"info must be a dict (filled with the evaluation count) or None, got {type(opts.info).__name__}"
+        )
+    _check_cuda_graph(opts.cuda_graph, x0, opts.progress, method, opts.velocity_hook)
+    scale = None if guidance is None else guidance.scale
+    null_label = None if guidance is None else guidance.null_label
+    label_key = "y" if guidance is None else guidance.label_key
+    kwargs = check_kwargs(model, x0, opts.signature, model_kwargs, scale, null_label, label_key)
     if guidance is not None and null_label is None:
         null_label = model.null_label
     field = Field(
         model,
-        signature,
+        opts.signature,
         kwargs,
-        None if guidance is None else float(guidance),
+        None if scale is None else float(scale),
         label_key,
         null_label,
         x0.shape[0],
-        velocity_hook,
+        opts.velocity_hook,
     )
-    if isinstance(method, str) and method in ADAPTIVE:
-        grid = adaptive_grid(nfe, t0, t1, time_grid, rtol, atol, max_nfe)
+    adaptive = isinstance(method, str) and method in ADAPTIVE
+    t0, t1, time_grid = interval(t0, t1, time_grid, adaptive)
+    info = opts.info
+    if adaptive:
+        grid = adaptive_grid(nfe, t0, t1, time_grid, rtol, atol, opts.max_nfe)
         with torch.no_grad(), eval_mode(model):
             field.prepare()
-            out, used, steps, rejected = run_dopri5(field, x0, grid, return_trajectory, rtol, atol, max_nfe)
+            out, used, steps, rejected = run_dopri5(field, x0, grid, return_trajectory, rtol, atol, opts.max_nfe)
         if info is not None:
             info.update(nfe=used, steps=steps, rejected=rejected)
         return out
@@ -179,9 +166,9 @@ def sample(
         info.update(nfe=len(plan.weights))
     graphs = (
         x0.is_cuda
-        and cuda_graph is not False
-        and not progress
-        and velocity_hook is None
+        and opts.cuda_graph is not False
+        and not opts.progress
+        and opts.velocity_hook is None
         and not torch.is_autocast_enabled()
     )
     with torch.no_grad(), eval_mode(model):
@@ -192,9 +179,9 @@ def sample(
                     x0,
                     plan,
                     return_trajectory,
-                    cuda_graph,
-                    DEFAULT_CACHE if graph_cache is None else graph_cache,
+                    opts.cuda_graph,
+                    DEFAULT_CACHE if opts.graph_cache is None else opts.graph_cache,
                 )
             if out is not None:
                 return out
-        return run_eager(field, x0, plan, return_trajectory, progress)
+        return run_eager(field, x0, plan, return_trajectory, opts.progress)

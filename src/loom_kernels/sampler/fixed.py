@@ -1,11 +1,6 @@
-"""The fixed-step methods: their time grid and quadrature weights, and the integration loop shared by
-eager runs and CUDA-graph capture (launches only: it never reads a value back to the host).
-
-Methods (E. Hairer, S. P. Norsett, G. Wanner, "Solving Ordinary Differential Equations I", sec. II.1):
-- euler:    x' = x + h v(x, t)                                   (1 NFE per step, order 1)
-- midpoint: x' = x + h v(x + h/2 v(x, t), t + h/2)               (2 NFE per step, order 2)
-- heun:     x' = x + h/2 (v(x, t) + v(x + h v(x, t), t + h))     (2 NFE per step, order 2)
-"""
+"""The fixed-step run: the time grid and quadrature weights of a method (``methods.py``), and the
+integration loop shared by eager runs and CUDA-graph capture (launches only: it never reads a value
+back to the host)."""
 
 from __future__ import annotations
 
@@ -18,12 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from .field import Field, check_real
-from .update import update
+from .methods import METHODS, REGISTRY
 
 __all__ = ["METHODS", "Plan", "make_plan", "quadrature", "run_eager", "eval_mode"]
 
-#: model evaluations per step of each method
-METHODS = {"euler": 1, "midpoint": 2, "heun": 2}
 ADAPTIVE = ("dopri5",)  # methods that choose their own steps (dopri5.py)
 
 
@@ -54,6 +47,27 @@ def check_grid(grid: list, t0: float, t1: float) -> list:
                 f"another interval), got time_grid[{0 if name == 't0' else -1}] = {got}"
             )
     return grid
+
+
+def interval(t0, t1, time_grid, adaptive: bool) -> tuple:
+    """``(t0, t1, time_grid)`` for the runs from ``sample``'s arguments.
+
+    Legacy ``t0``/``t1`` (either given) keep their meaning: the interval, default 0 and 1, that a
+    ``time_grid`` must match. Otherwise the interval is ``time_grid``'s ends (default ``(0, 1)``),
+    and a two-point grid of a fixed-step method is that interval alone (uniform steps)."""
+    if t0 is not None or t1 is not None:
+        return 0.0 if t0 is None else t0, 1.0 if t1 is None else t1, time_grid
+    if time_grid is None:
+        return 0.0, 1.0, None
+    # One host read, before the loop (a CUDA grid syncs here, never inside the loop).
+    g = torch.as_tensor(time_grid, dtype=torch.float64).detach().cpu()
+    if g.ndim != 1 or g.numel() < 2:
+        raise ValueError(f"time_grid must be 1-D with at least 2 points, got shape {tuple(g.shape)}")
+    values = g.tolist()
+    if values[0] == values[-1]:
+        raise ValueError(f"time_grid's first and last times must differ, got {values}")
+    check_grid(values, values[0], values[-1])
+    return values[0], values[-1], None if len(values) == 2 and not adaptive else time_grid
 
 
 def make_plan(method, nfe, t0, t1, time_grid) -> Plan:
@@ -87,16 +101,19 @@ def make_plan(method, nfe, t0, t1, time_grid) -> Plan:
                 f"method={method!r}, nfe={nfe}, got shape {tuple(g.shape)}"
             )
         grid = check_grid(g.tolist(), t0, t1)
-    hs = [b - a for a, b in zip(grid, grid[1:])]
-    if method == "euler":
-        times, weights = grid[:-1], hs
-    elif method == "midpoint":
-        times = [t for a, h in zip(grid, hs) for t in (a, a + 0.5 * h)]
-        weights = [w for h in hs for w in (0.0, h)]
-    else:  # heun
-        times = [t for a, b in zip(grid, grid[1:]) for t in (a, b)]
-        weights = [w for h in hs for w in (0.5 * h, 0.5 * h)]
+    m = REGISTRY[method]
+    times = [_at(a, b, o) for a, b in zip(grid, grid[1:]) for o in m.offsets]
+    weights = [_scaled(f, b - a) for a, b in zip(grid, grid[1:]) for f in m.fractions]
     return Plan(method, tuple(grid), tuple(times), tuple(weights))
+
+
+def _at(a: float, b: float, offset: float) -> float:
+    # The step's ends exactly (a + (b - a) need not round to b).
+    return a if offset == 0.0 else b if offset == 1.0 else a + offset * (b - a)
+
+
+def _scaled(fraction: float, h: float) -> float:
+    return 0.0 if fraction == 0.0 else h if fraction == 1.0 else fraction * h
 
 
 def quadrature(method: str, nfe: int, t0: float = 0.0, t1: float = 1.0, time_grid=None) -> tuple:
@@ -119,7 +136,7 @@ def quadrature(method: str, nfe: int, t0: float = 0.0, t1: float = 1.0, time_gri
 class Buffers:
     state: torch.Tensor  # (B, *d) running state when no trajectory is kept; else None
     traj: torch.Tensor  # (steps + 1, B, *d) or None
-    stage: torch.Tensor  # (B, *d) intermediate point of two-stage methods, or None
+    scratch: list  # the method's scratch buffers, each (B, *d)
     times: torch.Tensor  # (nfe, W) evaluation times in x's dtype, W = rows per model call
     times_0d: torch.Tensor  # (nfe,) the same times, handed out as 0-dim views
     kwargs: dict  # keyword inputs of the model (static copies when graphed)
@@ -140,12 +157,12 @@ def alloc(
     opts = dict(dtype=x0.dtype, device=x0.device)
     traj = torch.empty((plan.steps + 1,) + shape, **opts) if return_trajectory else None
     state = None if return_trajectory else torch.empty(shape, **opts)
-    stage = torch.empty(shape, **opts) if METHODS[plan.method] == 2 else None
+    scratch = [torch.empty(shape, **opts) for _ in range(REGISTRY[plan.method].scratch)]
     t = _eval_times(plan.eval_times, x0.dtype, x0.device)
     times = t[:, None].expand(-1, width).contiguous()
     if static:  # a graph reads its inputs by address: copies it owns, refreshed before each replay
         kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    return Buffers(state, traj, stage, times, t.clone(), kwargs)
+    return Buffers(state, traj, scratch, times, t.clone(), kwargs)
 
 
 _TIMES: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
@@ -174,22 +191,16 @@ def loop(field: Field, bufs: Buffers, plan: Plan, steps_iter=None) -> None:
     tt = bufs.times.unbind(0)  # all t views at once: indexing a tensor per call costs microseconds
     t0d = bufs.times_0d.unbind(0)
     grid = plan.grid
+    method = REGISTRY[plan.method]
+    first = 0  # index of the step's first evaluation
 
     def v(y, i):
-        return field(y, tt[i], t0d[i])
+        return field(y, tt[first + i], t0d[first + i])
 
     for k in steps_iter if steps_iter is not None else range(plan.steps):
-        h = grid[k + 1] - grid[k]
+        first = k * method.stages
         out = bufs.traj[k + 1] if bufs.traj is not None else x
-        if plan.method == "euler":
-            update(x, v(x, k), None, h, 0.0, out)
-        elif plan.method == "midpoint":
-            update(x, v(x, 2 * k), None, 0.5 * h, 0.0, bufs.stage)
-            update(x, v(bufs.stage, 2 * k + 1), None, h, 0.0, out)
-        else:  # heun
-            v1 = v(x, 2 * k)
-            update(x, v1, None, h, 0.0, bufs.stage)
-            update(x, v1, v(bufs.stage, 2 * k + 1), 0.5 * h, 0.5 * h, out)
+        method.step(v, x, grid[k + 1] - grid[k], bufs.scratch, out)
         x = out
 
 
@@ -214,8 +225,9 @@ def run_eager(field, x0, plan, return_trajectory, progress=False) -> torch.Tenso
     bufs.input.copy_(x0)
     steps_iter = None
     if progress:
-        from tqdm.auto import tqdm
+        from .._optional import require
 
+        tqdm = require("tqdm.auto", "sample(progress=True)").tqdm
         steps_iter = tqdm(range(plan.steps), desc=f"sample ({plan.method}, nfe={len(plan.weights)})")
     loop(field, bufs, plan, steps_iter)
     return bufs.output

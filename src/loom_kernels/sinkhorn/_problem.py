@@ -1,5 +1,6 @@
-"""Validation of a Sinkhorn problem and the one dispatch point between the Triton kernels and the
-blocked torch path (``Problem.lse`` / ``Problem.argmax``)."""
+"""Validation of a Sinkhorn problem and the one dispatch point between the Triton kernels, the
+fused C++ CPU kernel (``_cpu``, ``loom_kernels.streamed``) and the blocked torch path (``Problem.lse`` /
+``Problem.argmax``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import torch
 
 from .._triton import use_kernel
-from . import _kernels, _tiles
+from . import _cpu, _kernels, _tiles
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -22,6 +23,21 @@ def _check_tensor(name, t, ndims, what):
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite: it holds NaN or inf")
+
+
+def _check_range(max_cost: torch.Tensor, dtype: torch.dtype, name: str, what: str) -> None:
+    """Refuses costs that overflow the solver's dtype (with headroom for the potentials added to them).
+
+    In float32 a cost past ~1e38 turns every ``(g_j - C_ij) / eps`` into inf - inf: the solver then
+    ran to max_iter and drew one column for every row, with no other sign."""
+    limit = torch.finfo(dtype).max / 64
+    worst = float(max_cost.max())
+    if not math.isfinite(worst) or worst > limit:
+        hint = "scale the data down, or pass float64 points/cost" if dtype != torch.float64 else "scale the data down"
+        raise ValueError(
+            f"{name} hold {what} overflow {str(dtype).replace('torch.', '')} (largest cost {worst:.3g}, the "
+            f"limit is {limit:.3g}): {hint}"
+        )
 
 
 def _weights(name, w, batch, size, device, dtype, allow_empty=False):
@@ -96,7 +112,13 @@ class Problem:
         ).clamp_min(0)
         # (max |x - c| + max |y - c|)^2 bounds every cost: where epsilon scaling starts
         self.max_cost = (self.geo.xx.double().amax(1).sqrt() + self.geo.yy.double().amax(1).sqrt()) ** 2
+        _check_range(self.max_cost, self.dtype, "x and y", "values so large that the squared distances")
         self.kernel = use_kernel(self.device) and self.dtype == torch.float32
+
+    def _cpu_kernel(self):
+        """Points in float32 on the CPU (Triton not asked for): the C++ tile kernel."""
+        points = isinstance(self.geo, _tiles.PointTiles)
+        return not self.kernel and points and _cpu.available(self.device, self.dtype)
 
     def _init_cost(self, cost):
         _check_tensor("cost", cost, (2, 3), "(n, m) or (B, n, m)")
@@ -105,7 +127,8 @@ class Problem:
         self.dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
         c = (cost if self.batched else cost[None]).to(self.dtype)
         self.mean_cost = c.double().mean((1, 2))
-        self.max_cost = c.double().abs().amax((1, 2))
+        self.max_cost = cost.double().abs().amax((-2, -1)).reshape(-1)
+        _check_range(self.max_cost, self.dtype, "cost", "entries so large that they")
         self.geo = _tiles.CostTiles(c)
         self.kernel = False  # a stored cost is read by the torch tiles on every device
 
@@ -117,6 +140,8 @@ class Problem:
         u, scale, r = geo.terms(g, eps)
         if self.kernel:
             out = _kernels.lse(geo.x, geo.y, u.contiguous(), scale.contiguous(), self.allow_tf32)
+        elif self._cpu_kernel():
+            out = _cpu.lse(geo.x, geo.y, u, scale)
         else:
             out = _tiles.row_lse(geo, u, scale)
         return out + r
@@ -129,6 +154,8 @@ class Problem:
         kj = None if seed is None else _tiles.col_keys(m, self.device)
         if self.kernel:
             return _kernels.argmax(self.geo.x, self.geo.y, u.contiguous(), scale.contiguous(), ki, kj, self.allow_tf32)
+        if self._cpu_kernel():
+            return _cpu.argmax(self.geo.x, self.geo.y, u, scale, ki, kj)
         return _tiles.row_argmax(self.geo, u, scale, ki, kj)
 
     def unbatch(self, t):

@@ -1,11 +1,12 @@
 """A thin flow-matching trainer with exact resume, DDP and any coupling; also ``python -m loom_kernels.train``.
 
 Objective: conditional flow matching / rectified flow (Lipman et al., 2023; Liu et al., 2023):
-``x_t = (1 - t) x0 + t x1`` with ``t ~ U[0, 1]``, regress ``model(x_t, t)`` on ``x1 - x0``. The pairs
-``(x0, x1)`` come from a coupling: independent, minibatch OT (Tong et al., 2023; Pooladian et al., 2023)
-or LOOM-CFM (Davtyan et al., ICLR 2025), all called as ``coupling(x1, indices=indices)`` (and
-``labels=y`` for labelled data). Class-conditional models are called as ``model(x_t, t, y=y)`` with
-labels dropped to ``model.null_label`` at rate ``label_dropout`` (classifier-free guidance).
+``x_t = (1 - t) x0 + t x1`` with ``t ~ U[0, 1]`` (or ``TrainConfig.t_dist``, see ``loom_kernels.timesteps``),
+regress ``model(x_t, t)`` on ``x1 - x0``. The pairs ``(x0, x1)`` come from a coupling: independent,
+minibatch OT (Tong et al., 2023; Pooladian et al., 2023) or LOOM-CFM (Davtyan et al., ICLR 2025), all
+called as ``coupling(x1, indices=indices)`` (and ``labels=y`` for labelled data). Class-conditional models
+are called as ``model(x_t, t, y=y)`` with labels dropped to ``model.null_label`` at rate ``label_dropout``
+(classifier-free guidance).
 
 The loop reads as restore, step, log, checkpoint (one function each, on a ``Run`` holding the state).
 A non-finite loss or gradient norm stops the run before the optimizer sees it and before anything is
@@ -21,14 +22,16 @@ for sampling is the EMA (the reference code saved the raw weights).
 
 The package: ``config`` (settings, result, schedule), ``batches`` (device, rank, data order),
 ``log`` (log.csv), ``run`` (the run's state: build, restore, save), ``step`` (one optimizer step),
-``loop`` (the loop and :func:`train`); the command line is :mod:`loom_kernels.cli.train`.
+``loop`` (the loop and :func:`train`), ``init`` (a fresh run from another run's weights,
+``TrainConfig.init_from``); the command line is :mod:`loom_kernels.cli.train`.
 """
 
 from __future__ import annotations
 
+from .._device import resolve_device
 from ..checkpoint import load_checkpoint, load_model, save_model
 from ..couplings.factory import make_coupling
-from .batches import dist_info, resolve_device
+from .batches import dist_info
 from .config import (
     CHECKPOINT,
     FIXED_ON_RESUME,

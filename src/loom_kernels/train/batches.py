@@ -7,20 +7,7 @@ import hashlib
 
 import torch
 
-from .._device import resolve_device as _resolve_device
 from ..data import IndexedDataset
-
-
-def resolve_device(device=None) -> torch.device:
-    """``device`` as a torch.device with an explicit CUDA index; None picks the current CUDA device or the CPU.
-
-    An explicit index matters: ``LoomCoupling(device=...)`` must equal the data's device exactly.
-
-    Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    return _resolve_device(device, prefer_cuda=True)
 
 
 def dist_info():

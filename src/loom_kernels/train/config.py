@@ -31,7 +31,9 @@ OVERRIDABLE_ON_RESUME = (
     "log_every",
     "ckpt_every",
     "nonfinite",
+    "t_dist",
 )
+INIT_WEIGHTS = ("ema", "raw")
 
 
 @dataclass
@@ -61,6 +63,13 @@ class TrainConfig:
         log_every: steps between logged rows (history and CSV).
         ckpt_every: steps between checkpoints (0: only at the end); needs ``out_dir``.
         progress: show a tqdm bar (rank 0 only).
+        t_dist: the timestep distribution (``loom_kernels.timesteps``): ``"uniform"``, ``"beta(a, b)"``,
+            ``"u_shaped"`` or ``"logit_normal(m, s)"``. The drawn ``t`` reaches couplings that take it
+            (``TimestepMixedCoupling``).
+        init_from: a fresh run starts from this ``model.pt``/``checkpoint.pt``'s weights (ignored on resume):
+            ``init_weights`` ``"ema"`` (default) or ``"raw"`` (needs ``checkpoint.pt``) go into the model and
+            its EMA; ``init_optimizer`` also loads the Adam moments (``checkpoint.pt``; the LR settings stay
+            this run's). Every layer must match (a mismatch names it).
     """
 
     steps: int = 1000
@@ -82,6 +91,10 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 0
     progress: bool = True
+    t_dist: str = "uniform"
+    init_from: str | None = None
+    init_weights: str = "ema"
+    init_optimizer: bool = False
 
     def __post_init__(self):
         def _int(name, lo):
@@ -113,6 +126,13 @@ class TrainConfig:
         for name, allowed in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("nonfinite", NONFINITE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        from ..timesteps import timestep_dist
+
+        timestep_dist(self.t_dist, arg="TrainConfig.t_dist")
+        if self.init_weights not in INIT_WEIGHTS:
+            raise ValueError(f"TrainConfig.init_weights must be one of {INIT_WEIGHTS}, got {self.init_weights!r}")
+        if (self.init_optimizer or self.init_weights != "ema") and self.init_from is None:
+            raise ValueError("TrainConfig.init_weights / init_optimizer need init_from (the run to start from)")
         if self.ckpt_every and self.out_dir is None:
             raise ValueError("TrainConfig.ckpt_every needs out_dir (where to write checkpoints), got out_dir=None")
         if self.resume and self.out_dir is None:

@@ -67,8 +67,16 @@ class CsvLog:
         self.w = csv.DictWriter(self.f, fieldnames=LOG_COLUMNS)
 
     def write(self, row: dict) -> None:
-        self.w.writerow({k: row[k] for k in LOG_COLUMNS})
-        self.f.flush()
+        try:
+            self.w.writerow({k: row[k] for k in LOG_COLUMNS})
+            self.f.flush()
+        except OSError as e:
+            raise OSError(e.errno, f"cannot append a row to {self.path!r}: {e.strerror}", self.path) from e
 
-    def close(self) -> None:
-        self.f.close()
+    def close(self, quiet: bool = False) -> None:
+        """Closes the file; ``quiet`` while another error propagates (a second one would replace it)."""
+        try:
+            self.f.close()
+        except OSError as e:
+            if not quiet:
+                raise OSError(e.errno, f"cannot close {self.path!r}: {e.strerror}", self.path) from e

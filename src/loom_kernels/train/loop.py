@@ -8,10 +8,12 @@ import signal
 import threading
 import warnings
 
+import torch
 from torch import nn
 
 from .batches import epoch_order
 from .config import LOG, TrainConfig, TrainResult
+from .lock import RunDirInUseError, lock_run_dir, unlock_run_dir
 from .log import CsvLog
 from .run import Run, build, restore, save
 from .step import log_row, step
@@ -41,8 +43,9 @@ def loop(run: Run, callback, callback_every) -> None:
     cfg = run.cfg
     bar = None
     if run.rank == 0 and cfg.progress:
-        from tqdm.auto import tqdm
+        from .._optional import require
 
+        tqdm = require("tqdm.auto", "the training progress bar (or --no-progress / progress=False)").tqdm
         bar = tqdm(
             total=cfg.steps, initial=run.step, desc=f"train[{type(run.user_coupling).__name__}]", dynamic_ncols=True
         )
@@ -72,6 +75,26 @@ def loop(run: Run, callback, callback_every) -> None:
     finally:
         if bar is not None:
             bar.close()
+
+
+def _lock_out_dir(run: Run) -> int | None:
+    """Rank 0 locks ``out_dir`` (the only rank that writes there); every rank raises if it is held."""
+    if not run.cfg.out_dir:
+        return None
+    fd, err = None, None
+    if run.rank == 0:
+        try:
+            fd = lock_run_dir(run.cfg.out_dir)
+        except RunDirInUseError as e:
+            err = e
+    if run.world > 1:
+        held = torch.tensor([int(err is not None)], device=run.device)
+        torch.distributed.all_reduce(held, op=torch.distributed.ReduceOp.MAX)
+        if held.item() and err is None:
+            raise RunDirInUseError(f"{run.cfg.out_dir!r} is in use by another trainer (rank 0 found it locked)")
+    if err is not None:
+        raise err
+    return fd
 
 
 def train(
@@ -122,17 +145,28 @@ def train(
     if callback_every < 0 or (callback is not None and callback_every == 0):
         raise ValueError(f"callback_every must be a positive integer when a callback is given, got {callback_every}")
     run = build(model, dataset, coupling, cfg, metadata)
-    resumed = restore(run)
-    if run.rank == 0 and cfg.out_dir:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        run.log = CsvLog(os.path.join(cfg.out_dir, LOG), run.step if resumed else None)
-    if resumed:
-        run.order = epoch_order(len(dataset), cfg.seed, run.epoch)
+    lock = _lock_out_dir(run)  # before the checkpoint is read: a second trainer must not resume it too
     try:
-        loop(run, callback, callback_every)
-    finally:
+        resumed = restore(run)
+        if cfg.init_from is not None and not resumed:
+            from .init import init_from
+
+            init_from(run)
+        if run.rank == 0 and cfg.out_dir:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            run.log = CsvLog(os.path.join(cfg.out_dir, LOG), run.step if resumed else None)
+        if resumed:
+            run.order = epoch_order(len(dataset), cfg.seed, run.epoch)
+        try:
+            loop(run, callback, callback_every)
+        except BaseException:
+            if run.log is not None:
+                run.log.close(quiet=True)  # the first error is the one to see, not one from closing
+            raise
         if run.log is not None:
             run.log.close()
+    finally:
+        unlock_run_dir(lock)
     if run.skipped:
         warnings.warn(
             f"{run.skipped} of the steps had a non-finite loss or gradient and were skipped",

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_save, load_checkpoint, restore_rng_state, rng_state, save_model
+from .._device import resolve_device
+from ..checkpoint import atomic_save, check_fields, load_checkpoint, restore_rng_state, rng_state, save_model
 from ..couplings import Coupling
-from .batches import dist_info, fingerprint, resolve_device
+from .batches import dist_info, fingerprint
 from .config import CHECKPOINT, FIXED_ON_RESUME, MODEL, OVERRIDABLE_ON_RESUME, Schedule, TrainConfig
 from .log import CsvLog
 
@@ -30,17 +31,21 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 class _CallableCoupling(Coupling):
-    """A plain callable ``fn(x1, indices=...)`` (labels only when given) seen through the protocol.
+    """A plain callable ``fn(x1, indices=...)`` (``labels``, ``cond`` and ``return_indices`` only when given)
+    seen through the protocol.
 
     It has no stats and no state."""
 
     def __init__(self, fn):
         self.fn, self.stats = fn, {}
 
-    def __call__(self, x1, indices=None, *, x0=None, labels=None):
+    def __call__(self, x1, indices=None, *, x0=None, labels=None, cond=None, return_indices=False):
         if x0 is not None:
             raise ValueError("a plain callable coupling draws its own noise: x0 must be None")
-        return self.fn(x1, indices=indices) if labels is None else self.fn(x1, indices=indices, labels=labels)
+        kwargs = {k: v for k, v in (("labels", labels), ("cond", cond)) if v is not None}
+        if return_indices is not False:  # passed on as given: the callable checks it
+            kwargs["return_indices"] = return_indices
+        return self.fn(x1, indices=indices, **kwargs)
 
 
 def as_coupling(coupling) -> Coupling:
@@ -80,6 +85,7 @@ class Run:
     order: torch.Tensor | None = None
     history: list = field(default_factory=list)
     skipped: int = 0
+    scaler_skips: object = 0  # fp16: the grad scaler's consecutive skipped steps (a device tensor once counted)
     log: CsvLog | None = None
     sigterm: dict = field(default_factory=lambda: {"set": False})  # this rank's flag (the signal handler sets it)
     terminate: bool = False  # every rank agreed to save and exit after this step
@@ -96,7 +102,7 @@ class Run:
 def build(model, dataset, coupling, cfg, metadata) -> Run:
     proto = as_coupling(coupling)
     rank, world = dist_info()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, prefer_cuda=True)
     if cfg.precision != "fp32" and device.type != "cuda":
         raise ValueError(f"precision={cfg.precision!r} (autocast) needs a CUDA device, got device {device}")
     n, global_batch = len(dataset), world * cfg.batch_size
@@ -187,6 +193,7 @@ def restore(run: Run) -> bool:
     if not cfg.resume:
         raise FileExistsError(f"{path} exists: pass resume=True (--resume) to continue it, or choose another out_dir")
     ck = load_checkpoint(path, map_location=run.device)
+    check_fields(ck, path, complete=True)
     _check_resume(run, ck)
     run.model.load_state_dict(ck["model"])
     run.ema.load_state_dict(ck["ema"])

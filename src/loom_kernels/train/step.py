@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..couplings.base import call_coupling
+from ..couplings.semidiscrete import SemidiscreteCoupling
+from ..timesteps import timestep_dist
 from .batches import epoch_order, fetch
 from .log import stat
 from .run import Run, ema_update
@@ -23,6 +26,8 @@ def next_batch(run: Run):
             run.epoch, run.seen = run.epoch + 1, 0
         run.order = epoch_order(len(run.dataset), run.cfg.seed, run.epoch)
     idx = run.order[run.seen + run.rank * b : run.seen + (run.rank + 1) * b]
+    if isinstance(run.coupling, SemidiscreteCoupling):  # fresh noise chooses the items (SD-FM's loader)
+        idx = run.coupling.draw(b, part=(run.rank, run.world))
     run.seen += global_batch
     x1, y = fetch(run.dataset, idx)
     return idx, x1.to(run.device, non_blocking=True), (None if y is None else y.to(run.device))
@@ -43,8 +48,13 @@ def _loss(run: Run):
     cfg = run.cfg
     idx, x1, y = next_batch(run)
     # CPU indices: every coupling accepts them (LoomCoupling's table may live on either side).
-    x0, x1 = run.coupling(x1, indices=idx, labels=y)
-    t = torch.rand(x1.shape[0], device=run.device)
+    draw = timestep_dist(cfg.t_dist).sample
+    if run.coupling.accepts_t:  # t first, for the coupling; otherwise the order (and streams) of old runs
+        t = draw(x1.shape[0], device=run.device)
+        x0, x1 = call_coupling(run.coupling, x1, idx, labels=y, t=t)
+    else:
+        x0, x1 = run.coupling(x1, indices=idx, labels=y)
+        t = draw(x1.shape[0], device=run.device)
     tb = t.view(-1, *([1] * (x1.ndim - 1)))
     xt = (1 - tb) * x0 + tb * x1
     if cfg.sigma > 0:
@@ -72,6 +82,9 @@ def step(run: Run):
     is checked there.
     """
     cfg = run.cfg
+    # The forward pass updates BatchNorm's running statistics before the loss is checked: a skipped
+    # step must leave them as they were (NaN there would reach the EMA and refuse every checkpoint).
+    buffers = [b.detach().clone() for b in run.model.buffers()] if cfg.nonfinite == "skip" else None
     loss = _loss(run)
     lr = run.opt.param_groups[0]["lr"]  # the rate this step uses (sched.step() moves to the next)
     run.opt.zero_grad(set_to_none=True)
@@ -83,10 +96,12 @@ def step(run: Run):
         bad = torch.stack([~torch.isfinite(loss.detach()), ~torch.isfinite(norm)])
     else:
         bad = torch.stack([~torch.isfinite(loss.detach()), torch.zeros((), dtype=torch.bool, device=loss.device)])
-    bad_loss, bad_grad, run.terminate = _agree(run, bad, run.sigterm["set"])
+    bad_loss, bad_grad, scaler_stuck, run.terminate = _agree(run, bad, run.sigterm["set"])
     finite = not (bad_loss or bad_grad)
     if not finite and cfg.nonfinite == "stop":
         _stop(run, loss, norm, bad_loss)
+    if scaler_stuck and cfg.nonfinite == "stop":
+        _stop_scaler(run)
     if finite:
         if not guard_grads:
             run.scaler.scale(loss).backward()
@@ -95,15 +110,52 @@ def step(run: Run):
                 nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
         elif cfg.grad_clip is not None:  # clip_grad_norm_ is exactly this norm, then this scaling
             nn.utils.clip_grads_with_norm_(run.model.parameters(), cfg.grad_clip, norm, None)
+        before = _scale(run)
         run.scaler.step(run.opt)
         run.scaler.update()
+        _count_scaler_skips(run, before)
     else:
         run.skipped += 1
+        if buffers is not None:
+            with torch.no_grad():
+                for b, saved in zip(run.model.buffers(), buffers):
+                    b.copy_(saved)
     run.sched.step()
     run.step += 1
     if finite:
         ema_update(run.ema, run.model, min(cfg.ema_decay, (1 + run.step) / (10 + run.step)))
     return loss.detach(), lr
+
+
+# fp16: this many optimizer steps in a row skipped by the grad scaler is a persistent NaN/inf gradient,
+# not an overflow it can back off from (64 halvings take the default scale 2**16 down to 2**-48).
+SCALER_STUCK = 64
+
+
+def _scale(run: Run):
+    """The grad scaler's scale tensor (a copy, on the device), or None without a scaler."""
+    scale = getattr(run.scaler, "_scale", None) if run.scaler.is_enabled() else None
+    return None if scale is None else scale.detach().clone()
+
+
+def _count_scaler_skips(run: Run, before) -> None:
+    """Counts the scaler's consecutive skipped steps on the device (it lowers its scale exactly when it
+    skips); the count joins the next step's one host read (``_agree``)."""
+    after = _scale(run)
+    if before is None or after is None:
+        return
+    lowered = (after < before).to(torch.int32).reshape(())
+    run.scaler_skips = (run.scaler_skips + lowered) * lowered
+
+
+def _stop_scaler(run: Run):
+    raise FloatingPointError(
+        f"the fp16 grad scaler skipped the last {SCALER_STUCK} optimizer steps in a row (step {run.step}): the "
+        "gradient is non-finite at every scale, so training made no progress; training stopped without writing a "
+        "checkpoint"
+        + (f" (the last good one is {run.ckpt_path})" if run.ckpt_path and os.path.exists(run.ckpt_path) else "")
+        + "; lower --lr, train in bf16/fp32, or pass nonfinite='skip' to keep going"
+    )
 
 
 def _stop(run: Run, loss, norm, bad_loss: bool):
@@ -123,18 +175,25 @@ def _stop(run: Run, loss, norm, bad_loss: bool):
     )
 
 
-def _agree(run: Run, bad: torch.Tensor, sigterm: bool) -> tuple[bool, bool, bool]:
-    """(the loss is non-finite on some rank, the gradient norm is, some rank got SIGTERM): the step's one
-    host read.
+def _agree(run: Run, bad: torch.Tensor, sigterm: bool) -> tuple[bool, bool, bool, bool]:
+    """(the loss is non-finite on some rank, the gradient norm is, the fp16 scaler is stuck on some rank,
+    some rank got SIGTERM): the step's one host read.
 
     Under DDP one 3-element all-reduce first, so that all ranks skip, stop or save and exit at the same
     step: a rank acting alone would leave the others waiting in DDP's backward or in the collective save.
     """
-    flags = torch.cat([bad.to(torch.int32), torch.tensor([int(sigterm)], dtype=torch.int32, device=bad.device)])
+    stuck = torch.as_tensor(run.scaler_skips, device=bad.device).reshape(1) >= SCALER_STUCK
+    flags = torch.cat(
+        [
+            bad.to(torch.int32),
+            stuck.to(torch.int32),
+            torch.tensor([int(sigterm)], dtype=torch.int32, device=bad.device),
+        ]
+    )
     if run.world > 1:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    bad_loss, bad_grad, term = flags.tolist()
-    return bool(bad_loss), bool(bad_grad), bool(term)
+    bad_loss, bad_grad, stuck, term = flags.tolist()
+    return bool(bad_loss), bool(bad_grad), bool(stuck), bool(term)
 
 
 def log_row(run: Run, loss, lr, bar) -> None:

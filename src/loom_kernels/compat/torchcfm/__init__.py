@@ -2,11 +2,14 @@
 
 ``torchcfm.conditional_flow_matching`` -> ``loom_kernels.compat.torchcfm.conditional_flow_matching``,
 ``torchcfm.optimal_transport`` -> ``loom_kernels.compat.torchcfm.optimal_transport``,
-``torchcfm.utils.torch_wrapper`` -> ``loom_kernels.compat.torchcfm.utils``; every name is also
+``torchcfm.utils`` -> ``loom_kernels.compat.torchcfm.utils``, ``torchcfm.models`` ->
+``loom_kernels.compat.torchcfm.models``; every name is also
 importable from ``loom_kernels.compat.torchcfm`` itself (as ``from torchcfm import ...`` gives the
 matchers). Modules: :mod:`.optimal_transport` (``OTPlanSampler``, ``wasserstein``; plans in
 ``_plans``), :mod:`.conditional_flow_matching` (the five flow matchers, ``pad_t_like_x``),
-:mod:`.loom` (``LoomConditionalFlowMatcher``, new), :mod:`.utils` (``torch_wrapper``). Sampling
+:mod:`.loom` (``LoomConditionalFlowMatcher``, new), :mod:`.semidiscrete` (``KNNConditionalFlowMatcher``,
+``SemidiscreteConditionalFlowMatcher``, new), :mod:`.utils` (``torch_wrapper``, the tutorials' toy
+samplers and ``plot_trajectories``), :mod:`.models` (``MLP``, ``GradModel``, ``models.unet.UNetModel``). Sampling
 without torchdyn: :mod:`loom_kernels.compat.torchdyn`. Imports neither torchcfm nor POT.
 """
 
@@ -20,6 +23,7 @@ from .conditional_flow_matching import (
 )
 from .loom import LoomConditionalFlowMatcher
 from .optimal_transport import OTPlanSampler, wasserstein
+from .semidiscrete import KNNConditionalFlowMatcher, SemidiscreteConditionalFlowMatcher
 from .utils import torch_wrapper
 
 __all__ = [
@@ -32,5 +36,7 @@ __all__ = [
     "SchrodingerBridgeConditionalFlowMatcher",
     "VariancePreservingConditionalFlowMatcher",
     "LoomConditionalFlowMatcher",
+    "KNNConditionalFlowMatcher",
+    "SemidiscreteConditionalFlowMatcher",
     "torch_wrapper",
 ]

@@ -13,20 +13,15 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import numpy as np
 import torch
 
 from ...cost import pairwise_cost
-from ...couplings.common import (  # noqa: F401  (check_labels, check_cond, check_cond_weight: re-exported)
-    add_cond_cost,
-    check_cond,
-    check_cond_weight,
-    check_labels,
-    cost_dtype,
-    solve,
-)
+from ...couplings.base import check_cond, check_cond_weight, check_labels  # noqa: F401  (re-exported)
+from ...couplings.scopes.solve import add_cond_cost, cost_dtype, solve
 
 _POT_HINT = "install the extra with pip install 'loom_kernels[torchcfm]' (or pip install POT)"
 
@@ -38,6 +33,19 @@ def pot(what: str):
     except ImportError as exc:
         raise ImportError(f"{what} is solved by POT, which is not installed: {_POT_HINT}") from exc
     return ot
+
+
+def check_reg(reg, what: str) -> float:
+    """An entropic method's ``reg``: a positive finite number. TorchCFM hands any value to POT, which
+    returns a plan costlier than independent pairs for a negative one and the independent plan for 0,
+    without a word; both are refused here."""
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not math.isfinite(reg) or reg <= 0:
+        raise ValueError(
+            f"reg must be a positive finite number for {what}, got {reg!r} (TorchCFM passes it to POT unchecked: "
+            "reg < 0 gives a plan costlier than independent pairs and reg = 0 the independent plan; use "
+            "method='exact' for the unregularised plan)"
+        )
+    return float(reg)
 
 
 def flat(x: torch.Tensor) -> torch.Tensor:

@@ -95,9 +95,16 @@ class ConditionalFlowMatcher:
         return torch.randn_like(x)
 
     def sample_location_and_conditional_flow(self, x0, x1, t=None, return_noise=False):
-        """``(t (bs,), xt, ut)`` (and ``eps`` with ``return_noise``); ``t ~ U[0, 1]`` when not given."""
+        """``(t (bs,), xt, ut)`` (and ``eps`` with ``return_noise``); ``t ~ U[0, 1]`` when not given.
+
+        New: ``t`` may name a distribution to draw from (``"beta(0.5, 0.5)"``, ``"u_shaped"``,
+        ``"logit_normal(0, 1)"``, a ``loom_kernels.timesteps.TimestepDist``)."""
         if t is None:
             t = torch.rand(x0.shape[0]).type_as(x0)
+        elif isinstance(t, str) or type(t).__name__ == "TimestepDist":
+            from ...timesteps import timestep_dist
+
+            t = timestep_dist(t, arg="t").sample(x0.shape[0]).type_as(x0)
         if len(t) != x0.shape[0]:
             raise ValueError(f"t must have shape (bs,) = ({x0.shape[0]},), got {tuple(t.shape)}")
         eps = self.sample_noise_like(x0)

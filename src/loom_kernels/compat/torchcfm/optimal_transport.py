@@ -80,7 +80,7 @@ class OTPlanSampler:
         if method not in _METHODS:
             raise ValueError(f"Unknown method: {method} (expected one of {_METHODS})")
         self.method = method
-        self.reg = reg
+        self.reg = _plans.check_reg(reg, f"method={method!r}") if method != "exact" else reg
         self.reg_m = reg_m
         self.normalize_cost = normalize_cost
         self.num_threads = num_threads
@@ -251,6 +251,8 @@ def wasserstein(
         raise ValueError(f"power must be 1 or 2, got {power!r}")
     if method not in (None, "exact", "sinkhorn"):
         raise ValueError(f"Unknown method: {method} (expected None, 'exact' or 'sinkhorn')")
+    if method == "sinkhorn":
+        _plans.check_reg(reg, "wasserstein(method='sinkhorn')")
     M = torch.cdist(_flat(x0), _flat(x1)).detach()
     if power == 2:
         M = M**2

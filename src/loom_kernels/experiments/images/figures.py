@@ -94,7 +94,7 @@ def training_figure(part: str, records: list, base: dict, cols: list, path: str)
     import torch
 
     from ..common import EVALS
-    from ..plots import image_grid
+    from ...visual import image_grid
     from .train_parts import LABELS
 
     plt = _plt()

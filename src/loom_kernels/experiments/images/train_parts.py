@@ -99,7 +99,7 @@ def run_one(part: str, variant: str, seed: int, s: dict, data, clf, out: str) ->
     conditional = part == "p3"
     t0 = time.perf_counter()
     if variant == "converged":
-        from ..study import converge
+        from ..variants import converge
 
         rec["converge_curve"] = converge(coupling, x_tr, s["batch_size"], seed)
     rec["converge_seconds"] = time.perf_counter() - t0

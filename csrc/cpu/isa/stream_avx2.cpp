@@ -1,0 +1,3 @@
+// stream_cpu.cpp built for AVX2 (flags in CMakeLists.txt); chosen at run time (cpu/isa.h).
+#define LOOM_ISA_AVX2 1
+#include "cpu/stream_cpu.cpp"
