@@ -93,8 +93,8 @@ def training_figure(part: str, records: list, base: dict, cols: list, path: str)
 
     import torch
 
-    from ..common import EVALS
     from ...visual import image_grid
+    from ..common import EVALS
     from .train_parts import LABELS
 
     plt = _plt()
