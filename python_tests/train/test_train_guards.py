@@ -69,21 +69,22 @@ def test_the_lock_is_held_across_processes_and_dropped_when_the_holder_dies(tmp_
 
 def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     fd = lock_run_dir(str(tmp_path))
-    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()  # child -> parent: its at-fork handlers have run
+    done_r, done_w = os.pipe()  # parent -> child: checked, the child may exit
     pid = os.fork()
     if pid == 0:  # the child (a data-loader worker, say) outlives the trainer's hold
-        os.write(w, b"x")  # the at-fork handlers have run by now
-        os.read(r, 1)  # wait until the parent has checked
+        os.write(ready_w, b"x")
+        os.read(done_r, 1)
         os._exit(0)
     try:
-        assert os.read(r, 1) == b"x"
+        assert os.read(ready_r, 1) == b"x"
         unlock_run_dir(fd)
         unlock_run_dir(lock_run_dir(str(tmp_path)))  # free although the child still runs
     finally:
-        os.write(w, b"y")
+        os.write(done_w, b"y")
         os.waitpid(pid, 0)
-        os.close(r)
-        os.close(w)
+        for end in (ready_r, ready_w, done_r, done_w):
+            os.close(end)
 
 
 # -- 6. a skipped step restores BatchNorm's running statistics --
