@@ -266,7 +266,10 @@ def study_figure(records: list, summary: list, path: str) -> None:
     datasets = list(dict.fromkeys(r["data"] for r in records))
     variants = list(dict.fromkeys(r["variant"] for r in records))
     cmap = plt.get_cmap("tab10")
-    color = {v: cmap(i) for i, v in enumerate(ALL_VARIANTS)}
+    # One colour per variant in this figure (tab10 past its 10th index repeats its last colour).
+    shown = [v for v in ALL_VARIANTS if v in variants]
+    palette = cmap if len(shown) <= 10 else plt.get_cmap("tab20")
+    color = {v: palette(i) for i, v in enumerate(shown)}
     fig, axes = plt.subplots(len(datasets) + 1, 2, figsize=(14, 4.2 * (len(datasets) + 1)), squeeze=False)
     for row, data in enumerate(datasets):
         _study_w2_panel(axes[row, 0], summary, data, color, LABELS, NFES)
