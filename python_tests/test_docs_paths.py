@@ -48,7 +48,8 @@ def _resolve(token: str):
     if "/" in token:
         if not token.endswith((".py", ".cu", ".cpp", ".h", ".sh", ".md")):
             return None  # prose (K/W, pre/post, sinkhorn/unbalanced/partial)
-        for base in (PKG, ROOT / "src", ROOT / "python_tests", ROOT / "csrc", ROOT / "bench", ROOT):
+        # a docs/ page links relative to docs/
+        for base in (PKG, ROOT / "src", ROOT / "python_tests", ROOT / "csrc", ROOT / "bench", ROOT, ROOT / "docs"):
             if (base / token).exists():
                 return base / token
         return False

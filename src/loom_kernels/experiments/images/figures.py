@@ -23,27 +23,29 @@ def _plt():
     return plt
 
 
-def p0_figure(records: list, path: str) -> None:
-    """Left: % above the optimum per epoch (mean, min-max band over seeds), one panel per N.
-    Right: the bias of minibatch OT against its batch size (epoch mean), with LOOM's last epoch."""
-    from .p0 import LABELS, LOOM_BATCH, gap
+def _gap(cost: float, opt: float) -> float:
+    return 100.0 * (cost / opt - 1.0)
 
+
+def p0_figure(records: list, path: str, labels: dict, order: tuple, loom_batch: int) -> None:
+    """Left: % above the optimum per epoch (mean, min-max band over seeds), one panel per N.
+    Right: the bias of minibatch OT against its batch size (epoch mean), with LOOM's last epoch.
+
+    ``labels``/``order``: P0's variant names and their order; ``loom_batch``: LOOM's batch size."""
     plt = _plt()
     recs = [r for r in records if "skipped" not in r]
     ns = sorted({r["n"] for r in recs})
     fig, axes = plt.subplots(1, len(ns) + 1, figsize=(6 * (len(ns) + 1), 4.2), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    from .p0 import VARIANTS
-
-    variants = sorted({r["variant"] for r in recs}, key=lambda v: VARIANTS.index(v) if v in VARIANTS else 99)
+    variants = sorted({r["variant"] for r in recs}, key=lambda v: order.index(v) if v in order else 99)
     for ax, n in zip(axes[0], ns):
         for i, v in enumerate(variants):
             rs = [r for r in recs if r["n"] == n and r["variant"] == v]
             if not rs:
                 continue
-            g = np.array([[gap(c, r["opt_fresh"]) for c in r["epoch_cost"]] for r in rs])
+            g = np.array([[_gap(c, r["opt_fresh"]) for c in r["epoch_cost"]] for r in rs])
             e = np.arange(1, g.shape[1] + 1)
-            ax.plot(e, g.mean(0), "-o" if g.shape[1] < 12 else "-", ms=3, color=cmap(i % 10), label=LABELS[v])
+            ax.plot(e, g.mean(0), "-o" if g.shape[1] < 12 else "-", ms=3, color=cmap(i % 10), label=labels[v])
             ax.fill_between(e, g.min(0), g.max(0), color=cmap(i % 10), alpha=0.2)
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
@@ -57,7 +59,7 @@ def p0_figure(records: list, path: str) -> None:
             if not v.startswith("ot"):
                 continue
             rs = [r for r in recs if r["n"] == n and r["variant"] == v]
-            g = [gap(float(np.mean(r["epoch_cost"])), r["opt_fresh"]) for r in rs]
+            g = [_gap(float(np.mean(r["epoch_cost"])), r["opt_fresh"]) for r in rs]
             if g:
                 bs.append(rs[0]["batch"])
                 means.append(np.mean(g))
@@ -66,16 +68,16 @@ def p0_figure(records: list, path: str) -> None:
         if bs:
             ax.errorbar(bs, means, yerr=[lo, hi], fmt="o-", capsize=3, color=cmap(j), label=f"minibatch OT, N={n}")
         ind = [
-            gap(float(np.mean(r["epoch_cost"])), r["opt_fresh"])
+            _gap(float(np.mean(r["epoch_cost"])), r["opt_fresh"])
             for r in recs
             if r["n"] == n and r["variant"] == "independent"
         ]
         if ind:
             ax.axhline(np.mean(ind), color=cmap(j), ls="--", lw=1, label=f"independent, N={n}")
         for v, m in (("loom1", "s"), ("loom4", "^"), ("loom16", "v")):
-            g = [gap(r["epoch_cost"][-1], r["opt_fresh"]) for r in recs if r["n"] == n and r["variant"] == v]
+            g = [_gap(r["epoch_cost"][-1], r["opt_fresh"]) for r in recs if r["n"] == n and r["variant"] == v]
             if g:
-                ax.plot([LOOM_BATCH], [np.mean(g)], m, color=cmap(j), label=f"{LABELS[v]}, N={n}, last epoch")
+                ax.plot([loom_batch], [np.mean(g)], m, color=cmap(j), label=f"{labels[v]}, N={n}, last epoch")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size b")
@@ -86,7 +88,7 @@ def p0_figure(records: list, path: str) -> None:
     _save(fig, path)
 
 
-def training_figure(part: str, records: list, base: dict, cols: list, path: str) -> None:
+def training_figure(part: str, records: list, base: dict, cols: list, path: str, labels: dict) -> None:
     """FD-LeNet and pixel W2 against NFE per coupling (mean over seeds, bars min-max; Euler solid,
     midpoint dashed, dopri5 dotted), and a sample grid per coupling at Euler NFE 1/2/4 (first seed)."""
     import os
@@ -95,7 +97,6 @@ def training_figure(part: str, records: list, base: dict, cols: list, path: str)
 
     from ...visual import image_grid
     from ..common import EVALS
-    from .train_parts import LABELS
 
     plt = _plt()
     variants = list(dict.fromkeys(r["variant"] for r in records))
@@ -110,7 +111,7 @@ def training_figure(part: str, records: list, base: dict, cols: list, path: str)
                 if not ks:
                     continue
                 m = vals.mean(0)
-                label = f"{LABELS[v]}" if method == "euler" else None
+                label = f"{labels[v]}" if method == "euler" else None
                 err = [m - vals.min(0), vals.max(0) - m]
                 ax.errorbar(ks, m, yerr=err, fmt="o" + ls, ms=3, capsize=3, color=cmap(i % 10), label=label)
             if "dopri5" in cols:
@@ -140,6 +141,6 @@ def training_figure(part: str, records: list, base: dict, cols: list, path: str)
             ax.imshow(image_grid(smp[c].float(), 6, 6), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{LABELS[v]}, Euler NFE {c[5:]}", fontsize=8)
+            ax.set_title(f"{labels[v]}, Euler NFE {c[5:]}", fontsize=8)
     fig.tight_layout()
     _save(fig, path[:-4] + "_samples.png")

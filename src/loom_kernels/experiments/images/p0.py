@@ -264,5 +264,5 @@ def write_outputs(records: list, out: str, tag: str = "") -> str:
     write_text(os.path.join(out, f"p0{tag}.md"), md)
     from .figures import p0_figure
 
-    p0_figure(records, os.path.join(out, f"p0{tag}.png"))
+    p0_figure(records, os.path.join(out, f"p0{tag}.png"), LABELS, VARIANTS, LOOM_BATCH)
     return md

@@ -286,6 +286,6 @@ def write_outputs(part: str, records: list, base: dict, out: str, tag: str = "")
     if done:
         from .figures import training_figure
 
-        training_figure(part, done, base, cols, os.path.join(out, f"{part}{tag}.png"))
+        training_figure(part, done, base, cols, os.path.join(out, f"{part}{tag}.png"), LABELS)
     print(md)
     return md
