@@ -12,26 +12,13 @@ import errno
 import fcntl
 import os
 
-LOCK = ".lock"
+from ..couplings.loom.tables.file_lock import hold, release
 
-_held: set = set()
+LOCK = ".lock"
 
 
 class RunDirInUseError(RuntimeError):
     """The training directory is held by another trainer (its ``.lock`` is locked)."""
-
-
-def _close_in_child() -> None:
-    # A forked worker's copy of the fd would keep the flock after the trainer exits.
-    for fd in list(_held):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _held.clear()
-
-
-os.register_at_fork(after_in_child=_close_in_child)
 
 
 def lock_run_dir(out_dir: str) -> int:
@@ -58,12 +45,8 @@ def lock_run_dir(out_dir: str) -> int:
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _held.add(fd)
-    return fd
+    return hold(fd)  # the seed table's registry: closed in forked children (data-loader workers)
 
 
 def unlock_run_dir(fd: int | None) -> None:
-    if fd is None or fd not in _held:
-        return
-    _held.discard(fd)
-    os.close(fd)  # closing the last copy releases the flock
+    release(fd)  # closing the last copy releases the flock
