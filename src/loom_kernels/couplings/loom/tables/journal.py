@@ -6,10 +6,12 @@ Invariants:
   (bumped each time the journal is folded in) and the number of **calls** applied since; its journal
   (``PATH.journal``) starts with a header naming the same id and version, and each record carries its
   call number. A journal of another table (deleted, replaced) is never replayed into this one;
-- replay applies exactly the records the table lacks: those numbered past the table's count, which must
-  follow it without a gap. A journal written for a newer version than the table (the table restored from
-  a backup taken before the last fold) or one whose records skip a call is refused by name; one of an
-  older version was already folded in and is discarded;
+- replay never undoes a call the table holds: a journal that ends before the table's call count (cut
+  after the table took those calls) is not replayed; one that reaches it is replayed whole, in order (the
+  version's start plus every call, whatever part the table already held). A journal written for a newer
+  version than the table (the table restored from a backup taken before the last fold), or one whose
+  records skip a call or start past the table's count, is refused by name; one of an older version was
+  already folded in and is discarded;
 - replay is all or nothing: every record must be whole and pass its crc, except a torn last record
   (a write the crash interrupted); damage followed by more bytes is refused, naming the journal, and
   the journal is kept.
@@ -255,8 +257,10 @@ def _header(jpath: str, data: bytes, mark: Mark):
 
 
 def parse_journal(jpath: str, data: bytes, mark: Mark, size: int) -> list:
-    """The ``(call, flat indices, values)`` records of ``data`` (the journal file ``jpath``) that the table
-    (``mark``, ``size`` entries) lacks, in order; ``call`` is None in a format-1 journal.
+    """The ``(call, flat indices, values)`` records of ``data`` (the journal file ``jpath``) to redo on the
+    table (``mark``, ``size`` entries), in order; ``call`` is None in a format-1 journal. All of them when the
+    journal reaches the table's call count, none when it ends before it (it was cut after the table took
+    those calls).
 
     Raises ``ValueError`` (naming the journal) for another table's journal, one newer than the table, a gap
     in the calls, or damage followed by more bytes; drops a torn last record (with a warning).
@@ -294,16 +298,20 @@ def parse_journal(jpath: str, data: bytes, mark: Mark, size: int) -> list:
             raise _damaged(jpath, f"holds a record at byte {pos} with indices outside the table's {size} entries")
         records.append((call, idx, np.frombuffer(data, np.int64, count, offset=pos + fmt.rec.size + 8 * count)))
         prev, pos = call, end
-    if not fmt.numbered:
+    if not fmt.numbered or not records:
         return records
-    pending = [r for r in records if r[0] > mark.calls]
-    if pending and pending[0][0] != mark.calls + 1:
+    if records[0][0] > mark.calls + 1:
         raise _damaged(
             jpath,
-            f"starts at call {pending[0][0]}, but the table holds calls up to {mark.calls}: "
-            f"calls {mark.calls + 1} to {pending[0][0] - 1} are missing",
+            f"starts at call {records[0][0]}, but the table holds calls up to {mark.calls}: "
+            f"calls {mark.calls + 1} to {records[0][0] - 1} are missing",
         )
-    return pending
+    if records[-1][0] < mark.calls:
+        # Cut after the table took these calls: replaying its prefix would undo the later ones.
+        return []
+    # The whole journal, in order: the table at the version's start plus every call, whatever the table
+    # already held (after a power loss its call count may have reached the disk before its rows did).
+    return records
 
 
 def recover(path: str, mm, mark: Mark, fd: int | None = None) -> int:
