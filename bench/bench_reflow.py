@@ -20,6 +20,7 @@ import time
 
 import pytest
 import torch
+from bench_sampler import MLP, ConvNet  # the sampler bench's models: the same calls timed there
 
 from loom_kernels.reflow import generate_pairs
 from loom_kernels.sampler import sample
@@ -28,41 +29,11 @@ NFE = 8
 CASES = {"mlp": (16384, 4096, (2,)), "conv": (1024, 256, (1, 8, 8))}  # pairs, batch, target shape
 
 
-class MLP(torch.nn.Module):
-    def __init__(self, width=256):
-        super().__init__()
-        self.shape = (2,)
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(3, width),
-            torch.nn.SiLU(),
-            torch.nn.Linear(width, width),
-            torch.nn.SiLU(),
-            torch.nn.Linear(width, 2),
-        )
-
-    def forward(self, x, t):
-        return self.net(torch.cat([x, t[:, None]], 1))
-
-
-class ConvNet(torch.nn.Module):
-    def __init__(self, width=32):
-        super().__init__()
-        self.shape = (1, 8, 8)
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(2, width, 3, padding=1),
-            torch.nn.SiLU(),
-            torch.nn.Conv2d(width, width, 3, padding=1),
-            torch.nn.SiLU(),
-            torch.nn.Conv2d(width, 1, 3, padding=1),
-        )
-
-    def forward(self, x, t):
-        return self.net(torch.cat([x, t[:, None, None, None].expand_as(x)], 1))
-
-
 def _setup(case, device):
     torch.manual_seed(0)
-    return (MLP() if case == "mlp" else ConvNet()).to(device).eval()
+    model = (MLP() if case == "mlp" else ConvNet()).to(device).eval()
+    model.shape = CASES[case][2]  # generate_pairs reads one target's shape from the model
+    return model
 
 
 def sampler_alone(model, case, device):
