@@ -26,6 +26,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("part", choices=PARTS + ("all",))
     p.add_argument("--out", default="loom_images", help="output folder (runs, tables, figures)")
     p.add_argument("--tiny", action="store_true", help="a smoke run: tiny sizes, seconds")
+    p.add_argument(
+        "--protocol", choices=("full", "reduced"), default="full",
+        help="P1-P4's sizes: the issue's (6,000 steps, 5,000 samples) or what 2 CPU cores run in ~4 h "
+        "(1,000 steps, 1,000 samples; docs/evidence.md says what else)",
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--data", default=None, help="a user's images instead of MNIST (.npy/.npz/.pkl.gz or a folder)")
     p.add_argument("--n", type=int, nargs="+", default=None, help="P0: data sizes N (default 4096 10000)")

@@ -87,16 +87,15 @@ def nearest_distance(x: torch.Tensor, ref: torch.Tensor, chunk: int = 512) -> to
     return torch.cat(out).clamp_min(0).sqrt()
 
 
-def generate(model, x0, col: str, y=None, guidance=None) -> tuple[torch.Tensor, int]:
-    """Samples of column ``col`` ('euler4', 'midpoint8', 'dopri5') from ``x0`` (labels ``y``): (x1, nfe)."""
+def generate(model, x0, col: str, y=None, guidance=None, tol: float = 1e-5) -> tuple[torch.Tensor, int]:
+    """Samples of column ``col`` ('euler4', 'midpoint8', 'dopri5' at rtol = atol = ``tol``) from ``x0``
+    (labels ``y``): (x1, nfe)."""
     from ...sampler import sample
 
     kw = {} if y is None else {"model_kwargs": {"y": y}, "guidance": guidance}
     if col == "dopri5":
-        from ..common import DOPRI5_TOL
-
         info = {}
-        x1 = sample(model, x0, method="dopri5", rtol=DOPRI5_TOL, atol=DOPRI5_TOL, info=info, **kw)
+        x1 = sample(model, x0, method="dopri5", rtol=tol, atol=tol, info=info, **kw)
         return x1, info["nfe"]
     method = col.rstrip("0123456789")
     nfe = int(col[len(method) :])
@@ -119,7 +118,7 @@ def evaluate(model, clf, x_train, x_test, y_test, s: dict, seed: int, *, x0_trai
     out = {"fd": {}, "w2": {}, "nfe": {}, "coverage": {}, "label_agreement": {}}
     samples = {}
     for col in COLUMNS if s.get("dopri5", True) else COLUMNS[:-1]:
-        x1, nfe = generate(model, x0, col, None if y is None else y[:n], guidance)
+        x1, nfe = generate(model, x0, col, None if y is None else y[:n], guidance, s.get("dopri5_tol", 1e-5))
         f, pred = features(clf, x1)
         out["fd"][col] = fid_from_features(f_test, f)
         out["w2"][col] = w2(x1[:n_w2].flatten(1), ref)

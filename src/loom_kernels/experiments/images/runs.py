@@ -5,7 +5,10 @@ Also the table writers (CSV, Markdown) and the coupling names the image experime
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import fcntl
 import io
 import json
 import os
@@ -23,6 +26,25 @@ def load_record(path: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+@contextlib.contextmanager
+def claim_run(path: str):
+    """Yields True while this process holds the run's claim (an exclusive ``flock`` on ``path.claim``),
+    False when another process holds it. The kernel drops a killed holder's claim: nothing goes stale."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path + ".claim", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 def save_record(path: str, rec: dict) -> None:

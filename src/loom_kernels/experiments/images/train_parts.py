@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from .runs import load_record, markdown_table, run_path, save_record, write_csv, write_text
+from .runs import claim_run, load_record, markdown_table, run_path, save_record, write_csv, write_text
 
 P1_VARIANTS = ("independent", "ot", "fixed", "loom1", "loom4", "converged", "sinkhorn", "semidiscrete")
 P2_VARIANTS = ("reflow_loom4", "reflow_ot")
@@ -40,16 +40,24 @@ LABELS = {
 
 FULL = dict(size=14, steps=6000, batch_size=128, lr=2e-3, channels=24, n_train=None, n_test=None,
             n_eval=5000, n_w2=1000, n_mem=1000, cls_steps=2000, ckpt_every=500, guidance=2.0, dopri5=True,
-            sd_fit_steps=None, reflow_nfe=16)  # fmt: skip
+            sd_fit_steps=None, reflow_nfe=16, n_pairs=None, dopri5_tol=1e-5, p4_size=None)  # fmt: skip
+# What two CPU cores can run in the issue's ~4 hours (FULL: ~13 core-hours at 0.11-0.22 s per step): a
+# sixth of the steps (1,000: 2.6 epochs of MNIST, an undertrained model compared at equal budget), a
+# fifth of the samples, a looser adaptive reference, 10,000 reflow pairs at midpoint NFE 8, and the
+# silhouettes at 14x14 (28x28 costs 4x per step); the semidiscrete potential fitted for 5,000 steps.
+# Everything else (data, model, schedule, seeds) is FULL's.
+REDUCED = dict(FULL, steps=1000, n_eval=1000, n_w2=500, n_mem=500, ckpt_every=250, dopri5_tol=1e-3,
+               n_pairs=10_000, reflow_nfe=8, p4_size=14, sd_fit_steps=5000)  # fmt: skip
 TINY = dict(size=14, steps=4, batch_size=16, lr=2e-3, channels=8, n_train=256, n_test=128,
             n_eval=64, n_w2=32, n_mem=32, cls_steps=20, ckpt_every=2, guidance=2.0, dopri5=False,
-            sd_fit_steps=20, reflow_nfe=2)  # fmt: skip
+            sd_fit_steps=20, reflow_nfe=2, n_pairs=None, dopri5_tol=1e-5, p4_size=14)  # fmt: skip
+PROTOCOLS = {"full": FULL, "reduced": REDUCED}
 
 
 def settings(part: str, args) -> dict:
-    s = dict(TINY if args.tiny else FULL)
+    s = dict(TINY if args.tiny else PROTOCOLS[args.protocol])
     if part == "p4":
-        s["size"] = None if not args.tiny else 14  # the silhouettes at 28x28 (P4 is one seed)
+        s["size"] = s["p4_size"]  # None: the silhouettes at their 28x28 (P4 is one seed)
     for key, flag in (("steps", "steps"), ("batch_size", "batch_size"), ("n_eval", "n_eval")):
         if getattr(args, flag) is not None:
             s[key] = getattr(args, flag)
@@ -159,7 +167,8 @@ def reflow_pairs(variant: str, seed: int, s: dict, n: int, out: str):
     shape = (1, s["size"], s["size"]) if s["size"] else (1, 28, 28)
     teacher = load_model(model, model=UNet(shape, channels=s["channels"], channel_mult=(1, 2))).eval()
     folder = os.path.join(out, "p2", "pairs", f"{src}_seed{seed}")
-    generate_pairs(teacher, n, "midpoint", s["reflow_nfe"], folder, seed=10_000 + seed, shape=shape, progress=True)
+    num = min(n, s["n_pairs"] or n)
+    generate_pairs(teacher, num, "midpoint", s["reflow_nfe"], folder, seed=10_000 + seed, shape=shape, progress=True)
     return folder, None
 
 
@@ -216,9 +225,14 @@ def main(part: str, args) -> list:
             path = run_path(args.out, part, v, f"seed{seed}")
             rec = load_record(path)
             if rec is None:
-                rec = run_one(part, v, seed, s, data, clf, args.out)
-                if "skipped" not in rec:  # a coupling missing now runs once it lands
-                    save_record(path, rec)
+                with claim_run(path) as mine:  # two processes on one --out share the runs
+                    rec = load_record(path)  # finished by the other process meanwhile
+                    if rec is None and not mine:
+                        rec = {"variant": v, "seed": seed, "skipped": "running in another process"}
+                    elif rec is None:
+                        rec = run_one(part, v, seed, s, data, clf, args.out)
+                        if "skipped" not in rec:  # a coupling missing now runs once it lands
+                            save_record(path, rec)
                 print(f"{part} {v} seed {seed}: {_brief(rec)}", flush=True)
             records.append(rec)
     write_outputs(part, records, base, args.out, args.tag)
@@ -265,7 +279,7 @@ def write_outputs(part: str, records: list, base: dict, out: str, tag: str = "")
         )  # fmt: skip
         if conditional:
             body[-1].append(fmt([r["label_agreement"]["euler8"] for r in rs if r.get("label_agreement")], 3))
-    skipped = {r["variant"]: r["skipped"] for r in records if "skipped" in r}
+    skipped = {r["variant"]: r["skipped"] for r in records if "skipped" in r and r["variant"] not in by}
     md = (
         f"{part}: mean ± sd over seeds; floor FD-LeNet(train vs test) {base['fd']:.3f}, W2 floor {base['w2']:.3f}, "
         f"LeNet test accuracy {base['classifier_test_accuracy']:.3f}; NN dist.: a sample's pixel distance to its "
