@@ -55,8 +55,9 @@ def make_coupling(
         data, labels: the data set ``(N, *shape)`` (tensor or memmap) and its classes, for ``"semidiscrete"``
             (fresh noise: the trainer lets it choose each batch) and ``"semidiscrete-seeded"`` (LOOM's table
             filled from the cells every ``refresh_every`` epochs).
-        options: ``"semidiscrete*"``: ``epsilon``, ``fit_steps`` (fitted here, default 2000), ``fit_batch``,
-            ``refresh_every``, ``progress``; ``"knn"``: ``k`` (default 16).
+        options: ``"semidiscrete*"``: ``epsilon``, ``fit_steps`` (fitted here: at most that many steps, default
+            20,000), ``fit_tol`` (stop once the cell masses are within it, RMS; default 0.05, as ``fit``'s),
+            ``fit_batch``, ``refresh_every``, ``progress``; ``"knn"``: ``k`` (default 16).
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
@@ -106,11 +107,11 @@ def _new_coupling(name, num_points, shape, data, labels, opts, seed, device, num
 
     if data is None:
         raise ValueError(f"coupling {name!r} needs data= (the data set it fits its potential on)")
-    steps, batch = opts.pop("fit_steps", 2000), opts.pop("fit_batch", 256)
+    steps, tol, batch = opts.pop("fit_steps", 20_000), opts.pop("fit_tol", 0.05), opts.pop("fit_batch", 256)
     progress, refresh = opts.pop("progress", True), opts.pop("refresh_every", 1)
     sd = SemidiscreteCoupling(data, labels=labels, seed=seed, device=device, **opts)
     if steps:
-        sd.fit(steps, batch_size=batch, progress=progress)
+        sd.fit(steps, tol=tol, batch_size=batch, progress=progress)
     if name == "semidiscrete":
         return sd
     loom = LoomCoupling(num_points, tuple(shape), num_caches=num_caches, seed=seed, device=device)

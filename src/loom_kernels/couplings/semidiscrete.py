@@ -95,7 +95,7 @@ class SemidiscreteCoupling(Coupling):
     Example::
 
         sd = SemidiscreteCoupling(data, seed=0)
-        sd.fit(steps=2000, batch_size=256)         # progress bar; sd.fit_report holds the convergence
+        sd.fit()   # to 5% RMS mass deviation or 20,000 steps; sd.fit_report says which
         idx = sd.draw(64)                          # the indices of the next batch
         x0, x1 = sd(data[idx], idx)
     """

@@ -150,7 +150,7 @@ def make_variant(variant: str, n: int, shape, seed: int, x_train=None, batch_siz
         return make_coupling(variant, n, shape, seed=seed)
     if variant in NEW_VARIANTS:
         name = {"semidiscrete": "semidiscrete", "sdseeded": "semidiscrete-seeded", "knn16": "knn"}[variant]
-        opts = {"k": 16} if variant == "knn16" else {"fit_steps": 2000, "progress": False}
+        opts = {"k": 16} if variant == "knn16" else {"progress": False}  # the factory's fit: to 5% or 20,000 steps
         return make_coupling(name, n, shape, seed=seed, data=x_train, options=opts)
     caches = 1 if variant == "converged" else int(variant[len("loom") :])
     return make_coupling("loom", n, shape, num_caches=caches, seed=seed)
