@@ -202,3 +202,43 @@ def test_rank_parts_of_a_global_draw():
     i0, i1 = r0.draw(4, part=(0, 2)), r1.draw(4, part=(1, 2))
     assert torch.equal(torch.cat([i0, i1]), idx)
     assert r0.counter == r1.counter == whole.counter == 8
+
+
+def _exact_rms_dev(sd) -> float:
+    masses = exact_masses_1d(sd.data[:, 0].numpy(), sd.g.double().numpy())
+    return float(np.sqrt(((masses * len(masses) - 1) ** 2).mean()))
+
+
+def test_tol_stops_early_at_the_tolerance_by_the_exact_masses():
+    """The stop rule's fresh-noise check against the exact Gaussian masses of 1-D cells: the fit stops long
+    before its maximum, says so, and the potential it leaves is within ``tol`` by the exact masses."""
+    x = torch.tensor([-2.1, -1.0, -0.6, -0.1, 0.2, 0.3, 0.8, 1.1, 1.9, 3.0])[:, None]
+    sd = SemidiscreteCoupling(x, seed=5)
+    assert _exact_rms_dev(sd) > 0.3  # g = 0 is far from balanced
+    tol = 0.05
+    rep = sd.fit(50_000, tol=tol, progress=False)
+    assert rep["stopped"] == "tol" and rep["fit_steps"] == sd.fit_steps < 10_000
+    assert rep["check"]["mass_dev"] < tol and rep["tol"] == tol
+    assert _exact_rms_dev(sd) < tol, (_exact_rms_dev(sd), rep["check"])
+    # the maximum still bounds the fit, and the report says which of the two stopped it
+    other = SemidiscreteCoupling(x, seed=5)
+    assert other.fit(300, tol=1e-4, progress=False)["stopped"] == "steps" and other.fit_steps == 300
+
+
+def test_mass_deviation_matches_the_exact_masses_in_1d():
+    """The debiased fresh-noise estimate (what the stop rule reads) against the exact 1-D masses, on a half-fitted
+    potential: within a few of its own noise floors."""
+    x = torch.linspace(-2, 2, 12)[:, None]
+    sd = SemidiscreteCoupling(x, seed=1)
+    sd.fit(6, tol=None, progress=False)
+    exact = _exact_rms_dev(sd)
+    est = mass_deviation(sd, 200_000, stream=3)
+    assert exact > 0.05
+    assert abs(est["mass_dev"] ** 2 - exact**2) < 4 * est["mass_dev_floor"] ** 2 + 4 * exact / 200_000**0.5
+
+
+@pytest.mark.parametrize("tol", [-0.1, 0.0, float("nan"), float("inf"), True, "0.1"])
+def test_bad_tol_is_refused(tol):
+    sd = SemidiscreteCoupling(torch.randn(8, 2), seed=0)
+    with pytest.raises(ValueError, match="tol must be a finite float > 0"):
+        sd.fit(10, tol=tol, progress=False)

@@ -49,7 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--knn-k", type=int, default=16, help="knn: noise candidates per item")
     p.add_argument("--sd-epsilon", type=float, default=0.0, help="semidiscrete: entropic epsilon (0: hard cells)")
     p.add_argument(
-        "--sd-fit-steps", type=int, default=2000, help="semidiscrete: potential ascent steps before training"
+        "--sd-fit-steps", type=int, default=20_000, help="semidiscrete: potential ascent steps before training, at most"
+    )
+    p.add_argument(
+        "--sd-fit-tol", type=float, default=0.05, help="semidiscrete: stop the fit at this RMS cell-mass deviation"
     )
     p.add_argument("--sd-fit-batch", type=int, default=256, help="semidiscrete: noises per ascent step")
     p.add_argument("--sd-refresh-every", type=int, default=1, help="semidiscrete-seeded: epochs between table refills")
@@ -172,6 +175,7 @@ def _new_coupling_args(args, dataset) -> dict:
     opts = {
         "epsilon": args.sd_epsilon,
         "fit_steps": 0 if resuming else args.sd_fit_steps,  # a resumed run loads the fitted potential
+        "fit_tol": args.sd_fit_tol,
         "fit_batch": args.sd_fit_batch,
         "refresh_every": args.sd_refresh_every,
         "progress": not args.no_progress,
