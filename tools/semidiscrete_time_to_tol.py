@@ -4,9 +4,10 @@ For each N: fit in doubling chunks (``tol=None``: the stop rule's checks are not
 the averaged potential's RMS cell-mass deviation on fresh noise (``mass_deviation``; M chosen so that its noise
 floor is about a third of the last value), until the deviation is under ``--target`` or the fit has used
 ``--seconds`` of CPU. Then: the samples to the target, read where the curve crossed it or extrapolated along
-``dev = a samples^k`` fitted to the points under 0.3; the time per step at each N, and at N = 50,000 from a few
-timed steps; the samples to the target at 50,000 from a power law in N fitted to the measured N. The N =
-50,000 figure is a MODEL, not a measurement (the script says which numbers are which).
+``dev = a samples^k`` fitted to the points under 0.2 (and over twice their noise floor); the time per step at each
+N, and at N = 50,000 from a few timed steps; the samples to the target at 50,000 from a power law in N fitted to
+the measured N, and from the rate ``dev^2 = C N / samples`` (averaged SGD's) with C read off each curve's last
+resolved point. The N = 50,000 figures are a MODEL, not a measurement (the script says which numbers are which).
 
     PYTHONPATH=src python tools/semidiscrete_time_to_tol.py --n 1000 2000 5000 --seconds 120 --json out.json
 """
@@ -48,18 +49,27 @@ def curve(n: int, seconds: float, target: float, batch: int) -> dict:
         )  # fmt: skip
         print(n, pts[-1], flush=True)
         chunk = sd.fit_steps  # doubling
-    per_step = cpu / sd.fit_steps
-    crossed = [p for p in pts if p["mass_dev"] <= target]
-    fit_pts = [p for p in pts if 3 * p["floor"] < p["mass_dev"] < 0.3]
-    out = dict(n=n, points=pts, cpu_s_per_step=per_step)
+    return dict(n=n, points=pts, cpu_s_per_step=cpu / sd.fit_steps)
+
+
+def analyse(r: dict, target: float, batch: int) -> dict:
+    """Samples (and CPU seconds) to ``target``: where the curve crossed it, else along ``dev = a samples^k`` fitted
+    to the points under 0.2 that are over twice their estimate's noise floor."""
+    pts = r["points"]
+    crossed = [p for p in pts if p["mass_dev"] <= target and p["mass_dev"] > 2 * p["floor"]]
+    fit_pts = [p for p in pts if 2 * p["floor"] < p["mass_dev"] < 0.2]
+    out = {k: v for k, v in r.items() if k in ("n", "points", "cpu_s_per_step")}
     if len(fit_pts) >= 2:
         k, a = np.polyfit(np.log([p["samples"] for p in fit_pts]), np.log([p["mass_dev"] for p in fit_pts]), 1)
-        out.update(exponent=float(k), samples_to_target=float(math.exp((math.log(target) - a) / k)))
-        out["how"] = "extrapolated along the fitted power law"
+        out.update(exponent=float(k), fit_points=len(fit_pts))
+        out.update(samples_to_target=float(math.exp((math.log(target) - a) / k)), how="extrapolated (power law)")
     if crossed:
         out.update(samples_to_target=crossed[0]["samples"], how="measured (first point under the target)")
     if "samples_to_target" in out:
-        out["cpu_s_to_target"] = out["samples_to_target"] / batch * per_step
+        out["cpu_s_to_target"] = out["samples_to_target"] / batch * r["cpu_s_per_step"]
+    resolved = [p for p in pts if p["mass_dev"] > 2 * p["floor"]]
+    if resolved:
+        out["rate_c"] = resolved[-1]["mass_dev"] ** 2 * resolved[-1]["samples"] / r["n"]
     return out
 
 
@@ -80,9 +90,17 @@ def main(argv=None) -> int:
     p.add_argument("--model-n", type=int, default=50_000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--from-json", default=None, help="analyse the curves of an earlier run's --json instead")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    res = [curve(n, args.seconds, args.target, args.batch) for n in args.n]
+    if args.from_json:
+        with open(args.from_json) as f:
+            old = json.load(f)
+        raw, step50 = old["curves"], old["model"]["cpu_s_per_step_measured"]
+    else:
+        raw = [curve(n, args.seconds, args.target, args.batch) for n in args.n]
+        step50 = step_time(args.model_n, args.batch)
+    res = [analyse(r, args.target, args.batch) for r in raw]
     for r in res:
         print(
             f"N = {r['n']}: {r['cpu_s_per_step']:.4f} CPU s/step; samples to {args.target:g}: "
@@ -90,13 +108,18 @@ def main(argv=None) -> int:
             f"{r.get('exponent', float('nan')):.2f}); CPU s to {args.target:g}: "
             f"{r.get('cpu_s_to_target', float('nan')):.0f}"
         )
-    model = dict(n=args.model_n, cpu_s_per_step_measured=step_time(args.model_n, args.batch))
+    model = dict(n=args.model_n, cpu_s_per_step_measured=step50)
     known = [r for r in res if "samples_to_target" in r]
     if len(known) >= 2:
         q, c = np.polyfit(np.log([r["n"] for r in known]), np.log([r["samples_to_target"] for r in known]), 1)
         s = math.exp(c) * args.model_n**q
         model.update(samples_exponent_in_n=float(q), samples_to_target_model=s)
         model["cpu_s_to_target_model"] = s / args.batch * model["cpu_s_per_step_measured"]
+    rates = [r["rate_c"] for r in res if "rate_c" in r]
+    if rates:
+        c = float(np.median(rates))
+        model.update(rate_c=c, samples_to_target_rate_model=c * args.model_n / args.target**2)
+        model["cpu_s_to_target_rate_model"] = c * args.model_n / args.target**2 / args.batch * step50
     print(f"MODEL (extrapolated, not measured), N = {args.model_n}: {json.dumps(model)}")
     if args.json:
         with open(args.json, "w") as f:

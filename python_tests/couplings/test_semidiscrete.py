@@ -242,3 +242,13 @@ def test_bad_tol_is_refused(tol):
     sd = SemidiscreteCoupling(torch.randn(8, 2), seed=0)
     with pytest.raises(ValueError, match="tol must be a finite float > 0"):
         sd.fit(10, tol=tol, progress=False)
+
+
+def test_factory_fits_to_the_default_tolerance():
+    from loom_kernels.couplings.factory import make_coupling
+
+    x = torch.randn(64, 2)
+    sd = make_coupling("semidiscrete", 64, (2,), seed=0, data=x, options={"progress": False})
+    rep = sd.fit_report
+    assert rep["tol"] == 0.05 and rep["stopped"] == "tol" and sd.fit_steps < 20_000
+    assert mass_deviation(sd, 64 * 2000, stream=7)["mass_dev"] < 0.05
