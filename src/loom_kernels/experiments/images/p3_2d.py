@@ -273,7 +273,7 @@ def markdown(rows: list, ranks: dict) -> str:
         "draws of the target of the evaluation's size (what a perfect model scores).\n\n"
         + markdown_table(head, body)
         + "\nOrder (lower W2² first) where it holds on every seed:\n\n"
-        + "\n".join(lines)
+        + ("\n".join(lines) or "- (fewer than two couplings of one condition)")
         + "\n"
     )
 
