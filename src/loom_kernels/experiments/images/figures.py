@@ -156,7 +156,7 @@ def p3_2d_figure(records: list, rows: list, path: str, variants: dict, labels: d
     first = {v: min((r for r in records if r["variant"] == v), key=lambda r: r["seed"]) for v in names}
     stat = {r["variant"]: r for r in rows}
     floor = stat.get("floor")
-    fig, axes = plt.subplots(2, len(names), figsize=(2.3 * len(names), 5.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(2.3 * len(names), 5.2), squeeze=False)
     for j, v in enumerate(names):
         rec, cond = first[v], variants[v][0]
         c = rec["fig_cond"]
@@ -171,6 +171,7 @@ def p3_2d_figure(records: list, rows: list, path: str, variants: dict, labels: d
                 ax.scatter(x[:, 0], x[:, 1], s=1.5, c=c, cmap="viridis")
             ax.set_xlim(-7, 7)
             ax.set_ylim(-7, 7)
+            ax.set_aspect("equal")
             ax.set_xticks([])
             ax.set_yticks([])
             s = stat[v][m]

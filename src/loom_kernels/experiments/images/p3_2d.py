@@ -264,7 +264,13 @@ def markdown(rows: list, ranks: dict) -> str:
              for r in rows if r["variant"] == "floor"]  # fmt: skip
     lines = []
     for (cond, m), rk in ranks.items():
-        order = " < ".join(LABELS[v] for v in rk["order"]) if rk["order"] else "no order holds on every seed"
+        if rk["order"]:
+            order = " < ".join(LABELS[v] for v in rk["order"])
+        else:
+            pairs = [k.split("<") for k, n in rk["below"].items() if n == rk["seeds"]]
+            order = "no full order; on every seed: " + (
+                "; ".join(f"{LABELS[a]} < {LABELS[b]}" for a, b in pairs) if pairs else "no pair either"
+            )
         lines.append(f"- {CONDITIONS[cond]}, {'one Euler step' if m == 'euler1' else 'dopri5'}: {order}")
     return (
         "P3, 2-D (C2OT's Fig. 1): 8gaussians -> moons; squared 2-Wasserstein distance (C2OT's 'W2': exact, "
