@@ -20,6 +20,12 @@ from .sinkhorn import SinkhornCoupling
 __all__ = ["COUPLINGS", "make_coupling", "FixedNoiseCoupling"]
 
 COUPLINGS = ("independent", "ot", "sinkhorn", "loom", "fixed", "reflow", "semidiscrete", "semidiscrete-seeded", "knn")
+# C2OT's condition options (couplings/c2ot.py), taken from ``options`` by the couplings whose cost holds ``cond``
+C2OT_OPTIONS = {
+    "ot": ("cond_weight", "cond_metric", "cond_ratio", "oversample"),
+    "sinkhorn": ("cond_weight", "cond_metric", "cond_ratio", "oversample"),
+    "loom": ("cond_weight", "cond_metric", "cond_ratio"),
+}
 
 
 def make_coupling(
@@ -56,22 +62,24 @@ def make_coupling(
             (fresh noise: the trainer lets it choose each batch) and ``"semidiscrete-seeded"`` (LOOM's table
             filled from the cells every ``refresh_every`` epochs).
         options: ``"semidiscrete*"``: ``epsilon``, ``fit_steps`` (fitted here, default 2000), ``fit_batch``,
-            ``refresh_every``, ``progress``; ``"knn"``: ``k`` (default 16).
+            ``refresh_every``, ``progress``, ``cond_weight``, ``cond_metric``, ``cond_ratio``; ``"knn"``: ``k``
+            (default 16); ``"ot"``, ``"sinkhorn"``, ``"loom"``: C2OT's ``C2OT_OPTIONS`` (LOOM: no ``oversample``).
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
         4
     """
+    c2ot = _c2ot_options(name, options)
     if name == "independent":
         return IndependentCoupling(metric=metric)
     if name == "ot":
-        return MinibatchOTCoupling(metric=metric)
+        return MinibatchOTCoupling(metric=metric, **c2ot)
     if name == "sinkhorn":
         if metric != "sqeuclidean":
             raise ValueError(
                 f"coupling 'sinkhorn' streams the squared Euclidean cost: metric must be 'sqeuclidean', got {metric!r}"
             )
-        return SinkhornCoupling(epsilon, generator=generator, process_group=process_group)
+        return SinkhornCoupling(epsilon, generator=generator, process_group=process_group, **c2ot)
     if name == "reflow":
         if pairs is None:
             raise ValueError("coupling 'reflow' needs pairs= (a pairs folder, --pairs DIR)")
@@ -87,12 +95,24 @@ def make_coupling(
             device=device,
             process_group=process_group,
             metric=metric,
+            **c2ot,
         )
     if name in ("semidiscrete", "semidiscrete-seeded", "knn"):
         return _new_coupling(name, num_points, shape, data, labels, dict(options or {}), seed, device, num_caches)
     if name == "fixed":
         return FixedNoiseCoupling(LoomCoupling(num_points, tuple(shape), seed=seed, device=device))
     raise ValueError(f"coupling must be one of {COUPLINGS}, got {name!r}")
+
+
+def _c2ot_options(name, options) -> dict:
+    """The C2OT options for ``name`` (checked by its constructor); any other key refused here, by name."""
+    if name not in C2OT_OPTIONS:
+        return {}
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(C2OT_OPTIONS[name]))
+    if unknown:
+        raise ValueError(f"options for coupling {name!r} may hold only {C2OT_OPTIONS[name]}, got {unknown}")
+    return opts
 
 
 def _new_coupling(name, num_points, shape, data, labels, opts, seed, device, num_caches):
