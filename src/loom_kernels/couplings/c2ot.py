@@ -181,6 +181,6 @@ def c2ot_global_step(grp, x1f, x0, labels, cond, metric, k, cond_weight, cond_me
     col = solve(cost, g_lab)
     stats = pair_stats(cost, col)
     if cond is not None:
-        stats["cond_weight"] = torch.tensor(float(w), dtype=torch.float64)
+        stats["cond_weight"] = torch.tensor(float(w), dtype=torch.float64, device=cost.device)
     perm = col[grp.rank * b : (grp.rank + 1) * b]
     return g_x0[perm], stats, perm

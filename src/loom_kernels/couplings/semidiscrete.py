@@ -32,6 +32,7 @@ from .c2ot import (
     check_cond_ratio,
     check_cond_weight_or_adaptive,
     cond_pair_cost,
+    ratio_weight,
     stream_cond_terms,
 )
 from .loom.seed_stream import seed_values
@@ -192,10 +193,8 @@ class SemidiscreteCoupling(Coupling):
         x = self.rows(j).flatten(1).float()
         c = (z - x).square().sum(1) if self.metric == "sqeuclidean" else -(z * x).sum(1)
         d = cond_pair_cost(self.cond[i].double(), self.cond[j].double(), self.cond_metric).diagonal()
-        mean_c, mean_d = float(c.double().mean()), float(d.mean())
-        if mean_d <= 0 or mean_c <= 0:
-            return 0.0
-        return self.cond_ratio / (1.0 - self.cond_ratio) * mean_c / mean_d
+        w = ratio_weight(float(c.double().mean()), float(d.mean()), self.cond_ratio)
+        return 0.0 if w is None else w
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Data rows ``idx`` as a tensor on ``device`` (a gather from a memmap reads only these rows)."""

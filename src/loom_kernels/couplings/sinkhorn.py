@@ -177,7 +177,7 @@ class SinkhornCoupling(Coupling):
         )
         out, self.stats, idx = step_for(self.scope)(grp, x1f, x0f, x0, labels, seed, spec)
         if cond is not None:
-            self.stats["cond_weight"] = torch.tensor(float(w), dtype=torch.float64)
+            self.stats["cond_weight"] = torch.tensor(float(w), dtype=torch.float64, device=x1.device)
         return pair_out(out, x1, idx, return_indices)
 
     def _draw_seed(self, rank: int, device) -> int:

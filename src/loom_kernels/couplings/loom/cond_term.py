@@ -39,6 +39,11 @@ class CondTerm:
         self.used = 0.0  # the weight of the last call
 
     @property
+    def options(self) -> tuple:
+        """``(cond_metric, cond_ratio)`` as checked."""
+        return self.metric, self.ratio
+
+    @property
     def value(self) -> float | None:
         """The weight the next call uses: the number, the frozen adaptive weight, or None (not set yet)."""
         return self.setting if self.setting != "adaptive" else self.frozen
@@ -69,7 +74,8 @@ class CondTerm:
         if had_cond:
             if self.pending is not None:
                 self.frozen, self.pending = self.pending, None
-            stats["cond_weight"] = torch.tensor(self.used, dtype=torch.float64)
+            device = stats["pre_cost"].device if "pre_cost" in stats else None
+            stats["cond_weight"] = torch.tensor(self.used, dtype=torch.float64, device=device)
         return stats
 
     # -- checkpoints and agreement ----------------------------------------------------------------------

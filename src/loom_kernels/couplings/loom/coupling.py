@@ -161,7 +161,7 @@ class LoomCoupling(Coupling):
         self.shape = tuple(int(s) for s in shape)
         self.metric = check_metric(metric)
         self.cond_term = CondTerm(cond_weight, cond_metric, cond_ratio, oversample)
-        self.cond_weight, self.cond_metric, self.cond_ratio = (self.cond_term.setting, cond_metric, cond_ratio)
+        self.cond_weight, self.cond_metric, self.cond_ratio = (self.cond_term.setting, *self.cond_term.options)
         self.device = resolve_device(device)
         self.process_group, self.scope, self.table = process_group, scope, table
         self.mmap_path = os.fspath(mmap_path) if mmap_path is not None else None
