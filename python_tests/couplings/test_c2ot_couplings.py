@@ -107,6 +107,18 @@ def test_sinkhorn_oversample_is_the_rectangular_plan_and_keeps_labels():
         assert torch.equal(lab[idx // k], lab)  # row i*k+j carries item i's label
 
 
+def test_sinkhorn_given_rectangular_noise_is_pots_rectangular_plan():
+    """``x0`` of ``m > b`` rows (allowed by the protocol): rows of mass ``1/b``, columns ``1/m`` (refused before
+    issue 32: the rows were given mass ``1/m``, an unbalanced problem)."""
+    g = _gen(12)
+    x1, x0 = torch.randn(10, 2, generator=g, dtype=torch.float64), torch.randn(25, 2, generator=g, dtype=torch.float64)
+    ref, eps = _pot_argmax(_sq(x1, x0))
+    _, _, idx = SinkhornCoupling(eps, relative=False, argmax=True, tol=1e-9, max_iter=100000)(
+        x1, x0=x0, return_indices=True
+    )
+    assert torch.equal(idx, ref)
+
+
 # ---- LOOM ------------------------------------------------------------------------------------------------------
 
 P, SHAPE = 48, (2, 3)
@@ -267,3 +279,26 @@ def test_factory_routes_the_c2ot_options():
         make_coupling("loom", P, SHAPE, options=opts)
     with pytest.raises(ValueError, match="cond_ratio"):
         make_coupling("ot", options={"cond_ratio": 2.0})
+
+
+def test_torchcfm_ot_plan_sampler_takes_the_c2ot_options():
+    from loom_kernels.compat.torchcfm import ExactOptimalTransportConditionalFlowMatcher, OTPlanSampler
+
+    g = _gen(11)
+    x0, x1, cond = torch.randn(20, 3, generator=g), torch.randn(20, 3, generator=g), torch.randn(20, 4, generator=g)
+    out, _ = OTPlanSampler("exact", cond_weight=2.5, cond_metric="cosine").sample_plan(x0, x1, replace=False, cond=cond)
+    perm = _rows_of(out, x0)
+    cost = (_sq(x1, x0) + 2.5 * _cos_cost(cond, cond)).numpy()
+    r, col = scipy_opt.linear_sum_assignment(cost)
+    assert cost[np.arange(20), perm.numpy()].sum() <= cost[r, col].sum() + 1e-5 * abs(cost[r, col].sum())
+    fm = ExactOptimalTransportConditionalFlowMatcher(cond_weight="adaptive", cond_ratio=0.999999)
+    t, xt, _ = fm.sample_location_and_conditional_flow(x0, x1, t=torch.zeros(20), cond=cond)
+    assert torch.equal(xt, x0)  # the condition all but the whole cost: each item keeps the noise of its condition
+    with pytest.raises(ValueError, match="cond_ratio"):
+        OTPlanSampler("exact", cond_weight="adaptive", cond_ratio=1.0)
+
+
+def _rows_of(out, src):
+    eq = (out[:, None] == src[None]).all(-1)
+    assert (eq.sum(1) == 1).all()
+    return eq.double().argmax(1)
