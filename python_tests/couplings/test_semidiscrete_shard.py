@@ -216,3 +216,16 @@ def test_refusals_are_raised_on_every_rank(ranks):
         assert "labels must be passed on every rank or on none" in err["labels"]
     assert "another data set" in res[1]["refusals"]["other data"]
     assert "refused their input" in res[0]["refusals"]["other data"]
+
+
+def test_without_a_process_group_it_is_one_process():
+    x = _problem()[0]
+    one, alone = SemidiscreteCoupling(x, seed=3), ShardedSemidiscreteCoupling(x, seed=3)
+    one.fit(10, batch_size=8, progress=False)
+    alone.fit(10, batch_size=8, progress=False)
+    assert alone.part == (0, 1) and alone.cols == (0, N)
+    assert torch.equal(one.g, alone.g) and torch.equal(one.draw(6), alone.draw(6))
+    with pytest.raises(ValueError, match="must have 101 rows"):
+        ShardedSemidiscreteCoupling(x[:100], num_points=N)
+    with pytest.raises(ValueError, match="part must be None or this rank's"):
+        alone.draw(3, part=(1, 2))
