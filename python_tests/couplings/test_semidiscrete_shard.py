@@ -111,6 +111,24 @@ def _body(rank, npy, out_dir):
     return out
 
 
+def _train(x):
+    """The trainer under DDP with the sharded coupling choosing each rank's batches (its draw(b, part=...))."""
+    from loom_kernels import data
+    from loom_kernels.models import MLPVelocity
+    from loom_kernels.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = MLPVelocity((D,), hidden=8, depth=1, time_dim=4)
+    sd = ShardedSemidiscreteCoupling(x, seed=5)
+    sd.fit(5, batch_size=8, progress=False)
+    res = train(model, data.IndexedDataset(x), sd, TrainConfig(steps=3, batch_size=4, progress=False, seed=3))
+    return {"counter": sd.counter, "params": [p.detach().clone() for p in res.model.parameters()]}
+
+
+def _train_target(rank, world, store, out_dir):
+    run_rank(rank, world, store, out_dir, lambda: _train(_problem()[0]))
+
+
 def _target(rank, world, store, out_dir, npy):
     run_rank(rank, world, store, out_dir, lambda: _body(rank, npy, out_dir))
 
@@ -203,6 +221,15 @@ def test_a_checkpoint_resumes_at_any_world_size(ranks):
     for r, out in enumerate(res):
         assert torch.equal(out["resumed"][0], idx[r * B : (r + 1) * B])
         assert torch.equal(out["resumed"][1], one.g)
+
+
+@pytest.mark.slow
+def test_ddp_training_with_the_sharded_coupling(tmp_path):
+    """train() under DDP: the coupling's collective draws keep the ranks in step (3 global batches of 2 x 4)."""
+    res = spawn(W, tmp_path, _train_target)
+    assert res[0]["counter"] == res[1]["counter"] == 5 * 8 + 3 * W * 4
+    for a, b_ in zip(res[0]["params"], res[1]["params"]):
+        assert torch.equal(a, b_)
 
 
 def test_refusals_are_raised_on_every_rank(ranks):
