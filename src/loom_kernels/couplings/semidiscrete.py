@@ -9,7 +9,8 @@ batch, no N x N or b x N matrix. ``epsilon > 0`` draws the cell from ``softmax(-
 Two ways to train: **fresh** (``draw(b)`` picks the data indices of the next batch from fresh noise, the
 loader fetches them, ``coupling(x1, indices)`` returns that noise: ``SemidiscreteSampler``) and **seeded**
 (``semidiscrete_fit.fill_table`` / ``SemidiscreteSeededCoupling``: each item's LOOM seeds drawn from its
-own cell, refreshed every k epochs).
+own cell, refreshed every k epochs). Under DDP, ``semidiscrete_shard.ShardedSemidiscreteCoupling`` splits the
+data set's rows between the ranks (``cols``: the rows this process scans; the base scans them all).
 """
 
 from __future__ import annotations
