@@ -78,7 +78,7 @@ class ShardedSemidiscreteCoupling(SemidiscreteCoupling):
             this rank's block alone with ``num_points=N`` (its rows ``[r N // W, (r + 1) N // W)``).
         num_points: ``N`` when ``data`` is the block alone.
         process_group: the ranks sharing the scan (default: the default group; without one, a single process).
-        The rest: ``SemidiscreteCoupling``'s (``labels`` and ``cond`` whole, ``(N,)`` / ``(N, Dc)``).
+        **kw: ``SemidiscreteCoupling``'s arguments (``labels`` and ``cond`` whole, ``(N,)`` / ``(N, Dc)``).
 
     Every method that assigns noise is collective (every rank calls it, in the same order, with the same
     arguments, ``draw``'s per-rank ``labels``/``cond`` aside): construction, ``fit``, ``mass_deviation``,
@@ -87,10 +87,11 @@ class ShardedSemidiscreteCoupling(SemidiscreteCoupling):
 
     Example::
 
-        sd = ShardedSemidiscreteCoupling(np.load("data.npy", mmap_mode="r"), seed=0)   # every rank
+        data = np.load("data.npy", mmap_mode="r")      # every rank maps the whole file, scans its block
+        sd = ShardedSemidiscreteCoupling(data, seed=0)
         sd.fit(steps=2000, batch_size=256, progress=rank == 0)
         for idx in SemidiscreteSampler(sd, 64):        # this rank's 64 global indices of each global batch
-            x0, x1 = sd(torch.as_tensor(data[idx]), idx)
+            x0, x1 = sd(torch.from_numpy(data[idx]), idx)
     """
 
     def __init__(self, data, *, num_points: int | None = None, process_group=None, **kw):
