@@ -196,8 +196,9 @@ class ShardedSemidiscreteCoupling(SemidiscreteCoupling):
                     raise ValueError(f"cond must have shape (b, Dc) with b = {b}")
         except ValueError as exc:
             err = exc
-        sizes = {"batch size": b if err is None else -1, "cond columns": -1 if cond is None else cond.shape[1]}
-        given = {"labels": labels is not None, "cond": cond is not None}
+        ok = err is None
+        sizes = {"batch size": b if ok else -1, "cond columns": cond.shape[1] if ok and cond is not None else -1}
+        given = {"labels": ok and labels is not None, "cond": ok and cond is not None}
         config = {"counter": self.counter, "fit_steps": self.fit_steps}
         agree(self.grp, f"{_WHO}.draw", sizes, given, config, failed=err is not None)
         if err is not None:
