@@ -56,7 +56,8 @@ def make_coupling(
             (fresh noise: the trainer lets it choose each batch) and ``"semidiscrete-seeded"`` (LOOM's table
             filled from the cells every ``refresh_every`` epochs).
         options: ``"semidiscrete*"``: ``epsilon``, ``fit_steps`` (fitted here, default 2000), ``fit_batch``,
-            ``refresh_every``, ``progress``; ``"knn"``: ``k`` (default 16).
+            ``refresh_every``, ``progress``; ``"knn"``: ``k`` (default 16), ``noise`` (``"randn"``, default, or
+            ``"seeds"``: the candidates drawn from seeds, the fused CPU pass; ``KNNNoiseCoupling``).
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
@@ -100,7 +101,7 @@ def _new_coupling(name, num_points, shape, data, labels, opts, seed, device, num
     if name == "knn":
         from .knn import KNNNoiseCoupling
 
-        return KNNNoiseCoupling(opts.pop("k", 16))
+        return KNNNoiseCoupling(opts.pop("k", 16), noise=opts.pop("noise", "randn"))
     from .semidiscrete import SemidiscreteCoupling
     from .semidiscrete_train import SemidiscreteSeededCoupling
 
