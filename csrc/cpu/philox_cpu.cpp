@@ -237,8 +237,8 @@ void fill_range(int64_t seed, int64_t e0, int64_t e1, T* row) {
   }
 }
 
-// The nearest-of-k pass (philox_nearest): sum z^2 and sum x z over elements [e0, e1) of the stream of
-// seed (e0 a multiple of 4 kLanes), each block of normals read back from L1 as soon as it is made, never
+// The nearest-of-k pass (philox_nearest): sum z^2, sum x z and sum x^2 over elements [e0, e1) of the
+// stream of seed (e0 a multiple of 4 kLanes), each block of normals read back from L1 as soon as it is made, never
 // stored. In double: the product of two float32 values is exact there, so FMA contraction changes no bit,
 // and the order of the sums (8 lanes, then the lanes in order) is the same in every build.
 typedef double vd8 __attribute__((vector_size(64)));
@@ -250,7 +250,7 @@ void dots_range(int64_t seed, int64_t e0, int64_t e1, const float* x, double* ac
   constexpr int64_t kStep = 4 * kLanes;
   alignas(64) float z[kStep];
   alignas(64) float xt[kStep];
-  vd8 zz = {}, xz = {};
+  vd8 zz = {}, xz = {}, xx = {};
   for (int64_t e = e0; e < e1; e += kStep) {
     normal_lanes(static_cast<uint32_t>(e / 4), k0, k1, z);
     const float* xe = x + e;
@@ -268,15 +268,18 @@ void dots_range(int64_t seed, int64_t e0, int64_t e1, const float* x, double* ac
       const vd8 zd = __builtin_convertvector(zf, vd8), xd = __builtin_convertvector(xf, vd8);
       zz += zd * zd;
       xz += xd * zd;
+      xx += xd * xd;
     }
   }
-  double s0 = 0.0, s1 = 0.0;
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0;
   for (int l = 0; l < 8; ++l) {
     s0 += zz[l];
     s1 += xz[l];
+    s2 += xx[l];
   }
   acc[0] = s0;
   acc[1] = s1;
+  acc[2] = s2;
 }
 
 }  // namespace
@@ -389,30 +392,32 @@ void fill_batch(const int64_t* seeds, int64_t n_rows, int64_t row_len, T* out, i
 }
 
 void nearest_batch(const int64_t* seeds, const float* x, int64_t b, int64_t k, int64_t D, int64_t* arg,
-                   double* dist, int threads) {
+                   double* dist, double* xsq, int threads) {
   if (b < 0 || k < 1) throw std::invalid_argument("philox_nearest: needs b >= 0 and k >= 1");
   if (D < 0 || D > (int64_t{4} << 32)) throw std::invalid_argument("philox_nearest: D must be in [0, 4 * 2^32]");
   if (b == 0) return;
-  // Items: (candidate, chunk of its row), the chunk's two sums kept apart and added in chunk order below,
+  // Items: (candidate, chunk of its row), the chunk's three sums kept apart and added in chunk order below,
   // so neither b = 1 nor a long row leaves a thread idle, and the sums do not depend on the threads.
   const int64_t n = b * k, chunks = std::max<int64_t>(1, (D + kChunk - 1) / kChunk), items = n * chunks;
-  std::vector<double> part(2 * items);
+  std::vector<double> part(3 * items);
   double* pp = part.data();
   const DotsFn dots = dots_on(active_isa());
   auto run = [=](int64_t it) {
     const int64_t c = it / chunks, e0 = (it - c * chunks) * kChunk;
-    dots(seeds[c], e0, std::min(D, e0 + kChunk), x + (c / k) * D, pp + 2 * it);
+    dots(seeds[c], e0, std::min(D, e0 + kChunk), x + (c / k) * D, pp + 3 * it);
   };
   parallel_items(items, thread_count(threads, items, n * D), run);
   for (int64_t i = 0; i < b; ++i) {
     int64_t best = 0;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t c = i * k + j;
-      double zz = 0.0, xz = 0.0;
+      double zz = 0.0, xz = 0.0, xx = 0.0;
       for (int64_t ch = 0; ch < chunks; ++ch) {
-        zz += pp[2 * (c * chunks + ch)];
-        xz += pp[2 * (c * chunks + ch) + 1];
+        zz += pp[3 * (c * chunks + ch)];
+        xz += pp[3 * (c * chunks + ch) + 1];
+        xx += pp[3 * (c * chunks + ch) + 2];
       }
+      if (j == 0) xsq[i] = xx;  // every candidate's is the same
       const double d = zz - 2.0 * xz;
       dist[c] = d;
       const double db = dist[i * k + best];
@@ -434,8 +439,8 @@ void philox_uint32(const int64_t* seeds, int64_t n_rows, int64_t row_len, uint32
 }
 
 void philox_nearest(const int64_t* seeds, const float* x, int64_t b, int64_t k, int64_t D, int64_t* arg,
-                    double* dist, int threads) {
-  nearest_batch(seeds, x, b, k, D, arg, dist, threads);
+                    double* dist, double* xsq, int threads) {
+  nearest_batch(seeds, x, b, k, D, arg, dist, xsq, threads);
 }
 #endif  // !LOOM_ISA_VARIANT
 

@@ -42,12 +42,12 @@ def test_the_compiled_module_has_the_fused_pass():
 def test_fused_pass_matches_a_float64_brute_force(b, k, d, isa):
     gen = torch.Generator().manual_seed(b * 1000 + k * 10 + d)
     x, seeds = torch.randn(b, d, generator=gen) * 1.5, _seeds(b * k, gen)
-    j, dist = nearest_of_seeds(x, seeds, k)
+    j, dist, xx = nearest_of_seeds(x, seeds, k)
     ref_j, full = _brute(x, seeds, k)
-    assert dist.dtype == torch.float64 and dist.shape == (b, k)
+    assert dist.dtype == xx.dtype == torch.float64 and dist.shape == (b, k)
     assert torch.equal(j, ref_j)
-    xx = x.double().square().sum(1, keepdim=True)
-    torch.testing.assert_close(dist + xx, full, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(xx, x.double().square().sum(1), rtol=1e-13, atol=0)
+    torch.testing.assert_close(dist + xx[:, None], full, rtol=1e-12, atol=1e-9)
 
 
 def test_ties_go_to_the_lowest_candidate(isa, monkeypatch):
@@ -65,7 +65,7 @@ def test_ties_go_to_the_lowest_candidate(isa, monkeypatch):
         with monkeypatch.context() as m:
             if not fused:
                 m.setattr(knn, "fused_pass", lambda: None)
-            j, dist = nearest_of_seeds(x, seeds.flatten(), k)
+            j, dist, _ = nearest_of_seeds(x, seeds.flatten(), k)
         assert torch.equal(j, want), fused
         assert int(j[0]) == 0 and bool((dist[0] == dist[0, 0]).all())
         for i in range(1, 5):
@@ -77,14 +77,15 @@ def test_fallback_gives_the_same_result(monkeypatch):
     b, k, d = 9, 6, 777
     gen = torch.Generator().manual_seed(5)
     x, seeds = torch.randn(b, d, generator=gen), _seeds(b * k, gen)
-    j, dist = nearest_of_seeds(x, seeds, k)
-    j64, dist64 = nearest_of_seeds(x.double(), seeds, k)  # float64 x1: the fallback on its own
+    j, dist, xx = nearest_of_seeds(x, seeds, k)
+    j64, dist64, xx64 = nearest_of_seeds(x.double(), seeds, k)  # float64 x1: the fallback on its own
     monkeypatch.setattr(knn, "FALLBACK_ELEMENTS", 2 * k * d)  # several chunks
     monkeypatch.setattr(knn, "fused_pass", lambda: None)
-    jf, distf = nearest_of_seeds(x, seeds, k)
-    for jj, dd in ((j64, dist64), (jf, distf)):
+    jf, distf, xxf = nearest_of_seeds(x, seeds, k)
+    for jj, dd, qq in ((j64, dist64, xx64), (jf, distf, xxf)):
         assert torch.equal(jj, j)
         torch.testing.assert_close(dd, dist, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(qq, xx, rtol=1e-13, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -149,3 +150,5 @@ def test_seeded_bad_input():
         fn(torch.arange(0).numpy(), x1.numpy(), 0)
     with pytest.raises(ValueError, match="2-D"):
         fn(torch.arange(2).numpy(), x1[0].numpy(), 2)
+    j, dist, xx = fn(torch.arange(0).numpy(), x1[:0].numpy(), 2)  # b = 0
+    assert j.shape == (0,) and dist.shape == (0, 2) and xx.shape == (0,)

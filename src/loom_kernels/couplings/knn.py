@@ -48,9 +48,10 @@ def fused_pass():
     return getattr(mod, "philox_nearest", None)
 
 
-def nearest_of_seeds(x1: torch.Tensor, seeds: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_of_seeds(x1: torch.Tensor, seeds: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """:func:`nearest_of_k` against the candidates ``gaussian_noise(seeds, (D,))``: ``(j (b,) int64,
-    d (b, k) float64)`` for ``x1 (b, D)`` and ``seeds (b*k,)`` int64 (CPU), the sums in float64.
+    d (b, k) float64, xx (b,) float64 = |x|^2)`` for ``x1 (b, D)`` and ``seeds (b*k,)`` int64 (CPU), the sums
+    in float64.
 
     CPU and ``x1`` float32 / float16 / bfloat16: the fused C++ pass (no candidate stored, torch's thread
     count). Otherwise, or where the compiled module lacks it: the candidates drawn with ``gaussian_noise``
@@ -60,19 +61,16 @@ def nearest_of_seeds(x1: torch.Tensor, seeds: torch.Tensor, k: int) -> tuple[tor
     fn = fused_pass() if x1.device.type == "cpu" and x1.dtype in _KERNEL_DTYPES else None
     if fn is not None:
         x = x1.detach().to(torch.float32).contiguous().numpy()
-        j, dist = fn(seeds.contiguous().numpy(), x, k, torch.get_num_threads())
-        return torch.from_numpy(j), torch.from_numpy(dist)
+        return tuple(torch.from_numpy(a) for a in fn(seeds.contiguous().numpy(), x, k, torch.get_num_threads()))
     rows = max(1, FALLBACK_ELEMENTS // max(1, k * d))
-    js, dists = [], []
+    js, dists = [torch.zeros(0, dtype=torch.int64, device=x1.device)], [x1.new_zeros((0, k), dtype=torch.float64)]
     for r0 in range(0, b, rows):
         r1 = min(b, r0 + rows)
         cand = gaussian_noise(seeds[r0 * k : r1 * k], (d,), device=x1.device).double()
         j, dist = nearest_of_k(x1[r0:r1].double(), cand, k)
         js.append(j)
         dists.append(dist)
-    if not js:
-        return torch.zeros(0, dtype=torch.int64, device=x1.device), x1.new_zeros((0, k), dtype=torch.float64)
-    return torch.cat(js), torch.cat(dists)
+    return torch.cat(js), torch.cat(dists), x1.double().square().sum(1)
 
 
 class KNNNoiseCoupling(Coupling):
@@ -153,11 +151,11 @@ class KNNNoiseCoupling(Coupling):
         if seeds.numel() != b * k:
             raise ValueError(f"seeds must hold k*b = {b * k} int64 seeds (one per candidate), got {seeds.numel()}")
         xf = x1.reshape(b, -1)
-        j, dist = nearest_of_seeds(xf, seeds, k)
+        j, dist, xx = nearest_of_seeds(xf, seeds, k)
         perm_cpu = torch.arange(b) * k + j.cpu()
         self.candidate_seeds, self.chosen_seeds = seeds, seeds[perm_cpu]
         out = gaussian_noise(self.chosen_seeds, shape, device=x1.device, dtype=x1.dtype)
-        self._set_stats(torch.linalg.vector_norm(xf, dim=1, dtype=torch.float64).square(), dist, j)
+        self._set_stats(xx, dist, j)
         return out, perm_cpu.to(x1.device)
 
     def _set_stats(self, xx, dist, j):
