@@ -26,6 +26,7 @@ from loom_kernels.couplings import (
     ReflowCoupling,
     SemidiscreteCoupling,
     SemidiscreteSeededCoupling,
+    ShardedSemidiscreteCoupling,
     SinkhornCoupling,
     TimestepMixedCoupling,
 )
@@ -74,7 +75,7 @@ FACTORIES = {
 COVERED_ELSEWHERE = {TimestepMixedCoupling}
 # Couplings that choose the batch themselves (``idx = coupling.draw(b)``, then ``coupling(x1, idx)``): the
 # README's loop over the loader's indices does not apply; the signature test below still does.
-CHOOSES_BATCHES = {SemidiscreteCoupling}
+CHOOSES_BATCHES = {SemidiscreteCoupling, ShardedSemidiscreteCoupling}
 
 
 def _pairs(tmp):
