@@ -66,6 +66,7 @@ FACTORIES = {
         IndependentCoupling(generator=_gen()), MinibatchOTCoupling(generator=_gen()), p=0.5, generator=_gen()
     ),
     "knn": lambda tmp: KNNNoiseCoupling(4, generator=_gen()),
+    "knn-seeds": lambda tmp: KNNNoiseCoupling(4, generator=_gen(), noise="seeds"),
     "loom-sdseeded": lambda tmp: SemidiscreteSeededCoupling(
         SemidiscreteCoupling(torch.randn(N, *SHAPE, generator=_gen())), LoomCoupling(N, SHAPE, num_caches=2, seed=1)
     ),

@@ -182,11 +182,12 @@ def test_bad_data_labels_and_state():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["semidiscrete", "semidiscrete-seeded", "knn"])
+@pytest.mark.parametrize("name", ["semidiscrete", "semidiscrete-seeded", "knn", "knn --knn-noise seeds"])
 def test_cli_trains_and_resumes(name, tmp_path):
     from loom_kernels.cli.train import main
 
-    args = ["--data", "moons", "--coupling", name, "--points", "128", "--batch-size", "32", "--no-progress"]
+    name, *extra = name.split()
+    args = ["--data", "moons", "--coupling", name, *extra, "--points", "128", "--batch-size", "32", "--no-progress"]
     args += ["--sd-fit-steps", "20", "--device", "cpu", "--out", str(tmp_path), "--log-every", "1"]
     assert main([*args, "--steps", "4"]) == 0
     assert main([*args, "--steps", "6", "--resume"]) == 0

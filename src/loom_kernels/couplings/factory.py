@@ -63,7 +63,9 @@ def make_coupling(
             filled from the cells every ``refresh_every`` epochs).
         options: ``"semidiscrete*"``: ``epsilon``, ``fit_steps`` (fitted here, default 2000), ``fit_batch``,
             ``refresh_every``, ``progress``, ``cond_weight``, ``cond_metric``, ``cond_ratio``; ``"knn"``: ``k``
-            (default 16); ``"ot"``, ``"sinkhorn"``, ``"loom"``: C2OT's ``C2OT_OPTIONS`` (LOOM: no ``oversample``).
+            (default 16), ``noise`` (``"randn"``, default, or ``"seeds"``: the candidates drawn from seeds, the
+            fused CPU pass; ``KNNNoiseCoupling``); ``"ot"``, ``"sinkhorn"``, ``"loom"``: C2OT's ``C2OT_OPTIONS``
+            (LOOM: no ``oversample``).
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
@@ -120,7 +122,7 @@ def _new_coupling(name, num_points, shape, data, labels, opts, seed, device, num
     if name == "knn":
         from .knn import KNNNoiseCoupling
 
-        return KNNNoiseCoupling(opts.pop("k", 16))
+        return KNNNoiseCoupling(opts.pop("k", 16), noise=opts.pop("noise", "randn"))
     from .semidiscrete import SemidiscreteCoupling
     from .semidiscrete_train import SemidiscreteSeededCoupling
 
