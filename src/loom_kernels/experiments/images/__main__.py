@@ -85,7 +85,8 @@ def run_p0(args) -> None:
 
 def run_p3_2d(args) -> None:
     """C2OT's 2-D figure at C2OT's sizes (20,000 steps, W2 on 10,000 samples), or with ``--protocol reduced``
-    what a loaded 2-core CPU runs in ~40 min (3,000 steps, 3,000 samples: the exact W2 grows ~cubically)."""
+    3,000 steps and 3,000 samples (the exact W2 grows ~cubically); docs/evidence.md's run: ``--steps 1500``,
+    27 runs in 40 min on a shared 2-core CPU."""
     from . import p3_2d
 
     variants = args.variants or tuple(p3_2d.VARIANTS)
