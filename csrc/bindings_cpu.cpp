@@ -95,6 +95,29 @@ loom::StreamArgs stream_args(const F32& x, const F32& y, const F32& u, const F32
   return a;
 }
 
+// Nearest of k noise candidates drawn from their seeds (loom_kernels/couplings/knn.py validates).
+py::tuple philox_nearest_t(I64 seeds, F32 x, int64_t k, int threads) {
+  if (x.ndim() != 2) throw std::invalid_argument("philox_nearest: x must be a 2-D (b, D) float32 array");
+  const int64_t b = x.shape(0), D = x.shape(1);
+  if (k < 1) throw std::invalid_argument("philox_nearest: k must be >= 1, got " + std::to_string(k));
+  if (seeds.ndim() != 1 || seeds.shape(0) != b * k)
+    throw std::invalid_argument("philox_nearest: seeds must be 1-D with b * k = " + std::to_string(b * k) +
+                                " int64 values");
+  py::array_t<int64_t> arg(b);
+  py::array_t<double> dist({b, k});
+  py::array_t<double> xsq(b);
+  const int64_t* s = seeds.data();
+  const float* xp = x.data();
+  int64_t* a = arg.mutable_data();
+  double* d = dist.mutable_data();
+  double* q = xsq.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    loom::philox_nearest(s, xp, b, k, D, a, d, q, threads);
+  }
+  return py::make_tuple(arg, dist, xsq);
+}
+
 py::array_t<float> stream_lse(F32 x, F32 y, F32 u, F32 scale, int threads) {
   const auto a = stream_args(x, y, u, scale, py::none(), py::none());
   py::array_t<float> out({a.B, a.n});
@@ -150,6 +173,9 @@ PYBIND11_MODULE(_C, m) {
         "Philox4x32-10 + Box-Muller normals of loom_kernels.noise: int64 seeds (S,) -> float32 (S, row_len)");
   m.def("philox_uint32", &philox_t<uint32_t>, py::arg("seeds"), py::arg("row_len"), py::arg("threads") = 0,
         "The raw Philox4x32-10 words of loom_kernels.noise: int64 seeds (S,) -> uint32 (S, row_len)");
+  m.def("philox_nearest", &philox_nearest_t, py::arg("seeds"), py::arg("x"), py::arg("k"), py::arg("threads") = 0,
+        "Nearest of k: for x (b, D) float32 and seeds (b*k,) int64, (argmin_j int64 (b,), |z|^2 - 2 <x_i, z> "
+        "float64 (b, k), |x_i|^2 float64 (b,)) over the philox_normal rows z of seeds[i*k + j], none stored");
   m.def("stream_lse", &stream_lse, py::arg("x"), py::arg("y"), py::arg("u"), py::arg("scale"),
         py::arg("threads") = 0,
         "LSE_j(u_j + scale_b <x_i, y_j>) float32 (B, n) of float32 x (B, n, D), y (B, m, D), u (B, m), scale (B,)");

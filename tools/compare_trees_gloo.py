@@ -1,7 +1,7 @@
 """The distributed half of compare_trees.py: LOOM and minibatch OT on 2 gloo ranks of one source tree, one
 digest per case and rank (every scope x table kind x labels, a sharded save loaded as replicated, minibatch OT
-in every scope; LOOM, minibatch OT and Sinkhorn with cond and return_indices in every scope). Run it once per
-tree and compare the printed JSON:
+in every scope; LOOM, minibatch OT and Sinkhorn with cond and return_indices in every scope; the sharded
+semidiscrete coupling's fit, draws and save). Run it once per tree and compare the printed JSON:
 
     PYTHONPATH=src python tools/compare_trees_gloo.py > new.json
     PYTHONPATH=<old checkout>/src python tools/compare_trees_gloo.py > old.json && cmp new.json old.json
@@ -81,9 +81,28 @@ def body(rank, world, store, outdir):
             outs += list(k(x[idx], x0=x0, return_indices=True, **kw))
             outs += [k.stats[n] for n in ("pre_cost", "post_cost", "swaps", "error", "sharpness")]
         res[f"cond-perm/{scope}"] = dig(outs)
+    res["semidiscrete-sharded"] = semidiscrete_case(rank, world, x, lab, outdir)
     with open(os.path.join(outdir, f"r{rank}.json"), "w") as f:
         json.dump(res, f)
     dist.destroy_process_group()
+
+
+def semidiscrete_case(rank, world, x, lab, outdir):
+    """The semidiscrete coupling on its rank's block of rows: a fit, labelled draws and their noise, a save."""
+    try:
+        from loom_kernels.couplings import ShardedSemidiscreteCoupling
+    except ImportError:  # a tree from before issue 32's sharded coupling
+        return "absent"
+    n = len(x)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    sd = ShardedSemidiscreteCoupling(x[lo:hi].clone(), num_points=n, labels=lab, seed=6)
+    sd.fit(12, batch_size=16, progress=False, window=4)
+    outs = [sd.g, sd.fit_state["g_iter"]]
+    for s in range(3):
+        idx = sd.draw(4, labels=lab[s * 8 + rank * 4 : s * 8 + rank * 4 + 4] if s == 1 else None)
+        outs += [idx, sd(x[idx], idx)[0]]
+    sd.save(os.path.join(outdir, "sd.pt"))
+    return dig(outs)
 
 
 if __name__ == "__main__":

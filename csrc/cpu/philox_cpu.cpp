@@ -32,6 +32,7 @@
 #include <system_error>
 #include <thread>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/isa.h"
 
@@ -236,12 +237,60 @@ void fill_range(int64_t seed, int64_t e0, int64_t e1, T* row) {
   }
 }
 
+// The nearest-of-k pass (philox_nearest): sum z^2, sum x z and sum x^2 over elements [e0, e1) of the
+// stream of seed (e0 a multiple of 4 kLanes), each block of normals read back from L1 as soon as it is made, never
+// stored. In double: the product of two float32 values is exact there, so FMA contraction changes no bit,
+// and the order of the sums (8 lanes, then the lanes in order) is the same in every build.
+typedef double vd8 __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+
+void dots_range(int64_t seed, int64_t e0, int64_t e1, const float* x, double* acc) {
+  const uint64_t bits = static_cast<uint64_t>(seed);
+  const uint32_t k0 = static_cast<uint32_t>(bits), k1 = static_cast<uint32_t>(bits >> 32);
+  constexpr int64_t kStep = 4 * kLanes;
+  alignas(64) float z[kStep];
+  alignas(64) float xt[kStep];
+  vd8 zz = {}, xz = {}, xx = {};
+  for (int64_t e = e0; e < e1; e += kStep) {
+    normal_lanes(static_cast<uint32_t>(e / 4), k0, k1, z);
+    const float* xe = x + e;
+    const int64_t n = std::min(kStep, e1 - e);
+    if (n < kStep) {  // ragged end of the row: zeros add nothing
+      std::fill(z + n, z + kStep, 0.0f);
+      std::copy(xe, xe + n, xt);
+      std::fill(xt + n, xt + kStep, 0.0f);
+      xe = xt;
+    }
+    for (int i = 0; i < kStep; i += 8) {
+      vf8 zf, xf;
+      std::memcpy(&zf, z + i, sizeof zf);
+      std::memcpy(&xf, xe + i, sizeof xf);
+      const vd8 zd = __builtin_convertvector(zf, vd8), xd = __builtin_convertvector(xf, vd8);
+      zz += zd * zd;
+      xz += xd * zd;
+      xx += xd * xd;
+    }
+  }
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+  for (int l = 0; l < 8; ++l) {
+    s0 += zz[l];
+    s1 += xz[l];
+    s2 += xx[l];
+  }
+  acc[0] = s0;
+  acc[1] = s1;
+  acc[2] = s2;
+}
+
 }  // namespace
 
 // This instruction set's entry points, called by the driver below.
 void philox_fill_range(int64_t seed, int64_t e0, int64_t e1, float* row) { fill_range<float>(seed, e0, e1, row); }
 void philox_fill_range(int64_t seed, int64_t e0, int64_t e1, uint32_t* row) {
   fill_range<uint32_t>(seed, e0, e1, row);
+}
+void philox_dots(int64_t seed, int64_t e0, int64_t e1, const float* x, double* acc) {
+  dots_range(seed, e0, e1, x, acc);
 }
 
 }  // namespace LOOM_ISA_NS
@@ -251,10 +300,12 @@ void philox_fill_range(int64_t seed, int64_t e0, int64_t e1, uint32_t* row) {
 namespace isa_avx2 {
 void philox_fill_range(int64_t, int64_t, int64_t, float*);
 void philox_fill_range(int64_t, int64_t, int64_t, uint32_t*);
+void philox_dots(int64_t, int64_t, int64_t, const float*, double*);
 }  // namespace isa_avx2
 namespace isa_avx512 {
 void philox_fill_range(int64_t, int64_t, int64_t, float*);
 void philox_fill_range(int64_t, int64_t, int64_t, uint32_t*);
+void philox_dots(int64_t, int64_t, int64_t, const float*, double*);
 }  // namespace isa_avx512
 #endif
 
@@ -272,38 +323,33 @@ auto fill_range_on(Isa isa) {
   }
 }
 
-template <typename T>
-void fill_batch(const int64_t* seeds, int64_t n_rows, int64_t row_len, T* out, int threads) {
-  if (row_len < 0) throw std::invalid_argument("philox: row_len must be >= 0");
-  if (row_len > (int64_t{4} << 32)) throw std::invalid_argument("philox: row_len must be <= 4 * 2^32");
-  if (n_rows <= 0 || row_len == 0) return;
-  // Work items: (row, chunk of kChunk elements), so one long row spreads over threads too.
-  constexpr int64_t kChunk = int64_t{1} << 14;  // 64 KiB of output: well above a dispatch's cost
-  const int64_t chunks = (row_len + kChunk - 1) / kChunk;
-  const int64_t items = n_rows * chunks;
-  const auto fill_range = fill_range_on<T>(active_isa());
-  auto run = [=](int64_t it) {  // by value: helpers that start late copy it (see below)
-    const int64_t row = it / chunks, e0 = (it - row * chunks) * kChunk;
-    fill_range(seeds[row], e0, std::min(row_len, e0 + kChunk), out + row * row_len);
-  };
-  static const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
-  int64_t nt = threads > 0 ? threads : hw;
-  // A thread costs ~tens of microseconds to start: only worth it past ~2^16 elements each.
-  nt = std::max<int64_t>(1, std::min<int64_t>({nt, items, n_rows * row_len >> 16}));
-  if (nt == 1) {
+using DotsFn = void (*)(int64_t, int64_t, int64_t, const float*, double*);
+DotsFn dots_on(Isa isa) {
+  switch (isa) {
+#if defined(LOOM_DISPATCH)
+    case Isa::kAvx512: return isa_avx512::philox_dots;
+    case Isa::kAvx2: return isa_avx2::philox_dots;
+#endif
+    default: return isa_base::philox_dots;
+  }
+}
+
+// run(it) for it in [0, items) on up to nt threads (the caller's included). Each item is run by exactly
+// one thread with the same code: the output does not depend on the scheduling or the thread count. The
+// helpers are detached and the caller waits for the items, not for the threads: on a busy machine a
+// helper that the OS starts late finds no work left and exits without touching the output (the counters
+// it reads are shared-owned), instead of holding the call for a scheduler time slice. run throws nothing.
+template <typename Run>
+void parallel_items(int64_t items, int64_t nt, const Run& run) {
+  if (nt <= 1) {
     for (int64_t it = 0; it < items; ++it) run(it);
     return;
   }
-  // Each item is written by exactly one thread with the same code: the output does not depend
-  // on the scheduling or the thread count. The helpers are detached and the caller waits for
-  // the items, not for the threads: on a busy machine a helper that the OS starts late finds
-  // no work left and exits without touching the output (the counters it reads are shared-owned),
-  // instead of holding the call for a scheduler time slice. fill_range throws nothing.
   struct Progress {
     std::atomic<int64_t> next{0}, done{0};
   };
   const auto progress = std::make_shared<Progress>();
-  auto drain = [progress, items, run] {
+  auto drain = [progress, items, run] {  // run by value: helpers that start late copy it
     for (int64_t it = progress->next.fetch_add(1); it < items; it = progress->next.fetch_add(1)) {
       run(it);
       progress->done.fetch_add(1, std::memory_order_release);
@@ -320,6 +366,68 @@ void fill_batch(const int64_t* seeds, int64_t n_rows, int64_t row_len, T* out, i
   while (progress->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
 }
 
+int64_t thread_count(int threads, int64_t items, int64_t elements) {
+  static const int64_t hw = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t nt = threads > 0 ? threads : hw;
+  // A thread costs ~tens of microseconds to start: only worth it past ~2^16 elements each.
+  return std::max<int64_t>(1, std::min<int64_t>({nt, items, elements >> 16}));
+}
+
+// Work items: (row, chunk of kChunk elements), so one long row spreads over threads too.
+constexpr int64_t kChunk = int64_t{1} << 14;  // 64 KiB of output: well above a dispatch's cost
+
+template <typename T>
+void fill_batch(const int64_t* seeds, int64_t n_rows, int64_t row_len, T* out, int threads) {
+  if (row_len < 0) throw std::invalid_argument("philox: row_len must be >= 0");
+  if (row_len > (int64_t{4} << 32)) throw std::invalid_argument("philox: row_len must be <= 4 * 2^32");
+  if (n_rows <= 0 || row_len == 0) return;
+  const int64_t chunks = (row_len + kChunk - 1) / kChunk;
+  const int64_t items = n_rows * chunks;
+  const auto fill_range = fill_range_on<T>(active_isa());
+  auto run = [=](int64_t it) {
+    const int64_t row = it / chunks, e0 = (it - row * chunks) * kChunk;
+    fill_range(seeds[row], e0, std::min(row_len, e0 + kChunk), out + row * row_len);
+  };
+  parallel_items(items, thread_count(threads, items, n_rows * row_len), run);
+}
+
+void nearest_batch(const int64_t* seeds, const float* x, int64_t b, int64_t k, int64_t D, int64_t* arg,
+                   double* dist, double* xsq, int threads) {
+  if (b < 0 || k < 1) throw std::invalid_argument("philox_nearest: needs b >= 0 and k >= 1");
+  if (D < 0 || D > (int64_t{4} << 32)) throw std::invalid_argument("philox_nearest: D must be in [0, 4 * 2^32]");
+  if (b == 0) return;
+  // Items: (candidate, chunk of its row), the chunk's three sums kept apart and added in chunk order below,
+  // so neither b = 1 nor a long row leaves a thread idle, and the sums do not depend on the threads.
+  const int64_t n = b * k, chunks = std::max<int64_t>(1, (D + kChunk - 1) / kChunk), items = n * chunks;
+  std::vector<double> part(3 * items);
+  double* pp = part.data();
+  const DotsFn dots = dots_on(active_isa());
+  auto run = [=](int64_t it) {
+    const int64_t c = it / chunks, e0 = (it - c * chunks) * kChunk;
+    dots(seeds[c], e0, std::min(D, e0 + kChunk), x + (c / k) * D, pp + 3 * it);
+  };
+  parallel_items(items, thread_count(threads, items, n * D), run);
+  for (int64_t i = 0; i < b; ++i) {
+    int64_t best = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t c = i * k + j;
+      double zz = 0.0, xz = 0.0, xx = 0.0;
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        zz += pp[3 * (c * chunks + ch)];
+        xz += pp[3 * (c * chunks + ch) + 1];
+        xx += pp[3 * (c * chunks + ch) + 2];
+      }
+      if (j == 0) xsq[i] = xx;  // every candidate's is the same
+      const double d = zz - 2.0 * xz;
+      dist[c] = d;
+      const double db = dist[i * k + best];
+      // torch.argmin's rule: the lowest index of the minimum, a NaN counting as the minimum
+      if (d < db || (std::isnan(d) && !std::isnan(db))) best = j;
+    }
+    arg[i] = best;
+  }
+}
+
 }  // namespace
 
 void philox_normal(const int64_t* seeds, int64_t n_rows, int64_t row_len, float* out, int threads) {
@@ -328,6 +436,11 @@ void philox_normal(const int64_t* seeds, int64_t n_rows, int64_t row_len, float*
 
 void philox_uint32(const int64_t* seeds, int64_t n_rows, int64_t row_len, uint32_t* out, int threads) {
   fill_batch<uint32_t>(seeds, n_rows, row_len, out, threads);
+}
+
+void philox_nearest(const int64_t* seeds, const float* x, int64_t b, int64_t k, int64_t D, int64_t* arg,
+                    double* dist, double* xsq, int threads) {
+  nearest_batch(seeds, x, b, k, D, arg, dist, xsq, threads);
 }
 #endif  // !LOOM_ISA_VARIANT
 

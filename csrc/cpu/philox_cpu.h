@@ -12,4 +12,11 @@ namespace loom {
 // does not depend on the thread count. The caller handles the GIL.
 void philox_normal(const int64_t* seeds, int64_t n_rows, int64_t row_len, float* out, int threads);
 void philox_uint32(const int64_t* seeds, int64_t n_rows, int64_t row_len, uint32_t* out, int threads);
+// Nearest of k (loom_kernels/couplings/knn.py): x [b, D] row-major, seeds [b * k], candidate j of item i
+// the normals of seeds[i * k + j] (as philox_normal's row of length D), never stored.
+// dist[i * k + j] = |z|^2 - 2 <x_i, z> summed in double; arg[i] = the lowest j of the least dist[i, :]
+// (a NaN counts as least, as torch.argmin); xsq[i] = |x_i|^2 in double (the costs need it: the pass
+// computes it for free). The result does not depend on the thread count.
+void philox_nearest(const int64_t* seeds, const float* x, int64_t b, int64_t k, int64_t D, int64_t* arg,
+                    double* dist, double* xsq, int threads);
 }  // namespace loom

@@ -4,7 +4,8 @@ One spawn runs every body; the tests compare the ranks' results with single-proc
 coupling on the concatenated global batch (global scope), each group solved alone (grouped minibatch OT),
 one process on the global batch (grouped LOOM: the same partition from the same slot generator). The
 errors (cond on one rank only, a bad cond on one rank, unequal condition widths or weights,
-return_indices on one rank only) must be raised on every rank, with every table unchanged.
+return_indices on one rank only) must be raised on every rank, with every table unchanged. C2OT's adaptive
+weight (issue 32): every rank freezes LOOM's to one number, one process's on the global batch, and it stays.
 """
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling, SinkhornCoupling
+from loom_kernels.couplings.c2ot import adaptive_cond_weight, cond_pair_cost
 from loom_kernels.couplings.scopes.partition import Partition
 
 from gloo_ranks import run_rank, spawn
@@ -99,6 +101,10 @@ def _errors(rank):
         "loom widths": lambda: c(data[idx], idx, cond=ci if rank == 0 else ci[:, :1]),
         "loom weights": lambda: LoomCoupling(P, SHAPE, cond_weight=1.0 + rank)(data[idx], idx, cond=ci),
         "mb weights": lambda: MinibatchOTCoupling(cond_weight=1.0 + rank)(data[idx], cond=ci),
+        "loom ratios": lambda: LoomCoupling(P, SHAPE, cond_weight="adaptive", cond_ratio=0.2 + 0.1 * rank)(
+            data[idx], idx, cond=ci
+        ),
+        "sinkhorn metrics": lambda: SinkhornCoupling(cond_metric=("sqeuclidean", "cosine")[rank])(data[idx], cond=ci),
         "loom return_indices one rank": lambda: c(data[idx], idx, cond=ci, return_indices=rank == 0),
         "mb return_indices one rank": lambda: mb(data[idx], cond=ci, return_indices=rank == 0),
         # #34 item 3: feature shapes and dtypes that differ across ranks (gloo aborted, or a half-filled buffer)
@@ -121,6 +127,48 @@ def _errors(rank):
     return errors, unchanged
 
 
+# ---- C2OT's adaptive weight (issue 32 item 3): LOOM's frozen at its first call, Sinkhorn's per call ----------
+
+C2OT_P = 40
+C2OT_KW = dict(cond_weight="adaptive", cond_ratio=0.35, cond_metric="cosine", seed=4)
+C2OT_LOOMS = {"global": {}, "grouped": dict(scope="grouped", group_size=G), "sharded": dict(table="sharded")}
+
+
+def _c2ot_data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(C2OT_P, *SHAPE, generator=g), torch.randn(C2OT_P, 3, generator=g)
+
+
+def _c2ot_batches():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randperm(C2OT_P, generator=g)[: W * B] for _ in range(STEPS)]
+
+
+def _c2ot_body(rank):
+    import torch.distributed as dist
+
+    data, cond = _c2ot_data()
+    sl = slice(rank * B, (rank + 1) * B)
+    out = {}
+    for name, kw in C2OT_LOOMS.items():
+        c = LoomCoupling(C2OT_P, SHAPE, **C2OT_KW, **kw)
+        weights = []
+        for step, gidx in enumerate(_c2ot_batches()):
+            idx = gidx[sl]
+            scale = 10.0 ** (step * (1 - 2 * rank))  # the ranks' later batches differ in scale: nothing moves
+            c(data[idx] * (1 if step == 0 else scale), idx, cond=cond[idx])
+            weights.append(float(c.stats["cond_weight"]))
+        parts = [None] * W
+        dist.all_gather_object(parts, (c.shard_rows, c.seeds.clone()))
+        seeds = torch.cat([s for _, s in sorted(parts, key=lambda p: p[0][0])]) if name == "sharded" else c.seeds
+        out[name] = {"weights": weights, "seeds": seeds.clone()}
+    x1 = torch.randn(W * B, 4, generator=torch.Generator().manual_seed(2))
+    s = SinkhornCoupling(0.1, cond_weight="adaptive", cond_ratio=0.6, generator=torch.Generator().manual_seed(3 + rank))
+    s(x1[sl] * (1 + rank), cond=cond[: W * B][sl])
+    out["sinkhorn"] = float(s.stats["cond_weight"])
+    return out
+
+
 def _worker(rank, world, store, out_dir):
     run_rank(
         rank,
@@ -132,6 +180,7 @@ def _worker(rank, world, store, out_dir):
             "loom_labels": _loom_runs(rank, True),
             "mb": _mb_runs(rank),
             "errors": _errors(rank),
+            "c2ot": _c2ot_body(rank),
         },
     )
 
@@ -202,6 +251,8 @@ def test_cond_errors_are_raised_on_every_rank_and_tables_unchanged(ranks):
         assert "same cond columns" in errors["loom widths"]
         assert "differs across ranks (cond_weight)" in errors["loom weights"]
         assert "differs across ranks (cond_weight)" in errors["mb weights"]
+        assert "differs across ranks (cond_ratio)" in errors["loom ratios"]
+        assert "differs across ranks (cond_metric)" in errors["sinkhorn metrics"]
         for name, want in [
             ("mb dtype", "rank 0: (b, 2, 3) float32; rank 1: (b, 2, 3) float64"),
             ("mb features", "rank 0: (b, 2, 3) float32; rank 1: (b, 1, 3) float32"),
@@ -217,3 +268,36 @@ def test_cond_errors_are_raised_on_every_rank_and_tables_unchanged(ranks):
         else:
             for name in ("loom bad cond", "loom nan cond", "mb bad cond"):
                 assert "rank(s) [1] refused their input" in errors[name]
+
+
+@pytest.mark.parametrize("name", sorted(C2OT_LOOMS))
+def test_c2ot_loom_ranks_freeze_one_weight_equal_to_one_process(ranks, name):
+    data, cond = _c2ot_data()
+    kw = {k: v for k, v in C2OT_LOOMS[name].items() if k != "table"}
+    single = LoomCoupling(C2OT_P, SHAPE, **C2OT_KW, **kw)
+    batches = _c2ot_batches()
+    single(data[batches[0]], batches[0], cond=cond[batches[0]])
+    w0 = float(single.stats["cond_weight"])
+    for r, res in enumerate(ranks):
+        got = res["c2ot"][name]["weights"]
+        assert got == [got[0]] * STEPS, f"rank {r}: the weight moved {got}"
+        assert abs(got[0] - w0) <= 1e-12 * w0, (r, got[0], w0)  # the global batch's pairs, summed in another order
+    assert ranks[0]["c2ot"][name]["weights"] == ranks[1]["c2ot"][name]["weights"]  # bit for bit across ranks
+    for step, gidx in enumerate(batches[1:], 1):
+        x1 = data[gidx].clone()
+        x1[:B] *= 10.0**step
+        x1[B:] *= 10.0**-step
+        single(x1, gidx, cond=cond[gidx])
+    for r, res in enumerate(ranks):
+        assert torch.equal(res["c2ot"][name]["seeds"], single.seeds), f"rank {r}: table differs from one process"
+
+
+def test_c2ot_sinkhorn_adaptive_weight_is_the_global_batch_one(ranks):
+    _, cond = _c2ot_data()
+    x1 = torch.randn(W * B, 4, generator=torch.Generator().manual_seed(2))
+    x1[B:] *= 2
+    noise = torch.cat([torch.randn(B, 4, generator=torch.Generator().manual_seed(3 + r)) for r in range(W)])
+    c = cond[: W * B].double()
+    ref = adaptive_cond_weight(torch.cdist(x1.double(), noise.double()) ** 2, cond_pair_cost(c, c, "sqeuclidean"), 0.6)
+    assert ranks[0]["c2ot"]["sinkhorn"] == ranks[1]["c2ot"]["sinkhorn"]
+    assert abs(ranks[0]["c2ot"]["sinkhorn"] - ref) <= 1e-5 * ref

@@ -26,6 +26,7 @@ from loom_kernels.couplings import (
     ReflowCoupling,
     SemidiscreteCoupling,
     SemidiscreteSeededCoupling,
+    ShardedSemidiscreteCoupling,
     SinkhornCoupling,
     TimestepMixedCoupling,
 )
@@ -65,6 +66,7 @@ FACTORIES = {
         IndependentCoupling(generator=_gen()), MinibatchOTCoupling(generator=_gen()), p=0.5, generator=_gen()
     ),
     "knn": lambda tmp: KNNNoiseCoupling(4, generator=_gen()),
+    "knn-seeds": lambda tmp: KNNNoiseCoupling(4, generator=_gen(), noise="seeds"),
     "loom-sdseeded": lambda tmp: SemidiscreteSeededCoupling(
         SemidiscreteCoupling(torch.randn(N, *SHAPE, generator=_gen())), LoomCoupling(N, SHAPE, num_caches=2, seed=1)
     ),
@@ -73,7 +75,7 @@ FACTORIES = {
 COVERED_ELSEWHERE = {TimestepMixedCoupling}
 # Couplings that choose the batch themselves (``idx = coupling.draw(b)``, then ``coupling(x1, idx)``): the
 # README's loop over the loader's indices does not apply; the signature test below still does.
-CHOOSES_BATCHES = {SemidiscreteCoupling}
+CHOOSES_BATCHES = {SemidiscreteCoupling, ShardedSemidiscreteCoupling}
 
 
 def _pairs(tmp):

@@ -182,11 +182,12 @@ def test_bad_data_labels_and_state():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["semidiscrete", "semidiscrete-seeded", "knn"])
+@pytest.mark.parametrize("name", ["semidiscrete", "semidiscrete-seeded", "knn", "knn --knn-noise seeds"])
 def test_cli_trains_and_resumes(name, tmp_path):
     from loom_kernels.cli.train import main
 
-    args = ["--data", "moons", "--coupling", name, "--points", "128", "--batch-size", "32", "--no-progress"]
+    name, *extra = name.split()
+    args = ["--data", "moons", "--coupling", name, *extra, "--points", "128", "--batch-size", "32", "--no-progress"]
     args += ["--sd-fit-steps", "20", "--device", "cpu", "--out", str(tmp_path), "--log-every", "1"]
     assert main([*args, "--steps", "4"]) == 0
     assert main([*args, "--steps", "6", "--resume"]) == 0
@@ -252,3 +253,17 @@ def test_factory_fits_to_the_default_tolerance():
     rep = sd.fit_report
     assert rep["tol"] == 0.05 and rep["stopped"] == "tol" and sd.fit_steps < 20_000
     assert mass_deviation(sd, 64 * 2000, stream=7)["mass_dev"] < 0.05
+
+
+def test_sampler_parts_under_ddp():
+    """``SemidiscreteSampler(sd, b, part=(rank, W))``: each rank's batches are its slices of the global batches
+    (an epoch of ``ceil(N / (W b))`` of them); a bad part is refused."""
+    x = torch.randn(50, 2)
+    whole = SemidiscreteCoupling(x, seed=7)
+    ranks = [list(SemidiscreteSampler(SemidiscreteCoupling(x, seed=7), 4, part=(r, 2))) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 7
+    for k in range(7):
+        idx = whole.draw(8).tolist()
+        assert ranks[0][k] == idx[:4] and ranks[1][k] == idx[4:]
+    with pytest.raises(ValueError, match="part must be"):
+        SemidiscreteSampler(whole, 4, part=(2, 2))

@@ -159,3 +159,81 @@ def test_tiny_p0_p1_p2_write_finite_results_and_resume(tmp_path, capsys):
     main(["p2", "--tiny", "--data", data, "--out", out, "--seeds", "1", "--variants", "reflow_loom4"])
     rec = json.loads((tmp_path / "out" / "p2" / "runs" / "reflow_loom4_seed0.json").read_text())
     assert all(np.isfinite(v) for v in rec["fd"].values()) and os.path.isdir(rec["pairs"])
+
+
+def test_p3_2d_source_and_target_match_c2ot_formulas():
+    """8gaussians and moons against numpy re-draws of C2OT's formulas (their ordered grid on the arcs, the
+    covariance sqrt(0.1) I of their MultivariateNormal): means and covariances agree to Monte Carlo error."""
+    from loom_kernels.experiments.images import p3_2d
+
+    n, g, rng = 200_000, torch.Generator().manual_seed(3), np.random.default_rng(3)
+    k = rng.integers(0, 8, n)
+    ref0 = 5 * np.stack([np.cos(k * np.pi / 4), np.sin(k * np.pi / 4)], 1)
+    ref0 = ref0 + rng.multivariate_normal([0, 0], np.sqrt(0.1) * np.eye(2), n)
+    a = np.linspace(0, np.pi, n // 2)
+    ref1 = np.concatenate([np.stack([np.cos(a), np.sin(a)], 1), np.stack([1 - np.cos(a), 0.5 - np.sin(a)], 1)])
+    ref1 = (ref1 + rng.random((n, 1)) * 0.2) * 3 - 1
+    x0 = p3_2d.source(n, g).double().numpy()
+    x1, moon = p3_2d.target(n, g)
+    assert int(moon.sum()) == n - n // 2
+    for got, ref in ((x0, ref0), (x1.double().numpy(), ref1)):
+        np.testing.assert_allclose(got.mean(0), ref.mean(0), atol=0.03)
+        np.testing.assert_allclose(np.cov(got.T), np.cov(ref.T), atol=0.06)
+    # the moon label is the arc: the inner moon's points lie below the outer's on average
+    assert float(x1[moon == 1, 1].mean()) < float(x1[moon == 0, 1].mean()) - 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_c2ot_r_weight_is_the_largest_weight_reaching_r(seed):
+    """Against the definition: at w the fraction of pairs no dearer than the item's independent pair is >= r,
+    just above it < r; and against a bisection (C2OT's search) on the same fraction."""
+    from loom_kernels.experiments.images.p3_2d import c2ot_r_weight
+
+    g = torch.Generator().manual_seed(seed)
+    n = 96
+    x0, x1, c = torch.randn(n, 2, generator=g) * 3, torch.randn(n, 2, generator=g), torch.randn(n, 1, generator=g)
+    m = torch.cdist(x0.double(), x1.double()).square()
+    cc = torch.cdist(c.double(), c.double()).square()
+
+    def frac(w):
+        return float((m + w * cc <= m.diagonal()).double().mean())
+
+    for r in (0.05, 0.2):
+        w = c2ot_r_weight(x0, x1, c, r)
+        assert frac(w) >= r > frac(w * (1 + 1e-9) + 1e-12)
+        lo, hi = 0.0, 1e6
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if frac(mid) >= r else (lo, mid)
+        assert w == pytest.approx(lo, rel=1e-6)
+    # the data is its own noise: only the n diagonal pairs are free, 1/n < r at w = 0 already
+    assert c2ot_r_weight(x1, x1, c, 0.05) == 0.0
+
+
+def test_tiny_p3_2d_writes_table_figure_and_resumes(tmp_path, capsys):
+    from loom_kernels.experiments.images import p3_2d
+
+    torch.set_num_threads(1)
+    out = str(tmp_path / "out")
+    args = ["p3_2d", "--tiny", "--out", out, "--seeds", "1"]
+    main(args)
+    runs = sorted((tmp_path / "out" / "p3_2d" / "runs").glob("*.json"))
+    recs = {p.stem: json.loads(p.read_text()) for p in runs}
+    assert set(recs) == {"unc_fm_s0", "cls_labels_s0", "x_adaptive_s0", "x_rsearch_s0"}
+    for r in recs.values():
+        assert all(np.isfinite(r[k]) and r[k] > 0 for k in ("w2sq_euler1", "w2sq_dopri5", "w2sq_floor"))
+        assert np.asarray(r["fig_euler1"]).shape == (32, 2) and r["nfe_euler1"] == 1
+    assert recs["unc_fm_s0"]["fig_cond"] is None and recs["unc_fm_s0"]["cond_weight_mean"] is None
+    assert set(recs["cls_labels_s0"]["fig_cond"]) <= {-1.0, 1.0}
+    assert recs["x_adaptive_s0"]["cond_weight_mean"] > 0 and recs["x_rsearch_s0"]["cond_weight_mean"] > 0
+    md = (tmp_path / "out" / "p3_2d.md").read_text()
+    assert md.count("\n| ") == 1 + 4 + 1  # header, 4 couplings, the floor
+    assert (tmp_path / "out" / "p3_2d.png").stat().st_size > 0
+    # a rerun reads the records back (files unchanged) and rewrites the table
+    stamp = {p: os.stat(p).st_mtime_ns for p in runs}
+    capsys.readouterr()
+    main(args)
+    assert {p: os.stat(p).st_mtime_ns for p in stamp} == stamp and "seed 0: W2^2" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="p3_2d must be among"):
+        main([*args, "--variants", "x_nope"])
+    assert set(p3_2d.VARIANTS) >= {"cls_ot", "x_ot", "unc_ot"}

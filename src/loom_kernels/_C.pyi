@@ -36,6 +36,12 @@ def philox_normal(seeds: npt.ArrayLike, row_len: int, threads: int = 0) -> npt.N
 def philox_uint32(seeds: npt.ArrayLike, row_len: int, threads: int = 0) -> npt.NDArray[np.uint32]:
     """The raw Philox4x32-10 words: int64 seeds (S,) -> uint32 (S, row_len)."""
 
+def philox_nearest(
+    seeds: npt.NDArray[np.int64], x: npt.NDArray[np.float32], k: int, threads: int = 0
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Nearest of k: (argmin_j int64 (b,), |z|^2 - 2 <x_i, z> float64 (b, k), |x_i|^2 float64 (b,)) over the
+    philox_normal rows z of seeds[i*k + j] (seeds (b*k,), x (b, D) float32), no candidate stored."""
+
 def stream_lse(
     x: npt.NDArray[np.float32],
     y: npt.NDArray[np.float32],

@@ -47,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
         help="fixed: fixed noise per item, never reassigned (the ablation)",
     )
     p.add_argument("--knn-k", type=int, default=16, help="knn: noise candidates per item")
+    p.add_argument(
+        "--knn-noise",
+        default="randn",
+        choices=("randn", "seeds"),
+        help="knn: candidates from torch.randn, or from int64 seeds (gaussian_noise; the fused CPU pass)",
+    )
     p.add_argument("--sd-epsilon", type=float, default=0.0, help="semidiscrete: entropic epsilon (0: hard cells)")
     p.add_argument(
         "--sd-fit-steps", type=int, default=20_000, help="semidiscrete: potential ascent steps before training, at most"
@@ -166,7 +172,7 @@ def _model(args, shape, num_classes):
 def _new_coupling_args(args, dataset) -> dict:
     """data/labels/options of the semidiscrete and knn couplings (nothing for the others)."""
     if args.coupling == "knn":
-        return {"options": {"k": args.knn_k}}
+        return {"options": {"k": args.knn_k, "noise": args.knn_noise}}
     if not args.coupling.startswith("semidiscrete"):
         return {}
     if args.flip:

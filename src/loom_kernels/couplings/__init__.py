@@ -17,7 +17,8 @@ This package holds only the bookkeeping::
       reflow.py          ReflowCoupling             mixed.py      MixedCoupling, TimestepMixedCoupling
       knn.py             KNNNoiseCoupling           c2ot.py       C2OT's condition options (functions)
       semidiscrete.py    SemidiscreteCoupling; semidiscrete_fit.py (the potential's ascent),
-                         semidiscrete_train.py (SemidiscreteSampler, SemidiscreteSeededCoupling, fill_table)
+                         semidiscrete_train.py (SemidiscreteSampler, SemidiscreteSeededCoupling, fill_table),
+                         semidiscrete_shard.py (ShardedSemidiscreteCoupling: the data set's rows split by rank)
       prefetch.py        PrefetchCoupling: couple batch t+1 on a host thread during step t
       scopes/            what every call shares: the process group (group.py), the scopes and the grouped
                          partition (partition.py), the agreement of ranks (agree.py), the solve (solve.py),
@@ -51,6 +52,7 @@ from .mixed import MixedCoupling, TimestepMixedCoupling
 from .prefetch import PrefetchCoupling
 from .reflow import ReflowCoupling
 from .semidiscrete import SemidiscreteCoupling
+from .semidiscrete_shard import ShardedSemidiscreteCoupling
 from .semidiscrete_train import SemidiscreteSampler, SemidiscreteSeededCoupling
 from .sinkhorn import SinkhornCoupling
 
@@ -69,6 +71,7 @@ __all__ = [
     "SemidiscreteCoupling",
     "SemidiscreteSampler",
     "SemidiscreteSeededCoupling",
+    "ShardedSemidiscreteCoupling",
     "SinkhornCoupling",
     "TimestepMixedCoupling",
     "make_coupling",

@@ -20,6 +20,12 @@ from .sinkhorn import SinkhornCoupling
 __all__ = ["COUPLINGS", "make_coupling", "FixedNoiseCoupling"]
 
 COUPLINGS = ("independent", "ot", "sinkhorn", "loom", "fixed", "reflow", "semidiscrete", "semidiscrete-seeded", "knn")
+# C2OT's condition options (couplings/c2ot.py), taken from ``options`` by the couplings whose cost holds ``cond``
+C2OT_OPTIONS = {
+    "ot": ("cond_weight", "cond_metric", "cond_ratio", "oversample"),
+    "sinkhorn": ("cond_weight", "cond_metric", "cond_ratio", "oversample"),
+    "loom": ("cond_weight", "cond_metric", "cond_ratio"),
+}
 
 
 def make_coupling(
@@ -57,22 +63,26 @@ def make_coupling(
             filled from the cells every ``refresh_every`` epochs).
         options: ``"semidiscrete*"``: ``epsilon``, ``fit_steps`` (fitted here: at most that many steps, default
             20,000), ``fit_tol`` (stop once the cell masses are within it, RMS; default 0.05, as ``fit``'s),
-            ``fit_batch``, ``refresh_every``, ``progress``; ``"knn"``: ``k`` (default 16).
+            ``fit_batch``, ``refresh_every``, ``progress``, ``cond_weight``, ``cond_metric``, ``cond_ratio``;
+            ``"knn"``: ``k`` (default 16), ``noise`` (``"randn"``, default, or ``"seeds"``: the candidates drawn
+            from seeds, the fused CPU pass; ``KNNNoiseCoupling``); ``"ot"``, ``"sinkhorn"``, ``"loom"``: C2OT's
+            ``C2OT_OPTIONS`` (LOOM: no ``oversample``).
 
     Example:
         >>> make_coupling("loom", 100, (2,), num_caches=4).num_caches
         4
     """
+    c2ot = _c2ot_options(name, options)
     if name == "independent":
         return IndependentCoupling(metric=metric)
     if name == "ot":
-        return MinibatchOTCoupling(metric=metric)
+        return MinibatchOTCoupling(metric=metric, **c2ot)
     if name == "sinkhorn":
         if metric != "sqeuclidean":
             raise ValueError(
                 f"coupling 'sinkhorn' streams the squared Euclidean cost: metric must be 'sqeuclidean', got {metric!r}"
             )
-        return SinkhornCoupling(epsilon, generator=generator, process_group=process_group)
+        return SinkhornCoupling(epsilon, generator=generator, process_group=process_group, **c2ot)
     if name == "reflow":
         if pairs is None:
             raise ValueError("coupling 'reflow' needs pairs= (a pairs folder, --pairs DIR)")
@@ -88,6 +98,7 @@ def make_coupling(
             device=device,
             process_group=process_group,
             metric=metric,
+            **c2ot,
         )
     if name in ("semidiscrete", "semidiscrete-seeded", "knn"):
         return _new_coupling(name, num_points, shape, data, labels, dict(options or {}), seed, device, num_caches)
@@ -96,12 +107,23 @@ def make_coupling(
     raise ValueError(f"coupling must be one of {COUPLINGS}, got {name!r}")
 
 
+def _c2ot_options(name, options) -> dict:
+    """The C2OT options for ``name`` (checked by its constructor); any other key refused here, by name."""
+    if name not in C2OT_OPTIONS:
+        return {}
+    opts = dict(options or {})
+    unknown = sorted(set(opts) - set(C2OT_OPTIONS[name]))
+    if unknown:
+        raise ValueError(f"options for coupling {name!r} may hold only {C2OT_OPTIONS[name]}, got {unknown}")
+    return opts
+
+
 def _new_coupling(name, num_points, shape, data, labels, opts, seed, device, num_caches):
     """The couplings of issue 32 (semidiscrete, fresh or seeded, and nearest-of-k), with their options."""
     if name == "knn":
         from .knn import KNNNoiseCoupling
 
-        return KNNNoiseCoupling(opts.pop("k", 16))
+        return KNNNoiseCoupling(opts.pop("k", 16), noise=opts.pop("noise", "randn"))
     from .semidiscrete import SemidiscreteCoupling
     from .semidiscrete_train import SemidiscreteSeededCoupling
 

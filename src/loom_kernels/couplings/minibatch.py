@@ -7,21 +7,13 @@ import torch
 from .base import (
     METRICS,
     Coupling,
-    check_cost_range,
     check_flag,
     check_indices,
     check_metric,
     check_pair_inputs,
     pair_out,
 )
-from .c2ot import (
-    COND_METRICS,
-    c2ot_global_step,
-    check_cond_metric,
-    check_cond_ratio,
-    check_cond_weight_or_adaptive,
-    check_oversample,
-)
+from .c2ot import COND_METRICS, c2ot_global_step, check_c2ot_options, check_cond_range
 from .scopes.agree import agree, float_bits, generator_hash
 from .scopes.group import Group
 from .scopes.minibatch_steps import MinibatchSpec, step_for
@@ -105,9 +97,8 @@ class MinibatchOTCoupling(Coupling):
         self.generator = generator
         self.process_group = process_group
         self.scope = scope
-        self.cond_weight = check_cond_weight_or_adaptive(cond_weight)
-        self.cond_metric, self.cond_ratio = check_cond_metric(cond_metric), check_cond_ratio(cond_ratio)
-        self.oversample = check_oversample(oversample)
+        c2ot = check_c2ot_options(cond_weight, cond_metric, cond_ratio, oversample)
+        self.cond_weight, self.cond_metric, self.cond_ratio, self.oversample = c2ot
         if scope == "grouped" and (self.oversample > 1 or self._c2ot):
             raise ValueError(
                 "scope='grouped' takes neither oversample > 1 nor cond_weight='adaptive' / cond_metric='cosine'"
@@ -130,8 +121,7 @@ class MinibatchOTCoupling(Coupling):
         name = type(self).__name__
         try:
             labels, cond = check_pair_inputs(x1, x0, labels, cond, self.scope)
-            if self.cond_weight != "adaptive":
-                check_cost_range("cond", cond, self.cond_weight, torch.float64, "scale cond down or lower cond_weight")
+            check_cond_range(cond, self.cond_weight, self.cond_metric)
             check_indices(indices, x1.shape[0], name)
             check_flag(return_indices, "return_indices")
         except (TypeError, ValueError):

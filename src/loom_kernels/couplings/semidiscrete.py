@@ -9,7 +9,8 @@ batch, no N x N or b x N matrix. ``epsilon > 0`` draws the cell from ``softmax(-
 Two ways to train: **fresh** (``draw(b)`` picks the data indices of the next batch from fresh noise, the
 loader fetches them, ``coupling(x1, indices)`` returns that noise: ``SemidiscreteSampler``) and **seeded**
 (``semidiscrete_fit.fill_table`` / ``SemidiscreteSeededCoupling``: each item's LOOM seeds drawn from its
-own cell, refreshed every k epochs).
+own cell, refreshed every k epochs). Under DDP, ``semidiscrete_shard.ShardedSemidiscreteCoupling`` splits the
+data set's rows between the ranks (``cols``: the rows this process scans; the base scans them all).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .c2ot import (
     check_cond_ratio,
     check_cond_weight_or_adaptive,
     cond_pair_cost,
+    ratio_weight,
     stream_cond_terms,
 )
 from .loom.seed_stream import seed_values
@@ -51,7 +53,8 @@ def data_checksum(data) -> str:
     return h.hexdigest()
 
 
-def _check_data(data):
+def check_data_kind(data):
+    """A floating tensor or numpy array (memmap) of shape ``(N, *shape)``, ``N >= 1`` (not scanned)."""
     if not isinstance(data, (torch.Tensor, np.ndarray)) or data.ndim < 2 or data.shape[0] < 1:
         raise ValueError(
             f"data must be a tensor or numpy array (memmap) of shape (N, *shape) with N >= 1, got "
@@ -60,13 +63,17 @@ def _check_data(data):
     kind = data.dtype.is_floating_point if isinstance(data, torch.Tensor) else np.issubdtype(data.dtype, np.floating)
     if not kind:
         raise TypeError(f"data must have a floating dtype, got {data.dtype}")
+
+
+def check_data_finite(data, offset: int = 0):
+    """Every row finite (scanned in blocks; the first bad row named, counted from ``offset``)."""
     for lo in range(0, data.shape[0], _CHECK_ROWS):
         blk = data[lo : lo + _CHECK_ROWS]
         ok = torch.isfinite(blk).reshape(len(blk), -1).all(1) if isinstance(data, torch.Tensor) else None
         if ok is None:
             ok = torch.from_numpy(np.isfinite(np.asarray(blk)).reshape(len(blk), -1).all(1))
         if not bool(ok.all()):
-            raise ValueError(f"data contains NaN or inf (row {lo + int((~ok).nonzero()[0, 0])}): refused")
+            raise ValueError(f"data contains NaN or inf (row {offset + lo + int((~ok).nonzero()[0, 0])}): refused")
 
 
 class SemidiscreteCoupling(Coupling):
@@ -115,7 +122,7 @@ class SemidiscreteCoupling(Coupling):
         seed: int = 0,
         device=None,
     ):
-        _check_data(data)
+        check_data_kind(data)
         if (
             isinstance(epsilon, bool)
             or not isinstance(epsilon, (int, float))
@@ -130,19 +137,13 @@ class SemidiscreteCoupling(Coupling):
         self.device = data.device if isinstance(data, torch.Tensor) and device is None else resolve_device(device)
         if isinstance(data, torch.Tensor) and data.device != self.device:
             raise ValueError(f"data is on {data.device} but device={self.device}: move it or pass device={data.device}")
-        self.data, self.num_points = data, int(data.shape[0])
-        self.shape = tuple(int(s) for s in data.shape[1:])
         self.epsilon, self.metric, self.seed = float(epsilon), metric, seed
+        self._bind_data(data)
         self.labels, self.classes = self._check_labels(labels, num_classes)
         self.cond_metric = check_cond_metric(cond_metric)
         self.cond = self._check_cond(cond)
         self.cond_weight = check_cond_weight_or_adaptive(cond_weight)
         self.cond_ratio = check_cond_ratio(cond_ratio)
-        self.checksum = data_checksum(data)
-        wide = str(data.dtype).replace("torch.", "") == "float64"  # float64 data: float64 norms (the pass's dtype)
-        self.x_sqnorm = (
-            sq_norms(data, self.device, torch.float64 if wide else torch.float32) if metric == "sqeuclidean" else None
-        )
         if self.cond_weight == "adaptive":
             self.cond_weight = self._adaptive_weight() if self.cond is not None else 1.0
         self.g = torch.zeros(self.num_points, device=self.device, dtype=torch.float32)
@@ -154,6 +155,25 @@ class SemidiscreteCoupling(Coupling):
         self.stats = {}
 
     # -- arguments --------------------------------------------------------------------------------
+
+    process_group = None  # the ranks sharing the data set's scan (semidiscrete_shard.py); None: this process alone
+
+    def _bind_data(self, data):
+        """Sets ``data`` (the rows this process scans: ``cols``, global numbers), ``num_points``, ``shape``,
+        ``checksum`` and ``x_sqnorm`` (of the scanned rows)."""
+        check_data_finite(data)
+        self.data, self.num_points = data, int(data.shape[0])
+        self.cols = (0, self.num_points)
+        self.shape = tuple(int(s) for s in data.shape[1:])
+        self.checksum = data_checksum(data)
+        self.x_sqnorm = self.sq_norms(data)
+
+    def sq_norms(self, data):
+        """``|x_j|^2`` of ``data``'s rows for the sqeuclidean metric (float64 data: float64, the pass's dtype)."""
+        if self.metric != "sqeuclidean":
+            return None
+        wide = str(data.dtype).replace("torch.", "") == "float64"
+        return sq_norms(data, self.device, torch.float64 if wide else torch.float32)
 
     def _check_labels(self, labels, num_classes):
         if labels is None:
@@ -192,10 +212,8 @@ class SemidiscreteCoupling(Coupling):
         x = self.rows(j).flatten(1).float()
         c = (z - x).square().sum(1) if self.metric == "sqeuclidean" else -(z * x).sum(1)
         d = cond_pair_cost(self.cond[i].double(), self.cond[j].double(), self.cond_metric).diagonal()
-        mean_c, mean_d = float(c.double().mean()), float(d.mean())
-        if mean_d <= 0 or mean_c <= 0:
-            return 0.0
-        return self.cond_ratio / (1.0 - self.cond_ratio) * mean_c / mean_d
+        w = ratio_weight(float(c.double().mean()), float(d.mean()), self.cond_ratio)
+        return 0.0 if w is None else w
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Data rows ``idx`` as a tensor on ``device`` (a gather from a memmap reads only these rows)."""
@@ -237,18 +255,19 @@ class SemidiscreteCoupling(Coupling):
     def assign(self, z: torch.Tensor, *, labels=None, cond=None, epsilon=None, seed=None, g=None):
         """``(value, index)``: the cell of each noise row ``z (b, D)`` (the streamed argmin of
         ``c(z, x_j) + cond_weight d(cond, cond_j) - g_j``, masked to the row's class)."""
-        g = self.g if g is None else g
+        lo, hi = self.cols  # the columns this process scans (all of them without a process group)
+        g = (self.g if g is None else g)[lo:hi]
         eps = self.epsilon if epsilon is None else epsilon
         aux = lab = None
         if labels is not None:
-            lab = (labels, self.labels)
+            lab = (labels, self.labels[lo:hi])
         if cond is not None and self.cond_weight > 0:
-            aux, col_term, row_term = stream_cond_terms(cond, self.cond, self.cond_weight, self.cond_metric)
+            aux, col_term, row_term = stream_cond_terms(cond, self.cond[lo:hi], self.cond_weight, self.cond_metric)
             g = g - col_term
         value, idx = streamed_argmin(
             z.flatten(1), self.data, g, metric=self.metric, epsilon=eps, seed=self.seed * 1_000_003 + (
                 self.counter if seed is None else seed),
-            x_sqnorm=self.x_sqnorm, aux=aux, labels=lab,
+            offset=lo, x_sqnorm=self.x_sqnorm, aux=aux, labels=lab, process_group=self.process_group,
         )  # fmt: skip
         if aux is not None:
             value = value + row_term.to(value.dtype)

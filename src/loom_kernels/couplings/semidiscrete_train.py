@@ -20,24 +20,32 @@ __all__ = ["SemidiscreteSampler", "SemidiscreteSeededCoupling", "fill_table"]
 
 class SemidiscreteSampler(torch.utils.data.Sampler):
     """A batch sampler over the data set (``DataLoader(ds, batch_sampler=SemidiscreteSampler(sd, 256))``):
-    each batch is ``sd.draw(batch_size)``, ``num_batches`` per epoch (default ``ceil(N / batch_size)``).
+    each batch is ``sd.draw(batch_size, part=part)``, ``num_batches`` per epoch (default
+    ``ceil(N / (world * batch_size))``: an epoch draws about N items over all ranks).
 
     The loader must yield the indices (``(index, x)`` items, as ``loom_kernels.data.IndexedDataset``); the
     loop then calls ``x0, x1 = sd(x1, idx)``. Draws happen in the loader's main process, in order.
+
+    Under DDP each rank iterates its own sampler: ``part=(rank, world)`` (a ``ShardedSemidiscreteCoupling``'s
+    own by default) gives it its slice of each global batch of ``world * batch_size`` fresh noises; the
+    indices are global, so each rank's loader reads the whole data set (resident, or a memmap).
     """
 
-    def __init__(self, sd, batch_size: int, num_batches: int | None = None):
+    def __init__(self, sd, batch_size: int, num_batches: int | None = None, part: tuple | None = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        self.sd, self.batch_size = sd, batch_size
-        self.num_batches = num_batches or -(-sd.num_points // batch_size)
+        part = tuple(getattr(sd, "part", (0, 1)) if part is None else part)
+        if len(part) != 2 or not all(isinstance(v, int) for v in part) or not 0 <= part[0] < part[1]:
+            raise ValueError(f"part must be (rank, world) with 0 <= rank < world, got {part!r}")
+        self.sd, self.batch_size, self.part = sd, batch_size, part
+        self.num_batches = num_batches or -(-sd.num_points // (part[1] * batch_size))
 
     def __len__(self):
         return self.num_batches
 
     def __iter__(self):
         for _ in range(self.num_batches):
-            yield self.sd.draw(self.batch_size).tolist()
+            yield self.sd.draw(self.batch_size, part=self.part).tolist()
 
 
 def fill_table(sd, loom, *, rounds: int = 8, batch_size: int = 4096) -> dict:

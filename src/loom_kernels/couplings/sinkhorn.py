@@ -6,7 +6,9 @@ are ``loom_kernels.sinkhorn`` (the cost is never stored); this file holds the bo
 
 - labels, scopes: the steps of ``scopes/sinkhorn_steps.py``;
 - cond: ``sqrt(cond_weight) * c`` appended to the features of both sides (the streamed cost is the
-  squared Euclidean one, so the cost gains exactly ``cond_weight * |c_i - c_j|^2``);
+  squared Euclidean one, so the cost gains exactly ``cond_weight * |c_i - c_j|^2``); C2OT's options
+  (``c2ot.py``): the cosine's unit rows scaled by ``sqrt(cond_weight / 2)``, the adaptive weight from the
+  closed-form means of both sides (no ``(n, m)`` cost), ``oversample`` as a rectangular problem;
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import math
 
 import torch
 
-from .base import Coupling, check_cond_weight, check_cost_range, check_flag, check_indices, check_pair_inputs, pair_out
+from .base import Coupling, check_cost_range, check_flag, check_indices, check_pair_inputs, pair_out
+from .c2ot import COND_METRICS, check_c2ot_options, check_cond_range, cond_features, streamed_adaptive_weight
 from .scopes.agree import agree, float_bits, generator_hash
 from .scopes.group import Group
 from .scopes.partition import DEFAULT_GROUP_SIZE, SCOPES, check_group_size, check_scope
@@ -36,7 +39,12 @@ class SinkhornCoupling(Coupling):
 
     ``labels (b,)`` (integer; needs ``m == b``): no cross-class pair is ever drawn (one balanced problem
     per class, solved in one batched call; epsilon relative to the whole batch's mean cost). ``cond
-    (b, Dc)`` (float; needs ``m == b``): the cost gains ``cond_weight * |c_i - c_j|^2``, exactly.
+    (b, Dc)`` (float; needs ``m == b``): the cost gains ``cond_weight * |c_i - c_j|^2``, exactly. C2OT's
+    options, as ``MinibatchOTCoupling``'s: ``cond_metric="cosine"`` (``cond_weight * (1 - cos)``, exactly),
+    ``cond_weight="adaptive"`` (per call, the weight at which the condition is the fraction ``cond_ratio`` of
+    the mean cost over every (data, noise) pair of the global batch) and ``oversample=k`` (with ``x0``
+    drawn: ``k*b`` noise rows, each of mass ``1/(k b)``, rows ``i*k .. i*k+k-1`` carrying item i's condition
+    and label; not with ``scope="grouped"``). ``stats["cond_weight"]``: the weight used.
 
     Scopes under torch.distributed: ``"global"`` solves the ``W*b`` items of all ranks as one problem
     (equal to one process on the concatenated batch, to ``tol``): noise all-gathered once, then one
@@ -66,7 +74,10 @@ class SinkhornCoupling(Coupling):
         group_size: int = DEFAULT_GROUP_SIZE,
         seed: int = 0,
         argmax: bool = False,
-        cond_weight: float = 1.0,
+        cond_weight: float | str = 1.0,
+        cond_metric: str = "sqeuclidean",
+        cond_ratio: float = 0.5,
+        oversample: int = 1,
     ):
         self.epsilon = _check_positive("epsilon", epsilon)
         self.tol = _check_positive("tol", tol)
@@ -76,7 +87,9 @@ class SinkhornCoupling(Coupling):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.relative, self.argmax, self.max_iter = bool(relative), bool(argmax), max_iter
-        self.cond_weight = check_cond_weight(cond_weight)
+        why = "scope='grouped' routes each item's noise row with it" if scope == "grouped" else ""
+        c2ot = check_c2ot_options(cond_weight, cond_metric, cond_ratio, oversample, no_oversample=why)
+        self.cond_weight, self.cond_metric, self.cond_ratio, self.oversample = c2ot
         self.group_size = check_group_size(group_size)
         self._part_gen = torch.Generator().manual_seed(seed)
         self.generator, self.process_group, self.scope = generator, process_group, scope
@@ -90,7 +103,10 @@ class SinkhornCoupling(Coupling):
             "max_iter": self.max_iter,
             "scope": SCOPES.index(self.scope),
             "argmax": int(self.argmax),
-            "cond_weight": float_bits(self.cond_weight),
+            "cond_weight": float_bits(-1.0 if self.cond_weight == "adaptive" else self.cond_weight),
+            "cond_metric": COND_METRICS.index(self.cond_metric),
+            "cond_ratio": float_bits(self.cond_ratio),
+            "oversample": self.oversample,
             "group_size": self.group_size,
             "partition generator": generator_hash(self._part_gen),
         }
@@ -123,14 +139,17 @@ class SinkhornCoupling(Coupling):
             # before the generator moves (the solver alone would name its own x and y).
             dt = torch.float64 if x1.dtype == torch.float64 else torch.float32
             check_cost_range("x1", x1, 1.0, dt, "scale the data down, or pass float64 data")
-            check_cost_range("cond", cond, self.cond_weight, dt, "scale cond down or lower cond_weight")
+            check_cond_range(cond, self.cond_weight, self.cond_metric, dt)
         except (TypeError, ValueError):
             sizes = {"batch size": -1, "x0 rows": -1, "cond dim": -1}
             specs = dict.fromkeys(("x1", "x0", "labels"))
             agree(world, name, sizes, {"labels": 0, "cond": 0}, self._config(), failed=True, specs=specs)
             raise
-        if x0 is None:
-            x0 = torch.randn(x1.shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
+        k = 1
+        if x0 is None:  # oversample=k: k*b rows (row i*k+j drawn for item i)
+            k = self.oversample
+            shape = (k * x1.shape[0], *x1.shape[1:])
+            x0 = torch.randn(shape, generator=self.generator, device=x1.device, dtype=x1.dtype)
         b = x1.shape[0]
         many = grp.world > 1
         sizes = {
@@ -147,13 +166,18 @@ class SinkhornCoupling(Coupling):
         seed = self._draw_seed(grp.rank, x1.device)
         dt = torch.float64 if x1.dtype == torch.float64 else torch.float32
         x1f, x0f = x1.flatten(1).to(dt), x0.flatten(1).to(dt)
-        if cond is not None and self.cond_weight > 0:
-            c = cond.to(dt) * math.sqrt(self.cond_weight)
-            x1f, x0f = torch.cat([x1f, c], 1), torch.cat([x0f, c], 1)
+        w = self.cond_weight
+        if cond is not None and w == "adaptive":  # over the batch the scope couples (grouped: the global one)
+            w = streamed_adaptive_weight(grp, x1f, x0f, cond, cond, self.cond_metric, self.cond_ratio)
+        if cond is not None and w > 0:
+            c = cond_features(cond, w, self.cond_metric).to(dt)
+            x1f, x0f = torch.cat([x1f, c], 1), torch.cat([x0f, c.repeat_interleave(k, 0)], 1)
         spec = SinkhornSpec(
-            self.epsilon, self.relative, self.tol, self.max_iter, self.argmax, self.group_size, self._part_gen
+            self.epsilon, self.relative, self.tol, self.max_iter, self.argmax, self.group_size, self._part_gen, k
         )
         out, self.stats, idx = step_for(self.scope)(grp, x1f, x0f, x0, labels, seed, spec)
+        if cond is not None:
+            self.stats["cond_weight"] = torch.tensor(float(w), dtype=torch.float64, device=x1.device)
         return pair_out(out, x1, idx, return_indices)
 
     def _draw_seed(self, rank: int, device) -> int:

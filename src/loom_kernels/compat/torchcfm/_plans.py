@@ -21,7 +21,8 @@ import torch
 
 from ...cost import pairwise_cost
 from ...couplings.base import check_cond, check_cond_weight, check_labels  # noqa: F401  (re-exported)
-from ...couplings.scopes.solve import add_cond_cost, cost_dtype, solve
+from ...couplings.c2ot import adaptive_cond_weight, add_weighted_cond_cost, check_c2ot_options, cond_pair_cost
+from ...couplings.scopes.solve import cost_dtype, solve
 
 _POT_HINT = "install the extra with pip install 'loom_kernels[torchcfm]' (or pip install POT)"
 
@@ -71,13 +72,25 @@ def sq_cost(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return pairwise_cost(a.to(dt), b.to(dt), metric="sqeuclidean")
 
 
-def exact_col(x0, x1, labels=None, cond=None, cond_weight: float = 0.0) -> torch.Tensor:
+def check_cond_options(cond_weight, cond_metric, cond_ratio) -> tuple:
+    """``OTPlanSampler``'s condition keywords, as the couplings check them: ``(cond_weight, cond_metric,
+    cond_ratio)``; no ``oversample``: the sampler is given both batches."""
+    why = "OTPlanSampler pairs the x0 it is given; draw k*b noise rows yourself, or use MinibatchOTCoupling"
+    return check_c2ot_options(cond_weight, cond_metric, cond_ratio, no_oversample=why)[:3]
+
+
+def exact_col(x0, x1, labels=None, cond=None, cond_weight=0.0, cond_metric="sqeuclidean", cond_ratio=0.5):
     """``col (b,)`` on the tensors' device: ``x0[col[k]]`` is paired with ``x1[k]`` in the exact plan.
 
     ``cond (b, Dc)`` float64 (``check_cond``'s output) or None: ``x0[j]`` carries ``cond[j]``, and the cost
-    of pairing ``x1[k]`` with ``x0[j]`` gets ``cond_weight * ||cond_k - cond_j||^2`` (the couplings' term)."""
+    of pairing ``x1[k]`` with ``x0[j]`` gets ``cond_weight * d(cond_k, cond_j)`` (the couplings' term, C2OT's
+    options included: ``couplings/c2ot.py``; ``"adaptive"``: per call)."""
     check_pair(x0, x1)
-    cost = add_cond_cost(sq_cost(x1, x0), cond, cond, cond_weight)
+    cost = sq_cost(x1, x0)
+    if cond is not None and cond_weight == "adaptive":
+        pen = cond_pair_cost(cond.to(cost.device), cond.to(cost.device), cond_metric)
+        cond_weight = adaptive_cond_weight(cost, pen, cond_ratio)
+    cost = add_weighted_cond_cost(cost, cond, cond, cond_weight, cond_metric)
     return solve(cost, labels, data="x0 or x1")
 
 

@@ -123,7 +123,9 @@ class _PlanMixin:
 
     New keyword ``cond (b, Dc)`` or ``(b,)`` (floating, one row per item of ``x1``, exact plans only): the
     pairs are the exact permutation (``x1`` keeps its order, so ``cond`` and any label of ``x1`` still line
-    up) for ``|x1_k - x0_j|^2 + cond_weight * ||cond_k - cond_j||^2``, ``x0[j]`` carrying ``cond[j]``.
+    up) for ``|x1_k - x0_j|^2 + cond_weight * ||cond_k - cond_j||^2``, ``x0[j]`` carrying ``cond[j]``. The
+    constructors pass ``cond_weight`` (or ``"adaptive"``), ``cond_metric`` and ``cond_ratio`` (C2OT's) to
+    ``OTPlanSampler``.
     """
 
     def sample_location_and_conditional_flow(self, x0, x1, t=None, return_noise=False, *, cond=None):
@@ -158,9 +160,9 @@ class ExactOptimalTransportConditionalFlowMatcher(_PlanMixin, ConditionalFlowMat
         t, xt, ut = fm.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
     """
 
-    def __init__(self, sigma: float | int = 0.0, *, cond_weight: float = 1.0):
+    def __init__(self, sigma: float | int = 0.0, *, cond_weight: float | str = 1.0, **cond):
         super().__init__(sigma)
-        self.ot_sampler = OTPlanSampler(method="exact", cond_weight=cond_weight)
+        self.ot_sampler = OTPlanSampler(method="exact", cond_weight=cond_weight, **cond)
 
 
 class TargetConditionalFlowMatcher(ConditionalFlowMatcher):
@@ -201,14 +203,14 @@ class SchrodingerBridgeConditionalFlowMatcher(_PlanMixin, ConditionalFlowMatcher
         t, xt, ut = fm.sample_location_and_conditional_flow(torch.randn_like(x1), x1)
     """
 
-    def __init__(self, sigma: float | int = 1.0, ot_method="exact", *, cond_weight: float = 1.0):
+    def __init__(self, sigma: float | int = 1.0, ot_method="exact", *, cond_weight: float | str = 1.0, **cond):
         if sigma <= 0:
             raise ValueError(f"Sigma must be strictly positive, got {sigma}.")
         elif sigma < 1e-3:
             warnings.warn("Small sigma values may lead to numerical instability.", stacklevel=2)
         super().__init__(sigma)
         self.ot_method = ot_method
-        self.ot_sampler = OTPlanSampler(method=ot_method, reg=2 * self.sigma**2, cond_weight=cond_weight)
+        self.ot_sampler = OTPlanSampler(method=ot_method, reg=2 * self.sigma**2, cond_weight=cond_weight, **cond)
 
     def compute_sigma_t(self, t):
         return self.sigma * torch.sqrt(t * (1 - t))

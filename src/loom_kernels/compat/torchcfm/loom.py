@@ -16,7 +16,8 @@ class LoomConditionalFlowMatcher(ConditionalFlowMatcher):
     The noise comes from the coupling's seed table, so the calls take the batch's dataset indices
     (keyword ``indices``); ``x0`` may be ``None`` (a given ``x0`` must be shaped like ``x1`` and is not
     used). The batch keeps its order: ``x0[k]`` is ``x1[k]``'s noise. ``guided_...`` couples within
-    the classes ``y1``. ``cond=`` (and the option ``cond_weight``) is the coupling's continuous condition.
+    the classes ``y1``. ``cond=`` (and the options ``cond_weight``, ``cond_metric``, ``cond_ratio``: C2OT's)
+    is the coupling's continuous condition.
     ``state_dict``/``load_state_dict`` checkpoint the coupling.
 
     Example::

@@ -54,7 +54,8 @@ class OTPlanSampler:
     Args: as torchcfm's (``method`` in "exact", "sinkhorn", "unbalanced", "partial"; ``reg`` and
     ``reg_m`` for POT's entropic solvers; ``normalize_cost`` divides the cost by its max (no effect
     on an exact plan); ``num_threads`` is passed to POT's ``emd``; ``warn`` warns on a degenerate plan).
-    New: ``cond_weight`` (float >= 0, default 1.0), the weight of ``cond=`` in ``sample_plan``.
+    New: ``cond_weight`` (float >= 0, default 1.0, or C2OT's ``"adaptive"`` with ``cond_ratio``), the weight
+    of ``cond=`` in ``sample_plan``, and ``cond_metric`` (``"sqeuclidean"`` or ``"cosine"``).
 
     Shapes: ``x0 (b, *dim)``, ``x1 (b, *dim)``; ``get_map`` returns a numpy ``(b, b)`` plan.
 
@@ -75,7 +76,9 @@ class OTPlanSampler:
         num_threads: int | str = 1,
         warn: bool = True,
         *,
-        cond_weight: float = 1.0,
+        cond_weight: float | str = 1.0,
+        cond_metric: str = "sqeuclidean",
+        cond_ratio: float = 0.5,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"Unknown method: {method} (expected one of {_METHODS})")
@@ -85,7 +88,9 @@ class OTPlanSampler:
         self.normalize_cost = normalize_cost
         self.num_threads = num_threads
         self.warn = warn
-        self.cond_weight = _plans.check_cond_weight(cond_weight)
+        self.cond_weight, self.cond_metric, self.cond_ratio = _plans.check_cond_options(
+            cond_weight, cond_metric, cond_ratio
+        )
         if method != "exact":
             _plans.pot(f"OTPlanSampler(method={method!r})")  # fail at construction, as TorchCFM's import would
 
@@ -170,7 +175,7 @@ class OTPlanSampler:
             self._check_labels_usable(x0, x1, replace, "cond")
             cond = _plans.check_cond(cond, x1.shape[0], x1.device)
         if self._ours(x0, x1) and not replace:
-            return x0[_plans.exact_col(x0, x1, labels, cond, self.cond_weight)], x1
+            return x0[_plans.exact_col(x0, x1, labels, cond, *self._cond_options)], x1
         i, j = self._draw(x0, x1, replace)
         return x0[i], x1[j]
 
@@ -191,6 +196,10 @@ class OTPlanSampler:
             M = M / M.max()
         _, j = linear_sum_assignment(M.cpu().numpy())
         return x0, x1[j]
+
+    @property
+    def _cond_options(self) -> tuple:
+        return self.cond_weight, self.cond_metric, self.cond_ratio
 
     def _check_labels_usable(self, x0, x1, replace, name="labels"):
         if self.method != "exact" or x0.shape[0] != x1.shape[0]:
@@ -221,7 +230,7 @@ class OTPlanSampler:
             self._check_labels_usable(x0, x1, replace, "cond")
             cond = _plans.check_cond(cond, x1.shape[0], x1.device)
         if self._ours(x0, x1) and not replace:
-            col = _plans.exact_col(x0, x1, None, cond, self.cond_weight)
+            col = _plans.exact_col(x0, x1, None, cond, *self._cond_options)
             return x0[col], x1, (y0[col] if y0 is not None else None), y1
         i, j = self._draw(x0, x1, replace)
         return x0[i], x1[j], (y0[i] if y0 is not None else None), (y1[j] if y1 is not None else None)

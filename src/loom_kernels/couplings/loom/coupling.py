@@ -21,17 +21,18 @@ import numpy as np
 import torch
 
 from ..._device import resolve_device
-from ..base import METRICS, Coupling, check_cond_weight, check_metric
-from ..scopes.agree import agree, float_bits, generator_hash
+from ..base import Coupling, check_metric
 from ..scopes.cost_model import budget_warning
 from ..scopes.group import Group, check_whole_world, to_device
-from ..scopes.partition import DEFAULT_GROUP_SIZE, SCOPES, check_group_size
+from ..scopes.partition import DEFAULT_GROUP_SIZE, check_group_size
 from ..scopes.solve import cost_dtype
 from . import persistence
+from .agreement import agree_call, fingerprint
+from .cond_term import CondTerm
 from .indices import IndexCheck, check_inputs, resample_rows
 from .seed_stream import seed_values
 from .steps import Batch, LoomSpec, step_for
-from .tables import TABLES, LoomTable, check_table_args, make_table, rows_for
+from .tables import LoomTable, check_table_args, make_table, rows_for
 from .tables.journal import DEFAULT_DURABILITY, check_durability
 
 
@@ -76,7 +77,13 @@ class LoomCoupling(Coupling):
     one's own noise has no penalty, so the table's total cost still never increases (a matching is applied
     only when its cost, penalty included, is below the current pairs'); the batch ``stats`` include the
     penalty. Distributed: ``cond`` travels like ``labels`` (all-gathered in the global scope, routed with
-    the data in the grouped one) and must be passed on every rank or on none.
+    the data in the grouped one) and must be passed on every rank or on none. C2OT's options (``c2ot.py``):
+    ``cond_metric="cosine"`` (``1 - cos(cond_i, cond_j)``) and ``cond_weight="adaptive"``: the weight at which
+    the condition is the fraction ``cond_ratio`` in (0, 1) of the mean cost of the independent pairs, computed
+    ONCE, at the first call whose conditions differ, then frozen (minibatch OT sets it per batch; LOOM's table
+    is one problem, improved call after call, so it keeps one cost: ``cond_term.py``), saved and restored with
+    the table, the same on every rank, in ``stats["cond_weight"]``. ``oversample > 1`` is refused: the noises
+    are the table's seeds, there are no fresh rows to oversample.
 
     Permutation: ``return_indices=True`` returns ``(x0, x1, perm)``, ``perm (b,)`` int64: ``x0[i]`` is the
     noise that the item at batch position ``perm[i]`` held before the call (positions in the global batch
@@ -112,7 +119,7 @@ class LoomCoupling(Coupling):
 
     ``stats`` after each call (0-dim tensors on the device, read with ``float()``): ``pre_cost`` and
     ``post_cost`` (mean pair cost before/after, over the coupled batch), ``swaps`` (items whose noise
-    changed).
+    changed), with ``cond`` ``cond_weight`` (the weight used).
 
     Shapes: ``x1 (b, *shape)`` floating, ``indices (b,)`` integer -> ``(x0, x1)``, ``x0`` like ``x1``. The
     noise comes from the table, so the protocol's ``x0=`` must be None.
@@ -140,7 +147,10 @@ class LoomCoupling(Coupling):
         overwrite: bool = False,
         table: str = "replicated",
         durability: str = DEFAULT_DURABILITY,
-        cond_weight: float = 1.0,
+        cond_weight: float | str = 1.0,
+        cond_metric: str = "sqeuclidean",
+        cond_ratio: float = 0.5,
+        oversample: int = 1,
         initial: persistence.Restored | None = None,
     ):
         shape = persistence.check_args(num_points, shape, num_caches, seed, scope)
@@ -150,7 +160,8 @@ class LoomCoupling(Coupling):
         self.num_points, self.num_caches, self.seed = int(num_points), int(num_caches), int(seed)
         self.shape = tuple(int(s) for s in shape)
         self.metric = check_metric(metric)
-        self.cond_weight = check_cond_weight(cond_weight)
+        self.cond_term = CondTerm(cond_weight, cond_metric, cond_ratio, oversample)
+        self.cond_weight, self.cond_metric, self.cond_ratio = (self.cond_term.setting, *self.cond_term.options)
         self.device = resolve_device(device)
         self.process_group, self.scope, self.table = process_group, scope, table
         self.mmap_path = os.fspath(mmap_path) if mmap_path is not None else None
@@ -162,7 +173,7 @@ class LoomCoupling(Coupling):
         self._next_counter = self.num_points * self.num_caches  # first unused seed number
         self._lock = threading.Lock()
         self._budget_checked = False  # the cost-model warning is given once, at the first call
-        self._spec = LoomSpec(self.shape, self.metric, self.device, self.group_size, self._gen, self.cond_weight)
+        self._spec = LoomSpec(self.shape, self.metric, self.device, self.group_size, self._gen, self.cond_term)
         self.stats = {}
         self._table: LoomTable | None = None
         if initial is None:
@@ -245,20 +256,13 @@ class LoomCoupling(Coupling):
             empty = x1.new_empty(x1.shape)
             return (empty, x1, torch.zeros(0, dtype=torch.int64, device=x1.device)) if return_indices else (empty, x1)
         batch = self._batch(grp, x1, g_idx, slots, labels, cond, return_indices)
-        x0, self.stats, perm = step_for(self.scope, grp.world)(self._table, grp, batch, self._spec)
+        x0, stats, perm = step_for(self.scope, grp.world)(self._table, grp, batch, self._spec)
+        self.stats = self.cond_term.finish(stats, batch.cond is not None)  # an adaptive weight is frozen here
         x0 = x0.reshape(x1.shape).to(x1.dtype)
         return (x0, x1, perm) if return_indices else (x0, x1)
 
     def _agree(self, grp, b, x1, labels, cond, return_indices) -> None:
-        """Every rank checks the others' call (``b=None``: this rank's inputs were refused, so all raise)."""
-        if grp.world == 1:  # the fingerprint reads the table: only when there is something to agree on
-            return
-        given = {"labels": labels is not None, "cond": cond is not None, "return_indices": return_indices}
-        sizes = {"batch size": -1 if b is None else b, "cond columns": -1 if b is None else 0}
-        if cond is not None:
-            sizes["cond columns"] = cond.shape[1]
-        specs = {"x1": x1, "labels": labels}
-        agree(grp, "LoomCoupling", sizes, given, self._fingerprint(), failed=b is None, specs=specs)
+        agree_call(grp, b, x1, labels, cond, return_indices, lambda: fingerprint(self, self._gen, self._table))
 
     def _batch(self, grp, x1, g_idx, slots, labels, cond, return_indices) -> Batch:
         """The step's view of this call: the data in the cost dtype, the table rows, slots and checks."""
@@ -283,21 +287,6 @@ class LoomCoupling(Coupling):
         msg = budget_warning(scope, world, b, int(np.prod(self.shape)), self.group_size, self.device.type)
         if msg:
             warnings.warn(msg, stacklevel=4)
-
-    def _fingerprint(self) -> dict:
-        """What must agree on every rank: config, slot-generator state, a checksum of the table's head."""
-        return {
-            "seed": self.seed,
-            "num_points": self.num_points,
-            "num_caches": self.num_caches,
-            "scope": SCOPES.index(self.scope),
-            "metric": METRICS.index(self.metric),
-            "group_size": self.group_size,
-            "cond_weight": float_bits(self.cond_weight),
-            "table": TABLES.index(self.table),
-            "slot generator": generator_hash(self._gen),
-            "seed table": self._table.fingerprint(),
-        }
 
     # -- resampling -----------------------------------------------------------------------------
 
@@ -339,12 +328,14 @@ class LoomCoupling(Coupling):
 
     def _restore(self, restored: persistence.Restored):
         """Install a verified table, then its generator state and counter: a failed table write changes nothing."""
+        install_cond = self.cond_term.restorer(restored.cond)  # checked first: a mismatch changes nothing
         if self._table is None:  # from the constructor: nothing to keep
             self._table = self._create_table(overwrite=True, rows=restored.rows)
         else:
             self._table.replace(restored.rows)
         self._gen.set_state(restored.generator.cpu())
         self._next_counter = int(restored.next_counter)
+        install_cond()
         self.flush()
 
     @serialized
@@ -369,14 +360,15 @@ class LoomCoupling(Coupling):
         mmap_path: str | os.PathLike | None = "auto",
         table: str | None = None,
         durability: str = DEFAULT_DURABILITY,
-        cond_weight: float | None = None,
+        cond_weight: float | str | None = None,
+        **cond,
     ):
         """Rebuild a coupling saved with ``save``; ``device=None`` keeps the CPU.
 
-        ``scope``, ``group_size``, ``cond_weight`` and ``table`` ("replicated" or "sharded") default to the
-        saved ones. A sharded checkpoint (a manifest at ``path``, one shard file per saving rank beside it)
-        loads on any world size, as either kind; every rank reads only the shards overlapping its rows,
-        each verified (checksum, save id).
+        ``scope``, ``group_size``, ``cond_weight`` (``cond``: ``cond_metric``, ``cond_ratio``; a frozen adaptive
+        weight is restored) and ``table`` ("replicated" or "sharded") default to the saved ones. A sharded
+        checkpoint (a manifest at ``path``, one shard file per saving rank beside it) loads on any world size,
+        as either kind; every rank reads only the shards overlapping its rows, each verified (checksum, save id).
 
         ``mmap_path="auto"`` memory-maps the table again at the path it was saved from (None: in memory):
         that file is replaced by the checkpoint's table (a new file, renamed in once filled), unless a
@@ -387,7 +379,7 @@ class LoomCoupling(Coupling):
             coupling = LoomCoupling.load("ckpt/coupling.pt", device="cuda")
         """
         args = (path, device, process_group, scope, group_size, mmap_path, table, durability, cond_weight)
-        kwargs, restored = persistence.load_plan(*args)
+        kwargs, restored = persistence.load_plan(*args, **cond)
         return cls(**kwargs, initial=restored)
 
     def __repr__(self):
@@ -395,5 +387,5 @@ class LoomCoupling(Coupling):
         return (
             f"LoomCoupling(num_points={self.num_points}, shape={self.shape}, num_caches={self.num_caches}, "
             f"seed={self.seed}, metric={self.metric!r}, scope={self.scope!r}, group_size={self.group_size}, "
-            f"table={self.table!r}, cond_weight={self.cond_weight}, {where})"
+            f"table={self.table!r}, cond_weight={self.cond_weight!r}, {where})"
         )

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..base import check_cond, check_cost_range, check_flag, check_labels, check_x1
+from ..base import check_cond, check_flag, check_labels, check_x1
+from ..c2ot import check_cond_range
 from .seed_stream import seed_values
 
 
@@ -32,7 +33,7 @@ def check_inputs(coupling, x1, indices, x0, labels, cond, return_indices) -> tup
     indices = as_index_tensor(indices, x1.shape[0], x1.shape, coupling.table_device)
     check_flag(return_indices, "return_indices")
     cond = check_cond(cond, x1.shape[0], x1.device)
-    check_cost_range("cond", cond, coupling.cond_weight, torch.float64, "scale cond down or lower cond_weight")
+    check_cond_range(cond, coupling.cond_term.value, coupling.cond_metric)
     return indices, check_labels(labels, x1.shape[0], x1.device), cond
 
 

@@ -27,11 +27,21 @@ FORMAT_VERSION = 2  # 2: save() stores a checksum (load() verifies it)
 
 
 class Restored(NamedTuple):
-    """A verified checkpoint, ready to install: ``rows(a, b)`` (global rows), generator state, seed counter."""
+    """A verified checkpoint, ready to install: ``rows(a, b)`` (global rows), generator state, seed counter,
+    the condition entries (``cond_term.CondTerm.state()``'s; None in a checkpoint older than them)."""
 
     rows: Callable
     generator: torch.Tensor
     next_counter: int
+    cond: dict | None = None
+
+
+COND_KEYS = ("cond_weight", "cond_metric", "cond_ratio", "cond_weight_frozen")
+
+
+def cond_entries(state: dict) -> dict:
+    """The condition entries of a state_dict or manifest (checked by the coupling that installs them)."""
+    return {k: state[k] for k in COND_KEYS if k in state}
 
 
 def check_args(num_points, shape, num_caches, seed, scope) -> tuple:
@@ -67,7 +77,7 @@ def state_of(coupling, generator: torch.Tensor, next_counter: int) -> dict:
         "next_counter": int(next_counter),
         "scope": coupling.scope,
         "group_size": coupling.group_size,
-        "cond_weight": coupling.cond_weight,
+        **coupling.cond_term.state(),  # cond_weight, cond_metric, cond_ratio, cond_weight_frozen
         "mmap_path": coupling.mmap_path,
         "table": coupling.table,
     }
@@ -111,7 +121,7 @@ def check_state(state, config: dict, rows_needed: tuple) -> Restored:
         )
     gen = check_generator(state["generator"], "state_dict")
     check_seed_table(seeds, config["seed"], state["next_counter"])
-    return Restored(lambda a, b: seeds[a - slo : b - slo], gen, state["next_counter"])
+    return Restored(lambda a, b: seeds[a - slo : b - slo], gen, state["next_counter"], cond_entries(state))
 
 
 def check_manifest(path, manifest: dict, config: dict, rows_needed: tuple, grp=None) -> Restored:
@@ -126,7 +136,7 @@ def check_manifest(path, manifest: dict, config: dict, rows_needed: tuple, grp=N
         raise ValueError(f"{os.fspath(path)!r}['generator'] must be a uint8 tensor, got {gen!r:.80}")
     lo, hi = rows_needed
     check_shards(reader, lo, hi, config["seed"], counter, grp)
-    return Restored(reader.rows, gen, counter)
+    return Restored(reader.rows, gen, counter, cond_entries(manifest))
 
 
 def read_checkpoint(path) -> dict:
@@ -142,10 +152,13 @@ def is_manifest(state: dict) -> bool:
     return "save_id" in state
 
 
-def load_plan(path, device, process_group, scope, group_size, mmap_path, table, durability, cond_weight) -> tuple:
+def load_plan(
+    path, device, process_group, scope, group_size, mmap_path, table, durability, cond_weight, **cond
+) -> tuple:
     """What ``LoomCoupling.load`` builds: ``(constructor kwargs, Restored)``, the checkpoint at ``path`` verified.
 
-    The arguments are ``load``'s; ``None`` (``"auto"`` for ``mmap_path``) means "as saved". The constructor's
+    The arguments are ``load``'s (``cond``: ``cond_metric``, ``cond_ratio``); ``None`` (``"auto"`` for
+    ``mmap_path``) means "as saved". The constructor's
     own checks of the arguments run first, so a bad argument is named before the checkpoint is read further.
     """
     state = read_checkpoint(path)
@@ -164,6 +177,11 @@ def load_plan(path, device, process_group, scope, group_size, mmap_path, table, 
         "durability": durability,
         "cond_weight": cond_weight if cond_weight is not None else state.get("cond_weight", 1.0),
     }
+    unknown = sorted(set(cond) - {"cond_metric", "cond_ratio"})
+    if unknown:
+        raise TypeError(f"LoomCoupling.load() got unexpected keyword arguments {unknown}")
+    for k, default in (("cond_metric", "sqeuclidean"), ("cond_ratio", 0.5)):
+        kwargs[k] = cond[k] if cond.get(k) is not None else state.get(k, default)
     shape = check_args(cfg["num_points"], tuple(cfg["shape"]), kwargs["num_caches"], kwargs["seed"], kwargs["scope"])
     check_table_args(table, kwargs["mmap_path"])
     check_whole_world(process_group, "LoomCoupling")

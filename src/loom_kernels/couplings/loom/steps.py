@@ -7,7 +7,8 @@ kind never shows here: replicated and sharded tables differ only inside ``tables
 
 The continuous condition ``cond (b, Dc)`` travels in :class:`Batch` beside ``labels``: gathered where the
 labels are (``gathered``) in the global step, routed to the owners with the data in the grouped one, and
-``spec.cond_weight * ||c_i - c_j||^2`` is added to each cost (``scopes.solve.add_cond_cost``) before the solve.
+``w * d(c_i, c_j)`` is added to each cost (``spec.cond``, a ``cond_term.CondTerm``: ``d`` squared Euclidean or
+cosine, ``w`` fixed or the adaptive weight its first call sets) before the solve.
 Column ``j`` is the noise item ``j`` holds, so it carries item ``j``'s condition; the diagonal (each item
 keeping its noise) has no penalty, so ``keep_if_cheaper`` makes the table's total cost never increase and
 each applied matching pays its penalty out of that decrease.
@@ -20,7 +21,7 @@ it only when ``batch.want_perm``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,20 +29,22 @@ from ...cost import pairwise_cost
 from ...noise import gaussian_noise
 from ..scopes.group import Group, to_device
 from ..scopes.partition import Partition, Route, mean_stats, raise_if_flagged
-from ..scopes.solve import add_cond_cost, solve
+from ..scopes.solve import solve
+from .cond_term import CondTerm
 from .tables import LoomTable
 
 
 @dataclass
 class LoomSpec:
-    """What a step needs of the coupling: noise shape, metric, compute device, group size, slot generator."""
+    """What a step needs of the coupling: noise shape, metric, compute device, group size, slot generator and
+    the condition term."""
 
     shape: tuple
     metric: str
     device: torch.device
     group_size: int
     generator: torch.Generator  # the slot generator: the grouped partition is drawn from it after the slots
-    cond_weight: float = 1.0
+    cond: CondTerm = field(default_factory=CondTerm)
 
     def noise(self, seeds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``(n,)`` int64 seeds -> ``(n, *shape)`` Gaussian noise on the compute device."""
@@ -91,7 +94,9 @@ def global_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> t
     noise = spec.noise(seeds, batch.x1f.dtype)
     cost = grp.global_cost(batch.x1f, noise.flatten(1), spec.metric)  # (W*b, W*b) float32
     g_cond = gathered(grp, batch.cond)
-    cost = add_cond_cost(cost, g_cond, g_cond, spec.cond_weight)
+    if g_cond is not None:  # the adaptive weight's first call: this rank's rows of the global cost
+        w = spec.cond.settle(grp, [(cost[batch.mine], g_cond[batch.mine], g_cond)])
+        cost = spec.cond.add(cost, g_cond, g_cond, w)
     col = solve(cost, gathered(grp, batch.labels))  # the single host sync on CUDA
     batch.after_solve()
     col, stats = keep_if_cheaper(cost, col)
@@ -106,7 +111,8 @@ def local_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> tu
     seeds = to_device(table.read(grp, rows, slots), spec.device)
     noise = spec.noise(seeds, batch.x1f.dtype)
     cost = pairwise_cost(batch.x1f, noise.flatten(1), metric=spec.metric)
-    cost = add_cond_cost(cost, batch.cond, batch.cond, spec.cond_weight)
+    if batch.cond is not None:
+        cost = spec.cond.add(cost, batch.cond, batch.cond, spec.cond.settle(grp, [(cost, batch.cond, batch.cond)]))
     col = solve(cost, batch.labels)
     batch.after_solve()
     col, stats = keep_if_cheaper(cost, col)
@@ -134,7 +140,7 @@ def grouped_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> 
         keep_if_cheaper,
         gather=table.gathers_group_updates,
         cond=batch.cond,
-        cond_weight=spec.cond_weight,
+        cond_weight=spec.cond,
         want_perm=batch.want_perm,
     )
     batch.after_solve()
@@ -160,7 +166,7 @@ def solve_groups(
     guard: Callable,
     gather: bool = True,
     cond: torch.Tensor | None = None,
-    cond_weight: float = 0.0,
+    cond_weight: float | CondTerm = 0.0,
     want_perm: bool = False,
 ):
     """LOOM's grouped step: ``(new_seeds (n,) int64, stats, perm)``, the same on every rank but ``perm``.
@@ -171,7 +177,8 @@ def solve_groups(
     (a sharded table, which needs no replica of the updates): returns the owned items' new seeds
     ``(len(lists[rank]),)`` in list order instead, and only the stats and flags are all-gathered.
     ``cond (b, Dc)`` this rank's conditions (float64) or None travel to the owners beside the data, and each
-    group's cost gets ``cond_weight * ||c_i - c_j||^2``. ``want_perm`` (the same on every rank): ``perm (b,)``,
+    group's cost gets ``cond_weight * ||c_i - c_j||^2`` (a ``CondTerm``: its metric and weight; an adaptive one
+    not set yet is set from every group's pairs). ``want_perm`` (the same on every rank): ``perm (b,)``,
     for each of this rank's items the global position whose noise it now holds (one more all-to-all of
     ``b`` int64), else None.
     """
@@ -185,9 +192,14 @@ def solve_groups(
     sums = torch.zeros(3, dtype=torch.float64)
     failed = False
     noise = noise_fn(seeds)
+    term = cond_weight if isinstance(cond_weight, CondTerm) else CondTerm(cond_weight)
+    w = 0.0
+    if co is not None:  # the blocks are computed only for an adaptive weight's first call
+        segs = part.segments(rank)
+        w = term.settle(grp, ((pairwise_cost(xo[a:c], noise[a:c], metric=metric), co[a:c], co[a:c]) for a, c in segs))
     for a, c in part.segments(rank):
         cost = pairwise_cost(xo[a:c], noise[a:c], metric=metric)
-        cost = add_cond_cost(cost, *(None, None) if co is None else (co[a:c], co[a:c]), cond_weight)
+        cost = term.add(cost, *(None, None) if co is None else (co[a:c], co[a:c]), w)
         try:
             col = solve(cost, None if labels is None else labels[own[a:c].to(labels.device)])
         except ValueError:

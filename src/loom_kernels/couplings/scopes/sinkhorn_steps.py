@@ -33,6 +33,7 @@ class SinkhornSpec:
     argmax: bool
     group_size: int
     generator: torch.Generator  # the partition's: the same state on every rank
+    oversample: int = 1  # k noise rows per item (global scope): row i*k + j was drawn for item i
 
 
 class GroupShards(RowShards):
@@ -51,10 +52,11 @@ class GroupShards(RowShards):
 def global_step(grp: Group, x1f, x0f, x0, labels, seed: int, spec: SinkhornSpec) -> tuple:
     """Solve the ``W*b`` items of every rank as one problem (``grp`` of one rank: this rank's batch).
 
-    ``x1f (b, D')``, ``x0f (m, D')``: the features (the condition appended), ``x0 (m, ...)`` the noise."""
+    ``x1f (b, D')``, ``x0f (m, D')``: the features (the condition appended), ``x0 (m, ...)`` the noise
+    (``m = k b`` with ``spec.oversample = k``: row ``i*k + j`` carries item ``i``'s label)."""
     b = x1f.shape[0]
     g_x0f = grp.gather(x0f)
-    g_lab = None if labels is None else grp.gather(labels)
+    g_lab = None if labels is None else grp.gather(labels).repeat_interleave(spec.oversample)
     shards = GroupShards(grp) if grp.world > 1 else None
     col, stats = solve_problem(x1f, g_x0f, labels, g_lab, grp.rank * b, seed, shards, spec)
     return grp.gather(x0)[col], stats, col
@@ -109,7 +111,8 @@ def step_for(scope: str) -> Callable:
 def solve_problem(xf, yf, row_lab, col_lab, offset, seed, shards, spec: SinkhornSpec) -> tuple:
     """Rows ``xf (n, D)`` (this shard's, global positions ``offset + i``) against every column ``yf``."""
     n, total = xf.shape[0], yf.shape[0]
-    n_all = total if shards is None else int(shards.sum(torch.tensor([float(n)], dtype=torch.float64)))
+    # the rows of every shard (each of mass 1 / n_all); the columns (m >= n of them) each 1 / total
+    n_all = n if shards is None else int(shards.sum(torch.tensor([float(n)], dtype=torch.float64)))
     # the relative epsilon's scale: the whole (unlabelled) batch's mean cost, so labels never change it
     eps, relative = spec.epsilon, spec.relative
     if row_lab is None:
@@ -140,7 +143,7 @@ def solve_problem(xf, yf, row_lab, col_lab, offset, seed, shards, spec: Sinkhorn
     for k, r in enumerate(rows):
         col[r] = cols[k][j[k, : len(r)]]
     sharp = plan_sharpness(res, X, Y, row_shards=shards)
-    stats = _pair_stats(xf, yf, col, offset, shards, n_all)
+    stats = _pair_stats(xf, yf, col, offset, shards, n_all, spec.oversample)
     # a class's sharpness weighted by its share of the items
     share = torch.tensor([len(c) / total for c in cols], dtype=torch.float64, device=sharp.device)
     stats.update(
@@ -181,10 +184,11 @@ def _mean_cost(xf, yf, shards, n_all):
     return float(sx[0] / n_all + (y * y).sum(1).mean() - 2 * (mx * y.mean(0)).sum())
 
 
-def _pair_stats(xf, yf, col, offset, shards, n_all):
-    """Mean cost of the drawn pairs and of the identity pairs (row i with column offset + i), swaps."""
+def _pair_stats(xf, yf, col, offset, shards, n_all, k=1):
+    """Mean cost of the drawn pairs and of the identity pairs (row i with column (offset + i) k: its own first
+    noise), swaps."""
     post = ((xf - yf[col]).double() ** 2).sum()
-    ident = torch.arange(offset, offset + xf.shape[0], device=xf.device)
+    ident = torch.arange(offset, offset + xf.shape[0], device=xf.device) * k
     ok = ident < yf.shape[0]
     pre = ((xf[ok] - yf[ident[ok]]).double() ** 2).sum()
     sums = torch.stack([pre, post, (col != ident).sum().double()])

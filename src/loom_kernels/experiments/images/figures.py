@@ -144,3 +144,44 @@ def training_figure(part: str, records: list, base: dict, cols: list, path: str,
             ax.set_title(f"{labels[v]}, Euler NFE {c[5:]}", fontsize=8)
     fig.tight_layout()
     _save(fig, path[:-4] + "_samples.png")
+
+
+def p3_2d_figure(records: list, rows: list, path: str, variants: dict, labels: dict, conditions: dict) -> None:
+    """C2OT's Fig. 1 layout: one column per coupling (grouped by condition), rows one Euler step and dopri5;
+    the first seed's samples coloured by their condition, the W2² mean ± sd over seeds below each panel."""
+    plt = _plt()
+    names = [v for v in variants if any(r["variant"] == v for r in records)]
+    if not names:
+        return
+    first = {v: min((r for r in records if r["variant"] == v), key=lambda r: r["seed"]) for v in names}
+    stat = {r["variant"]: r for r in rows}
+    floor = stat.get("floor")
+    fig, axes = plt.subplots(2, len(names), figsize=(2.3 * len(names), 5.2), squeeze=False)
+    for j, v in enumerate(names):
+        rec, cond = first[v], variants[v][0]
+        c = rec["fig_cond"]
+        for i, m in enumerate(("euler1", "dopri5")):
+            ax = axes[i][j]
+            x = np.asarray(rec[f"fig_{m}"])
+            if c is None:
+                ax.scatter(x[:, 0], x[:, 1], s=1.5, color="#B2182B")
+            elif cond == "cls":
+                ax.scatter(x[:, 0], x[:, 1], s=1.5, c=np.asarray(c) > 0, cmap="coolwarm", vmin=0, vmax=1)
+            else:
+                ax.scatter(x[:, 0], x[:, 1], s=1.5, c=c, cmap="viridis")
+            ax.set_xlim(-7, 7)
+            ax.set_ylim(-7, 7)
+            ax.set_aspect("equal")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            s = stat[v][m]
+            ax.set_xlabel(f"W2² {s['mean']:.3f} ± {s['sd']:.3f}", fontsize=8)
+            if i == 0:
+                ax.set_title(f"{conditions[cond]}\n{labels[v]}", fontsize=7)
+            if j == 0:
+                ax.set_ylabel("one Euler step" if m == "euler1" else "dopri5", fontsize=9)
+    title = "8gaussians -> moons (C2OT's Fig. 1): samples of the first seed coloured by condition; W2² over seeds"
+    if floor:
+        title += f" (floor, two draws of the target: {floor['euler1']['mean']:.3f})"
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
