@@ -165,7 +165,7 @@ def test_defaults_factory_and_bad_arguments():
             MinibatchOTCoupling(cond_weight="c2ot", cond_ratio=bad)
     with pytest.raises(ValueError, match="cond_ratio"):
         make_coupling("sinkhorn", options={"cond_weight": "c2ot", "cond_ratio": -0.1})
-    with pytest.raises(ValueError, match="cond_weight must be a float >= 0 or one of"):
+    with pytest.raises(ValueError, match="cond_weight must be a finite float >= 0 or one of"):
         SinkhornCoupling(cond_weight="C2OT")
     with pytest.raises(ValueError, match="'grouped'.*'c2ot'"):
         MinibatchOTCoupling(cond_weight="c2ot", scope="grouped")

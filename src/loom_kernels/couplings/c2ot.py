@@ -64,7 +64,7 @@ def check_cond_ratio(ratio, rule=None) -> float:
 def check_cond_weight_or_adaptive(cond_weight):
     """``cond_weight``: a finite float >= 0, or a rule of ``COND_WEIGHT_RULES`` (set per batch from ``cond_ratio``)."""
     if isinstance(cond_weight, str) and not is_weight_rule(cond_weight):
-        raise ValueError(f"cond_weight must be a float >= 0 or one of {COND_WEIGHT_RULES}, got {cond_weight!r}")
+        raise ValueError(f"cond_weight must be a finite float >= 0 or one of {COND_WEIGHT_RULES}, got {cond_weight!r}")
     return cond_weight if is_weight_rule(cond_weight) else check_cond_weight(cond_weight)
 
 
