@@ -115,7 +115,7 @@ def test_sinkhorn_uses_the_rule_per_call():
 P, SHAPE = 48, (2, 3)
 
 
-def test_loom_freezes_the_rule_at_its_first_call_with_differing_conditions():
+def test_loom_freezes_the_rule_at_its_first_call_with_differing_conditions(tmp_path):
     g = _gen(6)
     data, cond = torch.randn(P, *SHAPE, generator=g), torch.randn(P, 2, generator=g)
     c = LoomCoupling(P, SHAPE, seed=3, cond_weight="c2ot", cond_ratio=0.1)
@@ -138,6 +138,9 @@ def test_loom_freezes_the_rule_at_its_first_call_with_differing_conditions():
     e = LoomCoupling(P, SHAPE, seed=3, cond_weight="c2ot", cond_ratio=0.1)
     e.load_state_dict(c.state_dict())
     assert e.state_dict()["cond_weight_frozen"] == w0
+    c.save(tmp_path / "c.pt")
+    f = LoomCoupling.load(tmp_path / "c.pt", mmap_path=None)
+    assert (f.cond_weight, f.cond_ratio, f.state_dict()["cond_weight_frozen"]) == ("c2ot", 0.1, w0)
 
 
 def test_torchcfm_sampler_takes_the_rule():

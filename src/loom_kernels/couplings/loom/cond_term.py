@@ -1,8 +1,8 @@
 """LOOM's condition term: a fixed weight, or a weight rule's weight frozen at the first batch (issue 32).
 
-Minibatch OT sets ``cond_weight="adaptive"`` (or ``"c2ot"``) anew on every batch; LOOM sets it once. Its table is one
-problem improved call after call: the cost that decides which exchanges of noise are taken, and so the
-table a long run settles in (one that no batch can improve), is defined by one weight. A weight that
+Minibatch OT sets ``cond_weight="adaptive"`` (or ``"c2ot"``) anew on every batch; LOOM sets it once. Its
+table is one problem improved call after call: the cost that decides which exchanges of noise are taken,
+and so the table a long run settles in (one that no batch can improve), is defined by one weight. A weight that
 followed each batch's scale would change that problem from call to call (and between a run and its
 resumption). So the weight is computed once, from the first call with conditions that differ (the closed
 form of ``c2ot.adaptive_cond_weight`` over every pair of independent (item, noise) pairs that call's problems
@@ -39,8 +39,9 @@ NO_OVERSAMPLE = (
 
 
 class CondTerm:
-    """The weight and metric of LOOM's condition term: ``cond_weight`` a number or ``"adaptive"`` (then
-    ``cond_ratio``'s weight, frozen at the first call whose conditions differ), ``cond_metric``."""
+    """The weight and metric of LOOM's condition term: ``cond_weight`` a number or a rule, ``"adaptive"`` or
+    ``"c2ot"`` (then the rule's weight for ``cond_ratio``, frozen at the first call whose conditions differ),
+    ``cond_metric``."""
 
     def __init__(self, cond_weight=1.0, cond_metric: str = "sqeuclidean", cond_ratio=None, oversample=1):
         opts = check_c2ot_options(cond_weight, cond_metric, cond_ratio, oversample, no_oversample=NO_OVERSAMPLE)
