@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from loom_kernels.couplings import LoomCoupling, MinibatchOTCoupling, SinkhornCoupling
-from loom_kernels.couplings.c2ot import adaptive_cond_weight, cond_pair_cost
+from loom_kernels.couplings.c2ot import adaptive_cond_weight, c2ot_search_weight, cond_pair_cost
 from loom_kernels.couplings.scopes.partition import Partition
 
 from gloo_ranks import run_rank, spawn
@@ -131,6 +131,7 @@ def _errors(rank):
 
 C2OT_P = 40
 C2OT_KW = dict(cond_weight="adaptive", cond_ratio=0.35, cond_metric="cosine", seed=4)
+RULE_KWS = {"adaptive": C2OT_KW, "c2ot": dict(cond_weight="c2ot", cond_ratio=0.2, cond_metric="cosine", seed=4)}
 C2OT_LOOMS = {"global": {}, "grouped": dict(scope="grouped", group_size=G), "sharded": dict(table="sharded")}
 
 
@@ -150,8 +151,9 @@ def _c2ot_body(rank):
     data, cond = _c2ot_data()
     sl = slice(rank * B, (rank + 1) * B)
     out = {}
-    for name, kw in C2OT_LOOMS.items():
-        c = LoomCoupling(C2OT_P, SHAPE, **C2OT_KW, **kw)
+    for rule, name in ((rule, name) for rule in RULE_KWS for name in C2OT_LOOMS):
+        kw = C2OT_LOOMS[name]
+        c = LoomCoupling(C2OT_P, SHAPE, **RULE_KWS[rule], **kw)
         weights = []
         for step, gidx in enumerate(_c2ot_batches()):
             idx = gidx[sl]
@@ -161,11 +163,14 @@ def _c2ot_body(rank):
         parts = [None] * W
         dist.all_gather_object(parts, (c.shard_rows, c.seeds.clone()))
         seeds = torch.cat([s for _, s in sorted(parts, key=lambda p: p[0][0])]) if name == "sharded" else c.seeds
-        out[name] = {"weights": weights, "seeds": seeds.clone()}
+        out[name if rule == "adaptive" else f"{rule} {name}"] = {"weights": weights, "seeds": seeds.clone()}
     x1 = torch.randn(W * B, 4, generator=torch.Generator().manual_seed(2))
     s = SinkhornCoupling(0.1, cond_weight="adaptive", cond_ratio=0.6, generator=torch.Generator().manual_seed(3 + rank))
     s(x1[sl] * (1 + rank), cond=cond[: W * B][sl])
     out["sinkhorn"] = float(s.stats["cond_weight"])
+    s = SinkhornCoupling(0.1, cond_weight="c2ot", cond_ratio=0.2, generator=torch.Generator().manual_seed(3 + rank))
+    s(x1[sl] * (1 + rank), cond=cond[: W * B][sl])
+    out["sinkhorn c2ot"] = float(s.stats["cond_weight"])
     return out
 
 
@@ -270,26 +275,29 @@ def test_cond_errors_are_raised_on_every_rank_and_tables_unchanged(ranks):
                 assert "rank(s) [1] refused their input" in errors[name]
 
 
+@pytest.mark.parametrize("rule", sorted(RULE_KWS))
 @pytest.mark.parametrize("name", sorted(C2OT_LOOMS))
-def test_c2ot_loom_ranks_freeze_one_weight_equal_to_one_process(ranks, name):
+def test_c2ot_loom_ranks_freeze_one_weight_equal_to_one_process(ranks, name, rule):
+    """Both weight rules; "c2ot": the thresholds of every rank's blocks gathered (padded), one order statistic."""
     data, cond = _c2ot_data()
     kw = {k: v for k, v in C2OT_LOOMS[name].items() if k != "table"}
-    single = LoomCoupling(C2OT_P, SHAPE, **C2OT_KW, **kw)
+    single = LoomCoupling(C2OT_P, SHAPE, **RULE_KWS[rule], **kw)
+    key = name if rule == "adaptive" else f"{rule} {name}"
     batches = _c2ot_batches()
     single(data[batches[0]], batches[0], cond=cond[batches[0]])
     w0 = float(single.stats["cond_weight"])
     for r, res in enumerate(ranks):
-        got = res["c2ot"][name]["weights"]
+        got = res["c2ot"][key]["weights"]
         assert got == [got[0]] * STEPS, f"rank {r}: the weight moved {got}"
         assert abs(got[0] - w0) <= 1e-12 * w0, (r, got[0], w0)  # the global batch's pairs, summed in another order
-    assert ranks[0]["c2ot"][name]["weights"] == ranks[1]["c2ot"][name]["weights"]  # bit for bit across ranks
+    assert ranks[0]["c2ot"][key]["weights"] == ranks[1]["c2ot"][key]["weights"]  # bit for bit across ranks
     for step, gidx in enumerate(batches[1:], 1):
         x1 = data[gidx].clone()
         x1[:B] *= 10.0**step
         x1[B:] *= 10.0**-step
         single(x1, gidx, cond=cond[gidx])
     for r, res in enumerate(ranks):
-        assert torch.equal(res["c2ot"][name]["seeds"], single.seeds), f"rank {r}: table differs from one process"
+        assert torch.equal(res["c2ot"][key]["seeds"], single.seeds), f"rank {r}: table differs from one process"
 
 
 def test_c2ot_sinkhorn_adaptive_weight_is_the_global_batch_one(ranks):
@@ -301,3 +309,14 @@ def test_c2ot_sinkhorn_adaptive_weight_is_the_global_batch_one(ranks):
     ref = adaptive_cond_weight(torch.cdist(x1.double(), noise.double()) ** 2, cond_pair_cost(c, c, "sqeuclidean"), 0.6)
     assert ranks[0]["c2ot"]["sinkhorn"] == ranks[1]["c2ot"]["sinkhorn"]
     assert abs(ranks[0]["c2ot"]["sinkhorn"] - ref) <= 1e-5 * ref
+
+
+def test_c2ot_sinkhorn_c2ot_rule_is_the_global_batch_one(ranks):
+    _, cond = _c2ot_data()
+    x1 = torch.randn(W * B, 4, generator=torch.Generator().manual_seed(2))
+    x1[B:] *= 2
+    noise = torch.cat([torch.randn(B, 4, generator=torch.Generator().manual_seed(3 + r)) for r in range(W)])
+    c = cond[: W * B].double()
+    ref = c2ot_search_weight(torch.cdist(x1.double(), noise.double()) ** 2, cond_pair_cost(c, c, "sqeuclidean"), 0.2)
+    assert ranks[0]["c2ot"]["sinkhorn c2ot"] == ranks[1]["c2ot"]["sinkhorn c2ot"]
+    assert abs(ranks[0]["c2ot"]["sinkhorn c2ot"] - ref) <= 1e-9 * ref

@@ -185,7 +185,9 @@ def test_p3_2d_source_and_target_match_c2ot_formulas():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_c2ot_r_weight_is_the_largest_weight_reaching_r(seed):
-    """Against the definition: at w the fraction of pairs no dearer than the item's independent pair is >= r,
+    """The experiment's wrapper of the library rule (couplings.c2ot.c2ot_search_weight, tested in
+    python_tests/couplings/test_c2ot_rule.py) in its orientation (noise rows, item columns): at w the fraction
+    of pairs no dearer than the item's independent pair is >= r,
     just above it < r; and against a bisection (C2OT's search) on the same fraction."""
     from loom_kernels.experiments.images.p3_2d import c2ot_r_weight
 

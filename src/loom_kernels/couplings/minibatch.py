@@ -13,7 +13,7 @@ from .base import (
     check_pair_inputs,
     pair_out,
 )
-from .c2ot import COND_METRICS, c2ot_global_step, check_c2ot_options, check_cond_range
+from .c2ot import COND_METRICS, c2ot_global_step, check_c2ot_options, check_cond_range, is_weight_rule, weight_code
 from .scopes.agree import agree, float_bits, generator_hash
 from .scopes.group import Group
 from .scopes.minibatch_steps import MinibatchSpec, step_for
@@ -41,9 +41,12 @@ class MinibatchOTCoupling(Coupling):
     exchanges noise only between equal conditions, as ``labels`` do. ``stats`` include the penalty. With
     ``labels`` too, labels forbid and cond penalises. C2OT's options (Cheng, Schwing, ICCV 2025;
     ``c2ot.py``): ``cond_metric="cosine"`` (``1 - cos(cond_i, cond_j)``), ``cond_weight="adaptive"`` (per
-    batch, the weight at which the condition is the fraction ``cond_ratio`` in (0, 1) of the mean pair cost)
-    and ``oversample=k`` (with ``x0`` drawn: ``k*b`` noise rows, the assignment keeps the best ``b``; rows
-    ``i*k .. i*k+k-1`` carry item i's condition and label); not with ``scope="grouped"``.
+    batch, the weight at which the condition is the fraction ``cond_ratio`` in (0, 1) of the mean pair cost),
+    ``cond_weight="c2ot"`` (per batch, C2OT's own ``search_for_w``: the largest weight leaving the fraction
+    ``cond_ratio`` of all pairs no dearer than their item's independent pair; ``cond_ratio=None``: 0.5 for
+    ``"adaptive"``, 0.05 for ``"c2ot"``) and ``oversample=k`` (with ``x0`` drawn: ``k*b`` noise rows, the
+    assignment keeps the best ``b``; rows ``i*k .. i*k+k-1`` carry item i's condition and label; item i's
+    independent pair is row ``i*k``); not with ``scope="grouped"``.
     ``stats["cond_weight"]``: the weight used.
 
     ``return_indices=True`` returns ``(x0_matched, x1, perm)``: ``perm (b,)`` int64 with
@@ -85,7 +88,7 @@ class MinibatchOTCoupling(Coupling):
         seed: int = 0,
         cond_weight: float | str = 1.0,
         cond_metric: str = "sqeuclidean",
-        cond_ratio: float = 0.5,
+        cond_ratio: float | None = None,
         oversample: int = 1,
     ):
         check_scope(scope)
@@ -101,7 +104,8 @@ class MinibatchOTCoupling(Coupling):
         self.cond_weight, self.cond_metric, self.cond_ratio, self.oversample = c2ot
         if scope == "grouped" and (self.oversample > 1 or self._c2ot):
             raise ValueError(
-                "scope='grouped' takes neither oversample > 1 nor cond_weight='adaptive' / cond_metric='cosine'"
+                "scope='grouped' takes neither oversample > 1 nor cond_weight='adaptive' / 'c2ot' nor "
+                "cond_metric='cosine'"
             )
         self.stats = {}
 
@@ -164,7 +168,7 @@ class MinibatchOTCoupling(Coupling):
             "metric": METRICS.index(self.metric),
             "scope": SCOPES.index(self.scope),
             "group_size": self.group_size,
-            "cond_weight": float_bits(-1.0 if self.cond_weight == "adaptive" else self.cond_weight),
+            "cond_weight": float_bits(weight_code(self.cond_weight)),
             "cond_metric": COND_METRICS.index(self.cond_metric),
             "cond_ratio": float_bits(self.cond_ratio),
             "oversample": self.oversample,
@@ -173,7 +177,7 @@ class MinibatchOTCoupling(Coupling):
 
     @property
     def _c2ot(self) -> bool:
-        return self.cond_weight == "adaptive" or self.cond_metric != "sqeuclidean"
+        return is_weight_rule(self.cond_weight) or self.cond_metric != "sqeuclidean"
 
     def state_dict(self) -> dict:
         """The partition generator's state (``scope="grouped"``; the other scopes have no state)."""

@@ -143,6 +143,12 @@ class SemidiscreteCoupling(Coupling):
         self.cond_metric = check_cond_metric(cond_metric)
         self.cond = self._check_cond(cond)
         self.cond_weight = check_cond_weight_or_adaptive(cond_weight)
+        if self.cond_weight == "c2ot":
+            raise ValueError(
+                "cond_weight='c2ot' is refused by SemidiscreteCoupling: C2OT's rule compares each pair with its "
+                "item's independent pair within one batch, and the semidiscrete map has no batch (its noise is "
+                "drawn against the whole data set); pass a number or 'adaptive' (set once from random pairs)"
+            )
         self.cond_ratio = check_cond_ratio(cond_ratio)
         if self.cond_weight == "adaptive":
             self.cond_weight = self._adaptive_weight() if self.cond is not None else 1.0

@@ -8,7 +8,9 @@ are ``loom_kernels.sinkhorn`` (the cost is never stored); this file holds the bo
 - cond: ``sqrt(cond_weight) * c`` appended to the features of both sides (the streamed cost is the
   squared Euclidean one, so the cost gains exactly ``cond_weight * |c_i - c_j|^2``); C2OT's options
   (``c2ot.py``): the cosine's unit rows scaled by ``sqrt(cond_weight / 2)``, the adaptive weight from the
-  closed-form means of both sides (no ``(n, m)`` cost), ``oversample`` as a rectangular problem;
+  closed-form means of both sides (no ``(n, m)`` cost), C2OT's own rule ``"c2ot"`` from the ``(n, k n)``
+  cost formed once per call in float64 (an order statistic needs every pair), ``oversample`` as a rectangular
+  problem;
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import math
 import torch
 
 from .base import Coupling, check_cost_range, check_flag, check_indices, check_pair_inputs, pair_out
-from .c2ot import COND_METRICS, check_c2ot_options, check_cond_range, cond_features, streamed_adaptive_weight
+from .c2ot import (
+    COND_METRICS,
+    check_c2ot_options,
+    check_cond_range,
+    cond_features,
+    gathered_c2ot_weight,
+    streamed_adaptive_weight,
+    weight_code,
+)
 from .scopes.agree import agree, float_bits, generator_hash
 from .scopes.group import Group
 from .scopes.partition import DEFAULT_GROUP_SIZE, SCOPES, check_group_size, check_scope
@@ -42,7 +52,9 @@ class SinkhornCoupling(Coupling):
     (b, Dc)`` (float; needs ``m == b``): the cost gains ``cond_weight * |c_i - c_j|^2``, exactly. C2OT's
     options, as ``MinibatchOTCoupling``'s: ``cond_metric="cosine"`` (``cond_weight * (1 - cos)``, exactly),
     ``cond_weight="adaptive"`` (per call, the weight at which the condition is the fraction ``cond_ratio`` of
-    the mean cost over every (data, noise) pair of the global batch) and ``oversample=k`` (with ``x0``
+    the mean cost over every (data, noise) pair of the global batch), ``cond_weight="c2ot"`` (per call, C2OT's
+    own rule, ``c2ot.c2ot_search_weight``, over the same pairs: it forms their ``(n, k n)`` cost once in
+    float64) and ``oversample=k`` (with ``x0``
     drawn: ``k*b`` noise rows, each of mass ``1/(k b)``, rows ``i*k .. i*k+k-1`` carrying item i's condition
     and label; not with ``scope="grouped"``). ``stats["cond_weight"]``: the weight used.
 
@@ -76,7 +88,7 @@ class SinkhornCoupling(Coupling):
         argmax: bool = False,
         cond_weight: float | str = 1.0,
         cond_metric: str = "sqeuclidean",
-        cond_ratio: float = 0.5,
+        cond_ratio: float | None = None,
         oversample: int = 1,
     ):
         self.epsilon = _check_positive("epsilon", epsilon)
@@ -103,7 +115,7 @@ class SinkhornCoupling(Coupling):
             "max_iter": self.max_iter,
             "scope": SCOPES.index(self.scope),
             "argmax": int(self.argmax),
-            "cond_weight": float_bits(-1.0 if self.cond_weight == "adaptive" else self.cond_weight),
+            "cond_weight": float_bits(weight_code(self.cond_weight)),
             "cond_metric": COND_METRICS.index(self.cond_metric),
             "cond_ratio": float_bits(self.cond_ratio),
             "oversample": self.oversample,
@@ -169,6 +181,8 @@ class SinkhornCoupling(Coupling):
         w = self.cond_weight
         if cond is not None and w == "adaptive":  # over the batch the scope couples (grouped: the global one)
             w = streamed_adaptive_weight(grp, x1f, x0f, cond, cond, self.cond_metric, self.cond_ratio)
+        elif cond is not None and w == "c2ot":  # the same batch, its (n, k n) cost in float64 (an order statistic)
+            w = gathered_c2ot_weight(grp, x1f, x0f, cond, k, self.cond_metric, self.cond_ratio)
         if cond is not None and w > 0:
             c = cond_features(cond, w, self.cond_metric).to(dt)
             x1f, x0f = torch.cat([x1f, c], 1), torch.cat([x0f, c.repeat_interleave(k, 0)], 1)

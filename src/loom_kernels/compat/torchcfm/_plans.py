@@ -21,7 +21,7 @@ import torch
 
 from ...cost import pairwise_cost
 from ...couplings.base import check_cond, check_cond_weight, check_labels  # noqa: F401  (re-exported)
-from ...couplings.c2ot import adaptive_cond_weight, add_weighted_cond_cost, check_c2ot_options, cond_pair_cost
+from ...couplings.c2ot import add_weighted_cond_cost, check_c2ot_options, cond_pair_cost, is_weight_rule, rule_weight
 from ...couplings.scopes.solve import cost_dtype, solve
 
 _POT_HINT = "install the extra with pip install 'loom_kernels[torchcfm]' (or pip install POT)"
@@ -84,12 +84,12 @@ def exact_col(x0, x1, labels=None, cond=None, cond_weight=0.0, cond_metric="sqeu
 
     ``cond (b, Dc)`` float64 (``check_cond``'s output) or None: ``x0[j]`` carries ``cond[j]``, and the cost
     of pairing ``x1[k]`` with ``x0[j]`` gets ``cond_weight * d(cond_k, cond_j)`` (the couplings' term, C2OT's
-    options included: ``couplings/c2ot.py``; ``"adaptive"``: per call)."""
+    options included: ``couplings/c2ot.py``; ``"adaptive"``, ``"c2ot"``: per call)."""
     check_pair(x0, x1)
     cost = sq_cost(x1, x0)
-    if cond is not None and cond_weight == "adaptive":
+    if cond is not None and is_weight_rule(cond_weight):  # "c2ot": x0[k] is item k's independent pair
         pen = cond_pair_cost(cond.to(cost.device), cond.to(cost.device), cond_metric)
-        cond_weight = adaptive_cond_weight(cost, pen, cond_ratio)
+        cond_weight = rule_weight(cond_weight, cost, pen, cond_ratio)
     cost = add_weighted_cond_cost(cost, cond, cond, cond_weight, cond_metric)
     return solve(cost, labels, data="x0 or x1")
 

@@ -124,7 +124,7 @@ class _PlanMixin:
     New keyword ``cond (b, Dc)`` or ``(b,)`` (floating, one row per item of ``x1``, exact plans only): the
     pairs are the exact permutation (``x1`` keeps its order, so ``cond`` and any label of ``x1`` still line
     up) for ``|x1_k - x0_j|^2 + cond_weight * ||cond_k - cond_j||^2``, ``x0[j]`` carrying ``cond[j]``. The
-    constructors pass ``cond_weight`` (or ``"adaptive"``), ``cond_metric`` and ``cond_ratio`` (C2OT's) to
+    constructors pass ``cond_weight`` (or ``"adaptive"`` / ``"c2ot"``), ``cond_metric`` and ``cond_ratio`` (C2OT's) to
     ``OTPlanSampler``.
     """
 

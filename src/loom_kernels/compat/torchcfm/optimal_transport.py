@@ -54,8 +54,9 @@ class OTPlanSampler:
     Args: as torchcfm's (``method`` in "exact", "sinkhorn", "unbalanced", "partial"; ``reg`` and
     ``reg_m`` for POT's entropic solvers; ``normalize_cost`` divides the cost by its max (no effect
     on an exact plan); ``num_threads`` is passed to POT's ``emd``; ``warn`` warns on a degenerate plan).
-    New: ``cond_weight`` (float >= 0, default 1.0, or C2OT's ``"adaptive"`` with ``cond_ratio``), the weight
-    of ``cond=`` in ``sample_plan``, and ``cond_metric`` (``"sqeuclidean"`` or ``"cosine"``).
+    New: ``cond_weight`` (float >= 0, default 1.0, or C2OT's ``"adaptive"`` / ``"c2ot"`` with ``cond_ratio``,
+    None: the rule's default), the weight of ``cond=`` in ``sample_plan``, and ``cond_metric``
+    (``"sqeuclidean"`` or ``"cosine"``).
 
     Shapes: ``x0 (b, *dim)``, ``x1 (b, *dim)``; ``get_map`` returns a numpy ``(b, b)`` plan.
 
@@ -78,7 +79,7 @@ class OTPlanSampler:
         *,
         cond_weight: float | str = 1.0,
         cond_metric: str = "sqeuclidean",
-        cond_ratio: float = 0.5,
+        cond_ratio: float | None = None,
     ) -> None:
         if method not in _METHODS:
             raise ValueError(f"Unknown method: {method} (expected one of {_METHODS})")

@@ -79,7 +79,8 @@ class LoomCoupling(Coupling):
     penalty. Distributed: ``cond`` travels like ``labels`` (all-gathered in the global scope, routed with
     the data in the grouped one) and must be passed on every rank or on none. C2OT's options (``c2ot.py``):
     ``cond_metric="cosine"`` (``1 - cos(cond_i, cond_j)``) and ``cond_weight="adaptive"``: the weight at which
-    the condition is the fraction ``cond_ratio`` in (0, 1) of the mean cost of the independent pairs, computed
+    the condition is the fraction ``cond_ratio`` in (0, 1) of the mean cost of the independent pairs, or
+    ``"c2ot"`` (C2OT's own ``search_for_w``, ``c2ot.c2ot_search_weight``; ``cond_ratio=None``: 0.5 / 0.05), computed
     ONCE, at the first call whose conditions differ, then frozen (minibatch OT sets it per batch; LOOM's table
     is one problem, improved call after call, so it keeps one cost: ``cond_term.py``), saved and restored with
     the table, the same on every rank, in ``stats["cond_weight"]``. ``oversample > 1`` is refused: the noises
@@ -149,7 +150,7 @@ class LoomCoupling(Coupling):
         durability: str = DEFAULT_DURABILITY,
         cond_weight: float | str = 1.0,
         cond_metric: str = "sqeuclidean",
-        cond_ratio: float = 0.5,
+        cond_ratio: float | None = None,
         oversample: int = 1,
         initial: persistence.Restored | None = None,
     ):

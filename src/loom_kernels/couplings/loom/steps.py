@@ -95,7 +95,8 @@ def global_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> t
     cost = grp.global_cost(batch.x1f, noise.flatten(1), spec.metric)  # (W*b, W*b) float32
     g_cond = gathered(grp, batch.cond)
     if g_cond is not None:  # the adaptive weight's first call: this rank's rows of the global cost
-        w = spec.cond.settle(grp, [(cost[batch.mine], g_cond[batch.mine], g_cond)])
+        own = cost.diagonal()[batch.mine]  # each item's current pair: the table's independent pair
+        w = spec.cond.settle(grp, [(cost[batch.mine], g_cond[batch.mine], g_cond, own)])
         cost = spec.cond.add(cost, g_cond, g_cond, w)
     col = solve(cost, gathered(grp, batch.labels))  # the single host sync on CUDA
     batch.after_solve()
@@ -112,7 +113,9 @@ def local_step(table: LoomTable, grp: Group, batch: Batch, spec: LoomSpec) -> tu
     noise = spec.noise(seeds, batch.x1f.dtype)
     cost = pairwise_cost(batch.x1f, noise.flatten(1), metric=spec.metric)
     if batch.cond is not None:
-        cost = spec.cond.add(cost, batch.cond, batch.cond, spec.cond.settle(grp, [(cost, batch.cond, batch.cond)]))
+        cost = spec.cond.add(
+            cost, batch.cond, batch.cond, spec.cond.settle(grp, [(cost, batch.cond, batch.cond, cost.diagonal())])
+        )
     col = solve(cost, batch.labels)
     batch.after_solve()
     col, stats = keep_if_cheaper(cost, col)
@@ -196,7 +199,8 @@ def solve_groups(
     w = 0.0
     if co is not None:  # the blocks are computed only for an adaptive weight's first call
         segs = part.segments(rank)
-        w = term.settle(grp, ((pairwise_cost(xo[a:c], noise[a:c], metric=metric), co[a:c], co[a:c]) for a, c in segs))
+        costs = ((a, c, pairwise_cost(xo[a:c], noise[a:c], metric=metric)) for a, c in segs)
+        w = term.settle(grp, ((m, co[a:c], co[a:c], m.diagonal()) for a, c, m in costs))
     for a, c in part.segments(rank):
         cost = pairwise_cost(xo[a:c], noise[a:c], metric=metric)
         cost = term.add(cost, *(None, None) if co is None else (co[a:c], co[a:c]), w)

@@ -110,23 +110,17 @@ class Net2D(nn.Module):
 
 
 def c2ot_r_weight(x0: torch.Tensor, x1: torch.Tensor, c: torch.Tensor, r: float = R_TARGET) -> float:
-    """C2OT's adaptive weight, solved exactly: the largest ``w`` with ``mean_ij [M_ij + w C_ij <= M_jj] >= r``.
+    """C2OT's adaptive weight, solved exactly: the largest ``w`` with ``mean_ij [M_ij + w C_ij <= M_jj] >= r``
+    (``couplings.c2ot.c2ot_search_weight``, the library's ``cond_weight="c2ot"``), on this experiment's
+    ``M_ij = ||x0_i - x1_j||^2`` and ``C_ij = ||c_i - c_j||^2`` (``torch.cdist`` in float64, and only ``C_ij = 0``
+    as equal conditions, ``zero=0``: as its records were computed)."""
+    from ...couplings.c2ot import c2ot_search_weight
 
-    ``M_ij = ||x0_i - x1_j||^2`` (``M_jj``: item j's independent pair), ``C_ij = ||c_i - c_j||^2``. Their code
-    bisects for it (to 1e-3 in r); the fraction only drops as ``w`` grows, each pair with ``C_ij > 0``
-    leaving it at ``w = (M_jj - M_ij) / C_ij``, so the answer is one order statistic. 0 when the fraction
-    is below r already at w = 0; their cap 1e8 when pairs with ``C_ij = 0`` alone reach r."""
     m = torch.cdist(x0.double(), x1.double()).square()
     cc = torch.cdist(c.double(), c.double()).square()
-    d = m.diagonal()[None, :] - m
-    pos = cc > 0
-    need = math.ceil(r * m.numel() - 1e-9) - int(((~pos) & (d >= 0)).sum())
-    if need <= 0:
-        return 1e8
-    thr = d[pos] / cc[pos]
-    if need > thr.numel():
-        return 0.0
-    return min(max(float(thr.kthvalue(thr.numel() - need + 1).values), 0.0), 1e8)
+    return c2ot_search_weight(
+        m.T, cc.T, r, zero=0.0
+    )  # rows: items (the library's orientation); their own pairs: the diagonal
 
 
 def couple(kind: str, x0, x1, moon, c) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float | None]:
