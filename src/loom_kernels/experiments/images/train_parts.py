@@ -246,6 +246,15 @@ def _brief(rec: dict) -> str:
     return f"FD-LeNet euler1 {fd:.2f}, train {rec['train_seconds']:.0f} s, eval {rec['eval_seconds']:.0f} s"
 
 
+def seed_chain(rk: dict, per_seed: list) -> str:
+    """The couplings in mean order joined by ``<`` where the next is worse on every seed, else ``~``."""
+    names = sorted(rk["orders"][0], key=lambda v: sum(s[v] for s in per_seed))
+    out = LABELS[names[0]]
+    for a, b in zip(names, names[1:]):
+        out += (" < " if rk["below"][f"{a}<{b}"] == rk["seeds"] else " ~ ") + LABELS[b]
+    return out
+
+
 def write_outputs(part: str, records: list, base: dict, out: str, tag: str = "") -> str:
     from ..common import COLUMNS, column_label, ranking, spread
 
@@ -289,11 +298,10 @@ def write_outputs(part: str, records: list, base: dict, out: str, tag: str = "")
     seeds = {r["seed"] for r in done}
     full = [v for v in variants if {r["seed"] for r in by[v]} == seeds]
     if len(seeds) > 1 and len(full) > 1:
-        for c in ("euler1", "euler4"):
+        md += f"\nFD-LeNet, couplings by mean (best first); `<`: lower on all {len(seeds)} seeds, `~`: not on all\n\n"
+        for c in cols:
             per_seed = [{v: next(r["fd"][c] for r in by[v] if r["seed"] == k) for v in full} for k in sorted(seeds)]
-            rk = ranking(per_seed, names=full)
-            order = " < ".join(LABELS[v] for v in rk["order"]) if rk["order"] else "no order holds on every seed"
-            md += f"\nFD-LeNet {column_label(c)} ranking (best first, if it holds on all {len(seeds)} seeds): {order}\n"
+            md += f"- {column_label(c)}: {seed_chain(ranking(per_seed, names=full), per_seed)}\n"
     for v, why in skipped.items():
         md += f"\n{LABELS[v]}: {why}\n"
     write_text(os.path.join(out, f"{part}{tag}.md"), md)
