@@ -197,8 +197,9 @@ def test_grouped_bytes_per_rank_stay_b_rows_of_data(world):
     d, n = int(np.prod(SHAPE)), w * B
     groups = -(-n // G)  # ceil
     width = -(-groups // w) * -(-n // groups)  # the most items one owner can hold
-    # index gather, the owners' seed rows, the agreement row (its config, sizes and the x1/labels shape specs)
-    ints = 8 * (B + width + 4) + 8 * 32
+    # index gather, the owners' seed rows, the agreement row (its config, the condition term's weight, metric,
+    # ratio and frozen weight, sizes and the x1/labels shape specs)
+    ints = 8 * (B + width + 4) + 8 * 35
     for res in ranks:
         got = res["loom"]["bytes"]
         assert got["sent"] / STEPS <= 4 * B * d + ints
