@@ -300,23 +300,17 @@ def test_c2ot_loom_ranks_freeze_one_weight_equal_to_one_process(ranks, name, rul
         assert torch.equal(res["c2ot"][key]["seeds"], single.seeds), f"rank {r}: table differs from one process"
 
 
-def test_c2ot_sinkhorn_adaptive_weight_is_the_global_batch_one(ranks):
+@pytest.mark.parametrize(
+    "key, rule, ratio, rtol",
+    [("sinkhorn", adaptive_cond_weight, 0.6, 1e-5), ("sinkhorn c2ot", c2ot_search_weight, 0.2, 1e-9)],
+)
+def test_c2ot_sinkhorn_weight_is_the_global_batch_one(ranks, key, rule, ratio, rtol):
+    # both weight rules ("adaptive", "c2ot") over the gathered batch of both ranks, not each rank's own
     _, cond = _c2ot_data()
     x1 = torch.randn(W * B, 4, generator=torch.Generator().manual_seed(2))
     x1[B:] *= 2
     noise = torch.cat([torch.randn(B, 4, generator=torch.Generator().manual_seed(3 + r)) for r in range(W)])
     c = cond[: W * B].double()
-    ref = adaptive_cond_weight(torch.cdist(x1.double(), noise.double()) ** 2, cond_pair_cost(c, c, "sqeuclidean"), 0.6)
-    assert ranks[0]["c2ot"]["sinkhorn"] == ranks[1]["c2ot"]["sinkhorn"]
-    assert abs(ranks[0]["c2ot"]["sinkhorn"] - ref) <= 1e-5 * ref
-
-
-def test_c2ot_sinkhorn_c2ot_rule_is_the_global_batch_one(ranks):
-    _, cond = _c2ot_data()
-    x1 = torch.randn(W * B, 4, generator=torch.Generator().manual_seed(2))
-    x1[B:] *= 2
-    noise = torch.cat([torch.randn(B, 4, generator=torch.Generator().manual_seed(3 + r)) for r in range(W)])
-    c = cond[: W * B].double()
-    ref = c2ot_search_weight(torch.cdist(x1.double(), noise.double()) ** 2, cond_pair_cost(c, c, "sqeuclidean"), 0.2)
-    assert ranks[0]["c2ot"]["sinkhorn c2ot"] == ranks[1]["c2ot"]["sinkhorn c2ot"]
-    assert abs(ranks[0]["c2ot"]["sinkhorn c2ot"] - ref) <= 1e-9 * ref
+    ref = rule(torch.cdist(x1.double(), noise.double()) ** 2, cond_pair_cost(c, c, "sqeuclidean"), ratio)
+    assert ranks[0]["c2ot"][key] == ranks[1]["c2ot"][key]
+    assert abs(ranks[0]["c2ot"][key] - ref) <= rtol * ref
